@@ -1,0 +1,142 @@
+//! Admin API: health, readiness, metrics, the config in force, and reload on demand.
+//! Listens on loopback unless `mesh.admin` says otherwise.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::reload::Reloader;
+use crate::telemetry::Metrics;
+
+pub struct Admin {
+    pub reloader: Arc<Reloader>,
+}
+
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(body)
+        .unwrap_or_else(|_| Response::new(Vec::new()))
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Vec<u8>> {
+    reply(status, "text/plain; charset=utf-8", body.into().into_bytes())
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Vec<u8>> {
+    let mut body = serde_json::to_vec_pretty(&value).unwrap_or_default();
+    body.push(b'\n');
+    reply(status, "application/json", body)
+}
+
+impl Admin {
+    /// Ready when every data-plane listener accepts connections.
+    fn ready(&self) -> Result<(), String> {
+        let snapshot = self.reloader.snapshots.load();
+        for l in &snapshot.listeners {
+            let ip = match l.addr.ip() {
+                IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                ip => ip,
+            };
+            TcpStream::connect_timeout(&SocketAddr::new(ip, l.addr.port()), Duration::from_millis(500))
+                .map_err(|e| format!("listener {} not accepting: {e}", l.shape()))?;
+        }
+        Ok(())
+    }
+
+    fn config(&self) -> serde_json::Value {
+        let status = self.reloader.status();
+        let snapshot = self.reloader.snapshots.load();
+        let (success, failure) = Metrics::global().reload_counts();
+        let listeners: Vec<_> = snapshot
+            .listeners
+            .iter()
+            .map(|l| {
+                let mut hosts: Vec<&str> = l.table.vhosts.values().map(|v| v.domain.as_str()).collect();
+                hosts.sort_unstable();
+                serde_json::json!({
+                    "address": l.addr.to_string(),
+                    "protocol": if l.tls { "HTTPS" } else { "HTTP" },
+                    "hosts": hosts,
+                    "certificates": l.certs.as_ref().map(|c| {
+                        c.hosts.values().map(|s| serde_json::json!({
+                            "file": s.cert_path,
+                            "subject": s.subject,
+                            "notAfter": s.not_after,
+                        })).collect::<Vec<_>>()
+                    }),
+                })
+            })
+            .collect();
+        let clusters: Vec<_> = snapshot
+            .clusters
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "name": c.name,
+                    "endpoints": c.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "generation": status.generation,
+            "sources": status.sources,
+            "lastReloadError": status.last_reload_error,
+            "reloads": { "success": success, "failure": failure },
+            "summary": {
+                "gateways": snapshot.summary.gateways,
+                "hosts": snapshot.summary.hosts,
+                "routes": snapshot.summary.routes,
+                "clusters": snapshot.summary.clusters,
+            },
+            "listeners": listeners,
+            "clusters": clusters,
+        })
+    }
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        let method = req.method.clone();
+        let path = req.uri.path().to_string();
+        match (method, path.as_str()) {
+            (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (Method::GET, "/ready") => match self.ready() {
+                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+            },
+            (Method::GET, "/metrics") => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                Metrics::global().render(),
+            ),
+            (Method::GET, "/config") => json(StatusCode::OK, self.config()),
+            (Method::POST, "/reload") => {
+                let r = self.reloader.clone();
+                match tokio::task::spawn_blocking(move || r.reload("admin API")).await {
+                    Ok(Ok(generation)) => json(StatusCode::OK, serde_json::json!({ "generation": generation })),
+                    Ok(Err(e)) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("reload panicked: {e}\n")),
+                }
+            }
+            (_, "/healthz" | "/ready" | "/metrics" | "/config" | "/reload") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /healthz, /ready, /metrics, /config or POST /reload\n",
+            ),
+        }
+    }
+}

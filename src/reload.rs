@@ -1,0 +1,225 @@
+//! Reload: the ArcSwap that holds the current Snapshot, and what replaces it. Watches the
+//! config files and certificates (by polling their metadata, which also sees Kubernetes'
+//! `..data` symlink swaps), listens for SIGHUP, and swaps only a Snapshot that compiled
+//! cleanly and keeps the listener set. Anything else leaves the old Snapshot serving.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::config::{self, ConfigErrors};
+use crate::snapshot::{ListenerShape, Snapshot};
+use crate::telemetry::Metrics;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    use std::os::unix::fs::MetadataExt;
+    // `metadata` follows symlinks, so a swapped `..data` link changes the inode.
+    let m = std::fs::metadata(path).ok()?;
+    Some(Fingerprint {
+        modified: m.modified().ok(),
+        len: m.len(),
+        inode: m.ino(),
+    })
+}
+
+struct State {
+    generation: u64,
+    last_error: Option<String>,
+    watched: Vec<(PathBuf, Option<Fingerprint>)>,
+}
+
+/// Owns the current Snapshot and every way of replacing it.
+pub struct Reloader {
+    pub config_path: PathBuf,
+    pub snapshots: Arc<ArcSwap<Snapshot>>,
+    shapes: Vec<ListenerShape>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub generation: u64,
+    pub sources: Vec<PathBuf>,
+    pub last_reload_error: Option<String>,
+}
+
+impl Reloader {
+    /// Loads the config for the first time; self-signed certificates are generated here
+    /// when the config asks for them.
+    pub fn start(config_path: &Path) -> Result<Self, ConfigErrors> {
+        let compiled = config::build(
+            config_path,
+            &config::Options {
+                generation: 1,
+                generate_missing_certs: true,
+            },
+        )
+        .map_err(ConfigErrors)?;
+        for w in &compiled.warnings {
+            tracing::warn!("{w}");
+        }
+        let snapshot = compiled.snapshot;
+        let watched = watch_list(config_path, &snapshot);
+        Metrics::global().config_generation.set(1);
+        Ok(Reloader {
+            config_path: config_path.to_path_buf(),
+            shapes: snapshot.shapes(),
+            snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
+            state: Mutex::new(State {
+                generation: 1,
+                last_error: None,
+                watched,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while reloading must not stop later reloads; the state stays consistent
+        // because it is only written after a reload has decided.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True when a watched file changed since the last reload attempt.
+    pub fn changed(&self) -> bool {
+        let st = self.lock();
+        st.watched.iter().any(|(p, f)| fingerprint(p) != *f)
+    }
+
+    /// Compiles the config again and swaps it in, or keeps the old one and records why.
+    /// Blocking (reads files, may resolve names): call it off the request path.
+    pub fn reload(&self, reason: &str) -> Result<u64, String> {
+        let mut st = self.lock();
+        let generation = st.generation + 1;
+        let result = config::build(
+            &self.config_path,
+            &config::Options {
+                generation,
+                generate_missing_certs: true,
+            },
+        )
+        .map_err(|errs| ConfigErrors(errs).to_string())
+        .and_then(|compiled| {
+            let shapes = compiled.snapshot.shapes();
+            if shapes != self.shapes {
+                return Err(format!(
+                    "{}: listeners changed (serving [{}], new config wants [{}]); a new port or bind address needs a restart or a graceful upgrade",
+                    self.config_path.display(),
+                    join(&self.shapes),
+                    join(&shapes)
+                ));
+            }
+            if compiled.snapshot.settings.admin != self.snapshots.load().settings.admin {
+                return Err(format!(
+                    "{}: mesh.admin changed; the admin address needs a restart",
+                    self.config_path.display()
+                ));
+            }
+            Ok(compiled)
+        });
+        match result {
+            Ok(compiled) => {
+                for w in &compiled.warnings {
+                    tracing::warn!("{w}");
+                }
+                let snapshot = compiled.snapshot;
+                st.watched = watch_list(&self.config_path, &snapshot);
+                st.generation = generation;
+                st.last_error = None;
+                let summary = snapshot.summary.clone();
+                self.snapshots.store(Arc::new(snapshot));
+                Metrics::global().reload_succeeded(generation);
+                tracing::info!(generation, reason, %summary, "config reloaded");
+                Ok(generation)
+            }
+            Err(e) => {
+                // Remember the files as they are now, so the same broken state is not
+                // retried on every poll; the next change triggers the next attempt.
+                let paths: Vec<PathBuf> = st.watched.iter().map(|(p, _)| p.clone()).collect();
+                st.watched = paths.into_iter().map(|p| { let f = fingerprint(&p); (p, f) }).collect();
+                st.last_error = Some(e.clone());
+                Metrics::global().reload_failed();
+                tracing::error!(reason, error = %e, "config reload rejected; the previous config keeps serving");
+                Err(e)
+            }
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let st = self.lock();
+        Status {
+            generation: st.generation,
+            sources: self.snapshots.load().files.clone(),
+            last_reload_error: st.last_error.clone(),
+        }
+    }
+}
+
+fn join(shapes: &[ListenerShape]) -> String {
+    shapes.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+fn watch_list(main: &Path, snapshot: &Snapshot) -> Vec<(PathBuf, Option<Fingerprint>)> {
+    let mut paths = snapshot.watched.clone();
+    if !paths.iter().any(|p| p == main) {
+        paths.push(main.to_path_buf());
+    }
+    paths
+        .into_iter()
+        .map(|p| {
+            let f = fingerprint(&p);
+            (p, f)
+        })
+        .collect()
+}
+
+/// The background task: polls the watched files and listens for SIGHUP.
+pub struct Watcher {
+    pub reloader: Arc<Reloader>,
+}
+
+impl Watcher {
+    async fn reload(&self, reason: &'static str) {
+        let r = self.reloader.clone();
+        let _ = tokio::task::spawn_blocking(move || r.reload(reason)).await;
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Watcher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload by file change or the admin API");
+                None
+            }
+        };
+        loop {
+            let interval = self.reloader.snapshots.load().settings.reload_poll_interval;
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {
+                    if self.reloader.changed() {
+                        self.reload("file changed").await;
+                    }
+                }
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    self.reload("SIGHUP").await;
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+}

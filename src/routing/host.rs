@@ -1,0 +1,174 @@
+//! Host matching: exact names in a hash map, `*.suffix` wildcards in another, then `*`.
+//! Lookups take an already lower-cased host and allocate nothing.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+#[derive(Debug, Clone)]
+pub struct HostMatcher<T> {
+    exact: HashMap<String, T>,
+    /// Keyed by the suffix including its leading dot: `*.example.com` → `.example.com`.
+    wildcard: HashMap<String, T>,
+    any: Option<T>,
+}
+
+impl<T> Default for HostMatcher<T> {
+    fn default() -> Self {
+        HostMatcher {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            any: None,
+        }
+    }
+}
+
+impl<T> HostMatcher<T> {
+    /// Inserts under a pattern (`a.example.com`, `*.example.com` or `*`), which must already
+    /// be lower case. Returns the previous value for the same pattern.
+    pub fn insert(&mut self, pattern: &str, value: T) -> Option<T> {
+        if pattern == "*" {
+            self.any.replace(value)
+        } else if let Some(suffix) = pattern.strip_prefix('*') {
+            self.wildcard.insert(suffix.to_string(), value)
+        } else {
+            self.exact.insert(pattern.to_string(), value)
+        }
+    }
+
+    pub fn get_pattern(&self, pattern: &str) -> Option<&T> {
+        if pattern == "*" {
+            self.any.as_ref()
+        } else if let Some(suffix) = pattern.strip_prefix('*') {
+            self.wildcard.get(suffix)
+        } else {
+            self.exact.get(pattern)
+        }
+    }
+
+    pub fn get_pattern_mut(&mut self, pattern: &str) -> Option<&mut T> {
+        if pattern == "*" {
+            self.any.as_mut()
+        } else if let Some(suffix) = pattern.strip_prefix('*') {
+            self.wildcard.get_mut(suffix)
+        } else {
+            self.exact.get_mut(pattern)
+        }
+    }
+
+    /// Exact name first, then the longest wildcard suffix, then `*`.
+    pub fn lookup(&self, host: &str) -> Option<&T> {
+        if let Some(v) = self.exact.get(host) {
+            return Some(v);
+        }
+        if !self.wildcard.is_empty() {
+            // A wildcard needs at least one character before its suffix, so the search starts
+            // at the first dot after position 0.
+            for (i, _) in host.match_indices('.').filter(|(i, _)| *i > 0) {
+                if let Some(v) = self.wildcard.get(&host[i..]) {
+                    return Some(v);
+                }
+            }
+        }
+        self.any.as_ref()
+    }
+
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.wildcard.len() + usize::from(self.any.is_some())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.exact
+            .values()
+            .chain(self.wildcard.values())
+            .chain(self.any.iter())
+    }
+}
+
+/// The host of a Host header or `:authority`: port stripped, lower-cased (borrowed when it
+/// already is). Handles `[v6]:port`.
+pub fn normalize_host(raw: &str) -> Cow<'_, str> {
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        match rest.find(']') {
+            Some(end) => &raw[..end + 2],
+            None => raw,
+        }
+    } else {
+        match raw.rfind(':') {
+            Some(i) if raw[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &raw[..i],
+            _ => raw,
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+/// Does host `pattern` cover `candidate`? Both may be wildcards; `*.example.com` covers
+/// `a.b.example.com` and `*.a.example.com` but not `example.com`.
+pub fn covers(pattern: &str, candidate: &str) -> bool {
+    if pattern == "*" || pattern == candidate {
+        return true;
+    }
+    match pattern.strip_prefix('*') {
+        Some(suffix) => candidate.len() > suffix.len() && candidate.ends_with(suffix),
+        None => false,
+    }
+}
+
+/// The narrower of two host patterns when they overlap: the name a server host and a
+/// VirtualService host share.
+pub fn intersect<'a>(a: &'a str, b: &'a str) -> Option<&'a str> {
+    if covers(a, b) {
+        Some(b)
+    } else if covers(b, a) {
+        Some(a)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_then_longest_wildcard_then_any() {
+        let mut m = HostMatcher::default();
+        m.insert("a.example.com", 1);
+        m.insert("*.example.com", 2);
+        m.insert("*.b.example.com", 3);
+        assert_eq!(m.lookup("a.example.com"), Some(&1));
+        assert_eq!(m.lookup("x.example.com"), Some(&2));
+        assert_eq!(m.lookup("x.y.example.com"), Some(&2));
+        assert_eq!(m.lookup("x.b.example.com"), Some(&3));
+        assert_eq!(m.lookup("example.com"), None);
+        m.insert("*", 4);
+        assert_eq!(m.lookup("example.com"), Some(&4));
+        assert_eq!(m.lookup(".example.com"), Some(&4));
+    }
+
+    #[test]
+    fn normalizes_host_header() {
+        assert_eq!(normalize_host("Shop.Example.COM:8443"), "shop.example.com");
+        assert_eq!(normalize_host("shop.example.com"), "shop.example.com");
+        assert_eq!(normalize_host("[::1]:80"), "[::1]");
+        assert_eq!(normalize_host("example.com."), "example.com");
+        assert!(matches!(normalize_host("a.b"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn intersections() {
+        assert_eq!(intersect("*", "a.com"), Some("a.com"));
+        assert_eq!(intersect("*.com", "a.com"), Some("a.com"));
+        assert_eq!(intersect("*.com", "*.a.com"), Some("*.a.com"));
+        assert_eq!(intersect("*.example.com", "example.com"), None);
+        assert_eq!(intersect("a.com", "b.com"), None);
+    }
+}

@@ -1,0 +1,74 @@
+//! Route table: matches a request to a route. Never touches sockets or files.
+//!
+//! A listener's table maps hosts (exact, `*.suffix`, `*`) to virtual hosts; a virtual host
+//! holds the merged `http` routes of every VirtualService bound to it, in order.
+
+pub mod host;
+pub mod matcher;
+pub mod route;
+
+use std::sync::Arc;
+
+pub use host::{normalize_host, HostMatcher};
+pub use matcher::{RequestMatch, RequestView, StrMatch};
+pub use route::{Action, DirectResponse, Forward, HeaderOps, HeaderRules, Redirect, Rewrite, Route};
+
+/// The routes for one host name (or wildcard) on one listener.
+#[derive(Debug)]
+pub struct VirtualHost {
+    pub domain: String,
+    pub routes: Vec<Arc<Route>>,
+}
+
+/// Per-host settings of a Gateway server on a listener.
+#[derive(Debug, Clone)]
+pub struct ServerPolicy {
+    /// `tls.httpsRedirect`: answer every request with a 301 to https.
+    pub https_redirect: bool,
+    /// `gateways[i].servers[j]`, for explanations.
+    pub server: String,
+}
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    pub servers: HostMatcher<ServerPolicy>,
+    pub vhosts: HostMatcher<Arc<VirtualHost>>,
+}
+
+/// What the table decided for a request.
+pub enum Decision<'a> {
+    HttpsRedirect(&'a ServerPolicy),
+    /// No server or virtual host for the Host: 404 (`NR`).
+    NoHost,
+    /// The host is known but no route matched: 404 (`NR`).
+    NoRoute(&'a Arc<VirtualHost>),
+    Route {
+        vhost: &'a Arc<VirtualHost>,
+        route: &'a Arc<Route>,
+        match_index: usize,
+    },
+}
+
+impl RouteTable {
+    /// `host` must be normalized (see [`normalize_host`]).
+    pub fn decide<'a>(&'a self, host: &str, req: &RequestView<'_>) -> Decision<'a> {
+        if let Some(policy) = self.servers.lookup(host) {
+            if policy.https_redirect {
+                return Decision::HttpsRedirect(policy);
+            }
+        }
+        let Some(vhost) = self.vhosts.lookup(host) else {
+            return Decision::NoHost;
+        };
+        for route in &vhost.routes {
+            if let Some(match_index) = route.matches(req) {
+                return Decision::Route {
+                    vhost,
+                    route,
+                    match_index,
+                };
+            }
+        }
+        Decision::NoRoute(vhost)
+    }
+}

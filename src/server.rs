@@ -1,0 +1,112 @@
+//! Assembles the process: one pingora service per listener, the admin service and the
+//! config watcher, then runs until a signal says stop.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use pingora::apps::http_app::HttpServer;
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::TlsAccept;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+
+use crate::admin::Admin;
+use crate::config::ConfigErrors;
+use crate::proxy::Gateway;
+use crate::reload::{Reloader, Watcher};
+use crate::tls::SniResolver;
+
+struct NoCallbacks;
+impl TlsAccept for NoCallbacks {}
+
+#[derive(Debug)]
+pub enum RunError {
+    Config(ConfigErrors),
+    Tls(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Config(e) => write!(f, "{e}"),
+            RunError::Tls(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Loads the config and serves it. Returns only on a start-up error; after start the
+/// process exits when pingora's signal handling says so.
+pub fn run(config: &Path, threads: usize) -> Result<(), RunError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let reloader = Arc::new(Reloader::start(config).map_err(RunError::Config)?);
+    let snapshot = reloader.snapshots.load_full();
+
+    let mut conf = ServerConf {
+        threads: threads.max(1),
+        grace_period_seconds: Some(snapshot.settings.drain_duration.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    // Retries are Portico's decision (see proxy::fail_to_connect); this is only the cap.
+    conf.max_retries = 8;
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let server_conf = server.configuration.clone();
+
+    for (i, l) in snapshot.listeners.iter().enumerate() {
+        let gateway = Gateway {
+            listener: i,
+            tls: l.tls,
+            snapshots: reloader.snapshots.clone(),
+        };
+        let name = format!("listener {}", l.shape());
+        let mut svc = pingora_proxy::http_proxy_service_with_name(&server_conf, gateway, &name);
+        let addr = l.addr.to_string();
+        if l.tls {
+            let mut tls = TlsSettings::with_callbacks(Box::new(NoCallbacks))
+                .map_err(|e| RunError::Tls(format!("{name}: {e}")))?;
+            tls.set_cert_resolver(Arc::new(SniResolver {
+                listener: i,
+                snapshots: reloader.snapshots.clone(),
+            }));
+            tls.enable_h2();
+            svc.add_tls_with_settings(&addr, None, tls);
+        } else {
+            if l.h2c {
+                let mut opts = HttpServerOptions::default();
+                opts.h2c = true;
+                if let Some(app) = svc.app_logic_mut() {
+                    app.server_options = Some(opts);
+                }
+            }
+            svc.add_tcp(&addr);
+        }
+        tracing::info!(listener = %l.shape(), "listening");
+        server.add_service(svc);
+    }
+
+    let mut admin = Service::new(
+        "admin".to_string(),
+        HttpServer::new_app(Admin {
+            reloader: reloader.clone(),
+        }),
+    );
+    admin.threads = Some(1);
+    admin.add_tcp(&snapshot.settings.admin.to_string());
+    tracing::info!(address = %snapshot.settings.admin, "admin API");
+    server.add_service(admin);
+
+    let watcher = background_service("config watcher", Watcher { reloader });
+    server.add_service(watcher);
+
+    tracing::info!(
+        generation = snapshot.generation,
+        summary = %snapshot.summary,
+        "portico started"
+    );
+    drop(snapshot);
+    server.run_forever()
+}

@@ -1,0 +1,98 @@
+//! The Snapshot: everything a request needs, compiled and immutable. Requests load it once
+//! and keep that `Arc` to their end, so a reload never changes a request half-way.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::routing::RouteTable;
+use crate::tls::CertStore;
+use crate::upstream::Cluster;
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    /// Config files that went into this Snapshot, main file first.
+    pub files: Vec<PathBuf>,
+    /// Config files plus every certificate and key file: a change to any reloads.
+    pub watched: Vec<PathBuf>,
+    /// Sorted by address; the set is fixed for the life of the process.
+    pub listeners: Vec<Listener>,
+    pub clusters: Vec<Arc<Cluster>>,
+    pub settings: Settings,
+    pub summary: Summary,
+}
+
+#[derive(Debug)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub tls: bool,
+    /// Accept HTTP/2 with prior knowledge on a plaintext listener (servers of protocol
+    /// HTTP2 or GRPC).
+    pub h2c: bool,
+    pub table: RouteTable,
+    pub certs: Option<CertStore>,
+}
+
+/// The shape of a listener: what needs a new socket when it changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerShape {
+    pub addr: SocketAddr,
+    pub tls: bool,
+    pub h2c: bool,
+}
+
+impl std::fmt::Display for ListenerShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let proto = match (self.tls, self.h2c) {
+            (true, _) => "HTTPS",
+            (false, true) => "HTTP2",
+            (false, false) => "HTTP",
+        };
+        write!(f, "{proto} {}", self.addr)
+    }
+}
+
+impl Listener {
+    pub fn shape(&self) -> ListenerShape {
+        ListenerShape {
+            addr: self.addr,
+            tls: self.tls,
+            h2c: self.h2c,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub admin: SocketAddr,
+    pub connect_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub reload_poll_interval: Duration,
+    pub drain_duration: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub gateways: usize,
+    pub hosts: usize,
+    pub routes: usize,
+    pub clusters: usize,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} gateways, {} hosts, {} routes, {} clusters",
+            self.gateways, self.hosts, self.routes, self.clusters
+        )
+    }
+}
+
+impl Snapshot {
+    pub fn shapes(&self) -> Vec<ListenerShape> {
+        self.listeners.iter().map(Listener::shape).collect()
+    }
+}
