@@ -8,7 +8,11 @@ use portico::config::{self, ConfigErrors};
 use portico::routing::{normalize_host, Action, Decision, RequestView};
 
 #[derive(Parser)]
-#[command(name = "portico", version, about = "Edge gateway: SNI TLS, Istio-style routing, atomic reload")]
+#[command(
+    name = "portico",
+    version,
+    about = "Edge gateway: SNI TLS, Istio-style routing, atomic reload"
+)]
 struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG takes precedence.
     #[arg(long, global = true)]
@@ -82,11 +86,16 @@ fn main() -> ExitCode {
         Command::Run { config, threads } => {
             let path = config.unwrap_or_else(default_config);
             if !path.exists() {
-                eprintln!("portico: config file {} not found (pass -c FILE)", path.display());
+                eprintln!(
+                    "portico: config file {} not found (pass -c FILE)",
+                    path.display()
+                );
                 return ExitCode::from(2);
             }
             let threads = threads.unwrap_or_else(|| {
-                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
             });
             match portico::server::run(&path, threads) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -105,7 +114,14 @@ fn main() -> ExitCode {
             method,
             port,
             headers,
-        } => routes(&config.unwrap_or_else(default_config), &host, &path, &method, port, &headers),
+        } => routes(
+            &config.unwrap_or_else(default_config),
+            &host,
+            &path,
+            &method,
+            port,
+            &headers,
+        ),
     }
 }
 
@@ -126,7 +142,14 @@ fn validate(path: &Path) -> ExitCode {
     }
 }
 
-fn routes(path: &Path, host: &str, full_path: &str, method: &str, port: Option<u16>, headers: &[String]) -> ExitCode {
+fn routes(
+    path: &Path,
+    host: &str,
+    full_path: &str,
+    method: &str,
+    port: Option<u16>,
+    headers: &[String],
+) -> ExitCode {
     let compiled = match config::build(path, &config::Options::default()) {
         Ok(c) => c,
         Err(errors) => {
@@ -140,7 +163,10 @@ fn routes(path: &Path, host: &str, full_path: &str, method: &str, port: Option<u
             eprintln!("portico: --header {h:?}: expected name=value");
             return ExitCode::from(2);
         };
-        match (http::HeaderName::from_bytes(k.trim().as_bytes()), http::HeaderValue::from_str(v)) {
+        match (
+            http::HeaderName::from_bytes(k.trim().as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
             (Ok(k), Ok(v)) => {
                 map.append(k, v);
             }
@@ -175,7 +201,9 @@ fn routes(path: &Path, host: &str, full_path: &str, method: &str, port: Option<u
                 matched = true;
                 println!("{head}: 301 to https (tls.httpsRedirect on {})", p.server);
             }
-            Decision::NoHost => println!("{head}: no route: no virtual host for {normalized} (404)"),
+            Decision::NoHost => {
+                println!("{head}: no route: no virtual host for {normalized} (404)")
+            }
             Decision::NoRoute(v) => println!(
                 "{head}: no route: virtual host {} has {} route(s) and none matched (404)",
                 v.domain,
@@ -187,12 +215,19 @@ fn routes(path: &Path, host: &str, full_path: &str, method: &str, port: Option<u
                 match_index,
             } => {
                 matched = true;
-                let name = route.name.as_deref().map(|n| format!(" {n:?}")).unwrap_or_default();
+                let name = route
+                    .name
+                    .as_deref()
+                    .map(|n| format!(" {n:?}"))
+                    .unwrap_or_default();
                 let why = match route.matches.get(match_index) {
                     Some(m) => format!("match[{match_index}]: {m}"),
                     None => "the route has no match conditions".to_string(),
                 };
-                println!("{head}: route {}{name} on virtual host {}", route.origin, vhost.domain);
+                println!(
+                    "{head}: route {}{name} on virtual host {}",
+                    route.origin, vhost.domain
+                );
                 println!("  because {why}");
                 match &route.action {
                     Action::Forward(f) => {
@@ -206,8 +241,14 @@ fn routes(path: &Path, host: &str, full_path: &str, method: &str, port: Option<u
                             );
                         }
                     }
-                    Action::Redirect(r) => println!("  redirect {} to {}", r.code, r.location(view.scheme, host, req_path, query)),
-                    Action::Direct(d) => println!("  direct response {} ({} bytes)", d.status, d.body.len()),
+                    Action::Redirect(r) => println!(
+                        "  redirect {} to {}",
+                        r.code,
+                        r.location(view.scheme, host, req_path, query)
+                    ),
+                    Action::Direct(d) => {
+                        println!("  direct response {} ({} bytes)", d.status, d.body.len())
+                    }
                 }
             }
         }

@@ -148,7 +148,13 @@ impl Reloader {
                 // Remember the files as they are now, so the same broken state is not
                 // retried on every poll; the next change triggers the next attempt.
                 let paths: Vec<PathBuf> = st.watched.iter().map(|(p, _)| p.clone()).collect();
-                st.watched = paths.into_iter().map(|p| { let f = fingerprint(&p); (p, f) }).collect();
+                st.watched = paths
+                    .into_iter()
+                    .map(|p| {
+                        let f = fingerprint(&p);
+                        (p, f)
+                    })
+                    .collect();
                 st.last_error = Some(e.clone());
                 Metrics::global().reload_failed();
                 tracing::error!(reason, error = %e, "config reload rejected; the previous config keeps serving");
@@ -168,7 +174,11 @@ impl Reloader {
 }
 
 fn join(shapes: &[ListenerShape]) -> String {
-    shapes.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    shapes
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn watch_list(main: &Path, snapshot: &Snapshot) -> Vec<(PathBuf, Option<Fingerprint>)> {

@@ -28,7 +28,11 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Vec<u8>> {
-    reply(status, "text/plain; charset=utf-8", body.into().into_bytes())
+    reply(
+        status,
+        "text/plain; charset=utf-8",
+        body.into().into_bytes(),
+    )
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Vec<u8>> {
@@ -47,8 +51,11 @@ impl Admin {
                 IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
                 ip => ip,
             };
-            TcpStream::connect_timeout(&SocketAddr::new(ip, l.addr.port()), Duration::from_millis(500))
-                .map_err(|e| format!("listener {} not accepting: {e}", l.shape()))?;
+            TcpStream::connect_timeout(
+                &SocketAddr::new(ip, l.addr.port()),
+                Duration::from_millis(500),
+            )
+            .map_err(|e| format!("listener {} not accepting: {e}", l.shape()))?;
         }
         Ok(())
     }
@@ -61,7 +68,8 @@ impl Admin {
             .listeners
             .iter()
             .map(|l| {
-                let mut hosts: Vec<&str> = l.table.vhosts.values().map(|v| v.domain.as_str()).collect();
+                let mut hosts: Vec<&str> =
+                    l.table.vhosts.values().map(|v| v.domain.as_str()).collect();
                 hosts.sort_unstable();
                 serde_json::json!({
                     "address": l.addr.to_string(),
@@ -125,9 +133,15 @@ impl ServeHttp for Admin {
             (Method::POST, "/reload") => {
                 let r = self.reloader.clone();
                 match tokio::task::spawn_blocking(move || r.reload("admin API")).await {
-                    Ok(Ok(generation)) => json(StatusCode::OK, serde_json::json!({ "generation": generation })),
+                    Ok(Ok(generation)) => json(
+                        StatusCode::OK,
+                        serde_json::json!({ "generation": generation }),
+                    ),
                     Ok(Err(e)) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
-                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("reload panicked: {e}\n")),
+                    Err(e) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("reload panicked: {e}\n"),
+                    ),
                 }
             }
             (_, "/healthz" | "/ready" | "/metrics" | "/config" | "/reload") => {

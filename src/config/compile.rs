@@ -17,11 +17,11 @@ use regex::Regex;
 use super::error::ConfigError;
 use super::load::{Document, Item, Origin};
 use super::schema::{self, StringMatch};
+use crate::routing::route::{RouteOrigin, WeightedDestination};
 use crate::routing::{
     host, Action, DirectResponse, Forward, HeaderOps, HeaderRules, HostMatcher, Redirect,
     RequestMatch, Rewrite, Route, RouteTable, ServerPolicy, StrMatch, VirtualHost,
 };
-use crate::routing::route::{RouteOrigin, WeightedDestination};
 use crate::snapshot::{Listener, Settings, Snapshot, Summary};
 use crate::tls::{self, CertStore, ServerCert};
 use crate::upstream::{cluster_name, Cluster, ClusterSettings, Endpoint};
@@ -188,7 +188,11 @@ impl Cx {
         let admin = match admin_text.parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
-                self.err(o, ".admin", format!("{admin_text:?} is not an IP:port address"));
+                self.err(
+                    o,
+                    ".admin",
+                    format!("{admin_text:?} is not an IP:port address"),
+                );
                 SocketAddr::from(([127, 0, 0, 1], 15000))
             }
         };
@@ -204,7 +208,10 @@ impl Cx {
         }
         Settings {
             admin,
-            connect_timeout: m.connect_timeout.map(|d| d.get()).unwrap_or(Duration::from_secs(10)),
+            connect_timeout: m
+                .connect_timeout
+                .map(|d| d.get())
+                .unwrap_or(Duration::from_secs(10)),
             tls_handshake_timeout: m
                 .tls_handshake_timeout
                 .map(|d| d.get())
@@ -213,7 +220,10 @@ impl Cx {
                 .reload_poll_interval
                 .map(|d| d.get().max(Duration::from_millis(10)))
                 .unwrap_or(Duration::from_millis(500)),
-            drain_duration: m.drain_duration.map(|d| d.get()).unwrap_or(Duration::from_secs(5)),
+            drain_duration: m
+                .drain_duration
+                .map(|d| d.get())
+                .unwrap_or(Duration::from_secs(5)),
         }
     }
 
@@ -289,7 +299,11 @@ impl Cx {
             let mut names = HashMap::new();
             for (j, sub) in s.subsets.iter().enumerate() {
                 if names.insert(sub.name.clone(), j).is_some() {
-                    self.err(o, &format!(".subsets[{j}].name"), format!("duplicate subset {:?}", sub.name));
+                    self.err(
+                        o,
+                        &format!(".subsets[{j}].name"),
+                        format!("duplicate subset {:?}", sub.name),
+                    );
                 }
             }
             if let Some(tp) = &s.traffic_policy {
@@ -302,7 +316,11 @@ impl Cx {
             }
             let host = s.host.to_ascii_lowercase();
             if r.rules.insert(host.clone(), dr.clone()).is_some() {
-                self.warn(o, ".host", format!("another DestinationRule for {host} came first; this one replaces it"));
+                self.warn(
+                    o,
+                    ".host",
+                    format!("another DestinationRule for {host} came first; this one replaces it"),
+                );
             }
         }
         r
@@ -339,7 +357,11 @@ impl Cx {
                 }
             }
             if out.insert(k.clone(), GatewayInfo { servers }).is_some() {
-                self.err(o, ".name", format!("gateway {k} is defined twice (gateways[{gi}])"));
+                self.err(
+                    o,
+                    ".name",
+                    format!("gateway {k} is defined twice (gateways[{gi}])"),
+                );
             }
         }
         out
@@ -360,7 +382,12 @@ impl Cx {
                 return None;
             }
         };
-        let protocol = s.port.protocol.as_deref().unwrap_or("HTTP").to_ascii_uppercase();
+        let protocol = s
+            .port
+            .protocol
+            .as_deref()
+            .unwrap_or("HTTP")
+            .to_ascii_uppercase();
         let (tls, h2c) = match protocol.as_str() {
             "HTTP" | "GRPC-WEB" => (false, false),
             "HTTP2" | "GRPC" => (false, true),
@@ -374,7 +401,11 @@ impl Cx {
                 return None;
             }
             other => {
-                self.err(o, &format!("{at}.port.protocol"), format!("unknown protocol {other:?}"));
+                self.err(
+                    o,
+                    &format!("{at}.port.protocol"),
+                    format!("unknown protocol {other:?}"),
+                );
                 return None;
             }
         };
@@ -383,13 +414,21 @@ impl Cx {
             Some(b) => match b.parse() {
                 Ok(ip) => ip,
                 Err(_) => {
-                    self.err(o, &format!("{at}.bind"), format!("{b:?} is not an IP address"));
+                    self.err(
+                        o,
+                        &format!("{at}.bind"),
+                        format!("{b:?} is not an IP address"),
+                    );
                     return None;
                 }
             },
         };
         if s.hosts.is_empty() {
-            self.err(o, &format!("{at}.hosts"), "a server needs at least one host");
+            self.err(
+                o,
+                &format!("{at}.hosts"),
+                "a server needs at least one host",
+            );
         }
         let hosts: Vec<String> = s
             .hosts
@@ -434,10 +473,15 @@ impl Cx {
             }
             (Some(t), true) => {
                 if t.https_redirect {
-                    self.warn(o, &format!("{at}.tls.httpsRedirect"), "ignored on an HTTPS server");
+                    self.warn(
+                        o,
+                        &format!("{at}.tls.httpsRedirect"),
+                        "ignored on an HTTPS server",
+                    );
                 }
                 info.default_cert = t.default_certificate || info.hosts.iter().any(|h| h == "*");
-                info.cert = self.server_cert(o, &format!("{at}.tls"), t, &info.hosts, creds, self_signed);
+                info.cert =
+                    self.server_cert(o, &format!("{at}.tls"), t, &info.hosts, creds, self_signed);
             }
         }
         Some(info)
@@ -462,8 +506,15 @@ impl Cx {
                 );
                 return None;
             }
-            Some(m @ ("PASSTHROUGH" | "MUTUAL" | "OPTIONAL_MUTUAL" | "ISTIO_MUTUAL" | "AUTO_PASSTHROUGH")) => {
-                self.err(o, &format!("{at}.mode"), format!("tls.mode {m} is not supported yet; use SIMPLE"));
+            Some(
+                m @ ("PASSTHROUGH" | "MUTUAL" | "OPTIONAL_MUTUAL" | "ISTIO_MUTUAL"
+                | "AUTO_PASSTHROUGH"),
+            ) => {
+                self.err(
+                    o,
+                    &format!("{at}.mode"),
+                    format!("tls.mode {m} is not supported yet; use SIMPLE"),
+                );
                 return None;
             }
             Some(m) => {
@@ -483,7 +534,11 @@ impl Cx {
                 false
             }
             Some(v) => {
-                self.err(o, &format!("{at}.minProtocolVersion"), format!("unknown TLS version {v:?}"));
+                self.err(
+                    o,
+                    &format!("{at}.minProtocolVersion"),
+                    format!("unknown TLS version {v:?}"),
+                );
                 false
             }
         };
@@ -496,31 +551,54 @@ impl Cx {
             ),
         }
         if t.ca_certificates.is_some() {
-            self.err(o, &format!("{at}.caCertificates"), "client certificates (MUTUAL) are not supported yet");
+            self.err(
+                o,
+                &format!("{at}.caCertificates"),
+                "client certificates (MUTUAL) are not supported yet",
+            );
         }
-        let (cert_path, key_path, field) = match (&t.credential_name, &t.server_certificate, &t.private_key) {
-            (Some(name), None, None) => {
-                let dir = creds.join(name);
-                (dir.join("tls.crt"), dir.join("tls.key"), ".credentialName")
-            }
-            (None, Some(c), Some(k)) => (o.file.resolve(c), o.file.resolve(k), ".serverCertificate"),
-            (None, Some(_), None) => {
-                self.err(o, &format!("{at}.privateKey"), "serverCertificate needs privateKey");
-                return None;
-            }
-            (None, None, Some(_)) => {
-                self.err(o, &format!("{at}.serverCertificate"), "privateKey needs serverCertificate");
-                return None;
-            }
-            (None, None, None) => {
-                self.err(o, at, "set credentialName, or serverCertificate and privateKey");
-                return None;
-            }
-            (Some(_), _, _) => {
-                self.err(o, &format!("{at}.credentialName"), "set credentialName or serverCertificate/privateKey, not both");
-                return None;
-            }
-        };
+        let (cert_path, key_path, field) =
+            match (&t.credential_name, &t.server_certificate, &t.private_key) {
+                (Some(name), None, None) => {
+                    let dir = creds.join(name);
+                    (dir.join("tls.crt"), dir.join("tls.key"), ".credentialName")
+                }
+                (None, Some(c), Some(k)) => {
+                    (o.file.resolve(c), o.file.resolve(k), ".serverCertificate")
+                }
+                (None, Some(_), None) => {
+                    self.err(
+                        o,
+                        &format!("{at}.privateKey"),
+                        "serverCertificate needs privateKey",
+                    );
+                    return None;
+                }
+                (None, None, Some(_)) => {
+                    self.err(
+                        o,
+                        &format!("{at}.serverCertificate"),
+                        "privateKey needs serverCertificate",
+                    );
+                    return None;
+                }
+                (None, None, None) => {
+                    self.err(
+                        o,
+                        at,
+                        "set credentialName, or serverCertificate and privateKey",
+                    );
+                    return None;
+                }
+                (Some(_), _, _) => {
+                    self.err(
+                        o,
+                        &format!("{at}.credentialName"),
+                        "set credentialName or serverCertificate/privateKey, not both",
+                    );
+                    return None;
+                }
+            };
         self.watched.push(cert_path.clone());
         self.watched.push(key_path.clone());
         let missing = !cert_path.exists() || !key_path.exists();
@@ -540,7 +618,10 @@ impl Cx {
                 self.warn(
                     o,
                     &format!("{at}{field}"),
-                    format!("{} is missing; `portico run` will generate a self-signed certificate", cert_path.display()),
+                    format!(
+                        "{} is missing; `portico run` will generate a self-signed certificate",
+                        cert_path.display()
+                    ),
                 );
                 return None;
             }
@@ -560,13 +641,20 @@ impl Cx {
         }
     }
 
-    fn listeners(&mut self, gateways: &HashMap<String, GatewayInfo>) -> BTreeMap<u16, ListenerBuild> {
+    fn listeners(
+        &mut self,
+        gateways: &HashMap<String, GatewayInfo>,
+    ) -> BTreeMap<u16, ListenerBuild> {
         let mut out: BTreeMap<u16, ListenerBuild> = BTreeMap::new();
         let mut claimed: HashMap<(u16, String), String> = HashMap::new();
         let mut all: Vec<&ServerInfo> = gateways.values().flat_map(|g| g.servers.iter()).collect();
         all.sort_by(|a, b| a.path.cmp(&b.path));
         for s in all {
-            let at = s.path.strip_prefix(&s.origin.path).unwrap_or("").to_string();
+            let at = s
+                .path
+                .strip_prefix(&s.origin.path)
+                .unwrap_or("")
+                .to_string();
             let l = out.entry(s.port).or_insert_with(|| ListenerBuild {
                 addr: SocketAddr::new(s.bind, s.port),
                 tls: s.tls,
@@ -580,7 +668,11 @@ impl Cx {
                 self.err(
                     &s.origin,
                     &format!("{at}.bind"),
-                    format!("port {} is already bound to {} by another server", s.port, l.addr.ip()),
+                    format!(
+                        "port {} is already bound to {} by another server",
+                        s.port,
+                        l.addr.ip()
+                    ),
                 );
                 continue;
             }
@@ -588,7 +680,10 @@ impl Cx {
                 self.err(
                     &s.origin,
                     &format!("{at}.port.protocol"),
-                    format!("port {} already serves another protocol; one port serves one protocol", s.port),
+                    format!(
+                        "port {} already serves another protocol; one port serves one protocol",
+                        s.port
+                    ),
                 );
                 continue;
             }
@@ -617,7 +712,10 @@ impl Cx {
                     self.err(
                         &s.origin,
                         &format!("{at}.tls.defaultCertificate"),
-                        format!("port {} already has a default certificate from {prev}", s.port),
+                        format!(
+                            "port {} already has a default certificate from {prev}",
+                            s.port
+                        ),
                     );
                 } else {
                     l.default_from = Some(s.path.clone());
@@ -653,10 +751,15 @@ impl Cx {
                 if gateways.contains_key(&gk) {
                     bound.push(gk);
                 } else {
-                    self.err(o, &format!(".gateways[{gi}]"), format!("gateway {gk} is not defined"));
+                    self.err(
+                        o,
+                        &format!(".gateways[{gi}]"),
+                        format!("gateway {gk} is not defined"),
+                    );
                 }
             }
-            if v.gateways.is_empty() || (bound.is_empty() && v.gateways.iter().all(|g| g == "mesh")) {
+            if v.gateways.is_empty() || (bound.is_empty() && v.gateways.iter().all(|g| g == "mesh"))
+            {
                 self.warn(
                     o,
                     ".gateways",
@@ -677,11 +780,15 @@ impl Cx {
                     .collect();
                 let Some(gw) = gateways.get(gk) else { continue };
                 for s in &gw.servers {
-                    let Some(l) = listeners.get_mut(&s.port) else { continue };
+                    let Some(l) = listeners.get_mut(&s.port) else {
+                        continue;
+                    };
                     for sh in &s.hosts {
                         for vh in &v.hosts {
                             let vh = vh.to_ascii_lowercase();
-                            let Some(domain) = host::intersect(sh, &vh) else { continue };
+                            let Some(domain) = host::intersect(sh, &vh) else {
+                                continue;
+                            };
                             let b = l.vhosts.entry(domain.to_string()).or_default();
                             b.sources += 1;
                             b.routes.extend(routes_here.iter().cloned());
@@ -693,7 +800,14 @@ impl Cx {
         count
     }
 
-    fn route(&mut self, o: &Origin, vs: &str, ns: &str, ri: usize, r: &schema::HttpRoute) -> Option<Route> {
+    fn route(
+        &mut self,
+        o: &Origin,
+        vs: &str,
+        ns: &str,
+        ri: usize,
+        r: &schema::HttpRoute,
+    ) -> Option<Route> {
         let at = format!(".http[{ri}]");
         let errors_before = self.errors.len();
         let matches: Vec<RequestMatch> = r
@@ -707,19 +821,30 @@ impl Cx {
         let action = match (&r.redirect, &r.direct_response, r.route.is_empty()) {
             (Some(red), None, true) => {
                 if r.rewrite.is_some() {
-                    self.err(o, &format!("{at}.rewrite"), "a redirect route cannot also rewrite");
+                    self.err(
+                        o,
+                        &format!("{at}.rewrite"),
+                        "a redirect route cannot also rewrite",
+                    );
                 }
-                self.redirect(o, &format!("{at}.redirect"), red).map(Action::Redirect)
+                self.redirect(o, &format!("{at}.redirect"), red)
+                    .map(Action::Redirect)
             }
-            (None, Some(d), true) => self.direct(o, &format!("{at}.directResponse"), d).map(Action::Direct),
+            (None, Some(d), true) => self
+                .direct(o, &format!("{at}.directResponse"), d)
+                .map(Action::Direct),
             (None, None, false) => {
                 let destinations = self.destinations(o, &at, &r.route);
-                let rewrite = r.rewrite.as_ref().and_then(|rw| {
+                let rewrite = r.rewrite.as_ref().map(|rw| {
                     let authority = match &rw.authority {
                         Some(a) => match HeaderValue::from_str(a) {
                             Ok(v) => Some(v),
                             Err(_) => {
-                                self.err(o, &format!("{at}.rewrite.authority"), "not a valid Host value");
+                                self.err(
+                                    o,
+                                    &format!("{at}.rewrite.authority"),
+                                    "not a valid Host value",
+                                );
                                 None
                             }
                         },
@@ -730,10 +855,10 @@ impl Cx {
                             self.err(o, &format!("{at}.rewrite.uri"), "must start with /");
                         }
                     }
-                    Some(Rewrite {
+                    Rewrite {
                         uri: rw.uri.clone(),
                         authority,
-                    })
+                    }
                 });
                 destinations.map(|(destinations, total_weight)| {
                     Action::Forward(Forward {
@@ -745,11 +870,19 @@ impl Cx {
                 })
             }
             (None, None, true) => {
-                self.err(o, &at, "a route needs one of route, redirect or directResponse");
+                self.err(
+                    o,
+                    &at,
+                    "a route needs one of route, redirect or directResponse",
+                );
                 None
             }
             _ => {
-                self.err(o, &at, "route, redirect and directResponse are mutually exclusive");
+                self.err(
+                    o,
+                    &at,
+                    "route, redirect and directResponse are mutually exclusive",
+                );
                 None
             }
         };
@@ -768,7 +901,13 @@ impl Cx {
         })
     }
 
-    fn string_match(&mut self, o: &Origin, at: &str, m: &StringMatch, allow_presence: bool) -> Option<StrMatch> {
+    fn string_match(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        m: &StringMatch,
+        allow_presence: bool,
+    ) -> Option<StrMatch> {
         match (&m.exact, &m.prefix, &m.regex) {
             (Some(e), None, None) => Some(StrMatch::Exact(e.clone())),
             (None, Some(p), None) => Some(StrMatch::Prefix(p.clone())),
@@ -792,7 +931,13 @@ impl Cx {
         }
     }
 
-    fn request_match(&mut self, o: &Origin, at: &str, ns: &str, m: &schema::HttpMatchRequest) -> Option<RequestMatch> {
+    fn request_match(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        ns: &str,
+        m: &schema::HttpMatchRequest,
+    ) -> Option<RequestMatch> {
         let mut out = RequestMatch {
             name: m.name.clone(),
             ignore_uri_case: m.ignore_uri_case,
@@ -801,7 +946,11 @@ impl Cx {
         if let Some(u) = &m.uri {
             out.uri = self.string_match(o, &format!("{at}.uri"), u, false);
             if let (true, Some(StrMatch::Regex(_))) = (m.ignore_uri_case, &out.uri) {
-                self.warn(o, &format!("{at}.ignoreUriCase"), "applies to exact and prefix only; write (?i) in the regex");
+                self.warn(
+                    o,
+                    &format!("{at}.ignoreUriCase"),
+                    "applies to exact and prefix only; write (?i) in the regex",
+                );
             }
         }
         if let Some(x) = &m.method {
@@ -815,12 +964,24 @@ impl Cx {
         }
         for (field, src, dst) in [
             ("headers", &m.headers, &mut out.headers),
-            ("withoutHeaders", &m.without_headers, &mut out.without_headers),
+            (
+                "withoutHeaders",
+                &m.without_headers,
+                &mut out.without_headers,
+            ),
         ] {
             for (k, v) in src {
                 let here = format!("{at}.{field}.{k}");
-                if matches!(k.as_str(), "uri" | "scheme" | "method" | "authority") || k.starts_with(':') {
-                    self.err(o, &here, format!("{k:?} cannot be matched as a header; use the match field of that name"));
+                if matches!(k.as_str(), "uri" | "scheme" | "method" | "authority")
+                    || k.starts_with(':')
+                {
+                    self.err(
+                        o,
+                        &here,
+                        format!(
+                            "{k:?} cannot be matched as a header; use the match field of that name"
+                        ),
+                    );
                     continue;
                 }
                 if k.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -852,23 +1013,39 @@ impl Cx {
     }
 
     fn header_rules(&mut self, o: &Origin, at: &str, h: Option<&schema::Headers>) -> HeaderRules {
-        let Some(h) = h else { return HeaderRules::default() };
+        let Some(h) = h else {
+            return HeaderRules::default();
+        };
         HeaderRules {
             request: self.header_ops(o, &format!("{at}.request"), h.request.as_ref()),
             response: self.header_ops(o, &format!("{at}.response"), h.response.as_ref()),
         }
     }
 
-    fn header_ops(&mut self, o: &Origin, at: &str, ops: Option<&schema::HeaderOperations>) -> HeaderOps {
-        let Some(ops) = ops else { return HeaderOps::default() };
+    fn header_ops(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        ops: Option<&schema::HeaderOperations>,
+    ) -> HeaderOps {
+        let Some(ops) = ops else {
+            return HeaderOps::default();
+        };
         let mut out = HeaderOps::default();
-        for (field, src, dst) in [("set", &ops.set, &mut out.set), ("add", &ops.add, &mut out.add)] {
+        for (field, src, dst) in [
+            ("set", &ops.set, &mut out.set),
+            ("add", &ops.add, &mut out.add),
+        ] {
             for (k, v) in src {
                 let here = format!("{at}.{field}.{k}");
                 let name = match HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()) {
                     Ok(n) if !k.starts_with(':') => n,
                     _ => {
-                        self.err(o, &here, format!("{k:?} is not a header name Portico can set"));
+                        self.err(
+                            o,
+                            &here,
+                            format!("{k:?} is not a header name Portico can set"),
+                        );
                         continue;
                     }
                 };
@@ -881,7 +1058,11 @@ impl Cx {
         for (i, k) in ops.remove.iter().enumerate() {
             match HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()) {
                 Ok(n) => out.remove.push(n),
-                Err(_) => self.err(o, &format!("{at}.remove[{i}]"), format!("{k:?} is not a header name")),
+                Err(_) => self.err(
+                    o,
+                    &format!("{at}.remove[{i}]"),
+                    format!("{k:?} is not a header name"),
+                ),
             }
         }
         out
@@ -892,7 +1073,11 @@ impl Cx {
             c @ (301 | 302 | 303 | 307 | 308) => c as u16,
             0 => 301,
             other => {
-                self.err(o, &format!("{at}.redirectCode"), format!("{other} is not a redirect code (301, 302, 303, 307, 308)"));
+                self.err(
+                    o,
+                    &format!("{at}.redirectCode"),
+                    format!("{other} is not a redirect code (301, 302, 303, 307, 308)"),
+                );
                 return None;
             }
         };
@@ -920,7 +1105,12 @@ impl Cx {
         })
     }
 
-    fn direct(&mut self, o: &Origin, at: &str, d: &schema::HttpDirectResponse) -> Option<DirectResponse> {
+    fn direct(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        d: &schema::HttpDirectResponse,
+    ) -> Option<DirectResponse> {
         if !(200..=599).contains(&d.status) {
             self.err(o, &format!("{at}.status"), "status must be 200-599");
             return None;
@@ -928,20 +1118,30 @@ impl Cx {
         let body = match d.body.as_ref().map(|b| (&b.string, &b.bytes)) {
             None | Some((None, None)) => Bytes::new(),
             Some((Some(s), None)) => Bytes::from(s.clone()),
-            Some((None, Some(b64))) => match base64::engine::general_purpose::STANDARD.decode(b64) {
-                Ok(b) => Bytes::from(b),
-                Err(e) => {
-                    self.err(o, &format!("{at}.body.bytes"), format!("not base64: {e}"));
-                    return None;
+            Some((None, Some(b64))) => {
+                match base64::engine::general_purpose::STANDARD.decode(b64) {
+                    Ok(b) => Bytes::from(b),
+                    Err(e) => {
+                        self.err(o, &format!("{at}.body.bytes"), format!("not base64: {e}"));
+                        return None;
+                    }
                 }
-            },
+            }
             Some((Some(_), Some(_))) => {
-                self.err(o, &format!("{at}.body"), "string and bytes are mutually exclusive");
+                self.err(
+                    o,
+                    &format!("{at}.body"),
+                    "string and bytes are mutually exclusive",
+                );
                 return None;
             }
         };
         if body.len() > 1024 * 1024 {
-            self.err(o, &format!("{at}.body"), "a direct response body may be at most 1 MiB");
+            self.err(
+                o,
+                &format!("{at}.body"),
+                "a direct response body may be at most 1 MiB",
+            );
             return None;
         }
         Some(DirectResponse {
@@ -963,7 +1163,11 @@ impl Cx {
             let here = format!("{at}.route[{di}]");
             let weight = match d.weight {
                 Some(w) if w < 0 => {
-                    self.err(o, &format!("{here}.weight"), format!("weight {w} is negative"));
+                    self.err(
+                        o,
+                        &format!("{here}.weight"),
+                        format!("weight {w} is negative"),
+                    );
                     ok = false;
                     continue;
                 }
@@ -976,7 +1180,8 @@ impl Cx {
                 None => 0,
             };
             let headers = self.header_rules(o, &format!("{here}.headers"), d.headers.as_ref());
-            let Some(cluster) = self.cluster(o, &format!("{here}.destination"), &d.destination) else {
+            let Some(cluster) = self.cluster(o, &format!("{here}.destination"), &d.destination)
+            else {
                 ok = false;
                 continue;
             };
@@ -1019,20 +1224,31 @@ impl Cx {
         // Subset labels and traffic policy from the DestinationRule.
         let rule = self.registry.rules.get(&host).cloned();
         let (labels, policies) = match (subset, &rule) {
-            (None, r) => (BTreeMap::new(), r.iter().filter_map(|r| r.spec.traffic_policy.clone()).collect::<Vec<_>>()),
-            (Some(name), Some(r)) => match r.spec.subsets.iter().find(|s| s.name == name) {
-                Some(s) => {
-                    let mut p: Vec<_> = r.spec.traffic_policy.iter().cloned().collect();
-                    p.extend(s.traffic_policy.iter().cloned());
-                    (s.labels.clone(), p)
+            (None, r) => (
+                BTreeMap::new(),
+                r.iter()
+                    .filter_map(|r| r.spec.traffic_policy.clone())
+                    .collect::<Vec<_>>(),
+            ),
+            (Some(name), Some(r)) => {
+                match r.spec.subsets.iter().find(|s| s.name == name) {
+                    Some(s) => {
+                        let mut p: Vec<_> = r.spec.traffic_policy.iter().cloned().collect();
+                        p.extend(s.traffic_policy.iter().cloned());
+                        (s.labels.clone(), p)
+                    }
+                    None => {
+                        self.err(o, &format!("{at}.subset"), format!("subset {name:?} is not defined by DestinationRule {} for host {host}", r.spec.name));
+                        return None;
+                    }
                 }
-                None => {
-                    self.err(o, &format!("{at}.subset"), format!("subset {name:?} is not defined by DestinationRule {} for host {host}", r.spec.name));
-                    return None;
-                }
-            },
+            }
             (Some(name), None) => {
-                self.err(o, &format!("{at}.subset"), format!("subset {name:?}: no DestinationRule for host {host} defines subsets"));
+                self.err(
+                    o,
+                    &format!("{at}.subset"),
+                    format!("subset {name:?}: no DestinationRule for host {host} defines subsets"),
+                );
                 return None;
             }
         };
@@ -1050,20 +1266,43 @@ impl Cx {
                     Some(p) => s.ports.iter().find(|sp| sp.number == u32::from(p)),
                     None if s.ports.len() == 1 => s.ports.first(),
                     None => {
-                        self.err(o, &format!("{at}.port"), format!("host {host} has several ports in ServiceEntry {}; name one", s.name));
+                        self.err(
+                            o,
+                            &format!("{at}.port"),
+                            format!(
+                                "host {host} has several ports in ServiceEntry {}; name one",
+                                s.name
+                            ),
+                        );
                         return None;
                     }
                 };
                 let Some(sp) = sp else {
-                    self.err(o, &format!("{at}.port.number"), format!("port {} is not a port of ServiceEntry {} for host {host}", requested_port.unwrap_or(0), s.name));
+                    self.err(
+                        o,
+                        &format!("{at}.port.number"),
+                        format!(
+                            "port {} is not a port of ServiceEntry {} for host {host}",
+                            requested_port.unwrap_or(0),
+                            s.name
+                        ),
+                    );
                     return None;
                 };
                 let port = sp.number as u16;
                 let target = sp.target_port.map(|t| t as u16).unwrap_or(port);
-                let h2c = matches!(sp.protocol.as_deref().map(str::to_ascii_uppercase).as_deref(), Some("HTTP2" | "GRPC"));
+                let h2c = matches!(
+                    sp.protocol
+                        .as_deref()
+                        .map(str::to_ascii_uppercase)
+                        .as_deref(),
+                    Some("HTTP2" | "GRPC")
+                );
                 let mut eps = Vec::new();
                 match s.resolution.as_deref() {
-                    Some("STATIC") | Some("DNS") | Some("DNS_ROUND_ROBIN") if !s.endpoints.is_empty() => {
+                    Some("STATIC") | Some("DNS") | Some("DNS_ROUND_ROBIN")
+                        if !s.endpoints.is_empty() =>
+                    {
                         for ep in &s.endpoints {
                             if !labels.iter().all(|(k, v)| ep.labels.get(k) == Some(v)) {
                                 continue;
@@ -1080,7 +1319,13 @@ impl Cx {
                     Some("STATIC") => {}
                     _ => {
                         if host.starts_with('*') {
-                            self.warn(o, at, format!("wildcard host {host} cannot be resolved; it has no endpoints"));
+                            self.warn(
+                                o,
+                                at,
+                                format!(
+                                    "wildcard host {host} cannot be resolved; it has no endpoints"
+                                ),
+                            );
                         } else if labels.is_empty() {
                             eps.extend(self.resolve(o, at, &host, target));
                         }
@@ -1093,18 +1338,33 @@ impl Cx {
                     self.err(o, &format!("{at}.port"), format!("host {host} is not in a ServiceEntry: destination.port.number is required"));
                     return None;
                 };
-                let eps = if labels.is_empty() { self.resolve(o, at, &host, port) } else { Vec::new() };
+                let eps = if labels.is_empty() {
+                    self.resolve(o, at, &host, port)
+                } else {
+                    Vec::new()
+                };
                 (port, false, eps)
             }
         };
         if endpoints.is_empty() {
-            self.warn(o, at, format!("{} has no endpoints: requests to it get 503", cluster_name(&host, port, subset)));
+            self.warn(
+                o,
+                at,
+                format!(
+                    "{} has no endpoints: requests to it get 503",
+                    cluster_name(&host, port, subset)
+                ),
+            );
         }
         let name = cluster_name(&host, port, subset);
         if let Some(c) = self.clusters.get(&name) {
             return Some(c.clone());
         }
-        let base = self.settings.as_ref().map(|s| s.connect_timeout).unwrap_or(Duration::from_secs(10));
+        let base = self
+            .settings
+            .as_ref()
+            .map(|s| s.connect_timeout)
+            .unwrap_or(Duration::from_secs(10));
         let mut settings = ClusterSettings {
             connect_timeout: base,
             idle_timeout: None,
@@ -1134,7 +1394,9 @@ impl Cx {
 
     fn resolve(&mut self, o: &Origin, at: &str, address: &str, port: u16) -> Vec<Endpoint> {
         if let Ok(ip) = address.parse::<IpAddr>() {
-            return vec![Endpoint { addr: SocketAddr::new(ip, port) }];
+            return vec![Endpoint {
+                addr: SocketAddr::new(ip, port),
+            }];
         }
         match (address, port).to_socket_addrs() {
             Ok(addrs) => {

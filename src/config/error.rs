@@ -162,7 +162,12 @@ mod tests {
 
     #[test]
     fn locates_nested_inline_values() {
-        let e = at(Path::new("f.toml"), TEXT, "virtualServices[1].http[0].route[1].weight", "bad");
+        let e = at(
+            Path::new("f.toml"),
+            TEXT,
+            "virtualServices[1].http[0].route[1].weight",
+            "bad",
+        );
         assert_eq!((e.line, e.column), (11, 35));
         assert_eq!(
             e.to_string(),
@@ -172,7 +177,12 @@ mod tests {
 
     #[test]
     fn falls_back_to_deepest_existing_part() {
-        let e = at(Path::new("f.toml"), TEXT, "virtualServices[1].http[0].missing", "bad");
+        let e = at(
+            Path::new("f.toml"),
+            TEXT,
+            "virtualServices[1].http[0].missing",
+            "bad",
+        );
         assert_eq!(e.line, 8);
         let e = at(Path::new("f.toml"), TEXT, "mesh.admin", "bad");
         assert_eq!((e.line, e.column), (2, 1));

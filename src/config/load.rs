@@ -81,8 +81,8 @@ pub fn load(main: &Path) -> Result<Document, Vec<ConfigError>> {
     if !errors.is_empty() {
         return Err(errors);
     }
-    let (main_file, main_doc) = match parsed.first() {
-        Some((f, _)) => (f.clone(), ()),
+    let main_file = match parsed.first() {
+        Some((f, _)) => f.clone(),
         None => {
             return Err(vec![ConfigError {
                 file: main.to_path_buf(),
@@ -93,7 +93,6 @@ pub fn load(main: &Path) -> Result<Document, Vec<ConfigError>> {
             }])
         }
     };
-    let _ = main_doc;
     let mut doc = Document {
         main: main_file.clone(),
         files: Vec::new(),

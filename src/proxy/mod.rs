@@ -137,7 +137,9 @@ async fn respond(
         ops.apply_response(&mut resp);
     }
     let head_only = body.is_empty() || session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(resp), head_only).await?;
+    session
+        .write_response_header(Box::new(resp), head_only)
+        .await?;
     if !head_only {
         session.write_response_body(Some(body), true).await?;
     }
@@ -186,7 +188,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
         let route = ctx
             .route
             .as_ref()
@@ -222,11 +228,14 @@ impl ProxyHttp for Gateway {
         }
         if let Some(forward) = forward_of(route) {
             if let Some(rw) = &forward.rewrite {
-                let prefix = route.matches.get(ctx.match_index).and_then(|m| m.matched_prefix());
+                let prefix = route
+                    .matches
+                    .get(ctx.match_index)
+                    .and_then(|m| m.matched_prefix());
                 if let Some(path) = rw.path(upstream.uri.path(), upstream.uri.query(), prefix) {
-                    let uri = path
-                        .parse()
-                        .map_err(|_| Error::explain(ErrorType::InternalError, "rewritten URI is invalid"))?;
+                    let uri = path.parse().map_err(|_| {
+                        Error::explain(ErrorType::InternalError, "rewritten URI is invalid")
+                    })?;
                     upstream.set_uri(uri);
                 }
                 if let Some(a) = &rw.authority {
@@ -234,11 +243,22 @@ impl ProxyHttp for Gateway {
                 }
             }
             route.headers.request.apply_request(upstream);
-            forward.destinations[ctx.destination].headers.request.apply_request(upstream);
+            forward.destinations[ctx.destination]
+                .headers
+                .request
+                .apply_request(upstream);
         }
         upstream.insert_header("x-forwarded-proto", if self.tls { "https" } else { "http" })?;
-        if let Some(ip) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) {
-            let xff = match upstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        if let Some(ip) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        {
+            let xff = match upstream
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
                 Some(prev) => format!("{prev}, {ip}"),
                 None => ip.to_string(),
             };
@@ -281,7 +301,12 @@ impl ProxyHttp for Gateway {
         e
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Self::CTX) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
         use ErrorType::*;
         let (code, flag, what) = match (e.etype(), e.esource()) {
             (HTTPStatus(code), _) => (*code, ctx.flag, "local reply"),
@@ -290,13 +315,21 @@ impl ProxyHttp for Gateway {
             (ConnectNoRoute | ConnectError | TLSHandshakeFailure | SocketError | BindError, _) => {
                 (503, "UF", "upstream connect error")
             }
-            (ReadTimedout | WriteTimedout, ErrorSource::Upstream) => (504, "UT", "upstream request timeout"),
+            (ReadTimedout | WriteTimedout, ErrorSource::Upstream) => {
+                (504, "UT", "upstream request timeout")
+            }
             (_, ErrorSource::Upstream) => (503, "UC", "upstream reset before response"),
-            (ReadError | WriteError | ConnectionClosed, ErrorSource::Downstream) => (0, "DC", "downstream closed"),
+            (ReadError | WriteError | ConnectionClosed, ErrorSource::Downstream) => {
+                (0, "DC", "downstream closed")
+            }
             (_, ErrorSource::Downstream) => (400, "DPE", "bad request"),
             _ => (500, "", "internal error"),
         };
-        ctx.flag = if ctx.attempts > 0 && flag == "UF" { "URX" } else { flag };
+        ctx.flag = if ctx.attempts > 0 && flag == "UF" {
+            "URX"
+        } else {
+            flag
+        };
         if code > 0 {
             let req = session.req_header();
             tracing::warn!(
@@ -319,7 +352,10 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
-        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
         Metrics::global().request(status);
         if tracing::enabled!(tracing::Level::DEBUG) {
             let req = session.req_header();

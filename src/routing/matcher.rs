@@ -28,7 +28,8 @@ impl StrMatch {
             // Compiled lower-case when ignoreUriCase is set.
             StrMatch::Exact(e) => value.len() == e.len() && value.eq_ignore_ascii_case(e),
             StrMatch::Prefix(p) => {
-                value.len() >= p.len() && value.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+                value.len() >= p.len()
+                    && value.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
             }
             other => other.matches(value),
         }
@@ -207,7 +208,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("end-user", "jason".parse().unwrap());
         let m = RequestMatch {
-            headers: vec![(HeaderName::from_static("end-user"), StrMatch::Exact("jason".into()))],
+            headers: vec![(
+                HeaderName::from_static("end-user"),
+                StrMatch::Exact("jason".into()),
+            )],
             query: vec![("debug".into(), StrMatch::Exact("".into()))],
             ..Default::default()
         };
@@ -217,7 +221,10 @@ mod tests {
             without_headers: vec![(HeaderName::from_static("x-canary"), StrMatch::Present)],
             ..Default::default()
         };
-        assert!(without.matches(&view("/", None, &h)), "absent header is not present");
+        assert!(
+            without.matches(&view("/", None, &h)),
+            "absent header is not present"
+        );
         h.insert("x-canary", "1".parse().unwrap());
         assert!(!without.matches(&view("/", None, &h)));
         assert!(RequestMatch::default().is_catch_all());
@@ -243,10 +250,18 @@ impl std::fmt::Display for RequestMatch {
         if let Some(u) = &self.uri {
             parts.push(format!(
                 "uri {u}{}",
-                if self.ignore_uri_case { " (ignoring case)" } else { "" }
+                if self.ignore_uri_case {
+                    " (ignoring case)"
+                } else {
+                    ""
+                }
             ));
         }
-        for (what, m) in [("method", &self.method), ("authority", &self.authority), ("scheme", &self.scheme)] {
+        for (what, m) in [
+            ("method", &self.method),
+            ("authority", &self.authority),
+            ("scheme", &self.scheme),
+        ] {
             if let Some(m) = m {
                 parts.push(format!("{what} {m}"));
             }

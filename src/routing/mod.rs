@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 pub use host::{normalize_host, HostMatcher};
 pub use matcher::{RequestMatch, RequestView, StrMatch};
-pub use route::{Action, DirectResponse, Forward, HeaderOps, HeaderRules, Redirect, Rewrite, Route};
+pub use route::{
+    Action, DirectResponse, Forward, HeaderOps, HeaderRules, Redirect, Rewrite, Route,
+};
 
 /// The routes for one host name (or wildcard) on one listener.
 #[derive(Debug)]

@@ -98,7 +98,12 @@ pub struct Rewrite {
 impl Rewrite {
     /// The new path (with the original query) for a request whose path matched with
     /// `matched_prefix` (replaced) or otherwise (the whole path is replaced).
-    pub fn path(&self, path: &str, query: Option<&str>, matched_prefix: Option<&str>) -> Option<String> {
+    pub fn path(
+        &self,
+        path: &str,
+        query: Option<&str>,
+        matched_prefix: Option<&str>,
+    ) -> Option<String> {
         let new = self.uri.as_deref()?;
         let mut out = match matched_prefix {
             Some(prefix) if path.len() >= prefix.len() => {
@@ -244,7 +249,10 @@ mod tests {
             scheme: None,
             code: 301,
         };
-        assert_eq!(r.location("http", "a.com:8080", "/old", Some("x=1")), "http://a.com:8080/new?x=1");
+        assert_eq!(
+            r.location("http", "a.com:8080", "/old", Some("x=1")),
+            "http://a.com:8080/new?x=1"
+        );
         let r = Redirect {
             uri: None,
             authority: Some("b.com".into()),
@@ -252,7 +260,10 @@ mod tests {
             scheme: Some("https".into()),
             code: 302,
         };
-        assert_eq!(r.location("http", "a.com:8080", "/p", None), "https://b.com/p");
+        assert_eq!(
+            r.location("http", "a.com:8080", "/p", None),
+            "https://b.com/p"
+        );
         let r = Redirect {
             uri: None,
             authority: None,
@@ -269,7 +280,10 @@ mod tests {
             uri: Some("/v2/".into()),
             authority: None,
         };
-        assert_eq!(rw.path("/api/x", Some("y=1"), Some("/api/")).unwrap(), "/v2/x?y=1");
+        assert_eq!(
+            rw.path("/api/x", Some("y=1"), Some("/api/")).unwrap(),
+            "/v2/x?y=1"
+        );
         assert_eq!(rw.path("/exact", None, None).unwrap(), "/v2/");
     }
 }

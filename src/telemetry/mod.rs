@@ -25,12 +25,18 @@ impl Metrics {
         )
         .expect("static metric definition");
         let reloads = IntCounterVec::new(
-            Opts::new("portico_config_reloads_total", "Configuration reloads by result."),
+            Opts::new(
+                "portico_config_reloads_total",
+                "Configuration reloads by result.",
+            ),
             &["result"],
         )
         .expect("static metric definition");
         let requests = IntCounterVec::new(
-            Opts::new("portico_requests_total", "HTTP requests served, by response code."),
+            Opts::new(
+                "portico_requests_total",
+                "HTTP requests served, by response code.",
+            ),
             &["response_code"],
         )
         .expect("static metric definition");
@@ -76,7 +82,10 @@ impl Metrics {
             Some(slot) => slot
                 .get_or_init(|| self.requests.with_label_values(&[&status.to_string()]))
                 .inc(),
-            None => self.requests.with_label_values(&[&status.to_string()]).inc(),
+            None => self
+                .requests
+                .with_label_values(&[&status.to_string()])
+                .inc(),
         }
     }
 

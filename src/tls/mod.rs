@@ -149,7 +149,11 @@ pub fn load_pair(cert_path: &Path, key_path: &Path) -> Result<(CertifiedKey, i64
 
 /// Writes a self-signed certificate for `hosts` (demo and first-run use). The key file is
 /// created readable by its owner only.
-pub fn generate_self_signed(cert_path: &Path, key_path: &Path, hosts: &[String]) -> Result<(), String> {
+pub fn generate_self_signed(
+    cert_path: &Path,
+    key_path: &Path,
+    hosts: &[String],
+) -> Result<(), String> {
     let mut names: Vec<String> = hosts
         .iter()
         .filter(|h| h.as_str() != "*")
@@ -163,12 +167,14 @@ pub fn generate_self_signed(cert_path: &Path, key_path: &Path, hosts: &[String])
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, names[0].clone());
-    let key_pair =
-        rcgen::KeyPair::generate().map_err(|e| format!("cannot generate a key: {e}"))?;
+    let key_pair = rcgen::KeyPair::generate().map_err(|e| format!("cannot generate a key: {e}"))?;
     let cert = params
         .self_signed(&key_pair)
         .map_err(|e| format!("cannot generate a certificate: {e}"))?;
-    for dir in [cert_path.parent(), key_path.parent()].into_iter().flatten() {
+    for dir in [cert_path.parent(), key_path.parent()]
+        .into_iter()
+        .flatten()
+    {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
@@ -236,16 +242,33 @@ mod tests {
         let mut store = CertStore::default();
         store.hosts.insert("a.test", a.clone());
         store.hosts.insert("*.w.test", w.clone());
-        fn got(store: &CertStore, sni: Option<&str>, tls13: bool) -> Option<CertificateDer<'static>> {
+        fn got(
+            store: &CertStore,
+            sni: Option<&str>,
+            tls13: bool,
+        ) -> Option<CertificateDer<'static>> {
             store.resolve(sni, tls13).map(|k| k.cert[0].clone())
         }
-        assert_eq!(got(&store, Some("A.TEST"), true), Some(a.key.cert[0].clone()));
-        assert_eq!(got(&store, Some("x.w.test"), true), Some(w.key.cert[0].clone()));
-        assert_eq!(got(&store, Some("x.w.test"), false), None, "TLS 1.3 required");
+        assert_eq!(
+            got(&store, Some("A.TEST"), true),
+            Some(a.key.cert[0].clone())
+        );
+        assert_eq!(
+            got(&store, Some("x.w.test"), true),
+            Some(w.key.cert[0].clone())
+        );
+        assert_eq!(
+            got(&store, Some("x.w.test"), false),
+            None,
+            "TLS 1.3 required"
+        );
         assert_eq!(got(&store, None, true), None);
         assert_eq!(got(&store, Some("other.test"), true), None);
         store.default = Some(a.clone());
         assert_eq!(got(&store, None, true), Some(a.key.cert[0].clone()));
-        assert_eq!(got(&store, Some("other.test"), true), Some(a.key.cert[0].clone()));
+        assert_eq!(
+            got(&store, Some("other.test"), true),
+            Some(a.key.cert[0].clone())
+        );
     }
 }

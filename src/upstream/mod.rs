@@ -65,7 +65,8 @@ impl Cluster {
         if self.endpoints.is_empty() {
             return None;
         }
-        self.endpoints.get(start.wrapping_add(attempt) % self.endpoints.len())
+        self.endpoints
+            .get(start.wrapping_add(attempt) % self.endpoints.len())
     }
 
     /// The pingora peer for one endpoint. The address is already an IP: `HttpPeer::new`
