@@ -45,6 +45,9 @@ pub struct Reloader {
     pub config_path: PathBuf,
     pub snapshots: Arc<ArcSwap<Snapshot>>,
     shapes: Vec<ListenerShape>,
+    /// Held for a whole reload so reloads run one at a time; `state` is only locked
+    /// briefly, so `/config` never waits for a compile.
+    reloading: Mutex<()>,
     state: Mutex<State>,
 }
 
@@ -72,12 +75,13 @@ impl Reloader {
             tracing::warn!("{w}");
         }
         let snapshot = compiled.snapshot;
-        let watched = watch_list(config_path, &snapshot);
+        let watched = watch_list(config_path, &snapshot, &[]);
         Metrics::global().config_generation.set(1);
         Ok(Reloader {
             config_path: config_path.to_path_buf(),
             shapes: snapshot.shapes(),
             snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
+            reloading: Mutex::new(()),
             state: Mutex::new(State {
                 generation: 1,
                 last_error: None,
@@ -101,8 +105,18 @@ impl Reloader {
     /// Compiles the config again and swaps it in, or keeps the old one and records why.
     /// Blocking (reads files, may resolve names): call it off the request path.
     pub fn reload(&self, reason: &str) -> Result<u64, String> {
-        let mut st = self.lock();
-        let generation = st.generation + 1;
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        // Fingerprints are taken before anything is read: a file that changes while this
+        // reload runs is then seen as changed by the next poll.
+        let (generation, before) = {
+            let st = self.lock();
+            let before: Vec<(PathBuf, Option<Fingerprint>)> = st
+                .watched
+                .iter()
+                .map(|(p, _)| (p.clone(), fingerprint(p)))
+                .collect();
+            (st.generation + 1, before)
+        };
         let result = config::build(
             &self.config_path,
             &config::Options {
@@ -135,7 +149,8 @@ impl Reloader {
                     tracing::warn!("{w}");
                 }
                 let snapshot = compiled.snapshot;
-                st.watched = watch_list(&self.config_path, &snapshot);
+                let mut st = self.lock();
+                st.watched = watch_list(&self.config_path, &snapshot, &before);
                 st.generation = generation;
                 st.last_error = None;
                 let summary = snapshot.summary.clone();
@@ -147,6 +162,7 @@ impl Reloader {
             Err(e) => {
                 // Remember the files as they are now, so the same broken state is not
                 // retried on every poll; the next change triggers the next attempt.
+                let mut st = self.lock();
                 let paths: Vec<PathBuf> = st.watched.iter().map(|(p, _)| p.clone()).collect();
                 st.watched = paths
                     .into_iter()
@@ -181,7 +197,13 @@ fn join(shapes: &[ListenerShape]) -> String {
         .join(", ")
 }
 
-fn watch_list(main: &Path, snapshot: &Snapshot) -> Vec<(PathBuf, Option<Fingerprint>)> {
+/// The files a Snapshot depends on with their fingerprints: those taken before the reload
+/// read them where known (`before`), else now.
+fn watch_list(
+    main: &Path,
+    snapshot: &Snapshot,
+    before: &[(PathBuf, Option<Fingerprint>)],
+) -> Vec<(PathBuf, Option<Fingerprint>)> {
     let mut paths = snapshot.watched.clone();
     if !paths.iter().any(|p| p == main) {
         paths.push(main.to_path_buf());
@@ -189,7 +211,10 @@ fn watch_list(main: &Path, snapshot: &Snapshot) -> Vec<(PathBuf, Option<Fingerpr
     paths
         .into_iter()
         .map(|p| {
-            let f = fingerprint(&p);
+            let f = match before.iter().find(|(q, _)| *q == p) {
+                Some((_, f)) => f.clone(),
+                None => fingerprint(&p),
+            };
             (p, f)
         })
         .collect()

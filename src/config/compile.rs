@@ -45,7 +45,12 @@ pub fn compile(doc: &Document, opts: &Options) -> Result<Compiled, Vec<ConfigErr
     let mut cx = Cx {
         errors: Vec::new(),
         warnings: Vec::new(),
-        watched: doc.files.iter().map(|f| f.path.clone()).collect(),
+        watched: doc
+            .files
+            .iter()
+            .map(|f| f.path.clone())
+            .chain(doc.include_dirs.iter().cloned())
+            .collect(),
         clusters: BTreeMap::new(),
         registry: Registry::default(),
         settings: None,

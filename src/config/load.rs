@@ -64,6 +64,8 @@ pub struct Item<T> {
 pub struct Document {
     pub main: Arc<SourceFile>,
     pub files: Vec<Arc<SourceFile>>,
+    /// Folders that `include` globs read: a file added there is a change.
+    pub include_dirs: Vec<PathBuf>,
     pub mesh: Item<Mesh>,
     pub gateways: Vec<Item<Gateway>>,
     pub virtual_services: Vec<Item<VirtualService>>,
@@ -77,7 +79,15 @@ pub fn load(main: &Path) -> Result<Document, Vec<ConfigError>> {
     let mut errors = Vec::new();
     let mut seen = HashSet::new();
     let mut parsed = Vec::new();
-    read_tree(main, None, &mut seen, &mut parsed, &mut errors);
+    let mut include_dirs = Vec::new();
+    read_tree(
+        main,
+        None,
+        &mut seen,
+        &mut parsed,
+        &mut include_dirs,
+        &mut errors,
+    );
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -96,6 +106,7 @@ pub fn load(main: &Path) -> Result<Document, Vec<ConfigError>> {
     let mut doc = Document {
         main: main_file.clone(),
         files: Vec::new(),
+        include_dirs,
         mesh: Item {
             spec: Mesh::default(),
             origin: Origin {
@@ -163,6 +174,7 @@ fn read_tree(
     included_from: Option<(&SourceFile, usize)>,
     seen: &mut HashSet<PathBuf>,
     parsed: &mut Vec<(Arc<SourceFile>, schema::File)>,
+    include_dirs: &mut Vec<PathBuf>,
     errors: &mut Vec<ConfigError>,
 ) {
     let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
@@ -207,6 +219,11 @@ fn read_tree(
         let full = file.resolve(pattern);
         let full_str = full.to_string_lossy();
         let is_glob = pattern.contains(['*', '?', '[']);
+        if is_glob {
+            if let Some(dir) = full.parent() {
+                include_dirs.push(dir.to_path_buf());
+            }
+        }
         let mut matches: Vec<PathBuf> = match glob::glob(&full_str) {
             Ok(paths) => paths.filter_map(Result::ok).collect(),
             Err(e) => {
@@ -237,7 +254,7 @@ fn read_tree(
                 ));
                 continue;
             }
-            read_tree(&m, Some((&file, idx)), seen, parsed, errors);
+            read_tree(&m, Some((&file, idx)), seen, parsed, include_dirs, errors);
         }
     }
 }

@@ -169,6 +169,60 @@ impl RequestMatch {
     }
 }
 
+impl std::fmt::Display for StrMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StrMatch::Exact(s) => write!(f, "exact {s:?}"),
+            StrMatch::Prefix(s) => write!(f, "prefix {s:?}"),
+            StrMatch::Regex(r) => write!(f, "regex {:?}", r.as_str()),
+            StrMatch::Present => f.write_str("present"),
+        }
+    }
+}
+
+/// `uri prefix "/api/" and header end-user exact "jason"`: for `portico routes`.
+impl std::fmt::Display for RequestMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(u) = &self.uri {
+            parts.push(format!(
+                "uri {u}{}",
+                if self.ignore_uri_case {
+                    " (ignoring case)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        for (what, m) in [
+            ("method", &self.method),
+            ("authority", &self.authority),
+            ("scheme", &self.scheme),
+        ] {
+            if let Some(m) = m {
+                parts.push(format!("{what} {m}"));
+            }
+        }
+        for (k, m) in &self.headers {
+            parts.push(format!("header {k} {m}"));
+        }
+        for (k, m) in &self.without_headers {
+            parts.push(format!("without header {k} {m}"));
+        }
+        for (k, m) in &self.query {
+            parts.push(format!("query {k} {m}"));
+        }
+        if let Some(p) = self.port {
+            parts.push(format!("port {p}"));
+        }
+        if parts.is_empty() {
+            f.write_str("anything")
+        } else {
+            f.write_str(&parts.join(" and "))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,59 +283,5 @@ mod tests {
         assert!(!without.matches(&view("/", None, &h)));
         assert!(RequestMatch::default().is_catch_all());
         assert!(!m.is_catch_all());
-    }
-}
-
-impl std::fmt::Display for StrMatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StrMatch::Exact(s) => write!(f, "exact {s:?}"),
-            StrMatch::Prefix(s) => write!(f, "prefix {s:?}"),
-            StrMatch::Regex(r) => write!(f, "regex {:?}", r.as_str()),
-            StrMatch::Present => f.write_str("present"),
-        }
-    }
-}
-
-/// `uri prefix "/api/" and header end-user exact "jason"`: for `portico routes`.
-impl std::fmt::Display for RequestMatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut parts = Vec::new();
-        if let Some(u) = &self.uri {
-            parts.push(format!(
-                "uri {u}{}",
-                if self.ignore_uri_case {
-                    " (ignoring case)"
-                } else {
-                    ""
-                }
-            ));
-        }
-        for (what, m) in [
-            ("method", &self.method),
-            ("authority", &self.authority),
-            ("scheme", &self.scheme),
-        ] {
-            if let Some(m) = m {
-                parts.push(format!("{what} {m}"));
-            }
-        }
-        for (k, m) in &self.headers {
-            parts.push(format!("header {k} {m}"));
-        }
-        for (k, m) in &self.without_headers {
-            parts.push(format!("without header {k} {m}"));
-        }
-        for (k, m) in &self.query {
-            parts.push(format!("query {k} {m}"));
-        }
-        if let Some(p) = self.port {
-            parts.push(format!("port {p}"));
-        }
-        if parts.is_empty() {
-            f.write_str("anything")
-        } else {
-            f.write_str(&parts.join(" and "))
-        }
     }
 }
