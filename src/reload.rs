@@ -13,6 +13,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use crate::config::{self, ConfigErrors};
+use crate::lifecycle;
 use crate::snapshot::{ListenerShape, Snapshot};
 use crate::telemetry::Metrics;
 
@@ -106,6 +107,13 @@ impl Reloader {
     /// Blocking (reads files, may resolve names): call it off the request path.
     pub fn reload(&self, reason: &str) -> Result<u64, String> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        lifecycle::reloading();
+        let outcome = self.reload_locked(reason);
+        lifecycle::ready(self.lock().generation);
+        outcome
+    }
+
+    fn reload_locked(&self, reason: &str) -> Result<u64, String> {
         // Fingerprints are taken before anything is read: a file that changes while this
         // reload runs is then seen as changed by the next poll.
         let (generation, before) = {
@@ -232,6 +240,21 @@ impl Watcher {
     }
 }
 
+impl Watcher {
+    /// Waits until every listener accepts connections (pingora binds them as its services
+    /// start), then tells systemd.
+    async fn announce_ready(&self) {
+        let snapshot = self.reloader.snapshots.load_full();
+        for _ in 0..200 {
+            if crate::admin::listeners_accepting(&snapshot).is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        lifecycle::ready(snapshot.generation);
+    }
+}
+
 #[async_trait]
 impl BackgroundService for Watcher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -242,8 +265,14 @@ impl BackgroundService for Watcher {
                 None
             }
         };
+        self.announce_ready().await;
+        let watchdog = lifecycle::watchdog_interval();
+        let mut last_watchdog = std::time::Instant::now();
         loop {
-            let interval = self.reloader.snapshots.load().settings.reload_poll_interval;
+            let mut interval = self.reloader.snapshots.load().settings.reload_poll_interval;
+            if let Some(w) = watchdog {
+                interval = interval.min(w);
+            }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {
                     if self.reloader.changed() {
@@ -253,7 +282,17 @@ impl BackgroundService for Watcher {
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     self.reload("SIGHUP").await;
                 }
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed() => {
+                    lifecycle::stopping();
+                    tracing::info!("shutting down: draining in-flight requests");
+                    break;
+                }
+            }
+            if let Some(w) = watchdog {
+                if last_watchdog.elapsed() >= w {
+                    lifecycle::watchdog();
+                    last_watchdog = std::time::Instant::now();
+                }
             }
         }
     }

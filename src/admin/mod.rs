@@ -11,6 +11,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::reload::Reloader;
+use crate::snapshot::Snapshot;
 use crate::telemetry::Metrics;
 
 pub struct Admin {
@@ -41,23 +42,27 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Vec<u8>> {
     reply(status, "application/json", body)
 }
 
+/// Ok when every data-plane listener of `snapshot` accepts a TCP connection.
+pub fn listeners_accepting(snapshot: &Snapshot) -> Result<(), String> {
+    for l in &snapshot.listeners {
+        let ip = match l.addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        TcpStream::connect_timeout(
+            &SocketAddr::new(ip, l.addr.port()),
+            Duration::from_millis(500),
+        )
+        .map_err(|e| format!("listener {} not accepting: {e}", l.shape()))?;
+    }
+    Ok(())
+}
+
 impl Admin {
     /// Ready when every data-plane listener accepts connections.
     fn ready(&self) -> Result<(), String> {
-        let snapshot = self.reloader.snapshots.load();
-        for l in &snapshot.listeners {
-            let ip = match l.addr.ip() {
-                IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-                ip => ip,
-            };
-            TcpStream::connect_timeout(
-                &SocketAddr::new(ip, l.addr.port()),
-                Duration::from_millis(500),
-            )
-            .map_err(|e| format!("listener {} not accepting: {e}", l.shape()))?;
-        }
-        Ok(())
+        listeners_accepting(&self.reloader.snapshots.load())
     }
 
     fn config(&self) -> serde_json::Value {

@@ -1046,6 +1046,11 @@ impl Portico {
     /// `GET /ready` = 200 on the admin address, which must be set in the config as
     /// `admin = "127.0.0.1:PORT"` (see [`mesh_config`]).
     pub fn start(dir: &Path, config_toml: &str) -> Portico {
+        Self::start_with_env(dir, config_toml, &[])
+    }
+
+    /// [`Portico::start`] with extra environment variables for the process.
+    pub fn start_with_env(dir: &Path, config_toml: &str, env: &[(&str, &str)]) -> Portico {
         let admin_re = regex::Regex::new(r#"admin\s*=\s*"127\.0\.0\.1:(\d+)""#).unwrap();
         let admin_port: u16 = admin_re
             .captures(config_toml)
@@ -1064,6 +1069,7 @@ impl Portico {
             .arg("--log-level")
             .arg("info")
             .current_dir(dir)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -1104,6 +1110,32 @@ impl Portico {
                 );
             }
             thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` (a `kill -s` name such as `TERM`) to the gateway.
+    pub fn send_signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg("-s")
+            .arg(signal)
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {signal} failed");
+    }
+
+    /// Waits up to `timeout` for the process to exit; its status, or None if still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut()?.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
         }
     }
 

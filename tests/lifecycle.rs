@@ -1,0 +1,123 @@
+//! Process lifecycle: systemd notifications on a real notify socket, and SIGTERM draining
+//! requests that are in flight.
+
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const TEMPLATE: &str = r#"
+[mesh]
+admin = "127.0.0.1:@ADMIN@"
+reloadPollInterval = "1h"
+drainDuration = "@DRAIN@"
+
+[[gateways]]
+name = "edge"
+[[gateways.servers]]
+port = { number = @HTTP@, name = "http", protocol = "HTTP" }
+bind = "127.0.0.1"
+hosts = ["*"]
+
+[[virtualServices]]
+name = "all"
+hosts = ["*"]
+gateways = ["edge"]
+[[virtualServices.http]]
+@to(v1)@
+"#;
+
+fn config(admin: u16, http: u16, echo: u16, drain: &str) -> String {
+    let mut c = render(
+        TEMPLATE,
+        &[
+            ("ADMIN", admin.to_string()),
+            ("HTTP", http.to_string()),
+            ("DRAIN", drain.to_string()),
+        ],
+    );
+    c.push_str(&upstreams_config(&[("v1", echo)]));
+    c
+}
+
+/// Reads notify messages until one contains `want`, or panics after `timeout`.
+fn expect_notify(sock: &UnixDatagram, want: &str, timeout: Duration, seen: &mut Vec<String>) {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            let hit = msg.lines().any(|l| l == want);
+            seen.push(msg);
+            if hit {
+                return;
+            }
+        }
+    }
+    panic!("no {want} on the notify socket within {timeout:?}; got {seen:?}");
+}
+
+#[test]
+fn systemd_notifications_reach_the_notify_socket() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock_path = tmp.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let echo = Echo::start("v1");
+    let (admin, http) = (free_port(), free_port());
+    let mut portico = Portico::start_with_env(
+        tmp.path(),
+        &config(admin, http, echo.port(), "1s"),
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    let mut seen = Vec::new();
+    expect_notify(&sock, "READY=1", Duration::from_secs(10), &mut seen);
+    assert_eq!(http_get(http, "x.test", "/").status, 200);
+
+    portico.send_signal_hup();
+    expect_notify(&sock, "RELOADING=1", Duration::from_secs(10), &mut seen);
+    expect_notify(&sock, "READY=1", Duration::from_secs(10), &mut seen);
+
+    portico.send_signal("TERM");
+    expect_notify(&sock, "STOPPING=1", Duration::from_secs(10), &mut seen);
+    let status = portico
+        .wait_exit(Duration::from_secs(15))
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn sigterm_finishes_requests_in_flight_then_exits_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let echo = Echo::start("v1");
+    let (admin, http) = (free_port(), free_port());
+    let mut portico = Portico::start(tmp.path(), &config(admin, http, echo.port(), "3s"));
+
+    // Eight slow requests, each held 1 s by the upstream.
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            thread::spawn(move || try_http_request(http, "GET", "x.test", "/sleep/1000", &[], b""))
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(5), || echo.count() >= 8),
+        "the slow requests reached the upstream"
+    );
+    let sent_term = Instant::now();
+    portico.send_signal("TERM");
+    for c in clients {
+        let resp = c.join().unwrap().expect("in-flight request completes");
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    let status = portico
+        .wait_exit(Duration::from_secs(15))
+        .expect("exits after draining");
+    assert!(status.success(), "exit status {status}");
+    // New connections are refused once draining has started.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", http)).is_err());
+    assert!(sent_term.elapsed() >= Duration::from_millis(900));
+}
