@@ -53,6 +53,9 @@ enum Command {
         /// Request header, `name=value`; repeatable.
         #[arg(long = "header", value_name = "K=V")]
         headers: Vec<String>,
+        /// Client address, for `sourceIp` matches.
+        #[arg(long)]
+        source_ip: Option<std::net::IpAddr>,
     },
 }
 
@@ -114,13 +117,17 @@ fn main() -> ExitCode {
             method,
             port,
             headers,
+            source_ip,
         } => routes(
             &config.unwrap_or_else(default_config),
-            &host,
-            &path,
-            &method,
-            port,
-            &headers,
+            &RouteQuery {
+                host: &host,
+                path: &path,
+                method: &method,
+                port,
+                headers: &headers,
+                source_ip,
+            },
         ),
     }
 }
@@ -142,14 +149,24 @@ fn validate(path: &Path) -> ExitCode {
     }
 }
 
-fn routes(
-    path: &Path,
-    host: &str,
-    full_path: &str,
-    method: &str,
+struct RouteQuery<'a> {
+    host: &'a str,
+    path: &'a str,
+    method: &'a str,
     port: Option<u16>,
-    headers: &[String],
-) -> ExitCode {
+    headers: &'a [String],
+    source_ip: Option<std::net::IpAddr>,
+}
+
+fn routes(path: &Path, q: &RouteQuery<'_>) -> ExitCode {
+    let RouteQuery {
+        host,
+        path: full_path,
+        method,
+        port,
+        headers,
+        source_ip,
+    } = *q;
     let compiled = match config::build(path, &config::Options::default()) {
         Ok(c) => c,
         Err(errors) => {
@@ -194,6 +211,7 @@ fn routes(
             scheme: if l.tls { "https" } else { "http" },
             headers: &map,
             port: l.addr.port(),
+            client_ip: source_ip,
         };
         let head = format!("listener {}", l.shape());
         match l.table.decide(&normalized, &view) {

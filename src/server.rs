@@ -51,17 +51,13 @@ pub fn run(config: &Path, threads: usize) -> Result<(), RunError> {
         ..ServerConf::default()
     };
     // Retries are Portico's decision (see proxy::fail_to_connect); this is only the cap.
-    conf.max_retries = 8;
+    conf.max_retries = 16;
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let server_conf = server.configuration.clone();
 
     for (i, l) in snapshot.listeners.iter().enumerate() {
-        let gateway = Gateway {
-            listener: i,
-            tls: l.tls,
-            snapshots: reloader.snapshots.clone(),
-        };
+        let gateway = Gateway::new(i, l.tls, reloader.snapshots.clone());
         let name = format!("listener {}", l.shape());
         let mut svc = pingora_proxy::http_proxy_service_with_name(&server_conf, gateway, &name);
         let addr = l.addr.to_string();

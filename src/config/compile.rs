@@ -19,12 +19,15 @@ use super::load::{Document, Item, Origin};
 use super::schema::{self, StringMatch};
 use crate::routing::route::{RouteOrigin, WeightedDestination};
 use crate::routing::{
-    host, Action, DirectResponse, Forward, HeaderOps, HeaderRules, HostMatcher, Redirect,
-    RequestMatch, Rewrite, Route, RouteTable, ServerPolicy, StrMatch, VirtualHost,
+    host, Action, Cors, DirectResponse, Fault, Forward, HeaderOps, HeaderRules, HostMatcher,
+    Mirror, Redirect, RequestMatch, RetryOn, RetryPolicy, Rewrite, Route, RouteTable, ServerPolicy,
+    StrMatch, VirtualHost,
 };
 use crate::snapshot::{Listener, Settings, Snapshot, Summary};
 use crate::tls::{self, CertStore, ServerCert};
-use crate::upstream::{cluster_name, Cluster, ClusterSettings, Endpoint};
+use crate::upstream::{
+    cluster_name, Cluster, ClusterSettings, HashSource, HashTable, Limits, OutlierPolicy, Policy,
+};
 
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 
@@ -332,14 +335,139 @@ impl Cx {
     }
 
     fn check_policy(&mut self, o: &Origin, at: &str, tp: &schema::TrafficPolicy) {
-        if let Some(h) = tp.connection_pool.as_ref().and_then(|c| c.http.as_ref()) {
-            match h.h2_upgrade_policy.as_deref() {
-                None | Some("DEFAULT") | Some("DO_NOT_UPGRADE") | Some("UPGRADE") => {}
-                Some(other) => self.err(
+        self.check_policy_parts(
+            o,
+            at,
+            tp.load_balancer.as_ref(),
+            tp.connection_pool.as_ref(),
+            tp.outlier_detection.as_ref(),
+        );
+        for (i, pl) in tp.port_level_settings.iter().enumerate() {
+            let here = format!("{at}.portLevelSettings[{i}]");
+            if pl.port.is_none() {
+                self.err(o, &format!("{here}.port"), "portLevelSettings needs a port");
+            }
+            self.check_policy_parts(
+                o,
+                &here,
+                pl.load_balancer.as_ref(),
+                pl.connection_pool.as_ref(),
+                pl.outlier_detection.as_ref(),
+            );
+        }
+    }
+
+    fn check_policy_parts(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        lb: Option<&schema::LoadBalancerSettings>,
+        cp: Option<&schema::ConnectionPool>,
+        od: Option<&schema::OutlierDetection>,
+    ) {
+        if let Some(lb) = lb {
+            let here = format!("{at}.loadBalancer");
+            match (lb.simple.as_deref(), &lb.consistent_hash) {
+                (Some(_), Some(_)) => self.err(o, &here, "simple and consistentHash are mutually exclusive"),
+                (Some("ROUND_ROBIN" | "LEAST_REQUEST" | "LEAST_CONN" | "RANDOM" | "UNSPECIFIED" | "PEAK_EWMA"), None) | (None, None) => {}
+                (Some(other), None) => self.err(
                     o,
-                    &format!("{at}.connectionPool.http.h2UpgradePolicy"),
-                    format!("{other:?} is not DEFAULT, DO_NOT_UPGRADE or UPGRADE"),
+                    &format!("{here}.simple"),
+                    format!("{other:?} is not ROUND_ROBIN, LEAST_REQUEST, RANDOM or PEAK_EWMA (Portico extension)"),
                 ),
+                (None, Some(ch)) => {
+                    let here = format!("{here}.consistentHash");
+                    let sources = [
+                        ch.http_header_name.is_some(),
+                        ch.http_cookie.is_some(),
+                        ch.use_source_ip == Some(true),
+                        ch.http_query_parameter_name.is_some(),
+                    ]
+                    .iter()
+                    .filter(|b| **b)
+                    .count();
+                    if sources != 1 {
+                        self.err(o, &here, "set exactly one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName");
+                    }
+                    if let Some(h) = &ch.http_header_name {
+                        if HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).is_err() {
+                            self.err(o, &format!("{here}.httpHeaderName"), format!("{h:?} is not a header name"));
+                        }
+                    }
+                    if ch.ring_hash.is_some() && ch.maglev.is_some() {
+                        self.err(o, &here, "ringHash and maglev are mutually exclusive");
+                    }
+                    if ch.minimum_ring_size.is_some() {
+                        self.warn(o, &format!("{here}.minimumRingSize"), "deprecated: use ringHash.minimumRingSize");
+                    }
+                }
+            }
+        }
+        if let Some(cp) = cp {
+            let here = format!("{at}.connectionPool");
+            if let Some(h) = &cp.http {
+                match h.h2_upgrade_policy.as_deref() {
+                    None | Some("DEFAULT") | Some("DO_NOT_UPGRADE") | Some("UPGRADE") => {}
+                    Some(other) => self.err(
+                        o,
+                        &format!("{here}.http.h2UpgradePolicy"),
+                        format!("{other:?} is not DEFAULT, DO_NOT_UPGRADE or UPGRADE"),
+                    ),
+                }
+                if let Some(n) = h.max_requests_per_connection.filter(|n| *n > 1) {
+                    self.warn(o, &format!("{here}.http.maxRequestsPerConnection"), format!("{n}: only 1 (no reuse) is enforced; connections are otherwise reused without a count"));
+                }
+                if h.use_client_protocol.is_some() {
+                    self.warn(
+                        o,
+                        &format!("{here}.http.useClientProtocol"),
+                        "ignored: set h2UpgradePolicy to choose the upstream protocol",
+                    );
+                }
+                if h.max_concurrent_streams.is_some() {
+                    self.warn(
+                        o,
+                        &format!("{here}.http.maxConcurrentStreams"),
+                        "ignored: Portico opens at most 100 streams per upstream h2 connection",
+                    );
+                }
+            }
+            if let Some(t) = &cp.tcp {
+                if t.max_connection_duration.is_some() {
+                    self.warn(
+                        o,
+                        &format!("{here}.tcp.maxConnectionDuration"),
+                        "not enforced yet",
+                    );
+                }
+                if t.idle_timeout.is_some() {
+                    self.warn(
+                        o,
+                        &format!("{here}.tcp.idleTimeout"),
+                        "not enforced for HTTP; use http.idleTimeout",
+                    );
+                }
+            }
+        }
+        if let Some(od) = od {
+            let here = format!("{at}.outlierDetection");
+            if od.consecutive_errors.is_some() {
+                self.warn(
+                    o,
+                    &format!("{here}.consecutiveErrors"),
+                    "deprecated and ignored, as in Istio: consecutive5xxErrors (default 5) applies",
+                );
+            }
+            if od.split_external_local_origin_errors.is_some()
+                || od.consecutive_local_origin_failures.is_some()
+            {
+                self.warn(o, &here, "splitExternalLocalOriginErrors / consecutiveLocalOriginFailures are not supported: connection failures count as 5xx and gateway errors");
+            }
+            if od.max_ejection_percent.is_some_and(|p| p > 100) {
+                self.err(o, &format!("{here}.maxEjectionPercent"), "must be 0-100");
+            }
+            if od.min_health_percent.is_some_and(|p| p > 100) {
+                self.err(o, &format!("{here}.minHealthPercent"), "must be 0-100");
             }
         }
     }
@@ -823,6 +951,32 @@ impl Cx {
             .collect();
         let headers = self.header_rules(o, &format!("{at}.headers"), r.headers.as_ref());
         let timeout = r.timeout.map(|d| d.get()).filter(|d| !d.is_zero());
+        let cors = r
+            .cors_policy
+            .as_ref()
+            .and_then(|c| self.cors(o, &format!("{at}.corsPolicy"), c));
+        if r.delegate.is_some() {
+            self.err(
+                o,
+                &format!("{at}.delegate"),
+                "delegate VirtualServices are not supported yet: write the routes in the root VirtualService",
+            );
+        }
+        let forwards = !r.route.is_empty();
+        for (field, set) in [
+            ("retries", r.retries.is_some()),
+            ("fault", r.fault.is_some()),
+            ("mirror", r.mirror.is_some() || !r.mirrors.is_empty()),
+            ("timeout", r.timeout.is_some()),
+        ] {
+            if set && !forwards && (r.redirect.is_some() || r.direct_response.is_some()) {
+                self.err(
+                    o,
+                    &format!("{at}.{field}"),
+                    format!("{field} applies only to a route that forwards (route = [...])"),
+                );
+            }
+        }
         let action = match (&r.redirect, &r.direct_response, r.route.is_empty()) {
             (Some(red), None, true) => {
                 if r.rewrite.is_some() {
@@ -865,12 +1019,18 @@ impl Cx {
                         authority,
                     }
                 });
+                let retries = self.retries(o, &at, r.retries.as_ref());
+                let fault = self.fault(o, &format!("{at}.fault"), r.fault.as_ref());
+                let mirrors = self.mirrors(o, &at, r);
                 destinations.map(|(destinations, total_weight)| {
                     Action::Forward(Forward {
                         destinations,
                         total_weight,
                         rewrite,
                         timeout,
+                        retries,
+                        fault,
+                        mirrors,
                     })
                 })
             }
@@ -903,6 +1063,236 @@ impl Cx {
             matches,
             action: action?,
             headers,
+            cors,
+        })
+    }
+
+    fn retries(&mut self, o: &Origin, at: &str, r: Option<&schema::HttpRetry>) -> RetryPolicy {
+        let Some(r) = r else {
+            return RetryPolicy::istio_default();
+        };
+        let here = format!("{at}.retries");
+        let attempts = match r.attempts {
+            None => 0,
+            Some(a) if (0..=10).contains(&a) => a as u32,
+            Some(a) => {
+                self.err(
+                    o,
+                    &format!("{here}.attempts"),
+                    format!("{a}: attempts must be 0-10"),
+                );
+                0
+            }
+        };
+        let on = match r.retry_on.as_deref() {
+            None | Some("") => RetryPolicy::istio_default().on,
+            Some(text) => match RetryOn::parse(text) {
+                Ok(on) => on,
+                Err(e) => {
+                    self.err(o, &format!("{here}.retryOn"), e);
+                    RetryOn::default()
+                }
+            },
+        };
+        if r.retry_remote_localities.is_some() {
+            self.warn(
+                o,
+                &format!("{here}.retryRemoteLocalities"),
+                "ignored: Portico has no localities",
+            );
+        }
+        if r.retry_ignore_previous_hosts == Some(false) {
+            self.warn(
+                o,
+                &format!("{here}.retryIgnorePreviousHosts"),
+                "ignored: a retry always prefers an endpoint not tried yet",
+            );
+        }
+        if let Some(t) = r.per_try_timeout {
+            if t.get() < Duration::from_millis(1) {
+                self.err(o, &format!("{here}.perTryTimeout"), "must be at least 1ms");
+            }
+        }
+        RetryPolicy {
+            attempts,
+            per_try_timeout: r.per_try_timeout.map(|d| d.get()),
+            on,
+            backoff: r
+                .backoff
+                .map(|d| d.get())
+                .unwrap_or(Duration::from_millis(25)),
+        }
+    }
+
+    fn percent(&mut self, o: &Origin, at: &str, p: Option<&schema::Percent>, missing: f64) -> f64 {
+        match p {
+            None => missing,
+            Some(p) if (0.0..=100.0).contains(&p.value) => p.value,
+            Some(p) => {
+                self.err(
+                    o,
+                    &format!("{at}.value"),
+                    format!("{} is not a percentage (0-100)", p.value),
+                );
+                0.0
+            }
+        }
+    }
+
+    fn fault(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        f: Option<&schema::HttpFaultInjection>,
+    ) -> Option<Fault> {
+        let f = f?;
+        let delay = f.delay.as_ref().and_then(|d| {
+            let here = format!("{at}.delay");
+            if d.exponential_delay.is_some() {
+                self.err(
+                    o,
+                    &format!("{here}.exponentialDelay"),
+                    "not supported (as in Istio); use fixedDelay",
+                );
+            }
+            let Some(fixed) = d.fixed_delay else {
+                self.err(o, &here, "fixedDelay is required");
+                return None;
+            };
+            // A missing percentage injects nothing, as in current Istio.
+            let pct = match (&d.percentage, d.percent) {
+                (Some(p), _) => self.percent(o, &format!("{here}.percentage"), Some(p), 0.0),
+                (None, Some(p)) => f64::from(p.min(100)),
+                (None, None) => 0.0,
+            };
+            Some((fixed.get(), pct))
+        });
+        let abort = f.abort.as_ref().and_then(|a| {
+            let here = format!("{at}.abort");
+            if a.grpc_status.is_some() || a.http2_error.is_some() {
+                self.err(
+                    o,
+                    &here,
+                    "grpcStatus and http2Error aborts are not supported yet; use httpStatus",
+                );
+                return None;
+            }
+            let status = match a.http_status {
+                Some(s) if (200..=599).contains(&s) => s as u16,
+                Some(s) => {
+                    self.err(
+                        o,
+                        &format!("{here}.httpStatus"),
+                        format!("{s} is not a status code (200-599)"),
+                    );
+                    return None;
+                }
+                None => {
+                    self.err(o, &here, "httpStatus is required");
+                    return None;
+                }
+            };
+            let pct = self.percent(o, &format!("{here}.percentage"), a.percentage.as_ref(), 0.0);
+            Some((status, pct))
+        });
+        Some(Fault { delay, abort })
+    }
+
+    fn mirrors(&mut self, o: &Origin, at: &str, r: &schema::HttpRoute) -> Vec<Mirror> {
+        let mut out = Vec::new();
+        if r.mirror.is_some() && !r.mirrors.is_empty() {
+            self.err(
+                o,
+                &format!("{at}.mirrors"),
+                "mirror and mirrors are mutually exclusive",
+            );
+            return out;
+        }
+        if let Some(d) = &r.mirror {
+            // An absent percentage mirrors everything; mirrorPercent is the deprecated form.
+            let pct = match (&r.mirror_percentage, r.mirror_percent) {
+                (Some(p), _) => self.percent(o, &format!("{at}.mirrorPercentage"), Some(p), 100.0),
+                (None, Some(p)) => f64::from(p.min(100)),
+                (None, None) => 100.0,
+            };
+            if let Some(cluster) = self.cluster(o, &format!("{at}.mirror"), d) {
+                out.push(Mirror {
+                    cluster,
+                    percent: pct,
+                });
+            }
+        }
+        for (i, m) in r.mirrors.iter().enumerate() {
+            let pct = self.percent(
+                o,
+                &format!("{at}.mirrors[{i}].percentage"),
+                m.percentage.as_ref(),
+                100.0,
+            );
+            if let Some(cluster) =
+                self.cluster(o, &format!("{at}.mirrors[{i}].destination"), &m.destination)
+            {
+                out.push(Mirror {
+                    cluster,
+                    percent: pct,
+                });
+            }
+        }
+        out
+    }
+
+    fn cors(&mut self, o: &Origin, at: &str, c: &schema::CorsPolicy) -> Option<Cors> {
+        let mut origins = Vec::new();
+        for (i, m) in c.allow_origins.iter().enumerate() {
+            if let Some(sm) = self.string_match(o, &format!("{at}.allowOrigins[{i}]"), m, false) {
+                origins.push(sm);
+            }
+        }
+        for origin in &c.allow_origin {
+            origins.push(if origin == "*" {
+                StrMatch::Present
+            } else {
+                StrMatch::Exact(origin.clone())
+            });
+        }
+        if !c.allow_origin.is_empty() {
+            self.warn(
+                o,
+                &format!("{at}.allowOrigin"),
+                "deprecated: use allowOrigins",
+            );
+        }
+        if c.unmatched_preflights.is_some() {
+            self.warn(
+                o,
+                &format!("{at}.unmatchedPreflights"),
+                "ignored: unmatched preflights are forwarded",
+            );
+        }
+        let mut join = |field: &str, v: &[String]| -> Option<HeaderValue> {
+            if v.is_empty() {
+                return None;
+            }
+            match HeaderValue::from_str(&v.join(",")) {
+                Ok(h) => Some(h),
+                Err(_) => {
+                    self.err(o, &format!("{at}.{field}"), "not a valid header value");
+                    None
+                }
+            }
+        };
+        let allow_methods = join("allowMethods", &c.allow_methods);
+        let allow_headers = join("allowHeaders", &c.allow_headers);
+        let expose_headers = join("exposeHeaders", &c.expose_headers);
+        Some(Cors {
+            allow_origins: origins,
+            allow_methods,
+            allow_headers,
+            expose_headers,
+            max_age: c
+                .max_age
+                .and_then(|d| HeaderValue::from_str(&d.get().as_secs().to_string()).ok()),
+            allow_credentials: c.allow_credentials.unwrap_or(false),
         })
     }
 
@@ -1014,6 +1404,19 @@ impl Cx {
             }
         }
         out.gateways = m.gateways.iter().map(|g| gateway_ref(g, ns)).collect();
+        for (i, cidr) in m.source_ip.iter().enumerate() {
+            let parsed = cidr
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| cidr.parse::<IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(n) => out.source_ip.push(n),
+                Err(_) => self.err(
+                    o,
+                    &format!("{at}.sourceIp[{i}]"),
+                    format!("{cidr:?} is not an IP address or CIDR"),
+                ),
+            }
+        }
         Some(out)
     }
 
@@ -1370,44 +1773,84 @@ impl Cx {
             .as_ref()
             .map(|s| s.connect_timeout)
             .unwrap_or(Duration::from_secs(10));
+        let eff = Effective::merge(&policies, port);
         let mut settings = ClusterSettings {
             connect_timeout: base,
-            idle_timeout: None,
             h2c: h2c_port,
+            ..ClusterSettings::default()
         };
-        for p in &policies {
-            if let Some(cp) = &p.connection_pool {
-                if let Some(t) = cp.tcp.as_ref().and_then(|t| t.connect_timeout) {
-                    settings.connect_timeout = t.get();
+        let (mut max_conn, mut max_pending, mut max_req, mut max_retries) =
+            (None, None, None, None);
+        if let Some(cp) = &eff.connection_pool {
+            if let Some(t) = &cp.tcp {
+                if let Some(ct) = t.connect_timeout {
+                    settings.connect_timeout = ct.get();
                 }
-                if let Some(h) = &cp.http {
-                    if let Some(t) = h.idle_timeout {
-                        settings.idle_timeout = Some(t.get());
-                    }
-                    match h.h2_upgrade_policy.as_deref() {
-                        Some("UPGRADE") => settings.h2c = true,
-                        Some("DO_NOT_UPGRADE") => settings.h2c = false,
-                        _ => {}
-                    }
+                max_conn = t.max_connections.filter(|n| *n > 0);
+                if let Some(k) = &t.tcp_keepalive {
+                    settings.tcp_keepalive = Some(pingora::protocols::TcpKeepalive {
+                        idle: k.time.map(|d| d.get()).unwrap_or(Duration::from_secs(7200)),
+                        interval: k
+                            .interval
+                            .map(|d| d.get())
+                            .unwrap_or(Duration::from_secs(75)),
+                        count: k.probes.unwrap_or(9) as usize,
+                        #[cfg(target_os = "linux")]
+                        user_timeout: Duration::ZERO,
+                    });
                 }
             }
+            if let Some(h) = &cp.http {
+                if let Some(t) = h.idle_timeout {
+                    settings.idle_timeout = Some(t.get());
+                }
+                match h.h2_upgrade_policy.as_deref() {
+                    Some("UPGRADE") => settings.h2c = true,
+                    Some("DO_NOT_UPGRADE") => settings.h2c = false,
+                    _ => {}
+                }
+                max_pending = h.http1_max_pending_requests.filter(|n| *n > 0);
+                max_req = h.http2_max_requests.filter(|n| *n > 0);
+                max_retries = h.max_retries.filter(|n| *n > 0);
+                settings.no_reuse = h.max_requests_per_connection == Some(1);
+            }
         }
-        let cluster = Arc::new(Cluster::new(&host, port, subset, endpoints, settings));
+        let concurrency = if settings.h2c {
+            max_req
+        } else {
+            match (max_conn, max_req) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        };
+        let outlier = eff.outlier_detection.as_ref().map(|od| OutlierPolicy {
+            consecutive_5xx: od.consecutive_5xx_errors.unwrap_or(5),
+            consecutive_gateway: od.consecutive_gateway_errors.unwrap_or(0),
+            base_ejection: od
+                .base_ejection_time
+                .map(|d| d.get())
+                .unwrap_or(Duration::from_secs(30)),
+            max_ejection_percent: od.max_ejection_percent.unwrap_or(10).min(100),
+            min_health_percent: od.min_health_percent.unwrap_or(0).min(100),
+        });
+        let mut cluster = Cluster::new(&host, port, subset, endpoints, settings);
+        cluster.policy = load_balancer(eff.load_balancer.as_ref(), &cluster.endpoints);
+        cluster.limits = Limits::new(concurrency, max_pending, max_retries);
+        cluster.outlier = outlier;
+        let cluster = Arc::new(cluster);
         self.clusters.insert(name, cluster.clone());
         Some(cluster)
     }
 
-    fn resolve(&mut self, o: &Origin, at: &str, address: &str, port: u16) -> Vec<Endpoint> {
+    fn resolve(&mut self, o: &Origin, at: &str, address: &str, port: u16) -> Vec<SocketAddr> {
         if let Ok(ip) = address.parse::<IpAddr>() {
-            return vec![Endpoint {
-                addr: SocketAddr::new(ip, port),
-            }];
+            return vec![SocketAddr::new(ip, port)];
         }
         match (address, port).to_socket_addrs() {
             Ok(addrs) => {
-                let mut v: Vec<Endpoint> = addrs.map(|addr| Endpoint { addr }).collect();
-                v.sort_by_key(|e| e.addr);
-                v.dedup_by_key(|e| e.addr);
+                let mut v: Vec<SocketAddr> = addrs.collect();
+                v.sort();
+                v.dedup();
                 v
             }
             Err(e) => {
@@ -1441,29 +1884,114 @@ fn restrict_to_gateway(r: &Arc<Route>, gk: &str) -> Option<Arc<Route>> {
     if kept.is_empty() {
         return None;
     }
-    let action = match &r.action {
-        Action::Forward(f) => Action::Forward(Forward {
-            destinations: f
-                .destinations
-                .iter()
-                .map(|d| WeightedDestination {
-                    cluster: d.cluster.clone(),
-                    weight: d.weight,
-                    headers: d.headers.clone(),
-                })
-                .collect(),
-            total_weight: f.total_weight,
-            rewrite: f.rewrite.clone(),
-            timeout: f.timeout,
-        }),
-        Action::Redirect(x) => Action::Redirect(x.clone()),
-        Action::Direct(x) => Action::Direct(x.clone()),
-    };
+    let action = r.action.clone();
     Some(Arc::new(Route {
         name: r.name.clone(),
         origin: r.origin.clone(),
         matches: kept,
         action,
         headers: r.headers.clone(),
+        cors: r.cors.clone(),
     }))
+}
+
+/// The traffic policy fields in force for one cluster: DestinationRule level, then its
+/// port-level settings, then the subset's, then the subset's port-level settings; each of
+/// loadBalancer, connectionPool and outlierDetection is replaced whole, as Istio merges.
+#[derive(Default)]
+struct Effective {
+    load_balancer: Option<schema::LoadBalancerSettings>,
+    connection_pool: Option<schema::ConnectionPool>,
+    outlier_detection: Option<schema::OutlierDetection>,
+}
+
+impl Effective {
+    fn merge(policies: &[schema::TrafficPolicy], port: u16) -> Self {
+        let mut e = Effective::default();
+        for tp in policies {
+            e.apply(
+                tp.load_balancer.as_ref(),
+                tp.connection_pool.as_ref(),
+                tp.outlier_detection.as_ref(),
+            );
+            for pl in &tp.port_level_settings {
+                if pl.port.as_ref().map(|p| p.number) == Some(u32::from(port)) {
+                    e.apply(
+                        pl.load_balancer.as_ref(),
+                        pl.connection_pool.as_ref(),
+                        pl.outlier_detection.as_ref(),
+                    );
+                }
+            }
+        }
+        e
+    }
+
+    fn apply(
+        &mut self,
+        lb: Option<&schema::LoadBalancerSettings>,
+        cp: Option<&schema::ConnectionPool>,
+        od: Option<&schema::OutlierDetection>,
+    ) {
+        if let Some(lb) = lb {
+            self.load_balancer = Some(lb.clone());
+        }
+        if let Some(cp) = cp {
+            self.connection_pool = Some(cp.clone());
+        }
+        if let Some(od) = od {
+            self.outlier_detection = Some(od.clone());
+        }
+    }
+}
+
+/// The balancer for a cluster; Istio's default is LEAST_REQUEST. Settings were validated
+/// with the DestinationRule.
+fn load_balancer(
+    lb: Option<&schema::LoadBalancerSettings>,
+    endpoints: &[crate::upstream::Endpoint],
+) -> Policy {
+    let Some(lb) = lb else {
+        return Policy::LeastRequest;
+    };
+    if let Some(ch) = &lb.consistent_hash {
+        let source = if let Some(h) = &ch.http_header_name {
+            match HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()) {
+                Ok(name) => HashSource::Header(name),
+                Err(_) => return Policy::LeastRequest,
+            }
+        } else if let Some(c) = &ch.http_cookie {
+            HashSource::Cookie {
+                name: c.name.clone(),
+                path: c.path.clone(),
+                ttl: c.ttl.map(|d| d.get()),
+            }
+        } else if ch.use_source_ip == Some(true) {
+            HashSource::SourceIp
+        } else if let Some(q) = &ch.http_query_parameter_name {
+            HashSource::Query(q.clone())
+        } else {
+            return Policy::LeastRequest;
+        };
+        let table = match &ch.maglev {
+            Some(m) => HashTable::maglev(endpoints, m.table_size.unwrap_or(65537)),
+            None => {
+                let size = ch
+                    .ring_hash
+                    .as_ref()
+                    .and_then(|r| r.minimum_ring_size)
+                    .or(ch.minimum_ring_size)
+                    .unwrap_or(1024)
+                    .clamp(1, 1 << 23);
+                HashTable::ring(endpoints, size)
+            }
+        };
+        return Policy::Hash { source, table };
+    }
+    match lb.simple.as_deref() {
+        Some("ROUND_ROBIN") => Policy::RoundRobin(std::sync::atomic::AtomicUsize::new(0)),
+        Some("RANDOM") => Policy::Random,
+        Some("PEAK_EWMA") => Policy::PeakEwma,
+        _ => Policy::LeastRequest,
+    }
 }

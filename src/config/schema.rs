@@ -134,6 +134,92 @@ pub struct HttpRoute {
     pub rewrite: Option<HttpRewrite>,
     pub timeout: Option<Duration>,
     pub headers: Option<Headers>,
+    pub retries: Option<HttpRetry>,
+    pub fault: Option<HttpFaultInjection>,
+    pub mirror: Option<Destination>,
+    #[serde(default)]
+    pub mirrors: Vec<HttpMirrorPolicy>,
+    pub mirror_percentage: Option<Percent>,
+    /// Deprecated integer form of `mirrorPercentage`.
+    pub mirror_percent: Option<u32>,
+    pub cors_policy: Option<CorsPolicy>,
+    pub delegate: Option<Delegate>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRetry {
+    pub attempts: Option<i64>,
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: Option<String>,
+    pub retry_remote_localities: Option<bool>,
+    pub retry_ignore_previous_hosts: Option<bool>,
+    pub backoff: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Percent {
+    pub value: f64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpFaultInjection {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultDelay {
+    pub fixed_delay: Option<Duration>,
+    pub exponential_delay: Option<Duration>,
+    pub percentage: Option<Percent>,
+    /// Deprecated integer percentage.
+    pub percent: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultAbort {
+    pub http_status: Option<u32>,
+    pub grpc_status: Option<String>,
+    pub http2_error: Option<String>,
+    pub percentage: Option<Percent>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpMirrorPolicy {
+    pub destination: Destination,
+    pub percentage: Option<Percent>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CorsPolicy {
+    #[serde(default)]
+    pub allow_origins: Vec<StringMatch>,
+    /// Deprecated: exact origins.
+    #[serde(default)]
+    pub allow_origin: Vec<String>,
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    pub max_age: Option<Duration>,
+    pub allow_credentials: Option<bool>,
+    pub unmatched_preflights: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Delegate {
+    pub name: String,
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -155,6 +241,9 @@ pub struct HttpMatchRequest {
     pub port: Option<u32>,
     #[serde(default)]
     pub gateways: Vec<String>,
+    /// Portico extension: the client address must be in one of these CIDRs.
+    #[serde(default)]
+    pub source_ip: Vec<String>,
 }
 
 /// Istio's StringMatch: exactly one of `exact`, `prefix`, `regex`. An empty table is a
@@ -255,7 +344,76 @@ pub struct DestinationRule {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicy {
+    pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default)]
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+/// `portLevelSettings[]`: the same settings for one port.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    pub port: Option<PortSelector>,
+    pub load_balancer: Option<LoadBalancerSettings>,
+    pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoadBalancerSettings {
+    pub simple: Option<String>,
+    pub consistent_hash: Option<ConsistentHash>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConsistentHash {
+    pub http_header_name: Option<String>,
+    pub http_cookie: Option<HttpCookie>,
+    pub use_source_ip: Option<bool>,
+    pub http_query_parameter_name: Option<String>,
+    pub ring_hash: Option<RingHash>,
+    pub maglev: Option<Maglev>,
+    /// Deprecated in favour of `ringHash.minimumRingSize`.
+    pub minimum_ring_size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpCookie {
+    pub name: String,
+    pub path: Option<String>,
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RingHash {
+    pub minimum_ring_size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Maglev {
+    pub table_size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDetection {
+    pub consecutive_5xx_errors: Option<u32>,
+    pub consecutive_gateway_errors: Option<u32>,
+    /// Deprecated and ignored by Istio (a warning here too).
+    pub consecutive_errors: Option<i64>,
+    pub interval: Option<Duration>,
+    pub base_ejection_time: Option<Duration>,
+    pub max_ejection_percent: Option<u32>,
+    pub min_health_percent: Option<u32>,
+    pub split_external_local_origin_errors: Option<bool>,
+    pub consecutive_local_origin_failures: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -268,7 +426,19 @@ pub struct ConnectionPool {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TcpSettings {
+    pub max_connections: Option<u32>,
     pub connect_timeout: Option<Duration>,
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    pub max_connection_duration: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpKeepalive {
+    pub probes: Option<u32>,
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -278,6 +448,12 @@ pub struct HttpSettings {
     /// (HTTP/2 with prior knowledge) to the upstream.
     pub h2_upgrade_policy: Option<String>,
     pub idle_timeout: Option<Duration>,
+    pub http1_max_pending_requests: Option<u32>,
+    pub http2_max_requests: Option<u32>,
+    pub max_requests_per_connection: Option<u32>,
+    pub max_retries: Option<u32>,
+    pub max_concurrent_streams: Option<u32>,
+    pub use_client_protocol: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

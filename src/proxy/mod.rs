@@ -1,29 +1,48 @@
 //! The pingora `ProxyHttp` implementation: one request's life. It orchestrates and holds
-//! no policy of its own: routing decides the route, upstream picks the endpoint.
+//! no policy of its own: routing decides the route, the route's compiled policy says what
+//! to retry, upstream picks endpoints and keeps their health.
 
+pub mod mirror;
+
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use bytes::Bytes;
-use http::header;
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderValue};
 use pingora::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::routing::{normalize_host, Action, Decision, HeaderOps, RequestView, Route};
+use crate::routing::{
+    chance, normalize_host, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route,
+};
 use crate::snapshot::Snapshot;
 use crate::telemetry::Metrics;
-
-/// Retries Istio makes when a route says nothing: 2, on connect failures.
-const DEFAULT_CONNECT_RETRIES: usize = 2;
+use crate::upstream::balancer::hash_bytes;
+use crate::upstream::{Admission, HashSource, InFlight, RetryPermit};
+use mirror::{MirrorClient, MAX_MIRROR_BODY};
 
 /// The proxy for one listener.
 pub struct Gateway {
     pub listener: usize,
     pub tls: bool,
     pub snapshots: Arc<ArcSwap<Snapshot>>,
+    pub mirror: Arc<MirrorClient>,
+}
+
+impl Gateway {
+    pub fn new(listener: usize, tls: bool, snapshots: Arc<ArcSwap<Snapshot>>) -> Self {
+        Gateway {
+            listener,
+            tls,
+            snapshots,
+            mirror: Arc::new(MirrorClient::default()),
+        }
+    }
 }
 
 /// Per-request state. The Snapshot is loaded once, in the first phase, and kept to the end.
@@ -33,11 +52,33 @@ pub struct RequestCtx {
     route: Option<Arc<Route>>,
     match_index: usize,
     destination: usize,
-    attempts: usize,
-    /// Round-robin start, fixed on the first try so retries walk on from it.
-    start: Option<usize>,
-    /// Envoy-style response flag for logs: NR, UH, UF, UT, URX...
+    /// Retries made so far (tries = retries + 1).
+    retries: u32,
+    /// Endpoints tried, so a retry goes elsewhere where it can.
+    tried: Vec<usize>,
+    in_flight: Option<InFlight>,
+    admission: Option<Admission>,
+    retry_permit: Option<RetryPermit>,
+    deadline: Option<Instant>,
+    hash: Option<u64>,
+    set_cookie: Option<String>,
+    cors_origin: Option<HeaderValue>,
+    /// The response was refused for a retry by `upstream_response_filter`.
+    retry_on_status: bool,
+    mirror_pending: Option<(Vec<Arc<crate::upstream::Cluster>>, RequestHeader, BytesMut)>,
+    /// Envoy-style response flag for logs: NR, UH, UF, UO, UT, URX, DI, FI, DC, UC.
     pub flag: &'static str,
+}
+
+impl RequestCtx {
+    fn forward(&self) -> Option<&Forward> {
+        self.route.as_deref().and_then(forward_of)
+    }
+
+    fn remaining(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
 }
 
 /// What the route table decided, owned, so the request borrow can end before responding.
@@ -52,8 +93,15 @@ enum Local {
     Forward(Arc<Route>, usize, usize),
 }
 
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
 impl Gateway {
-    fn decide(&self, snapshot: &Snapshot, req: &RequestHeader) -> Local {
+    fn decide(&self, snapshot: &Snapshot, req: &RequestHeader, client_ip: Option<IpAddr>) -> Local {
         let Some(listener) = snapshot.listeners.get(self.listener) else {
             return not_found();
         };
@@ -73,6 +121,7 @@ impl Gateway {
             scheme,
             headers: &req.headers,
             port: listener.addr.port(),
+            client_ip,
         };
         match listener.table.decide(&host, &view) {
             Decision::HttpsRedirect(_) => {
@@ -107,6 +156,34 @@ impl Gateway {
             },
         }
     }
+
+    /// A retry may start: attempts left, time left, and the cluster's retry budget.
+    fn may_retry(&self, ctx: &mut RequestCtx) -> bool {
+        let Some(f) = ctx.forward() else { return false };
+        if ctx.retries >= f.retries.attempts || ctx.remaining().is_some_and(|r| r.is_zero()) {
+            return false;
+        }
+        let cluster = f.destinations[ctx.destination].cluster.clone();
+        match cluster.start_retry() {
+            Some(p) => {
+                ctx.retry_permit = Some(p);
+                ctx.retries += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records the outcome of the current try with the endpoint's outlier detection.
+    fn record(&self, ctx: &RequestCtx, status: Option<u16>) {
+        if let (Some(f), Some(inf)) = (ctx.forward(), ctx.in_flight.as_ref()) {
+            f.destinations[ctx.destination].cluster.record(
+                inf.index(),
+                status,
+                status.map(|_| inf.started.elapsed()),
+            );
+        }
+    }
 }
 
 fn not_found() -> Local {
@@ -118,20 +195,31 @@ fn not_found() -> Local {
     }
 }
 
+fn forward_of(route: &Route) -> Option<&Forward> {
+    match &route.action {
+        Action::Forward(f) => Some(f),
+        _ => None,
+    }
+}
+
 async fn respond(
     session: &mut Session,
     status: u16,
     body: Bytes,
     location: Option<String>,
     ops: Option<&HeaderOps>,
+    extra: &[(header::HeaderName, HeaderValue)],
 ) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(4))?;
+    let mut resp = ResponseHeader::build(status, Some(4 + extra.len()))?;
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     if !body.is_empty() {
         resp.insert_header(header::CONTENT_TYPE, "text/plain")?;
     }
     if let Some(l) = location {
         resp.insert_header(header::LOCATION, l)?;
+    }
+    for (k, v) in extra {
+        resp.insert_header(k.clone(), v.clone())?;
     }
     if let Some(ops) = ops {
         ops.apply_response(&mut resp);
@@ -146,10 +234,87 @@ async fn respond(
     Ok(())
 }
 
-fn forward_of(route: &Route) -> Option<&crate::routing::Forward> {
-    match &route.action {
-        Action::Forward(f) => Some(f),
-        _ => None,
+/// The CORS preflight answer when `cors` allows the request's origin; `None` lets the
+/// request through (to be forwarded, as Envoy forwards unmatched preflights).
+fn preflight(cors: &Cors, req: &RequestHeader) -> Option<Vec<(header::HeaderName, HeaderValue)>> {
+    if req.method != http::Method::OPTIONS
+        || !req
+            .headers
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        return None;
+    }
+    let origin = req.headers.get(header::ORIGIN)?;
+    if !cors.allows(origin.to_str().ok()?) {
+        return None;
+    }
+    let mut h = vec![(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone())];
+    if let Some(v) = &cors.allow_methods {
+        h.push((header::ACCESS_CONTROL_ALLOW_METHODS, v.clone()));
+    }
+    if let Some(v) = &cors.allow_headers {
+        h.push((header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone()));
+    }
+    if let Some(v) = &cors.max_age {
+        h.push((header::ACCESS_CONTROL_MAX_AGE, v.clone()));
+    }
+    if cors.allow_credentials {
+        h.push((
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        ));
+    }
+    Some(h)
+}
+
+fn request_has_body(req: &RequestHeader) -> bool {
+    req.headers.contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > 0)
+}
+
+fn cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find_map(|(k, v)| (k == name).then_some(v))
+}
+
+/// The consistent-hash key of a request; a missing cookie with a ttl is created.
+fn hash_key(
+    source: &HashSource,
+    req: &RequestHeader,
+    ip: Option<IpAddr>,
+    ctx: &mut RequestCtx,
+) -> Option<u64> {
+    match source {
+        HashSource::Header(name) => req.headers.get(name).map(|v| hash_bytes(v.as_bytes())),
+        HashSource::SourceIp => ip.map(|ip| hash_bytes(ip.to_string().as_bytes())),
+        HashSource::Query(name) => req.uri.query().and_then(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                .find_map(|(k, v)| (k == name).then(|| hash_bytes(v.as_bytes())))
+        }),
+        HashSource::Cookie { name, path, ttl } => match cookie(req, name) {
+            Some(v) => Some(hash_bytes(v.as_bytes())),
+            None => {
+                let ttl = (*ttl)?;
+                let value = format!("{:016x}", fastrand::u64(..));
+                ctx.set_cookie = Some(format!(
+                    "{name}={value}; Path={}; Max-Age={}; HttpOnly",
+                    path.as_deref().unwrap_or("/"),
+                    ttl.as_secs()
+                ));
+                Some(hash_bytes(value.as_bytes()))
+            }
+        },
     }
 }
 
@@ -163,15 +328,10 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let snapshot = self.snapshots.load_full();
-        let local = self.decide(&snapshot, session.req_header());
+        let local = self.decide(&snapshot, session.req_header(), client_ip(session));
         ctx.snapshot = Some(snapshot);
-        match local {
-            Local::Forward(route, destination, match_index) => {
-                ctx.match_index = match_index;
-                ctx.route = Some(route);
-                ctx.destination = destination;
-                Ok(false)
-            }
+        let (route, destination, match_index) = match local {
+            Local::Forward(route, destination, match_index) => (route, destination, match_index),
             Local::Respond {
                 status,
                 body,
@@ -181,34 +341,170 @@ impl ProxyHttp for Gateway {
                 if status == 404 && route.is_none() {
                     ctx.flag = "NR";
                 }
+                let mut extra = Vec::new();
+                if let Some(cors) = route.as_ref().and_then(|r| r.cors.as_ref()) {
+                    if let Some(h) = preflight(cors, session.req_header()) {
+                        respond(session, 200, Bytes::new(), None, None, &h).await?;
+                        return Ok(true);
+                    }
+                    if let Some(origin) = session.req_header().headers.get(header::ORIGIN) {
+                        if origin.to_str().is_ok_and(|o| cors.allows(o)) {
+                            extra.push((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone()));
+                        }
+                    }
+                }
                 let ops = route.as_ref().map(|r| &r.headers.response);
-                respond(session, status, body, location, ops).await?;
-                Ok(true)
+                respond(session, status, body, location, ops, &extra).await?;
+                return Ok(true);
+            }
+        };
+        if let Some(cors) = &route.cors {
+            if let Some(h) = preflight(cors, session.req_header()) {
+                respond(session, 200, Bytes::new(), None, None, &h).await?;
+                return Ok(true);
+            }
+            ctx.cors_origin = session
+                .req_header()
+                .headers
+                .get(header::ORIGIN)
+                .filter(|o| o.to_str().is_ok_and(|o| cors.allows(o)))
+                .cloned();
+        }
+        let forward = forward_of(&route).expect("Local::Forward holds a forwarding route");
+        if let Some(fault) = &forward.fault {
+            if let Some((delay, pct)) = fault.delay {
+                if chance(pct) {
+                    ctx.flag = "DI";
+                    tokio::time::sleep(delay).await;
+                }
+            }
+            if let Some((status, pct)) = fault.abort {
+                if chance(pct) {
+                    ctx.flag = "FI";
+                    let ops = Some(&route.headers.response);
+                    respond(
+                        session,
+                        status,
+                        Bytes::from_static(b"fault filter abort"),
+                        None,
+                        ops,
+                        &[],
+                    )
+                    .await?;
+                    return Ok(true);
+                }
             }
         }
+        let mirrors: Vec<_> = forward
+            .mirrors
+            .iter()
+            .filter(|m| chance(m.percent))
+            .map(|m| m.cluster.clone())
+            .collect();
+        if !mirrors.is_empty() {
+            let req = session.req_header().clone();
+            if request_has_body(&req) {
+                ctx.mirror_pending = Some((mirrors, req, BytesMut::new()));
+            } else {
+                for cluster in mirrors {
+                    self.mirror.send(cluster, req.clone(), None);
+                }
+            }
+        }
+        if forward.retries.attempts > 0 {
+            // Bodies up to pingora's retry buffer are replayed on a retry; a larger body
+            // makes the request not retryable.
+            session.enable_retry_buffering();
+        }
+        ctx.deadline = forward.timeout.map(|t| Instant::now() + t);
+        ctx.match_index = match_index;
+        ctx.destination = destination;
+        ctx.route = Some(route);
+        Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some((_, _, buf)) = ctx.mirror_pending.as_mut() {
+            if let Some(chunk) = body.as_ref() {
+                if buf.len() + chunk.len() > MAX_MIRROR_BODY {
+                    ctx.mirror_pending = None;
+                    return Ok(());
+                }
+                buf.extend_from_slice(chunk);
+            }
+            if end_of_stream {
+                if let Some((clusters, req, buf)) = ctx.mirror_pending.take() {
+                    let body = buf.freeze();
+                    for cluster in clusters {
+                        self.mirror.send(cluster, req.clone(), Some(body.clone()));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
         let route = ctx
             .route
-            .as_ref()
+            .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route chosen"))?;
-        let forward = forward_of(route)
+        let forward = forward_of(&route)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "route does not forward"))?;
-        let dest = &forward.destinations[ctx.destination];
-        let start = *ctx.start.get_or_insert_with(|| dest.cluster.next_index());
-        let Some(endpoint) = dest.cluster.endpoint(start, ctx.attempts) else {
+        let cluster = forward.destinations[ctx.destination].cluster.clone();
+        if ctx.admission.is_none() {
+            let wait = ctx.remaining().unwrap_or(cluster.settings.connect_timeout);
+            match cluster.admit(wait).await {
+                Some(a) => ctx.admission = Some(a),
+                None => {
+                    ctx.flag = "UO";
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(503),
+                        format!(
+                            "upstream overflow: {} is at its connection pool limit",
+                            cluster.name
+                        ),
+                    ));
+                }
+            }
+            if let Some(source) = cluster.policy.hash_source() {
+                ctx.hash = hash_key(source, session.req_header(), client_ip(session), ctx);
+            }
+        } else if ctx.retries > 0 {
+            let pause = forward.retries.backoff_for(ctx.retries);
+            tokio::time::sleep(ctx.remaining().map_or(pause, |r| r.min(pause))).await;
+        }
+        if ctx.remaining().is_some_and(|r| r.is_zero()) {
+            ctx.flag = "UT";
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(504),
+                "upstream request timeout",
+            ));
+        }
+        let Some(i) = cluster.select(ctx.hash, &ctx.tried) else {
             ctx.flag = "UH";
             return Err(Error::explain(
                 ErrorType::HTTPStatus(503),
-                format!("no healthy upstream for {}", dest.cluster.name),
+                format!("no healthy upstream for {}", cluster.name),
             ));
         };
-        Ok(Box::new(dest.cluster.peer(endpoint, forward.timeout)))
+        ctx.tried.push(i);
+        ctx.in_flight = Some(InFlight::new(cluster.clone(), i));
+        let per_try = match (forward.retries.per_try_timeout, ctx.remaining()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Ok(Box::new(cluster.peer(i, per_try)))
     }
 
     async fn upstream_request_filter(
@@ -243,17 +539,14 @@ impl ProxyHttp for Gateway {
                 }
             }
             route.headers.request.apply_request(upstream);
-            forward.destinations[ctx.destination]
-                .headers
-                .request
-                .apply_request(upstream);
+            let dest = &forward.destinations[ctx.destination];
+            dest.headers.request.apply_request(upstream);
+            if dest.cluster.settings.no_reuse {
+                upstream.insert_header(header::CONNECTION, "close")?;
+            }
         }
         upstream.insert_header("x-forwarded-proto", if self.tls { "https" } else { "http" })?;
-        if let Some(ip) = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
-        {
+        if let Some(ip) = client_ip(session) {
             let xff = match upstream
                 .headers
                 .get("x-forwarded-for")
@@ -263,6 +556,24 @@ impl ProxyHttp for Gateway {
                 None => ip.to_string(),
             };
             upstream.insert_header("x-forwarded-for", xff)?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        self.record(ctx, Some(status));
+        let retry_status = ctx.forward().is_some_and(|f| f.retries.on.status(status));
+        if retry_status && !session.as_ref().retry_buffer_truncated() && self.may_retry(ctx) {
+            ctx.retry_on_status = true;
+            let mut e = Error::new_up(ErrorType::HTTPStatus(status));
+            e.set_retry(true);
+            return Err(e);
         }
         Ok(())
     }
@@ -281,6 +592,20 @@ impl ProxyHttp for Gateway {
                     .response
                     .apply_response(upstream_response);
             }
+            if let (Some(origin), Some(cors)) = (ctx.cors_origin.take(), route.cors.as_ref()) {
+                upstream_response.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
+                if let Some(v) = &cors.expose_headers {
+                    upstream_response
+                        .insert_header(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone())?;
+                }
+                if cors.allow_credentials {
+                    upstream_response
+                        .insert_header(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true")?;
+                }
+            }
+        }
+        if let Some(c) = ctx.set_cookie.take() {
+            upstream_response.append_header(header::SET_COOKIE, c)?;
         }
         Ok(())
     }
@@ -292,11 +617,48 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if ctx.attempts < DEFAULT_CONNECT_RETRIES {
-            ctx.attempts += 1;
+        self.record(ctx, None);
+        let retryable = ctx.forward().is_some_and(|f| f.retries.on.connect());
+        if retryable && self.may_retry(ctx) {
             e.set_retry(true);
         } else {
-            ctx.flag = "UF";
+            e.set_retry(false);
+            ctx.flag = if ctx.retries > 0 { "URX" } else { "UF" };
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Self::CTX,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let truncated = session.as_ref().retry_buffer_truncated();
+        if std::mem::take(&mut ctx.retry_on_status) {
+            e.set_retry(!truncated);
+            return e;
+        }
+        self.record(ctx, None);
+        let timeout = matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        );
+        let on = ctx
+            .forward()
+            .map(|f| f.retries.on.clone())
+            .unwrap_or_default();
+        let wanted = if timeout { on.timeout() } else { on.reset() };
+        if wanted && !truncated && self.may_retry(ctx) {
+            e.set_retry(true);
+        } else if !session.req_header().method.is_idempotent() || truncated {
+            e.set_retry(false);
+        } else {
+            // A pooled connection the upstream had already closed: pingora's own retry.
+            e.retry.decide_reuse(client_reused);
         }
         e
     }
@@ -308,6 +670,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
         use ErrorType::*;
+        let retried = ctx.retries > 0;
         let (code, flag, what) = match (e.etype(), e.esource()) {
             (HTTPStatus(code), _) => (*code, ctx.flag, "local reply"),
             (ConnectTimedout, _) => (503, "UF", "upstream connect timeout"),
@@ -325,7 +688,7 @@ impl ProxyHttp for Gateway {
             (_, ErrorSource::Downstream) => (400, "DPE", "bad request"),
             _ => (500, "", "internal error"),
         };
-        ctx.flag = if ctx.attempts > 0 && flag == "UF" {
+        ctx.flag = if retried && matches!(flag, "UF" | "UC") {
             "URX"
         } else {
             flag
@@ -338,7 +701,7 @@ impl ProxyHttp for Gateway {
                 method = %req.method,
                 path = req.uri.path(),
                 route = ctx.route.as_ref().map(|r| r.origin.to_string()).unwrap_or_default(),
-                attempts = ctx.attempts + 1,
+                tries = ctx.retries + 1,
                 error = %e,
                 "{what}"
             );
@@ -364,6 +727,7 @@ impl ProxyHttp for Gateway {
                 flag = ctx.flag,
                 method = %req.method,
                 path = req.uri.path(),
+                tries = ctx.retries + 1,
                 generation = ctx.snapshot.as_ref().map(|s| s.generation).unwrap_or(0),
                 "request"
             );

@@ -57,6 +57,7 @@ pub struct RequestView<'a> {
     pub headers: &'a HeaderMap,
     /// Port of the listener the request arrived on.
     pub port: u16,
+    pub client_ip: Option<std::net::IpAddr>,
 }
 
 /// One `match` block: every condition must hold.
@@ -74,10 +75,18 @@ pub struct RequestMatch {
     pub port: Option<u16>,
     /// Per-match gateway restriction (`namespace/name` keys); empty = the route's gateways.
     pub gateways: Vec<String>,
+    /// Portico extension `sourceIp`: the client address must be in one of these.
+    pub source_ip: Vec<ipnet::IpNet>,
 }
 
 impl RequestMatch {
     pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        if !self.source_ip.is_empty() {
+            match req.client_ip {
+                Some(ip) if self.source_ip.iter().any(|n| n.contains(&ip)) => {}
+                _ => return false,
+            }
+        }
         if let Some(port) = self.port {
             if port != req.port {
                 return false;
@@ -158,6 +167,7 @@ impl RequestMatch {
             && self.without_headers.is_empty()
             && self.query.is_empty()
             && self.port.is_none()
+            && self.source_ip.is_empty()
     }
 
     /// The prefix this match matched on, for `rewrite.uri` prefix replacement.
@@ -215,6 +225,9 @@ impl std::fmt::Display for RequestMatch {
         if let Some(p) = self.port {
             parts.push(format!("port {p}"));
         }
+        for n in &self.source_ip {
+            parts.push(format!("source {n}"));
+        }
         if parts.is_empty() {
             f.write_str("anything")
         } else {
@@ -236,6 +249,7 @@ mod tests {
             scheme: "http",
             headers,
             port: 80,
+            client_ip: None,
         }
     }
 

@@ -12,7 +12,8 @@ use std::sync::Arc;
 pub use host::{normalize_host, HostMatcher};
 pub use matcher::{RequestMatch, RequestView, StrMatch};
 pub use route::{
-    Action, DirectResponse, Forward, HeaderOps, HeaderRules, Redirect, Rewrite, Route,
+    chance, Action, Cors, DirectResponse, Fault, Forward, HeaderOps, HeaderRules, Mirror, Redirect,
+    RetryOn, RetryPolicy, Rewrite, Route,
 };
 
 /// The routes for one host name (or wildcard) on one listener.

@@ -21,6 +21,7 @@ pub struct Route {
     pub matches: Vec<RequestMatch>,
     pub action: Action,
     pub headers: HeaderRules,
+    pub cors: Option<Cors>,
 }
 
 #[derive(Debug, Clone)]
@@ -49,23 +50,164 @@ impl Route {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Action {
     Forward(Forward),
     Redirect(Redirect),
     Direct(DirectResponse),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Forward {
     pub destinations: Vec<WeightedDestination>,
     /// Sum of the weights; `pick` draws in `0..total`.
     pub total_weight: u32,
     pub rewrite: Option<Rewrite>,
+    /// Whole request, retries included; `None` = no timeout (Istio's default).
     pub timeout: Option<Duration>,
+    pub retries: RetryPolicy,
+    pub fault: Option<Fault>,
+    pub mirrors: Vec<Mirror>,
 }
 
-#[derive(Debug)]
+/// Istio HTTPRetry, compiled.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Retries, not tries: at most `1 + attempts` tries.
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub on: RetryOn,
+    /// Base interval of the exponential backoff (full jitter, capped at 10×).
+    pub backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// Istio's default when a route has no `retries`: 2 retries on connect-failure,
+    /// refused-stream, unavailable, cancelled, retriable-status-codes.
+    pub fn istio_default() -> Self {
+        RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            on: RetryOn {
+                connect_failure: true,
+                refused_stream: true,
+                ..RetryOn::default()
+            },
+            backoff: Duration::from_millis(25),
+        }
+    }
+
+    /// The pause before retry number `retry` (1-based).
+    pub fn backoff_for(&self, retry: u32) -> Duration {
+        let cap = self.backoff * 10;
+        let exp = self
+            .backoff
+            .saturating_mul(1u32 << retry.saturating_sub(1).min(10))
+            .min(cap);
+        exp.mul_f64(fastrand::f64())
+    }
+}
+
+/// The conditions of `retryOn`.
+#[derive(Debug, Clone, Default)]
+pub struct RetryOn {
+    pub five_xx: bool,
+    pub gateway_error: bool,
+    pub reset: bool,
+    pub connect_failure: bool,
+    pub refused_stream: bool,
+    pub retriable_4xx: bool,
+    /// Plain status codes and `retriable-status-codes`.
+    pub codes: Vec<u16>,
+}
+
+impl RetryOn {
+    /// Parses Envoy's `x-envoy-retry-on` names and plain status codes.
+    pub fn parse(text: &str) -> Result<RetryOn, String> {
+        let mut on = RetryOn::default();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "5xx" => on.five_xx = true,
+                "gateway-error" => on.gateway_error = true,
+                "reset" | "reset-before-request" => on.reset = true,
+                "connect-failure" => on.connect_failure = true,
+                "refused-stream" | "http3-post-connect-failure" => on.refused_stream = true,
+                "retriable-4xx" => on.retriable_4xx = true,
+                // gRPC status conditions: Portico does not proxy gRPC status yet; accepted
+                // because Istio's default list contains them.
+                "retriable-status-codes"
+                | "unavailable"
+                | "cancelled"
+                | "deadline-exceeded"
+                | "internal"
+                | "resource-exhausted" => {}
+                code => match code.parse::<u16>() {
+                    Ok(c) if (100..600).contains(&c) => on.codes.push(c),
+                    _ => return Err(format!("unknown retryOn condition {code:?}")),
+                },
+            }
+        }
+        Ok(on)
+    }
+
+    pub fn status(&self, status: u16) -> bool {
+        (self.five_xx && status >= 500)
+            || (self.gateway_error && matches!(status, 502..=504))
+            || (self.retriable_4xx && status == 409)
+            || self.codes.contains(&status)
+    }
+
+    pub fn connect(&self) -> bool {
+        self.connect_failure || self.five_xx || self.gateway_error
+    }
+
+    /// The upstream closed or reset the connection before answering.
+    pub fn reset(&self) -> bool {
+        self.reset || self.five_xx || self.refused_stream
+    }
+
+    /// A try timed out (`perTryTimeout`).
+    pub fn timeout(&self) -> bool {
+        self.five_xx || self.gateway_error
+    }
+}
+
+/// Istio HTTPFaultInjection: percentages in 0..=100.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub delay: Option<(Duration, f64)>,
+    pub abort: Option<(u16, f64)>,
+}
+
+/// Whether an event with probability `percent` (0-100) happens this time.
+pub fn chance(percent: f64) -> bool {
+    percent >= 100.0 || (percent > 0.0 && fastrand::f64() * 100.0 < percent)
+}
+
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    pub cluster: Arc<Cluster>,
+    pub percent: f64,
+}
+
+/// Istio CorsPolicy, compiled to header values.
+#[derive(Debug, Clone)]
+pub struct Cors {
+    pub allow_origins: Vec<super::StrMatch>,
+    pub allow_methods: Option<HeaderValue>,
+    pub allow_headers: Option<HeaderValue>,
+    pub expose_headers: Option<HeaderValue>,
+    pub max_age: Option<HeaderValue>,
+    pub allow_credentials: bool,
+}
+
+impl Cors {
+    pub fn allows(&self, origin: &str) -> bool {
+        self.allow_origins.iter().any(|m| m.matches(origin))
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct WeightedDestination {
     pub cluster: Arc<Cluster>,
     pub weight: u32,

@@ -1,0 +1,111 @@
+//! Traffic mirroring: a copy of the request goes to the mirror cluster, fire and forget.
+//! The copy runs in its own task with its own timeout; the client never waits for it and
+//! never sees its answer. Copies beyond a fixed number in flight are dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora::connectors::http::Connector;
+use pingora_error::Result;
+use pingora_http::RequestHeader;
+use tokio::sync::Semaphore;
+
+use crate::upstream::Cluster;
+
+/// Largest request body that is mirrored; larger bodies are not mirrored at all.
+pub const MAX_MIRROR_BODY: usize = 64 * 1024;
+const MAX_IN_FLIGHT: usize = 256;
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct MirrorClient {
+    connector: Connector,
+    in_flight: Arc<Semaphore>,
+}
+
+impl Default for MirrorClient {
+    fn default() -> Self {
+        MirrorClient {
+            connector: Connector::new(None),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        }
+    }
+}
+
+/// `host:port` → `host-shadow:port`, as Envoy names shadow traffic.
+pub fn shadow_host(host: &str) -> String {
+    match host.rsplit_once(':') {
+        Some((h, p))
+            if !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(']') =>
+        {
+            format!("{h}-shadow:{p}")
+        }
+        _ => format!("{host}-shadow"),
+    }
+}
+
+impl MirrorClient {
+    pub fn send(
+        self: &Arc<Self>,
+        cluster: Arc<Cluster>,
+        mut req: RequestHeader,
+        body: Option<Bytes>,
+    ) {
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            tracing::debug!(cluster = %cluster.name, "mirror dropped: too many copies in flight");
+            return;
+        };
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| req.uri.authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let _ = req.insert_header(http::header::HOST, shadow_host(&host));
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(MIRROR_TIMEOUT, this.forward(&cluster, req, body)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(cluster = %cluster.name, error = %e, "mirror failed"),
+                Err(_) => tracing::debug!(cluster = %cluster.name, "mirror timed out"),
+            }
+        });
+    }
+
+    async fn forward(
+        &self,
+        cluster: &Cluster,
+        req: RequestHeader,
+        body: Option<Bytes>,
+    ) -> Result<()> {
+        let Some(i) = cluster.select(None, &[]) else {
+            return Ok(());
+        };
+        let peer = cluster.peer(i, Some(MIRROR_TIMEOUT));
+        let (mut session, _reused) = self.connector.get_http_session(&peer).await?;
+        session.write_request_header(Box::new(req)).await?;
+        if let Some(body) = body {
+            session.write_request_body(body, true).await?;
+        }
+        session.finish_request_body().await?;
+        session.read_response_header().await?;
+        while session.read_response_body().await?.is_some() {}
+        self.connector
+            .release_http_session(session, &peer, peer.options.idle_timeout)
+            .await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shadow_host;
+
+    #[test]
+    fn shadow_names() {
+        assert_eq!(shadow_host("httpbin:8000"), "httpbin-shadow:8000");
+        assert_eq!(shadow_host("a.example.com"), "a.example.com-shadow");
+    }
+}
