@@ -104,7 +104,11 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("{e}");
-                    eprintln!("portico: not started: fix the configuration above");
+                    if matches!(e, portico::server::RunError::Config(_)) {
+                        eprintln!("portico: not started: fix the configuration above");
+                    } else {
+                        eprintln!("portico: not started");
+                    }
                     ExitCode::FAILURE
                 }
             }

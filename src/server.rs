@@ -26,13 +26,14 @@ impl TlsAccept for NoCallbacks {}
 pub enum RunError {
     Config(ConfigErrors),
     Tls(String),
+    Bind(String),
 }
 
 impl std::fmt::Display for RunError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RunError::Config(e) => write!(f, "{e}"),
-            RunError::Tls(e) => write!(f, "{e}"),
+            RunError::Tls(e) | RunError::Bind(e) => write!(f, "{e}"),
         }
     }
 }
@@ -52,6 +53,24 @@ pub fn run(config: &Path, threads: usize) -> Result<(), RunError> {
     };
     // Retries are Portico's decision (see proxy::fail_to_connect); this is only the cap.
     conf.max_retries = 16;
+    // pingora binds listeners inside its service threads and only logs a failure there, so
+    // a port already in use is found here first and stops the start with a clear error.
+    for addr in snapshot
+        .listeners
+        .iter()
+        .map(|l| (l.shape().to_string(), l.addr))
+        .chain(std::iter::once((
+            "admin API".to_string(),
+            snapshot.settings.admin,
+        )))
+    {
+        if let Err(e) = std::net::TcpListener::bind(addr.1) {
+            return Err(RunError::Bind(format!(
+                "cannot listen on {} ({}): {e}",
+                addr.1, addr.0
+            )));
+        }
+    }
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let server_conf = server.configuration.clone();

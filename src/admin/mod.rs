@@ -1,9 +1,7 @@
 //! Admin API: health, readiness, metrics, the config in force, and reload on demand.
 //! Listens on loopback unless `mesh.admin` says otherwise.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -42,19 +40,15 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Vec<u8>> {
     reply(status, "application/json", body)
 }
 
-/// Ok when every data-plane listener of `snapshot` accepts a TCP connection.
+/// Ok when every data-plane listener of `snapshot` is bound. Checked by trying to bind the
+/// same address: that fails while the listener holds it. (Connecting instead would make
+/// the TLS listeners log a failed handshake on every probe.) Start-up has already made sure
+/// no other process held these addresses.
 pub fn listeners_accepting(snapshot: &Snapshot) -> Result<(), String> {
     for l in &snapshot.listeners {
-        let ip = match l.addr.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ip => ip,
-        };
-        TcpStream::connect_timeout(
-            &SocketAddr::new(ip, l.addr.port()),
-            Duration::from_millis(500),
-        )
-        .map_err(|e| format!("listener {} not accepting: {e}", l.shape()))?;
+        if std::net::TcpListener::bind(l.addr).is_ok() {
+            return Err(format!("listener {} is not bound yet", l.shape()));
+        }
     }
     Ok(())
 }

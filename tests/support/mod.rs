@@ -6,7 +6,7 @@
 //! some test crate.
 #![allow(dead_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -32,17 +32,25 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 // Ports and small utilities
 // ---------------------------------------------------------------------------------------------
 
-/// A port on 127.0.0.1 that was free a moment ago. Ports handed out in this process are never
-/// handed out twice, so parallel tests in one test binary do not collide.
+/// A port on 127.0.0.1 that was free a moment ago, for a listener the gateway will open.
+///
+/// Ports come from 20000-32767, below Linux's ephemeral range (32768-60999): ports the
+/// kernel hands to echo servers and client sockets can then never take a port a test
+/// reserved for the gateway between the check and the gateway's bind. Each test binary
+/// walks its own pid-seeded sequence, and a port handed out is never handed out again.
 pub fn free_port() -> u16 {
-    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
-    for _ in 0..100 {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = listener.local_addr().expect("local_addr").port();
-        drop(listener);
-        let mut set = given.lock().unwrap();
-        if set.insert(port) {
+    static NEXT: OnceLock<Mutex<(u32, HashSet<u16>)>> = OnceLock::new();
+    let state =
+        NEXT.get_or_init(|| Mutex::new((std::process::id().wrapping_mul(7919), HashSet::new())));
+    let mut state = state.lock().unwrap();
+    for _ in 0..1000 {
+        state.0 = state.0.wrapping_add(4099);
+        let port = 20000 + (state.0 % 12768) as u16;
+        if state.1.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            state.1.insert(port);
             return port;
         }
     }
@@ -262,6 +270,22 @@ pub struct Echo {
     port: u16,
     count: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    state: Arc<EchoState>,
+}
+
+/// What an [`Echo`] saw, and how it misbehaves on request.
+///
+/// Besides `/status/NNN` and `/sleep/MS`: `/flaky/N/KEY` answers 503 to the first N requests
+/// for KEY and 200 after; `/slowfirst/MS/KEY` waits MS before answering the first request
+/// for KEY only; [`Echo::set_fail_status`] makes every answer that status.
+#[derive(Default)]
+pub struct EchoState {
+    active: AtomicUsize,
+    max_active: AtomicUsize,
+    fail_status: std::sync::atomic::AtomicU16,
+    seen: std::sync::Mutex<HashMap<String, usize>>,
+    /// `(method, path, host)` of every request, in arrival order.
+    log: std::sync::Mutex<Vec<(String, String, String)>>,
 }
 
 impl Echo {
@@ -270,10 +294,12 @@ impl Echo {
         let port = listener.local_addr().unwrap().port();
         let count = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(EchoState::default());
         {
             let name = name.to_string();
             let count = count.clone();
             let stop = stop.clone();
+            let state = state.clone();
             thread::Builder::new()
                 .name(format!("echo-{name}"))
                 .spawn(move || {
@@ -284,9 +310,10 @@ impl Echo {
                         let Ok(conn) = conn else { continue };
                         let name = name.clone();
                         let count = count.clone();
+                        let state = state.clone();
                         let _ = thread::Builder::new()
                             .name(format!("echo-{name}-conn"))
-                            .spawn(move || echo_connection(conn, &name, &count));
+                            .spawn(move || echo_connection(conn, &name, &count, &state));
                     }
                 })
                 .expect("spawn echo thread");
@@ -296,7 +323,23 @@ impl Echo {
             port,
             count,
             stop,
+            state,
         }
+    }
+
+    /// Every answer gets this status from now on (0 = behave normally).
+    pub fn set_fail_status(&self, status: u16) {
+        self.state.fail_status.store(status, Ordering::SeqCst);
+    }
+
+    /// The most requests this upstream was handling at once.
+    pub fn max_concurrent(&self) -> usize {
+        self.state.max_active.load(Ordering::SeqCst)
+    }
+
+    /// `(method, path, host)` of every request so far.
+    pub fn requests(&self) -> Vec<(String, String, String)> {
+        self.state.log.lock().unwrap().clone()
     }
 
     pub fn port(&self) -> u16 {
@@ -328,7 +371,32 @@ impl Drop for Echo {
     }
 }
 
-fn echo_connection(stream: TcpStream, name: &str, count: &AtomicUsize) {
+/// Decrements the in-flight count when a request's answer is done.
+struct Active<'a>(&'a EchoState);
+
+impl<'a> Active<'a> {
+    fn enter(state: &'a EchoState) -> Self {
+        let now = state.active.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_active.fetch_max(now, Ordering::SeqCst);
+        Active(state)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How many requests for `key` came before this one.
+fn seen_before(state: &EchoState, key: &str) -> usize {
+    let mut seen = state.seen.lock().unwrap();
+    let n = seen.entry(key.to_string()).or_insert(0);
+    *n += 1;
+    *n - 1
+}
+
+fn echo_connection(stream: TcpStream, name: &str, count: &AtomicUsize, state: &EchoState) {
     let _ = stream.set_nodelay(true);
     let mut writer = match stream.try_clone() {
         Ok(s) => s,
@@ -349,9 +417,33 @@ fn echo_connection(stream: TcpStream, name: &str, count: &AtomicUsize) {
             Err(_) => return,
         };
         count.fetch_add(1, Ordering::SeqCst);
+        let _active = Active::enter(state);
+        state.log.lock().unwrap().push((
+            method.clone(),
+            target.clone(),
+            header_value(&headers, "host")
+                .unwrap_or_default()
+                .to_string(),
+        ));
 
         let path_only = target.split('?').next().unwrap_or("");
         let mut status: u16 = 200;
+        let mut segments = path_only.trim_start_matches('/').splitn(3, '/');
+        match (segments.next(), segments.next(), segments.next()) {
+            (Some("flaky"), Some(n), Some(key))
+                if seen_before(state, key) < n.parse::<usize>().unwrap_or(0) =>
+            {
+                status = 503;
+            }
+            (Some("slowfirst"), Some(ms), Some(key)) if seen_before(state, key) == 0 => {
+                thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+            }
+            _ => {}
+        }
+        let forced = state.fail_status.load(Ordering::SeqCst);
+        if forced != 0 {
+            status = forced;
+        }
         if let Some(code) = path_only.strip_prefix("/status/") {
             if let Ok(code) = code.trim_end_matches('/').parse::<u16>() {
                 if (200..600).contains(&code) {

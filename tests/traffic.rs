@@ -1,0 +1,561 @@
+//! Traffic management against real upstreams: retries, timeouts, circuit breaking, outlier
+//! detection, fault injection, mirroring, consistent hashing, CORS and source matching.
+
+mod support;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// A gateway on one plain HTTP port with `routes` (TOML `[[virtualServices.http]]` blocks)
+/// for host `app.test`, and a ServiceEntry `backend.internal` with one endpoint per port.
+struct Setup {
+    portico: Portico,
+    http: u16,
+    _tmp: tempfile::TempDir,
+}
+
+fn backend(ports: &[u16], traffic_policy: &str) -> String {
+    let endpoints: Vec<String> = ports
+        .iter()
+        .map(|p| format!("{{ address = \"127.0.0.1\", ports = {{ http = {p} }} }}"))
+        .collect();
+    format!(
+        r#"
+[[serviceEntries]]
+name = "backend"
+hosts = ["backend.internal"]
+resolution = "STATIC"
+ports = [{{ number = 80, name = "http", protocol = "HTTP" }}]
+endpoints = [{}]
+
+[[destinationRules]]
+name = "backend"
+host = "backend.internal"
+{traffic_policy}
+"#,
+        endpoints.join(", ")
+    )
+}
+
+const TO_BACKEND: &str =
+    r#"route = [{ destination = { host = "backend.internal", port = { number = 80 } } }]"#;
+
+fn start(routes: &str, backend: &str) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let config = format!(
+        r#"{mesh}
+[[gateways]]
+name = "edge"
+[[gateways.servers]]
+port = {{ number = {http}, name = "http", protocol = "HTTP" }}
+bind = "127.0.0.1"
+hosts = ["*"]
+
+[[virtualServices]]
+name = "app"
+hosts = ["app.test"]
+gateways = ["edge"]
+{routes}
+{backend}
+"#,
+        mesh = mesh_config(free_port()),
+    );
+    let portico = Portico::start(tmp.path(), &config);
+    Setup {
+        portico,
+        http,
+        _tmp: tmp,
+    }
+}
+
+impl Setup {
+    fn get(&self, path: &str) -> Response {
+        http_request(self.http, "GET", "app.test", path, &[], b"")
+    }
+}
+
+#[test]
+fn retries_until_the_upstream_recovers() {
+    let echo = Echo::start("flaky");
+    let routes = format!(
+        "[[virtualServices.http]]\n{TO_BACKEND}\nretries = {{ attempts = 3, retryOn = \"5xx\" }}\n"
+    );
+    let s = start(&routes, &backend(&[echo.port()], ""));
+    // Fails twice, then answers: the third try succeeds.
+    let resp = s.get("/flaky/2/a");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(echo.count(), 3);
+    // Fails four times: 1 try + 3 retries all fail, and the client gets the last 503.
+    echo.reset_count();
+    let resp = s.get("/flaky/4/b");
+    assert_eq!(resp.status, 503);
+    assert_eq!(echo.count(), 4, "exactly 1 + attempts tries");
+}
+
+#[test]
+fn retry_on_only_retries_what_it_names() {
+    let echo = Echo::start("e");
+    let routes = format!(
+        "[[virtualServices.http]]\n{TO_BACKEND}\nretries = {{ attempts = 3, retryOn = \"gateway-error,409\" }}\n"
+    );
+    let s = start(&routes, &backend(&[echo.port()], ""));
+    assert_eq!(s.get("/status/500").status, 500);
+    assert_eq!(echo.count(), 1, "500 is not a gateway error: no retry");
+    echo.reset_count();
+    assert_eq!(s.get("/status/502").status, 502);
+    assert_eq!(echo.count(), 4, "502 is retried");
+    echo.reset_count();
+    assert_eq!(s.get("/status/409").status, 409);
+    assert_eq!(echo.count(), 4, "a plain status code in retryOn is retried");
+    // A POST with a body is retried too, its body replayed.
+    echo.reset_count();
+    let resp = http_request(s.http, "POST", "app.test", "/flaky/1/post", &[], b"payload");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["body"], "payload");
+    assert_eq!(echo.count(), 2);
+}
+
+#[test]
+fn without_retries_istio_default_retries_connect_failures_only() {
+    let echo = Echo::start("e");
+    let dead = free_port();
+    let s = start(
+        &format!("[[virtualServices.http]]\n{TO_BACKEND}\n"),
+        &backend(
+            &[dead, echo.port()],
+            "trafficPolicy = { loadBalancer = { simple = \"ROUND_ROBIN\" } }",
+        ),
+    );
+    for _ in 0..6 {
+        // Half the tries hit the dead endpoint first; the default retry moves on.
+        assert_eq!(s.get("/").status, 200);
+    }
+    echo.reset_count();
+    assert_eq!(
+        s.get("/status/503").status,
+        503,
+        "a 503 answer is not retried by default"
+    );
+    assert_eq!(echo.count(), 1);
+}
+
+#[test]
+fn per_try_timeout_retries_a_slow_try() {
+    let echo = Echo::start("e");
+    let routes = format!(
+        "[[virtualServices.http]]\n{TO_BACKEND}\nretries = {{ attempts = 2, perTryTimeout = \"300ms\", retryOn = \"5xx\" }}\n"
+    );
+    let s = start(&routes, &backend(&[echo.port()], ""));
+    // The first try hangs for 5 s; the per-try timeout cuts it and the retry answers.
+    let resp = s.get("/slowfirst/5000/k");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(echo.count(), 2);
+}
+
+#[test]
+fn route_timeout_covers_retries_and_answers_504() {
+    let echo = Echo::start("e");
+    let routes = format!(
+        "[[virtualServices.http]]\n{TO_BACKEND}\ntimeout = \"400ms\"\nretries = {{ attempts = 5, perTryTimeout = \"150ms\", retryOn = \"5xx\" }}\n"
+    );
+    let s = start(&routes, &backend(&[echo.port()], ""));
+    let resp = s.get("/sleep/2000");
+    assert_eq!(resp.status, 504, "{}", resp.text());
+    let tries = echo.count();
+    assert!(
+        (2..=4).contains(&tries),
+        "the route timeout ends the retries: {tries} tries"
+    );
+}
+
+#[test]
+fn circuit_breaker_rejects_the_overflow_fast() {
+    let echo = Echo::start("e");
+    let s = start(
+        &format!("[[virtualServices.http]]\n{TO_BACKEND}\n"),
+        &backend(
+            &[echo.port()],
+            "trafficPolicy = { connectionPool = { tcp = { maxConnections = 1 }, http = { http1MaxPendingRequests = 1 } } }",
+        ),
+    );
+    let http = s.http;
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            thread::spawn(move || http_request(http, "GET", "app.test", "/sleep/300", &[], b""))
+        })
+        .collect();
+    let statuses: Vec<u16> = clients
+        .into_iter()
+        .map(|c| c.join().unwrap().status)
+        .collect();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let overflow = statuses.iter().filter(|s| **s == 503).count();
+    assert_eq!(ok + overflow, 20, "{statuses:?}");
+    assert!(
+        ok >= 2,
+        "the admitted request and the pending one succeed: {statuses:?}"
+    );
+    assert!(overflow >= 10, "most of the burst overflows: {statuses:?}");
+    assert_eq!(
+        echo.max_concurrent(),
+        1,
+        "the upstream never sees more than the limit"
+    );
+}
+
+#[test]
+fn outlier_detection_ejects_and_brings_back() {
+    let good1 = Echo::start("good1");
+    let good2 = Echo::start("good2");
+    let bad = Echo::start("bad");
+    bad.set_fail_status(503);
+    let s = start(
+        &format!("[[virtualServices.http]]\n{TO_BACKEND}\nretries = {{ attempts = 0 }}\n"),
+        &backend(
+            &[good1.port(), good2.port(), bad.port()],
+            "trafficPolicy = { loadBalancer = { simple = \"ROUND_ROBIN\" }, outlierDetection = { consecutive5xxErrors = 3, interval = \"1s\", baseEjectionTime = \"1s\", maxEjectionPercent = 100 } }",
+        ),
+    );
+    for _ in 0..60 {
+        s.get("/");
+    }
+    assert_eq!(bad.count(), 3, "ejected after 3 consecutive 503s");
+    assert_eq!(good1.count() + good2.count(), 57);
+    // After baseEjectionTime the endpoint is tried again (and, still failing, ejected again).
+    thread::sleep(Duration::from_millis(1200));
+    for _ in 0..30 {
+        s.get("/");
+    }
+    assert!(bad.count() > 3, "tried again after the ejection time");
+    assert!(bad.count() <= 6, "and ejected again: {}", bad.count());
+}
+
+#[test]
+fn fault_abort_percentage_holds_and_delay_is_applied() {
+    let echo = Echo::start("e");
+    let routes = format!(
+        "[[virtualServices.http]]\nmatch = [{{ uri = {{ prefix = \"/abort\" }} }}]\n{TO_BACKEND}\nfault = {{ abort = {{ httpStatus = 555, percentage = {{ value = 50.0 }} }} }}\n\
+         [[virtualServices.http]]\nmatch = [{{ uri = {{ prefix = \"/delay\" }} }}]\n{TO_BACKEND}\nfault = {{ delay = {{ fixedDelay = \"300ms\", percentage = {{ value = 100.0 }} }} }}\n\
+         [[virtualServices.http]]\nmatch = [{{ uri = {{ prefix = \"/nopct\" }} }}]\n{TO_BACKEND}\nfault = {{ abort = {{ httpStatus = 500 }} }}\n"
+    );
+    let s = start(&routes, &backend(&[echo.port()], ""));
+    let mut client = HttpClient::new(s.http);
+    let mut aborted = 0;
+    for _ in 0..2000 {
+        let resp = client.get("app.test", "/abort").unwrap();
+        match resp.status {
+            555 => aborted += 1,
+            200 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(
+        (920..=1080).contains(&aborted),
+        "50 % ± 4 % of 2000: {aborted}"
+    );
+    assert_eq!(
+        echo.count(),
+        2000 - aborted,
+        "aborted requests never reach the upstream"
+    );
+
+    let started = Instant::now();
+    assert_eq!(client.get("app.test", "/delay").unwrap().status, 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "delayed by fixedDelay"
+    );
+
+    for _ in 0..50 {
+        assert_eq!(
+            client.get("app.test", "/nopct").unwrap().status,
+            200,
+            "no percentage injects nothing"
+        );
+    }
+}
+
+/// A server that accepts connections and reads requests but never answers.
+fn black_hole() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            thread::spawn(move || {
+                let mut conn = conn;
+                let mut buf = [0u8; 4096];
+                let deadline = Instant::now() + Duration::from_secs(30);
+                conn.set_read_timeout(Some(Duration::from_millis(500))).ok();
+                while Instant::now() < deadline {
+                    match conn.read(&mut buf) {
+                        Ok(0) => return,
+                        _ => continue,
+                    }
+                }
+            });
+        }
+    });
+    (port, accepted)
+}
+
+#[test]
+fn mirroring_copies_requests_and_never_slows_the_client() {
+    let primary = Echo::start("primary");
+    let shadow = Echo::start("shadow");
+    let (hole, hole_accepted) = black_hole();
+    let routes = r#"
+[[virtualServices.http]]
+match = [{ uri = { prefix = "/copy" } }]
+route = [{ destination = { host = "backend.internal", port = { number = 80 } } }]
+mirror = { host = "shadow.internal", port = { number = 80 } }
+
+[[virtualServices.http]]
+match = [{ uri = { prefix = "/hang" } }]
+route = [{ destination = { host = "backend.internal", port = { number = 80 } } }]
+mirror = { host = "hole.internal", port = { number = 80 } }
+mirrorPercentage = { value = 100.0 }
+"#;
+    let extra = format!(
+        r#"
+[[serviceEntries]]
+name = "shadow"
+hosts = ["shadow.internal"]
+resolution = "STATIC"
+ports = [{{ number = 80, name = "http", protocol = "HTTP" }}]
+endpoints = [{{ address = "127.0.0.1", ports = {{ http = {} }} }}]
+
+[[serviceEntries]]
+name = "hole"
+hosts = ["hole.internal"]
+resolution = "STATIC"
+ports = [{{ number = 80, name = "http", protocol = "HTTP" }}]
+endpoints = [{{ address = "127.0.0.1", ports = {{ http = {hole} }} }}]
+"#,
+        shadow.port()
+    );
+    let s = start(routes, &(backend(&[primary.port()], "") + &extra));
+    for i in 0..10 {
+        let resp = s.get(&format!("/copy/{i}"));
+        assert_eq!(resp.status, 200);
+        assert_eq!(
+            resp.upstream(),
+            Some("primary"),
+            "the client gets the primary's answer"
+        );
+    }
+    let post = http_request(
+        s.http,
+        "POST",
+        "app.test",
+        "/copy/post",
+        &[],
+        b"mirrored body",
+    );
+    assert_eq!(post.status, 200);
+    assert!(
+        wait_until(Duration::from_secs(5), || shadow.count() == 11),
+        "the mirror got every copy: {}",
+        shadow.count()
+    );
+    let seen = shadow.requests();
+    assert!(
+        seen.iter().all(|(_, _, host)| host == "app.test-shadow"),
+        "{seen:?}"
+    );
+    assert!(seen
+        .iter()
+        .any(|(m, p, _)| m == "POST" && p == "/copy/post"));
+
+    // A mirror that never answers: every client request still completes, and promptly
+    // enough that 20 in a row finish long before the mirror's own timeout.
+    let started = Instant::now();
+    for i in 0..20 {
+        assert_eq!(s.get(&format!("/hang/{i}")).status, 200);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the hanging mirror is not waited for"
+    );
+    assert!(
+        hole_accepted.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "copies were sent to it"
+    );
+}
+
+fn hash_config(ports: &[u16]) -> String {
+    backend(
+        ports,
+        "trafficPolicy = { loadBalancer = { consistentHash = { httpHeaderName = \"x-user\", ringHash = { minimumRingSize = 1024 } } } }",
+    )
+}
+
+#[test]
+fn consistent_hash_is_sticky_and_moves_only_the_removed_endpoints_keys() {
+    let echoes = [Echo::start("a"), Echo::start("b"), Echo::start("c")];
+    let ports: Vec<u16> = echoes.iter().map(|e| e.port()).collect();
+    let routes = format!("[[virtualServices.http]]\n{TO_BACKEND}\n");
+    let s = start(&routes, &hash_config(&ports));
+    let mut client = HttpClient::new(s.http);
+    let mut owner = std::collections::HashMap::new();
+    for user in 0..200 {
+        let u = format!("user-{user}");
+        let first = client
+            .request("GET", "app.test", "/", &[("x-user", &u)], b"")
+            .unwrap();
+        for _ in 0..3 {
+            let again = client
+                .request("GET", "app.test", "/", &[("x-user", &u)], b"")
+                .unwrap();
+            assert_eq!(again.upstream(), first.upstream(), "{u} is sticky");
+        }
+        owner.insert(u, first.upstream().unwrap().to_string());
+    }
+    let used: std::collections::HashSet<&String> = owner.values().collect();
+    assert_eq!(used.len(), 3, "keys spread over all endpoints");
+
+    // Remove endpoint "c" by reloading the config without it.
+    let g = s.portico.generation();
+    let text = std::fs::read_to_string(&s.portico.config_path).unwrap();
+    let without_c = text.replace(
+        &format!(
+            ", {{ address = \"127.0.0.1\", ports = {{ http = {} }} }}",
+            ports[2]
+        ),
+        "",
+    );
+    assert_ne!(text, without_c);
+    s.portico.rewrite_config(&without_c);
+    s.portico.wait_generation_above(g, Duration::from_secs(10));
+    let mut moved = 0;
+    for (u, was) in &owner {
+        let now = client
+            .request("GET", "app.test", "/", &[("x-user", u)], b"")
+            .unwrap();
+        let now = now.upstream().unwrap().to_string();
+        assert_ne!(now, "c");
+        if was != "c" && &now != was {
+            moved += 1;
+        }
+    }
+    assert_eq!(
+        moved, 0,
+        "keys on the remaining endpoints stay where they were"
+    );
+}
+
+#[test]
+fn cookie_hash_sets_a_cookie_and_follows_it() {
+    let echoes = [Echo::start("a"), Echo::start("b"), Echo::start("c")];
+    let ports: Vec<u16> = echoes.iter().map(|e| e.port()).collect();
+    let s = start(
+        &format!("[[virtualServices.http]]\n{TO_BACKEND}\n"),
+        &backend(
+            &ports,
+            "trafficPolicy = { loadBalancer = { consistentHash = { httpCookie = { name = \"sticky\", ttl = \"60s\" }, maglev = { tableSize = 65537 } } } }",
+        ),
+    );
+    let first = s.get("/");
+    let set = first
+        .header("set-cookie")
+        .expect("a cookie is set")
+        .to_string();
+    assert!(
+        set.starts_with("sticky=") && set.contains("Max-Age=60"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap().to_string();
+    for _ in 0..10 {
+        let r = http_request(s.http, "GET", "app.test", "/", &[("cookie", &cookie)], b"");
+        assert_eq!(r.upstream(), first.upstream());
+        assert!(
+            r.header("set-cookie").is_none(),
+            "no new cookie when one is sent"
+        );
+    }
+}
+
+#[test]
+fn cors_preflight_is_answered_by_the_gateway() {
+    let echo = Echo::start("e");
+    let routes = format!(
+        "[[virtualServices.http]]\n{TO_BACKEND}\ncorsPolicy = {{ allowOrigins = [{{ exact = \"http://foo.example\" }}, {{ regex = \"https://.*\\\\.trusted\\\\.test\" }}], allowMethods = [\"POST\", \"GET\", \"OPTIONS\"], allowHeaders = [\"content-type\"], exposeHeaders = [\"x-upstream\"], maxAge = \"300s\", allowCredentials = true }}\n"
+    );
+    let s = start(&routes, &backend(&[echo.port()], ""));
+    let pre = http_request(
+        s.http,
+        "OPTIONS",
+        "app.test",
+        "/x",
+        &[
+            ("origin", "http://foo.example"),
+            ("access-control-request-method", "POST"),
+        ],
+        b"",
+    );
+    assert_eq!(pre.status, 200);
+    assert_eq!(
+        pre.header("access-control-allow-origin"),
+        Some("http://foo.example")
+    );
+    assert_eq!(
+        pre.header("access-control-allow-methods"),
+        Some("POST,GET,OPTIONS")
+    );
+    assert_eq!(
+        pre.header("access-control-allow-headers"),
+        Some("content-type")
+    );
+    assert_eq!(pre.header("access-control-max-age"), Some("300"));
+    assert_eq!(pre.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(echo.count(), 0, "the gateway answered the preflight");
+
+    let simple = http_request(
+        s.http,
+        "GET",
+        "app.test",
+        "/x",
+        &[("origin", "https://app.trusted.test")],
+        b"",
+    );
+    assert_eq!(
+        simple.header("access-control-allow-origin"),
+        Some("https://app.trusted.test")
+    );
+    assert_eq!(
+        simple.header("access-control-expose-headers"),
+        Some("x-upstream")
+    );
+
+    let other = http_request(
+        s.http,
+        "OPTIONS",
+        "app.test",
+        "/x",
+        &[
+            ("origin", "http://evil.example"),
+            ("access-control-request-method", "POST"),
+        ],
+        b"",
+    );
+    assert!(other.header("access-control-allow-origin").is_none());
+    assert_eq!(echo.count(), 2, "an unmatched preflight is forwarded");
+}
+
+#[test]
+fn source_ip_matches_the_client_address() {
+    let echo = Echo::start("e");
+    let routes = format!(
+        "[[virtualServices.http]]\nmatch = [{{ sourceIp = [\"10.0.0.0/8\"] }}]\ndirectResponse = {{ status = 403, body = {{ string = \"internal only\" }} }}\n\
+         [[virtualServices.http]]\nmatch = [{{ uri = {{ prefix = \"/\" }}, sourceIp = [\"127.0.0.0/8\", \"::1\"] }}]\n{TO_BACKEND}\n"
+    );
+    let s = start(&routes, &backend(&[echo.port()], ""));
+    assert_eq!(s.get("/").status, 200, "127.0.0.1 matches the second route");
+    assert_eq!(echo.count(), 1);
+}
