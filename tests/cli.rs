@@ -240,3 +240,22 @@ fn run_with_missing_config_fails() {
         "the message names the file:\n{text}"
     );
 }
+
+/// Every worked example in `conf/examples/` (the README's reference) is a valid config.
+#[test]
+fn every_example_config_validates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("conf/examples exists") {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let (code, out) = run_cli(&["validate", "-c", path.to_str().unwrap()]);
+        assert_eq!(code, 0, "{}:\n{out}", path.display());
+        assert!(out.contains("ok:"), "{}:\n{out}", path.display());
+        assert!(!out.contains("warning"), "{} has warnings:\n{out}", path.display());
+        checked += 1;
+    }
+    assert!(checked >= 7, "found only {checked} examples");
+}
