@@ -76,6 +76,7 @@ impl Reloader {
             tracing::warn!("{w}");
         }
         let snapshot = compiled.snapshot;
+        configure_access_log(&snapshot);
         let watched = watch_list(config_path, &snapshot, &[]);
         Metrics::global().config_generation.set(1);
         Ok(Reloader {
@@ -157,6 +158,7 @@ impl Reloader {
                     tracing::warn!("{w}");
                 }
                 let snapshot = compiled.snapshot;
+                configure_access_log(&snapshot);
                 let mut st = self.lock();
                 st.watched = watch_list(&self.config_path, &snapshot, &before);
                 st.generation = generation;
@@ -194,6 +196,12 @@ impl Reloader {
             sources: self.snapshots.load().files.clone(),
             last_reload_error: st.last_error.clone(),
         }
+    }
+}
+
+fn configure_access_log(snapshot: &Snapshot) {
+    if let Some(al) = &snapshot.settings.access_log {
+        crate::telemetry::access_log::Sink::configure(&al.path);
     }
 }
 
@@ -265,6 +273,8 @@ impl BackgroundService for Watcher {
                 None
             }
         };
+        let mut usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok();
         self.announce_ready().await;
         let watchdog = lifecycle::watchdog_interval();
         let mut last_watchdog = std::time::Instant::now();
@@ -281,6 +291,11 @@ impl BackgroundService for Watcher {
                 }
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     self.reload("SIGHUP").await;
+                }
+                Some(()) = async { match usr1.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+                    if let Some(sink) = crate::telemetry::access_log::Sink::get() {
+                        sink.reopen();
+                    }
                 }
                 _ = shutdown.changed() => {
                     lifecycle::stopping();

@@ -19,8 +19,19 @@ use crate::proxy::Gateway;
 use crate::reload::{Reloader, Watcher};
 use crate::tls::SniResolver;
 
-struct NoCallbacks;
-impl TlsAccept for NoCallbacks {}
+/// Keeps the SNI of each TLS connection for the request's log line.
+struct KeepSni;
+
+#[async_trait::async_trait]
+impl TlsAccept for KeepSni {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &pingora::protocols::tls::TlsRef,
+    ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        tls.server_name()
+            .map(|s| Arc::new(crate::proxy::Sni(s.to_string())) as _)
+    }
+}
 
 #[derive(Debug)]
 pub enum RunError {
@@ -81,7 +92,7 @@ pub fn run(config: &Path, threads: usize) -> Result<(), RunError> {
         let mut svc = pingora_proxy::http_proxy_service_with_name(&server_conf, gateway, &name);
         let addr = l.addr.to_string();
         if l.tls {
-            let mut tls = TlsSettings::with_callbacks(Box::new(NoCallbacks))
+            let mut tls = TlsSettings::with_callbacks(Box::new(KeepSni))
                 .map_err(|e| RunError::Tls(format!("{name}: {e}")))?;
             tls.set_cert_resolver(Arc::new(SniResolver {
                 listener: i,

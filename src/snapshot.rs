@@ -71,6 +71,13 @@ pub struct Settings {
     pub tls_handshake_timeout: Duration,
     pub reload_poll_interval: Duration,
     pub drain_duration: Duration,
+    pub access_log: Option<AccessLogSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccessLogSettings {
+    pub path: PathBuf,
+    pub format: Arc<crate::telemetry::access_log::Format>,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -254,7 +254,11 @@ fn every_example_config_validates() {
         let (code, out) = run_cli(&["validate", "-c", path.to_str().unwrap()]);
         assert_eq!(code, 0, "{}:\n{out}", path.display());
         assert!(out.contains("ok:"), "{}:\n{out}", path.display());
-        assert!(!out.contains("warning"), "{} has warnings:\n{out}", path.display());
+        assert!(
+            !out.contains("warning"),
+            "{} has warnings:\n{out}",
+            path.display()
+        );
         checked += 1;
     }
     assert!(checked >= 7, "found only {checked} examples");

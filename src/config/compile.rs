@@ -23,7 +23,8 @@ use crate::routing::{
     Mirror, Redirect, RequestMatch, RetryOn, RetryPolicy, Rewrite, Route, RouteTable, ServerPolicy,
     StrMatch, VirtualHost,
 };
-use crate::snapshot::{Listener, Settings, Snapshot, Summary};
+use crate::snapshot::{AccessLogSettings, Listener, Settings, Snapshot, Summary};
+use crate::telemetry::access_log::{self, Format as AccessLogFormat};
 use crate::tls::{self, CertStore, ServerCert};
 use crate::upstream::{
     cluster_name, Cluster, ClusterSettings, HashSource, HashTable, Limits, OutlierPolicy, Policy,
@@ -214,7 +215,52 @@ impl Cx {
                 ),
             }
         }
+        let access_log = match m.access_log_file.as_deref() {
+            Some("") => None,
+            file => {
+                let path = match file {
+                    None | Some("/dev/stdout") => PathBuf::from("/dev/stdout"),
+                    Some(f) => doc.main.resolve(f),
+                };
+                let format = match (
+                    m.access_log_encoding.as_deref(),
+                    m.access_log_format.as_deref(),
+                ) {
+                    (None | Some("JSON"), None) => Some(AccessLogFormat::Json),
+                    (None | Some("JSON"), Some(_)) => {
+                        self.err(
+                            o,
+                            ".accessLogFormat",
+                            "a format string needs accessLogEncoding = \"TEXT\"",
+                        );
+                        None
+                    }
+                    (Some("TEXT"), f) => {
+                        match AccessLogFormat::text(f.unwrap_or(access_log::ISTIO_TEXT_FORMAT)) {
+                            Ok(f) => Some(f),
+                            Err(e) => {
+                                self.err(o, ".accessLogFormat", e);
+                                None
+                            }
+                        }
+                    }
+                    (Some(other), _) => {
+                        self.err(
+                            o,
+                            ".accessLogEncoding",
+                            format!("{other:?} is not JSON or TEXT"),
+                        );
+                        None
+                    }
+                };
+                format.map(|format| AccessLogSettings {
+                    path,
+                    format: Arc::new(format),
+                })
+            }
+        };
         Settings {
+            access_log,
             admin,
             connect_timeout: m
                 .connect_timeout

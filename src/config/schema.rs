@@ -49,6 +49,12 @@ pub struct Mesh {
     pub reload_poll_interval: Option<Duration>,
     /// Graceful shutdown: how long in-flight requests get after SIGTERM. Default 5s.
     pub drain_duration: Option<Duration>,
+    /// Access log destination: a file path or `/dev/stdout` (default); `""` turns it off.
+    pub access_log_file: Option<String>,
+    /// `JSON` (default) or `TEXT`.
+    pub access_log_encoding: Option<String>,
+    /// Envoy-style format string for `TEXT` (default: Istio's text format).
+    pub access_log_format: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

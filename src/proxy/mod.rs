@@ -21,7 +21,7 @@ use crate::routing::{
     chance, normalize_host, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route,
 };
 use crate::snapshot::Snapshot;
-use crate::telemetry::Metrics;
+use crate::telemetry::{access_log, Metrics};
 use crate::upstream::balancer::hash_bytes;
 use crate::upstream::{Admission, HashSource, InFlight, RetryPermit};
 use mirror::{MirrorClient, MAX_MIRROR_BODY};
@@ -45,9 +45,17 @@ impl Gateway {
     }
 }
 
+/// The SNI a TLS client sent, kept from the handshake for the log line.
+pub struct Sni(pub String);
+
 /// Per-request state. The Snapshot is loaded once, in the first phase, and kept to the end.
-#[derive(Default)]
 pub struct RequestCtx {
+    started: Instant,
+    started_at: std::time::SystemTime,
+    /// Envoy's RESPONSE_CODE_DETAILS for the log.
+    details: &'static str,
+    upstream_time: Option<Duration>,
+    upstream_host: Option<std::net::SocketAddr>,
     snapshot: Option<Arc<Snapshot>>,
     route: Option<Arc<Route>>,
     match_index: usize,
@@ -68,6 +76,34 @@ pub struct RequestCtx {
     mirror_pending: Option<(Vec<Arc<crate::upstream::Cluster>>, RequestHeader, BytesMut)>,
     /// Envoy-style response flag for logs: NR, UH, UF, UO, UT, URX, DI, FI, DC, UC.
     pub flag: &'static str,
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        RequestCtx {
+            started: Instant::now(),
+            started_at: std::time::SystemTime::now(),
+            details: "",
+            upstream_time: None,
+            upstream_host: None,
+            snapshot: None,
+            route: None,
+            match_index: 0,
+            destination: 0,
+            retries: 0,
+            tried: Vec::new(),
+            in_flight: None,
+            admission: None,
+            retry_permit: None,
+            deadline: None,
+            hash: None,
+            set_cookie: None,
+            cors_origin: None,
+            retry_on_status: false,
+            mirror_pending: None,
+            flag: "",
+        }
+    }
 }
 
 impl RequestCtx {
@@ -327,6 +363,10 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        if !session.req_header().headers.contains_key("x-request-id") {
+            let id = request_id();
+            session.req_header_mut().insert_header("x-request-id", id)?;
+        }
         let snapshot = self.snapshots.load_full();
         let local = self.decide(&snapshot, session.req_header(), client_ip(session));
         ctx.snapshot = Some(snapshot);
@@ -340,6 +380,9 @@ impl ProxyHttp for Gateway {
             } => {
                 if status == 404 && route.is_none() {
                     ctx.flag = "NR";
+                    ctx.details = "route_not_found";
+                } else {
+                    ctx.details = "direct_response";
                 }
                 let mut extra = Vec::new();
                 if let Some(cors) = route.as_ref().and_then(|r| r.cors.as_ref()) {
@@ -355,11 +398,13 @@ impl ProxyHttp for Gateway {
                 }
                 let ops = route.as_ref().map(|r| &r.headers.response);
                 respond(session, status, body, location, ops, &extra).await?;
+                ctx.route = route;
                 return Ok(true);
             }
         };
         if let Some(cors) = &route.cors {
             if let Some(h) = preflight(cors, session.req_header()) {
+                ctx.details = "cors_response";
                 respond(session, 200, Bytes::new(), None, None, &h).await?;
                 return Ok(true);
             }
@@ -381,6 +426,7 @@ impl ProxyHttp for Gateway {
             if let Some((status, pct)) = fault.abort {
                 if chance(pct) {
                     ctx.flag = "FI";
+                    ctx.details = "fault_filter_abort";
                     let ops = Some(&route.headers.response);
                     respond(
                         session,
@@ -499,6 +545,7 @@ impl ProxyHttp for Gateway {
             ));
         };
         ctx.tried.push(i);
+        ctx.upstream_host = Some(cluster.endpoints[i].addr);
         ctx.in_flight = Some(InFlight::new(cluster.clone(), i));
         let per_try = match (forward.retries.per_try_timeout, ctx.remaining()) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -568,6 +615,8 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
         self.record(ctx, Some(status));
+        ctx.upstream_time = ctx.in_flight.as_ref().map(|i| i.started.elapsed());
+        ctx.details = "via_upstream";
         let retry_status = ctx.forward().is_some_and(|f| f.retries.on.status(status));
         if retry_status && !session.as_ref().retry_buffer_truncated() && self.may_retry(ctx) {
             ctx.retry_on_status = true;
@@ -715,22 +764,86 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
-        let status = session
-            .response_written()
-            .map(|r| r.status.as_u16())
-            .unwrap_or(0);
+        let response = session.response_written();
+        let status = response.map(|r| r.status.as_u16()).unwrap_or(0);
         Metrics::global().request(status);
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            let req = session.req_header();
-            tracing::debug!(
-                status,
-                flag = ctx.flag,
-                method = %req.method,
-                path = req.uri.path(),
-                tries = ctx.retries + 1,
-                generation = ctx.snapshot.as_ref().map(|s| s.generation).unwrap_or(0),
-                "request"
-            );
-        }
+        let Some(snapshot) = ctx.snapshot.as_ref() else {
+            return;
+        };
+        let Some(al) = snapshot.settings.access_log.as_ref() else {
+            return;
+        };
+        let Some(sink) = access_log::Sink::get() else {
+            return;
+        };
+        let req = session.req_header();
+        let digest = session.digest();
+        let sni = digest
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|t| t.extension.get::<Sni>())
+            .map(|s| s.0.as_str());
+        let socket = digest.and_then(|d| d.socket_digest.as_ref());
+        let authority = req
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let entry = access_log::Entry {
+            start: ctx.started_at,
+            method: req.method.as_str(),
+            path: req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+            protocol: if session.is_http2() {
+                "HTTP/2"
+            } else {
+                "HTTP/1.1"
+            },
+            status,
+            flags: ctx.flag,
+            details: ctx.details,
+            bytes_received: session.body_bytes_read(),
+            bytes_sent: session.body_bytes_sent(),
+            duration: ctx.started.elapsed(),
+            upstream_time: ctx.upstream_time,
+            request_headers: &req.headers,
+            response_headers: response.map(|r| &r.headers),
+            authority,
+            upstream_host: ctx.upstream_host,
+            upstream_cluster: ctx
+                .forward()
+                .map(|f| f.destinations[ctx.destination].cluster.name.as_str()),
+            downstream_local: socket
+                .and_then(|s| s.local_addr())
+                .and_then(|a| a.as_inet())
+                .copied(),
+            downstream_remote: socket
+                .and_then(|s| s.peer_addr())
+                .and_then(|a| a.as_inet())
+                .copied(),
+            sni,
+            route_name: ctx.route.as_ref().and_then(|r| r.name.as_deref()),
+            attempts: if ctx.upstream_host.is_some() {
+                ctx.retries + 1
+            } else {
+                0
+            },
+        };
+        sink.write(al.format.render(&entry));
     }
+}
+
+/// A random version-4 UUID for `x-request-id`.
+fn request_id() -> String {
+    let v = fastrand::u128(..);
+    let v = (v & !(0xf << 76)) | (0x4 << 76); // version 4
+    let v = (v & !(0x3 << 62)) | (0x2 << 62); // RFC 4122 variant
+    let h = format!("{v:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }

@@ -1,4 +1,7 @@
-//! Metrics. Counters are created once; the request path only increments them.
+//! Metrics and the access log. Counters are created once; the request path only
+//! increments them.
+
+pub mod access_log;
 
 use std::sync::OnceLock;
 
@@ -11,6 +14,7 @@ pub struct Metrics {
     reload_success: IntCounter,
     reload_failure: IntCounter,
     requests: IntCounterVec,
+    pub access_log_dropped: IntCounter,
     /// One counter per status code, filled on first use, so counting a request is an
     /// index and an atomic add rather than a labelled lookup.
     by_status: Vec<OnceLock<IntCounter>>,
@@ -40,10 +44,16 @@ impl Metrics {
             &["response_code"],
         )
         .expect("static metric definition");
+        let access_log_dropped = IntCounter::new(
+            "portico_access_log_dropped_total",
+            "Access log lines dropped because the writer could not keep up.",
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(config_generation.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reloads.clone()),
             Box::new(requests.clone()),
+            Box::new(access_log_dropped.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -54,6 +64,7 @@ impl Metrics {
             config_generation,
             reloads,
             requests,
+            access_log_dropped,
             by_status: (0..600).map(|_| OnceLock::new()).collect(),
         }
     }

@@ -1244,6 +1244,11 @@ impl Portico {
     }
 
     /// The gateway's stdout and stderr so far.
+    /// What the gateway wrote to stdout (the access log, by default).
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(&self.stdout_path).unwrap_or_default()
+    }
+
     pub fn log(&self) -> String {
         let out = fs::read_to_string(&self.stdout_path).unwrap_or_default();
         let err = fs::read_to_string(&self.stderr_path).unwrap_or_default();
