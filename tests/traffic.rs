@@ -559,3 +559,25 @@ fn source_ip_matches_the_client_address() {
     assert_eq!(s.get("/").status, 200, "127.0.0.1 matches the second route");
     assert_eq!(echo.count(), 1);
 }
+
+#[test]
+fn max_requests_per_connection_recycles_upstream_connections() {
+    let echo = Echo::start("e");
+    let s = start(
+        &format!("[[virtualServices.http]]\n{TO_BACKEND}\n"),
+        &backend(
+            &[echo.port()],
+            "trafficPolicy = { connectionPool = { http = { maxRequestsPerConnection = 3 } } }",
+        ),
+    );
+    let mut client = HttpClient::new(s.http);
+    for _ in 0..9 {
+        assert_eq!(client.get("app.test", "/").unwrap().status, 200);
+    }
+    assert_eq!(echo.count(), 9);
+    assert_eq!(
+        echo.connections(),
+        3,
+        "each upstream connection served 3 requests"
+    );
+}

@@ -460,9 +460,6 @@ impl Cx {
                         format!("{other:?} is not DEFAULT, DO_NOT_UPGRADE or UPGRADE"),
                     ),
                 }
-                if let Some(n) = h.max_requests_per_connection.filter(|n| *n > 1) {
-                    self.warn(o, &format!("{here}.http.maxRequestsPerConnection"), format!("{n}: only 1 (no reuse) is enforced; connections are otherwise reused without a count"));
-                }
                 if h.use_client_protocol.is_some() {
                     self.warn(
                         o,
@@ -1858,7 +1855,8 @@ impl Cx {
                 max_pending = h.http1_max_pending_requests.filter(|n| *n > 0);
                 max_req = h.http2_max_requests.filter(|n| *n > 0);
                 max_retries = h.max_retries.filter(|n| *n > 0);
-                settings.no_reuse = h.max_requests_per_connection == Some(1);
+                settings.max_requests_per_connection =
+                    h.max_requests_per_connection.filter(|n| *n > 0);
             }
         }
         let concurrency = if settings.h2c {

@@ -73,6 +73,8 @@ pub struct RequestCtx {
     cors_origin: Option<HeaderValue>,
     /// The response was refused for a retry by `upstream_response_filter`.
     retry_on_status: bool,
+    /// This request is the last its upstream connection serves (maxRequestsPerConnection).
+    close_upstream: bool,
     mirror_pending: Option<(Vec<Arc<crate::upstream::Cluster>>, RequestHeader, BytesMut)>,
     /// Envoy-style response flag for logs: NR, UH, UF, UO, UT, URX, DI, FI, DC, UC.
     pub flag: &'static str,
@@ -100,6 +102,7 @@ impl Default for RequestCtx {
             set_cookie: None,
             cors_origin: None,
             retry_on_status: false,
+            close_upstream: false,
             mirror_pending: None,
             flag: "",
         }
@@ -588,7 +591,7 @@ impl ProxyHttp for Gateway {
             route.headers.request.apply_request(upstream);
             let dest = &forward.destinations[ctx.destination];
             dest.headers.request.apply_request(upstream);
-            if dest.cluster.settings.no_reuse {
+            if ctx.close_upstream {
                 upstream.insert_header(header::CONNECTION, "close")?;
             }
         }
@@ -603,6 +606,23 @@ impl ProxyHttp for Gateway {
                 None => ip.to_string(),
             };
             upstream.insert_header("x-forwarded-for", xff)?;
+        }
+        Ok(())
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(f) = ctx.forward() {
+            ctx.close_upstream = f.destinations[ctx.destination]
+                .cluster
+                .last_on_connection(fd, reused);
         }
         Ok(())
     }

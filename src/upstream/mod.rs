@@ -128,6 +128,9 @@ pub struct Cluster {
     pub policy: Policy,
     pub limits: Limits,
     pub outlier: Option<OutlierPolicy>,
+    /// Requests served per upstream connection (by file descriptor), kept only when
+    /// `maxRequestsPerConnection` is above 1.
+    uses: std::sync::Mutex<std::collections::HashMap<i32, u32>>,
 }
 
 #[derive(Debug, Clone)]
@@ -137,8 +140,9 @@ pub struct ClusterSettings {
     /// Speak HTTP/2 with prior knowledge (h2c) to this cluster.
     pub h2c: bool,
     pub tcp_keepalive: Option<pingora::protocols::TcpKeepalive>,
-    /// `maxRequestsPerConnection = 1`: no connection reuse (`Connection: close` upstream).
-    pub no_reuse: bool,
+    /// `maxRequestsPerConnection`: a connection that has served this many requests is
+    /// closed (`Connection: close` on its last request). `None` = unlimited.
+    pub max_requests_per_connection: Option<u32>,
 }
 
 impl Default for ClusterSettings {
@@ -148,7 +152,7 @@ impl Default for ClusterSettings {
             idle_timeout: None,
             h2c: false,
             tcp_keepalive: None,
-            no_reuse: false,
+            max_requests_per_connection: None,
         }
     }
 }
@@ -171,6 +175,33 @@ impl Cluster {
             policy: Policy::RoundRobin(AtomicUsize::new(0)),
             limits: Limits::unlimited(),
             outlier: None,
+            uses: Default::default(),
+        }
+    }
+
+    /// Counts a request on upstream connection `fd` (`reused` = taken from the pool) and
+    /// says whether it must be the connection's last.
+    pub fn last_on_connection(&self, fd: i32, reused: bool) -> bool {
+        match self.settings.max_requests_per_connection {
+            None => false,
+            Some(0 | 1) => true,
+            Some(max) => {
+                let mut uses = self.uses.lock().unwrap_or_else(|p| p.into_inner());
+                let n = if reused {
+                    let n = uses.entry(fd).or_insert(0);
+                    *n += 1;
+                    *n
+                } else {
+                    uses.insert(fd, 1);
+                    1
+                };
+                if n >= max {
+                    uses.remove(&fd);
+                    true
+                } else {
+                    false
+                }
+            }
         }
     }
 

@@ -280,6 +280,7 @@ pub struct Echo {
 /// for KEY only; [`Echo::set_fail_status`] makes every answer that status.
 #[derive(Default)]
 pub struct EchoState {
+    connections: AtomicUsize,
     active: AtomicUsize,
     max_active: AtomicUsize,
     fail_status: std::sync::atomic::AtomicU16,
@@ -330,6 +331,11 @@ impl Echo {
     /// Every answer gets this status from now on (0 = behave normally).
     pub fn set_fail_status(&self, status: u16) {
         self.state.fail_status.store(status, Ordering::SeqCst);
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     /// The most requests this upstream was handling at once.
@@ -397,6 +403,7 @@ fn seen_before(state: &EchoState, key: &str) -> usize {
 }
 
 fn echo_connection(stream: TcpStream, name: &str, count: &AtomicUsize, state: &EchoState) {
+    state.connections.fetch_add(1, Ordering::SeqCst);
     let _ = stream.set_nodelay(true);
     let mut writer = match stream.try_clone() {
         Ok(s) => s,
