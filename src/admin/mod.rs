@@ -126,7 +126,7 @@ impl ServeHttp for Admin {
             (Method::GET, "/metrics") => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                Metrics::global().render(),
+                Metrics::global().render(Some(&self.reloader.snapshots.load())),
             ),
             (Method::GET, "/config") => json(StatusCode::OK, self.config()),
             (Method::POST, "/reload") => {

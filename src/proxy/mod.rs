@@ -517,6 +517,10 @@ impl ProxyHttp for Gateway {
                 Some(a) => ctx.admission = Some(a),
                 None => {
                     ctx.flag = "UO";
+                    Metrics::global()
+                        .upstream_overflow
+                        .with_label_values(&[cluster.name.as_str()])
+                        .inc();
                     return Err(Error::explain(
                         ErrorType::HTTPStatus(503),
                         format!(
@@ -786,7 +790,23 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         let response = session.response_written();
         let status = response.map(|r| r.status.as_u16()).unwrap_or(0);
-        Metrics::global().request(status);
+        let metrics = Metrics::global();
+        metrics.request(status);
+        let req = session.req_header();
+        let grpc = req
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        metrics.istio.observe(
+            ctx.forward()
+                .map(|f| &f.destinations[ctx.destination].cluster.metrics_dest),
+            status,
+            ctx.flag,
+            grpc,
+            ctx.started.elapsed().as_secs_f64() * 1000.0,
+            session.body_bytes_read(),
+            session.body_bytes_sent(),
+        );
         let Some(snapshot) = ctx.snapshot.as_ref() else {
             return;
         };

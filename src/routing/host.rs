@@ -80,6 +80,15 @@ impl<T> HostMatcher<T> {
         self.len() == 0
     }
 
+    /// Every pattern with its value (`*.suffix` and `*` spelled out).
+    pub fn entries(&self) -> impl Iterator<Item = (String, &T)> {
+        self.exact
+            .iter()
+            .map(|(k, v)| (k.clone(), v))
+            .chain(self.wildcard.iter().map(|(k, v)| (format!("*{k}"), v)))
+            .chain(self.any.iter().map(|v| ("*".to_string(), v)))
+    }
+
     pub fn values(&self) -> impl Iterator<Item = &T> {
         self.exact
             .values()

@@ -2,10 +2,15 @@
 //! increments them.
 
 pub mod access_log;
+pub mod istio;
 
 use std::sync::OnceLock;
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::snapshot::Snapshot;
 
 pub struct Metrics {
     registry: Registry,
@@ -15,6 +20,11 @@ pub struct Metrics {
     reload_failure: IntCounter,
     requests: IntCounterVec,
     pub access_log_dropped: IntCounter,
+    pub istio: istio::IstioMetrics,
+    pub upstream_overflow: IntCounterVec,
+    certificate_expiry: IntGaugeVec,
+    endpoint_healthy: IntGaugeVec,
+    upstream_active: IntGaugeVec,
     /// One counter per status code, filled on first use, so counting a request is an
     /// index and an atomic add rather than a labelled lookup.
     by_status: Vec<OnceLock<IntCounter>>,
@@ -49,11 +59,42 @@ impl Metrics {
             "Access log lines dropped because the writer could not keep up.",
         )
         .expect("static metric definition");
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition")
+        };
+        let certificate_expiry = gauge(
+            "portico_certificate_expiry_seconds",
+            "When each served certificate expires, in seconds since the Unix epoch.",
+            &["listener", "host"],
+        );
+        let endpoint_healthy = gauge(
+            "portico_upstream_endpoint_healthy",
+            "1 when the endpoint takes traffic, 0 while outlier detection has ejected it.",
+            &["cluster", "endpoint"],
+        );
+        let upstream_active = gauge(
+            "portico_upstream_requests_active",
+            "Requests in flight to the cluster's endpoints.",
+            &["cluster"],
+        );
+        let upstream_overflow = IntCounterVec::new(
+            Opts::new(
+                "portico_upstream_overflow_total",
+                "Requests refused with 503 UO because the cluster's connection pool was full.",
+            ),
+            &["cluster"],
+        )
+        .expect("static metric definition");
+        let istio = istio::IstioMetrics::new(&registry);
         for c in [
             Box::new(config_generation.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reloads.clone()),
             Box::new(requests.clone()),
             Box::new(access_log_dropped.clone()),
+            Box::new(certificate_expiry.clone()),
+            Box::new(endpoint_healthy.clone()),
+            Box::new(upstream_active.clone()),
+            Box::new(upstream_overflow.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -65,6 +106,11 @@ impl Metrics {
             reloads,
             requests,
             access_log_dropped,
+            istio,
+            upstream_overflow,
+            certificate_expiry,
+            endpoint_healthy,
+            upstream_active,
             by_status: (0..600).map(|_| OnceLock::new()).collect(),
         }
     }
@@ -100,8 +146,34 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text format.
-    pub fn render(&self) -> Vec<u8> {
+    /// Prometheus text format; gauges that describe the config in force are set from
+    /// `snapshot` at scrape time.
+    pub fn render(&self, snapshot: Option<&Snapshot>) -> Vec<u8> {
+        if let Some(snapshot) = snapshot {
+            self.certificate_expiry.reset();
+            self.endpoint_healthy.reset();
+            self.upstream_active.reset();
+            for l in &snapshot.listeners {
+                let listener = l.addr.to_string();
+                for (host, cert) in l.certs.iter().flat_map(|c| c.hosts.entries()) {
+                    self.certificate_expiry
+                        .with_label_values(&[listener.as_str(), host.as_str()])
+                        .set(cert.not_after);
+                }
+            }
+            for c in &snapshot.clusters {
+                let mut active = 0i64;
+                for (i, e) in c.endpoints.iter().enumerate() {
+                    active += i64::from(e.stats.active.load(std::sync::atomic::Ordering::Relaxed));
+                    self.endpoint_healthy
+                        .with_label_values(&[c.name.as_str(), &e.addr.to_string()])
+                        .set(i64::from(!c.is_ejected(i)));
+                }
+                self.upstream_active
+                    .with_label_values(&[c.name.as_str()])
+                    .set(active);
+            }
+        }
         let mut out = Vec::with_capacity(4096);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out

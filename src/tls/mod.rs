@@ -167,6 +167,10 @@ pub fn generate_self_signed(
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, names[0].clone());
+    // A year, like the certificates an operator would buy; rcgen's default runs to 4096.
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(365);
     let key_pair = rcgen::KeyPair::generate().map_err(|e| format!("cannot generate a key: {e}"))?;
     let cert = params
         .self_signed(&key_pair)

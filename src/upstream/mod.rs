@@ -128,6 +128,8 @@ pub struct Cluster {
     pub policy: Policy,
     pub limits: Limits,
     pub outlier: Option<OutlierPolicy>,
+    /// The destination labels of Istio's metrics for this cluster.
+    pub metrics_dest: crate::telemetry::istio::Destination,
     /// Requests served per upstream connection (by file descriptor), kept only when
     /// `maxRequestsPerConnection` is above 1.
     uses: std::sync::Mutex<std::collections::HashMap<i32, u32>>,
@@ -175,6 +177,10 @@ impl Cluster {
             policy: Policy::RoundRobin(AtomicUsize::new(0)),
             limits: Limits::unlimited(),
             outlier: None,
+            metrics_dest: crate::telemetry::istio::Destination {
+                service: host.into(),
+                version: subset.map(Into::into),
+            },
             uses: Default::default(),
         }
     }
