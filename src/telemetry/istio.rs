@@ -69,6 +69,17 @@ struct Series {
     response_bytes: Histogram,
 }
 
+/// One finished request, as the metrics see it.
+pub struct Observation<'a> {
+    pub dest: Option<&'a Destination>,
+    pub status: u16,
+    pub flags: &'static str,
+    pub grpc: bool,
+    pub duration_ms: f64,
+    pub request_bytes: usize,
+    pub response_bytes: usize,
+}
+
 pub struct IstioMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
@@ -183,21 +194,12 @@ impl IstioMetrics {
     }
 
     /// Counts one finished request.
-    pub fn observe(
-        &self,
-        dest: Option<&Destination>,
-        status: u16,
-        flags: &'static str,
-        grpc: bool,
-        duration_ms: f64,
-        request_bytes: usize,
-        response_bytes: usize,
-    ) {
+    pub fn observe(&self, o: &Observation<'_>) {
         let key = Key {
-            dest: dest.cloned(),
-            status,
-            flags,
-            grpc,
+            dest: o.dest.cloned(),
+            status: o.status,
+            flags: o.flags,
+            grpc: o.grpc,
         };
         let found = self
             .series
@@ -225,8 +227,8 @@ impl IstioMetrics {
             }
         };
         series.requests.inc();
-        series.duration.observe(duration_ms);
-        series.request_bytes.observe(request_bytes as f64);
-        series.response_bytes.observe(response_bytes as f64);
+        series.duration.observe(o.duration_ms);
+        series.request_bytes.observe(o.request_bytes as f64);
+        series.response_bytes.observe(o.response_bytes as f64);
     }
 }
