@@ -797,16 +797,19 @@ impl ProxyHttp for Gateway {
             .headers
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        metrics.istio.observe(
-            ctx.forward()
-                .map(|f| &f.destinations[ctx.destination].cluster.metrics_dest),
-            status,
-            ctx.flag,
-            grpc,
-            ctx.started.elapsed().as_secs_f64() * 1000.0,
-            session.body_bytes_read(),
-            session.body_bytes_sent(),
-        );
+        metrics
+            .istio
+            .observe(&crate::telemetry::istio::Observation {
+                dest: ctx
+                    .forward()
+                    .map(|f| &f.destinations[ctx.destination].cluster.metrics_dest),
+                status,
+                flags: ctx.flag,
+                grpc,
+                duration_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
+                request_bytes: session.body_bytes_read(),
+                response_bytes: session.body_bytes_sent(),
+            });
         let Some(snapshot) = ctx.snapshot.as_ref() else {
             return;
         };

@@ -210,7 +210,7 @@ impl IstioMetrics {
         let series = match found {
             Some(s) => s,
             None => {
-                let code = status.to_string();
+                let code = o.status.to_string();
                 let v = self.values(&key, &code);
                 let s = Arc::new(Series {
                     requests: self.requests.with_label_values(&v),
