@@ -203,6 +203,7 @@ fn configure_access_log(snapshot: &Snapshot) {
     if let Some(al) = &snapshot.settings.access_log {
         crate::telemetry::access_log::Sink::configure(&al.path);
     }
+    crate::telemetry::trace::Exporter::configure(snapshot.settings.tracing.as_ref());
 }
 
 fn join(shapes: &[ListenerShape]) -> String {

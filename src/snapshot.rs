@@ -72,6 +72,7 @@ pub struct Settings {
     pub reload_poll_interval: Duration,
     pub drain_duration: Duration,
     pub access_log: Option<AccessLogSettings>,
+    pub tracing: Option<crate::telemetry::trace::TraceSettings>,
 }
 
 #[derive(Debug, Clone)]

@@ -259,8 +259,10 @@ impl Cx {
                 })
             }
         };
+        let tracing = self.tracing(doc);
         Settings {
             access_log,
+            tracing,
             admin,
             connect_timeout: m
                 .connect_timeout
@@ -279,6 +281,61 @@ impl Cx {
                 .map(|d| d.get())
                 .unwrap_or(Duration::from_secs(5)),
         }
+    }
+
+    fn tracing(&mut self, doc: &Document) -> Option<crate::telemetry::trace::TraceSettings> {
+        let m = &doc.mesh.spec;
+        let o = &doc.mesh.origin;
+        let sampling = m
+            .default_config
+            .as_ref()
+            .and_then(|d| d.tracing.as_ref())
+            .and_then(|t| t.sampling);
+        if let Some(s) = sampling {
+            if !(0.0..=100.0).contains(&s) {
+                self.err(
+                    o,
+                    ".defaultConfig.tracing.sampling",
+                    format!("{s} is not a percentage (0-100)"),
+                );
+            }
+        }
+        let (i, provider) = m
+            .extension_providers
+            .iter()
+            .enumerate()
+            .find_map(|(i, p)| p.opentelemetry.as_ref().map(|ot| (i, ot)))?;
+        let at = format!(".extensionProviders[{i}].opentelemetry");
+        let Some(http) = &provider.http else {
+            self.err(
+                o,
+                &at,
+                "OTLP/gRPC is not supported: set opentelemetry.http (OTLP/HTTP, port 4318)",
+            );
+            return None;
+        };
+        let Ok(port) = u16::try_from(provider.port) else {
+            self.err(o, &format!("{at}.port"), "port must be 1-65535");
+            return None;
+        };
+        let Some(collector) = self
+            .resolve(o, &format!("{at}.service"), &provider.service, port)
+            .into_iter()
+            .next()
+        else {
+            self.err(
+                o,
+                &format!("{at}.service"),
+                format!("cannot resolve {}", provider.service),
+            );
+            return None;
+        };
+        Some(crate::telemetry::trace::TraceSettings {
+            sampling: sampling.unwrap_or(1.0),
+            collector,
+            authority: format!("{}:{port}", provider.service),
+            path: http.path.clone().unwrap_or_else(|| "/v1/traces".into()),
+        })
     }
 
     fn credentials_dir(doc: &Document) -> PathBuf {

@@ -55,6 +55,47 @@ pub struct Mesh {
     pub access_log_encoding: Option<String>,
     /// Envoy-style format string for `TEXT` (default: Istio's text format).
     pub access_log_format: Option<String>,
+    pub default_config: Option<ProxyConfig>,
+    #[serde(default)]
+    pub extension_providers: Vec<ExtensionProvider>,
+}
+
+/// MeshConfig `defaultConfig` (ProxyConfig): Portico reads `tracing`.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxyConfig {
+    pub tracing: Option<TracingConfig>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TracingConfig {
+    /// Percent of requests traced when the caller did not decide (Istio's default: 1).
+    pub sampling: Option<f64>,
+}
+
+/// MeshConfig `extensionProviders[]`: Portico uses the first `opentelemetry` one.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExtensionProvider {
+    pub name: String,
+    pub opentelemetry: Option<OpenTelemetryProvider>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OpenTelemetryProvider {
+    pub service: String,
+    pub port: u32,
+    /// OTLP/HTTP. Without it Istio speaks OTLP/gRPC, which Portico does not.
+    pub http: Option<OtlpHttp>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OtlpHttp {
+    pub path: Option<String>,
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -21,7 +21,7 @@ use crate::routing::{
     chance, normalize_host, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route,
 };
 use crate::snapshot::Snapshot;
-use crate::telemetry::{access_log, Metrics};
+use crate::telemetry::{access_log, trace, Metrics};
 use crate::upstream::balancer::hash_bytes;
 use crate::upstream::{Admission, HashSource, InFlight, RetryPermit};
 use mirror::{MirrorClient, MAX_MIRROR_BODY};
@@ -75,6 +75,7 @@ pub struct RequestCtx {
     retry_on_status: bool,
     /// This request is the last its upstream connection serves (maxRequestsPerConnection).
     close_upstream: bool,
+    span: Option<trace::SpanContext>,
     mirror_pending: Option<(Vec<Arc<crate::upstream::Cluster>>, RequestHeader, BytesMut)>,
     /// Envoy-style response flag for logs: NR, UH, UF, UO, UT, URX, DI, FI, DC, UC.
     pub flag: &'static str,
@@ -103,6 +104,7 @@ impl Default for RequestCtx {
             cors_origin: None,
             retry_on_status: false,
             close_upstream: false,
+            span: None,
             mirror_pending: None,
             flag: "",
         }
@@ -371,6 +373,9 @@ impl ProxyHttp for Gateway {
             session.req_header_mut().insert_header("x-request-id", id)?;
         }
         let snapshot = self.snapshots.load_full();
+        if let Some(t) = &snapshot.settings.tracing {
+            ctx.span = Some(trace::start(&session.req_header().headers, t.sampling));
+        }
         let local = self.decide(&snapshot, session.req_header(), client_ip(session));
         ctx.snapshot = Some(snapshot);
         let (route, destination, match_index) = match local {
@@ -599,6 +604,9 @@ impl ProxyHttp for Gateway {
                 upstream.insert_header(header::CONNECTION, "close")?;
             }
         }
+        if let Some(span) = &ctx.span {
+            span.inject(upstream);
+        }
         upstream.insert_header("x-forwarded-proto", if self.tls { "https" } else { "http" })?;
         if let Some(ip) = client_ip(session) {
             let xff = match upstream
@@ -810,6 +818,9 @@ impl ProxyHttp for Gateway {
                 request_bytes: session.body_bytes_read(),
                 response_bytes: session.body_bytes_sent(),
             });
+        if let Some(span) = ctx.span.take().filter(|s| s.sampled) {
+            self.export_span(session, ctx, span, status);
+        }
         let Some(snapshot) = ctx.snapshot.as_ref() else {
             return;
         };
@@ -872,6 +883,89 @@ impl ProxyHttp for Gateway {
             },
         };
         sink.write(al.format.render(&entry));
+    }
+}
+
+impl Gateway {
+    fn export_span(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+        span: trace::SpanContext,
+        status: u16,
+    ) {
+        let req = session.req_header();
+        let h = |n: &str| {
+            req.headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        };
+        let authority = req
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("-")
+            .to_string();
+        let scheme = if self.tls { "https" } else { "http" };
+        let cluster = ctx
+            .forward()
+            .map(|f| f.destinations[ctx.destination].cluster.clone());
+        let name = match &cluster {
+            Some(c) => format!("{}:{}/*", c.host, c.port),
+            None => format!("{authority}/*"),
+        };
+        let mut attributes = vec![
+            (
+                "http.url",
+                format!(
+                    "{scheme}://{authority}{}",
+                    req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+                ),
+            ),
+            ("http.method", req.method.to_string()),
+            (
+                "http.protocol",
+                if session.is_http2() {
+                    "HTTP/2"
+                } else {
+                    "HTTP/1.1"
+                }
+                .to_string(),
+            ),
+            ("user_agent", h("user-agent")),
+            ("guid:x-request-id", h("x-request-id")),
+            ("request_size", session.body_bytes_read().to_string()),
+            ("response_size", session.body_bytes_sent().to_string()),
+            (
+                "response_flags",
+                if ctx.flag.is_empty() { "-" } else { ctx.flag }.to_string(),
+            ),
+            ("node_id", "portico".to_string()),
+            ("component", "proxy".to_string()),
+            ("istio.canonical_service", "portico".to_string()),
+        ];
+        if let Some(c) = &cluster {
+            attributes.push(("upstream_cluster", c.name.clone()));
+            attributes.push(("upstream_cluster.name", c.name.clone()));
+        }
+        if let Some(a) = ctx.upstream_host {
+            attributes.push(("upstream_address", a.to_string()));
+        }
+        if let Some(ip) = client_ip(session) {
+            attributes.push(("peer.address", ip.to_string()));
+        }
+        let end = std::time::SystemTime::now();
+        trace::Exporter::send(trace::Span {
+            ctx: span,
+            name,
+            start: ctx.started_at,
+            end,
+            status,
+            attributes,
+        });
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod istio;
+pub mod trace;
 
 use std::sync::OnceLock;
 
@@ -20,6 +21,7 @@ pub struct Metrics {
     reload_failure: IntCounter,
     requests: IntCounterVec,
     pub access_log_dropped: IntCounter,
+    pub spans_dropped: IntCounter,
     pub istio: istio::IstioMetrics,
     pub upstream_overflow: IntCounterVec,
     certificate_expiry: IntGaugeVec,
@@ -59,6 +61,11 @@ impl Metrics {
             "Access log lines dropped because the writer could not keep up.",
         )
         .expect("static metric definition");
+        let spans_dropped = IntCounter::new(
+            "portico_trace_spans_dropped_total",
+            "Trace spans dropped: the export queue was full or the collector failed.",
+        )
+        .expect("static metric definition");
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition")
         };
@@ -91,6 +98,7 @@ impl Metrics {
             Box::new(reloads.clone()),
             Box::new(requests.clone()),
             Box::new(access_log_dropped.clone()),
+            Box::new(spans_dropped.clone()),
             Box::new(certificate_expiry.clone()),
             Box::new(endpoint_healthy.clone()),
             Box::new(upstream_active.clone()),
@@ -106,6 +114,7 @@ impl Metrics {
             reloads,
             requests,
             access_log_dropped,
+            spans_dropped,
             istio,
             upstream_overflow,
             certificate_expiry,
