@@ -118,6 +118,7 @@ pub fn run(config: &Path, threads: usize) -> Result<(), RunError> {
         "admin".to_string(),
         HttpServer::new_app(Admin {
             reloader: reloader.clone(),
+            started: std::time::Instant::now(),
         }),
     );
     admin.threads = Some(1);

@@ -152,6 +152,32 @@ endpoints = [{{ address = "127.0.0.1", ports = {{ http = {dead} }} }}]
         Some(1.0)
     );
     assert!(metric_sum(&text, "portico_config_generation", "").unwrap() >= 1.0);
+    check_grafana_dashboard(&text);
     // No unbounded labels: neither paths nor client addresses appear.
     assert!(!text.contains("/ok") && !text.contains("unknown.test"));
+}
+
+/// Every metric the Grafana dashboard (packaging/grafana) queries is in `exported`.
+fn check_grafana_dashboard(exported: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("packaging/grafana/portico-dashboard.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let names = regex::Regex::new(r"\b((?:istio|portico)_[a-z_]+)").unwrap();
+    let mut checked = 0;
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for m in names.captures_iter(expr) {
+                let name = m[1].trim_end_matches("_bucket");
+                assert!(
+                    exported.contains(&format!("# TYPE {name} ")),
+                    "panel {:?} queries {name}, which /metrics does not export",
+                    p["title"]
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 10);
 }

@@ -9,12 +9,17 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::reload::Reloader;
+use crate::routing::Action;
 use crate::snapshot::Snapshot;
 use crate::telemetry::Metrics;
+use std::sync::atomic::Ordering;
 
 pub struct Admin {
     pub reloader: Arc<Reloader>,
+    pub started: std::time::Instant,
 }
+
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     Response::builder()
@@ -63,35 +68,29 @@ impl Admin {
         let status = self.reloader.status();
         let snapshot = self.reloader.snapshots.load();
         let (success, failure) = Metrics::global().reload_counts();
-        let listeners: Vec<_> = snapshot
-            .listeners
-            .iter()
-            .map(|l| {
-                let mut hosts: Vec<&str> =
-                    l.table.vhosts.values().map(|v| v.domain.as_str()).collect();
-                hosts.sort_unstable();
-                serde_json::json!({
-                    "address": l.addr.to_string(),
-                    "protocol": if l.tls { "HTTPS" } else { "HTTP" },
-                    "hosts": hosts,
-                    "certificates": l.certs.as_ref().map(|c| {
-                        c.hosts.values().map(|s| serde_json::json!({
-                            "file": s.cert_path,
-                            "subject": s.subject,
-                            "notAfter": s.not_after,
-                        })).collect::<Vec<_>>()
-                    }),
-                })
-            })
-            .collect();
+        let listeners: Vec<_> = snapshot.listeners.iter().map(listener_json).collect();
         let clusters: Vec<_> = snapshot
             .clusters
             .iter()
             .map(|c| {
-                serde_json::json!({
-                    "name": c.name,
-                    "endpoints": c.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
-                })
+                let endpoints: Vec<_> = c
+                    .endpoints
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| {
+                        serde_json::json!({
+                            "address": e.addr.to_string(),
+                            "healthy": !c.is_ejected(i),
+                            "active": e.stats.active.load(Ordering::Relaxed),
+                        })
+                    })
+                    .collect();
+                let active: u32 = c
+                    .endpoints
+                    .iter()
+                    .map(|e| e.stats.active.load(Ordering::Relaxed))
+                    .sum();
+                serde_json::json!({ "name": c.name, "endpoints": endpoints, "active": active })
             })
             .collect();
         serde_json::json!({
@@ -109,6 +108,78 @@ impl Admin {
             "clusters": clusters,
         })
     }
+
+    fn stats(&self) -> serde_json::Value {
+        let c = Metrics::global().status_classes();
+        serde_json::json!({
+            "uptimeSeconds": self.started.elapsed().as_secs_f64(),
+            "requests": {
+                "total": c.iter().sum::<u64>(),
+                "1xx": c[1], "2xx": c[2], "3xx": c[3], "4xx": c[4], "5xx": c[5],
+            },
+        })
+    }
+}
+
+fn listener_json(l: &crate::snapshot::Listener) -> serde_json::Value {
+    let mut vhosts: Vec<_> = l.table.vhosts.values().collect();
+    vhosts.sort_by(|a, b| a.domain.cmp(&b.domain));
+    let hosts: Vec<&str> = vhosts.iter().map(|v| v.domain.as_str()).collect();
+    let virtual_hosts: Vec<_> = vhosts
+        .iter()
+        .map(|v| {
+            let routes: Vec<_> = v
+                .routes
+                .iter()
+                .map(|r| {
+                    let matches: Vec<String> = r.matches.iter().map(ToString::to_string).collect();
+                    serde_json::json!({
+                        "route": r.origin.to_string(),
+                        "name": r.name,
+                        "match": if matches.is_empty() { "anything".to_string() } else { matches.join(" or ") },
+                        "action": action_text(&r.action),
+                    })
+                })
+                .collect();
+            serde_json::json!({ "domain": v.domain, "routes": routes })
+        })
+        .collect();
+    let certificates = l.certs.as_ref().map(|c| {
+        let mut list: Vec<_> = c
+            .hosts
+            .entries()
+            .map(|(host, s)| {
+                serde_json::json!({
+                    "host": host,
+                    "file": s.cert_path,
+                    "subject": s.subject,
+                    "notAfter": s.not_after,
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a["host"].as_str().cmp(&b["host"].as_str()));
+        list
+    });
+    serde_json::json!({
+        "address": l.addr.to_string(),
+        "protocol": if l.tls { "HTTPS" } else { "HTTP" },
+        "hosts": hosts,
+        "virtualHosts": virtual_hosts,
+        "certificates": certificates,
+    })
+}
+
+fn action_text(a: &Action) -> String {
+    match a {
+        Action::Forward(f) => f
+            .destinations
+            .iter()
+            .map(|d| format!("{} ({}/{})", d.cluster.name, d.weight, f.total_weight))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Action::Redirect(r) => format!("redirect {}", r.code),
+        Action::Direct(d) => format!("direct response {}", d.status),
+    }
 }
 
 #[async_trait]
@@ -118,6 +189,12 @@ impl ServeHttp for Admin {
         let method = req.method.clone();
         let path = req.uri.path().to_string();
         match (method, path.as_str()) {
+            (Method::GET, "/") => reply(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                DASHBOARD.as_bytes().to_vec(),
+            ),
+            (Method::GET, "/stats") => json(StatusCode::OK, self.stats()),
             (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (Method::GET, "/ready") => match self.ready() {
                 Ok(()) => text(StatusCode::OK, "ready\n"),
@@ -148,7 +225,7 @@ impl ServeHttp for Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /healthz, /ready, /metrics, /config or POST /reload\n",
+                "not found: try /, /healthz, /ready, /metrics, /config, /stats or POST /reload\n",
             ),
         }
     }

@@ -155,6 +155,17 @@ impl Metrics {
         }
     }
 
+    /// Requests answered so far by status class: index 1 = 1xx … 5 = 5xx, 0 = no response.
+    pub fn status_classes(&self) -> [u64; 6] {
+        let mut out = [0u64; 6];
+        for (code, slot) in self.by_status.iter().enumerate() {
+            if let Some(c) = slot.get() {
+                out[(code / 100).min(5)] += c.get();
+            }
+        }
+        out
+    }
+
     /// Prometheus text format; gauges that describe the config in force are set from
     /// `snapshot` at scrape time.
     pub fn render(&self, snapshot: Option<&Snapshot>) -> Vec<u8> {
@@ -181,6 +192,8 @@ impl Metrics {
                 self.upstream_active
                     .with_label_values(&[c.name.as_str()])
                     .set(active);
+                // Known clusters show 0 rather than no series until their first overflow.
+                self.upstream_overflow.with_label_values(&[c.name.as_str()]);
             }
         }
         let mut out = Vec::with_capacity(4096);
