@@ -59,6 +59,7 @@ pub fn compile(doc: &Document, opts: &Options) -> Result<Compiled, Vec<ConfigErr
         registry: Registry::default(),
         settings: None,
         opts: opts.clone(),
+        credentials_dir: Cx::credentials_dir(doc),
     };
     let settings = cx.mesh(doc);
     cx.settings = Some(settings.clone());
@@ -68,6 +69,9 @@ pub fn compile(doc: &Document, opts: &Options) -> Result<Compiled, Vec<ConfigErr
     let routes = cx.virtual_services(doc, &gateways, &mut listeners);
 
     if !cx.errors.is_empty() {
+        // A DestinationRule shared by several destinations reports its problem once.
+        let mut seen = std::collections::HashSet::new();
+        cx.errors.retain(|e| seen.insert(e.to_string()));
         return Err(cx.errors);
     }
     let mut hosts = 0;
@@ -134,6 +138,7 @@ struct Cx {
     registry: Registry,
     settings: Option<Settings>,
     opts: Options,
+    credentials_dir: PathBuf,
 }
 
 #[derive(Default)]
@@ -1879,6 +1884,15 @@ impl Cx {
             h2c: h2c_port,
             ..ClusterSettings::default()
         };
+        if let (Some(t), Some(r)) = (&eff.tls, &rule) {
+            match self.upstream_tls(&r.origin, t, &host) {
+                Ok(tls) => settings.tls = tls.map(Arc::new),
+                Err(e) => {
+                    self.err(&r.origin, ".trafficPolicy.tls", e);
+                    return None;
+                }
+            }
+        }
         let (mut max_conn, mut max_pending, mut max_req, mut max_retries) =
             (None, None, None, None);
         if let Some(cp) = &eff.connection_pool {
@@ -1943,6 +1957,81 @@ impl Cx {
         Some(cluster)
     }
 
+    /// DestinationRule `tls` → the settings pingora's connector needs; files are read here.
+    fn upstream_tls(
+        &mut self,
+        o: &Origin,
+        t: &schema::ClientTlsSettings,
+        host: &str,
+    ) -> Result<Option<crate::upstream::UpstreamTls>, String> {
+        let mutual = match t.mode.as_deref() {
+            None | Some("DISABLE") => return Ok(None),
+            Some("SIMPLE") => false,
+            Some("MUTUAL") => true,
+            Some("ISTIO_MUTUAL") => {
+                return Err(
+                    "mode ISTIO_MUTUAL needs Istio's workload certificates; use MUTUAL with files"
+                        .into(),
+                )
+            }
+            Some(other) => return Err(format!("unknown mode {other:?} (DISABLE, SIMPLE, MUTUAL)")),
+        };
+        if !t.subject_alt_names.is_empty() {
+            return Err("subjectAltNames is not supported yet: the upstream certificate is verified against `sni`".into());
+        }
+        if t.ca_crl.is_some() {
+            return Err("caCrl is not supported yet".into());
+        }
+        let cred_dir = t
+            .credential_name
+            .as_ref()
+            .map(|n| self.credentials_dir.join(n));
+        let ca_path = match (&t.ca_certificates, &cred_dir) {
+            (Some(ca), _) => Some(o.file.resolve(ca)),
+            (None, Some(dir)) if dir.join("ca.crt").exists() => Some(dir.join("ca.crt")),
+            _ => None,
+        };
+        let ca = match &ca_path {
+            Some(p) => {
+                self.watched.push(p.clone());
+                Some(tls::load_ca(p)?)
+            }
+            None => None,
+        };
+        let client = if mutual {
+            let (cert, key) = match (&t.client_certificate, &t.private_key, &cred_dir) {
+                (Some(c), Some(k), _) => (o.file.resolve(c), o.file.resolve(k)),
+                (None, None, Some(dir)) => (dir.join("tls.crt"), dir.join("tls.key")),
+                _ => {
+                    return Err(
+                        "MUTUAL needs clientCertificate and privateKey, or credentialName".into(),
+                    )
+                }
+            };
+            self.watched.push(cert.clone());
+            self.watched.push(key.clone());
+            Some(tls::load_client_cert(&cert, &key)?)
+        } else {
+            None
+        };
+        let sni = t.sni.clone().unwrap_or_else(|| host.to_string());
+        let verify = !t.insecure_skip_verify.unwrap_or(false);
+        let group_key = crate::upstream::balancer::hash_bytes(
+            format!(
+                "{ca_path:?}|{verify}|{sni}|{}",
+                t.client_certificate.as_deref().unwrap_or("")
+            )
+            .as_bytes(),
+        );
+        Ok(Some(crate::upstream::UpstreamTls {
+            sni,
+            verify,
+            ca,
+            client,
+            group_key,
+        }))
+    }
+
     fn resolve(&mut self, o: &Origin, at: &str, address: &str, port: u16) -> Vec<SocketAddr> {
         if let Ok(ip) = address.parse::<IpAddr>() {
             return vec![SocketAddr::new(ip, port)];
@@ -2004,6 +2093,8 @@ struct Effective {
     load_balancer: Option<schema::LoadBalancerSettings>,
     connection_pool: Option<schema::ConnectionPool>,
     outlier_detection: Option<schema::OutlierDetection>,
+    /// With the file the setting came from, to resolve its relative paths.
+    tls: Option<schema::ClientTlsSettings>,
 }
 
 impl Effective {
@@ -2015,6 +2106,9 @@ impl Effective {
                 tp.connection_pool.as_ref(),
                 tp.outlier_detection.as_ref(),
             );
+            if let Some(t) = &tp.tls {
+                e.tls = Some(t.clone());
+            }
             for pl in &tp.port_level_settings {
                 if pl.port.as_ref().map(|p| p.number) == Some(u32::from(port)) {
                     e.apply(
@@ -2022,6 +2116,9 @@ impl Effective {
                         pl.connection_pool.as_ref(),
                         pl.outlier_detection.as_ref(),
                     );
+                    if let Some(t) = &pl.tls {
+                        e.tls = Some(t.clone());
+                    }
                 }
             }
         }

@@ -394,6 +394,7 @@ pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<OutlierDetection>,
+    pub tls: Option<ClientTlsSettings>,
     #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicy>,
 }
@@ -406,6 +407,23 @@ pub struct PortTrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<OutlierDetection>,
+    pub tls: Option<ClientTlsSettings>,
+}
+
+/// DestinationRule `trafficPolicy.tls`: TLS from Portico to the upstream (origination).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClientTlsSettings {
+    pub mode: Option<String>,
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub ca_certificates: Option<String>,
+    pub credential_name: Option<String>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    pub sni: Option<String>,
+    pub insecure_skip_verify: Option<bool>,
+    pub ca_crl: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -147,6 +147,48 @@ pub fn load_pair(cert_path: &Path, key_path: &Path) -> Result<(CertifiedKey, i64
     Ok((certified, not_after, subject))
 }
 
+fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read certificate {}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cannot parse certificate {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no PEM certificate found in {}", path.display()));
+    }
+    for c in &certs {
+        // pingora's certificate wrapper panics on bad DER; refuse it here instead.
+        x509_parser::parse_x509_certificate(c)
+            .map_err(|e| format!("cannot parse certificate {}: {e}", path.display()))?;
+    }
+    Ok(certs)
+}
+
+/// A CA bundle for verifying an upstream (`caCertificates`).
+pub fn load_ca(path: &Path) -> Result<Arc<pingora::protocols::tls::CaType>, String> {
+    let certs = pem_certs(path)?;
+    let wrapped: Vec<pingora::utils::tls::WrappedX509> = certs
+        .into_iter()
+        .map(|c| pingora::utils::tls::WrappedX509::new(c.to_vec(), pingora::utils::tls::parse_x509))
+        .collect();
+    Ok(Arc::from(wrapped.into_boxed_slice()))
+}
+
+/// A client certificate and key for `MUTUAL` TLS to an upstream.
+pub fn load_client_cert(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<Arc<pingora::utils::tls::CertKey>, String> {
+    // Checks the pair (and that the key parses) the same way as for server certificates.
+    load_pair(cert_path, key_path)?;
+    let certs = pem_certs(cert_path)?;
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|e| format!("cannot read private key {}: {e}", key_path.display()))?;
+    Ok(Arc::new(pingora::utils::tls::CertKey::new(
+        certs.into_iter().map(|c| c.to_vec()).collect(),
+        key.secret_der().to_vec(),
+    )))
+}
+
 /// Writes a self-signed certificate for `hosts` (demo and first-run use). The key file is
 /// created readable by its owner only.
 pub fn generate_self_signed(

@@ -135,6 +135,32 @@ pub struct Cluster {
     uses: std::sync::Mutex<std::collections::HashMap<i32, u32>>,
 }
 
+/// TLS origination settings, parsed once: certificates are DER already.
+pub struct UpstreamTls {
+    /// Server name sent and verified (the destination host unless `sni` is set).
+    pub sni: String,
+    /// `insecureSkipVerify = false` (the default): verify the chain and the name.
+    pub verify: bool,
+    /// `caCertificates`; system roots when `None`.
+    pub ca: Option<Arc<pingora::protocols::tls::CaType>>,
+    /// `MUTUAL`: the client certificate and key.
+    pub client: Option<Arc<pingora::utils::tls::CertKey>>,
+    /// Separates the connection pools of clusters that trust different CAs, since the CA is
+    /// not part of pingora's pool key.
+    pub group_key: u64,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("sni", &self.sni)
+            .field("verify", &self.verify)
+            .field("custom_ca", &self.ca.is_some())
+            .field("client_cert", &self.client.is_some())
+            .finish()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
     pub connect_timeout: Duration,
@@ -142,6 +168,8 @@ pub struct ClusterSettings {
     /// Speak HTTP/2 with prior knowledge (h2c) to this cluster.
     pub h2c: bool,
     pub tcp_keepalive: Option<pingora::protocols::TcpKeepalive>,
+    /// TLS to the upstream (DestinationRule `trafficPolicy.tls`).
+    pub tls: Option<Arc<UpstreamTls>>,
     /// `maxRequestsPerConnection`: a connection that has served this many requests is
     /// closed (`Connection: close` on its last request). `None` = unlimited.
     pub max_requests_per_connection: Option<u32>,
@@ -154,6 +182,7 @@ impl Default for ClusterSettings {
             idle_timeout: None,
             h2c: false,
             tcp_keepalive: None,
+            tls: None,
             max_requests_per_connection: None,
         }
     }
@@ -353,7 +382,18 @@ impl Cluster {
     /// must never resolve names on the request path.
     pub fn peer(&self, i: usize, read_timeout: Option<Duration>) -> HttpPeer {
         let endpoint = &self.endpoints[i];
-        let mut peer = HttpPeer::new(endpoint.addr, false, String::new());
+        let mut peer = match &self.settings.tls {
+            None => HttpPeer::new(endpoint.addr, false, String::new()),
+            Some(tls) => {
+                let mut p = HttpPeer::new(endpoint.addr, true, tls.sni.clone());
+                p.client_cert_key = tls.client.clone();
+                p.group_key = tls.group_key;
+                p.options.ca = tls.ca.clone();
+                p.options.verify_cert = tls.verify;
+                p.options.verify_hostname = tls.verify;
+                p
+            }
+        };
         let o = &mut peer.options;
         o.connection_timeout = Some(self.settings.connect_timeout);
         o.total_connection_timeout = Some(self.settings.connect_timeout);
@@ -362,7 +402,12 @@ impl Cluster {
         o.write_timeout = read_timeout;
         o.tcp_keepalive = self.settings.tcp_keepalive.clone();
         if self.settings.h2c {
-            o.set_http_version(2, 2);
+            // Prior-knowledge h2c in plain text; over TLS, h2 offered by ALPN.
+            if self.settings.tls.is_some() {
+                o.set_http_version(2, 1);
+            } else {
+                o.set_http_version(2, 2);
+            }
             o.max_h2_streams = 100;
         }
         peer
