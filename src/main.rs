@@ -31,6 +31,10 @@ enum Command {
         /// Worker threads per listener (default: the number of cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Take the listening sockets over from a running Portico: start this, then send
+        /// the old process SIGQUIT; no connection is refused in between.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Check a configuration: every error with file:line:column, or a one-line summary.
     Validate {
@@ -86,7 +90,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
     match cli.command {
-        Command::Run { config, threads } => {
+        Command::Run {
+            config,
+            threads,
+            upgrade,
+        } => {
             let path = config.unwrap_or_else(default_config);
             if !path.exists() {
                 eprintln!(
@@ -100,7 +108,7 @@ fn main() -> ExitCode {
                     .map(|n| n.get())
                     .unwrap_or(1)
             });
-            match portico::server::run(&path, threads) {
+            match portico::server::run(&path, threads, upgrade) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("{e}");

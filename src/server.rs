@@ -51,7 +51,11 @@ impl std::fmt::Display for RunError {
 
 /// Loads the config and serves it. Returns only on a start-up error; after start the
 /// process exits when pingora's signal handling says so.
-pub fn run(config: &Path, threads: usize) -> Result<(), RunError> {
+///
+/// With `upgrade`, the listening sockets are taken over from a running Portico (pingora's
+/// graceful upgrade): this process waits on `mesh.upgradeSocket` until the old one, sent
+/// SIGQUIT, hands them over; no connection is refused in between.
+pub fn run(config: &Path, threads: usize, upgrade: bool) -> Result<(), RunError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let reloader = Arc::new(Reloader::start(config).map_err(RunError::Config)?);
     let snapshot = reloader.snapshots.load_full();
@@ -64,25 +68,37 @@ pub fn run(config: &Path, threads: usize) -> Result<(), RunError> {
     };
     // Retries are Portico's decision (see proxy::fail_to_connect); this is only the cap.
     conf.max_retries = 16;
+    conf.upgrade_sock = snapshot
+        .settings
+        .upgrade_socket
+        .to_string_lossy()
+        .into_owned();
     // pingora binds listeners inside its service threads and only logs a failure there, so
     // a port already in use is found here first and stops the start with a clear error.
-    for addr in snapshot
-        .listeners
-        .iter()
-        .map(|l| (l.shape().to_string(), l.addr))
-        .chain(std::iter::once((
-            "admin API".to_string(),
-            snapshot.settings.admin,
-        )))
-    {
-        if let Err(e) = std::net::TcpListener::bind(addr.1) {
-            return Err(RunError::Bind(format!(
-                "cannot listen on {} ({}): {e}",
-                addr.1, addr.0
-            )));
+    // (An upgrade takes the sockets over from the running process, which holds them.)
+    if !upgrade {
+        for addr in snapshot
+            .listeners
+            .iter()
+            .map(|l| (l.shape().to_string(), l.addr))
+            .chain(std::iter::once((
+                "admin API".to_string(),
+                snapshot.settings.admin,
+            )))
+        {
+            if let Err(e) = std::net::TcpListener::bind(addr.1) {
+                return Err(RunError::Bind(format!(
+                    "cannot listen on {} ({}): {e}",
+                    addr.1, addr.0
+                )));
+            }
         }
     }
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
     let server_conf = server.configuration.clone();
 

@@ -73,6 +73,7 @@ pub struct Settings {
     pub drain_duration: Duration,
     pub access_log: Option<AccessLogSettings>,
     pub tracing: Option<crate::telemetry::trace::TraceSettings>,
+    pub upgrade_socket: PathBuf,
 }
 
 #[derive(Debug, Clone)]

@@ -121,3 +121,58 @@ fn sigterm_finishes_requests_in_flight_then_exits_zero() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", http)).is_err());
     assert!(sent_term.elapsed() >= Duration::from_millis(900));
 }
+
+#[test]
+fn upgrade_hands_the_listeners_over_without_refusing_a_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let echo = Echo::start("v1");
+    let (admin, http) = (free_port(), free_port());
+    let sock = tmp.path().join("upgrade.sock");
+    let mut config = config(admin, http, echo.port(), "1s");
+    config = config.replace(
+        "[mesh]\n",
+        &format!("[mesh]\nupgradeSocket = \"{}\"\n", sock.display()),
+    );
+    let mut old = Portico::start(tmp.path(), &config);
+
+    // A client sends requests, new connection each time, all through the hand-over.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let client = thread::spawn(move || {
+        let (mut ok, mut failed) = (0, Vec::new());
+        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            match try_http_request(http, "GET", "x.test", "/", &[], b"") {
+                Ok(r) if r.status == 200 => ok += 1,
+                Ok(r) => failed.push(format!("status {}", r.status)),
+                Err(e) => failed.push(e.to_string()),
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        (ok, failed)
+    });
+    thread::sleep(Duration::from_millis(300));
+    let mut new = Portico::spawn_more(tmp.path(), admin, &["--upgrade"]);
+    thread::sleep(Duration::from_millis(500));
+    old.send_signal("QUIT");
+    let status = old
+        .wait_exit(Duration::from_secs(20))
+        .expect("the old process exits");
+    assert!(status.success(), "old process: {status}");
+    thread::sleep(Duration::from_millis(500));
+    assert!(new.is_running(), "the new process serves:\n{}", new.log());
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = client.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} failed requests: {:?}\n{}",
+        failed.len(),
+        &failed[..failed.len().min(5)],
+        new.log()
+    );
+    assert!(ok > 50, "{ok} requests");
+    assert_eq!(
+        http_get(http, "x.test", "/").status,
+        200,
+        "served by the new process"
+    );
+}

@@ -266,6 +266,10 @@ impl Cx {
         };
         let tracing = self.tracing(doc);
         Settings {
+            upgrade_socket: match &m.upgrade_socket {
+                Some(p) => doc.main.resolve(p),
+                None => std::env::temp_dir().join("portico-upgrade.sock"),
+            },
             access_log,
             tracing,
             admin,

@@ -56,6 +56,9 @@ pub struct Mesh {
     /// Envoy-style format string for `TEXT` (default: Istio's text format).
     pub access_log_format: Option<String>,
     pub default_config: Option<ProxyConfig>,
+    /// Unix socket over which `portico run --upgrade` receives the listening sockets of the
+    /// running process (on its SIGQUIT). Default: `portico-upgrade.sock` in the temp dir.
+    pub upgrade_socket: Option<String>,
     #[serde(default)]
     pub extension_providers: Vec<ExtensionProvider>,
 }

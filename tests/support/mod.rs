@@ -1148,6 +1148,37 @@ impl Portico {
         Self::start_with_env(dir, config_toml, &[])
     }
 
+    /// Starts another `portico run` on the config already in `dir` with `extra` arguments
+    /// (e.g. `--upgrade`), without waiting for it to be ready.
+    pub fn spawn_more(dir: &Path, admin_port: u16, extra: &[&str]) -> Portico {
+        let config_path = dir.join("portico.toml");
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let stdout_path = dir.join(format!("portico-{n}.stdout.log"));
+        let stderr_path = dir.join(format!("portico-{n}.stderr.log"));
+        let child = Command::new(PORTICO)
+            .arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .args(extra)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout_path).unwrap())
+            .stderr(fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {PORTICO}: {e}"));
+        Portico {
+            dir: dir.to_path_buf(),
+            config_path,
+            admin_port,
+            child: Some(child),
+            stdout_path,
+            stderr_path,
+        }
+    }
+
     /// [`Portico::start`] with extra environment variables for the process.
     pub fn start_with_env(dir: &Path, config_toml: &str, env: &[(&str, &str)]) -> Portico {
         let admin_re = regex::Regex::new(r#"admin\s*=\s*"127\.0\.0\.1:(\d+)""#).unwrap();
