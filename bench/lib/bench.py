@@ -1,0 +1,1471 @@
+#!/usr/bin/env python3
+"""Side-by-side load benchmark: NGINX, HAProxy and Portico in front of one nginx upstream.
+
+Run through bench/run.sh, which installs the tools first. See bench/README.md.
+
+    bench.py compare     the five scenarios, A B C A B C over ROUNDS rounds, + idle RSS
+    bench.py scale       Portico with 10 / 1 000 / 10 000 virtual hosts + reload under load
+    bench.py idle        only the idle RSS of Portico on conf/portico.toml
+
+Everything listens on 127.0.0.1; every process started here is stopped by its PID on exit.
+"""
+
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+LIB = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.dirname(LIB)
+REPO = os.path.dirname(BENCH)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def env_int(name, default):
+    v = os.environ.get(name, "")
+    return int(v) if v.strip() else default
+
+
+ROUNDS = env_int("ROUNDS", 3)
+DURATION = env_int("DURATION", 10)
+WARMUP = env_int("WARMUP", 1)
+PORT_BASE = env_int("PORT_BASE", 27000)
+PIN = os.environ.get("PIN", "1") not in ("0", "", "no", "false")
+PORTICO = os.environ.get("PORTICO_BIN") or os.path.join(REPO, "target", "release", "portico")
+PROXIES = [p for p in os.environ.get("PROXIES", "nginx,haproxy,portico").replace(" ", ",").split(",") if p]
+ALL_SCENARIOS = ["h1-1k", "h1-100k", "https-ka", "tls-new", "h2"]
+SCENARIO_NAMES = [s for s in os.environ.get("SCENARIOS", ",".join(ALL_SCENARIOS)).replace(" ", ",").split(",") if s]
+RESULTS = os.environ.get("RESULTS_FILE") or os.path.join(BENCH, "RESULTS.md")
+OUT = os.path.join(BENCH, "out")
+CACHE = os.path.join(BENCH, ".cache")
+CERT_KEY = os.environ.get("CERT_KEY", "ec")
+
+# CPUs: with PIN, the proxy under test gets CPU 1 to itself; the upstream and the load
+# generator share CPU 0. Without PIN the scheduler places everything.
+PROXY_CPU = "1"
+OTHER_CPU = "0"
+
+HOST = "bench.example.com"
+SNIS = ["bench1.example.com", "bench2.example.com", "bench3.example.com"]
+
+PORTS = {
+    "upstream": PORT_BASE,
+    "nginx": (PORT_BASE + 10, PORT_BASE + 11),
+    "haproxy": (PORT_BASE + 20, PORT_BASE + 21),
+    "portico": (PORT_BASE + 30, PORT_BASE + 31),
+    "portico_admin": PORT_BASE + 39,
+    "scale": (PORT_BASE + 40, PORT_BASE + 41),
+    "scale_admin": PORT_BASE + 49,
+    "idle": (PORT_BASE + 50, PORT_BASE + 51),
+    "idle_admin": PORT_BASE + 59,
+}
+
+CLOSE_FLAG = ' -H "Connection: close"'
+LABEL = {"nginx": "NGINX", "haproxy": "HAProxy", "portico": "Portico"}
+
+
+def log(*a):
+    print("[bench]", *a, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ processes we start
+
+STARTED = []  # Popen objects, stopped by PID in cleanup()
+
+
+def pinned(cmd, cpu):
+    return (["taskset", "-c", cpu] + cmd) if PIN else cmd
+
+
+def start(cmd, logfile, cpu=None, cwd=None, stop_sig=signal.SIGTERM):
+    f = open(logfile, "ab")
+    p = subprocess.Popen(pinned(cmd, cpu) if cpu else cmd, stdout=f, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True)
+    f.close()
+    p.stop_sig = stop_sig
+    STARTED.append(p)
+    return p
+
+
+def children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+            if int(rest[1]) == pid:
+                out.append(int(d))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def tree(pid):
+    pids = [pid]
+    for c in children(pid):
+        pids += tree(c)
+    return pids
+
+
+def stop(p, sig=None, wait=5):
+    sig = sig or getattr(p, "stop_sig", signal.SIGTERM)
+    if p.poll() is not None:
+        return
+    kids = tree(p.pid)[1:]
+    try:
+        os.kill(p.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        p.wait(wait)
+    except subprocess.TimeoutExpired:
+        for pid in [p.pid] + kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait(5)
+    for pid in kids:  # nginx workers exit with their master; make sure
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def cleanup():
+    for p in reversed(STARTED):
+        try:
+            stop(p)
+        except Exception as e:  # noqa: BLE001
+            log(f"stopping {p.pid}: {e}")
+    STARTED.clear()
+
+
+def cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+            total += int(rest[11]) + int(rest[12])  # fields 14 utime + 15 stime
+        except (OSError, IndexError):
+            pass
+    return total
+
+
+def status_kib(pid, key):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_hwm(pid):
+    """Resets VmHWM to the current RSS (Linux clear_refs 5) so a run's peak is its own."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def wait_port(port, timeout=60, proc=None):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def port_free(port):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def http_get(port, path, host, timeout=5):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    c.request("GET", path, headers={"Host": host})
+    r = c.getresponse()
+    body = r.read()
+    c.close()
+    return r.status, dict((k.lower(), v) for k, v in r.getheaders()), body
+
+
+def https_get(port, sni, path, host, alpn=("h2", "http/1.1")):
+    """TLS handshake with SNI; returns (tls version, alpn, cert CN, status/None)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(list(alpn))
+    with socket.create_connection(("127.0.0.1", port), 5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=sni) as s:
+            der = s.getpeercert(binary_form=True)
+            version, proto = s.version(), s.selected_alpn_protocol()
+    cn = cert_cn(der)
+    status = None
+    if "http/1.1" in alpn:
+        ctx.set_alpn_protocols(["http/1.1"])
+        c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=5)
+        c.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), 5), server_hostname=sni)
+        c.request("GET", path, headers={"Host": host})
+        r = c.getresponse()
+        r.read()
+        status = r.status
+        c.close()
+    return version, proto, cn, status
+
+
+def cert_cn(der):
+    try:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        return x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    except Exception:  # noqa: BLE001
+        pem = ssl.DER_cert_to_PEM_cert(der)
+        out = subprocess.run(["openssl", "x509", "-noout", "-subject"], input=pem.encode(),
+                             capture_output=True).stdout.decode()
+        m = re.search(r"CN\s*=\s*([^,/\n]+)", out)
+        return m.group(1).strip() if m else "?"
+
+
+def curl_h2(port, sni, path, host):
+    r = subprocess.run(
+        ["curl", "-sk", "--http2", "--max-time", "5", "--resolve", f"{sni}:{port}:127.0.0.1",
+         "-H", f"Host: {host}", "-o", "/dev/null", "-w", "%{http_code} %{http_version}",
+         f"https://{sni}:{port}{path}"], capture_output=True, text=True, timeout=10)
+    return r.stdout.strip()
+
+
+# ------------------------------------------------------------------ load generators
+
+
+def pct(sorted_vals, p):
+    if not sorted_vals:
+        return None
+    k = max(0, min(len(sorted_vals) - 1, int(round(p / 100.0 * len(sorted_vals) + 0.5)) - 1))
+    return sorted_vals[k]
+
+
+def run_wrk(port, path, host, conns, duration, lua=True, extra=(), stop=None):
+    """wrk for `duration` s, or until `stop` (a threading.Event) is set: then SIGINT, after
+    which wrk still prints its summary and the done() line."""
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "--timeout", "5s",
+           "-H", f"Host: {host}", *extra]
+    if lua:
+        cmd += ["-s", os.path.join(LIB, "stats.lua")]
+    cmd.append(f"http://127.0.0.1:{port}{path}")
+    p = subprocess.Popen(pinned(cmd, OTHER_CPU), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if stop is not None and stop.wait(duration) and p.poll() is None:
+        p.send_signal(signal.SIGINT)
+    try:
+        stdout, stderr = p.communicate(timeout=duration + 60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise RuntimeError("wrk did not finish in time")
+    m = re.search(r"^BENCHJSON (.*)$", stdout, re.M)
+    if p.returncode != 0 or not m:
+        raise RuntimeError(f"wrk failed ({p.returncode}): {stdout[-800:]} {stderr[-800:]}")
+    j = json.loads(m.group(1))
+    secs = j["duration_us"] / 1e6
+    errors = j["connect"] + j["read"] + j["write"] + j["timeout"]
+    return {
+        "requests": j["requests"], "seconds": secs, "rps": j["requests"] / secs,
+        "p50_ms": j["p50"] / 1000, "p99_ms": j["p99"] / 1000, "p999_ms": j["p999"] / 1000,
+        "max_ms": j["max"] / 1000, "non2xx": j["status"], "socket_errors": errors,
+        "mbytes_s": j["bytes"] / secs / 1e6,
+    }
+
+
+H2LOAD_FINISHED = re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s")
+H2LOAD_REQS = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout")
+H2LOAD_CODES = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
+H2LOAD_TIME = re.compile(r"^time (for connect|to 1st byte):\s+(\S+)\s+(\S+)\s+(\S+)", re.M)
+
+
+def to_ms(v):
+    m = re.match(r"([\d.]+)(us|ms|s)$", v)
+    if not m:
+        return None
+    x = float(m.group(1))
+    return {"us": x / 1000, "ms": x, "s": x * 1000}[m.group(2)]
+
+
+def h2load_cmd(port, sni, path, host, conns, streams, duration, h1, close, logfile, count=None):
+    # -n COUNT instead of -D: h2load before 1.64 often hangs at the end of a -D run whose
+    # server closes connections (nghttp2 issue 2250), so "new connection per request"
+    # runs a request count sized from the last measured rate.
+    length = ["-n", str(count)] if count else ["-D", str(duration)]
+    cmd = ["h2load", "-t1", f"-c{conns}", f"-m{streams}", *length,
+           "--log-file", logfile, "--connect-to", f"127.0.0.1:{port}",
+           "-H", f":authority: {host}"]
+    if h1:
+        cmd.append("--h1")
+    if close:
+        cmd += ["-H", "Connection: close"]
+    cmd.append(f"https://{sni}:{port}{path}")
+    return cmd
+
+
+def run_h2load(port, snis, path, host, conns, streams, duration, h1, close, tmp, count=None,
+               timeout=None):
+    """One h2load per SNI name, all at once; their counts are added, their logs merged."""
+    timeout = timeout or duration + 60
+    procs = []
+    for i, sni in enumerate(snis):
+        logfile = os.path.join(tmp, f"h2load-{i}.log")
+        if os.path.exists(logfile):
+            os.unlink(logfile)
+        cmd = h2load_cmd(port, sni, path, host, conns, streams, duration, h1, close, logfile,
+                         count // len(snis) if count else None)
+        procs.append((subprocess.Popen(pinned(cmd, OTHER_CPU), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True), logfile))
+    rps = 0.0
+    total = {"done": 0, "succeeded": 0, "failed": 0, "errored": 0, "timeout": 0, "non2xx": 0}
+    secs = []
+    ttfb = []
+    lat = []
+    outs = []
+    for p, logfile in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q, _ in procs:
+                if q.poll() is None:
+                    q.kill()
+                    q.communicate()
+            raise RuntimeError(f"h2load did not finish within {timeout:.0f}s")
+        outs.append(out[-1500:] + err[-500:])
+        f = H2LOAD_FINISHED.search(out)
+        q = H2LOAD_REQS.search(out)
+        c = H2LOAD_CODES.search(out)
+        if not (f and q and c):
+            raise RuntimeError(f"h2load failed ({p.returncode}): {out[-800:]} {err[-800:]}")
+        s = float(f.group(1)) / (1000 if f.group(2) == "ms" else 1)
+        secs.append(s)
+        rps += float(f.group(3))
+        total["done"] += int(q.group(3))
+        total["succeeded"] += int(q.group(4))
+        total["failed"] += int(q.group(5))
+        total["errored"] += int(q.group(6))
+        total["timeout"] += int(q.group(7))
+        total["non2xx"] += int(c.group(3)) + int(c.group(4))
+        for name, _mn, _mx, mean in H2LOAD_TIME.findall(out):
+            if name == "to 1st byte":
+                ttfb.append(to_ms(mean))
+        with open(logfile) as lf:
+            for line in lf:
+                parts = line.split("\t")
+                if len(parts) >= 3 and parts[1] != "-1":
+                    lat.append(int(parts[2]))
+        os.unlink(logfile)
+    lat.sort()
+    errors = total["errored"] + total["timeout"] + max(0, total["failed"] - total["non2xx"])
+    # Keep what h2load printed when something went wrong, for the log.
+    odd = "\n".join(outs) if (total["done"] == 0 or errors) else None
+    if len(secs) > 1:  # parallel processes: all requests over the longest of them
+        rps = total["done"] / max(secs)
+    return {
+        "requests": total["done"], "seconds": max(secs), "rps": rps,
+        "p50_ms": (pct(lat, 50) or 0) / 1000, "p99_ms": (pct(lat, 99) or 0) / 1000,
+        "p999_ms": (pct(lat, 99.9) or 0) / 1000, "max_ms": (lat[-1] if lat else 0) / 1000,
+        "non2xx": total["non2xx"], "socket_errors": errors,
+        "ttfb_mean_ms": statistics.mean([t for t in ttfb if t is not None]) if ttfb else None,
+        "tool_output": odd,
+    }
+
+
+# ------------------------------------------------------------------ scenarios
+
+SCENARIOS = {
+    "h1-1k": {"title": "HTTP/1.1 keep-alive, 1 KiB", "tool": "wrk", "path": "/api/1k",
+              "conns": env_int("CONNS_H1", 64)},
+    "h1-100k": {"title": "HTTP/1.1 keep-alive, 100 KiB", "tool": "wrk", "path": "/api/big",
+                "conns": env_int("CONNS_H1", 64)},
+    "https-ka": {"title": "HTTPS keep-alive (TLS 1.3, HTTP/1.1), 1 KiB", "tool": "h2load",
+                 "path": "/api/1k", "conns": env_int("CONNS_H1", 64), "streams": 1, "h1": True,
+                 "close": False, "snis": SNIS[:1]},
+    "tls-new": {"title": "new TLS 1.3 connection per request, SNI over 3 names, 1 KiB",
+                "tool": "h2load", "path": "/api/1k", "conns": env_int("CONNS_TLS_NEW", 8),
+                "streams": 1, "h1": True, "close": True, "snis": SNIS, "count": True},
+    "h2": {"title": "HTTP/2 over TLS 1.3, 100 streams, 1 KiB", "tool": "h2load",
+           "path": "/api/1k", "conns": env_int("CONNS_H2", 1), "streams": 100, "h1": False,
+           "close": False, "snis": SNIS[:1]},
+}
+
+
+RATE = {}  # (port, scenario, host) -> last measured req/s, to size request-count runs
+
+
+def run_scenario(name, ports, duration, tmp, host=HOST, snis=None, path=None):
+    sc = SCENARIOS[name]
+    http_port, https_port = ports
+    if sc["tool"] == "wrk":
+        return run_wrk(http_port, path or sc["path"], host, sc["conns"], duration)
+    snis = snis or sc["snis"]
+    args = (https_port, snis, path or sc["path"], host, sc["conns"], sc["streams"], duration,
+            sc["h1"], sc["close"], tmp)
+    if not sc.get("count"):
+        return run_h2load(*args)
+    key = (https_port, name, host)
+    floor = sc["conns"] * len(snis) * 4
+    if key not in RATE:  # probe the rate once
+        probe = run_h2load(*args, count=floor * 10, timeout=120)
+        RATE[key] = probe["rps"]
+    count = max(floor, int(RATE[key] * duration))
+    r = run_h2load(*args, count=count, timeout=duration * 5 + 60)
+    RATE[key] = r["rps"]
+    return r
+
+
+# ------------------------------------------------------------------ servers
+
+
+class Env:
+    def __init__(self):
+        self.tmp = tempfile.mkdtemp(prefix="portico-bench-")
+        os.chmod(self.tmp, 0o755)
+        self.certs = os.path.join(self.tmp, "certs")
+        self.servers = {}  # name -> Popen
+
+    def path(self, *p):
+        return os.path.join(self.tmp, *p)
+
+    def close(self):
+        cleanup()
+        if os.environ.get("KEEP_TMP"):
+            log(f"kept {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def nginx_common(prefix):
+    os.makedirs(os.path.join(prefix, "tmp"), exist_ok=True)
+    user = "user root root;\n" if os.geteuid() == 0 else ""
+    return f"""{user}worker_processes 1;
+daemon off;
+master_process on;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 16384; }}
+"""
+
+
+def nginx_temp_paths(prefix):
+    return "".join(f"  {k}_temp_path {prefix}/tmp/{k};\n"
+                   for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+
+
+def start_upstream(env):
+    prefix = env.path("upstream")
+    www = os.path.join(prefix, "www")
+    os.makedirs(www, exist_ok=True)
+    with open(os.path.join(www, "1k"), "wb") as f:
+        f.write(b"a" * 1023 + b"\n")
+    with open(os.path.join(www, "big"), "wb") as f:
+        f.write(b"b" * 102399 + b"\n")
+    port = PORTS["upstream"]
+    conf = nginx_common(prefix) + f"""http {{
+  access_log off;
+{nginx_temp_paths(prefix)}  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+  default_type application/octet-stream;
+  sendfile on;
+  tcp_nopush on;
+  open_file_cache max=16 inactive=1h;
+  open_file_cache_valid 1h;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    root {www};
+    # Echo the header the proxies add, so the sanity check sees it arrive.
+    add_header x-got-bench "$http_x_bench" always;
+    location / {{ try_files /1k =404; }}
+    location ~ /big$ {{ try_files /big =404; }}
+  }}
+}}
+"""
+    cfg = os.path.join(prefix, "nginx.conf")
+    with open(cfg, "w") as f:
+        f.write(conf)
+    p = start(["nginx", "-p", prefix, "-c", cfg, "-e", os.path.join(prefix, "error.log")],
+              os.path.join(prefix, "stdout.log"), cpu=OTHER_CPU)
+    wait_port(port, proc=p)
+    env.servers["upstream"] = p
+    return p
+
+
+def start_nginx(env):
+    prefix = env.path("nginx")
+    http_port, https_port = PORTS["nginx"]
+    up = PORTS["upstream"]
+    c = env.certs
+    proxy = """proxy_pass http://bench_upstream;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+      proxy_set_header x-bench 1;"""
+    cert_servers = "".join(f"""
+  server {{
+    listen 127.0.0.1:{https_port} ssl http2;
+    server_name {sni};
+    ssl_certificate {c}/{sni}.crt;
+    ssl_certificate_key {c}/{sni}.key;
+    return 404;
+  }}
+""" for sni in SNIS[1:])
+    conf = nginx_common(prefix) + f"""http {{
+  access_log off;
+{nginx_temp_paths(prefix)}  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+  ssl_protocols TLSv1.3;
+  upstream bench_upstream {{
+    server 127.0.0.1:{up};
+    keepalive 64;
+    keepalive_requests 1000000;
+  }}
+  # Unknown Host: 404. SNI bench1 and clients without SNI get the bench1 certificate.
+  server {{
+    listen 127.0.0.1:{http_port} default_server backlog=4096;
+    listen 127.0.0.1:{https_port} ssl http2 default_server backlog=4096;
+    server_name {SNIS[0]};
+    ssl_certificate {c}/{SNIS[0]}.crt;
+    ssl_certificate_key {c}/{SNIS[0]}.key;
+    return 404;
+  }}
+  # The route: Host bench.example.com + /api/ (nginx picks this server by Host after the
+  # handshake, whatever the SNI was).
+  server {{
+    listen 127.0.0.1:{http_port};
+    listen 127.0.0.1:{https_port} ssl http2;
+    server_name {HOST};
+    ssl_certificate {c}/{SNIS[0]}.crt;
+    ssl_certificate_key {c}/{SNIS[0]}.key;
+    location /api/ {{
+      {proxy}
+    }}
+    location / {{ return 404; }}
+  }}
+{cert_servers}}}
+"""
+    cfg = os.path.join(prefix, "nginx.conf")
+    with open(cfg, "w") as f:
+        f.write(conf)
+    p = start(["nginx", "-p", prefix, "-c", cfg, "-e", os.path.join(prefix, "error.log")],
+              os.path.join(prefix, "stdout.log"), cpu=PROXY_CPU)
+    wait_port(http_port, proc=p)
+    wait_port(https_port, proc=p)
+    return p
+
+
+def start_haproxy(env):
+    prefix = env.path("haproxy")
+    os.makedirs(prefix, exist_ok=True)
+    http_port, https_port = PORTS["haproxy"]
+    crts = " ".join(f"crt {env.certs}/{s}.pem" for s in SNIS)
+    conf = f"""global
+  nbthread 1
+  maxconn 8000
+  ssl-default-bind-options ssl-min-ver TLSv1.3
+
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+  timeout http-keep-alive 120s
+  option http-keep-alive
+  http-reuse always
+
+frontend bench
+  bind 127.0.0.1:{http_port} backlog 4096
+  bind 127.0.0.1:{https_port} backlog 4096 ssl {crts} alpn h2,http/1.1 ssl-min-ver TLSv1.3
+  acl bench_host req.hdr(host),field(1,:) -i {HOST}
+  acl api path_beg /api/
+  use_backend upstream if bench_host api
+  default_backend notfound
+
+backend upstream
+  http-reuse always
+  http-request set-header x-bench 1
+  server up1 127.0.0.1:{PORTS['upstream']}
+
+backend notfound
+  http-request return status 404
+"""
+    cfg = os.path.join(prefix, "haproxy.cfg")
+    with open(cfg, "w") as f:
+        f.write(conf)
+    p = start(["haproxy", "-db", "-f", cfg], os.path.join(prefix, "stdout.log"), cpu=PROXY_CPU)
+    wait_port(http_port, proc=p)
+    wait_port(https_port, proc=p)
+    return p
+
+
+def portico_bench_config(env):
+    http_port, https_port = PORTS["portico"]
+    up = PORTS["upstream"]
+    c = env.certs
+    servers = ""
+    for i, sni in enumerate(SNIS):
+        hosts = f'["{HOST}", "{sni}"]' if i == 0 else f'["{sni}"]'
+        default = ", defaultCertificate = true" if i == 0 else ""
+        servers += f"""
+[[gateways.servers]]
+port = {{ number = {https_port}, name = "https-{i + 1}", protocol = "HTTPS" }}
+bind = "127.0.0.1"
+hosts = {hosts}
+tls = {{ mode = "SIMPLE", serverCertificate = "{c}/{sni}.crt", privateKey = "{c}/{sni}.key", minProtocolVersion = "TLSV1_3"{default} }}
+"""
+    return f"""# Generated by bench/lib/bench.py: the benchmark route, as in the NGINX and HAProxy configs.
+[mesh]
+admin = "127.0.0.1:{PORTS['portico_admin']}"
+accessLogFile = ""
+
+[[gateways]]
+name = "bench"
+[[gateways.servers]]
+port = {{ number = {http_port}, name = "http", protocol = "HTTP" }}
+bind = "127.0.0.1"
+hosts = ["{HOST}"]
+{servers}
+[[virtualServices]]
+name = "bench"
+hosts = ["{HOST}"]
+gateways = ["bench"]
+[[virtualServices.http]]
+name = "api"
+match = [{{ uri = {{ prefix = "/api/" }} }}]
+route = [{{ destination = {{ host = "upstream.bench", port = {{ number = {up} }} }} }}]
+headers = {{ request = {{ set = {{ x-bench = "1" }} }} }}
+
+[[serviceEntries]]
+name = "upstream"
+hosts = ["upstream.bench"]
+location = "MESH_INTERNAL"
+resolution = "STATIC"
+ports = [{{ number = {up}, name = "http", protocol = "HTTP" }}]
+endpoints = [{{ address = "127.0.0.1" }}]
+"""
+
+
+def wait_ready(admin_port, proc, timeout):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"portico exited with {proc.returncode}")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=2)
+            c.request("GET", "/ready")
+            r = c.getresponse()
+            r.read()
+            c.close()
+            if r.status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"portico not ready after {timeout}s")
+
+
+def start_portico(env, config_text=None, name="portico", args=(), ports=None, admin=None,
+                  ready_timeout=60):
+    prefix = env.path(name)
+    os.makedirs(prefix, exist_ok=True)
+    cfg = os.path.join(prefix, "bench-config.toml")
+    if config_text is not None:
+        with open(cfg, "w") as f:
+            f.write(config_text)
+    p = start([PORTICO, "run", "-c", cfg, "--threads", "1", *args],
+              os.path.join(prefix, "stderr.log"), cpu=PROXY_CPU,
+              stop_sig=signal.SIGINT)
+    wait_ready(admin or PORTS["portico_admin"], p, ready_timeout)
+    for port in ports or PORTS["portico"]:
+        wait_port(port, proc=p)
+    return p
+
+
+def worker_pid(name, p):
+    """The process that serves: nginx's worker, else the process itself."""
+    if name == "nginx":
+        kids = children(p.pid)
+        # taskset execs nginx, so p.pid is the master; its child is the single worker
+        if kids:
+            return kids[0]
+    return p.pid
+
+
+def sanity(name, ports):
+    http_port, https_port = ports
+    problems = []
+    st, hdrs, body = http_get(http_port, "/api/1k", HOST)
+    if st != 200 or len(body) != 1024:
+        problems.append(f"GET /api/1k: {st}, {len(body)} bytes")
+    if hdrs.get("x-got-bench") != "1":
+        problems.append(f"x-bench did not reach the upstream (x-got-bench={hdrs.get('x-got-bench')!r})")
+    st, _, body = http_get(http_port, "/api/big", HOST)
+    if st != 200 or len(body) != 102400:
+        problems.append(f"GET /api/big: {st}, {len(body)} bytes")
+    st, _, _ = http_get(http_port, "/api/1k", "other.example.com")
+    if st == 200:
+        problems.append("Host other.example.com was routed (expected 404)")
+    st, _, _ = http_get(http_port, "/else", HOST)
+    if st == 200:
+        problems.append("path /else was routed (expected 404)")
+    for sni in SNIS:
+        version, proto, cn, status = https_get(https_port, sni, "/api/1k", HOST)
+        if version != "TLSv1.3" or proto != "h2" or cn != sni or status != 200:
+            problems.append(f"TLS {sni}: {version}, ALPN {proto}, cert CN {cn}, HTTP/1.1 status {status}")
+    h2 = curl_h2(https_port, SNIS[1], "/api/1k", HOST)
+    if h2 != "200 2":
+        problems.append(f"HTTP/2 GET via curl: {h2!r}")
+    if problems:
+        raise RuntimeError(f"{name} sanity check failed:\n  " + "\n  ".join(problems))
+    log(f"{name}: sanity ok (routing by Host+prefix, x-bench added, 3 SNI certs, TLS 1.3, ALPN h2, HTTP/2)")
+
+
+# ------------------------------------------------------------------ measuring a run
+
+
+def measured(label, pids_fn, worker, fn, other_pids=()):
+    reset_ok = reset_hwm(worker)
+    pids = pids_fn()
+    t0 = cpu_ticks(pids)
+    o0 = cpu_ticks(other_pids)
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    w0 = time.time()
+    r = fn()
+    wall = time.time() - w0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t1 = cpu_ticks(pids)
+    o1 = cpu_ticks(other_pids)
+    cpu = (t1 - t0) / CLK_TCK
+    r["proxy_cpu_s"] = cpu
+    r["proxy_cpu_pct"] = 100 * cpu / r["seconds"] if r["seconds"] else None
+    r["cpu_per_100k"] = cpu / r["requests"] * 1e5 if r["requests"] else None
+    r["upstream_cpu_pct"] = 100 * (o1 - o0) / CLK_TCK / wall
+    r["client_cpu_pct"] = 100 * ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)) / wall
+    hwm = status_kib(worker, "VmHWM")
+    r["peak_rss_mib"] = hwm / 1024 if hwm else None
+    r["hwm_reset"] = reset_ok
+    return r
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def versions():
+    def out(cmd):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (r.stdout + r.stderr).strip().splitlines()[0]
+        except Exception as e:  # noqa: BLE001
+            return f"? ({e})"
+
+    return {
+        "nginx": out(["nginx", "-v"]).replace("nginx version: ", ""),
+        "haproxy": out(["haproxy", "-v"]),
+        "wrk": out(["wrk", "-v"]),
+        "h2load": out(["h2load", "--version"]),
+        "portico": out([PORTICO, "--version"]) + BUILD_NOTE,
+        "openssl": out(["openssl", "version"]),
+    }
+
+
+BUILD_NOTE = ""
+
+
+def portico_build_note():
+    try:
+        mtime = os.path.getmtime(PORTICO)
+        rev = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"],
+                               capture_output=True, text=True).stdout.strip()
+        when = datetime.datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M")
+        return f" (binary built {when}; repo HEAD {rev}{', src/ has uncommitted edits' if dirty else ''})"
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def machine():
+    model = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "kernel": platform.release(),
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+# ------------------------------------------------------------------ report helpers
+
+
+def fmt(v, digits=3):
+    if v is None:
+        return "–"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if v == 0:
+        return "0"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    if abs(v) >= 1:
+        return f"{v:.2f}"
+    return f"{v:.{digits}f}"
+
+
+def med(runs, key):
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def ratio(a, b):
+    if a is None or b in (None, 0):
+        return "–"
+    return f"{a / b:.2f}"
+
+
+def write_section(section, text):
+    """Replaces (or appends) one marked section of RESULTS.md, keeping the others."""
+    begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    old = ""
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as f:
+            old = f.read()
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end) + 1:]
+    else:
+        head = "" if old.strip() else "# Portico benchmark results\n\nWritten by `bench/run.sh`; see `bench/README.md` for the method.\n\n"
+        new = (old.rstrip() + "\n\n" if old.strip() else head) + block
+    with open(RESULTS, "w") as f:
+        f.write(new)
+
+
+def header(command, start_load, vers, mach, extra=()):
+    lines = [
+        f"- command: `{command}`",
+        f"- date: {mach['date']}",
+        f"- machine: {mach['nproc']} CPUs (`nproc`), {mach['cpu']}, kernel {mach['kernel']}",
+        f"- load average at start: {start_load}; at end: {loadavg()}",
+        "- versions: " + "; ".join(f"{k} `{v}`" for k, v in vers.items()),
+    ]
+    lines += list(extra)
+    lines.append("- **noise:** the machine is shared with other engineers who compile at the same time; "
+                 "numbers move by 10-30 % from run to run. Compare proxies within one run (they alternate "
+                 "A B C A B C, medians over rounds), not across runs.")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ idle RSS
+
+
+def idle_rss(env):
+    """Portico on a copy of conf/ (the default config) with its default threads: VmRSS after 2 s."""
+    src = os.path.join(REPO, "conf")
+    dst = env.path("idle", "conf")
+    shutil.copytree(src, dst)
+    cfg = os.path.join(dst, "portico.toml")
+    text = open(cfg).read()
+    note = "conf/portico.toml copied to a temp dir (its self-signed demo certificates are written there)"
+    defaults = {8080: PORTS["idle"][0], 8443: PORTS["idle"][1], 15000: PORTS["idle_admin"]}
+    busy = [p for p in defaults if not port_free(p)]
+    admin = 15000
+    if busy:
+        for old, new in defaults.items():
+            text = re.sub(rf"\b{old}\b", str(new), text)
+        with open(cfg, "w") as f:
+            f.write(text)
+        admin = PORTS["idle_admin"]
+        note += f"; ports {busy} were busy so its ports were moved to {list(defaults.values())} (nothing else changed)"
+    p = start([PORTICO, "run", "-c", cfg], env.path("idle", "stderr.log"), stop_sig=signal.SIGINT)
+    try:
+        wait_ready(admin, p, 30)
+        time.sleep(2)
+        rss = status_kib(p.pid, "VmRSS")
+        threads = status_kib(p.pid, "Threads")
+    finally:
+        stop(p)
+        STARTED.remove(p)
+    return {"rss_mib": rss / 1024 if rss else None, "threads": threads, "note": note}
+
+
+# ------------------------------------------------------------------ compare
+
+
+def compare(command):
+    start_load = loadavg()
+    mach = machine()
+    vers = versions()
+    for s in SCENARIO_NAMES:
+        if s not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {s!r}; known: {', '.join(ALL_SCENARIOS)}")
+    env = Env()
+    results = {p: {s: [] for s in SCENARIO_NAMES} for p in PROXIES}
+    failed = []
+    try:
+        subprocess.run([sys.executable, os.path.join(LIB, "certs.py"), env.certs, *SNIS], check=True)
+        start_upstream(env)
+        procs = {}
+        for name in PROXIES:
+            if name == "nginx":
+                procs[name] = start_nginx(env)
+            elif name == "haproxy":
+                procs[name] = start_haproxy(env)
+            elif name == "portico":
+                procs[name] = start_portico(env, portico_bench_config(env))
+            else:
+                raise SystemExit(f"unknown proxy {name!r}")
+        for name in PROXIES:
+            sanity(name, PORTS[name])
+        upstream_pids = tree(env.servers["upstream"].pid)
+        total = ROUNDS * len(SCENARIO_NAMES) * len(PROXIES)
+        log(f"{total} runs of {DURATION}s (+{WARMUP}s warm-up each): about "
+            f"{total * (DURATION + WARMUP + 1) // 60 + 1} min")
+        n = 0
+        for rnd in range(ROUNDS):
+            for s in SCENARIO_NAMES:
+                for name in PROXIES:
+                    n += 1
+                    p = procs[name]
+                    if p.poll() is not None:
+                        raise RuntimeError(f"{name} died (exit {p.returncode})")
+                    try:
+                        if WARMUP > 0 or SCENARIOS[s].get("count"):
+                            run_scenario(s, PORTS[name], max(WARMUP, 1), env.tmp)
+                        r = measured(name, lambda p=p: tree(p.pid), worker_pid(name, p),
+                                     lambda: run_scenario(s, PORTS[name], DURATION, env.tmp),
+                                     upstream_pids)
+                    except RuntimeError as e:
+                        failed.append(f"round {rnd + 1} {s} {name}: {e}")
+                        log(f"[{n}/{total}] round {rnd + 1} {s} {name}: FAILED: {e}")
+                        continue
+                    r["round"] = rnd + 1
+                    results[name][s].append(r)
+                    log(f"[{n}/{total}] round {rnd + 1} {s:8} {name:8} {fmt(r['rps']):>8} req/s  "
+                        f"p99 {fmt(r['p99_ms'])} ms  cpu {fmt(r['cpu_per_100k'])} s/100k  "
+                        f"proxy {fmt(r['proxy_cpu_pct'])}%  up {fmt(r['upstream_cpu_pct'])}%  "
+                        f"client {fmt(r['client_cpu_pct'])}%  err {r['non2xx'] + r['socket_errors']}")
+                    if r.get("tool_output"):
+                        log("load generator said:\n" + r["tool_output"])
+        for name in PROXIES:
+            nerr = os.path.join(env.tmp, name, "error.log")
+            if os.path.exists(nerr):
+                with open(nerr) as f:
+                    buffered = sum(1 for line in f if "buffered to a temporary file" in line)
+                if buffered:
+                    log(f"{name}: {buffered} responses were buffered to temporary files")
+        idle = idle_rss(env) if "portico" in PROXIES else None
+    finally:
+        env.close()
+
+    os.makedirs(OUT, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    raw = os.path.join(OUT, f"compare-{stamp}.json")
+    with open(raw, "w") as f:
+        json.dump({"machine": mach, "versions": vers, "results": results, "idle": idle, "failed": failed,
+                   "settings": {"rounds": ROUNDS, "duration": DURATION, "pin": PIN}}, f, indent=1)
+    text = compare_report(command, start_load, vers, mach, results, idle, raw, failed)
+    print(text)
+    write_section("compare", text)
+    log(f"wrote {RESULTS} and {raw}")
+
+
+def compare_report(command, start_load, vers, mach, results, idle, raw, failed):
+    settings = [
+        f"- settings: ROUNDS={ROUNDS}, DURATION={DURATION}s (+{WARMUP}s unmeasured warm-up per run), "
+        f"SCENARIOS={','.join(SCENARIO_NAMES)}, PIN={'on: proxy on CPU 1, upstream + load generator on CPU 0' if PIN else 'off'}, "
+        f"certificates {'ECDSA P-256' if CERT_KEY != 'rsa' else 'RSA 2048'}",
+        f"- raw per-run numbers: `{os.path.relpath(raw, REPO)}` (not committed)",
+    ]
+    out = ["## Side by side: NGINX, HAProxy, Portico (one worker thread each)", "",
+           header(command, start_load, vers, mach, settings), ""]
+    out.append("Medians over rounds. Latency in ms. CPU = proxy user+sys seconds per 100 000 requests "
+               "(all its processes); proxy % = CPU of the proxy during the run (100 % = one core busy); "
+               "peak RSS = VmHWM of the serving process during the run; errors = non-2xx + socket errors, summed over rounds.")
+    out.append("")
+    for s in SCENARIO_NAMES:
+        sc = SCENARIOS[s]
+        unit = "handshakes/s (= req/s)" if s == "tls-new" else "req/s"
+        out.append(f"### {s}: {sc['title']}")
+        out.append("")
+        tool = ("wrk -t1 -c%d" % sc["conns"]) if sc["tool"] == "wrk" else (
+            f"h2load -t1 -c{sc['conns']} -m{sc['streams']}{' --h1' if sc['h1'] else ''}"
+            + (CLOSE_FLAG if sc["close"] else "")
+            + (f", {len(sc['snis'])} concurrent h2load processes, one per SNI name" if len(sc["snis"]) > 1 else ""))
+        out.append(f"`{tool}`")
+        out.append("")
+        out.append(f"| proxy | {unit} | spread (min–max) | p50 | p99 | p99.9 | CPU s/100k | proxy % | peak RSS MiB | errors |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for name in PROXIES:
+            runs = results[name][s]
+            if not runs:
+                continue
+            rps = [r["rps"] for r in runs]
+            errs = sum(r["non2xx"] + r["socket_errors"] for r in runs)
+            out.append(f"| {LABEL[name]} | {fmt(med(runs, 'rps'))} | {fmt(min(rps))}–{fmt(max(rps))} | "
+                       f"{fmt(med(runs, 'p50_ms'))} | {fmt(med(runs, 'p99_ms'))} | {fmt(med(runs, 'p999_ms'))} | "
+                       f"{fmt(med(runs, 'cpu_per_100k'))} | {fmt(med(runs, 'proxy_cpu_pct'))} | "
+                       f"{fmt(med(runs, 'peak_rss_mib'))} | {errs} |")
+        if s == "tls-new":
+            out.append("")
+            out.append("Latency above is h2load's request time (request sent to response end on the new "
+                       "connection, handshake excluded). Mean time to first byte from connection start "
+                       "(TCP connect + TLS handshake + request): " + ", ".join(
+                           f"{LABEL[n]} {fmt(med(results[n][s], 'ttfb_mean_ms'))} ms" for n in PROXIES) + ".")
+        out.append("")
+    if "portico" in PROXIES and len(PROXIES) > 1:
+        others = [p for p in PROXIES if p != "portico"]
+        out.append("### Ratios, Portico / other (medians)")
+        out.append("")
+        out.append("req/s: above 1 is better for Portico; latency, CPU and RSS: below 1 is better for Portico.")
+        out.append("")
+        cols = ["req/s", "p99", "p99.9", "CPU/100k", "peak RSS"]
+        keys = ["rps", "p99_ms", "p999_ms", "cpu_per_100k", "peak_rss_mib"]
+        out.append("| scenario | " + " | ".join(f"{c} P/{LABEL[o][0]}" for c in cols for o in others) + " |")
+        out.append("|---|" + "---:|" * (len(cols) * len(others)))
+        for s in SCENARIO_NAMES:
+            cells = []
+            for k in keys:
+                for o in others:
+                    cells.append(ratio(med(results["portico"][s], k), med(results[o][s], k)))
+            out.append(f"| {s} | " + " | ".join(cells) + " |")
+        out.append("")
+        out.append("(P/N = Portico/NGINX, P/H = Portico/HAProxy)")
+        out.append("")
+    if failed:
+        out.append("### Runs that failed (left out of the medians)")
+        out.append("")
+        out += [f"- {f}" for f in failed]
+        out.append("")
+    if idle:
+        out.append("### Idle memory")
+        out.append("")
+        out.append(f"Portico on the default config `conf/portico.toml`, default threads (= {mach['nproc']} cores), "
+                   f"2 s after it is ready: **VmRSS {fmt(idle['rss_mib'])} MiB**, {idle['threads']} threads. "
+                   f"({idle['note']}.)")
+        out.append("")
+    out.append("### Per-round req/s")
+    out.append("")
+    out.append("| scenario | proxy | " + " | ".join(f"round {i + 1}" for i in range(ROUNDS)) + " |")
+    out.append("|---|---|" + "---:|" * ROUNDS)
+    for s in SCENARIO_NAMES:
+        for name in PROXIES:
+            out.append(f"| {s} | {LABEL[name]} | " + " | ".join(fmt(r["rps"]) for r in results[name][s]) + " |")
+    out.append("")
+    out.append("Other load on the CPUs during runs (median of the load generator's and the upstream's CPU %, "
+               "which tells whether they, not the proxy, were the limit):")
+    out.append("")
+    out.append("| scenario | proxy | client % | upstream % |")
+    out.append("|---|---|---:|---:|")
+    for s in SCENARIO_NAMES:
+        for name in PROXIES:
+            runs = results[name][s]
+            out.append(f"| {s} | {LABEL[name]} | {fmt(med(runs, 'client_cpu_pct'))} | {fmt(med(runs, 'upstream_cpu_pct'))} |")
+    out.append("")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ scale
+
+SCALE_HOSTS = [int(x) for x in os.environ.get("SCALE_HOSTS", "10 1000 10000").replace(",", " ").split()]
+SCALE_CERTS = env_int("SCALE_CERTS", 1000)
+SCALE_ROUTES = 10
+RELOADS = env_int("RELOADS", 3)
+CHUNK = 1000
+
+
+def scale_host(i, ncerts):
+    k = i % ncerts
+    return f"h{i}.c{k}.scale.example.com", k
+
+
+def write_scale_config(d, nhosts, certdir, marker=0):
+    """main.toml (mesh, gateways, upstream) + vhosts-NNN.toml with 1 000 hosts each."""
+    os.makedirs(d, exist_ok=True)
+    for f in os.listdir(d):
+        if f.startswith("vhosts-"):
+            os.unlink(os.path.join(d, f))
+    ncerts = min(SCALE_CERTS, nhosts)
+    http_port, https_port = PORTS["scale"]
+    up = PORTS["upstream"]
+    by_cert = [[] for _ in range(ncerts)]
+    for i in range(nhosts):
+        h, k = scale_host(i, ncerts)
+        by_cert[k].append(h)
+    main = [f"""# Generated by bench/lib/bench.py (scale): {nhosts} hosts x {SCALE_ROUTES} routes, {ncerts} certificates.
+include = ["vhosts-*.toml"]
+
+[mesh]
+admin = "127.0.0.1:{PORTS['scale_admin']}"
+accessLogFile = ""
+# Reloads come from POST /reload only, so the reload under load is timed alone.
+reloadPollInterval = "1h"
+
+[[serviceEntries]]
+name = "upstream"
+hosts = ["upstream.bench"]
+location = "MESH_INTERNAL"
+resolution = "STATIC"
+ports = [{{ number = {up}, name = "http", protocol = "HTTP" }}]
+endpoints = [{{ address = "127.0.0.1" }}]
+
+[[gateways]]
+name = "scale"
+[[gateways.servers]]
+port = {{ number = {http_port}, name = "http", protocol = "HTTP" }}
+bind = "127.0.0.1"
+hosts = ["*"]
+"""]
+    for k in range(ncerts):
+        hosts = ", ".join(f'"{h}"' for h in by_cert[k])
+        default = ", defaultCertificate = true" if k == 0 else ""
+        main.append(f"""[[gateways.servers]]
+port = {{ number = {https_port}, name = "https-{k}", protocol = "HTTPS" }}
+bind = "127.0.0.1"
+hosts = [{hosts}]
+tls = {{ mode = "SIMPLE", serverCertificate = "{certdir}/c{k}.crt", privateKey = "{certdir}/c{k}.key"{default} }}
+""")
+    with open(os.path.join(d, "main.toml.tmp"), "w") as f:
+        f.write("\n".join(main))
+    os.replace(os.path.join(d, "main.toml.tmp"), os.path.join(d, "main.toml"))
+    for c0 in range(0, nhosts, CHUNK):
+        write_chunk(d, nhosts, c0, marker)
+    return os.path.join(d, "main.toml")
+
+
+def write_chunk(d, nhosts, c0, marker):
+    """One include file. `marker` changes one route of the last host (for the reload test)."""
+    ncerts = min(SCALE_CERTS, nhosts)
+    up = PORTS["upstream"]
+    out = []
+    for i in range(c0, min(c0 + CHUNK, nhosts)):
+        h, _ = scale_host(i, ncerts)
+        out.append(f'[[virtualServices]]\nname = "vh{i}"\nhosts = ["{h}"]\ngateways = ["scale"]\n')
+        for j in range(SCALE_ROUTES):
+            prefix = "/api/" if j == SCALE_ROUTES - 1 else f"/r{j}/"
+            if j < SCALE_ROUTES - 1:
+                value = f"{i}-{j}"
+            else:
+                value = str(marker) if (marker and i == nhosts - 1) else "1"
+            out.append(f"""[[virtualServices.http]]
+name = "r{j}"
+match = [{{ uri = {{ prefix = "{prefix}" }} }}]
+route = [{{ destination = {{ host = "upstream.bench", port = {{ number = {up} }} }} }}]
+headers = {{ request = {{ set = {{ x-bench = "{value}" }} }} }}
+""")
+    name = os.path.join(d, f"vhosts-{c0 // CHUNK:03d}.toml")
+    with open(name + ".tmp", "w") as f:
+        f.write("\n".join(out))
+    os.replace(name + ".tmp", name)
+
+
+def post_reload(admin, timeout=600):
+    c = http.client.HTTPConnection("127.0.0.1", admin, timeout=timeout)
+    t0 = time.perf_counter()
+    c.request("POST", "/reload")
+    r = c.getresponse()
+    body = r.read()
+    dt = time.perf_counter() - t0
+    c.close()
+    return dt, r.status, body.decode(errors="replace")
+
+
+def scale(command):
+    start_load = loadavg()
+    mach = machine()
+    vers = {"portico": versions()["portico"], "wrk": versions()["wrk"], "h2load": versions()["h2load"]}
+    env = Env()
+    certdir = os.path.join(CACHE, f"scale-certs-{CERT_KEY}")
+    ncerts_max = min(SCALE_CERTS, max(SCALE_HOSTS))
+    t0 = time.time()
+    subprocess.run([sys.executable, os.path.join(LIB, "certs.py"), "--scale", str(ncerts_max), certdir], check=True)
+    cert_secs = time.time() - t0
+    rows = []
+    reload_res = None
+    try:
+        start_upstream(env)
+        for nhosts in SCALE_HOSTS:
+            d = env.path(f"scale-{nhosts}")
+            t0 = time.time()
+            cfg = write_scale_config(d, nhosts, certdir)
+            gen_secs = time.time() - t0
+            size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+            t0 = time.time()
+            p = start([PORTICO, "run", "-c", cfg, "--threads", "1"], os.path.join(d, "stderr.log"), cpu=PROXY_CPU,
+                      stop_sig=signal.SIGINT)
+            wait_ready(PORTS["scale_admin"], p, 900)
+            start_secs = time.time() - t0
+            for port in PORTS["scale"]:
+                wait_port(port, proc=p)
+            time.sleep(2)
+            rss_idle = status_kib(p.pid, "VmRSS")
+            first, _ = scale_host(0, min(SCALE_CERTS, nhosts))
+            last, _ = scale_host(nhosts - 1, min(SCALE_CERTS, nhosts))
+            for h in (first, last):
+                st, hdrs, _ = http_get(PORTS["scale"][0], "/api/1k", h)
+                if st != 200 or hdrs.get("x-got-bench") != "1":
+                    raise RuntimeError(f"scale {nhosts}: {h} -> {st} {hdrs.get('x-got-bench')}")
+            row = {"hosts": nhosts, "routes": nhosts * SCALE_ROUTES, "certs": min(SCALE_CERTS, nhosts),
+                   "config_mb": size / 1e6, "gen_s": gen_secs, "start_s": start_secs,
+                   "rss_idle_mib": rss_idle / 1024, "runs": {}}
+            log(f"scale {nhosts} hosts: config {size / 1e6:.1f} MB, ready in {start_secs:.2f}s, RSS {rss_idle / 1024:.1f} MiB")
+            for rnd in range(ROUNDS):
+                for s in ("h1-1k", "tls-new"):
+                    for which, h in (("first", first), ("last", last)):
+                        if WARMUP > 0 or SCENARIOS[s].get("count"):
+                            run_scenario(s, PORTS["scale"], max(WARMUP, 1), env.tmp, host=h, snis=[h])
+                        r = measured("portico", lambda: tree(p.pid), p.pid,
+                                     lambda: run_scenario(s, PORTS["scale"], DURATION, env.tmp, host=h, snis=[h]))
+                        row["runs"].setdefault(f"{s}/{which}", []).append(r)
+                        log(f"scale {nhosts} round {rnd + 1} {s} {which}: {r['rps']:,.0f} req/s p50 {r['p50_ms']:.3f} ms "
+                            f"p99 {r['p99_ms']:.3f} ms cpu {r['cpu_per_100k']:.2f} s/100k")
+            row["rss_after_mib"] = status_kib(p.pid, "VmRSS") / 1024
+            if nhosts == max(SCALE_HOSTS):
+                reload_res = reload_under_load(env, p, d, nhosts)
+            stop(p)
+            STARTED.remove(p)
+            rows.append(row)
+    finally:
+        env.close()
+    os.makedirs(OUT, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    raw = os.path.join(OUT, f"scale-{stamp}.json")
+    with open(raw, "w") as f:
+        json.dump({"machine": mach, "versions": vers, "rows": rows, "reload": reload_res}, f, indent=1)
+    text = scale_report(command, start_load, vers, mach, rows, reload_res, cert_secs, certdir, raw)
+    print(text)
+    write_section("scale", text)
+    log(f"wrote {RESULTS} and {raw}")
+
+
+def reload_under_load(env, p, d, nhosts):
+    """wrk on the last host while the config is rewritten (one route) and POST /reload'ed."""
+    import threading
+
+    last, _ = scale_host(nhosts - 1, min(SCALE_CERTS, nhosts))
+    # The load lasts until 2 s after the last reload answered (SIGINT to wrk), at most
+    # `cap` seconds; a reload of a big config can take longer than DURATION.
+    cap = min(3600, max(DURATION, 4 + 3 * RELOADS) + 300 * RELOADS)
+    lastchunk = ((nhosts - 1) // CHUNK) * CHUNK
+    box = {}
+    done = threading.Event()
+
+    def load():
+        try:
+            box["wrk"] = run_wrk(PORTS["scale"][0], "/api/1k", last, SCENARIOS["h1-1k"]["conns"], cap,
+                                 stop=done)
+        except Exception as e:  # noqa: BLE001
+            box["error"] = str(e)
+
+    # First one reload without load, as the baseline.
+    write_chunk(d, nhosts, lastchunk, 999)
+    c_idle = cpu_ticks(tree(p.pid))
+    idle_s, idle_status, _ = post_reload(PORTS["scale_admin"])
+    idle_cpu = (cpu_ticks(tree(p.pid)) - c_idle) / CLK_TCK
+    log(f"reload without load: {idle_s:.3f}s -> {idle_status}, {idle_cpu:.1f} CPU s")
+    time.sleep(1)
+    th = threading.Thread(target=load)
+    c0 = cpu_ticks(tree(p.pid))
+    t_start = time.perf_counter()
+    th.start()
+    time.sleep(2)
+    reloads = []
+    for n in range(RELOADS):
+        if time.perf_counter() - t_start > cap - 30:
+            log("reload under load: out of time, fewer reloads than RELOADS")
+            break
+        marker = 1000 + n
+        t0 = time.perf_counter()
+        write_chunk(d, nhosts, lastchunk, marker)
+        write_s = time.perf_counter() - t0
+        dt, status, body = post_reload(PORTS["scale_admin"])
+        applied = None
+        try:
+            _, hdrs, _ = http_get(PORTS["scale"][0], "/api/1k", last)
+            applied = hdrs.get("x-got-bench") == str(marker)
+        except OSError:
+            pass
+        try:
+            body = json.dumps(json.loads(body))
+        except ValueError:
+            body = body.strip()
+        reloads.append({"seconds": dt, "status": status, "body": body, "write_s": write_s,
+                        "applied": applied, "rss_mib": status_kib(p.pid, "VmRSS") / 1024})
+        log(f"reload {n + 1}: {dt:.3f}s -> {status} {body} (new route live: {applied})")
+        time.sleep(2)
+    done.set()
+    th.join(cap + 120)
+    load_s = time.perf_counter() - t_start
+    cpu = (cpu_ticks(tree(p.pid)) - c0) / CLK_TCK
+    if "error" in box:
+        raise RuntimeError(box["error"])
+    return {"reloads": reloads, "wrk": box["wrk"], "load_s": load_s, "hosts": nhosts, "cpu_s": cpu,
+            "idle_reload_s": idle_s, "idle_reload_cpu_s": idle_cpu, "idle_reload_status": idle_status,
+            "hwm_mib": status_kib(p.pid, "VmHWM") / 1024}
+
+
+def scale_report(command, start_load, vers, mach, rows, rl, cert_secs, certdir, raw):
+    out = ["## Scale: Portico with many virtual hosts", "",
+           header(command, start_load, vers, mach, [
+               f"- settings: SCALE_HOSTS={' '.join(map(str, SCALE_HOSTS))}, {SCALE_ROUTES} routes per host "
+               f"(9 `prefix /rN/` then `prefix /api/`, each sets a header; requests hit the 10th), "
+               f"certificates: min(hosts, {SCALE_CERTS}) {'ECDSA P-256' if CERT_KEY != 'rsa' else 'RSA 2048'} "
+               f"(cached in `{os.path.relpath(certdir, REPO)}`; this run spent {cert_secs:.1f}s on them), "
+               f"ROUNDS={ROUNDS}, DURATION={DURATION}s, `--threads 1`, PIN={'on' if PIN else 'off'}",
+               "- config: `main.toml` (mesh, gateway with one HTTPS server per certificate, upstream) + "
+               "`include` of `vhosts-NNN.toml`, 1 000 hosts each; `reloadPollInterval = \"1h\"` so that only "
+               "`POST /reload` reloads",
+               f"- raw numbers: `{os.path.relpath(raw, REPO)}` (not committed)"]), ""]
+    out.append("### Size, start-up and memory")
+    out.append("")
+    out.append("| hosts | routes | certs | config MB | ready after s | RSS idle MiB | RSS after load MiB | MiB per 1 000 hosts vs first row |")
+    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base = rows[0] if rows else None
+    for r in rows:
+        per = "–"
+        if base and r is not base and r["hosts"] != base["hosts"]:
+            per = fmt((r["rss_idle_mib"] - base["rss_idle_mib"]) / (r["hosts"] - base["hosts"]) * 1000)
+        out.append(f"| {r['hosts']:,} | {r['routes']:,} | {r['certs']:,} | {fmt(r['config_mb'])} | {fmt(r['start_s'])} | "
+                   f"{fmt(r['rss_idle_mib'])} | {fmt(r['rss_after_mib'])} | {per} |")
+    out.append("")
+    if len(rows) >= 3:
+        a, b = rows[-2], rows[-1]
+        if a["certs"] == b["certs"] and b["hosts"] != a["hosts"]:
+            out.append(f"Between {a['hosts']:,} and {b['hosts']:,} hosts (same {a['certs']:,} certificates): "
+                       f"**{fmt((b['rss_idle_mib'] - a['rss_idle_mib']) * 1024 / (b['hosts'] - a['hosts']))} KiB per host** "
+                       f"({SCALE_ROUTES} routes each).")
+            out.append("")
+    out.append("### Request cost: first vs last host of the table (medians)")
+    out.append("")
+    out.append("`h1-1k`: wrk, HTTP/1.1 keep-alive, Host = that host. `tls-new`: h2load, a new TLS 1.3 connection per "
+               "request with SNI = that host (the certificate lookup is per handshake). req/s of tls-new = handshakes/s.")
+    out.append("")
+    out.append("| hosts | scenario | host | req/s | p50 ms | p99 ms | p99.9 ms | CPU s/100k | errors |")
+    out.append("|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        for key, runs in r["runs"].items():
+            s, which = key.split("/")
+            errs = sum(x["non2xx"] + x["socket_errors"] for x in runs)
+            out.append(f"| {r['hosts']:,} | {s} | {which} | {fmt(med(runs, 'rps'))} | {fmt(med(runs, 'p50_ms'))} | "
+                       f"{fmt(med(runs, 'p99_ms'))} | {fmt(med(runs, 'p999_ms'))} | {fmt(med(runs, 'cpu_per_100k'))} | {errs} |")
+    out.append("")
+    if rl:
+        w = rl["wrk"]
+        secs = [x["seconds"] for x in rl["reloads"]]
+        out.append(f"### Reload of the {rl['hosts']:,}-host config under load")
+        out.append("")
+        out.append(f"wrk ({SCENARIOS['h1-1k']['conns']} connections, {rl['load_s']:.0f} s: from 2 s before the first reload "
+                   f"to 2 s after the last) on the last host while, {len(rl['reloads'])} times, "
+                   "the include file holding the last host is rewritten (the header value of its `/api/` route changes) "
+                   "and `POST /reload` is sent; the time is from the POST to the `{\"generation\": N}` answer; "
+                   "\"new route served\" = the next request carried the new header value upstream.")
+        out.append("")
+        out.append("| reload | seconds | answer | new route served | RSS after MiB |")
+        out.append("|---:|---:|---|---|---:|")
+        for i, x in enumerate(rl["reloads"]):
+            out.append(f"| {i + 1} | {x['seconds']:.3f} | {x['status']} `{x['body']}` | {x['applied']} | {fmt(x['rss_mib'])} |")
+        out.append("")
+        out.append(f"- median reload time under load: **{statistics.median(secs):.3f} s**; the same reload "
+                   f"without load just before: {rl['idle_reload_s']:.3f} s ({rl['idle_reload_cpu_s']:.1f} CPU s). With "
+                   "`PIN=1` Portico's reload thread shares CPU 1 with its busy listener thread.")
+        out.append(f"- during the load: {w['requests']:,} requests, {fmt(w['rps'])} req/s, p50 {fmt(w['p50_ms'])} ms, "
+                   f"p99 {fmt(w['p99_ms'])} ms, p99.9 {fmt(w['p999_ms'])} ms, max {fmt(w['max_ms'])} ms")
+        out.append(f"- **failed requests: {w['non2xx']} non-2xx, {w['socket_errors']} socket errors**")
+        out.append(f"- Portico CPU during the run: {rl['cpu_s']:.2f} s; peak RSS since start {fmt(rl['hwm_mib'])} MiB")
+        out.append("")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ main
+
+
+def main():
+    what = sys.argv[1] if len(sys.argv) > 1 else "compare"
+    command = os.environ.get("BENCH_COMMAND", " ".join(sys.argv))
+
+    def on_signal(sig, _frame):
+        cleanup()
+        sys.exit(128 + sig)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    global PORTICO
+    snapshot = None
+    try:
+        if not os.access(PORTICO, os.X_OK):
+            raise SystemExit(f"no portico binary at {PORTICO} (cargo build --release, or set PORTICO_BIN)")
+        # Others may rebuild target/release/portico while this runs: use a private copy.
+        versions_note = portico_build_note()
+        snapshot = tempfile.mkdtemp(prefix="portico-bench-bin-")
+        shutil.copy2(PORTICO, os.path.join(snapshot, "portico"))
+        PORTICO = os.path.join(snapshot, "portico")
+        global BUILD_NOTE
+        BUILD_NOTE = versions_note
+        if what == "compare":
+            compare(command)
+        elif what == "scale":
+            scale(command)
+        elif what == "idle":
+            env = Env()
+            try:
+                r = idle_rss(env)
+            finally:
+                env.close()
+            print(f"Portico idle on conf/portico.toml: VmRSS {r['rss_mib']:.1f} MiB, {r['threads']} threads ({r['note']})")
+        else:
+            raise SystemExit(f"unknown command {what!r}: compare, scale or idle")
+    finally:
+        cleanup()
+        if snapshot:
+            shutil.rmtree(snapshot, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

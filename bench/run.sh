@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Side-by-side load benchmark of Portico, NGINX and HAProxy on loopback. See bench/README.md.
+#
+#   bench/run.sh            the five scenarios (ROUNDS x A B C), then Portico's idle RSS
+#   bench/run.sh scale      Portico with 10 / 1 000 / 10 000 virtual hosts, reload under load
+#   bench/run.sh idle       only Portico's idle RSS on conf/portico.toml
+#   bench/run.sh all        compare, then scale
+#
+# Environment: ROUNDS (3), DURATION (10 s), WARMUP (1 s), SCENARIOS
+# (h1-1k,h1-100k,https-ka,tls-new,h2), PROXIES (nginx,haproxy,portico), PIN (1),
+# CERT_KEY (ec|rsa), SCALE_HOSTS ("10 1000 10000"), SCALE_CERTS (1000), RELOADS (3),
+# PORT_BASE (27000), PORTICO_BIN (target/release/portico), BUILD (1: cargo build --release
+# when the binary is missing), KEEP_TMP (keep the temp dir), RESULTS_FILE (bench/RESULTS.md).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+what="${1:-compare}"
+case "$what" in
+  compare|scale|idle|all) ;;
+  -h|--help|help) sed -n '2,14p' "$0"; exit 0 ;;
+  *) echo "usage: bench/run.sh [compare|scale|idle|all]" >&2; exit 2 ;;
+esac
+
+need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "[bench] installing: ${need[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  # The benchmark runs its own nginx and haproxy instances (own configs, ports, pid files);
+  # it neither uses nor touches the packages' system services.
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin:/sbin"
+
+# The cryptography package makes 1 000 certificates in a second; openssl is the fallback.
+if ! python3 -c 'import cryptography' >/dev/null 2>&1; then
+  python3 -m pip install --quiet cryptography >/dev/null 2>&1 \
+    || { [ "$(id -u)" -eq 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-cryptography >/dev/null 2>&1; } \
+    || true
+  python3 -c 'import cryptography' >/dev/null 2>&1 \
+    || echo "[bench] python cryptography not available; certificates come from openssl (slower)" >&2
+fi
+
+bin="${PORTICO_BIN:-$repo/target/release/portico}"
+if [ ! -x "$bin" ]; then
+  if [ "${BUILD:-1}" = "1" ]; then
+    echo "[bench] building portico (cargo build --release)" >&2
+    (cd "$repo" && cargo build --release)
+  else
+    echo "[bench] no portico binary at $bin" >&2
+    exit 1
+  fi
+fi
+export PORTICO_BIN="$bin"
+
+cmd="bench/run.sh $*"
+for v in ROUNDS DURATION SCENARIOS PROXIES SCALE_HOSTS; do
+  [ -n "${!v:-}" ] && cmd="$v=\"${!v}\" $cmd"
+done
+export BENCH_COMMAND="${cmd% }"
+
+cd "$repo"
+case "$what" in
+  all)
+    python3 "$here/lib/bench.py" compare
+    python3 "$here/lib/bench.py" scale
+    ;;
+  *) exec python3 "$here/lib/bench.py" "$what" ;;
+esac
