@@ -50,6 +50,8 @@ pub struct Reloader {
     /// briefly, so `/config` never waits for a compile.
     reloading: Mutex<()>,
     state: Mutex<State>,
+    /// The Snapshot replaced by the last reload (see `reload_locked`).
+    retired: Mutex<Option<Arc<Snapshot>>>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -84,6 +86,7 @@ impl Reloader {
             shapes: snapshot.shapes(),
             snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
             reloading: Mutex::new(()),
+            retired: Mutex::new(None),
             state: Mutex::new(State {
                 generation: 1,
                 last_error: None,
@@ -164,7 +167,16 @@ impl Reloader {
                 st.generation = generation;
                 st.last_error = None;
                 let summary = snapshot.summary.clone();
-                self.snapshots.store(Arc::new(snapshot));
+                let old = self.snapshots.swap(Arc::new(snapshot));
+                // The previous Snapshot is kept until the next reload and dropped here, on
+                // the reload thread: otherwise the request that happens to hold it last
+                // frees it, and freeing a large config stalls that request's thread.
+                let stale = self
+                    .retired
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replace(old);
+                drop(stale);
                 Metrics::global().reload_succeeded(generation);
                 tracing::info!(generation, reason, %summary, "config reloaded");
                 Ok(generation)
