@@ -267,7 +267,7 @@ impl Watcher {
     async fn announce_ready(&self) {
         let snapshot = self.reloader.snapshots.load_full();
         for _ in 0..200 {
-            if crate::admin::listeners_accepting(&snapshot).is_ok() {
+            if crate::admin::listeners_bound(&snapshot).is_ok() {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;

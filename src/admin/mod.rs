@@ -49,7 +49,7 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Vec<u8>> {
 /// same address: that fails while the listener holds it. (Connecting instead would make
 /// the TLS listeners log a failed handshake on every probe.) Start-up has already made sure
 /// no other process held these addresses.
-pub fn listeners_accepting(snapshot: &Snapshot) -> Result<(), String> {
+pub fn listeners_bound(snapshot: &Snapshot) -> Result<(), String> {
     for l in &snapshot.listeners {
         if std::net::TcpListener::bind(l.addr).is_ok() {
             return Err(format!("listener {} is not bound yet", l.shape()));
@@ -61,7 +61,7 @@ pub fn listeners_accepting(snapshot: &Snapshot) -> Result<(), String> {
 impl Admin {
     /// Ready when every data-plane listener accepts connections.
     fn ready(&self) -> Result<(), String> {
-        listeners_accepting(&self.reloader.snapshots.load())
+        listeners_bound(&self.reloader.snapshots.load())
     }
 
     fn config(&self) -> serde_json::Value {

@@ -582,7 +582,7 @@ impl Cx {
     }
 
     fn gateways(&mut self, doc: &Document) -> HashMap<String, GatewayInfo> {
-        let creds = Self::credentials_dir(doc);
+        let creds = self.credentials_dir.clone();
         let self_signed = doc.mesh.spec.self_signed_when_missing.unwrap_or(false);
         let mut out = HashMap::new();
         for (gi, gw) in doc.gateways.iter().enumerate() {

@@ -146,12 +146,7 @@ impl Gateway {
         let Some(listener) = snapshot.listeners.get(self.listener) else {
             return not_found();
         };
-        let authority = req
-            .headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| req.uri.authority().map(|a| a.as_str()))
-            .unwrap_or("");
+        let authority = authority(req);
         let host = normalize_host(authority);
         let scheme = if self.tls { "https" } else { "http" };
         let view = RequestView {
@@ -225,6 +220,15 @@ impl Gateway {
             );
         }
     }
+}
+
+/// The Host header, or the `:authority` of an HTTP/2 request; empty when neither is sent.
+fn authority(req: &RequestHeader) -> &str {
+    req.headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("")
 }
 
 fn not_found() -> Local {
@@ -837,12 +841,7 @@ impl ProxyHttp for Gateway {
             .and_then(|t| t.extension.get::<Sni>())
             .map(|s| s.0.as_str());
         let socket = digest.and_then(|d| d.socket_digest.as_ref());
-        let authority = req
-            .headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| req.uri.authority().map(|a| a.as_str()))
-            .unwrap_or("");
+        let authority = authority(req);
         let entry = access_log::Entry {
             start: ctx.started_at,
             method: req.method.as_str(),
@@ -902,13 +901,10 @@ impl Gateway {
                 .unwrap_or("-")
                 .to_string()
         };
-        let authority = req
-            .headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| req.uri.authority().map(|a| a.as_str()))
-            .unwrap_or("-")
-            .to_string();
+        let authority = match authority(req) {
+            "" => "-",
+            a => a,
+        };
         let scheme = if self.tls { "https" } else { "http" };
         let cluster = ctx
             .forward()
