@@ -55,7 +55,12 @@ impl std::fmt::Display for RunError {
 /// With `upgrade`, the listening sockets are taken over from a running Portico (pingora's
 /// graceful upgrade): this process waits on `mesh.upgradeSocket` until the old one, sent
 /// SIGQUIT, hands them over; no connection is refused in between.
-pub fn run(config: &Path, threads: usize, upgrade: bool) -> Result<(), RunError> {
+pub fn run(
+    config: &Path,
+    threads: usize,
+    upgrade: bool,
+    work_stealing: bool,
+) -> Result<(), RunError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let reloader = Arc::new(Reloader::start(config).map_err(RunError::Config)?);
     let snapshot = reloader.snapshots.load_full();
@@ -64,6 +69,10 @@ pub fn run(config: &Path, threads: usize, upgrade: bool) -> Result<(), RunError>
         threads: threads.max(1),
         grace_period_seconds: Some(snapshot.settings.drain_duration.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
+        // Without stealing each worker thread runs its own single-threaded runtime and a
+        // connection stays where it was accepted (pingora spreads accepts at random): less
+        // cross-thread wake-up traffic per request, as NGINX/Envoy workers.
+        work_stealing,
         ..ServerConf::default()
     };
     // Retries are Portico's decision (see proxy::fail_to_connect); this is only the cap.
