@@ -262,7 +262,8 @@ fn read_tree(
 /// Parses one TOML file into `T`, turning a serde error into a located ConfigError with
 /// the field path serde was at.
 pub fn parse_toml<T: DeserializeOwned>(file: &SourceFile) -> Result<T, ConfigError> {
-    let deserializer = toml::Deserializer::new(&file.text);
+    let deserializer =
+        toml::Deserializer::parse(&file.text).map_err(|e| toml_error(file, String::new(), e))?;
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "?" || path == "." {
@@ -270,7 +271,12 @@ pub fn parse_toml<T: DeserializeOwned>(file: &SourceFile) -> Result<T, ConfigErr
         } else {
             path
         };
-        let inner = e.into_inner();
+        toml_error(file, path, e.into_inner())
+    })
+}
+
+fn toml_error(file: &SourceFile, path: String, inner: toml::de::Error) -> ConfigError {
+    {
         let (line, column) = match inner.span() {
             Some(span) => line_col(&file.text, span.start),
             None => {
@@ -285,5 +291,5 @@ pub fn parse_toml<T: DeserializeOwned>(file: &SourceFile) -> Result<T, ConfigErr
             path,
             message: inner.message().trim().to_string(),
         }
-    })
+    }
 }
