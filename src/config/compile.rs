@@ -48,7 +48,7 @@ pub struct Compiled {
 pub fn compile(doc: &Document, opts: &Options) -> Result<Compiled, Vec<ConfigError>> {
     let mut cx = Cx {
         errors: Vec::new(),
-        warnings: Vec::new(),
+        warnings: doc.warnings.clone(),
         watched: doc
             .files
             .iter()
@@ -990,7 +990,14 @@ impl Cx {
                     continue;
                 }
                 let gk = gateway_ref(g, &ns);
-                if gateways.contains_key(&gk) {
+                let gw_ns = gk.split('/').next().unwrap_or_default();
+                if gateways.contains_key(&gk) && !super::istio::exported_to(&v.export_to, &ns, gw_ns) {
+                    self.warn(
+                        o,
+                        &format!(".gateways[{gi}]"),
+                        format!("not exported to namespace {gw_ns} of gateway {gk} (exportTo): not bound to it"),
+                    );
+                } else if gateways.contains_key(&gk) {
                     bound.push(gk);
                 } else {
                     self.err(
