@@ -23,7 +23,9 @@ pub fn to_toml(doc: &Document) -> Result<String, String> {
             .collect(),
         service_entries: doc.service_entries.iter().map(|i| i.spec.clone()).collect(),
     };
-    let body = toml::to_string(&file).map_err(|e| format!("cannot write TOML: {e}"))?;
+    let mut value = toml::Value::try_from(&file).map_err(|e| format!("cannot write TOML: {e}"))?;
+    prune(&mut value);
+    let body = toml::to_string(&value).map_err(|e| format!("cannot write TOML: {e}"))?;
     let mut out = String::from("# Written by `portico convert` from:\n");
     for f in &doc.files {
         out.push_str(&format!("#   {}\n", f.path.display()));
@@ -31,4 +33,40 @@ pub fn to_toml(doc: &Document) -> Result<String, String> {
     out.push('\n');
     out.push_str(&body);
     Ok(out)
+}
+
+/// Map-valued fields: empty means the same as absent.
+const MAPS: [&str; 8] = [
+    "selector",
+    "labels",
+    "headers",
+    "withoutHeaders",
+    "queryParams",
+    "ports",
+    "set",
+    "add",
+];
+
+/// Booleans whose absence means false.
+const FALSE_BY_DEFAULT: [&str; 3] = ["ignoreUriCase", "httpsRedirect", "defaultCertificate"];
+
+/// Drops what the schema fills in when absent (empty lists, empty maps, default falses), so
+/// the output reads like a hand-written config. An empty struct is kept: its presence can
+/// matter (`outlierDetection = {}` turns outlier detection on).
+fn prune(v: &mut toml::Value) {
+    match v {
+        toml::Value::Table(t) => {
+            t.retain(|k, v| {
+                prune(v);
+                match v {
+                    toml::Value::Array(a) => !a.is_empty(),
+                    toml::Value::Table(m) => !(m.is_empty() && MAPS.contains(&k)),
+                    toml::Value::Boolean(false) => !FALSE_BY_DEFAULT.contains(&k),
+                    _ => true,
+                }
+            });
+        }
+        toml::Value::Array(a) => a.iter_mut().for_each(prune),
+        _ => {}
+    }
 }
