@@ -31,10 +31,7 @@ fn start(name: &str, vars: &[(&str, String)]) -> Gw {
 fn start_in(dir: tempfile::TempDir, name: &str, vars: &[(&str, String)]) -> Gw {
     let port = free_port();
     write_manifest(dir.path(), name, port, vars);
-    let config = format!(
-        "include = [\"manifests\"]\n{}",
-        mesh_config(free_port())
-    );
+    let config = format!("include = [\"manifests\"]\n{}", mesh_config(free_port()));
     Gw {
         portico: Portico::start(dir.path(), &config),
         port,
@@ -88,12 +85,20 @@ fn bookinfo_routing_by_header_with_run_istio() {
         let r = get(port, host, "/reviews/0", &[("end-user", "jason")]);
         assert_eq!((r.status, r.upstream()), (200, Some("v2")), "jason gets v2");
         let r = get(port, host, "/reviews/0", &[]);
-        assert_eq!((r.status, r.upstream()), (200, Some("v1")), "anonymous gets v1");
+        assert_eq!(
+            (r.status, r.upstream()),
+            (200, Some("v1")),
+            "anonymous gets v1"
+        );
         // Header values match case-sensitively, as in Istio.
         let r = get(port, host, "/reviews/0", &[("end-user", "Jason")]);
         assert_eq!(r.upstream(), Some("v1"));
     }
-    assert_eq!(v3.count(), 0, "the sidecar-only VirtualService is not applied");
+    assert_eq!(
+        v3.count(),
+        0,
+        "the sidecar-only VirtualService is not applied"
+    );
     assert!(
         gw.log().contains("applies only to `mesh`"),
         "the skipped manifest is noted:\n{}",
@@ -130,22 +135,47 @@ fn fault_injection_delays_jason_and_aborts() {
     let gw = start("fault-injection.yaml", &[("V1", v1.port().to_string())]);
     // Docs: 7 s delay for jason; the test manifest uses 1 s.
     let t = Instant::now();
-    let r = get(gw.port, "ratings.example.com", "/ratings/0", &[("end-user", "jason")]);
+    let r = get(
+        gw.port,
+        "ratings.example.com",
+        "/ratings/0",
+        &[("end-user", "jason")],
+    );
     let jason = t.elapsed();
     assert_eq!(r.status, 200);
     assert!(jason >= Duration::from_millis(1000), "delayed: {jason:?}");
     let t = Instant::now();
-    let r = get(gw.port, "ratings.example.com", "/ratings/0", &[("end-user", "bob")]);
+    let r = get(
+        gw.port,
+        "ratings.example.com",
+        "/ratings/0",
+        &[("end-user", "bob")],
+    );
     assert_eq!(r.status, 200);
-    assert!(t.elapsed() < Duration::from_millis(900), "others are not delayed");
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "others are not delayed"
+    );
     let before = v1.count();
-    let r = get(gw.port, "ratings.example.com", "/ratings/0", &[("end-user", "mallory")]);
+    let r = get(
+        gw.port,
+        "ratings.example.com",
+        "/ratings/0",
+        &[("end-user", "mallory")],
+    );
     assert_eq!(r.status, 500, "abort");
     // details: "returns 555 for every request" (the first rule has no match: it catches all).
     for _ in 0..5 {
-        assert_eq!(get(gw.port, "details.example.com", "/details/0", &[]).status, 555);
+        assert_eq!(
+            get(gw.port, "details.example.com", "/details/0", &[]).status,
+            555
+        );
     }
-    assert_eq!(v1.count(), before, "aborted requests never reach the upstream");
+    assert_eq!(
+        v1.count(),
+        before,
+        "aborted requests never reach the upstream"
+    );
 }
 
 #[test]
@@ -160,7 +190,10 @@ fn request_timeout_gives_504() {
         took >= Duration::from_millis(450) && took < Duration::from_millis(1800),
         "answered at the timeout, not when the upstream did: {took:?}"
     );
-    assert_eq!(get(gw.port, "reviews.example.com", "/sleep/10", &[]).status, 200);
+    assert_eq!(
+        get(gw.port, "reviews.example.com", "/sleep/10", &[]).status,
+        200
+    );
     // ratings: the 2 s fault delay, then the answer.
     let t = Instant::now();
     assert_eq!(get(gw.port, "ratings.example.com", "/", &[]).status, 200);
@@ -179,11 +212,17 @@ fn circuit_breaking_overflows_with_uo() {
             })
         })
         .collect();
-    let statuses: Vec<u16> = clients.into_iter().map(|c| c.join().unwrap().status).collect();
+    let statuses: Vec<u16> = clients
+        .into_iter()
+        .map(|c| c.join().unwrap().status)
+        .collect();
     let ok = statuses.iter().filter(|s| **s == 200).count();
     let overflow = statuses.iter().filter(|s| **s == 503).count();
     assert_eq!(ok + overflow, 20, "{statuses:?}");
-    assert!(ok >= 2, "one connection plus one pending request succeed: {statuses:?}");
+    assert!(
+        ok >= 2,
+        "one connection plus one pending request succeed: {statuses:?}"
+    );
     assert!(overflow >= 10, "most of the burst overflows: {statuses:?}");
     assert_eq!(v1.max_concurrent(), 1, "maxConnections: 1");
     assert!(
@@ -206,14 +245,21 @@ fn mirroring_copies_to_v2() {
     );
     for _ in 0..5 {
         let r = get(gw.port, "httpbin.example.com", "/headers", &[]);
-        assert_eq!((r.status, r.upstream()), (200, Some("v1")), "the client gets v1");
+        assert_eq!(
+            (r.status, r.upstream()),
+            (200, Some("v1")),
+            "the client gets v1"
+        );
     }
     assert!(
         wait_until(Duration::from_secs(5), || v2.count() == 5),
         "v2 receives a copy of each request: {}",
         v2.count()
     );
-    assert!(v2.requests().iter().all(|(m, p, _)| m == "GET" && p == "/headers"));
+    assert!(v2
+        .requests()
+        .iter()
+        .all(|(m, p, _)| m == "GET" && p == "/headers"));
 }
 
 #[test]
@@ -227,14 +273,23 @@ fn secure_ingress_serves_each_host_its_certificate() {
     let gw = start_in(
         dir,
         "secure-ingress.yaml",
-        &[("V1", httpbin.port().to_string()), ("V2", hello.port().to_string())],
+        &[
+            ("V1", httpbin.port().to_string()),
+            ("V2", hello.port().to_string()),
+        ],
     );
     let mut c = tls_connect(gw.port, Some("httpbin.example.com")).unwrap();
-    assert!(c.peer_cert == httpbin_der, "httpbin.example.com gets its certificate");
+    assert!(
+        c.peer_cert == httpbin_der,
+        "httpbin.example.com gets its certificate"
+    );
     let r = c.get("httpbin.example.com", "/status/418").unwrap();
     assert_eq!((r.status, r.upstream()), (418, Some("httpbin")));
     let mut c = tls_connect(gw.port, Some("helloworld.example.com")).unwrap();
-    assert!(c.peer_cert == hello_der, "helloworld.example.com gets its certificate");
+    assert!(
+        c.peer_cert == hello_der,
+        "helloworld.example.com gets its certificate"
+    );
     let r = c.get("helloworld.example.com", "/hello").unwrap();
     assert_eq!((r.status, r.upstream()), (200, Some("helloworld")));
     let r = c.get("helloworld.example.com", "/other").unwrap();
@@ -251,7 +306,11 @@ fn egress_gateway_routes_to_the_service_entry() {
         cnn.requests(),
         vec![("GET".into(), "/politics".into(), "edition.cnn.com".into())]
     );
-    assert_eq!(get(gw.port, "www.example.com", "/", &[]).status, 404, "other hosts");
+    assert_eq!(
+        get(gw.port, "www.example.com", "/", &[]).status,
+        404,
+        "other hosts"
+    );
 }
 
 #[test]
@@ -319,20 +378,29 @@ fn reload_watches_yaml_manifests() {
     let generation = gw.portico.generation();
     write_atomic(&path, good.replace("weight: 50", "weight: [50"));
     thread::sleep(Duration::from_millis(600));
-    assert_eq!(gw.portico.generation(), generation, "the broken edit is refused");
+    assert_eq!(
+        gw.portico.generation(),
+        generation,
+        "the broken edit is refused"
+    );
     let status = gw.portico.admin_get("/config").text();
     assert!(
         status.contains("traffic-shifting.yaml"),
         "the error names the file: {status}"
     );
-    assert_eq!(get(gw.port, host, "/", &[]).status, 200, "the old config serves");
+    assert_eq!(
+        get(gw.port, host, "/", &[]).status,
+        200,
+        "the old config serves"
+    );
     // All to v3: a new Snapshot.
     write_atomic(
         &path,
         good.replacen("weight: 50", "weight: 0", 1)
             .replacen("weight: 50", "weight: 100", 1),
     );
-    gw.portico.wait_generation_above(generation, Duration::from_secs(10));
+    gw.portico
+        .wait_generation_above(generation, Duration::from_secs(10));
     v3.reset_count();
     for _ in 0..10 {
         assert_eq!(get(gw.port, host, "/", &[]).upstream(), Some("v3"));

@@ -17,7 +17,12 @@ fn dump(s: &Snapshot) -> String {
         writeln!(out, "listener {} tls={} h2c={}", l.addr, l.tls, l.h2c).unwrap();
         for (p, policy) in l.table.servers.patterns() {
             // `policy.server` names where the server was written, which a conversion moves.
-            writeln!(out, "  server {p}: https_redirect={}", policy.https_redirect).unwrap();
+            writeln!(
+                out,
+                "  server {p}: https_redirect={}",
+                policy.https_redirect
+            )
+            .unwrap();
         }
         for (p, vhost) in l.table.vhosts.patterns() {
             writeln!(out, "  vhost {p}: {vhost:?}").unwrap();
@@ -53,7 +58,12 @@ fn assert_same_after_convert(main: &Path) -> String {
     let (a, b) = (compile(&sources), compile(&Sources::config(&converted)));
     let (a, b) = (dump(&a), dump(&b));
     assert!(a.contains("vhost"), "the dump shows routes:\n{a}");
-    assert_eq!(a, b, "{} and its conversion differ; converted:\n{text}", main.display());
+    assert_eq!(
+        a,
+        b,
+        "{} and its conversion differ; converted:\n{text}",
+        main.display()
+    );
     text
 }
 
@@ -86,23 +96,32 @@ fn istio_manifests_survive_convert() {
         ("secure-ingress.yaml", true),
     ] {
         let tmp = tempfile::tempdir().unwrap();
-        let template =
-            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/istio").join(name))
-                .unwrap();
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/istio")
+                .join(name),
+        )
+        .unwrap();
         let vars: Vec<(&str, String)> = ["PORT", "V1", "V2", "V3"]
             .iter()
             .enumerate()
             .map(|(i, k)| (*k, (20000 + i).to_string()))
             .collect();
-        write_atomic(&tmp.path().join("manifests").join(name), render(&template, &vars));
+        write_atomic(
+            &tmp.path().join("manifests").join(name),
+            render(&template, &vars),
+        );
         if creds {
             let certs = tmp.path().join("certs");
             write_credential(&certs, "httpbin-credential", &["httpbin.example.com"]);
             write_credential(&certs, "helloworld-credential", &["helloworld.example.com"]);
         }
         let main = tmp.path().join("portico.toml");
-        std::fs::write(&main, "include = [\"manifests\"]\n[mesh]\nadmin = \"127.0.0.1:15999\"\n")
-            .unwrap();
+        std::fs::write(
+            &main,
+            "include = [\"manifests\"]\n[mesh]\nadmin = \"127.0.0.1:15999\"\n",
+        )
+        .unwrap();
         let text = assert_same_after_convert(&main);
         assert!(
             !text.contains("host = \"reviews\"") && !text.contains("host = \"httpbin\""),

@@ -105,9 +105,10 @@ fn check(dir: &Path, files: &[&str], expect: &Expect) -> Result<(), String> {
                     Some((f, p)) => (Some(f), p),
                     None => (None, *want),
                 };
-                if !warnings.iter().any(|w| {
-                    w.path == path && file.is_none_or(|f| w.file.ends_with(f))
-                }) {
+                if !warnings
+                    .iter()
+                    .any(|w| w.path == path && file.is_none_or(|f| w.file.ends_with(f)))
+                {
                     return Err(format!(
                         "no warning at {want}; warnings: {:#?}",
                         warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>()
@@ -179,8 +180,14 @@ fn unsupported_route_kinds_are_named() {
     for (file, path) in [
         ("12-tcp-echo-all-v1.yaml", "documents[2].spec.tcp"),
         ("13-tcp-echo-20-v2.yaml", "documents[0].spec.tcp"),
-        ("27-docs-ingress-sni-passthrough.yaml", "documents[1].spec.tls"),
-        ("30-docs-wildcard-egress-hosts.yaml", "documents[3].spec.tls"),
+        (
+            "27-docs-ingress-sni-passthrough.yaml",
+            "documents[1].spec.tls",
+        ),
+        (
+            "30-docs-wildcard-egress-hosts.yaml",
+            "documents[3].spec.tls",
+        ),
     ] {
         let doc = config::load_sources(&Sources {
             config: None,

@@ -991,7 +991,9 @@ impl Cx {
                 }
                 let gk = gateway_ref(g, &ns);
                 let gw_ns = gk.split('/').next().unwrap_or_default();
-                if gateways.contains_key(&gk) && !super::istio::exported_to(&v.export_to, &ns, gw_ns) {
+                if gateways.contains_key(&gk)
+                    && !super::istio::exported_to(&v.export_to, &ns, gw_ns)
+                {
                     self.warn(
                         o,
                         &format!(".gateways[{gi}]"),

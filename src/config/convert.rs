@@ -15,7 +15,11 @@ pub fn to_toml(doc: &Document) -> Result<String, String> {
         include: Vec::new(),
         mesh: main_is_config.then(|| doc.mesh.spec.clone()),
         gateways: doc.gateways.iter().map(|i| i.spec.clone()).collect(),
-        virtual_services: doc.virtual_services.iter().map(|i| i.spec.clone()).collect(),
+        virtual_services: doc
+            .virtual_services
+            .iter()
+            .map(|i| i.spec.clone())
+            .collect(),
         destination_rules: doc
             .destination_rules
             .iter()

@@ -98,8 +98,7 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
         ));
         return;
     }
-    let (Some(api_version), Some(kind)) = (text(&value, "apiVersion"), text(&value, "kind"))
-    else {
+    let (Some(api_version), Some(kind)) = (text(&value, "apiVersion"), text(&value, "kind")) else {
         out.errors.push(file.error(
             doc,
             "not a Kubernetes manifest: apiVersion and kind are required",
@@ -192,7 +191,11 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
                 return;
             };
             if vs.gateways.iter().all(|g| g == "mesh") {
-                let field = if vs.gateways.is_empty() { "" } else { ".gateways" };
+                let field = if vs.gateways.is_empty() {
+                    ""
+                } else {
+                    ".gateways"
+                };
                 out.warnings.push(file.error(
                     &format!("{at}{field}"),
                     format!("{label} applies only to `mesh` (sidecars; no gateways listed): skipped, Portico is a gateway"),
@@ -216,11 +219,13 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
                 let (Ok(ri), Ok(mi)) = (ri.parse::<usize>(), mi.parse::<usize>()) else {
                     return false;
                 };
-                let sidecar_only = vs
-                    .http
-                    .get(ri)
-                    .and_then(|r| r.matches.get(mi))
-                    .is_some_and(|m| !m.gateways.is_empty() && m.gateways.iter().all(|g| g == "mesh"));
+                let sidecar_only =
+                    vs.http
+                        .get(ri)
+                        .and_then(|r| r.matches.get(mi))
+                        .is_some_and(|m| {
+                            !m.gateways.is_empty() && m.gateways.iter().all(|g| g == "mesh")
+                        });
                 !sidecar_only
             };
             report_unknown(file, &at, &unknown, widens, out);
@@ -267,7 +272,8 @@ fn parse<T: DeserializeOwned>(
             } else {
                 format!("{at}.{path}")
             };
-            out.errors.push(file.error(&full, e.into_inner().to_string()));
+            out.errors
+                .push(file.error(&full, e.into_inner().to_string()));
             None
         }
     }
@@ -341,7 +347,10 @@ mod tests {
 
     #[test]
     fn short_names_resolve_like_istio() {
-        assert_eq!(fqdn("reviews", "default"), "reviews.default.svc.cluster.local");
+        assert_eq!(
+            fqdn("reviews", "default"),
+            "reviews.default.svc.cluster.local"
+        );
         assert_eq!(fqdn("reviews", "prod"), "reviews.prod.svc.cluster.local");
         assert_eq!(fqdn("reviews.prod", "default"), "reviews.prod");
         assert_eq!(fqdn("*", "default"), "*");

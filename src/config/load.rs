@@ -134,14 +134,18 @@ impl Sources {
 
 impl std::fmt::Display for Sources {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let roots: Vec<String> = self.roots().iter().map(|p| p.display().to_string()).collect();
+        let roots: Vec<String> = self
+            .roots()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         f.write_str(&roots.join(", "))
     }
 }
 
 /// What one file holds.
 enum Content {
-    Toml(schema::File),
+    Toml(Box<schema::File>),
     Yaml(istio::Resources),
 }
 
@@ -223,23 +227,35 @@ pub fn load_sources(sources: &Sources) -> Result<Document, Vec<ConfigError>> {
     };
     for (i, (file, content)) in parsed.into_iter().enumerate() {
         let content = match content {
-            Content::Toml(c) => c,
+            Content::Toml(c) => *c,
             Content::Yaml(r) => {
                 let item = |path: String| Origin {
                     file: file.clone(),
                     path,
                 };
                 for (path, spec) in r.gateways {
-                    doc.gateways.push(Item { spec, origin: item(path) });
+                    doc.gateways.push(Item {
+                        spec,
+                        origin: item(path),
+                    });
                 }
                 for (path, spec) in r.virtual_services {
-                    doc.virtual_services.push(Item { spec, origin: item(path) });
+                    doc.virtual_services.push(Item {
+                        spec,
+                        origin: item(path),
+                    });
                 }
                 for (path, spec) in r.destination_rules {
-                    doc.destination_rules.push(Item { spec, origin: item(path) });
+                    doc.destination_rules.push(Item {
+                        spec,
+                        origin: item(path),
+                    });
                 }
                 for (path, spec) in r.service_entries {
-                    doc.service_entries.push(Item { spec, origin: item(path) });
+                    doc.service_entries.push(Item {
+                        spec,
+                        origin: item(path),
+                    });
                 }
                 doc.warnings.extend(r.warnings);
                 errors.extend(r.errors);
@@ -347,7 +363,7 @@ fn read_tree(
         }
     };
     let includes = content.include.clone();
-    parsed.push((file.clone(), Content::Toml(content)));
+    parsed.push((file.clone(), Content::Toml(Box::new(content))));
     for (idx, pattern) in includes.iter().enumerate() {
         let full = file.resolve(pattern);
         let full_str = full.to_string_lossy();
@@ -436,9 +452,9 @@ pub fn ignored_path(p: &serde_ignored::Path<'_>) -> String {
                 format!("{parent}.{key}")
             }
         }
-        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
-            ignored_path(parent)
-        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => ignored_path(parent),
     }
 }
 
@@ -460,8 +476,8 @@ fn yaml_location(text: &str, path: &str) -> Option<usize> {
 /// Parses a TOML config file; a field the schema does not have is an error at its place.
 fn parse_toml_checked(file: &SourceFile) -> Result<schema::File, Vec<ConfigError>> {
     let mut unknown = Vec::new();
-    let content: schema::File = parse_toml_with(file, |p| unknown.push(ignored_path(&p)))
-        .map_err(|e| vec![e])?;
+    let content: schema::File =
+        parse_toml_with(file, |p| unknown.push(ignored_path(&p))).map_err(|e| vec![e])?;
     if unknown.is_empty() {
         return Ok(content);
     }
@@ -470,7 +486,12 @@ fn parse_toml_checked(file: &SourceFile) -> Result<schema::File, Vec<ConfigError
         .map(|path| {
             let field = path.rsplit('.').next().unwrap_or(path);
             let field = field.split('[').next().unwrap_or(field);
-            at(&file.path, &file.text, path, format!("unknown field `{field}`"))
+            at(
+                &file.path,
+                &file.text,
+                path,
+                format!("unknown field `{field}`"),
+            )
         })
         .collect())
 }
