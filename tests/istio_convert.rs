@@ -67,6 +67,19 @@ fn assert_same_after_convert(main: &Path) -> String {
     text
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let dest = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &dest);
+        } else {
+            std::fs::copy(&path, &dest).unwrap();
+        }
+    }
+}
+
 #[test]
 fn example_configs_survive_convert() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/examples");
@@ -74,14 +87,15 @@ fn example_configs_survive_convert() {
     for entry in std::fs::read_dir(&examples).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
+            // A copy, with the folders it may include (istio/), so the output can be
+            // written beside it.
             let tmp = tempfile::tempdir().unwrap();
-            let main = tmp.path().join("portico.toml");
-            std::fs::copy(&path, &main).unwrap();
-            assert_same_after_convert(&main);
+            copy_dir(&examples, tmp.path());
+            assert_same_after_convert(&tmp.path().join(path.file_name().unwrap()));
             n += 1;
         }
     }
-    assert!(n >= 5, "examples found: {n}");
+    assert!(n >= 8, "examples found: {n}");
 }
 
 #[test]
