@@ -1021,7 +1021,26 @@ impl Cx {
                 .http
                 .iter()
                 .enumerate()
-                .filter_map(|(ri, r)| self.route(o, &vs_key, &ns, ri, r).map(Arc::new))
+                .filter_map(|(ri, r)| {
+                    // A route for other proxies only (`gateways: [mesh]` in every match) is
+                    // not compiled: its destinations are the sidecars' business.
+                    let elsewhere = |m: &schema::HttpMatchRequest| {
+                        !m.gateways.is_empty()
+                            && !m
+                                .gateways
+                                .iter()
+                                .any(|g| bound.contains(&gateway_ref(g, &ns)))
+                    };
+                    if !r.matches.is_empty() && r.matches.iter().all(elsewhere) {
+                        self.warn(
+                            o,
+                            &format!(".http[{ri}].match"),
+                            "every match is for other gateways or `mesh`: not applied here",
+                        );
+                        return None;
+                    }
+                    self.route(o, &vs_key, &ns, ri, r).map(Arc::new)
+                })
                 .collect();
             count += v.http.len();
             for gk in &bound {

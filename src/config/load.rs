@@ -497,11 +497,7 @@ fn parse_toml_checked(file: &SourceFile) -> Result<schema::File, Vec<ConfigError
 }
 
 /// Parses one TOML file into `T`, turning a serde error into a located ConfigError with
-/// the field path serde was at.
-pub fn parse_toml<T: DeserializeOwned>(file: &SourceFile) -> Result<T, ConfigError> {
-    parse_toml_with(file, |_| {})
-}
-
+/// the field path serde was at; `ignored` hears of every field `T` does not have.
 fn parse_toml_with<T: DeserializeOwned>(
     file: &SourceFile,
     mut ignored: impl FnMut(serde_ignored::Path<'_>),
