@@ -1,6 +1,6 @@
-//! The `portico` command: run, validate, routes.
+//! The `portico` command: run, validate, routes, convert.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -32,9 +32,13 @@ struct Cli {
 enum Command {
     /// Serve the configuration.
     Run {
-        /// Config file (default: conf/portico.toml, then /etc/portico/portico.toml).
+        /// Config file (default: conf/portico.toml, then /etc/portico/portico.toml; with
+        /// --istio and no config, the default mesh settings).
         #[arg(short, long)]
         config: Option<PathBuf>,
+        /// Istio YAML manifests: a file or a folder of .yaml/.yml files; repeatable.
+        #[arg(long, value_name = "FILE_OR_DIR")]
+        istio: Vec<PathBuf>,
         /// Worker threads per listener (default: the number of cores).
         #[arg(long)]
         threads: Option<usize>,
@@ -52,11 +56,23 @@ enum Command {
     Validate {
         #[arg(short, long)]
         config: Option<PathBuf>,
+        /// Istio YAML manifests: a file or a folder of .yaml/.yml files; repeatable.
+        #[arg(long, value_name = "FILE_OR_DIR")]
+        istio: Vec<PathBuf>,
+    },
+    /// Print Istio YAML manifests (and/or a TOML config with its includes) as one Portico
+    /// TOML config. Notes about skipped or unsupported fields go to stderr.
+    Convert {
+        /// YAML files, folders of them, or one TOML config.
+        #[arg(required = true, value_name = "FILE_OR_DIR")]
+        paths: Vec<PathBuf>,
     },
     /// Explain which route would serve a request, and why.
     Routes {
         #[arg(short, long)]
         config: Option<PathBuf>,
+        #[arg(long, value_name = "FILE_OR_DIR")]
+        istio: Vec<PathBuf>,
         #[arg(long)]
         host: String,
         #[arg(long, default_value = "/")]
@@ -84,6 +100,16 @@ fn default_config() -> PathBuf {
     }
 }
 
+/// `-c` and `--istio` as config sources: the default config file only when neither is given.
+fn sources(config: Option<PathBuf>, istio: Vec<PathBuf>) -> config::Sources {
+    let config = match (config, istio.is_empty()) {
+        (Some(c), _) => Some(c),
+        (None, true) => Some(default_config()),
+        (None, false) => None,
+    };
+    config::Sources { config, istio }
+}
+
 fn init_logging(level: Option<&str>) {
     let filter = std::env::var("RUST_LOG")
         .ok()
@@ -104,15 +130,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run {
             config,
+            istio,
             threads,
             upgrade,
             work_stealing,
         } => {
-            let path = config.unwrap_or_else(default_config);
-            if !path.exists() {
+            let sources = sources(config, istio);
+            if let Some(missing) = sources.roots().iter().find(|p| !p.exists()) {
                 eprintln!(
-                    "portico: config file {} not found (pass -c FILE)",
-                    path.display()
+                    "portico: config {} not found (pass -c FILE or --istio DIR)",
+                    missing.display()
                 );
                 return ExitCode::from(2);
             }
@@ -121,7 +148,7 @@ fn main() -> ExitCode {
                     .map(|n| n.get())
                     .unwrap_or(1)
             });
-            match portico::server::run(&path, threads, upgrade, work_stealing) {
+            match portico::server::run(&sources, threads, upgrade, work_stealing) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("{e}");
@@ -134,9 +161,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Validate { config } => validate(&config.unwrap_or_else(default_config)),
+        Command::Validate { config, istio } => validate(&sources(config, istio)),
+        Command::Convert { paths } => convert(paths),
         Command::Routes {
             config,
+            istio,
             host,
             path,
             method,
@@ -144,7 +173,7 @@ fn main() -> ExitCode {
             headers,
             source_ip,
         } => routes(
-            &config.unwrap_or_else(default_config),
+            &sources(config, istio),
             &RouteQuery {
                 host: &host,
                 path: &path,
@@ -157,8 +186,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn validate(path: &Path) -> ExitCode {
-    match config::build(path, &config::Options::default()) {
+fn validate(sources: &config::Sources) -> ExitCode {
+    match config::build_sources(sources, &config::Options::default()) {
         Ok(compiled) => {
             for w in &compiled.warnings {
                 eprintln!("warning: {w}");
@@ -168,7 +197,43 @@ fn validate(path: &Path) -> ExitCode {
         }
         Err(errors) => {
             println!("{}", ConfigErrors(errors.clone()));
-            eprintln!("{} error(s) in {}", errors.len(), path.display());
+            eprintln!("{} error(s) in {sources}", errors.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A TOML file among the paths is the config (at most one); the rest are Istio manifests.
+fn convert(paths: Vec<PathBuf>) -> ExitCode {
+    let (toml, istio): (Vec<PathBuf>, Vec<PathBuf>) = paths
+        .into_iter()
+        .partition(|p| !p.is_dir() && config::load::Format::of(p) == config::load::Format::Toml);
+    if toml.len() > 1 {
+        eprintln!("portico: convert takes at most one TOML config");
+        return ExitCode::from(2);
+    }
+    let sources = config::Sources {
+        config: toml.into_iter().next(),
+        istio,
+    };
+    let doc = match config::load_sources(&sources) {
+        Ok(d) => d,
+        Err(errors) => {
+            println!("{}", ConfigErrors(errors.clone()));
+            eprintln!("{} error(s) in {sources}", errors.len());
+            return ExitCode::FAILURE;
+        }
+    };
+    for w in &doc.warnings {
+        eprintln!("warning: {w}");
+    }
+    match config::convert::to_toml(&doc) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("portico: {e}");
             ExitCode::FAILURE
         }
     }
@@ -183,7 +248,7 @@ struct RouteQuery<'a> {
     source_ip: Option<std::net::IpAddr>,
 }
 
-fn routes(path: &Path, q: &RouteQuery<'_>) -> ExitCode {
+fn routes(sources: &config::Sources, q: &RouteQuery<'_>) -> ExitCode {
     let RouteQuery {
         host,
         path: full_path,
@@ -192,7 +257,7 @@ fn routes(path: &Path, q: &RouteQuery<'_>) -> ExitCode {
         headers,
         source_ip,
     } = *q;
-    let compiled = match config::build(path, &config::Options::default()) {
+    let compiled = match config::build_sources(sources, &config::Options::default()) {
         Ok(c) => c,
         Err(errors) => {
             eprintln!("{}", ConfigErrors(errors));

@@ -43,7 +43,7 @@ struct State {
 
 /// Owns the current Snapshot and every way of replacing it.
 pub struct Reloader {
-    pub config_path: PathBuf,
+    pub sources: config::Sources,
     pub snapshots: Arc<ArcSwap<Snapshot>>,
     shapes: Vec<ListenerShape>,
     /// Held for a whole reload so reloads run one at a time; `state` is only locked
@@ -65,9 +65,9 @@ pub struct Status {
 impl Reloader {
     /// Loads the config for the first time; self-signed certificates are generated here
     /// when the config asks for them.
-    pub fn start(config_path: &Path) -> Result<Self, ConfigErrors> {
-        let compiled = config::build(
-            config_path,
+    pub fn start(sources: &config::Sources) -> Result<Self, ConfigErrors> {
+        let compiled = config::build_sources(
+            sources,
             &config::Options {
                 generation: 1,
                 generate_missing_certs: true,
@@ -79,10 +79,10 @@ impl Reloader {
         }
         let snapshot = compiled.snapshot;
         configure_access_log(&snapshot);
-        let watched = watch_list(config_path, &snapshot, &[]);
+        let watched = watch_list(&sources.roots(), &snapshot, &[]);
         Metrics::global().config_generation.set(1);
         Ok(Reloader {
-            config_path: config_path.to_path_buf(),
+            sources: sources.clone(),
             shapes: snapshot.shapes(),
             snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
             reloading: Mutex::new(()),
@@ -129,8 +129,8 @@ impl Reloader {
                 .collect();
             (st.generation + 1, before)
         };
-        let result = config::build(
-            &self.config_path,
+        let result = config::build_sources(
+            &self.sources,
             &config::Options {
                 generation,
                 generate_missing_certs: true,
@@ -142,7 +142,7 @@ impl Reloader {
             if shapes != self.shapes {
                 return Err(format!(
                     "{}: listeners changed (serving [{}], new config wants [{}]); a new port or bind address needs a restart or a graceful upgrade",
-                    self.config_path.display(),
+                    self.sources,
                     join(&self.shapes),
                     join(&shapes)
                 ));
@@ -150,7 +150,7 @@ impl Reloader {
             if compiled.snapshot.settings.admin != self.snapshots.load().settings.admin {
                 return Err(format!(
                     "{}: mesh.admin changed; the admin address needs a restart",
-                    self.config_path.display()
+                    self.sources
                 ));
             }
             Ok(compiled)
@@ -163,7 +163,7 @@ impl Reloader {
                 let snapshot = compiled.snapshot;
                 configure_access_log(&snapshot);
                 let mut st = self.lock();
-                st.watched = watch_list(&self.config_path, &snapshot, &before);
+                st.watched = watch_list(&self.sources.roots(), &snapshot, &before);
                 st.generation = generation;
                 st.last_error = None;
                 let summary = snapshot.summary.clone();
@@ -229,13 +229,15 @@ fn join(shapes: &[ListenerShape]) -> String {
 /// The files a Snapshot depends on with their fingerprints: those taken before the reload
 /// read them where known (`before`), else now.
 fn watch_list(
-    main: &Path,
+    roots: &[PathBuf],
     snapshot: &Snapshot,
     before: &[(PathBuf, Option<Fingerprint>)],
 ) -> Vec<(PathBuf, Option<Fingerprint>)> {
     let mut paths = snapshot.watched.clone();
-    if !paths.iter().any(|p| p == main) {
-        paths.push(main.to_path_buf());
+    for root in roots {
+        if !paths.contains(root) {
+            paths.push(root.clone());
+        }
     }
     paths
         .into_iter()

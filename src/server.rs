@@ -1,7 +1,6 @@
 //! Assembles the process: one pingora service per listener, the admin service and the
 //! config watcher, then runs until a signal says stop.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use pingora::apps::http_app::HttpServer;
@@ -56,13 +55,13 @@ impl std::fmt::Display for RunError {
 /// graceful upgrade): this process waits on `mesh.upgradeSocket` until the old one, sent
 /// SIGQUIT, hands them over; no connection is refused in between.
 pub fn run(
-    config: &Path,
+    sources: &crate::config::Sources,
     threads: usize,
     upgrade: bool,
     work_stealing: bool,
 ) -> Result<(), RunError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let reloader = Arc::new(Reloader::start(config).map_err(RunError::Config)?);
+    let reloader = Arc::new(Reloader::start(sources).map_err(RunError::Config)?);
     let snapshot = reloader.snapshots.load_full();
 
     let mut conf = ServerConf {

@@ -48,7 +48,7 @@ pub struct Compiled {
 pub fn compile(doc: &Document, opts: &Options) -> Result<Compiled, Vec<ConfigError>> {
     let mut cx = Cx {
         errors: Vec::new(),
-        warnings: Vec::new(),
+        warnings: doc.warnings.clone(),
         watched: doc
             .files
             .iter()
@@ -1044,7 +1044,16 @@ impl Cx {
                     continue;
                 }
                 let gk = gateway_ref(g, &ns);
-                if gateways.contains_key(&gk) {
+                let gw_ns = gk.split('/').next().unwrap_or_default();
+                if gateways.contains_key(&gk)
+                    && !super::istio::exported_to(&v.export_to, &ns, gw_ns)
+                {
+                    self.warn(
+                        o,
+                        &format!(".gateways[{gi}]"),
+                        format!("not exported to namespace {gw_ns} of gateway {gk} (exportTo): not bound to it"),
+                    );
+                } else if gateways.contains_key(&gk) {
                     bound.push(gk);
                 } else {
                     self.err(
@@ -1066,7 +1075,26 @@ impl Cx {
                 .http
                 .iter()
                 .enumerate()
-                .filter_map(|(ri, r)| self.route(o, &vs_key, &ns, ri, r).map(Arc::new))
+                .filter_map(|(ri, r)| {
+                    // A route for other proxies only (`gateways: [mesh]` in every match) is
+                    // not compiled: its destinations are the sidecars' business.
+                    let elsewhere = |m: &schema::HttpMatchRequest| {
+                        !m.gateways.is_empty()
+                            && !m
+                                .gateways
+                                .iter()
+                                .any(|g| bound.contains(&gateway_ref(g, &ns)))
+                    };
+                    if !r.matches.is_empty() && r.matches.iter().all(elsewhere) {
+                        self.warn(
+                            o,
+                            &format!(".http[{ri}].match"),
+                            "every match is for other gateways or `mesh`: not applied here",
+                        );
+                        return None;
+                    }
+                    self.route(o, &vs_key, &ns, ri, r).map(Arc::new)
+                })
                 .collect();
             count += v.http.len();
             for gk in &bound {

@@ -73,12 +73,12 @@ pub fn locate(text: &str, path: &str) -> Option<usize> {
 }
 
 #[derive(Debug, PartialEq)]
-enum Segment<'a> {
+pub(crate) enum Segment<'a> {
     Key(&'a str),
     Index(usize),
 }
 
-fn split_path(path: &str) -> Vec<Segment<'_>> {
+pub(crate) fn split_path(path: &str) -> Vec<Segment<'_>> {
     let mut out = Vec::new();
     for part in path.split('.').filter(|p| !p.is_empty()) {
         let (key, mut rest) = match part.find('[') {

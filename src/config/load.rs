@@ -1,5 +1,6 @@
-//! Reading configuration files: the main file, its `include`s, parse errors with locations.
-//! Reads files; never opens sockets and never judges what the settings mean.
+//! Reading configuration files: the main file, its `include`s (TOML, or Istio YAML
+//! manifests and folders of them), parse errors with locations. Reads files; never opens
+//! sockets and never judges what the settings mean.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -8,16 +9,53 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use super::error::{at, line_col, ConfigError};
+use super::istio;
 use super::schema::{self, DestinationRule, Gateway, Mesh, ServiceEntry, VirtualService};
+
+/// How a file is written: Portico's TOML, or Istio YAML manifests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Toml,
+    Yaml,
+}
+
+impl Format {
+    /// By the file name: `.yaml` and `.yml` are Istio manifests, anything else TOML.
+    pub fn of(path: &Path) -> Format {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("yaml" | "yml") => Format::Yaml,
+            _ => Format::Toml,
+        }
+    }
+}
 
 /// A file that went into a Document, kept so errors found later can be located in it.
 #[derive(Debug)]
 pub struct SourceFile {
     pub path: PathBuf,
     pub text: String,
+    pub format: Format,
 }
 
 impl SourceFile {
+    /// An error at field `path` of this file. In YAML the path starts with the document:
+    /// `documents[2].spec.http[0]`.
+    pub fn error(&self, path: &str, message: impl Into<String>) -> ConfigError {
+        if self.format == Format::Toml {
+            return at(&self.path, &self.text, path, message);
+        }
+        let (line, column) = yaml_location(&self.text, path)
+            .map(|offset| line_col(&self.text, offset))
+            .unwrap_or((1, 1));
+        ConfigError {
+            file: self.path.clone(),
+            line,
+            column,
+            path: path.to_string(),
+            message: message.into(),
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         self.path.parent().unwrap_or(Path::new("."))
     }
@@ -43,12 +81,7 @@ pub struct Origin {
 impl Origin {
     /// An error at `self.path` + `sub` (for example `.http[0].timeout`).
     pub fn error(&self, sub: &str, message: impl Into<String>) -> ConfigError {
-        at(
-            &self.file.path,
-            &self.file.text,
-            &format!("{}{}", self.path, sub),
-            message,
-        )
+        self.file.error(&format!("{}{}", self.path, sub), message)
     }
 }
 
@@ -71,38 +104,110 @@ pub struct Document {
     pub virtual_services: Vec<Item<VirtualService>>,
     pub destination_rules: Vec<Item<DestinationRule>>,
     pub service_entries: Vec<Item<ServiceEntry>>,
+    /// Notes found while reading: skipped manifests, unsupported fields in YAML.
+    pub warnings: Vec<ConfigError>,
+}
+
+/// What to load: a Portico config file, Istio YAML files or folders, or both.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// The TOML config (`run -c`). A `.yaml`/`.yml` file or a folder here is read as Istio
+    /// manifests with the default mesh settings.
+    pub config: Option<PathBuf>,
+    /// `--istio` files and folders, read as if the config included them.
+    pub istio: Vec<PathBuf>,
+}
+
+impl Sources {
+    pub fn config(path: &Path) -> Sources {
+        Sources {
+            config: Some(path.to_path_buf()),
+            istio: Vec::new(),
+        }
+    }
+
+    /// The paths given, for watching and messages.
+    pub fn roots(&self) -> Vec<PathBuf> {
+        self.config.iter().chain(&self.istio).cloned().collect()
+    }
+}
+
+impl std::fmt::Display for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let roots: Vec<String> = self
+            .roots()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        f.write_str(&roots.join(", "))
+    }
+}
+
+/// What one file holds.
+enum Content {
+    Toml(Box<schema::File>),
+    Yaml(istio::Resources),
 }
 
 /// Loads the main file and everything it includes. Every file that can be read is parsed,
 /// so one run reports the first error of each broken file.
 pub fn load(main: &Path) -> Result<Document, Vec<ConfigError>> {
+    load_sources(&Sources::config(main))
+}
+
+/// Loads a config file and Istio manifests. Without a TOML config the mesh settings are
+/// the defaults and relative paths in them (the credentials folder) are relative to the
+/// current directory.
+pub fn load_sources(sources: &Sources) -> Result<Document, Vec<ConfigError>> {
     let mut errors = Vec::new();
     let mut seen = HashSet::new();
     let mut parsed = Vec::new();
     let mut include_dirs = Vec::new();
-    read_tree(
-        main,
-        None,
-        &mut seen,
-        &mut parsed,
-        &mut include_dirs,
-        &mut errors,
-    );
+    let mut istio_roots: Vec<&Path> = sources.istio.iter().map(PathBuf::as_path).collect();
+    let main_file = match &sources.config {
+        Some(main) if Format::of(main) == Format::Toml && !main.is_dir() => {
+            read_tree(
+                main,
+                None,
+                &mut seen,
+                &mut parsed,
+                &mut include_dirs,
+                &mut errors,
+            );
+            if !errors.is_empty() {
+                return Err(errors);
+            }
+            match parsed.first() {
+                Some((f, _)) => f.clone(),
+                None => {
+                    return Err(vec![ConfigError {
+                        file: main.to_path_buf(),
+                        line: 1,
+                        column: 1,
+                        path: String::new(),
+                        message: "no configuration loaded".into(),
+                    }])
+                }
+            }
+        }
+        other => {
+            if let Some(p) = other {
+                istio_roots.insert(0, p.as_path());
+            }
+            // The defaults stand in for a main file; its folder is the current directory.
+            Arc::new(SourceFile {
+                path: PathBuf::from("portico-defaults.toml"),
+                text: String::new(),
+                format: Format::Toml,
+            })
+        }
+    };
+    for root in istio_roots {
+        read_istio(root, &mut seen, &mut parsed, &mut include_dirs, &mut errors);
+    }
     if !errors.is_empty() {
         return Err(errors);
     }
-    let main_file = match parsed.first() {
-        Some((f, _)) => f.clone(),
-        None => {
-            return Err(vec![ConfigError {
-                file: main.to_path_buf(),
-                line: 1,
-                column: 1,
-                path: String::new(),
-                message: "no configuration loaded".into(),
-            }])
-        }
-    };
     let mut doc = Document {
         main: main_file.clone(),
         files: Vec::new(),
@@ -118,8 +223,46 @@ pub fn load(main: &Path) -> Result<Document, Vec<ConfigError>> {
         virtual_services: Vec::new(),
         destination_rules: Vec::new(),
         service_entries: Vec::new(),
+        warnings: Vec::new(),
     };
     for (i, (file, content)) in parsed.into_iter().enumerate() {
+        let content = match content {
+            Content::Toml(c) => *c,
+            Content::Yaml(r) => {
+                let item = |path: String| Origin {
+                    file: file.clone(),
+                    path,
+                };
+                for (path, spec) in r.gateways {
+                    doc.gateways.push(Item {
+                        spec,
+                        origin: item(path),
+                    });
+                }
+                for (path, spec) in r.virtual_services {
+                    doc.virtual_services.push(Item {
+                        spec,
+                        origin: item(path),
+                    });
+                }
+                for (path, spec) in r.destination_rules {
+                    doc.destination_rules.push(Item {
+                        spec,
+                        origin: item(path),
+                    });
+                }
+                for (path, spec) in r.service_entries {
+                    doc.service_entries.push(Item {
+                        spec,
+                        origin: item(path),
+                    });
+                }
+                doc.warnings.extend(r.warnings);
+                errors.extend(r.errors);
+                doc.files.push(file);
+                continue;
+            }
+        };
         if let Some(mesh) = content.mesh {
             if i == 0 {
                 doc.mesh.spec = mesh;
@@ -173,7 +316,7 @@ fn read_tree(
     path: &Path,
     included_from: Option<(&SourceFile, usize)>,
     seen: &mut HashSet<PathBuf>,
-    parsed: &mut Vec<(Arc<SourceFile>, schema::File)>,
+    parsed: &mut Vec<(Arc<SourceFile>, Content)>,
     include_dirs: &mut Vec<PathBuf>,
     errors: &mut Vec<ConfigError>,
 ) {
@@ -205,16 +348,22 @@ fn read_tree(
     let file = Arc::new(SourceFile {
         path: path.to_path_buf(),
         text,
+        format: Format::of(path),
     });
-    let content: schema::File = match parse_toml(&file) {
+    if file.format == Format::Yaml {
+        let resources = istio::read(&file);
+        parsed.push((file, Content::Yaml(resources)));
+        return;
+    }
+    let content: schema::File = match parse_toml_checked(&file) {
         Ok(c) => c,
         Err(e) => {
-            errors.push(e);
+            errors.extend(e);
             return;
         }
     };
     let includes = content.include.clone();
-    parsed.push((file.clone(), content));
+    parsed.push((file.clone(), Content::Toml(Box::new(content))));
     for (idx, pattern) in includes.iter().enumerate() {
         let full = file.resolve(pattern);
         let full_str = full.to_string_lossy();
@@ -241,17 +390,8 @@ fn read_tree(
             matches.push(full.clone());
         }
         for m in matches {
-            let ext = m.extension().and_then(|e| e.to_str()).unwrap_or("");
-            if ext == "yaml" || ext == "yml" {
-                errors.push(at(
-                    &file.path,
-                    &file.text,
-                    &format!("include[{idx}]"),
-                    format!(
-                        "{}: Istio YAML manifests are not supported yet; write the resource in TOML",
-                        m.display()
-                    ),
-                ));
+            if m.is_dir() {
+                read_istio(&m, seen, parsed, include_dirs, errors);
                 continue;
             }
             read_tree(&m, Some((&file, idx)), seen, parsed, include_dirs, errors);
@@ -259,11 +399,112 @@ fn read_tree(
     }
 }
 
+/// Reads Istio manifests: a YAML file, or every `.yaml`/`.yml` file directly in a folder
+/// (in name order, as `kubectl apply -f DIR` does; subfolders are not read).
+fn read_istio(
+    path: &Path,
+    seen: &mut HashSet<PathBuf>,
+    parsed: &mut Vec<(Arc<SourceFile>, Content)>,
+    include_dirs: &mut Vec<PathBuf>,
+    errors: &mut Vec<ConfigError>,
+) {
+    if !path.is_dir() {
+        read_tree(path, None, seen, parsed, include_dirs, errors);
+        return;
+    }
+    // A file added to or removed from the folder changes its mtime: watched for reload.
+    include_dirs.push(path.to_path_buf());
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(path) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && Format::of(p) == Format::Yaml)
+            .collect(),
+        Err(e) => {
+            errors.push(ConfigError {
+                file: path.to_path_buf(),
+                line: 1,
+                column: 1,
+                path: String::new(),
+                message: format!("cannot read folder: {e}"),
+            });
+            return;
+        }
+    };
+    files.sort();
+    for f in files {
+        read_tree(&f, None, seen, parsed, include_dirs, errors);
+    }
+}
+
+/// A field path as serde_ignored reports it, written as the config paths are:
+/// `http[0].match[1].sourceLabels`.
+pub fn ignored_path(p: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match p {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", ignored_path(parent)),
+        Path::Map { parent, key } => {
+            let parent = ignored_path(parent);
+            if parent.is_empty() {
+                key.clone()
+            } else {
+                format!("{parent}.{key}")
+            }
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => ignored_path(parent),
+    }
+}
+
+/// Where `documents[N].rest` is in a YAML text. A resource's `name` and `namespace` are
+/// written in its metadata.
+fn yaml_location(text: &str, path: &str) -> Option<usize> {
+    let rest = path.strip_prefix("documents[")?;
+    let (n, rest) = rest.split_once(']')?;
+    let doc: usize = n.parse().ok()?;
+    let rest = rest.strip_prefix('.').unwrap_or(rest);
+    let rest = match rest {
+        "spec.name" => "metadata.name",
+        "spec.namespace" => "metadata.namespace",
+        other => other,
+    };
+    super::yaml::locate(text, doc, rest)
+}
+
+/// Parses a TOML config file; a field the schema does not have is an error at its place.
+fn parse_toml_checked(file: &SourceFile) -> Result<schema::File, Vec<ConfigError>> {
+    let mut unknown = Vec::new();
+    let content: schema::File =
+        parse_toml_with(file, |p| unknown.push(ignored_path(&p))).map_err(|e| vec![e])?;
+    if unknown.is_empty() {
+        return Ok(content);
+    }
+    Err(unknown
+        .iter()
+        .map(|path| {
+            let field = path.rsplit('.').next().unwrap_or(path);
+            let field = field.split('[').next().unwrap_or(field);
+            at(
+                &file.path,
+                &file.text,
+                path,
+                format!("unknown field `{field}`"),
+            )
+        })
+        .collect())
+}
+
 /// Parses one TOML file into `T`, turning a serde error into a located ConfigError with
-/// the field path serde was at.
-pub fn parse_toml<T: DeserializeOwned>(file: &SourceFile) -> Result<T, ConfigError> {
+/// the field path serde was at; `ignored` hears of every field `T` does not have.
+fn parse_toml_with<T: DeserializeOwned>(
+    file: &SourceFile,
+    mut ignored: impl FnMut(serde_ignored::Path<'_>),
+) -> Result<T, ConfigError> {
     let deserializer =
         toml::Deserializer::parse(&file.text).map_err(|e| toml_error(file, String::new(), e))?;
+    let deserializer = serde_ignored::Deserializer::new(deserializer, &mut ignored);
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "?" || path == "." {

@@ -1,8 +1,9 @@
 //! The raw configuration document: serde structs with Istio's field names, verbatim.
 //!
 //! Nothing here is checked beyond its shape; `config::compile` turns these into typed,
-//! validated structures. Every struct denies unknown fields so a typo is an error with a
-//! location, never a silently ignored setting.
+//! validated structures. Unknown fields are collected by `config::load` (serde_ignored):
+//! errors with a location in TOML, warnings naming the field in Istio YAML (errors where
+//! ignoring one would widen a match); never silently ignored.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +13,7 @@ use super::duration::Duration;
 
 /// One configuration file, as written. `include` pulls in more files of the same shape.
 #[derive(Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct File {
     #[serde(default)]
     pub include: Vec<String>,
@@ -29,7 +30,7 @@ pub struct File {
 
 /// Portico's own settings, named as Istio's MeshConfig names them where one exists.
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct Mesh {
     /// Admin API address. Default `127.0.0.1:15000`.
     pub admin: Option<String>,
@@ -65,13 +66,13 @@ pub struct Mesh {
 
 /// MeshConfig `defaultConfig` (ProxyConfig): Portico reads `tracing`.
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct ProxyConfig {
     pub tracing: Option<TracingConfig>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct TracingConfig {
     /// Percent of requests traced when the caller did not decide (Istio's default: 1).
     pub sampling: Option<f64>,
@@ -79,14 +80,14 @@ pub struct TracingConfig {
 
 /// MeshConfig `extensionProviders[]`: Portico uses the first `opentelemetry` one.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct ExtensionProvider {
     pub name: String,
     pub opentelemetry: Option<OpenTelemetryProvider>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct OpenTelemetryProvider {
     pub service: String,
     pub port: u32,
@@ -95,20 +96,20 @@ pub struct OpenTelemetryProvider {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct OtlpHttp {
     pub path: Option<String>,
     pub timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct OutboundTrafficPolicy {
     pub mode: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct Gateway {
     pub name: String,
     pub namespace: Option<String>,
@@ -119,7 +120,7 @@ pub struct Gateway {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct Server {
     pub port: Port,
     pub bind: Option<String>,
@@ -130,7 +131,7 @@ pub struct Server {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct Port {
     pub number: u32,
     pub name: Option<String>,
@@ -139,7 +140,7 @@ pub struct Port {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct ServerTls {
     #[serde(default)]
     pub https_redirect: bool,
@@ -157,7 +158,7 @@ pub struct ServerTls {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct VirtualService {
     pub name: String,
     pub namespace: Option<String>,
@@ -172,7 +173,7 @@ pub struct VirtualService {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HttpRoute {
     pub name: Option<String>,
     #[serde(rename = "match", default)]
@@ -197,7 +198,7 @@ pub struct HttpRoute {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HttpRetry {
     pub attempts: Option<i64>,
     pub per_try_timeout: Option<Duration>,
@@ -208,20 +209,20 @@ pub struct HttpRetry {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct Percent {
     pub value: f64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HttpFaultInjection {
     pub delay: Option<FaultDelay>,
     pub abort: Option<FaultAbort>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct FaultDelay {
     pub fixed_delay: Option<Duration>,
     pub exponential_delay: Option<Duration>,
@@ -231,7 +232,7 @@ pub struct FaultDelay {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct FaultAbort {
     pub http_status: Option<u32>,
     pub grpc_status: Option<String>,
@@ -240,14 +241,14 @@ pub struct FaultAbort {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HttpMirrorPolicy {
     pub destination: Destination,
     pub percentage: Option<Percent>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct CorsPolicy {
     #[serde(default)]
     pub allow_origins: Vec<StringMatch>,
@@ -266,14 +267,14 @@ pub struct CorsPolicy {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct Delegate {
     pub name: String,
     pub namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HttpMatchRequest {
     pub name: Option<String>,
     pub uri: Option<StringMatch>,
@@ -299,7 +300,7 @@ pub struct HttpMatchRequest {
 /// Istio's StringMatch: exactly one of `exact`, `prefix`, `regex`. An empty table is a
 /// presence match when used for headers.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct StringMatch {
     pub exact: Option<String>,
     pub prefix: Option<String>,
@@ -307,7 +308,7 @@ pub struct StringMatch {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HttpRouteDestination {
     pub destination: Destination,
     pub weight: Option<i64>,
@@ -315,7 +316,7 @@ pub struct HttpRouteDestination {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct Destination {
     pub host: String,
     pub subset: Option<String>,
@@ -323,13 +324,13 @@ pub struct Destination {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct PortSelector {
     pub number: u32,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HttpRedirect {
     pub uri: Option<String>,
     pub authority: Option<String>,
@@ -339,14 +340,14 @@ pub struct HttpRedirect {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HttpDirectResponse {
     pub status: u32,
     pub body: Option<HttpBody>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HttpBody {
     pub string: Option<String>,
     /// Base64, as in Istio's `body.bytes`.
@@ -354,21 +355,21 @@ pub struct HttpBody {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HttpRewrite {
     pub uri: Option<String>,
     pub authority: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct Headers {
     pub request: Option<HeaderOperations>,
     pub response: Option<HeaderOperations>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HeaderOperations {
     #[serde(default)]
     pub set: BTreeMap<String, String>,
@@ -379,7 +380,7 @@ pub struct HeaderOperations {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct DestinationRule {
     pub name: String,
     pub namespace: Option<String>,
@@ -392,7 +393,7 @@ pub struct DestinationRule {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPool>,
@@ -404,7 +405,7 @@ pub struct TrafficPolicy {
 
 /// `portLevelSettings[]`: the same settings for one port.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct PortTrafficPolicy {
     pub port: Option<PortSelector>,
     pub load_balancer: Option<LoadBalancerSettings>,
@@ -415,7 +416,7 @@ pub struct PortTrafficPolicy {
 
 /// DestinationRule `trafficPolicy.tls`: TLS from Portico to the upstream (origination).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct ClientTlsSettings {
     pub mode: Option<String>,
     pub client_certificate: Option<String>,
@@ -430,14 +431,14 @@ pub struct ClientTlsSettings {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct LoadBalancerSettings {
     pub simple: Option<String>,
     pub consistent_hash: Option<ConsistentHash>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct ConsistentHash {
     pub http_header_name: Option<String>,
     pub http_cookie: Option<HttpCookie>,
@@ -450,7 +451,7 @@ pub struct ConsistentHash {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HttpCookie {
     pub name: String,
     pub path: Option<String>,
@@ -458,19 +459,19 @@ pub struct HttpCookie {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct RingHash {
     pub minimum_ring_size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct Maglev {
     pub table_size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct OutlierDetection {
     pub consecutive_5xx_errors: Option<u32>,
     pub consecutive_gateway_errors: Option<u32>,
@@ -485,14 +486,14 @@ pub struct OutlierDetection {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct ConnectionPool {
     pub tcp: Option<TcpSettings>,
     pub http: Option<HttpSettings>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct TcpSettings {
     pub max_connections: Option<u32>,
     pub connect_timeout: Option<Duration>,
@@ -502,7 +503,7 @@ pub struct TcpSettings {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct TcpKeepalive {
     pub probes: Option<u32>,
     pub time: Option<Duration>,
@@ -510,7 +511,7 @@ pub struct TcpKeepalive {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HttpSettings {
     /// `DEFAULT`, `DO_NOT_UPGRADE` or `UPGRADE`: with `UPGRADE` Portico speaks h2c
     /// (HTTP/2 with prior knowledge) to the upstream.
@@ -525,7 +526,7 @@ pub struct HttpSettings {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct Subset {
     pub name: String,
     #[serde(default)]
@@ -534,7 +535,7 @@ pub struct Subset {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct ServiceEntry {
     pub name: String,
     pub namespace: Option<String>,
@@ -553,7 +554,7 @@ pub struct ServiceEntry {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     pub number: u32,
     pub protocol: Option<String>,
@@ -562,7 +563,7 @@ pub struct ServicePort {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct WorkloadEntry {
     pub address: String,
     #[serde(default)]

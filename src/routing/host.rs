@@ -55,6 +55,20 @@ impl<T> HostMatcher<T> {
         }
     }
 
+    /// Every pattern with its value, sorted by pattern: for dumps and comparisons, never
+    /// on the request path.
+    pub fn patterns(&self) -> Vec<(String, &T)> {
+        let mut out: Vec<(String, &T)> = self
+            .exact
+            .iter()
+            .map(|(k, v)| (k.clone(), v))
+            .chain(self.wildcard.iter().map(|(k, v)| (format!("*{k}"), v)))
+            .chain(self.any.iter().map(|v| ("*".to_string(), v)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Exact name first, then the longest wildcard suffix, then `*`.
     pub fn lookup(&self, host: &str) -> Option<&T> {
         if let Some(v) = self.exact.get(host) {
