@@ -3,6 +3,7 @@
 
 pub mod compile;
 pub mod duration;
+mod egress;
 pub mod error;
 pub mod load;
 pub mod schema;

@@ -1,0 +1,370 @@
+//! The forward proxy of egress servers: absolute-form requests (`GET http://host/x`, what
+//! clients send with `HTTP_PROXY`) and `CONNECT host:port` tunnels (`HTTPS_PROXY`).
+//!
+//! pingora answers CONNECT with 405 and has no tunnel API, so an egress listener runs
+//! [`ForwardProxy`]: it peeks at the first bytes of each request on a connection, handles a
+//! `CONNECT` itself and hands everything else to the usual HTTP proxy, where absolute-form
+//! requests are decided with [`http_target`]. Listeners that are not egress servers never
+//! see this code.
+//!
+//! An open tunnel is not touched by a reload: it carries bytes until either side closes,
+//! and on shutdown it gets the drain period like any connection. A new tunnel or request is
+//! decided by the Snapshot in force when it starts.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use http::header;
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use pingora_http::RequestHeader;
+use pingora_proxy::HttpProxy;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::Kind;
+use crate::proxy::Gateway;
+use crate::snapshot::Snapshot;
+
+/// How long a kept-alive connection may sit idle before its next request.
+const IDLE: Duration = Duration::from_secs(60);
+/// How long a client has to send the CONNECT request head, and its largest size.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Whether the request target is in absolute form (`http://host/x`). pingora keeps such a
+/// target verbatim in `raw_path()` and only its path in the URI.
+pub fn is_absolute_form(req: &RequestHeader) -> bool {
+    !matches!(req.raw_path().first(), Some(b'/' | b'*') | None)
+}
+
+/// The absolute-form target of a request, parsed.
+fn absolute_uri(req: &RequestHeader) -> Option<http::Uri> {
+    if !is_absolute_form(req) {
+        return None;
+    }
+    http::Uri::try_from(req.raw_path()).ok()
+}
+
+/// The destination (lower-case host, port) of an absolute-form HTTP/1 request, or `None`
+/// for an origin-form one. `Err` names what is wrong with it.
+pub fn http_target(req: &RequestHeader) -> Option<Result<(String, u16), &'static str>> {
+    if !is_absolute_form(req) {
+        return None;
+    }
+    let Some(uri) = absolute_uri(req) else {
+        return Some(Err("the request target is not a valid absolute URI"));
+    };
+    let Some(authority) = uri.authority() else {
+        return Some(Err("absolute-form request without a host"));
+    };
+    let port = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("http") => authority.port_u16().unwrap_or(80),
+        Some("https") => {
+            return Some(Err(
+                "absolute-form https:// requests are not proxied: use CONNECT (HTTPS_PROXY)",
+            ))
+        }
+        _ => return Some(Err("absolute-form requests must use http://")),
+    };
+    let host = authority.host();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() {
+        return Some(Err("absolute-form request without a host"));
+    }
+    Some(Ok((host.to_ascii_lowercase(), port)))
+}
+
+/// Turns a proxied absolute-form request into what an origin server expects: origin-form
+/// target, a Host header, and no proxy-only headers.
+pub fn to_origin_form(upstream: &mut RequestHeader) -> pingora_error::Result<()> {
+    if let Some(uri) = absolute_uri(upstream) {
+        if let Some(a) = uri.authority() {
+            if !upstream.headers.contains_key(header::HOST) {
+                upstream.insert_header(header::HOST, a.as_str())?;
+            }
+        }
+    }
+    // pingora sends a verbatim target as it came; setting the URI (which holds the path
+    // and query only) makes it send origin-form.
+    let uri = upstream.uri.clone();
+    upstream.set_uri(uri);
+    upstream.remove_header("proxy-connection");
+    upstream.remove_header(&header::PROXY_AUTHORIZATION);
+    Ok(())
+}
+
+/// The log line of a refused destination: the host, the port and the rule.
+pub fn log_denied(host: &str, port: u16, kind: Kind, rule: &str, client: Option<SocketAddr>) {
+    tracing::warn!(
+        host,
+        port,
+        kind = kind.as_str(),
+        rule,
+        client = client.map(|c| c.to_string()).unwrap_or_default(),
+        "egress denied"
+    );
+}
+
+/// The text of a refusal.
+pub fn denied_body(host: &str, port: u16, rule: &str) -> String {
+    format!("egress to {host}:{port} denied: {rule}\n")
+}
+
+/// An egress listener's app: CONNECT tunnels here, all other requests to `http`.
+pub struct ForwardProxy {
+    pub http: Arc<HttpProxy<Gateway>>,
+    pub snapshots: Arc<ArcSwap<Snapshot>>,
+}
+
+#[async_trait]
+impl ServerApp for ForwardProxy {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut io: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // Peeked bytes stay in the stream for whoever reads next. A kept-alive connection
+        // comes back here after each request, so every request is looked at.
+        let mut first = [0u8; 8];
+        match tokio::time::timeout(IDLE, io.try_peek(&mut first)).await {
+            Ok(Ok(true)) if &first == b"CONNECT " => {
+                self.connect(io).await;
+                None
+            }
+            Ok(Ok(_)) => self.http.process_new(io, shutdown).await,
+            // Idle too long, or closed before a request.
+            _ => None,
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.http.cleanup().await;
+    }
+}
+
+/// A CONNECT request head: the target and any bytes the client sent after it.
+struct ConnectHead {
+    host: String,
+    port: u16,
+    rest: Vec<u8>,
+}
+
+fn client_of(io: &Stream) -> Option<SocketAddr> {
+    io.get_socket_digest()
+        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied())
+}
+
+async fn reply(io: &mut Stream, status: &str, body: &str) {
+    let text = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = io.write_all(text.as_bytes()).await;
+    let _ = io.flush().await;
+    let _ = io.shutdown().await;
+}
+
+async fn read_head(io: &mut Stream) -> Result<Vec<u8>, &'static str> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = io
+            .read(&mut chunk)
+            .await
+            .map_err(|_| "read error before the end of the request head")?;
+        if n == 0 {
+            return Err("closed before the end of the request head");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            return Ok(buf);
+        }
+        if buf.len() > MAX_HEAD {
+            return Err("request head too large");
+        }
+    }
+}
+
+/// Parses `CONNECT host:port HTTP/1.1`; the port is required (RFC 9110 §9.3.6).
+fn parse_connect(buf: Vec<u8>) -> Result<ConnectHead, &'static str> {
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no end of head")?
+        + 4;
+    let line_end = buf.windows(2).position(|w| w == b"\r\n").unwrap_or(end);
+    let line = std::str::from_utf8(&buf[..line_end]).map_err(|_| "request line is not text")?;
+    let mut parts = line.split(' ');
+    let (Some("CONNECT"), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("malformed CONNECT request line");
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Err("CONNECT needs HTTP/1.x");
+    }
+    let (host, port) = target
+        .rsplit_once(':')
+        .ok_or("CONNECT target needs host:port")?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or("CONNECT target port is not 1-65535")?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    if host.is_empty() {
+        return Err("CONNECT target without a host");
+    }
+    Ok(ConnectHead {
+        host,
+        port,
+        rest: buf[end..].to_vec(),
+    })
+}
+
+impl ForwardProxy {
+    async fn connect(&self, mut io: Stream) {
+        let started = Instant::now();
+        let client = client_of(&io);
+        let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut io)).await {
+            Ok(Ok(buf)) => parse_connect(buf),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("timed out reading the CONNECT request"),
+        };
+        let head = match head {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(
+                    client = client.map(|c| c.to_string()).unwrap_or_default(),
+                    error = e,
+                    "bad CONNECT request"
+                );
+                reply(&mut io, "400 Bad Request", &format!("{e}\n")).await;
+                return;
+            }
+        };
+        let (host, port) = (head.host.as_str(), head.port);
+        let snapshot = self.snapshots.load_full();
+        let target = match snapshot.egress.decide(host, port, Kind::Connect) {
+            Ok(t) => t,
+            Err(d) => {
+                log_denied(host, port, Kind::Connect, &d.rule, client);
+                reply(&mut io, "403 Forbidden", &denied_body(host, port, &d.rule)).await;
+                return;
+            }
+        };
+        let addr = match target.address(&snapshot.egress).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(host, port, kind = "connect", cluster = target.cluster(), error = %e, "egress upstream unresolved");
+                reply(&mut io, "503 Service Unavailable", &format!("{e}\n")).await;
+                return;
+            }
+        };
+        let connect_timeout = snapshot.settings.connect_timeout;
+        let cluster = target.cluster().to_string();
+        // The tunnel may outlive many reloads; it must not keep an old Snapshot alive.
+        drop(target);
+        drop(snapshot);
+        let mut upstream = match tokio::time::timeout(
+            connect_timeout,
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(host, port, upstream = %addr, %cluster, error = %e, "egress tunnel: upstream connect failed");
+                reply(
+                    &mut io,
+                    "503 Service Unavailable",
+                    "upstream connect error\n",
+                )
+                .await;
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(host, port, upstream = %addr, %cluster, "egress tunnel: upstream connect timeout");
+                reply(
+                    &mut io,
+                    "503 Service Unavailable",
+                    "upstream connect timeout\n",
+                )
+                .await;
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        if io
+            .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            .await
+            .is_err()
+            || io.flush().await.is_err()
+        {
+            return;
+        }
+        if !head.rest.is_empty() && upstream.write_all(&head.rest).await.is_err() {
+            return;
+        }
+        let result = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+        let (sent, received) = result.as_ref().map(|(a, b)| (*a, *b)).unwrap_or((0, 0));
+        tracing::debug!(
+            host,
+            port,
+            upstream = %addr,
+            %cluster,
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "egress tunnel closed"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_head_is_parsed() {
+        let h =
+            parse_connect(b"CONNECT API.Example.com:443 HTTP/1.1\r\nHost: x\r\n\r\nHELLO".to_vec())
+                .unwrap();
+        assert_eq!((h.host.as_str(), h.port), ("api.example.com", 443));
+        assert_eq!(h.rest, b"HELLO");
+        let v6 = parse_connect(b"CONNECT [::1]:8443 HTTP/1.1\r\n\r\n".to_vec()).unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 8443));
+        assert!(parse_connect(b"CONNECT example.com HTTP/1.1\r\n\r\n".to_vec()).is_err());
+        assert!(parse_connect(b"CONNECT example.com:0 HTTP/1.1\r\n\r\n".to_vec()).is_err());
+        assert!(parse_connect(b"CONNECT a:1 b HTTP/1.1\r\n\r\n".to_vec()).is_err());
+    }
+
+    #[test]
+    fn absolute_form_targets() {
+        let req = RequestHeader::build("GET", b"http://Api.Example.com:8080/x?y=1", None).unwrap();
+        let (h, p) = http_target(&req).unwrap().unwrap();
+        assert_eq!((h.as_str(), p), ("api.example.com", 8080));
+        let req = RequestHeader::build("GET", b"http://plain.test/", None).unwrap();
+        assert_eq!(http_target(&req).unwrap().unwrap().1, 80);
+        let req = RequestHeader::build("GET", b"/origin-form", None).unwrap();
+        assert!(http_target(&req).is_none());
+        let req = RequestHeader::build("GET", b"https://x.test/", None).unwrap();
+        assert!(http_target(&req).unwrap().is_err());
+
+        let mut req = RequestHeader::build("GET", b"http://plain.test:81/a?b", None).unwrap();
+        req.insert_header("proxy-connection", "keep-alive").unwrap();
+        to_origin_form(&mut req).unwrap();
+        assert_eq!(req.raw_path(), b"/a?b");
+        assert_eq!(req.headers.get("host").unwrap(), "plain.test:81");
+        assert!(req.headers.get("proxy-connection").is_none());
+    }
+}
