@@ -215,6 +215,27 @@ ports = [{{ number = {origin_port}, name = "https", protocol = "HTTPS" }}]
         .lines()
         .any(|l| l.contains("egress denied") && l.contains("does not list port 1")));
 
+    // Each tunnel is one access log line: the allowed one with its cluster and bytes.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let out = gw.stdout();
+            out.lines().any(|l| {
+                l.contains(r#""method":"CONNECT""#)
+                    && l.contains(&format!(r#""path":"secure.test:{origin_port}""#))
+                    && l.contains(r#""response_code":200"#)
+                    && l.contains(&format!(
+                        r#""upstream_cluster":"outbound|{origin_port}||secure.test""#
+                    ))
+                    && !l.contains(r#""bytes_sent":0"#)
+            }) && out.lines().any(|l| {
+                l.contains(r#""method":"CONNECT""#)
+                    && l.contains("unlisted.test")
+                    && l.contains(r#""response_code":403"#)
+            })
+        }),
+        "access log:\n{}",
+        gw.stdout()
+    );
     assert_eq!(
         metric(
             &gw,

@@ -13,7 +13,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -28,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::Kind;
 use crate::proxy::Gateway;
 use crate::snapshot::Snapshot;
+use crate::telemetry::access_log;
 
 /// How long a kept-alive connection may sit idle before its next request.
 const IDLE: Duration = Duration::from_secs(60);
@@ -231,11 +232,68 @@ fn parse_connect(buf: Vec<u8>) -> Result<ConnectHead, &'static str> {
     })
 }
 
+/// What became of one CONNECT, for its access log line.
+#[derive(Default)]
+struct TunnelOutcome {
+    authority: String,
+    status: u16,
+    details: &'static str,
+    flags: &'static str,
+    upstream: Option<SocketAddr>,
+    cluster: Option<String>,
+    /// Client to upstream, upstream to client.
+    bytes: (u64, u64),
+}
+
 impl ForwardProxy {
+    /// One CONNECT: decided, tunnelled or refused, then one access log line.
     async fn connect(&self, mut io: Stream) {
+        let start = SystemTime::now();
         let started = Instant::now();
         let client = client_of(&io);
-        let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut io)).await {
+        let local = io
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        let format = self
+            .snapshots
+            .load()
+            .settings
+            .access_log
+            .as_ref()
+            .map(|a| a.format.clone());
+        let mut out = TunnelOutcome::default();
+        self.tunnel(&mut io, client, &mut out).await;
+        let (Some(format), Some(sink)) = (format, access_log::Sink::get()) else {
+            return;
+        };
+        let no_headers = http::HeaderMap::new();
+        sink.write(format.render(&access_log::Entry {
+            start,
+            method: "CONNECT",
+            path: &out.authority,
+            protocol: "HTTP/1.1",
+            status: out.status,
+            flags: out.flags,
+            details: out.details,
+            bytes_received: out.bytes.0 as usize,
+            bytes_sent: out.bytes.1 as usize,
+            duration: started.elapsed(),
+            upstream_time: None,
+            request_headers: &no_headers,
+            response_headers: None,
+            authority: &out.authority,
+            upstream_host: out.upstream,
+            upstream_cluster: out.cluster.as_deref(),
+            downstream_local: local,
+            downstream_remote: client,
+            sni: None,
+            route_name: None,
+            attempts: u32::from(out.upstream.is_some()),
+        }));
+    }
+
+    async fn tunnel(&self, io: &mut Stream, client: Option<SocketAddr>, out: &mut TunnelOutcome) {
+        let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(io)).await {
             Ok(Ok(buf)) => parse_connect(buf),
             Ok(Err(e)) => Err(e),
             Err(_) => Err("timed out reading the CONNECT request"),
@@ -248,85 +306,77 @@ impl ForwardProxy {
                     error = e,
                     "bad CONNECT request"
                 );
-                reply(&mut io, "400 Bad Request", &format!("{e}\n")).await;
+                (out.status, out.flags, out.details) = (400, "DPE", "bad_request");
+                reply(io, "400 Bad Request", &format!("{e}\n")).await;
                 return;
             }
         };
         let (host, port) = (head.host.as_str(), head.port);
+        out.authority = format!("{host}:{port}");
         let snapshot = self.snapshots.load_full();
         let target = match snapshot.egress.decide(host, port, Kind::Connect) {
             Ok(t) => t,
             Err(d) => {
                 log_denied(host, port, Kind::Connect, &d.rule, client);
-                reply(&mut io, "403 Forbidden", &denied_body(host, port, &d.rule)).await;
+                (out.status, out.details) = (403, "egress_denied");
+                reply(io, "403 Forbidden", &denied_body(host, port, &d.rule)).await;
                 return;
             }
         };
+        out.cluster = Some(target.cluster().to_string());
         let addr = match target.address(&snapshot.egress).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(host, port, kind = "connect", cluster = target.cluster(), error = %e, "egress upstream unresolved");
-                reply(&mut io, "503 Service Unavailable", &format!("{e}\n")).await;
+                (out.status, out.flags, out.details) = (503, "UH", "no_healthy_upstream");
+                reply(io, "503 Service Unavailable", &format!("{e}\n")).await;
                 return;
             }
         };
+        out.upstream = Some(addr);
         let connect_timeout = snapshot.settings.connect_timeout;
-        let cluster = target.cluster().to_string();
         // The tunnel may outlive many reloads; it must not keep an old Snapshot alive.
         drop(target);
         drop(snapshot);
-        let mut upstream = match tokio::time::timeout(
-            connect_timeout,
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        {
+        let connected =
+            tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(addr)).await;
+        let mut upstream = match connected {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::warn!(host, port, upstream = %addr, %cluster, error = %e, "egress tunnel: upstream connect failed");
-                reply(
-                    &mut io,
-                    "503 Service Unavailable",
-                    "upstream connect error\n",
-                )
-                .await;
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(host, port, upstream = %addr, %cluster, "egress tunnel: upstream connect timeout");
-                reply(
-                    &mut io,
-                    "503 Service Unavailable",
-                    "upstream connect timeout\n",
-                )
-                .await;
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "connect timeout".to_string(),
+                };
+                tracing::warn!(host, port, upstream = %addr, error, "egress tunnel: upstream connect failed");
+                (out.status, out.flags, out.details) = (503, "UF", "upstream_connect_failure");
+                reply(io, "503 Service Unavailable", "upstream connect error\n").await;
                 return;
             }
         };
         let _ = upstream.set_nodelay(true);
+        out.status = 200;
+        out.details = "tunnel";
         if io
             .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
             .await
             .is_err()
             || io.flush().await.is_err()
         {
+            out.flags = "DC";
             return;
         }
         if !head.rest.is_empty() && upstream.write_all(&head.rest).await.is_err() {
+            out.flags = "UC";
             return;
         }
-        let result = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
-        let (sent, received) = result.as_ref().map(|(a, b)| (*a, *b)).unwrap_or((0, 0));
-        tracing::debug!(
-            host,
-            port,
-            upstream = %addr,
-            %cluster,
-            bytes_sent = sent,
-            bytes_received = received,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "egress tunnel closed"
-        );
+        let early = head.rest.len() as u64;
+        match tokio::io::copy_bidirectional(io, &mut upstream).await {
+            Ok((up, down)) => out.bytes = (up + early, down),
+            Err(e) => {
+                tracing::debug!(host, port, error = %e, "egress tunnel ended with an error");
+                out.bytes.0 = early;
+            }
+        }
     }
 }
 
