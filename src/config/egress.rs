@@ -41,6 +41,7 @@ pub(super) fn registry(doc: &Document, errors: &mut Vec<ConfigError>) -> EgressR
     }
 
     let mut hosts = HostMatcher::default();
+    let mut addresses = Vec::new();
     for se in &doc.service_entries {
         let (s, o) = (&se.spec, &se.origin);
         let name = format!("{}/{}", s.namespace.as_deref().unwrap_or("default"), s.name);
@@ -62,6 +63,20 @@ pub(super) fn registry(doc: &Document, errors: &mut Vec<ConfigError>) -> EgressR
                 ));
             }
         }
+        let mut nets = Vec::new();
+        for (j, a) in s.addresses.iter().enumerate() {
+            match a
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| a.parse::<IpAddr>().map(ipnet::IpNet::from))
+            {
+                Ok(net) => nets.push(net),
+                Err(_) => errors.push(o.error(
+                    &format!(".addresses[{j}]"),
+                    format!("{a:?} is not an IP address or CIDR"),
+                )),
+            }
+        }
+        let mut first = None;
         for (j, h) in s.hosts.iter().enumerate() {
             let pattern = h.to_ascii_lowercase();
             if pattern == "*" {
@@ -153,18 +168,22 @@ pub(super) fn registry(doc: &Document, errors: &mut Vec<ConfigError>) -> EgressR
                 };
                 ports.push(RegisteredPort::new(number, protocol, upstream, &pattern));
             }
+            let entry = Arc::new(RegisteredHost::new(
+                pattern.clone(),
+                name.clone(),
+                location,
+                resolution,
+                ports,
+            ));
+            first.get_or_insert_with(|| entry.clone());
             // A host registered twice: the later ServiceEntry wins (warned by build_registry).
-            hosts.insert(
-                &pattern.clone(),
-                Arc::new(RegisteredHost::new(
-                    pattern,
-                    name.clone(),
-                    location,
-                    resolution,
-                    ports,
-                )),
-            );
+            hosts.insert(&pattern, entry);
+        }
+        if let Some(entry) = first {
+            addresses.extend(nets.into_iter().map(|n| (n, entry.clone())));
         }
     }
-    EgressRegistry::new(policy, hosts, Arc::new(dns::Resolver::new(servers)))
+    let mut registry = EgressRegistry::new(policy, hosts, Arc::new(dns::Resolver::new(servers)));
+    registry.addresses = addresses;
+    registry
 }

@@ -187,6 +187,9 @@ impl RegisteredHost {
 pub struct EgressRegistry {
     pub policy: OutboundPolicy,
     pub hosts: HostMatcher<Arc<RegisteredHost>>,
+    /// ServiceEntry `addresses`: a request for an IP literal inside one is the entry's (as
+    /// its first host).
+    pub addresses: Vec<(ipnet::IpNet, Arc<RegisteredHost>)>,
     pub resolver: Arc<dns::Resolver>,
     unregistered: Counters,
 }
@@ -200,6 +203,7 @@ impl EgressRegistry {
         EgressRegistry {
             policy,
             hosts,
+            addresses: Vec::new(),
             resolver,
             unregistered: Counters::for_host("unregistered"),
         }
@@ -361,11 +365,22 @@ impl EgressRegistry {
     /// May the client reach `host:port` this way? `host` is lower case without a port.
     /// Counts the decision; the caller logs a denial with the rule.
     pub fn decide(&self, host: &str, port: u16, kind: Kind) -> Result<Target, Denied> {
-        let entry = self.hosts.lookup(host);
+        let entry = self.hosts.lookup(host).or_else(|| self.by_address(host));
         let verdict = self.verdict(entry, host, port, kind);
         let counters = entry.map(|e| &e.counters).unwrap_or(&self.unregistered);
         counters.count(verdict.is_ok(), kind);
         verdict
+    }
+
+    fn by_address(&self, host: &str) -> Option<&Arc<RegisteredHost>> {
+        if self.addresses.is_empty() {
+            return None;
+        }
+        let ip: IpAddr = host.parse().ok()?;
+        self.addresses
+            .iter()
+            .find(|(net, _)| net.contains(&ip))
+            .map(|(_, h)| h)
     }
 
     fn verdict(
@@ -416,5 +431,113 @@ impl EgressRegistry {
             requested: matches!(p.upstream, Upstream::Requested(_)).then(|| host.to_string()),
             port,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(policy: OutboundPolicy) -> EgressRegistry {
+        let mut hosts = HostMatcher::default();
+        let api = Arc::new(RegisteredHost::new(
+            "api.test".into(),
+            "default/api".into(),
+            Location::MeshExternal,
+            Resolution::Static,
+            vec![
+                RegisteredPort::new(
+                    80,
+                    Protocol::Http,
+                    Upstream::Endpoints(vec![
+                        Endpoint::Addr(SocketAddr::from(([10, 0, 0, 1], 8080))),
+                        Endpoint::Addr(SocketAddr::from(([10, 0, 0, 2], 8080))),
+                    ]),
+                    "api.test",
+                ),
+                RegisteredPort::new(443, Protocol::Https, Upstream::Requested(443), "api.test"),
+            ],
+        ));
+        hosts.insert("api.test", api.clone());
+        let wild = Arc::new(RegisteredHost::new(
+            "*.wild.test".into(),
+            "default/wild".into(),
+            Location::MeshExternal,
+            Resolution::None,
+            vec![RegisteredPort::new(
+                443,
+                Protocol::Tls,
+                Upstream::Requested(443),
+                "*.wild.test",
+            )],
+        ));
+        hosts.insert("*.wild.test", wild);
+        let mut r = EgressRegistry::new(policy, hosts, Arc::new(dns::Resolver::new(Vec::new())));
+        r.addresses.push(("192.0.2.0/24".parse().unwrap(), api));
+        r
+    }
+
+    #[test]
+    fn registry_only_allows_registered_hosts_and_ports() {
+        let r = registry(OutboundPolicy::RegistryOnly);
+        let t = r.decide("api.test", 80, Kind::Http).unwrap();
+        assert_eq!(t.cluster(), "outbound|80||api.test");
+        assert!(t.requested.is_none(), "static endpoints need no name");
+        let w = r.decide("a.b.wild.test", 443, Kind::Connect).unwrap();
+        assert_eq!(w.requested.as_deref(), Some("a.b.wild.test"));
+        assert!(
+            r.decide("wild.test", 443, Kind::Connect).is_err(),
+            "*.x needs a label"
+        );
+        let d = r.decide("other.test", 80, Kind::Http).unwrap_err();
+        assert!(d.rule.contains("REGISTRY_ONLY"), "{}", d.rule);
+        let d = r.decide("api.test", 8080, Kind::Connect).unwrap_err();
+        assert!(d.rule.contains("does not list port 8080"), "{}", d.rule);
+        // Plain HTTP cannot go to an HTTPS port; a tunnel can.
+        let d = r.decide("api.test", 443, Kind::Http).unwrap_err();
+        assert!(d.rule.contains("HTTPS"), "{}", d.rule);
+        assert!(r.decide("api.test", 443, Kind::Connect).is_ok());
+        // An IP literal inside the entry's addresses is the entry.
+        assert!(r.decide("192.0.2.7", 80, Kind::Http).is_ok());
+        assert!(r.decide("198.51.100.7", 80, Kind::Http).is_err());
+    }
+
+    #[test]
+    fn allow_any_passes_the_rest_through() {
+        let r = registry(OutboundPolicy::AllowAny);
+        let t = r.decide("other.test", 8080, Kind::Http).unwrap();
+        assert!(t.entry.is_none());
+        assert_eq!(t.cluster(), "PassthroughCluster");
+        assert_eq!((t.requested.as_deref(), t.port), (Some("other.test"), 8080));
+        // A registered host on another port passes through too; its rules still hold.
+        assert!(r
+            .decide("api.test", 9000, Kind::Connect)
+            .unwrap()
+            .entry
+            .is_none());
+        assert!(r.decide("api.test", 443, Kind::Http).is_err());
+    }
+
+    #[tokio::test]
+    async fn static_endpoints_are_picked_round_robin() {
+        let r = registry(OutboundPolicy::RegistryOnly);
+        let t = r.decide("api.test", 80, Kind::Http).unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            seen.push(t.address(&r).await.unwrap().to_string());
+        }
+        assert_eq!(
+            seen,
+            [
+                "10.0.0.1:8080",
+                "10.0.0.2:8080",
+                "10.0.0.1:8080",
+                "10.0.0.2:8080"
+            ]
+        );
+        // An IP literal needs no resolver.
+        let any = registry(OutboundPolicy::AllowAny);
+        let t = any.decide("127.0.0.9", 81, Kind::Connect).unwrap();
+        assert_eq!(t.address(&any).await.unwrap().to_string(), "127.0.0.9:81");
     }
 }
