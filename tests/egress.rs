@@ -470,6 +470,15 @@ ports = [{{ number = 80, name = "http", protocol = "HTTP", targetPort = {port} }
         took < Duration::from_secs(6),
         "followed the 1 s TTL in {took:?}"
     );
+    // The admin API shows the registry with the answer in force.
+    let egress = &gw.config_json()["egress"];
+    assert_eq!(egress["outboundTrafficPolicy"], "REGISTRY_ONLY");
+    assert_eq!(egress["hosts"][0]["host"], "dyn.test");
+    assert_eq!(
+        egress["hosts"][0]["ports"][0]["endpoints"][0],
+        format!("127.0.0.2:{port}"),
+        "{egress}"
+    );
 
     // The resolver fails: the last good answer keeps serving, well past its TTL, while
     // Portico keeps asking.

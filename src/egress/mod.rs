@@ -362,6 +362,61 @@ async fn requested(
 }
 
 impl EgressRegistry {
+    /// For the admin API: the policy, the nameservers, and each registered host with its
+    /// ports and the addresses its names resolve to now.
+    pub fn describe(&self) -> serde_json::Value {
+        let mut hosts: Vec<_> = self.hosts.values().collect();
+        hosts.sort_by(|a, b| a.pattern.cmp(&b.pattern));
+        let hosts: Vec<_> = hosts
+            .into_iter()
+            .map(|h| {
+                let ports: Vec<_> = h
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        let endpoints: Vec<String> = match &p.upstream {
+                            Upstream::Requested(port) => vec![format!("(requested name):{port}")],
+                            Upstream::Endpoints(eps) => eps
+                                .iter()
+                                .flat_map(|e| match e {
+                                    Endpoint::Addr(a) => vec![a.to_string()],
+                                    Endpoint::Name(n, port) => match n.answer() {
+                                        Some(a) => a
+                                            .addrs
+                                            .iter()
+                                            .map(|ip| SocketAddr::new(*ip, *port).to_string())
+                                            .collect(),
+                                        None => {
+                                            vec![format!("{}:{port} (not resolved yet)", n.name)]
+                                        }
+                                    },
+                                })
+                                .collect(),
+                        };
+                        serde_json::json!({
+                            "number": p.number,
+                            "protocol": p.protocol.as_str(),
+                            "endpoints": endpoints,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "host": h.pattern,
+                    "serviceEntry": h.service_entry,
+                    "ports": ports,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "outboundTrafficPolicy": match self.policy {
+                OutboundPolicy::RegistryOnly => "REGISTRY_ONLY",
+                OutboundPolicy::AllowAny => "ALLOW_ANY",
+            },
+            "dnsServers": self.resolver.servers().iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            "hosts": hosts,
+        })
+    }
+
     /// May the client reach `host:port` this way? `host` is lower case without a port.
     /// Counts the decision; the caller logs a denial with the rule.
     pub fn decide(&self, host: &str, port: u16, kind: Kind) -> Result<Target, Denied> {
