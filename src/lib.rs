@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod egress;
 pub mod lifecycle;
 pub mod proxy;
 pub mod reload;

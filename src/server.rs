@@ -111,8 +111,21 @@ pub fn run(
     let server_conf = server.configuration.clone();
 
     for (i, l) in snapshot.listeners.iter().enumerate() {
-        let gateway = Gateway::new(i, l.tls, reloader.snapshots.clone());
+        let mut gateway = Gateway::new(i, l.tls, reloader.snapshots.clone());
         let name = format!("listener {}", l.shape());
+        if l.forward_proxy {
+            gateway.forward_proxy = true;
+            // CONNECT needs its own accept path (see egress::forward).
+            let app = crate::egress::forward::ForwardProxy {
+                http: Arc::new(pingora_proxy::http_proxy(&server_conf, gateway)),
+                snapshots: reloader.snapshots.clone(),
+            };
+            let mut svc = Service::new(name, app);
+            svc.add_tcp(&l.addr.to_string());
+            tracing::info!(listener = %l.shape(), "listening");
+            server.add_service(svc);
+            continue;
+        }
         let mut svc = pingora_proxy::http_proxy_service_with_name(&server_conf, gateway, &name);
         let addr = l.addr.to_string();
         if l.tls {
@@ -149,6 +162,14 @@ pub fn run(
     admin.add_tcp(&snapshot.settings.admin.to_string());
     tracing::info!(address = %snapshot.settings.admin, "admin API");
     server.add_service(admin);
+
+    let dns = background_service(
+        "egress dns",
+        crate::egress::dns::Refresher {
+            snapshots: reloader.snapshots.clone(),
+        },
+    );
+    server.add_service(dns);
 
     let watcher = background_service("config watcher", Watcher { reloader });
     server.add_service(watcher);

@@ -20,6 +20,8 @@ pub struct Snapshot {
     /// Sorted by address; the set is fixed for the life of the process.
     pub listeners: Vec<Listener>,
     pub clusters: Vec<Arc<Cluster>>,
+    /// ServiceEntry registry and outbound policy for the forward proxy.
+    pub egress: crate::egress::EgressRegistry,
     pub settings: Settings,
     pub summary: Summary,
 }
@@ -31,6 +33,9 @@ pub struct Listener {
     /// Accept HTTP/2 with prior knowledge on a plaintext listener (servers of protocol
     /// HTTP2 or GRPC).
     pub h2c: bool,
+    /// A plain-HTTP server of an egress gateway: also a forward proxy (absolute-form
+    /// requests and CONNECT).
+    pub forward_proxy: bool,
     pub table: RouteTable,
     pub certs: Option<CertStore>,
 }
@@ -41,6 +46,7 @@ pub struct ListenerShape {
     pub addr: SocketAddr,
     pub tls: bool,
     pub h2c: bool,
+    pub forward_proxy: bool,
 }
 
 impl std::fmt::Display for ListenerShape {
@@ -50,7 +56,12 @@ impl std::fmt::Display for ListenerShape {
             (false, true) => "HTTP2",
             (false, false) => "HTTP",
         };
-        write!(f, "{proto} {}", self.addr)
+        let role = if self.forward_proxy {
+            " forward-proxy"
+        } else {
+            ""
+        };
+        write!(f, "{proto}{role} {}", self.addr)
     }
 }
 
@@ -60,6 +71,7 @@ impl Listener {
             addr: self.addr,
             tls: self.tls,
             h2c: self.h2c,
+            forward_proxy: self.forward_proxy,
         }
     }
 }

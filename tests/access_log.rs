@@ -95,7 +95,15 @@ fn json_lines_carry_istio_fields_and_flags() {
         lines.len() >= 4
     }));
     assert_eq!(lines.len(), 4, "one line per request");
-    let first = &lines[0];
+    // A line is written after its response, so two requests on different worker threads
+    // may log in either order: find each line by its path.
+    let line = |path: &str| {
+        lines
+            .iter()
+            .find(|l| l["path"] == path)
+            .unwrap_or_else(|| panic!("no line for {path}: {lines:?}"))
+    };
+    let first = line("/hello?x=1");
     for key in [
         "start_time",
         "method",
@@ -124,16 +132,16 @@ fn json_lines_carry_istio_fields_and_flags() {
     assert_eq!(first["upstream_host"], format!("127.0.0.1:{}", echo.port()));
     assert_eq!(first["upstream_cluster"], "outbound|80||echo.internal");
     assert_eq!(first["route_name"], "echo");
-    assert_eq!(lines[1]["request_id"], generated_id.as_str());
-    let dead_line = &lines[2];
+    assert_eq!(line("/gen")["request_id"], generated_id.as_str());
+    let dead_line = line("/dead");
     assert_eq!(dead_line["response_code"], 503);
     assert_eq!(
         dead_line["response_flags"], "URX",
         "connect failures retried twice: {dead_line}"
     );
     assert_eq!(dead_line["upstream_request_attempt_count"], 3);
-    assert_eq!(lines[3]["response_code"], 404);
-    assert_eq!(lines[3]["response_flags"], "NR");
+    assert_eq!(line("/")["response_code"], 404);
+    assert_eq!(line("/")["response_flags"], "NR");
 }
 
 #[test]

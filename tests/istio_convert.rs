@@ -14,7 +14,12 @@ use support::*;
 fn dump(s: &Snapshot) -> String {
     let mut out = String::new();
     for l in &s.listeners {
-        writeln!(out, "listener {} tls={} h2c={}", l.addr, l.tls, l.h2c).unwrap();
+        writeln!(
+            out,
+            "listener {} tls={} h2c={} forward_proxy={}",
+            l.addr, l.tls, l.h2c, l.forward_proxy
+        )
+        .unwrap();
         for (p, policy) in l.table.servers.patterns() {
             // `policy.server` names where the server was written, which a conversion moves.
             writeln!(
@@ -38,6 +43,10 @@ fn dump(s: &Snapshot) -> String {
     for c in &s.clusters {
         writeln!(out, "cluster {c:?}").unwrap();
     }
+    writeln!(out, "egress policy {:?}", s.egress.policy).unwrap();
+    for (p, h) in s.egress.hosts.patterns() {
+        writeln!(out, "egress host {p}: {h:?}").unwrap();
+    }
     writeln!(out, "settings {:?}", s.settings).unwrap();
     out
 }
@@ -57,7 +66,10 @@ fn assert_same_after_convert(main: &Path) -> String {
     std::fs::write(&converted, &text).unwrap();
     let (a, b) = (compile(&sources), compile(&Sources::config(&converted)));
     let (a, b) = (dump(&a), dump(&b));
-    assert!(a.contains("vhost"), "the dump shows routes:\n{a}");
+    assert!(
+        a.contains("vhost") || a.contains("egress host"),
+        "the dump shows routes or egress hosts:\n{a}"
+    );
     assert_eq!(
         a,
         b,

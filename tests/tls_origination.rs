@@ -99,8 +99,18 @@ fn an_untrusted_or_misnamed_upstream_is_refused() {
 
     // System roots do not trust the self-signed origin.
     let dir = tempfile::tempdir().unwrap();
-    let (_edge, http) = edge(dir.path(), origin_port, r#"{ mode = "SIMPLE" }"#);
+    let (edge1, http) = edge(dir.path(), origin_port, r#"{ mode = "SIMPLE" }"#);
     assert_eq!(http_get(http, "client.test", "/").status, 503);
+    // The log line says why: the upstream's certificate is from an unknown issuer.
+    let log = edge1.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("status=503"))
+        .unwrap_or_else(|| panic!("no log line for the 503:\n{log}"));
+    assert!(
+        line.contains("UnknownIssuer") && line.contains("upstream connect error"),
+        "{line}"
+    );
 
     // The right CA but the wrong name.
     let dir2 = tempfile::tempdir().unwrap();

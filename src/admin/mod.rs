@@ -106,6 +106,7 @@ impl Admin {
             },
             "listeners": listeners,
             "clusters": clusters,
+            "egress": snapshot.egress.describe(),
         })
     }
 

@@ -67,6 +67,7 @@ pub fn compile(doc: &Document, opts: &Options) -> Result<Compiled, Vec<ConfigErr
     let gateways = cx.gateways(doc);
     let mut listeners = cx.listeners(&gateways);
     let routes = cx.virtual_services(doc, &gateways, &mut listeners);
+    let egress = super::egress::registry(doc, &mut cx.errors);
 
     if !cx.errors.is_empty() {
         // A DestinationRule shared by several destinations reports its problem once.
@@ -98,6 +99,7 @@ pub fn compile(doc: &Document, opts: &Options) -> Result<Compiled, Vec<ConfigErr
                 addr: b.addr,
                 tls: b.tls,
                 h2c: b.h2c,
+                forward_proxy: b.forward_proxy,
                 table: RouteTable {
                     servers: b.servers,
                     vhosts,
@@ -123,6 +125,7 @@ pub fn compile(doc: &Document, opts: &Options) -> Result<Compiled, Vec<ConfigErr
             watched,
             listeners,
             clusters,
+            egress,
             settings,
             summary,
         },
@@ -209,6 +212,7 @@ struct ServerInfo {
     bind: IpAddr,
     tls: bool,
     h2c: bool,
+    forward_proxy: bool,
     hosts: Vec<String>,
     https_redirect: bool,
     cert: Option<Arc<ServerCert>>,
@@ -221,6 +225,7 @@ struct ListenerBuild {
     addr: SocketAddr,
     tls: bool,
     h2c: bool,
+    forward_proxy: bool,
     servers: HostMatcher<ServerPolicy>,
     certs: CertStore,
     default_from: Option<String>,
@@ -642,10 +647,14 @@ impl Cx {
             if g.servers.is_empty() {
                 self.err(o, ".servers", "a Gateway needs at least one server");
             }
+            // Istio's egress gateways are the Gateways that select `istio: egressgateway`;
+            // their plain-HTTP servers are Portico's forward proxies.
+            let egress = g.selector.get("istio").map(String::as_str) == Some("egressgateway");
             let mut servers = Vec::new();
             for (si, s) in g.servers.iter().enumerate() {
                 let at = format!(".servers[{si}]");
-                if let Some(info) = self.server(o, &at, s, &creds, self_signed) {
+                if let Some(mut info) = self.server(o, &at, s, &creds, self_signed) {
+                    info.forward_proxy = egress && !info.tls && !info.h2c;
                     servers.push(info);
                 }
             }
@@ -737,6 +746,7 @@ impl Cx {
             bind,
             tls,
             h2c,
+            forward_proxy: false,
             hosts,
             https_redirect: false,
             cert: None,
@@ -952,6 +962,7 @@ impl Cx {
                 addr: SocketAddr::new(s.bind, s.port),
                 tls: s.tls,
                 h2c: s.h2c,
+                forward_proxy: s.forward_proxy,
                 servers: HostMatcher::default(),
                 certs: CertStore::default(),
                 default_from: None,
@@ -975,6 +986,17 @@ impl Cx {
                     &format!("{at}.port.protocol"),
                     format!(
                         "port {} already serves another protocol; one port serves one protocol",
+                        s.port
+                    ),
+                );
+                continue;
+            }
+            if l.forward_proxy != s.forward_proxy {
+                self.err(
+                    &s.origin,
+                    &format!("{at}.port.number"),
+                    format!(
+                        "port {} is shared by an egress gateway (selector istio = \"egressgateway\", a forward proxy) and another gateway; give them separate ports",
                         s.port
                     ),
                 );

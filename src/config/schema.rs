@@ -40,7 +40,13 @@ pub struct Mesh {
     /// Portico extension: generate a self-signed certificate for a missing credential
     /// (demo and first-run use only). Default false.
     pub self_signed_when_missing: Option<bool>,
+    /// `REGISTRY_ONLY` (default) or `ALLOW_ANY`: what the forward proxy of egress servers
+    /// does with hosts no ServiceEntry registers.
     pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+    /// Portico extension: nameservers (`IP:port`) for egress DNS (ServiceEntry names, and
+    /// names a forward-proxy client asks for). Default: the system resolver.
+    #[serde(default)]
+    pub dns_servers: Vec<String>,
     /// Upstream TCP connect timeout (Istio `connectTimeout`). Default 10s.
     pub connect_timeout: Option<Duration>,
     /// How long a TLS handshake may take before the connection is closed. Default 10s.

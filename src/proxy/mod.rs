@@ -17,6 +17,7 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::egress::{self, forward as egress_forward};
 use crate::routing::{
     chance, normalize_host, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route,
 };
@@ -32,6 +33,8 @@ pub struct Gateway {
     pub tls: bool,
     pub snapshots: Arc<ArcSwap<Snapshot>>,
     pub mirror: Arc<MirrorClient>,
+    /// An egress listener: absolute-form requests are decided by the egress registry.
+    pub forward_proxy: bool,
 }
 
 impl Gateway {
@@ -41,6 +44,7 @@ impl Gateway {
             tls,
             snapshots,
             mirror: Arc::new(MirrorClient::default()),
+            forward_proxy: false,
         }
     }
 }
@@ -77,6 +81,8 @@ pub struct RequestCtx {
     close_upstream: bool,
     span: Option<trace::SpanContext>,
     mirror_pending: Option<(Vec<Arc<crate::upstream::Cluster>>, RequestHeader, BytesMut)>,
+    /// Where a forward-proxied (absolute-form) request goes; no route is used then.
+    egress: Option<egress::Target>,
     /// Envoy-style response flag for logs: NR, UH, UF, UO, UT, URX, DI, FI, DC, UC.
     pub flag: &'static str,
 }
@@ -106,6 +112,7 @@ impl Default for RequestCtx {
             close_upstream: false,
             span: None,
             mirror_pending: None,
+            egress: None,
             flag: "",
         }
     }
@@ -380,6 +387,13 @@ impl ProxyHttp for Gateway {
         if let Some(t) = &snapshot.settings.tracing {
             ctx.span = Some(trace::start(&session.req_header().headers, t.sampling));
         }
+        if self.forward_proxy
+            && !session.is_http2()
+            && egress_forward::is_absolute_form(session.req_header())
+        {
+            ctx.snapshot = Some(snapshot);
+            return self.egress_request(session, ctx).await;
+        }
         let local = self.decide(&snapshot, session.req_header(), client_ip(session));
         ctx.snapshot = Some(snapshot);
         let (route, destination, match_index) = match local {
@@ -513,6 +527,9 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
+        if ctx.egress.is_some() {
+            return self.egress_peer(ctx).await;
+        }
         let route = ctx
             .route
             .clone()
@@ -576,6 +593,9 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        if ctx.egress.is_some() {
+            return egress_forward::to_origin_form(upstream);
+        }
         let Some(route) = ctx.route.as_ref() else {
             return Ok(());
         };
@@ -864,7 +884,8 @@ impl ProxyHttp for Gateway {
             upstream_host: ctx.upstream_host,
             upstream_cluster: ctx
                 .forward()
-                .map(|f| f.destinations[ctx.destination].cluster.name.as_str()),
+                .map(|f| f.destinations[ctx.destination].cluster.name.as_str())
+                .or_else(|| ctx.egress.as_ref().map(|t| t.cluster())),
             downstream_local: socket
                 .and_then(|s| s.local_addr())
                 .and_then(|a| a.as_inet())
@@ -886,6 +907,77 @@ impl ProxyHttp for Gateway {
 }
 
 impl Gateway {
+    /// An absolute-form request on a forward-proxy listener: allowed by the egress registry
+    /// (then forwarded by `egress_peer`), or refused with 502, a body and a log line.
+    async fn egress_request(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let Some(snapshot) = ctx.snapshot.clone() else {
+            return Err(Error::explain(ErrorType::InternalError, "no snapshot"));
+        };
+        let client = session.client_addr().and_then(|a| a.as_inet()).copied();
+        let verdict = match egress_forward::http_target(session.req_header()) {
+            None => Err((400, Bytes::from_static(b"not an absolute-form request\n"))),
+            Some(Err(e)) => Err((400, Bytes::from(format!("{e}\n")))),
+            Some(Ok((host, port))) => {
+                match snapshot.egress.decide(&host, port, egress::Kind::Http) {
+                    Ok(t) => Ok(t),
+                    Err(d) => {
+                        egress_forward::log_denied(
+                            &host,
+                            port,
+                            egress::Kind::Http,
+                            &d.rule,
+                            client,
+                        );
+                        Err((
+                            502,
+                            Bytes::from(egress_forward::denied_body(&host, port, &d.rule)),
+                        ))
+                    }
+                }
+            }
+        };
+        match verdict {
+            Ok(target) => {
+                ctx.egress = Some(target);
+                Ok(false)
+            }
+            Err((status, body)) => {
+                ctx.details = if status == 502 {
+                    "egress_denied"
+                } else {
+                    "bad_request"
+                };
+                respond(session, status, body, None, None, &[]).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// The peer of a forward-proxied request: a registered endpoint or the requested name.
+    async fn egress_peer(&self, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let Some(snapshot) = ctx.snapshot.clone() else {
+            return Err(Error::explain(ErrorType::InternalError, "no snapshot"));
+        };
+        let addr = match ctx.egress.as_ref() {
+            Some(t) => t.address(&snapshot.egress).await,
+            None => Err("no egress target".to_string()),
+        };
+        let addr = match addr {
+            Ok(a) => a,
+            Err(e) => {
+                ctx.flag = "UH";
+                return Err(Error::explain(ErrorType::HTTPStatus(503), e));
+            }
+        };
+        ctx.upstream_host = Some(addr);
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        let o = &mut peer.options;
+        o.connection_timeout = Some(snapshot.settings.connect_timeout);
+        o.total_connection_timeout = Some(snapshot.settings.connect_timeout);
+        o.idle_timeout = Some(Duration::from_secs(60));
+        Ok(Box::new(peer))
+    }
+
     fn export_span(
         &self,
         session: &Session,

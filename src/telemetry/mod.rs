@@ -24,6 +24,9 @@ pub struct Metrics {
     pub spans_dropped: IntCounter,
     pub istio: istio::IstioMetrics,
     pub upstream_overflow: IntCounterVec,
+    /// Forward-proxy decisions: `decision` allowed/denied, `kind` http/connect, `host` the
+    /// registered host pattern or `unregistered` (never a name a client made up).
+    pub egress_decisions: IntCounterVec,
     certificate_expiry: IntGaugeVec,
     endpoint_healthy: IntGaugeVec,
     upstream_active: IntGaugeVec,
@@ -92,6 +95,14 @@ impl Metrics {
             &["cluster"],
         )
         .expect("static metric definition");
+        let egress_decisions = IntCounterVec::new(
+            Opts::new(
+                "portico_egress_decisions_total",
+                "Egress (forward proxy) requests and CONNECT tunnels, allowed or denied by the ServiceEntry registry and outboundTrafficPolicy.",
+            ),
+            &["decision", "kind", "host"],
+        )
+        .expect("static metric definition");
         let istio = istio::IstioMetrics::new(&registry);
         for c in [
             Box::new(config_generation.clone()) as Box<dyn prometheus::core::Collector>,
@@ -103,6 +114,7 @@ impl Metrics {
             Box::new(endpoint_healthy.clone()),
             Box::new(upstream_active.clone()),
             Box::new(upstream_overflow.clone()),
+            Box::new(egress_decisions.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -117,6 +129,7 @@ impl Metrics {
             spans_dropped,
             istio,
             upstream_overflow,
+            egress_decisions,
             certificate_expiry,
             endpoint_healthy,
             upstream_active,

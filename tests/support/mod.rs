@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod dns;
+
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -291,7 +293,12 @@ pub struct EchoState {
 
 impl Echo {
     pub fn start(name: &str) -> Echo {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("echo bind");
+        Self::start_on(name, "127.0.0.1:0")
+    }
+
+    /// An echo on a given address (e.g. `127.0.0.2:PORT`, another loopback address).
+    pub fn start_on(name: &str, addr: &str) -> Echo {
+        let listener = TcpListener::bind(addr).expect("echo bind");
         let port = listener.local_addr().unwrap().port();
         let count = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));

@@ -1,0 +1,677 @@
+//! Egress: the forward proxy of an egress gateway (selector `istio = "egressgateway"`),
+//! the ServiceEntry registry, `outboundTrafficPolicy`, and DNS with TTLs. Every "external"
+//! host is a server on loopback, and every name is resolved by a DNS server the test runs
+//! on loopback (`mesh.dnsServers`); curl is pointed at Portico with `HTTPS_PROXY` /
+//! `http_proxy`, so curl itself resolves nothing.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::dns::DnsServer;
+use support::*;
+
+const LOCAL: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+
+/// An egress gateway on `proxy` (plain HTTP, a forward proxy), resolving through `dns`,
+/// with `mode` and the given ServiceEntries.
+fn egress_config(admin: u16, proxy: u16, dns: &DnsServer, mode: &str, entries: &str) -> String {
+    format!(
+        r#"{mesh}dnsServers = ["{dns}"]
+outboundTrafficPolicy = {{ mode = "{mode}" }}
+
+[[gateways]]
+name = "egress"
+selector = {{ istio = "egressgateway" }}
+[[gateways.servers]]
+port = {{ number = {proxy}, name = "http", protocol = "HTTP" }}
+bind = "127.0.0.1"
+hosts = ["*"]
+{entries}"#,
+        mesh = mesh_config(admin),
+        dns = dns.addr(),
+    )
+}
+
+/// An HTTPS origin (a second Portico) answering "from origin" for any name, with a
+/// self-signed certificate for `names` written to `<dir>/origin.crt`. Returns (it, port).
+fn https_origin(dir: &std::path::Path, names: &[&str]) -> (Portico, u16) {
+    write_cert(dir, "origin", names);
+    let https = free_port();
+    let config = format!(
+        r#"{mesh}
+[[gateways]]
+name = "origin"
+[[gateways.servers]]
+port = {{ number = {https}, name = "https", protocol = "HTTPS" }}
+bind = "127.0.0.1"
+hosts = ["*"]
+tls = {{ mode = "SIMPLE", serverCertificate = "origin.crt", privateKey = "origin.key" }}
+
+[[virtualServices]]
+name = "origin"
+hosts = ["*"]
+gateways = ["origin"]
+[[virtualServices.http]]
+directResponse = {{ status = 200, body = {{ string = "from origin" }} }}
+"#,
+        mesh = mesh_config(free_port()),
+    );
+    (Portico::start(dir, &config), https)
+}
+
+struct Curl {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// curl with only the given proxy variables set (and no NO_PROXY), printing the body and
+/// then `\n<http_code> <http_connect>`.
+fn curl(env: &[(&str, String)], args: &[&str]) -> Curl {
+    let mut cmd = Command::new("curl");
+    for v in [
+        "http_proxy",
+        "HTTP_PROXY",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        cmd.env_remove(v);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-w",
+            "\n%{http_code} %{http_connect}",
+        ])
+        .args(args)
+        .output()
+        .expect("run curl");
+    Curl {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+impl Curl {
+    /// (`http_code`, `http_connect`) from the `-w` line.
+    fn codes(&self) -> (String, String) {
+        let last = self.stdout.lines().last().unwrap_or("");
+        let mut parts = last.split(' ');
+        (
+            parts.next().unwrap_or("").to_string(),
+            parts.next().unwrap_or("").to_string(),
+        )
+    }
+
+    fn body(&self) -> &str {
+        self.stdout.rsplit_once('\n').map(|(b, _)| b).unwrap_or("")
+    }
+}
+
+fn metric(p: &Portico, labels: &[&str]) -> f64 {
+    let text = p.metrics();
+    text.lines()
+        .filter(|l| l.starts_with("portico_egress_decisions_total{"))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn https_proxy_connect_reaches_a_registered_host_and_403s_the_rest() {
+    let origin_dir = tempfile::tempdir().unwrap();
+    let (_origin, origin_port) = https_origin(origin_dir.path(), &["secure.test", "unlisted.test"]);
+    let dns = DnsServer::start(30);
+    dns.set("secure.test", &[LOCAL]);
+    dns.set("unlisted.test", &[LOCAL]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = free_port();
+    let entries = format!(
+        r#"
+[[serviceEntries]]
+name = "secure"
+hosts = ["secure.test"]
+location = "MESH_EXTERNAL"
+resolution = "DNS"
+ports = [{{ number = {origin_port}, name = "https", protocol = "HTTPS" }}]
+"#
+    );
+    let gw = Portico::start(
+        dir.path(),
+        &egress_config(free_port(), proxy, &dns, "REGISTRY_ONLY", &entries),
+    );
+    let ca = origin_dir.path().join("origin.crt");
+    let ca = ca.to_str().unwrap();
+    let env = [("HTTPS_PROXY", format!("http://127.0.0.1:{proxy}"))];
+
+    let ok = curl(
+        &env,
+        &[
+            "--cacert",
+            ca,
+            &format!("https://secure.test:{origin_port}/"),
+        ],
+    );
+    assert_eq!(
+        ok.code,
+        0,
+        "curl: {} {}\n{}",
+        ok.stdout,
+        ok.stderr,
+        gw.log()
+    );
+    assert_eq!(ok.codes(), ("200".into(), "200".into()), "{}", ok.stdout);
+    assert_eq!(ok.body(), "from origin");
+    assert!(dns.queries("secure.test") >= 1, "Portico resolved the name");
+
+    let refused = curl(
+        &env,
+        &[
+            "--cacert",
+            ca,
+            &format!("https://unlisted.test:{origin_port}/"),
+        ],
+    );
+    assert_ne!(refused.code, 0, "the tunnel is refused: {}", refused.stdout);
+    assert_eq!(
+        refused.codes().1,
+        "403",
+        "{} {}",
+        refused.stdout,
+        refused.stderr
+    );
+
+    // A registered host on a port its ServiceEntry does not list is refused too.
+    let other_port = curl(&env, &["--cacert", ca, "https://secure.test:1/"]);
+    assert_eq!(other_port.codes().1, "403", "{}", other_port.stdout);
+
+    // The refusal is logged with the host and the rule.
+    let log = gw.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("egress denied") && l.contains("unlisted.test"))
+        .unwrap_or_else(|| panic!("no denial log line:\n{log}"));
+    assert!(line.contains("REGISTRY_ONLY"), "{line}");
+    assert!(line.contains("connect"), "{line}");
+    assert!(log
+        .lines()
+        .any(|l| l.contains("egress denied") && l.contains("does not list port 1")));
+
+    // Each tunnel is one access log line: the allowed one with its cluster and bytes.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let out = gw.stdout();
+            out.lines().any(|l| {
+                l.contains(r#""method":"CONNECT""#)
+                    && l.contains(&format!(r#""path":"secure.test:{origin_port}""#))
+                    && l.contains(r#""response_code":200"#)
+                    && l.contains(&format!(
+                        r#""upstream_cluster":"outbound|{origin_port}||secure.test""#
+                    ))
+                    && !l.contains(r#""bytes_sent":0"#)
+            }) && out.lines().any(|l| {
+                l.contains(r#""method":"CONNECT""#)
+                    && l.contains("unlisted.test")
+                    && l.contains(r#""response_code":403"#)
+            })
+        }),
+        "access log:\n{}",
+        gw.stdout()
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            &[
+                r#"decision="allowed""#,
+                r#"kind="connect""#,
+                r#"host="secure.test""#
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            &[
+                r#"decision="denied""#,
+                r#"kind="connect""#,
+                r#"host="unregistered""#
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            &[
+                r#"decision="denied""#,
+                r#"kind="connect""#,
+                r#"host="secure.test""#
+            ]
+        ),
+        1.0
+    );
+    assert!(
+        !gw.metrics().contains("unlisted.test"),
+        "an unregistered name never becomes a label"
+    );
+}
+
+#[test]
+fn http_proxy_forwards_registered_plain_requests_and_502s_the_rest() {
+    let echo = Echo::start("external");
+    let dns = DnsServer::start(30);
+    dns.set("a.wild.test", &[LOCAL]);
+    dns.set("nope.test", &[LOCAL]);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = free_port();
+    let ep = echo.port();
+    let entries = format!(
+        r#"
+[[serviceEntries]]
+name = "plain"
+hosts = ["plain.test"]
+resolution = "STATIC"
+ports = [{{ number = 80, name = "http", protocol = "HTTP", targetPort = {ep} }},
+         {{ number = 443, name = "https", protocol = "HTTPS" }}]
+endpoints = [{{ address = "127.0.0.1" }}]
+
+[[serviceEntries]]
+name = "wild"
+hosts = ["*.wild.test"]
+resolution = "NONE"
+ports = [{{ number = {ep}, name = "http", protocol = "HTTP" }}]
+"#
+    );
+    let gw = Portico::start(
+        dir.path(),
+        &egress_config(free_port(), proxy, &dns, "REGISTRY_ONLY", &entries),
+    );
+    let env = [("http_proxy", format!("http://127.0.0.1:{proxy}"))];
+
+    let ok = curl(&env, &["http://plain.test/hello?x=1"]);
+    assert_eq!(
+        ok.codes().0,
+        "200",
+        "{} {}\n{}",
+        ok.stdout,
+        ok.stderr,
+        gw.log()
+    );
+    let seen = echo.requests();
+    let (method, path, host) = seen.last().expect("the upstream saw the request");
+    assert_eq!(
+        (method.as_str(), path.as_str(), host.as_str()),
+        ("GET", "/hello?x=1", "plain.test"),
+        "origin-form upstream"
+    );
+    assert!(
+        !ok.body().to_ascii_lowercase().contains("proxy-connection"),
+        "proxy-only headers are not forwarded: {}",
+        ok.body()
+    );
+
+    // A wildcard host with resolution NONE: the requested name, resolved by Portico.
+    let wild = curl(&env, &[&format!("http://a.wild.test:{ep}/w")]);
+    assert_eq!(wild.codes().0, "200", "{} {}", wild.stdout, wild.stderr);
+    assert!(dns.queries("a.wild.test") >= 1);
+
+    let refused = curl(&env, &[&format!("http://nope.test:{ep}/")]);
+    assert_eq!(refused.codes().0, "502", "{}", refused.stdout);
+    assert!(
+        refused.body().contains("nope.test") && refused.body().contains("REGISTRY_ONLY"),
+        "the body says why: {}",
+        refused.body()
+    );
+    assert_eq!(
+        dns.queries("nope.test"),
+        0,
+        "a refused name is never resolved"
+    );
+
+    // Plain HTTP to the registered HTTPS port: refused, with the rule.
+    let https_port = curl(&env, &["http://plain.test:443/"]);
+    assert_eq!(https_port.codes().0, "502", "{}", https_port.stdout);
+    assert!(https_port.body().contains("HTTPS"), "{}", https_port.body());
+
+    let log = gw.log();
+    assert!(
+        log.lines().any(|l| l.contains("egress denied")
+            && l.contains("nope.test")
+            && l.contains("REGISTRY_ONLY")
+            && l.contains("http")),
+        "denial log line:\n{log}"
+    );
+
+    // Origin-form requests still go through the gateway's routes (none here: 404).
+    assert_eq!(http_get(proxy, "plain.test", "/").status, 404);
+
+    // Forwarded and refused requests are in the access log with Istio's cluster names.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let out = gw.stdout();
+            out.contains(r#""upstream_cluster":"outbound|80||plain.test""#)
+                && out.contains(r#""response_code_details":"egress_denied""#)
+        }),
+        "access log:\n{}",
+        gw.stdout()
+    );
+
+    assert_eq!(
+        metric(
+            &gw,
+            &[
+                r#"decision="allowed""#,
+                r#"kind="http""#,
+                r#"host="plain.test""#
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            &[
+                r#"decision="allowed""#,
+                r#"kind="http""#,
+                r#"host="*.wild.test""#
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            &[
+                r#"decision="denied""#,
+                r#"kind="http""#,
+                r#"host="unregistered""#
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            &[
+                r#"decision="denied""#,
+                r#"kind="http""#,
+                r#"host="plain.test""#
+            ]
+        ),
+        1.0
+    );
+}
+
+/// One absolute-form request through the proxy; the answering upstream's name.
+fn via_proxy(proxy: u16, url: &str) -> Response {
+    http_request(proxy, "GET", "", url, &[], b"")
+}
+
+#[test]
+fn dns_answers_are_followed_by_their_ttl_and_kept_when_the_resolver_fails() {
+    // Two upstreams on the same port of two loopback addresses.
+    let a = Echo::start("a");
+    let port = a.port();
+    let b = Echo::start_on("b", &format!("127.0.0.2:{port}"));
+    assert_eq!(b.port(), port);
+    let dns = DnsServer::start(1);
+    dns.set("dyn.test", &[LOCAL]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = free_port();
+    let entries = format!(
+        r#"
+[[serviceEntries]]
+name = "dyn"
+hosts = ["dyn.test"]
+resolution = "DNS"
+ports = [{{ number = 80, name = "http", protocol = "HTTP", targetPort = {port} }}]
+"#
+    );
+    let gw = Portico::start(
+        dir.path(),
+        &egress_config(free_port(), proxy, &dns, "REGISTRY_ONLY", &entries),
+    );
+    let first = via_proxy(proxy, "http://dyn.test/");
+    assert_eq!(first.status, 200, "{}\n{}", first.text(), gw.log());
+    assert_eq!(first.upstream(), Some("a"));
+
+    // The answer changes; within a few TTLs Portico follows, without a reload.
+    dns.set("dyn.test", &[Ipv4Addr::new(127, 0, 0, 2)]);
+    let switched = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            via_proxy(proxy, "http://dyn.test/").upstream() == Some("b")
+        }),
+        "Portico still sends dyn.test to the old address; log:\n{}",
+        gw.log()
+    );
+    let took = switched.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "followed the 1 s TTL in {took:?}"
+    );
+    // The admin API shows the registry with the answer in force.
+    let egress = &gw.config_json()["egress"];
+    assert_eq!(egress["outboundTrafficPolicy"], "REGISTRY_ONLY");
+    assert_eq!(egress["hosts"][0]["host"], "dyn.test");
+    assert_eq!(
+        egress["hosts"][0]["ports"][0]["endpoints"][0],
+        format!("127.0.0.2:{port}"),
+        "{egress}"
+    );
+
+    // The resolver fails: the last good answer keeps serving, well past its TTL, while
+    // Portico keeps asking.
+    dns.set_failing(true);
+    let asked = dns.queries("dyn.test");
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let r = via_proxy(proxy, "http://dyn.test/");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.upstream(), Some("b"));
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        dns.queries("dyn.test") > asked,
+        "the refresher kept asking while the resolver failed"
+    );
+    assert!(
+        gw.log()
+            .contains("dns lookup failed; keeping the last answer"),
+        "the failure is logged"
+    );
+
+    // Back to health: the next answer is taken again.
+    dns.set("dyn.test", &[LOCAL]);
+    dns.set_failing(false);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            via_proxy(proxy, "http://dyn.test/").upstream() == Some("a")
+        }),
+        "Portico did not take the answer after the resolver recovered"
+    );
+}
+
+/// Opens a CONNECT tunnel through `proxy` to `target`; the stream after the 200.
+fn tunnel(proxy: u16, target: &str) -> Result<BufReader<TcpStream>, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", proxy)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").unwrap();
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).map_err(|e| e.to_string())?;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).map_err(|e| e.to_string())?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    if status.starts_with("HTTP/1.1 200") {
+        Ok(r)
+    } else {
+        let mut rest = String::new();
+        let _ = r.read_to_string(&mut rest);
+        Err(format!("{} {}", status.trim(), rest.trim()))
+    }
+}
+
+/// One keep-alive request over an open tunnel to an [`Echo`].
+fn request_in_tunnel(r: &mut BufReader<TcpStream>) -> Response {
+    r.get_mut()
+        .write_all(&build_request("GET", "tunnel.test", "/", &[], b"", false))
+        .unwrap();
+    read_response(r, "GET").expect("response through the tunnel")
+}
+
+#[test]
+fn outbound_policy_switches_by_reload_under_traffic_and_removed_entries_stop_new_tunnels() {
+    let echo = Echo::start("external");
+    let ep = echo.port();
+    let dns = DnsServer::start(30);
+    dns.set("free.test", &[LOCAL]);
+    dns.set("tunnel.test", &[LOCAL]);
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, proxy) = (free_port(), free_port());
+    let tunnel_entry = format!(
+        r#"
+[[serviceEntries]]
+name = "tunnel"
+hosts = ["tunnel.test"]
+resolution = "STATIC"
+ports = [{{ number = {ep}, name = "tcp", protocol = "TCP" }}]
+endpoints = [{{ address = "127.0.0.1" }}]
+"#
+    );
+    let gw = Portico::start(
+        dir.path(),
+        &egress_config(admin, proxy, &dns, "REGISTRY_ONLY", &tunnel_entry),
+    );
+
+    // A tunnel opened under the first config.
+    let mut open = tunnel(proxy, &format!("tunnel.test:{ep}")).expect("registered tunnel");
+    assert_eq!(request_in_tunnel(&mut open).status, 200);
+
+    // A client keeps sending plain requests for an unregistered host.
+    let stop = Arc::new(AtomicBool::new(false));
+    let statuses = Arc::new(Mutex::new(Vec::new()));
+    let client = {
+        let (stop, statuses) = (stop.clone(), statuses.clone());
+        let url = format!("http://free.test:{ep}/");
+        thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let s = match try_http_request(proxy, "GET", "", &url, &[], b"") {
+                    Ok(r) => r.status,
+                    Err(_) => 0,
+                };
+                statuses.lock().unwrap().push(s);
+                thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    assert!(wait_until(Duration::from_secs(5), || statuses
+        .lock()
+        .unwrap()
+        .len()
+        >= 20));
+    let generation = gw.generation();
+    // ALLOW_ANY, and the tunnel's ServiceEntry removed.
+    gw.rewrite_config(&egress_config(admin, proxy, &dns, "ALLOW_ANY", ""));
+    gw.wait_generation_above(generation, Duration::from_secs(10));
+    let n = statuses.lock().unwrap().len();
+    assert!(wait_until(Duration::from_secs(5), || statuses
+        .lock()
+        .unwrap()
+        .len()
+        >= n + 20));
+    stop.store(true, Ordering::SeqCst);
+    client.join().unwrap();
+
+    let statuses = statuses.lock().unwrap().clone();
+    let first_ok = statuses
+        .iter()
+        .position(|s| *s == 200)
+        .expect("requests pass after the switch");
+    assert!(first_ok > 0, "{statuses:?}");
+    assert!(
+        statuses[..first_ok].iter().all(|s| *s == 502),
+        "before the switch: 502 only: {statuses:?}"
+    );
+    assert!(
+        statuses[first_ok..].iter().all(|s| *s == 200),
+        "after the switch: 200 only, nothing failed: {statuses:?}"
+    );
+
+    // The open tunnel carries on (documented: reloads do not cut tunnels)...
+    assert_eq!(request_in_tunnel(&mut open).status, 200);
+    // ...while ALLOW_ANY lets a new tunnel to the now-unregistered host through, and
+    // REGISTRY_ONLY without the ServiceEntry refuses one at once.
+    drop(tunnel(proxy, &format!("tunnel.test:{ep}")).expect("ALLOW_ANY passes through"));
+    let generation = gw.generation();
+    gw.rewrite_config(&egress_config(admin, proxy, &dns, "REGISTRY_ONLY", ""));
+    gw.wait_generation_above(generation, Duration::from_secs(10));
+    let refused = tunnel(proxy, &format!("tunnel.test:{ep}")).expect_err("refused");
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(refused.contains("tunnel.test"), "{refused}");
+    assert_eq!(request_in_tunnel(&mut open).status, 200, "still open");
+    assert_eq!(
+        metric(
+            &gw,
+            &[
+                r#"decision="allowed""#,
+                r#"kind="connect""#,
+                r#"host="unregistered""#
+            ]
+        ),
+        1.0,
+        "the ALLOW_ANY tunnel counts as allowed, unregistered"
+    );
+}
+
+#[test]
+fn egress_config_errors_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portico.toml");
+    std::fs::write(
+        &path,
+        r#"[mesh]
+dnsServers = ["not-an-address"]
+
+[[serviceEntries]]
+name = "x"
+hosts = ["x.test"]
+ports = [{ number = 80, name = "http", protocol = "SMTP" }]
+"#,
+    )
+    .unwrap();
+    let (code, out) = run_cli(&["validate", "-c", path.to_str().unwrap()]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("mesh.dnsServers[0]") && out.contains("not-an-address"),
+        "{out}"
+    );
+    assert!(
+        out.contains("serviceEntries[0].ports[0].protocol") && out.contains("SMTP"),
+        "{out}"
+    );
+}
