@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod l4;
 pub mod lifecycle;
 pub mod proxy;
 pub mod reload;

@@ -103,6 +103,17 @@ pub fn run(config: &Path, threads: usize, upgrade: bool) -> Result<(), RunError>
     let server_conf = server.configuration.clone();
 
     for (i, l) in snapshot.listeners.iter().enumerate() {
+        if l.l4.is_some() {
+            let app = crate::l4::L4Service {
+                listener: i,
+                snapshots: reloader.snapshots.clone(),
+            };
+            let mut svc = Service::new(format!("listener {}", l.shape()), app);
+            svc.add_tcp(&l.addr.to_string());
+            tracing::info!(listener = %l.shape(), "listening");
+            server.add_service(svc);
+            continue;
+        }
         let gateway = Gateway::new(i, l.tls, reloader.snapshots.clone());
         let name = format!("listener {}", l.shape());
         let mut svc = pingora_proxy::http_proxy_service_with_name(&server_conf, gateway, &name);

@@ -33,6 +33,8 @@ pub struct Listener {
     pub h2c: bool,
     pub table: RouteTable,
     pub certs: Option<CertStore>,
+    /// TLS passthrough or TCP routes; such a listener serves no HTTP.
+    pub l4: Option<crate::l4::L4Table>,
 }
 
 /// The shape of a listener: what needs a new socket when it changes.
@@ -41,16 +43,23 @@ pub struct ListenerShape {
     pub addr: SocketAddr,
     pub tls: bool,
     pub h2c: bool,
+    pub l4: Option<crate::l4::L4Kind>,
+}
+
+impl ListenerShape {
+    pub fn protocol(&self) -> &'static str {
+        match (self.l4, self.tls, self.h2c) {
+            (Some(k), _, _) => k.protocol(),
+            (None, true, _) => "HTTPS",
+            (None, false, true) => "HTTP2",
+            (None, false, false) => "HTTP",
+        }
+    }
 }
 
 impl std::fmt::Display for ListenerShape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let proto = match (self.tls, self.h2c) {
-            (true, _) => "HTTPS",
-            (false, true) => "HTTP2",
-            (false, false) => "HTTP",
-        };
-        write!(f, "{proto} {}", self.addr)
+        write!(f, "{} {}", self.protocol(), self.addr)
     }
 }
 
@@ -60,6 +69,7 @@ impl Listener {
             addr: self.addr,
             tls: self.tls,
             h2c: self.h2c,
+            l4: self.l4.as_ref().map(crate::l4::L4Table::kind),
         }
     }
 }

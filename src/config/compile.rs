@@ -3,6 +3,8 @@
 //! stopping at the first. May read certificate files and resolve DNS names; never opens a
 //! listening socket.
 
+mod l4;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use regex::Regex;
 use super::error::ConfigError;
 use super::load::{Document, Item, Origin};
 use super::schema::{self, StringMatch};
+use crate::l4::{L4Kind, L4Route, L4Table};
 use crate::routing::route::{RouteOrigin, WeightedDestination};
 use crate::routing::{
     host, Action, Cors, DirectResponse, Fault, Forward, HeaderOps, HeaderRules, HostMatcher,
@@ -103,6 +106,10 @@ pub fn compile(doc: &Document, opts: &Options) -> Result<Compiled, Vec<ConfigErr
                     vhosts,
                 },
                 certs: b.tls.then_some(b.certs),
+                l4: b.l4.map(|kind| match kind {
+                    L4Kind::Passthrough => L4Table::Passthrough(b.sni),
+                    L4Kind::Tcp => L4Table::Tcp(b.tcp),
+                }),
             }
         })
         .collect();
@@ -158,6 +165,8 @@ struct ServerInfo {
     bind: IpAddr,
     tls: bool,
     h2c: bool,
+    /// TLS passthrough or TCP: routed by `tls` / `tcp` routes, no HTTP.
+    l4: Option<L4Kind>,
     hosts: Vec<String>,
     https_redirect: bool,
     cert: Option<Arc<ServerCert>>,
@@ -170,6 +179,9 @@ struct ListenerBuild {
     addr: SocketAddr,
     tls: bool,
     h2c: bool,
+    l4: Option<L4Kind>,
+    sni: HostMatcher<Arc<L4Route>>,
+    tcp: Option<Arc<L4Route>>,
     servers: HostMatcher<ServerPolicy>,
     certs: CertStore,
     default_from: Option<String>,
@@ -630,18 +642,14 @@ impl Cx {
             .as_deref()
             .unwrap_or("HTTP")
             .to_ascii_uppercase();
+        let l4 = self.l4_kind(o, at, &protocol, s.tls.as_ref());
         let (tls, h2c) = match protocol.as_str() {
+            _ if l4.is_some() => (false, false),
             "HTTP" | "GRPC-WEB" => (false, false),
             "HTTP2" | "GRPC" => (false, true),
             "HTTPS" => (true, false),
-            "TCP" | "TLS" | "MONGO" => {
-                self.err(
-                    o,
-                    &format!("{at}.port.protocol"),
-                    format!("protocol {protocol} is not supported yet: Portico serves HTTP and HTTPS servers"),
-                );
-                return None;
-            }
+            "TCP" | "TLS" | "MONGO" => return None, // l4_kind said why
+
             other => {
                 self.err(
                     o,
@@ -686,6 +694,7 @@ impl Cx {
             bind,
             tls,
             h2c,
+            l4,
             hosts,
             https_redirect: false,
             cert: None,
@@ -693,6 +702,9 @@ impl Cx {
             origin: o.clone(),
             path: format!("{}{at}", o.path),
         };
+        if l4.is_some() {
+            return Some(info);
+        }
         match (&s.tls, tls) {
             (None, true) => {
                 self.err(o, at, "an HTTPS server needs a tls block");
@@ -901,6 +913,9 @@ impl Cx {
                 addr: SocketAddr::new(s.bind, s.port),
                 tls: s.tls,
                 h2c: s.h2c,
+                l4: s.l4,
+                sni: HostMatcher::default(),
+                tcp: None,
                 servers: HostMatcher::default(),
                 certs: CertStore::default(),
                 default_from: None,
@@ -918,15 +933,21 @@ impl Cx {
                 );
                 continue;
             }
-            if l.tls != s.tls || l.h2c != s.h2c {
-                self.err(
-                    &s.origin,
-                    &format!("{at}.port.protocol"),
+            if l.tls != s.tls || l.h2c != s.h2c || l.l4 != s.l4 {
+                let msg = if (l.tls && s.l4 == Some(L4Kind::Passthrough))
+                    || (s.tls && l.l4 == Some(L4Kind::Passthrough))
+                {
+                    format!(
+                        "port {} mixes TLS passthrough and TLS termination; Portico serves one of them per port: put the PASSTHROUGH servers on a port of their own",
+                        s.port
+                    )
+                } else {
                     format!(
                         "port {} already serves another protocol; one port serves one protocol",
                         s.port
-                    ),
-                );
+                    )
+                };
+                self.err(&s.origin, &format!("{at}.port.protocol"), msg);
                 continue;
             }
             for (hi, h) in s.hosts.iter().enumerate() {
@@ -1014,7 +1035,8 @@ impl Cx {
                 .enumerate()
                 .filter_map(|(ri, r)| self.route(o, &vs_key, &ns, ri, r).map(Arc::new))
                 .collect();
-            count += v.http.len();
+            count += v.http.len() + v.tls.len() + v.tcp.len();
+            self.l4_routes(o, &vs_key, v, &bound, gateways, listeners);
             for gk in &bound {
                 let routes_here: Vec<Arc<Route>> = routes
                     .iter()
@@ -1025,6 +1047,9 @@ impl Cx {
                     let Some(l) = listeners.get_mut(&s.port) else {
                         continue;
                     };
+                    if l.l4.is_some() {
+                        continue;
+                    }
                     for sh in &s.hosts {
                         for vh in &v.hosts {
                             let vh = vh.to_ascii_lowercase();

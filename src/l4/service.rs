@@ -1,0 +1,395 @@
+//! The pingora `ServerApp` of an L4 listener: one connection's life. Load the Snapshot,
+//! route (by SNI peeked from the ClientHello, or the port's `tcp` route), pick a weighted
+//! destination and an endpoint from the cluster's balancer, connect, then splice bytes both
+//! ways until either side closes. Every connection ends with metrics and, when configured,
+//! an access log line; a refused one also with a warning naming the reason.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::client_hello::{self, Parsed};
+use super::{L4Route, L4Table};
+use crate::snapshot::Snapshot;
+use crate::telemetry::{access_log, Metrics};
+use crate::upstream::balancer::hash_bytes;
+use crate::upstream::{Cluster, HashSource, InFlight};
+
+/// At most this many endpoints are tried before a connection is given up (Envoy's TCP
+/// proxy default `max_connect_attempts` is 1; a gateway that skips a dead endpoint serves
+/// better, and the client is still waiting).
+const CONNECT_ATTEMPTS: usize = 3;
+
+pub struct L4Service {
+    pub listener: usize,
+    pub snapshots: Arc<ArcSwap<Snapshot>>,
+}
+
+/// Why a connection was closed without being forwarded.
+struct Refusal {
+    flag: &'static str,
+    details: &'static str,
+    reason: String,
+}
+
+impl Refusal {
+    fn new(flag: &'static str, details: &'static str, reason: impl Into<String>) -> Self {
+        Refusal {
+            flag,
+            details,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What the log line and metrics of one connection need.
+struct Record {
+    started: Instant,
+    started_at: SystemTime,
+    downstream_local: Option<SocketAddr>,
+    downstream_remote: Option<SocketAddr>,
+    sni: Option<String>,
+    route: Option<Arc<L4Route>>,
+    cluster: Option<Arc<Cluster>>,
+    upstream: Option<SocketAddr>,
+    received: u64,
+    sent: u64,
+}
+
+#[async_trait]
+impl ServerApp for L4Service {
+    async fn process_new(
+        self: &Arc<Self>,
+        io: Stream,
+        _shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // Open connections are not cut on shutdown: pingora stops accepting, waits
+        // `drainDuration`, then stops the runtime, which closes whatever is still open.
+        let snapshot = self.snapshots.load_full();
+        let socket = io.get_socket_digest();
+        let mut rec = Record {
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            downstream_local: socket
+                .as_ref()
+                .and_then(|s| s.local_addr())
+                .and_then(|a| a.as_inet())
+                .copied(),
+            downstream_remote: socket
+                .as_ref()
+                .and_then(|s| s.peer_addr())
+                .and_then(|a| a.as_inet())
+                .copied(),
+            sni: None,
+            route: None,
+            cluster: None,
+            upstream: None,
+            received: 0,
+            sent: 0,
+        };
+        match forward(&snapshot, self.listener, io, &mut rec).await {
+            Ok(()) => finish(&snapshot, &rec, "", ""),
+            Err(r) => {
+                tracing::warn!(
+                    listener = self.listener_name(&snapshot),
+                    client = ?rec.downstream_remote,
+                    sni = rec.sni.as_deref().unwrap_or("-"),
+                    route = rec.route.as_ref().map(|r| r.origin.as_str()).unwrap_or("-"),
+                    cluster = rec.cluster.as_ref().map(|c| c.name.as_str()).unwrap_or("-"),
+                    flag = r.flag,
+                    reason = %r.reason,
+                    "connection closed"
+                );
+                finish(&snapshot, &rec, r.flag, r.details);
+            }
+        }
+        None
+    }
+}
+
+impl L4Service {
+    fn listener_name(&self, snapshot: &Snapshot) -> String {
+        snapshot
+            .listeners
+            .get(self.listener)
+            .map(|l| l.shape().to_string())
+            .unwrap_or_default()
+    }
+}
+
+async fn forward(
+    snapshot: &Snapshot,
+    listener: usize,
+    mut io: Stream,
+    rec: &mut Record,
+) -> Result<(), Refusal> {
+    let table = snapshot
+        .listeners
+        .get(listener)
+        .and_then(|l| l.l4.as_ref())
+        .ok_or_else(|| Refusal::new("NR", "filter_chain_not_found", "no L4 routes here"))?;
+    let route = match table {
+        L4Table::Tcp(route) => route
+            .clone()
+            .ok_or_else(|| Refusal::new("NR", "filter_chain_not_found", "no tcp route"))?,
+        L4Table::Passthrough(routes) => {
+            let sni = read_sni(&mut io, snapshot.settings.tls_handshake_timeout).await?;
+            let sni = rec.sni.insert(sni);
+            routes.lookup(sni).cloned().ok_or_else(|| {
+                Refusal::new(
+                    "NR",
+                    "filter_chain_not_found",
+                    "no tls route for this SNI",
+                )
+            })?
+        }
+    };
+    let cluster = route.pick().cluster.clone();
+    rec.route = Some(route);
+    rec.cluster = Some(cluster.clone());
+    // `tcp.maxConnections` (and the other pool limits) bound open connections; a full pool
+    // refuses at once rather than holding the client.
+    let _admission = cluster
+        .admit(Duration::ZERO)
+        .await
+        .ok_or_else(|| Refusal::new("UO", "overflow", "connection pool full"))?;
+    let (index, upstream) = connect(&cluster, rec.downstream_remote).await?;
+    rec.upstream = Some(cluster.endpoints[index].addr);
+    let _in_flight = InFlight::new(cluster.clone(), index);
+
+    let series = Metrics::global()
+        .istio
+        .tcp(Some(&cluster.metrics_dest), "");
+    series.opened.inc();
+    let mut down = Counted::new(io);
+    let mut up = upstream;
+    // The peeked ClientHello was rewound into the stream, so the upstream sees it first.
+    let result = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+    rec.received = down.read;
+    rec.sent = down.written;
+    series.received.inc_by(down.read);
+    series.sent.inc_by(down.written);
+    series.closed.inc();
+    if let Err(e) = result {
+        tracing::debug!(cluster = %cluster.name, error = %e, "connection ended with an error");
+    }
+    Ok(())
+}
+
+/// Peeks (never consumes) the ClientHello and returns its SNI; bounded in size and time.
+async fn read_sni(io: &mut Stream, timeout: Duration) -> Result<String, Refusal> {
+    let peek = async {
+        let mut buf = vec![0u8; 5];
+        loop {
+            match client_hello::parse(&buf) {
+                Parsed::Hello { sni: Some(sni) } => return Ok(sni),
+                Parsed::Hello { sni: None } => {
+                    return Err(Refusal::new(
+                        "NR",
+                        "filter_chain_not_found",
+                        "the ClientHello has no SNI",
+                    ))
+                }
+                Parsed::Invalid(why) => {
+                    return Err(Refusal::new(
+                        "NR",
+                        "invalid_client_hello",
+                        format!("not a usable ClientHello: {why}"),
+                    ))
+                }
+                Parsed::NeedBytes(n) => {
+                    // `try_peek` reads exactly `buf.len()` bytes and rewinds them, so the
+                    // buffer is grown to what the parser asks for, never beyond MAX_PEEK.
+                    buf.resize(n, 0);
+                    match io.try_peek(&mut buf).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            return Err(Refusal::new(
+                                "NR",
+                                "invalid_client_hello",
+                                "this stream cannot be peeked",
+                            ))
+                        }
+                        Err(e) => {
+                            return Err(Refusal::new(
+                                "DC",
+                                "downstream_closed",
+                                format!("client closed before its ClientHello was complete: {e}"),
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(timeout, peek).await.unwrap_or_else(|_| {
+        Err(Refusal::new(
+            "DC",
+            "client_hello_timeout",
+            format!("no complete ClientHello within {timeout:?}"),
+        ))
+    })
+}
+
+/// Connects to an endpoint the cluster's balancer picks, trying others when one fails.
+async fn connect(
+    cluster: &Cluster,
+    client: Option<SocketAddr>,
+) -> Result<(usize, TcpStream), Refusal> {
+    let hash = match cluster.policy.hash_source() {
+        Some(HashSource::SourceIp) => client.map(|c| hash_bytes(c.ip().to_string().as_bytes())),
+        _ => None,
+    };
+    let attempts = cluster.endpoints.len().min(CONNECT_ATTEMPTS);
+    let mut tried = Vec::with_capacity(attempts);
+    let mut last_error = String::new();
+    while tried.len() < attempts {
+        let Some(i) = cluster.select(hash, &tried) else {
+            break;
+        };
+        if tried.contains(&i) {
+            break;
+        }
+        tried.push(i);
+        let addr = cluster.endpoints[i].addr;
+        let started = Instant::now();
+        let result = tokio::time::timeout(
+            cluster.settings.connect_timeout,
+            TcpStream::connect(addr),
+        )
+        .await;
+        match result {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                // A connection made counts as a success for outlier detection, and its
+                // connect time feeds the latency-aware balancers.
+                cluster.record(i, Some(200), Some(started.elapsed()));
+                return Ok((i, stream));
+            }
+            Ok(Err(e)) => last_error = format!("{addr}: {e}"),
+            Err(_) => {
+                last_error = format!(
+                    "{addr}: connect timed out after {:?}",
+                    cluster.settings.connect_timeout
+                )
+            }
+        }
+        cluster.record(i, None, None);
+        tracing::debug!(cluster = %cluster.name, error = %last_error, "upstream connect failed");
+    }
+    if tried.is_empty() {
+        return Err(Refusal::new(
+            "UH",
+            "no_healthy_upstream",
+            "the destination has no healthy endpoints",
+        ));
+    }
+    Err(Refusal::new(
+        "UF",
+        "upstream_connect_failure",
+        format!("could not connect to the destination ({last_error})"),
+    ))
+}
+
+/// Metrics for refused connections (forwarded ones counted as they went) and the access
+/// log line for every connection.
+fn finish(snapshot: &Snapshot, rec: &Record, flag: &'static str, details: &'static str) {
+    if !flag.is_empty() {
+        let series = Metrics::global()
+            .istio
+            .tcp(rec.cluster.as_ref().map(|c| &c.metrics_dest), flag);
+        series.opened.inc();
+        series.closed.inc();
+    }
+    let Some(al) = snapshot.settings.access_log.as_ref() else {
+        return;
+    };
+    let Some(sink) = access_log::Sink::get() else {
+        return;
+    };
+    let headers = http::HeaderMap::new();
+    let entry = access_log::Entry {
+        start: rec.started_at,
+        method: "-",
+        path: "-",
+        protocol: "-",
+        status: 0,
+        flags: flag,
+        details,
+        bytes_received: rec.received as usize,
+        bytes_sent: rec.sent as usize,
+        duration: rec.started.elapsed(),
+        upstream_time: None,
+        request_headers: &headers,
+        response_headers: None,
+        authority: "",
+        upstream_host: rec.upstream,
+        upstream_cluster: rec.cluster.as_ref().map(|c| c.name.as_str()),
+        downstream_local: rec.downstream_local,
+        downstream_remote: rec.downstream_remote,
+        sni: rec.sni.as_deref(),
+        route_name: None,
+        attempts: u32::from(rec.upstream.is_some()),
+    };
+    sink.write(al.format.render(&entry));
+}
+
+/// Counts the bytes read from and written to the client while passing them on.
+struct Counted<S> {
+    inner: S,
+    read: u64,
+    written: u64,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S) -> Self {
+        Counted {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        self.read += (buf.filled().len() - before) as u64;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
+        self.written += n as u64;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
