@@ -199,7 +199,10 @@ fn host_name(raw: &[u8]) -> Result<String, &'static str> {
     if raw.starts_with(b".") || raw.windows(2).any(|w| w == b"..") {
         return Err("server name has an empty label");
     }
-    Ok(raw.iter().map(|b| char::from(b.to_ascii_lowercase())).collect())
+    Ok(raw
+        .iter()
+        .map(|b| char::from(b.to_ascii_lowercase()))
+        .collect())
 }
 
 #[cfg(test)]
@@ -282,7 +285,10 @@ mod tests {
         assert_eq!(parse(&[]), Parsed::NeedBytes(5));
         assert_eq!(parse(&full[..3]), Parsed::NeedBytes(5));
         assert_eq!(parse(&full[..5]), Parsed::NeedBytes(full.len()));
-        assert_eq!(parse(&full[..full.len() - 1]), Parsed::NeedBytes(full.len()));
+        assert_eq!(
+            parse(&full[..full.len() - 1]),
+            Parsed::NeedBytes(full.len())
+        );
         // Whatever follows the ClientHello (early data, say) is not its concern.
         let mut more = full.clone();
         more.extend([23, 3, 3, 0, 1, 0]);

@@ -146,11 +146,7 @@ async fn forward(
             let sni = read_sni(&mut io, snapshot.settings.tls_handshake_timeout).await?;
             let sni = rec.sni.insert(sni);
             routes.lookup(sni).cloned().ok_or_else(|| {
-                Refusal::new(
-                    "NR",
-                    "filter_chain_not_found",
-                    "no tls route for this SNI",
-                )
+                Refusal::new("NR", "filter_chain_not_found", "no tls route for this SNI")
             })?
         }
     };
@@ -167,9 +163,7 @@ async fn forward(
     rec.upstream = Some(cluster.endpoints[index].addr);
     let _in_flight = InFlight::new(cluster.clone(), index);
 
-    let series = Metrics::global()
-        .istio
-        .tcp(Some(&cluster.metrics_dest), "");
+    let series = Metrics::global().istio.tcp(Some(&cluster.metrics_dest), "");
     series.opened.inc();
     let mut down = Counted::new(io);
     let mut up = upstream;
@@ -189,7 +183,7 @@ async fn forward(
 /// Peeks (never consumes) the ClientHello and returns its SNI; bounded in size and time.
 async fn read_sni(io: &mut Stream, timeout: Duration) -> Result<String, Refusal> {
     let peek = async {
-        let mut buf = vec![0u8; 5];
+        let mut buf = Vec::with_capacity(512);
         loop {
             match client_hello::parse(&buf) {
                 Parsed::Hello { sni: Some(sni) } => return Ok(sni),
@@ -232,13 +226,15 @@ async fn read_sni(io: &mut Stream, timeout: Duration) -> Result<String, Refusal>
             }
         }
     };
-    tokio::time::timeout(timeout, peek).await.unwrap_or_else(|_| {
-        Err(Refusal::new(
-            "DC",
-            "client_hello_timeout",
-            format!("no complete ClientHello within {timeout:?}"),
-        ))
-    })
+    tokio::time::timeout(timeout, peek)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Refusal::new(
+                "DC",
+                "client_hello_timeout",
+                format!("no complete ClientHello within {timeout:?}"),
+            ))
+        })
 }
 
 /// Connects to an endpoint the cluster's balancer picks, trying others when one fails.
@@ -263,11 +259,8 @@ async fn connect(
         tried.push(i);
         let addr = cluster.endpoints[i].addr;
         let started = Instant::now();
-        let result = tokio::time::timeout(
-            cluster.settings.connect_timeout,
-            TcpStream::connect(addr),
-        )
-        .await;
+        let result =
+            tokio::time::timeout(cluster.settings.connect_timeout, TcpStream::connect(addr)).await;
         match result {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);

@@ -101,7 +101,11 @@ impl Cx {
             let at = format!(".tls[{ri}]");
             let errors_before = self.errors.len();
             if r.matches.is_empty() {
-                self.err(o, &format!("{at}.match"), "a tls route needs a match with sniHosts");
+                self.err(
+                    o,
+                    &format!("{at}.match"),
+                    "a tls route needs a match with sniHosts",
+                );
             }
             let mut binds = Vec::new();
             for (mi, m) in r.matches.iter().enumerate() {
@@ -354,7 +358,11 @@ impl Cx {
         route: &[schema::RouteDestination],
     ) -> Option<(Vec<L4Destination>, u32)> {
         if route.is_empty() {
-            self.err(o, &format!("{at}.route"), "a route needs at least one destination");
+            self.err(
+                o,
+                &format!("{at}.route"),
+                "a route needs at least one destination",
+            );
             return None;
         }
         let several = route.len() > 1;
@@ -364,7 +372,11 @@ impl Cx {
             let here = format!("{at}.route[{di}]");
             let weight = match d.weight {
                 Some(w) if w < 0 => {
-                    self.err(o, &format!("{here}.weight"), format!("weight {w} is negative"));
+                    self.err(
+                        o,
+                        &format!("{here}.weight"),
+                        format!("weight {w} is negative"),
+                    );
                     ok = false;
                     continue;
                 }
