@@ -49,6 +49,7 @@ pub struct ListenerShape {
 impl ListenerShape {
     pub fn protocol(&self) -> &'static str {
         match (self.l4, self.tls, self.h2c) {
+            (Some(crate::l4::L4Kind::Passthrough), true, _) => "HTTPS+TLS-PASSTHROUGH",
             (Some(k), _, _) => k.protocol(),
             (None, true, _) => "HTTPS",
             (None, false, true) => "HTTP2",

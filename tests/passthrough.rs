@@ -259,6 +259,32 @@ fn each_sni_reaches_its_own_upstream_with_the_upstreams_certificate() {
     assert_eq!(verified_handshake(port, "a.test", &ca).unwrap(), a.cert_der);
     assert_eq!(verified_handshake(port, "b.test", &ca).unwrap(), b.cert_der);
 
+    // curl, verifying against the test CA: the TLS session is the upstream's, end to end.
+    let ca_pem = dir.path().join("test-ca.pem");
+    std::fs::write(&ca_pem, ca.cert.pem()).unwrap();
+    let curl = |name: &str| {
+        std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&ca_pem)
+            .arg("--resolve")
+            .arg(format!("{name}:{port}:127.0.0.1"))
+            .arg(format!("https://{name}:{port}/"))
+            .output()
+            .expect("run curl")
+    };
+    for name in ["a.test", "b.test"] {
+        let out = curl(name);
+        assert!(out.status.success(), "curl {name}: {out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("hello from {name}")
+        );
+    }
+    assert!(
+        !curl("c.test").status.success(),
+        "curl to an unknown SNI must fail"
+    );
+
     // The access log has one line per connection, with the SNI and the cluster.
     assert!(wait_until(Duration::from_secs(5), || {
         let out = gw.stdout();
@@ -401,14 +427,21 @@ route = [{ destination = { host = "a.test", port = { number = 443 } } }]"#;
     let (code, out) = validate(&base(pt, route));
     assert_eq!(code, 0, "{out}");
 
-    // Passthrough and termination on one port.
-    let mixed = format!(
-        "{pt}\n[[gateways.servers]]\nport = {{ number = 9443, name = \"https\", protocol = \"HTTPS\" }}\nhosts = [\"b.test\"] # mixed\ntls = {{ mode = \"SIMPLE\", credentialName = \"b\" }}"
+    // A name both terminated by an HTTPS server and passed through on the same port.
+    let creds = tempfile::tempdir().unwrap();
+    write_credential(creds.path(), "a", &["a.test"]);
+    let both = format!(
+        "{pt}\n[[gateways.servers]]\nport = {{ number = 9443, name = \"https\", protocol = \"HTTPS\" }}\nhosts = [\"a.test\"]\ntls = {{ mode = \"SIMPLE\", credentialName = \"a\" }}"
+    )
+    .replace(
+        "[mesh]\n",
+        &format!("[mesh]\ncredentialsDir = {:?}\n", creds.path().to_str().unwrap()),
     );
-    let (code, out) = validate(&base(&mixed, route));
+    let (code, out) = validate(&base(&both, route));
     assert_ne!(code, 0);
     assert!(
-        out.contains("mixes TLS passthrough and TLS termination") && out.contains(".port.protocol"),
+        out.contains("SNI a.test on port 9443 is terminated by an HTTPS server there")
+            && out.contains(".tls[0]"),
         "{out}"
     );
 
@@ -456,4 +489,73 @@ route = [{ destination = { host = "a.test", port = { number = 443 } } }]"#;
     let (code, out) = validate(&base(pt, &typo));
     assert_ne!(code, 0);
     assert!(out.contains("sniHost"), "{out}");
+}
+
+/// One port, two kinds of server: PASSTHROUGH for `a.test`, HTTPS (Portico's own
+/// certificate) for `web.test`. The SNI decides per connection.
+#[test]
+fn one_port_passes_some_names_through_and_terminates_others() {
+    let ca = TestCa::new();
+    let a = TlsUpstream::start(&ca, "a.test");
+    let dir = tempfile::tempdir().unwrap();
+    let web_der = write_cert(dir.path(), "web", &["web.test"]);
+    let port = free_port();
+    let config = format!(
+        r#"{mesh}
+[[gateways]]
+name = "edge"
+[[gateways.servers]]
+port = {{ number = {port}, name = "tls", protocol = "TLS" }}
+bind = "127.0.0.1"
+hosts = ["a.test"]
+tls = {{ mode = "PASSTHROUGH" }}
+[[gateways.servers]]
+port = {{ number = {port}, name = "https", protocol = "HTTPS" }}
+bind = "127.0.0.1"
+hosts = ["web.test"]
+tls = {{ mode = "SIMPLE", serverCertificate = "web.crt", privateKey = "web.key" }}
+
+[[virtualServices]]
+name = "a"
+hosts = ["a.test"]
+gateways = ["edge"]
+[[virtualServices.tls]]
+match = [{{ sniHosts = ["a.test"] }}]
+route = [{{ destination = {{ host = "a.test", port = {{ number = 443 }} }} }}]
+
+[[virtualServices]]
+name = "web"
+hosts = ["web.test"]
+gateways = ["edge"]
+[[virtualServices.http]]
+directResponse = {{ status = 200, body = {{ string = "terminated by portico" }} }}
+{se}"#,
+        mesh = mesh_config(free_port()),
+        se = service_entry("a.test", a.port),
+    );
+    let gw = Portico::start(dir.path(), &config);
+
+    let mut pass = tls_connect(port, Some("a.test")).unwrap();
+    assert_eq!(pass.peer_cert, a.cert_der);
+    assert_eq!(pass.get("a.test", "/").unwrap().text(), "hello from a.test");
+
+    for alpn in [&["http/1.1"][..], &["h2", "http/1.1"][..]] {
+        let mut term = tls_connect_alpn(port, Some("web.test"), alpn).unwrap();
+        assert_eq!(
+            term.peer_cert, web_der,
+            "Portico's own certificate for web.test"
+        );
+        if term.alpn.as_deref() == Some("h2") {
+            continue; // the HTTP/1.1 client below cannot speak h2; the ALPN shows it is served
+        }
+        for _ in 0..2 {
+            let resp = term.get("web.test", "/").unwrap();
+            assert_eq!(resp.status, 200);
+            assert_eq!(resp.text(), "terminated by portico");
+        }
+    }
+    // Neither kind claims this name and the port has no default certificate.
+    assert!(tls_connect(port, Some("other.test")).is_err());
+    assert_eq!(a.snis(), vec![Some("a.test".to_string())]);
+    assert!(gw.log().contains("HTTPS+TLS-PASSTHROUGH"));
 }

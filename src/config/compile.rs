@@ -19,7 +19,7 @@ use regex::Regex;
 use super::error::ConfigError;
 use super::load::{Document, Item, Origin};
 use super::schema::{self, StringMatch};
-use crate::l4::{L4Kind, L4Route, L4Table};
+use crate::l4::{L4Kind, L4Route, L4Table, SniRoute};
 use crate::routing::route::{RouteOrigin, WeightedDestination};
 use crate::routing::{
     host, Action, Cors, DirectResponse, Fault, Forward, HeaderOps, HeaderRules, HostMatcher,
@@ -180,7 +180,8 @@ struct ListenerBuild {
     tls: bool,
     h2c: bool,
     l4: Option<L4Kind>,
-    sni: HostMatcher<Arc<L4Route>>,
+    /// Passthrough routes by SNI, and the names HTTPS servers on the same port terminate.
+    sni: HostMatcher<SniRoute>,
     tcp: Option<Arc<L4Route>>,
     servers: HostMatcher<ServerPolicy>,
     certs: CertStore,
@@ -933,21 +934,22 @@ impl Cx {
                 );
                 continue;
             }
-            if l.tls != s.tls || l.h2c != s.h2c || l.l4 != s.l4 {
-                let msg = if (l.tls && s.l4 == Some(L4Kind::Passthrough))
-                    || (s.tls && l.l4 == Some(L4Kind::Passthrough))
-                {
-                    format!(
-                        "port {} mixes TLS passthrough and TLS termination; Portico serves one of them per port: put the PASSTHROUGH servers on a port of their own",
-                        s.port
-                    )
-                } else {
+            // HTTPS and PASSTHROUGH servers share a port: the SNI decides, per connection,
+            // whether TLS is terminated or passed through.
+            let passthrough = Some(L4Kind::Passthrough);
+            let tls_mix = (l.tls || l.l4 == passthrough) && (s.tls || s.l4 == passthrough);
+            if tls_mix {
+                l.tls |= s.tls;
+                l.l4 = l.l4.or(s.l4);
+            } else if l.tls != s.tls || l.h2c != s.h2c || l.l4 != s.l4 {
+                self.err(
+                    &s.origin,
+                    &format!("{at}.port.protocol"),
                     format!(
                         "port {} already serves another protocol; one port serves one protocol",
                         s.port
-                    )
-                };
-                self.err(&s.origin, &format!("{at}.port.protocol"), msg);
+                    ),
+                );
                 continue;
             }
             for (hi, h) in s.hosts.iter().enumerate() {
@@ -968,6 +970,9 @@ impl Cx {
                 );
                 if let Some(cert) = &s.cert {
                     l.certs.hosts.insert(h, cert.clone());
+                }
+                if s.tls {
+                    l.sni.insert(h, SniRoute::Terminate);
                 }
             }
             if let (true, Some(cert)) = (s.default_cert, &s.cert) {
@@ -1047,7 +1052,7 @@ impl Cx {
                     let Some(l) = listeners.get_mut(&s.port) else {
                         continue;
                     };
-                    if l.l4.is_some() {
+                    if s.l4.is_some() {
                         continue;
                     }
                     for sh in &s.hosts {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::routing::HostMatcher;
 use crate::upstream::Cluster;
 
-pub use service::L4Service;
+pub use service::{L4Service, Terminate};
 
 /// What an L4 listener does with a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,7 +38,7 @@ pub enum L4Table {
     /// SNI → route. The most specific name wins (exact, then the longest `*.suffix`, then
     /// `*`), as Envoy picks a filter chain by server name; between routes naming the same
     /// pattern, the first in config order wins.
-    Passthrough(HostMatcher<Arc<L4Route>>),
+    Passthrough(HostMatcher<SniRoute>),
     /// The first `tcp` route bound to this port, if any.
     Tcp(Option<Arc<L4Route>>),
 }
@@ -53,10 +53,22 @@ impl L4Table {
 
     pub fn route_count(&self) -> usize {
         match self {
-            L4Table::Passthrough(m) => m.len(),
+            L4Table::Passthrough(m) => m
+                .values()
+                .filter(|r| matches!(r, SniRoute::Pass(_)))
+                .count(),
             L4Table::Tcp(r) => usize::from(r.is_some()),
         }
     }
+}
+
+/// What a passthrough port does with a name.
+#[derive(Debug, Clone)]
+pub enum SniRoute {
+    /// Pass the TLS bytes through to this route's destination.
+    Pass(Arc<L4Route>),
+    /// An HTTPS server on the same port claims the name: terminate TLS and serve HTTP.
+    Terminate,
 }
 
 /// One `tls` or `tcp` route: weighted destinations.

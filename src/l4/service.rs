@@ -13,13 +13,17 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::listeners::tls::Acceptor;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
+use pingora_proxy::HttpProxy;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::client_hello::{self, Parsed};
-use super::{L4Route, L4Table};
+use super::{L4Route, L4Table, SniRoute};
+use crate::proxy::Gateway;
 use crate::snapshot::Snapshot;
 use crate::telemetry::{access_log, Metrics};
 use crate::upstream::balancer::hash_bytes;
@@ -33,6 +37,21 @@ const CONNECT_ATTEMPTS: usize = 3;
 pub struct L4Service {
     pub listener: usize,
     pub snapshots: Arc<ArcSwap<Snapshot>>,
+    /// On a port shared with HTTPS servers: how names they claim are terminated.
+    pub terminate: Option<Terminate>,
+}
+
+/// TLS termination for the HTTPS servers of a passthrough port: the listener's acceptor
+/// (certificates from the Snapshot, as on any HTTPS port) and the HTTP proxy it feeds.
+pub struct Terminate {
+    pub acceptor: Acceptor,
+    pub proxy: Arc<HttpProxy<Gateway>>,
+}
+
+/// Where a connection goes.
+enum Decision {
+    Forward(Arc<L4Route>),
+    Terminate,
 }
 
 /// Why a connection was closed without being forwarded.
@@ -70,8 +89,8 @@ struct Record {
 impl ServerApp for L4Service {
     async fn process_new(
         self: &Arc<Self>,
-        io: Stream,
-        _shutdown: &ShutdownWatch,
+        mut io: Stream,
+        shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         // Open connections are not cut on shutdown: pingora stops accepting, waits
         // `drainDuration`, then stops the runtime, which closes whatever is still open.
@@ -97,7 +116,13 @@ impl ServerApp for L4Service {
             received: 0,
             sent: 0,
         };
-        match forward(&snapshot, self.listener, io, &mut rec).await {
+        let decided = self.decide(&snapshot, &mut io, &mut rec).await;
+        let result = match decided {
+            Ok(Decision::Terminate) => return self.terminate(&snapshot, io, shutdown).await,
+            Ok(Decision::Forward(route)) => forward(route, io, &mut rec).await,
+            Err(r) => Err(r),
+        };
+        match result {
             Ok(()) => finish(&snapshot, &rec, "", ""),
             Err(r) => {
                 tracing::warn!(
@@ -118,6 +143,84 @@ impl ServerApp for L4Service {
 }
 
 impl L4Service {
+    /// Routes by the port's `tcp` route, or by the SNI peeked from the ClientHello.
+    async fn decide(
+        &self,
+        snapshot: &Snapshot,
+        io: &mut Stream,
+        rec: &mut Record,
+    ) -> Result<Decision, Refusal> {
+        let table = snapshot
+            .listeners
+            .get(self.listener)
+            .and_then(|l| l.l4.as_ref())
+            .ok_or_else(|| Refusal::new("NR", "filter_chain_not_found", "no L4 routes here"))?;
+        let routes = match table {
+            L4Table::Tcp(route) => {
+                return route
+                    .clone()
+                    .map(Decision::Forward)
+                    .ok_or_else(|| Refusal::new("NR", "filter_chain_not_found", "no tcp route"))
+            }
+            L4Table::Passthrough(routes) => routes,
+        };
+        let sni = read_sni(io, snapshot.settings.tls_handshake_timeout).await?;
+        rec.sni = sni;
+        let found = rec.sni.as_deref().and_then(|n| routes.lookup(n));
+        match (found, &self.terminate) {
+            (Some(SniRoute::Pass(route)), _) => Ok(Decision::Forward(route.clone())),
+            // A name no passthrough route claims, or no name, goes to the HTTPS servers
+            // when the port has them: their certificate store decides, as on any HTTPS port.
+            (Some(SniRoute::Terminate), Some(_)) | (None, Some(_)) => Ok(Decision::Terminate),
+            (_, None) if rec.sni.is_none() => Err(Refusal::new(
+                "NR",
+                "filter_chain_not_found",
+                "the ClientHello has no SNI",
+            )),
+            (_, None) => Err(Refusal::new(
+                "NR",
+                "filter_chain_not_found",
+                "no tls route for this SNI",
+            )),
+        }
+    }
+
+    /// Terminates TLS and serves HTTP on this connection, as an HTTPS listener would.
+    async fn terminate(
+        &self,
+        snapshot: &Snapshot,
+        io: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let t = self.terminate.as_ref()?;
+        // The acceptor needs the concrete socket type, which a plain TCP listener hands us.
+        let l4 = match io.into_any().downcast::<L4Stream>() {
+            Ok(l4) => l4,
+            Err(_) => {
+                tracing::error!("passthrough port: the accepted stream is not a TCP stream");
+                return None;
+            }
+        };
+        let timeout = snapshot.settings.tls_handshake_timeout;
+        let tls = match tokio::time::timeout(timeout, t.acceptor.tls_handshake(*l4)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!(?timeout, "TLS handshake timed out");
+                return None;
+            }
+        };
+        // Keep-alive: the proxy hands the stream back after each request until it is done.
+        let mut next: Option<Stream> = Some(Box::new(tls));
+        while let Some(stream) = next {
+            next = t.proxy.process_new(stream, shutdown).await;
+        }
+        None
+    }
+
     fn listener_name(&self, snapshot: &Snapshot) -> String {
         snapshot
             .listeners
@@ -127,29 +230,8 @@ impl L4Service {
     }
 }
 
-async fn forward(
-    snapshot: &Snapshot,
-    listener: usize,
-    mut io: Stream,
-    rec: &mut Record,
-) -> Result<(), Refusal> {
-    let table = snapshot
-        .listeners
-        .get(listener)
-        .and_then(|l| l.l4.as_ref())
-        .ok_or_else(|| Refusal::new("NR", "filter_chain_not_found", "no L4 routes here"))?;
-    let route = match table {
-        L4Table::Tcp(route) => route
-            .clone()
-            .ok_or_else(|| Refusal::new("NR", "filter_chain_not_found", "no tcp route"))?,
-        L4Table::Passthrough(routes) => {
-            let sni = read_sni(&mut io, snapshot.settings.tls_handshake_timeout).await?;
-            let sni = rec.sni.insert(sni);
-            routes.lookup(sni).cloned().ok_or_else(|| {
-                Refusal::new("NR", "filter_chain_not_found", "no tls route for this SNI")
-            })?
-        }
-    };
+/// Connects to the route's destination and splices bytes until both sides are done.
+async fn forward(route: Arc<L4Route>, io: Stream, rec: &mut Record) -> Result<(), Refusal> {
     let cluster = route.pick().cluster.clone();
     rec.route = Some(route);
     rec.cluster = Some(cluster.clone());
@@ -180,20 +262,14 @@ async fn forward(
     Ok(())
 }
 
-/// Peeks (never consumes) the ClientHello and returns its SNI; bounded in size and time.
-async fn read_sni(io: &mut Stream, timeout: Duration) -> Result<String, Refusal> {
+/// Peeks (never consumes) the ClientHello and returns its SNI, if it has one; bounded in
+/// size and time.
+async fn read_sni(io: &mut Stream, timeout: Duration) -> Result<Option<String>, Refusal> {
     let peek = async {
         let mut buf = Vec::with_capacity(512);
         loop {
             match client_hello::parse(&buf) {
-                Parsed::Hello { sni: Some(sni) } => return Ok(sni),
-                Parsed::Hello { sni: None } => {
-                    return Err(Refusal::new(
-                        "NR",
-                        "filter_chain_not_found",
-                        "the ClientHello has no SNI",
-                    ))
-                }
+                Parsed::Hello { sni } => return Ok(sni),
                 Parsed::Invalid(why) => {
                     return Err(Refusal::new(
                         "NR",

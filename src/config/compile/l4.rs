@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::{gateway_ref, Cx, GatewayInfo, ListenerBuild};
 use crate::config::load::Origin;
 use crate::config::schema;
-use crate::l4::{L4Destination, L4Kind, L4Route};
+use crate::l4::{L4Destination, L4Kind, L4Route, SniRoute};
 use crate::routing::host;
 
 impl Cx {
@@ -176,10 +176,10 @@ impl Cx {
                             used = true;
                             match l.sni.get_pattern(name) {
                                 None => {
-                                    l.sni.insert(name, route.clone());
+                                    l.sni.insert(name, SniRoute::Pass(route.clone()));
                                 }
-                                Some(first) if Arc::ptr_eq(first, &route) => {}
-                                Some(first) => {
+                                Some(SniRoute::Pass(first)) if Arc::ptr_eq(first, &route) => {}
+                                Some(SniRoute::Pass(first)) => {
                                     let first = first.origin.clone();
                                     self.warn(
                                         o,
@@ -187,6 +187,11 @@ impl Cx {
                                         format!("SNI {name} on port {} is already routed by {first}, which comes first; this route never sees it", s.port),
                                     );
                                 }
+                                Some(SniRoute::Terminate) => self.err(
+                                    o,
+                                    &at,
+                                    format!("SNI {name} on port {} is terminated by an HTTPS server there; it cannot also be passed through", s.port),
+                                ),
                             }
                         }
                     }
