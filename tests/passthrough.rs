@@ -290,6 +290,14 @@ fn each_sni_reaches_its_own_upstream_with_the_upstreams_certificate() {
         let out = gw.stdout();
         out.contains("outbound|443||a.test") && out.contains("x.wild.test")
     }));
+    // The admin API shows the SNI table.
+    let listeners = gw.config_json()["listeners"].to_string();
+    assert!(
+        listeners.contains("\"sni\":\"a.test\"")
+            && listeners.contains("outbound|443||b.test")
+            && listeners.contains("TLS-PASSTHROUGH"),
+        "{listeners}"
+    );
     let metrics = gw.metrics();
     let opened = metric_sum(
         &metrics,

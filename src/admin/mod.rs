@@ -166,6 +166,7 @@ fn listener_json(l: &crate::snapshot::Listener) -> serde_json::Value {
         "hosts": hosts,
         "virtualHosts": virtual_hosts,
         "certificates": certificates,
+        "l4Routes": l.l4.as_ref().map(crate::l4::L4Table::describe),
     })
 }
 

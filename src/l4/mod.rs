@@ -51,13 +51,24 @@ impl L4Table {
         }
     }
 
-    pub fn route_count(&self) -> usize {
+    /// For the admin API: each name (or the port) with its route and destinations.
+    pub fn describe(&self) -> serde_json::Value {
+        let entry = |name: String, action: &SniRoute| match action {
+            SniRoute::Pass(r) => {
+                serde_json::json!({ "sni": name, "route": r.origin, "destinations": r.describe() })
+            }
+            SniRoute::Terminate => serde_json::json!({ "sni": name, "terminate": true }),
+        };
         match self {
-            L4Table::Passthrough(m) => m
-                .values()
-                .filter(|r| matches!(r, SniRoute::Pass(_)))
-                .count(),
-            L4Table::Tcp(r) => usize::from(r.is_some()),
+            L4Table::Passthrough(m) => {
+                let mut list: Vec<(String, &SniRoute)> = m.entries().collect();
+                list.sort_by(|a, b| a.0.cmp(&b.0));
+                list.into_iter().map(|(n, a)| entry(n, a)).collect()
+            }
+            L4Table::Tcp(r) => r
+                .iter()
+                .map(|r| serde_json::json!({ "route": r.origin, "destinations": r.describe() }))
+                .collect(),
         }
     }
 }
@@ -87,6 +98,13 @@ pub struct L4Destination {
 }
 
 impl L4Route {
+    fn describe(&self) -> Vec<String> {
+        self.destinations
+            .iter()
+            .map(|d| format!("{} ({}/{})", d.cluster.name, d.weight, self.total_weight))
+            .collect()
+    }
+
     /// Weighted choice: destination `i` with probability `weight_i / total`.
     pub fn pick(&self) -> &L4Destination {
         let mut draw = if self.destinations.len() > 1 {
