@@ -222,6 +222,11 @@ fn a_removed_service_entry_stops_new_connections_and_open_ones_keep_running() {
     let mut open = connect(port);
     open.write_all(b"before").unwrap();
     assert_eq!(read_n(&mut open, 6), b"before");
+    // Bytes are counted as they flow, not only when the connection closes.
+    let dest = "destination_service=\"echo0.internal\"";
+    assert!(wait_until(Duration::from_secs(5), || {
+        metric_sum(&gw.metrics(), "istio_tcp_received_bytes_total", dest) == Some(6.0)
+    }));
 
     let generation = gw.generation();
     gw.rewrite_config(&config(admin, port, &[(&up, 1)], false));
@@ -280,4 +285,41 @@ fn a_tcp_server_takes_no_tls_block_and_a_port_serves_one_protocol() {
     let (code, out) = run_cli(&["validate", "-c", path.to_str().unwrap()]);
     assert_ne!(code, 0);
     assert!(out.contains("already serves another protocol"), "{out}");
+}
+
+#[test]
+fn a_new_tcp_port_on_reload_is_refused_and_the_old_config_keeps_serving() {
+    let up = EchoTcp::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin = free_port();
+    let gw = Portico::start(dir.path(), &config(admin, port, &[(&up, 1)], true));
+    let generation = gw.generation();
+
+    let extra = free_port();
+    let bigger = config(admin, port, &[(&up, 1)], true).replace(
+        "[[virtualServices]]",
+        &format!(
+            "[[gateways.servers]]\nport = {{ number = {extra}, name = \"tcp2\", protocol = \"TCP\" }}\nbind = \"127.0.0.1\"\nhosts = [\"*\"]\n\n[[virtualServices]]"
+        ),
+    );
+    gw.rewrite_config(&bigger);
+    let mut last_error = String::new();
+    let refused = wait_until(Duration::from_secs(10), || {
+        last_error = gw.config_json()["lastReloadError"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        last_error.contains("listeners changed")
+    });
+    assert!(refused, "{last_error}");
+    assert!(
+        last_error.contains(&format!("TCP 127.0.0.1:{extra}")),
+        "{last_error}"
+    );
+    assert_eq!(gw.generation(), generation);
+    assert!(TcpStream::connect((Ipv4Addr::LOCALHOST, extra)).is_err());
+    let mut s = connect(port);
+    s.write_all(b"ping").unwrap();
+    assert_eq!(read_n(&mut s, 4), b"ping");
 }

@@ -65,27 +65,43 @@ pub fn parse(buf: &[u8]) -> Parsed {
         let Some(fragment) = buf.get(body_start..end) else {
             return Parsed::NeedBytes(end);
         };
-        message.extend_from_slice(fragment);
         at = end;
-        if message.len() < 4 {
-            continue;
-        }
-        if message[0] != HANDSHAKE_CLIENT_HELLO {
-            return Parsed::Invalid("the first handshake message is not a ClientHello");
-        }
-        let hello_len = (usize::from(message[1]) << 16)
-            | (usize::from(message[2]) << 8)
-            | usize::from(message[3]);
-        if hello_len > MAX_CLIENT_HELLO {
-            return Parsed::Invalid("ClientHello too large");
-        }
-        if message.len() >= 4 + hello_len {
-            return match client_hello(&message[4..4 + hello_len]) {
-                Ok(sni) => Parsed::Hello { sni },
-                Err(why) => Parsed::Invalid(why),
-            };
+        // Almost every ClientHello fits one record: parse it in place, copying only when
+        // the message continues in the next record.
+        let whole = if message.is_empty() {
+            fragment
+        } else {
+            message.extend_from_slice(fragment);
+            &message
+        };
+        match handshake_message(whole) {
+            Some(done) => return done,
+            None if message.is_empty() => message.extend_from_slice(fragment),
+            None => {}
         }
     }
+}
+
+/// The ClientHello in `message` (handshake header included), or `None` while incomplete.
+fn handshake_message(message: &[u8]) -> Option<Parsed> {
+    if message.len() < 4 {
+        return None;
+    }
+    if message[0] != HANDSHAKE_CLIENT_HELLO {
+        return Some(Parsed::Invalid(
+            "the first handshake message is not a ClientHello",
+        ));
+    }
+    let hello_len =
+        (usize::from(message[1]) << 16) | (usize::from(message[2]) << 8) | usize::from(message[3]);
+    if hello_len > MAX_CLIENT_HELLO {
+        return Some(Parsed::Invalid("ClientHello too large"));
+    }
+    let body = message.get(4..4 + hello_len)?;
+    Some(match client_hello(body) {
+        Ok(sni) => Parsed::Hello { sni },
+        Err(why) => Parsed::Invalid(why),
+    })
 }
 
 /// A cursor over a byte slice whose reads fail instead of panicking.

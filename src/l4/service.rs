@@ -18,6 +18,7 @@ use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
+use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -247,14 +248,18 @@ async fn forward(route: Arc<L4Route>, io: Stream, rec: &mut Record) -> Result<()
 
     let series = Metrics::global().istio.tcp(Some(&cluster.metrics_dest), "");
     series.opened.inc();
-    let mut down = Counted::new(io);
+    let mut down = Counted {
+        inner: io,
+        read: 0,
+        written: 0,
+        received: &series.received,
+        sent: &series.sent,
+    };
     let mut up = upstream;
     // The peeked ClientHello was rewound into the stream, so the upstream sees it first.
     let result = tokio::io::copy_bidirectional(&mut down, &mut up).await;
     rec.received = down.read;
     rec.sent = down.written;
-    series.received.inc_by(down.read);
-    series.sent.inc_by(down.written);
     series.closed.inc();
     if let Err(e) = result {
         tracing::debug!(cluster = %cluster.name, error = %e, "connection ended with an error");
@@ -413,24 +418,18 @@ fn finish(snapshot: &Snapshot, rec: &Record, flag: &'static str, details: &'stat
     sink.write(al.format.render(&entry));
 }
 
-/// Counts the bytes read from and written to the client while passing them on.
-struct Counted<S> {
+/// Counts the bytes read from and written to the client while passing them on, in the
+/// connection's totals (for the log line) and in the metrics as they flow, so a long-lived
+/// tunnel shows its traffic before it closes.
+struct Counted<'a, S> {
     inner: S,
     read: u64,
     written: u64,
+    received: &'a IntCounter,
+    sent: &'a IntCounter,
 }
 
-impl<S> Counted<S> {
-    fn new(inner: S) -> Self {
-        Counted {
-            inner,
-            read: 0,
-            written: 0,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -438,12 +437,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
-        self.read += (buf.filled().len() - before) as u64;
+        let n = (buf.filled().len() - before) as u64;
+        self.read += n;
+        self.received.inc_by(n);
         Poll::Ready(Ok(()))
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -451,6 +452,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     ) -> Poll<std::io::Result<usize>> {
         let n = ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
         self.written += n as u64;
+        self.sent.inc_by(n as u64);
         Poll::Ready(Ok(n))
     }
 
