@@ -323,3 +323,61 @@ fn a_new_tcp_port_on_reload_is_refused_and_the_old_config_keeps_serving() {
     s.write_all(b"ping").unwrap();
     assert_eq!(read_n(&mut s, 4), b"ping");
 }
+
+#[test]
+fn sigterm_lets_open_connections_run_for_the_drain_duration_then_closes_them() {
+    let up = EchoTcp::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // mesh_config sets drainDuration = "1s".
+    let mut gw = Portico::start(dir.path(), &config(free_port(), port, &[(&up, 1)], true));
+    let mut open = connect(port);
+    open.write_all(b"before").unwrap();
+    assert_eq!(read_n(&mut open, 6), b"before");
+
+    gw.send_signal("TERM");
+    thread::sleep(Duration::from_millis(300));
+    open.write_all(b"while draining").unwrap();
+    assert_eq!(read_n(&mut open, 14), b"while draining");
+
+    let status = gw
+        .wait_exit(Duration::from_secs(15))
+        .expect("portico exits after the drain");
+    assert!(status.success(), "{status}");
+    let _ = open.write_all(b"after");
+    assert_eq!(
+        read_n(&mut open, 5),
+        b"",
+        "the connection ends with the process"
+    );
+}
+
+#[test]
+fn an_idle_connection_is_closed_after_the_idle_timeout_and_a_busy_one_is_not() {
+    let up = EchoTcp::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = config(free_port(), port, &[(&up, 1)], true)
+        + r#"
+[[destinationRules]]
+name = "echo0"
+host = "echo0.internal"
+trafficPolicy = { connectionPool = { tcp = { idleTimeout = "400ms" } } }
+"#;
+    let _gw = Portico::start(dir.path(), &config);
+
+    let mut idle = connect(port);
+    let mut busy = connect(port);
+    for s in [&mut idle, &mut busy] {
+        s.write_all(b"hi").unwrap();
+        assert_eq!(read_n(s, 2), b"hi");
+    }
+    // The busy one talks every 100 ms for 1.2 s: three idle timeouts' worth.
+    for _ in 0..12 {
+        thread::sleep(Duration::from_millis(100));
+        busy.write_all(b"x").unwrap();
+        assert_eq!(read_n(&mut busy, 1), b"x", "a busy connection stays open");
+    }
+    let _ = idle.write_all(b"late");
+    assert_eq!(read_n(&mut idle, 4), b"", "the idle connection was closed");
+}

@@ -566,7 +566,7 @@ impl Cx {
                     self.warn(
                         o,
                         &format!("{here}.tcp.idleTimeout"),
-                        "not enforced for HTTP; use http.idleTimeout",
+                        "applies to TCP and TLS passthrough connections only; for HTTP use http.idleTimeout",
                     );
                 }
             }
@@ -1935,6 +1935,10 @@ impl Cx {
                     settings.connect_timeout = ct.get();
                 }
                 max_conn = t.max_connections.filter(|n| *n > 0);
+                if let Some(idle) = t.idle_timeout {
+                    // Istio: 0s turns the idle timeout off.
+                    settings.tcp_idle_timeout = Some(idle.get()).filter(|d| !d.is_zero());
+                }
                 if let Some(k) = &t.tcp_keepalive {
                     settings.tcp_keepalive = Some(pingora::protocols::TcpKeepalive {
                         idle: k.time.map(|d| d.get()).unwrap_or(Duration::from_secs(7200)),

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -248,16 +249,42 @@ async fn forward(route: Arc<L4Route>, io: Stream, rec: &mut Record) -> Result<()
 
     let series = Metrics::global().istio.tcp(Some(&cluster.metrics_dest), "");
     series.opened.inc();
+    let base = Instant::now();
+    let activity = AtomicU64::new(0);
     let mut down = Counted {
         inner: io,
         read: 0,
         written: 0,
         received: &series.received,
         sent: &series.sent,
+        base,
+        activity: &activity,
     };
     let mut up = upstream;
     // The peeked ClientHello was rewound into the stream, so the upstream sees it first.
-    let result = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    let result = match cluster.settings.tcp_idle_timeout {
+        None => copy.await,
+        Some(idle) => {
+            tokio::pin!(copy);
+            let mut deadline = base + idle;
+            loop {
+                tokio::select! {
+                    r = &mut copy => break r,
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        let last = base + Duration::from_millis(activity.load(Ordering::Relaxed));
+                        if last + idle <= Instant::now() {
+                            break Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("no bytes either way for {idle:?} (tcp.idleTimeout)"),
+                            ));
+                        }
+                        deadline = last + idle;
+                    }
+                }
+            }
+        }
+    };
     rec.received = down.read;
     rec.sent = down.written;
     series.closed.inc();
@@ -427,6 +454,16 @@ struct Counted<'a, S> {
     written: u64,
     received: &'a IntCounter,
     sent: &'a IntCounter,
+    base: Instant,
+    /// Milliseconds after `base` of the last read or write, for the idle timeout.
+    activity: &'a AtomicU64,
+}
+
+impl<S> Counted<'_, S> {
+    fn touch(&self) {
+        self.activity
+            .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
@@ -440,6 +477,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
         let n = (buf.filled().len() - before) as u64;
         self.read += n;
         self.received.inc_by(n);
+        self.touch();
         Poll::Ready(Ok(()))
     }
 }
@@ -453,6 +491,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
         let n = ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
         self.written += n as u64;
         self.sent.inc_by(n as u64);
+        self.touch();
         Poll::Ready(Ok(n))
     }
 
