@@ -33,7 +33,8 @@ pub struct Listener {
     pub h2c: bool,
     pub table: RouteTable,
     pub certs: Option<CertStore>,
-    /// TLS passthrough or TCP routes; such a listener serves no HTTP.
+    /// TLS passthrough routes by SNI (with `tls`, the names its HTTPS servers claim are
+    /// terminated and served by `table`), or the port's TCP route.
     pub l4: Option<crate::l4::L4Table>,
 }
 

@@ -650,7 +650,6 @@ impl Cx {
             "HTTP2" | "GRPC" => (false, true),
             "HTTPS" => (true, false),
             "TCP" | "TLS" | "MONGO" => return None, // l4_kind said why
-
             other => {
                 self.err(
                     o,
