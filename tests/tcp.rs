@@ -362,7 +362,7 @@ fn an_idle_connection_is_closed_after_the_idle_timeout_and_a_busy_one_is_not() {
 [[destinationRules]]
 name = "echo0"
 host = "echo0.internal"
-trafficPolicy = { connectionPool = { tcp = { idleTimeout = "400ms" } } }
+trafficPolicy = { connectionPool = { tcp = { idleTimeout = "1s" } } }
 "#;
     let _gw = Portico::start(dir.path(), &config);
 
@@ -372,8 +372,8 @@ trafficPolicy = { connectionPool = { tcp = { idleTimeout = "400ms" } } }
         s.write_all(b"hi").unwrap();
         assert_eq!(read_n(s, 2), b"hi");
     }
-    // The busy one talks every 100 ms for 1.2 s: three idle timeouts' worth.
-    for _ in 0..12 {
+    // The busy one talks every 100 ms for 2.5 s: two and a half idle timeouts' worth.
+    for _ in 0..25 {
         thread::sleep(Duration::from_millis(100));
         busy.write_all(b"x").unwrap();
         assert_eq!(read_n(&mut busy, 1), b"x", "a busy connection stays open");
