@@ -562,6 +562,26 @@ directResponse = {{ status = 200, body = {{ string = "terminated by portico" }} 
             assert_eq!(resp.text(), "terminated by portico");
         }
     }
+    // HTTP/2 on the terminated side, through curl.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sSk",
+            "--http2",
+            "--max-time",
+            "10",
+            "-w",
+            " %{http_version}",
+        ])
+        .arg("--resolve")
+        .arg(format!("web.test:{port}:127.0.0.1"))
+        .arg(format!("https://web.test:{port}/"))
+        .output()
+        .expect("run curl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "terminated by portico 2",
+        "{out:?}"
+    );
     // Neither kind claims this name and the port has no default certificate.
     assert!(tls_connect(port, Some("other.test")).is_err());
     assert_eq!(a.snis(), vec![Some("a.test".to_string())]);
