@@ -36,6 +36,12 @@ use crate::upstream::{Cluster, HashSource, InFlight};
 /// better, and the client is still waiting).
 const CONNECT_ATTEMPTS: usize = 3;
 
+/// Bytes each direction of a connection buffers while splicing: one TLS record. Measured on
+/// loopback with the debug build pushing 1 GiB through a TCP route: 8 KiB (tokio's default)
+/// about 400 MB/s, 16 KiB about 450-650, 64 KiB about 700-1000; 16 KiB keeps a connection at
+/// 32 KiB of buffers, which matters at tens of thousands of open tunnels.
+const COPY_BUFFER: usize = 16 * 1024;
+
 pub struct L4Service {
     pub listener: usize,
     pub snapshots: Arc<ArcSwap<Snapshot>>,
@@ -262,7 +268,8 @@ async fn forward(route: Arc<L4Route>, io: Stream, rec: &mut Record) -> Result<()
     };
     let mut up = upstream;
     // The peeked ClientHello was rewound into the stream, so the upstream sees it first.
-    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    let copy =
+        tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, COPY_BUFFER, COPY_BUFFER);
     let result = match cluster.settings.tcp_idle_timeout {
         None => copy.await,
         Some(idle) => {
