@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod config;
 pub mod egress;
+pub mod l4;
 pub mod lifecycle;
 pub mod proxy;
 pub mod reload;

@@ -290,7 +290,8 @@ fn routes(sources: &config::Sources, q: &RouteQuery<'_>) -> ExitCode {
     let normalized = normalize_host(host);
     let mut matched = false;
     for l in &compiled.snapshot.listeners {
-        if port.is_some_and(|p| p != l.addr.port()) {
+        // TCP and pure passthrough ports serve no HTTP to explain.
+        if port.is_some_and(|p| p != l.addr.port()) || (l.l4.is_some() && !l.tls) {
             continue;
         }
         let view = RequestView {

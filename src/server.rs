@@ -48,6 +48,18 @@ impl std::fmt::Display for RunError {
     }
 }
 
+/// TLS for listener `i`: certificates chosen by SNI from the current Snapshot, h2 by ALPN.
+fn tls_settings(i: usize, reloader: &Arc<Reloader>, name: &str) -> Result<TlsSettings, RunError> {
+    let mut tls = TlsSettings::with_callbacks(Box::new(KeepSni))
+        .map_err(|e| RunError::Tls(format!("{name}: {e}")))?;
+    tls.set_cert_resolver(Arc::new(SniResolver {
+        listener: i,
+        snapshots: reloader.snapshots.clone(),
+    }));
+    tls.enable_h2();
+    Ok(tls)
+}
+
 /// Loads the config and serves it. Returns only on a start-up error; after start the
 /// process exits when pingora's signal handling says so.
 ///
@@ -111,6 +123,31 @@ pub fn run(
     let server_conf = server.configuration.clone();
 
     for (i, l) in snapshot.listeners.iter().enumerate() {
+        if l.l4.is_some() {
+            // A passthrough port shared with HTTPS servers terminates the names they claim.
+            let terminate = if l.tls {
+                let name = format!("listener {}", l.shape());
+                Some(crate::l4::Terminate {
+                    acceptor: tls_settings(i, &reloader, &name)?.build(),
+                    proxy: Arc::new(pingora_proxy::http_proxy(
+                        &server_conf,
+                        Gateway::new(i, true, reloader.snapshots.clone()),
+                    )),
+                })
+            } else {
+                None
+            };
+            let app = crate::l4::L4Service {
+                listener: i,
+                snapshots: reloader.snapshots.clone(),
+                terminate,
+            };
+            let mut svc = Service::new(format!("listener {}", l.shape()), app);
+            svc.add_tcp(&l.addr.to_string());
+            tracing::info!(listener = %l.shape(), "listening");
+            server.add_service(svc);
+            continue;
+        }
         let mut gateway = Gateway::new(i, l.tls, reloader.snapshots.clone());
         let name = format!("listener {}", l.shape());
         if l.forward_proxy {
@@ -129,14 +166,7 @@ pub fn run(
         let mut svc = pingora_proxy::http_proxy_service_with_name(&server_conf, gateway, &name);
         let addr = l.addr.to_string();
         if l.tls {
-            let mut tls = TlsSettings::with_callbacks(Box::new(KeepSni))
-                .map_err(|e| RunError::Tls(format!("{name}: {e}")))?;
-            tls.set_cert_resolver(Arc::new(SniResolver {
-                listener: i,
-                snapshots: reloader.snapshots.clone(),
-            }));
-            tls.enable_h2();
-            svc.add_tls_with_settings(&addr, None, tls);
+            svc.add_tls_with_settings(&addr, None, tls_settings(i, &reloader, &name)?);
         } else {
             if l.h2c {
                 let mut opts = HttpServerOptions::default();

@@ -38,6 +38,9 @@ pub struct Listener {
     pub forward_proxy: bool,
     pub table: RouteTable,
     pub certs: Option<CertStore>,
+    /// TLS passthrough routes by SNI (with `tls`, the names its HTTPS servers claim are
+    /// terminated and served by `table`), or the port's TCP route.
+    pub l4: Option<crate::l4::L4Table>,
 }
 
 /// The shape of a listener: what needs a new socket when it changes.
@@ -47,21 +50,29 @@ pub struct ListenerShape {
     pub tls: bool,
     pub h2c: bool,
     pub forward_proxy: bool,
+    pub l4: Option<crate::l4::L4Kind>,
+}
+
+impl ListenerShape {
+    pub fn protocol(&self) -> &'static str {
+        match (self.l4, self.tls, self.h2c) {
+            (Some(crate::l4::L4Kind::Passthrough), true, _) => "HTTPS+TLS-PASSTHROUGH",
+            (Some(k), _, _) => k.protocol(),
+            (None, true, _) => "HTTPS",
+            (None, false, true) => "HTTP2",
+            (None, false, false) => "HTTP",
+        }
+    }
 }
 
 impl std::fmt::Display for ListenerShape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let proto = match (self.tls, self.h2c) {
-            (true, _) => "HTTPS",
-            (false, true) => "HTTP2",
-            (false, false) => "HTTP",
-        };
         let role = if self.forward_proxy {
             " forward-proxy"
         } else {
             ""
         };
-        write!(f, "{proto}{role} {}", self.addr)
+        write!(f, "{}{role} {}", self.protocol(), self.addr)
     }
 }
 
@@ -72,6 +83,7 @@ impl Listener {
             tls: self.tls,
             h2c: self.h2c,
             forward_proxy: self.forward_proxy,
+            l4: self.l4.as_ref().map(crate::l4::L4Table::kind),
         }
     }
 }

@@ -99,7 +99,7 @@ fn unknown_fields_are_warnings_by_path() {
     let tmp = tempfile::tempdir().unwrap();
     let (code, out, text) = validate(
         tmp.path(),
-        &vs("  - route:\n    - destination: {host: x.internal, port: {number: 80}}\n    retries:\n      attempts: 2\n      retriez: 3\n  tcp:\n  - route: []\n"),
+        &vs("  - route:\n    - destination: {host: x.internal, port: {number: 80}}\n    retries:\n      attempts: 2\n      retriez: 3\n  tlsRoutes:\n  - route: []\n"),
     );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("warning: "), "{out}");
@@ -109,7 +109,7 @@ fn unknown_fields_are_warnings_by_path() {
         "retriez",
         "documents[1].spec.http[0].retries.retriez",
     );
-    assert_at(&out, &text, "tcp:", "documents[1].spec.tcp");
+    assert_at(&out, &text, "tlsRoutes:", "documents[1].spec.tlsRoutes");
 }
 
 #[test]

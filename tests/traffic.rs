@@ -575,9 +575,12 @@ fn max_requests_per_connection_recycles_upstream_connections() {
         assert_eq!(client.get("app.test", "/").unwrap().status, 200);
     }
     assert_eq!(echo.count(), 9);
-    assert_eq!(
-        echo.connections(),
-        3,
-        "each upstream connection served 3 requests"
+    // 9 requests at 3 per connection need 3 connections. Rarely one more: pingora's pool
+    // gives up a pooled connection when its idle watcher, on another worker thread, has
+    // not yet dropped its handle (`Arc::try_unwrap` in `reused_stream`), and connects anew.
+    let n = echo.connections();
+    assert!(
+        (3..=4).contains(&n),
+        "each upstream connection served at most 3 requests: {n} connections"
     );
 }

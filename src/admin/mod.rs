@@ -163,10 +163,11 @@ fn listener_json(l: &crate::snapshot::Listener) -> serde_json::Value {
     });
     serde_json::json!({
         "address": l.addr.to_string(),
-        "protocol": if l.tls { "HTTPS" } else { "HTTP" },
+        "protocol": l.shape().protocol(),
         "hosts": hosts,
         "virtualHosts": virtual_hosts,
         "certificates": certificates,
+        "l4Routes": l.l4.as_ref().map(crate::l4::L4Table::describe),
     })
 }
 

@@ -3,6 +3,8 @@
 //! stopping at the first. May read certificate files and resolve DNS names; never opens a
 //! listening socket.
 
+mod l4;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use regex::Regex;
 use super::error::ConfigError;
 use super::load::{Document, Item, Origin};
 use super::schema::{self, StringMatch};
+use crate::l4::{L4Kind, L4Route, L4Table, SniRoute};
 use crate::routing::route::{RouteOrigin, WeightedDestination};
 use crate::routing::{
     host, Action, Cors, DirectResponse, Fault, Forward, HeaderOps, HeaderRules, HostMatcher,
@@ -105,6 +108,10 @@ pub fn compile(doc: &Document, opts: &Options) -> Result<Compiled, Vec<ConfigErr
                     vhosts,
                 },
                 certs: b.tls.then_some(b.certs),
+                l4: b.l4.map(|kind| match kind {
+                    L4Kind::Passthrough => L4Table::Passthrough(b.sni),
+                    L4Kind::Tcp => L4Table::Tcp(b.tcp),
+                }),
             }
         })
         .collect();
@@ -213,6 +220,8 @@ struct ServerInfo {
     tls: bool,
     h2c: bool,
     forward_proxy: bool,
+    /// TLS passthrough or TCP: routed by `tls` / `tcp` routes, no HTTP.
+    l4: Option<L4Kind>,
     hosts: Vec<String>,
     https_redirect: bool,
     cert: Option<Arc<ServerCert>>,
@@ -226,6 +235,10 @@ struct ListenerBuild {
     tls: bool,
     h2c: bool,
     forward_proxy: bool,
+    l4: Option<L4Kind>,
+    /// Passthrough routes by SNI, and the names HTTPS servers on the same port terminate.
+    sni: HostMatcher<SniRoute>,
+    tcp: Option<Arc<L4Route>>,
     servers: HostMatcher<ServerPolicy>,
     certs: CertStore,
     default_from: Option<String>,
@@ -609,7 +622,7 @@ impl Cx {
                     self.warn(
                         o,
                         &format!("{here}.tcp.idleTimeout"),
-                        "not enforced for HTTP; use http.idleTimeout",
+                        "applies to TCP and TLS passthrough connections only; for HTTP use http.idleTimeout",
                     );
                 }
             }
@@ -690,18 +703,13 @@ impl Cx {
             .as_deref()
             .unwrap_or("HTTP")
             .to_ascii_uppercase();
+        let l4 = self.l4_kind(o, at, &protocol, s.tls.as_ref());
         let (tls, h2c) = match protocol.as_str() {
+            _ if l4.is_some() => (false, false),
             "HTTP" | "GRPC-WEB" => (false, false),
             "HTTP2" | "GRPC" => (false, true),
             "HTTPS" => (true, false),
-            "TCP" | "TLS" | "MONGO" => {
-                self.err(
-                    o,
-                    &format!("{at}.port.protocol"),
-                    format!("protocol {protocol} is not supported yet: Portico serves HTTP and HTTPS servers"),
-                );
-                return None;
-            }
+            "TCP" | "TLS" | "MONGO" => return None, // l4_kind said why
             other => {
                 self.err(
                     o,
@@ -747,6 +755,7 @@ impl Cx {
             tls,
             h2c,
             forward_proxy: false,
+            l4,
             hosts,
             https_redirect: false,
             cert: None,
@@ -754,6 +763,9 @@ impl Cx {
             origin: o.clone(),
             path: format!("{}{at}", o.path),
         };
+        if l4.is_some() {
+            return Some(info);
+        }
         match (&s.tls, tls) {
             (None, true) => {
                 self.err(o, at, "an HTTPS server needs a tls block");
@@ -963,6 +975,9 @@ impl Cx {
                 tls: s.tls,
                 h2c: s.h2c,
                 forward_proxy: s.forward_proxy,
+                l4: s.l4,
+                sni: HostMatcher::default(),
+                tcp: None,
                 servers: HostMatcher::default(),
                 certs: CertStore::default(),
                 default_from: None,
@@ -980,7 +995,14 @@ impl Cx {
                 );
                 continue;
             }
-            if l.tls != s.tls || l.h2c != s.h2c {
+            // HTTPS and PASSTHROUGH servers share a port: the SNI decides, per connection,
+            // whether TLS is terminated or passed through.
+            let passthrough = Some(L4Kind::Passthrough);
+            let tls_mix = (l.tls || l.l4 == passthrough) && (s.tls || s.l4 == passthrough);
+            if tls_mix {
+                l.tls |= s.tls;
+                l.l4 = l.l4.or(s.l4);
+            } else if l.tls != s.tls || l.h2c != s.h2c || l.l4 != s.l4 {
                 self.err(
                     &s.origin,
                     &format!("{at}.port.protocol"),
@@ -1020,6 +1042,9 @@ impl Cx {
                 );
                 if let Some(cert) = &s.cert {
                     l.certs.hosts.insert(h, cert.clone());
+                }
+                if s.tls {
+                    l.sni.insert(h, SniRoute::Terminate);
                 }
             }
             if let (true, Some(cert)) = (s.default_cert, &s.cert) {
@@ -1118,7 +1143,8 @@ impl Cx {
                     self.route(o, &vs_key, &ns, ri, r).map(Arc::new)
                 })
                 .collect();
-            count += v.http.len();
+            count += v.http.len() + v.tls.len() + v.tcp.len();
+            self.l4_routes(o, &vs_key, v, &bound, gateways, listeners);
             for gk in &bound {
                 let routes_here: Vec<Arc<Route>> = routes
                     .iter()
@@ -1143,6 +1169,9 @@ impl Cx {
                     let Some(l) = listeners.get_mut(&s.port) else {
                         continue;
                     };
+                    if s.l4.is_some() {
+                        continue;
+                    }
                     let Some(domain) = host::intersect(&s.hosts[hi], &vhosts[vi]) else {
                         continue;
                     };
@@ -2018,6 +2047,10 @@ impl Cx {
                     settings.connect_timeout = ct.get();
                 }
                 max_conn = t.max_connections.filter(|n| *n > 0);
+                if let Some(idle) = t.idle_timeout {
+                    // Istio: 0s turns the idle timeout off.
+                    settings.tcp_idle_timeout = Some(idle.get()).filter(|d| !d.is_zero());
+                }
                 if let Some(k) = &t.tcp_keepalive {
                     settings.tcp_keepalive = Some(pingora::protocols::TcpKeepalive {
                         idle: k.time.map(|d| d.get()).unwrap_or(Duration::from_secs(7200)),

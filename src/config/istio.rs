@@ -294,11 +294,6 @@ fn report_unknown(
                 &here,
                 format!("match condition {field} is not supported by Portico; ignoring it would make the route match requests it should not"),
             ));
-        } else if matches!(path.as_str(), "tcp" | "tls") {
-            out.warnings.push(file.error(
-                &here,
-                format!("{field} routes are not supported yet (Portico routes HTTP): ignored"),
-            ));
         } else {
             out.warnings.push(file.error(
                 &here,
@@ -338,6 +333,10 @@ fn resolve_virtual_service(vs: &mut VirtualService, ns: &str) {
         for m in &mut r.mirrors {
             m.destination.host = fqdn(&m.destination.host, ns);
         }
+    }
+    let l4 = vs.tls.iter_mut().flat_map(|r| &mut r.route);
+    for d in l4.chain(vs.tcp.iter_mut().flat_map(|r| &mut r.route)) {
+        d.destination.host = fqdn(&d.destination.host, ns);
     }
 }
 

@@ -174,8 +174,71 @@ pub struct VirtualService {
     pub gateways: Vec<String>,
     #[serde(default)]
     pub http: Vec<HttpRoute>,
+    /// Routes for TLS passed through unterminated, matched by SNI.
+    #[serde(default)]
+    pub tls: Vec<TlsRoute>,
+    /// Routes for opaque TCP.
+    #[serde(default)]
+    pub tcp: Vec<TcpRoute>,
     #[serde(default)]
     pub export_to: Vec<String>,
+}
+
+/// Istio's TLSRoute: the first rule whose match covers the connection's SNI is used.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsRoute {
+    #[serde(rename = "match", default)]
+    pub matches: Vec<TlsMatchAttributes>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsMatchAttributes {
+    #[serde(default)]
+    pub sni_hosts: Vec<String>,
+    #[serde(default)]
+    pub destination_subnets: Vec<String>,
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub source_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    pub source_namespace: Option<String>,
+}
+
+/// Istio's TCPRoute.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpRoute {
+    #[serde(rename = "match", default)]
+    pub matches: Vec<L4MatchAttributes>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct L4MatchAttributes {
+    #[serde(default)]
+    pub destination_subnets: Vec<String>,
+    pub port: Option<u32>,
+    pub source_subnet: Option<String>,
+    #[serde(default)]
+    pub source_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    pub source_namespace: Option<String>,
+}
+
+/// Istio's RouteDestination (L4): a destination and its relative weight.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteDestination {
+    pub destination: Destination,
+    pub weight: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -80,6 +80,16 @@ pub struct Observation<'a> {
     pub response_bytes: usize,
 }
 
+/// The four TCP counters of one destination and response flag.
+pub struct TcpSeries {
+    pub opened: IntCounter,
+    pub closed: IntCounter,
+    /// Bytes sent to the client.
+    pub sent: IntCounter,
+    /// Bytes received from the client.
+    pub received: IntCounter,
+}
+
 pub struct IstioMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
@@ -90,6 +100,7 @@ pub struct IstioMetrics {
     pub tcp_sent: IntCounterVec,
     pub tcp_received: IntCounterVec,
     series: RwLock<HashMap<Key, Arc<Series>>>,
+    tcp_series: RwLock<HashMap<Key, Arc<TcpSeries>>>,
     version: String,
 }
 
@@ -138,6 +149,7 @@ impl IstioMetrics {
                 "Bytes received on TCP connections.",
             ),
             series: RwLock::new(HashMap::new()),
+            tcp_series: RwLock::new(HashMap::new()),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
         for c in [
@@ -155,7 +167,7 @@ impl IstioMetrics {
         m
     }
 
-    fn values<'a>(&'a self, key: &'a Key, code: &'a str) -> [&'a str; 25] {
+    fn values<'a>(&'a self, key: &'a Key, code: &'a str, protocol: &'a str) -> [&'a str; 25] {
         let (service, name, version) = match &key.dest {
             Some(d) => (
                 &*d.service,
@@ -185,7 +197,7 @@ impl IstioMetrics {
             name,
             "latest",
             "unknown",
-            if key.grpc { "grpc" } else { "http" },
+            protocol,
             code,
             "",
             if key.flags.is_empty() { "-" } else { key.flags },
@@ -211,7 +223,7 @@ impl IstioMetrics {
             Some(s) => s,
             None => {
                 let code = o.status.to_string();
-                let v = self.values(&key, &code);
+                let v = self.values(&key, &code, if key.grpc { "grpc" } else { "http" });
                 let s = Arc::new(Series {
                     requests: self.requests.with_label_values(&v),
                     duration: self.duration.with_label_values(&v),
@@ -230,5 +242,38 @@ impl IstioMetrics {
         series.duration.observe(o.duration_ms);
         series.request_bytes.observe(o.request_bytes as f64);
         series.response_bytes.observe(o.response_bytes as f64);
+    }
+
+    /// The TCP counters for a connection to `dest` (`None`: refused before a destination
+    /// was chosen) that ended with response flag `flags` (`""` for none). Labelled
+    /// `request_protocol="tcp"` and `response_code="0"`, as Istio labels TCP.
+    pub fn tcp(&self, dest: Option<&Destination>, flags: &'static str) -> Arc<TcpSeries> {
+        let key = Key {
+            dest: dest.cloned(),
+            status: 0,
+            flags,
+            grpc: false,
+        };
+        if let Some(s) = self
+            .tcp_series
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return s.clone();
+        }
+        let v = self.values(&key, "0", "tcp");
+        let s = Arc::new(TcpSeries {
+            opened: self.tcp_opened.with_label_values(&v),
+            closed: self.tcp_closed.with_label_values(&v),
+            sent: self.tcp_sent.with_label_values(&v),
+            received: self.tcp_received.with_label_values(&v),
+        });
+        self.tcp_series
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_insert(s)
+            .clone()
     }
 }

@@ -173,6 +173,9 @@ pub struct ClusterSettings {
     /// `maxRequestsPerConnection`: a connection that has served this many requests is
     /// closed (`Connection: close` on its last request). `None` = unlimited.
     pub max_requests_per_connection: Option<u32>,
+    /// `tcp.idleTimeout`: a TCP or passthrough connection with no bytes either way for this
+    /// long is closed. Istio's default is 1h; `None` (written `0s`) never closes.
+    pub tcp_idle_timeout: Option<Duration>,
 }
 
 impl Default for ClusterSettings {
@@ -184,6 +187,7 @@ impl Default for ClusterSettings {
             tcp_keepalive: None,
             tls: None,
             max_requests_per_connection: None,
+            tcp_idle_timeout: Some(Duration::from_secs(3600)),
         }
     }
 }

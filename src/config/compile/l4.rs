@@ -1,0 +1,423 @@
+//! Compiles the L4 side of the config: Gateway servers that pass TLS through or forward TCP,
+//! and the VirtualService `tls` and `tcp` routes bound to them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use super::{gateway_ref, Cx, GatewayInfo, ListenerBuild};
+use crate::config::load::Origin;
+use crate::config::schema;
+use crate::l4::{L4Destination, L4Kind, L4Route, SniRoute};
+use crate::routing::host;
+
+impl Cx {
+    /// Whether a server of `protocol` is an L4 one. Reports the combinations Portico does
+    /// not serve; `None` for HTTP servers and for errors.
+    pub(super) fn l4_kind(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        protocol: &str,
+        tls: Option<&schema::ServerTls>,
+    ) -> Option<L4Kind> {
+        let mode = tls
+            .and_then(|t| t.mode.as_deref())
+            .map(str::to_ascii_uppercase);
+        let kind = match (protocol, mode.as_deref()) {
+            ("TCP", _) => L4Kind::Tcp,
+            // Istio's default mode is PASSTHROUGH: a TLS server without one routes by SNI.
+            ("TLS", None | Some("PASSTHROUGH")) | ("HTTPS", Some("PASSTHROUGH")) => {
+                L4Kind::Passthrough
+            }
+            ("TLS", Some(other)) => {
+                self.err(
+                    o,
+                    &format!("{at}.tls.mode"),
+                    format!("protocol TLS with mode {other} (terminating TLS for TCP) is not supported yet; use PASSTHROUGH, or protocol HTTPS to terminate HTTP"),
+                );
+                return None;
+            }
+            ("MONGO", _) => {
+                self.err(
+                    o,
+                    &format!("{at}.port.protocol"),
+                    "protocol MONGO is not supported; use TCP",
+                );
+                return None;
+            }
+            _ => return None,
+        };
+        if let Some(t) = tls {
+            let set: Vec<&str> = [
+                ("serverCertificate", t.server_certificate.is_some()),
+                ("privateKey", t.private_key.is_some()),
+                ("caCertificates", t.ca_certificates.is_some()),
+                ("credentialName", t.credential_name.is_some()),
+                ("minProtocolVersion", t.min_protocol_version.is_some()),
+                ("maxProtocolVersion", t.max_protocol_version.is_some()),
+                ("httpsRedirect", t.https_redirect),
+                ("defaultCertificate", t.default_certificate),
+            ]
+            .into_iter()
+            .filter_map(|(name, on)| on.then_some(name))
+            .collect();
+            if kind == L4Kind::Tcp {
+                self.err(
+                    o,
+                    &format!("{at}.tls"),
+                    "a TCP server forwards raw bytes and takes no tls block",
+                );
+                return None;
+            }
+            if !set.is_empty() {
+                self.err(
+                    o,
+                    &format!("{at}.tls"),
+                    format!(
+                        "mode PASSTHROUGH does not terminate TLS, so {} would be unused; remove it",
+                        set.join(", ")
+                    ),
+                );
+                return None;
+            }
+        }
+        Some(kind)
+    }
+
+    /// Binds the `tls` and `tcp` routes of one VirtualService to the L4 listeners of its
+    /// gateways (`bound`, or a match's own `gateways`).
+    pub(super) fn l4_routes(
+        &mut self,
+        o: &Origin,
+        vs_key: &str,
+        v: &schema::VirtualService,
+        bound: &[String],
+        gateways: &HashMap<String, GatewayInfo>,
+        listeners: &mut BTreeMap<u16, ListenerBuild>,
+    ) {
+        let ns = v.namespace.clone().unwrap_or_else(|| "default".into());
+        let vs_hosts: Vec<String> = v.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+        for (ri, r) in v.tls.iter().enumerate() {
+            let at = format!(".tls[{ri}]");
+            let errors_before = self.errors.len();
+            if r.matches.is_empty() {
+                self.err(
+                    o,
+                    &format!("{at}.match"),
+                    "a tls route needs a match with sniHosts",
+                );
+            }
+            let mut binds = Vec::new();
+            for (mi, m) in r.matches.iter().enumerate() {
+                let here = format!("{at}.match[{mi}]");
+                self.no_selectors(
+                    o,
+                    &here,
+                    &m.destination_subnets,
+                    None,
+                    &m.source_labels,
+                    &m.source_namespace,
+                );
+                if m.sni_hosts.is_empty() {
+                    self.err(o, &format!("{here}.sniHosts"), "sniHosts is required");
+                }
+                let mut snis = Vec::new();
+                for (hi, h) in m.sni_hosts.iter().enumerate() {
+                    let h = h.to_ascii_lowercase();
+                    if !vs_hosts.iter().any(|vh| host::covers(vh, &h)) {
+                        self.err(
+                            o,
+                            &format!("{here}.sniHosts[{hi}]"),
+                            format!(
+                                "{h} is not within the VirtualService hosts [{}]",
+                                vs_hosts.join(", ")
+                            ),
+                        );
+                        continue;
+                    }
+                    snis.push(h);
+                }
+                let port = self.match_port(o, &here, m.port);
+                let gws = self.match_gateways(o, &here, &ns, &m.gateways, bound, gateways);
+                binds.push((snis, port, gws));
+            }
+            let dests = self.l4_destinations(o, &at, &r.route);
+            if self.errors.len() > errors_before {
+                continue;
+            }
+            let Some((destinations, total_weight)) = dests else {
+                continue;
+            };
+            let route = Arc::new(L4Route {
+                origin: format!("{vs_key}{at}"),
+                destinations,
+                total_weight,
+            });
+            let mut used = false;
+            for (snis, port, gws) in binds {
+                for s in gws
+                    .iter()
+                    .filter_map(|gk| gateways.get(gk))
+                    .flat_map(|g| g.servers.iter())
+                    .filter(|s| s.l4 == Some(L4Kind::Passthrough))
+                    .filter(|s| port.is_none_or(|p| p == s.port))
+                {
+                    let Some(l) = listeners.get_mut(&s.port) else {
+                        continue;
+                    };
+                    if l.l4 != Some(L4Kind::Passthrough) {
+                        continue;
+                    }
+                    for sh in &s.hosts {
+                        for sni in &snis {
+                            let Some(name) = host::intersect(sh, sni) else {
+                                continue;
+                            };
+                            used = true;
+                            match l.sni.get_pattern(name) {
+                                None => {
+                                    l.sni.insert(name, SniRoute::Pass(route.clone()));
+                                }
+                                Some(SniRoute::Pass(first)) if Arc::ptr_eq(first, &route) => {}
+                                Some(SniRoute::Pass(first)) => {
+                                    let first = first.origin.clone();
+                                    self.warn(
+                                        o,
+                                        &at,
+                                        format!("SNI {name} on port {} is already routed by {first}, which comes first; this route never sees it", s.port),
+                                    );
+                                }
+                                Some(SniRoute::Terminate) => self.err(
+                                    o,
+                                    &at,
+                                    format!("SNI {name} on port {} is terminated by an HTTPS server there; it cannot also be passed through", s.port),
+                                ),
+                            }
+                        }
+                    }
+                }
+            }
+            if !used {
+                self.warn(
+                    o,
+                    &at,
+                    "binds to no PASSTHROUGH server of its gateways (check gateways, port and sniHosts against the servers' hosts)",
+                );
+            }
+        }
+        for (ri, r) in v.tcp.iter().enumerate() {
+            let at = format!(".tcp[{ri}]");
+            let errors_before = self.errors.len();
+            let mut binds = Vec::new();
+            for (mi, m) in r.matches.iter().enumerate() {
+                let here = format!("{at}.match[{mi}]");
+                self.no_selectors(
+                    o,
+                    &here,
+                    &m.destination_subnets,
+                    m.source_subnet.as_deref(),
+                    &m.source_labels,
+                    &m.source_namespace,
+                );
+                let port = self.match_port(o, &here, m.port);
+                let gws = self.match_gateways(o, &here, &ns, &m.gateways, bound, gateways);
+                binds.push((port, gws));
+            }
+            if r.matches.is_empty() {
+                binds.push((None, bound.to_vec()));
+            }
+            let dests = self.l4_destinations(o, &at, &r.route);
+            if self.errors.len() > errors_before {
+                continue;
+            }
+            let Some((destinations, total_weight)) = dests else {
+                continue;
+            };
+            let route = Arc::new(L4Route {
+                origin: format!("{vs_key}{at}"),
+                destinations,
+                total_weight,
+            });
+            let mut used = false;
+            for (port, gws) in binds {
+                for s in gws
+                    .iter()
+                    .filter_map(|gk| gateways.get(gk))
+                    .flat_map(|g| g.servers.iter())
+                    .filter(|s| s.l4 == Some(L4Kind::Tcp))
+                    .filter(|s| port.is_none_or(|p| p == s.port))
+                {
+                    let Some(l) = listeners.get_mut(&s.port) else {
+                        continue;
+                    };
+                    if l.l4 != Some(L4Kind::Tcp) {
+                        continue;
+                    }
+                    used = true;
+                    match &l.tcp {
+                        None => l.tcp = Some(route.clone()),
+                        Some(first) if Arc::ptr_eq(first, &route) => {}
+                        Some(first) => {
+                            let first = first.origin.clone();
+                            self.warn(
+                                o,
+                                &at,
+                                format!("port {} is already routed by {first}, which comes first; this route never sees a connection", s.port),
+                            );
+                        }
+                    }
+                }
+            }
+            if !used {
+                self.warn(
+                    o,
+                    &at,
+                    "binds to no TCP server of its gateways (check gateways and port)",
+                );
+            }
+        }
+    }
+
+    /// Match fields that select sidecars or match destinations Portico cannot see are
+    /// errors, not silently ignored.
+    fn no_selectors(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        destination_subnets: &[String],
+        source_subnet: Option<&str>,
+        source_labels: &BTreeMap<String, String>,
+        source_namespace: &Option<String>,
+    ) {
+        if !destination_subnets.is_empty() {
+            self.err(
+                o,
+                &format!("{at}.destinationSubnets"),
+                "destinationSubnets is not supported: a gateway listener's destination is itself",
+            );
+        }
+        if source_subnet.is_some() {
+            self.err(
+                o,
+                &format!("{at}.sourceSubnet"),
+                "sourceSubnet is not supported",
+            );
+        }
+        if !source_labels.is_empty() || source_namespace.is_some() {
+            self.err(
+                o,
+                at,
+                "sourceLabels and sourceNamespace select sidecars; they do not apply at a gateway",
+            );
+        }
+    }
+
+    fn match_port(&mut self, o: &Origin, at: &str, port: Option<u32>) -> Option<u16> {
+        let p = port?;
+        match u16::try_from(p) {
+            Ok(p) if p > 0 => Some(p),
+            _ => {
+                self.err(o, &format!("{at}.port"), "port must be 1-65535");
+                None
+            }
+        }
+    }
+
+    /// A match's own `gateways` replace the VirtualService's.
+    fn match_gateways(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        ns: &str,
+        own: &[String],
+        bound: &[String],
+        gateways: &HashMap<String, GatewayInfo>,
+    ) -> Vec<String> {
+        if own.is_empty() {
+            return bound.to_vec();
+        }
+        let mut out = Vec::new();
+        for (gi, g) in own.iter().enumerate() {
+            if g == "mesh" {
+                continue;
+            }
+            let gk = gateway_ref(g, ns);
+            if gateways.contains_key(&gk) {
+                out.push(gk);
+            } else {
+                self.err(
+                    o,
+                    &format!("{at}.gateways[{gi}]"),
+                    format!("gateway {gk} is not defined"),
+                );
+            }
+        }
+        out
+    }
+
+    /// Weighted L4 destinations; they resolve to the same clusters HTTP routes use.
+    fn l4_destinations(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        route: &[schema::RouteDestination],
+    ) -> Option<(Vec<L4Destination>, u32)> {
+        if route.is_empty() {
+            self.err(
+                o,
+                &format!("{at}.route"),
+                "a route needs at least one destination",
+            );
+            return None;
+        }
+        let several = route.len() > 1;
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (di, d) in route.iter().enumerate() {
+            let here = format!("{at}.route[{di}]");
+            let weight = match d.weight {
+                Some(w) if w < 0 => {
+                    self.err(
+                        o,
+                        &format!("{here}.weight"),
+                        format!("weight {w} is negative"),
+                    );
+                    ok = false;
+                    continue;
+                }
+                Some(w) if w > i64::from(u32::MAX / 2) => {
+                    self.err(o, &format!("{here}.weight"), "weight is too large");
+                    ok = false;
+                    continue;
+                }
+                Some(w) => w as u32,
+                None => 0,
+            };
+            let Some(cluster) = self.cluster(o, &format!("{here}.destination"), &d.destination)
+            else {
+                ok = false;
+                continue;
+            };
+            if several && weight == 0 {
+                continue;
+            }
+            out.push(L4Destination {
+                cluster,
+                weight: if several { weight } else { 1 },
+            });
+        }
+        if !ok {
+            return None;
+        }
+        let total: u32 = out.iter().map(|d| d.weight).sum();
+        if out.is_empty() || total == 0 {
+            self.err(
+                o,
+                &format!("{at}.route"),
+                "total destination weight is 0: with several destinations, give at least one a positive weight",
+            );
+            return None;
+        }
+        Some((out, total))
+    }
+}
