@@ -302,6 +302,9 @@ impl BackgroundService for Watcher {
                 _ = tokio::time::sleep(interval) => {
                     if self.reloader.changed() {
                         self.reload("file changed").await;
+                    } else if crate::egress::dns::take_cluster_change() {
+                        // Clusters hold the addresses their names had when compiled.
+                        self.reload("dns answer changed").await;
                     }
                 }
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {

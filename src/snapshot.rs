@@ -22,6 +22,9 @@ pub struct Snapshot {
     pub clusters: Vec<Arc<Cluster>>,
     /// ServiceEntry registry and outbound policy for the forward proxy.
     pub egress: crate::egress::EgressRegistry,
+    /// The DNS names clusters were compiled from: holding them keeps the refresher asking,
+    /// and a changed answer recompiles (`egress::dns::take_cluster_change`).
+    pub dns_names: Vec<Arc<crate::egress::dns::DnsName>>,
     pub settings: Settings,
     pub summary: Summary,
 }

@@ -512,6 +512,78 @@ ports = [{{ number = 80, name = "http", protocol = "HTTP", targetPort = {port} }
     );
 }
 
+#[test]
+fn routed_clusters_follow_dns_answers_without_a_config_change() {
+    // A VirtualService on an ordinary gateway routes to a DNS ServiceEntry: when the
+    // name's answer changes, Portico recompiles and the route goes to the new address.
+    let a = Echo::start("a");
+    let port = a.port();
+    let _b = Echo::start_on("b", &format!("127.0.0.2:{port}"));
+    let dns = DnsServer::start(1);
+    dns.set("api.dyn.test", &[LOCAL]);
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let config = format!(
+        r#"{mesh}dnsServers = ["{dns}"]
+
+[[gateways]]
+name = "edge"
+[[gateways.servers]]
+port = {{ number = {http}, name = "http", protocol = "HTTP" }}
+bind = "127.0.0.1"
+hosts = ["app.test"]
+
+[[virtualServices]]
+name = "app"
+hosts = ["app.test"]
+gateways = ["edge"]
+[[virtualServices.http]]
+route = [{{ destination = {{ host = "api.dyn.test", port = {{ number = {port} }} }} }}]
+
+[[serviceEntries]]
+name = "api"
+hosts = ["api.dyn.test"]
+resolution = "DNS"
+ports = [{{ number = {port}, name = "http", protocol = "HTTP" }}]
+"#,
+        mesh = mesh_config(free_port()),
+        dns = dns.addr(),
+    );
+    let gw = Portico::start(dir.path(), &config);
+    let first = http_get(http, "app.test", "/");
+    assert_eq!(first.status, 200, "{}\n{}", first.text(), gw.log());
+    assert_eq!(
+        first.upstream(),
+        Some("a"),
+        "compiled from the test resolver"
+    );
+    let generation = gw.generation();
+
+    dns.set("api.dyn.test", &[Ipv4Addr::new(127, 0, 0, 2)]);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            http_get(http, "app.test", "/").upstream() == Some("b")
+        }),
+        "the route still goes to the old address; log:\n{}",
+        gw.log()
+    );
+    assert!(
+        gw.log().contains("dns answer changed"),
+        "the recompile says why: {}",
+        gw.log()
+    );
+    assert!(gw.generation() > generation);
+    // The same answer again is no change: no further recompiles while it holds.
+    let settled = gw.generation();
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        gw.generation(),
+        settled,
+        "no recompile while the answer holds"
+    );
+    assert_eq!(http_get(http, "app.test", "/").upstream(), Some("b"));
+}
+
 /// Opens a CONNECT tunnel through `proxy` to `target`; the stream after the 200.
 fn tunnel(proxy: u16, target: &str) -> Result<BufReader<TcpStream>, String> {
     let mut s = TcpStream::connect(("127.0.0.1", proxy)).map_err(|e| e.to_string())?;

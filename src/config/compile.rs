@@ -6,7 +6,7 @@
 mod l4;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,14 +63,17 @@ pub fn compile(doc: &Document, opts: &Options) -> Result<Compiled, Vec<ConfigErr
         settings: None,
         opts: opts.clone(),
         credentials_dir: Cx::credentials_dir(doc),
+        dns_servers: Vec::new(),
+        dns_names: Vec::new(),
     };
     let settings = cx.mesh(doc);
     cx.settings = Some(settings.clone());
     cx.registry = cx.build_registry(doc);
+    let egress = super::egress::registry(doc, &mut cx.errors);
+    cx.dns_servers = egress.resolver.servers().to_vec();
     let gateways = cx.gateways(doc);
     let mut listeners = cx.listeners(&gateways);
     let routes = cx.virtual_services(doc, &gateways, &mut listeners);
-    let egress = super::egress::registry(doc, &mut cx.errors);
 
     if !cx.errors.is_empty() {
         // A DestinationRule shared by several destinations reports its problem once.
@@ -133,6 +136,7 @@ pub fn compile(doc: &Document, opts: &Options) -> Result<Compiled, Vec<ConfigErr
             listeners,
             clusters,
             egress,
+            dns_names: cx.dns_names,
             settings,
             summary,
         },
@@ -149,6 +153,10 @@ struct Cx {
     settings: Option<Settings>,
     opts: Options,
     credentials_dir: PathBuf,
+    /// `mesh.dnsServers`, for names resolved while compiling.
+    dns_servers: Vec<SocketAddr>,
+    /// The names clusters were compiled from; the Snapshot keeps them followed.
+    dns_names: Vec<Arc<crate::egress::dns::DnsName>>,
 }
 
 #[derive(Default)]
@@ -2186,9 +2194,27 @@ impl Cx {
         if let Ok(ip) = address.parse::<IpAddr>() {
             return vec![SocketAddr::new(ip, port)];
         }
-        match (address, port).to_socket_addrs() {
-            Ok(addrs) => {
-                let mut v: Vec<SocketAddr> = addrs.collect();
+        // The answer the refresher keeps for this name when there is one (so a reload
+        // after the answer changed compiles the new addresses), else a lookup now, which
+        // then seeds it. A followed name's new answer recompiles (reload::Watcher).
+        let lower = address.trim_end_matches('.').to_ascii_lowercase();
+        let name = crate::egress::dns::name(&lower);
+        let ips = match name.answer() {
+            Some(a) => Ok(a.addrs.clone()),
+            None => crate::egress::dns::lookup_blocking(&self.dns_servers, &lower).inspect(|ips| {
+                if !ips.is_empty() {
+                    name.seed(ips.clone());
+                }
+            }),
+        };
+        match ips {
+            Ok(ips) => {
+                name.follow_for_clusters();
+                self.dns_names.push(name);
+                let mut v: Vec<SocketAddr> = ips
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, port))
+                    .collect();
                 v.sort();
                 v.dedup();
                 v

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -139,6 +139,54 @@ pub struct DnsName {
     refresh_at_ms: AtomicU64,
     /// Consecutive failures, for the back-off.
     failures: AtomicU64,
+    /// A cluster's endpoints were compiled from this name: a changed answer recompiles.
+    for_clusters: AtomicBool,
+}
+
+/// Set when a name clusters were compiled from gets a different answer; the config watcher
+/// takes it and reloads, so the clusters' endpoints follow DNS without a request waiting.
+static CLUSTER_ANSWER_CHANGED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a cluster's name has a new answer since the last call.
+pub fn take_cluster_change() -> bool {
+    CLUSTER_ANSWER_CHANGED.swap(false, Ordering::AcqRel)
+}
+
+fn same_addrs(a: &[IpAddr], b: &[IpAddr]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort();
+    a.dedup();
+    b.sort();
+    b.dedup();
+    a == b
+}
+
+/// Resolves `name` now, blocking, with `servers` (empty: the system's resolver through
+/// getaddrinfo, as the rest of the system sees names, /etc/hosts included). For compiling a
+/// Snapshot off the request path; runs on its own thread so that it works whether or not
+/// the caller is inside a runtime.
+pub fn lookup_blocking(servers: &[SocketAddr], name: &str) -> Result<Vec<IpAddr>, String> {
+    if servers.is_empty() {
+        use std::net::ToSocketAddrs;
+        return (name, 0)
+            .to_socket_addrs()
+            .map(|it| it.map(|s| s.ip()).collect())
+            .map_err(|e| e.to_string());
+    }
+    let servers = servers.to_vec();
+    let name = name.to_string();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start a resolver runtime: {e}"))?;
+            rt.block_on(Resolver::new(servers).lookup(&name))
+                .map(|a| a.addrs)
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the resolver thread panicked".into()))
+    })
 }
 
 fn epoch() -> Instant {
@@ -154,6 +202,24 @@ impl DnsName {
     /// The last good answer, `None` when there never was one.
     pub fn answer(&self) -> Option<Arc<Answer>> {
         self.answer.load_full()
+    }
+
+    /// Marks the name as one clusters were compiled from (see [`take_cluster_change`]).
+    pub fn follow_for_clusters(&self) {
+        self.for_clusters.store(true, Ordering::Relaxed);
+    }
+
+    /// A first answer found while compiling, when there is none yet. The refresher asks
+    /// its nameservers at once and keeps the answer fresh from then on.
+    pub fn seed(&self, addrs: Vec<IpAddr>) {
+        if self.answer().is_none() {
+            self.answer.store(Some(Arc::new(Answer {
+                addrs,
+                valid_until: Instant::now(),
+            })));
+            self.refresh_at_ms.store(0, Ordering::Relaxed);
+            wake().notify_one();
+        }
     }
 
     /// The last good answer, or a lookup now when there never was one (the first request
@@ -174,7 +240,13 @@ impl DnsName {
                 self.refresh_at_ms
                     .store(ms_since_epoch(answer.valid_until), Ordering::Relaxed);
                 self.failures.store(0, Ordering::Relaxed);
-                let changed = self.answer().is_none_or(|old| old.addrs != answer.addrs);
+                let old = self.answer();
+                let changed = old
+                    .as_ref()
+                    .is_none_or(|old| !same_addrs(&old.addrs, &answer.addrs));
+                if changed && old.is_some() && self.for_clusters.load(Ordering::Relaxed) {
+                    CLUSTER_ANSWER_CHANGED.store(true, Ordering::Release);
+                }
                 if changed {
                     tracing::info!(name = %self.name, addrs = ?answer.addrs, ttl_ms = answer.valid_until.saturating_duration_since(Instant::now()).as_millis() as u64, "dns answer");
                 }
@@ -220,6 +292,7 @@ pub fn name(name: &str) -> Arc<DnsName> {
         answer: ArcSwapOption::empty(),
         refresh_at_ms: AtomicU64::new(0),
         failures: AtomicU64::new(0),
+        for_clusters: AtomicBool::new(false),
     });
     t.insert(name.to_string(), Arc::downgrade(&n));
     drop(t);
