@@ -1828,23 +1828,9 @@ impl Cx {
         let mut ok = true;
         for (di, d) in route.iter().enumerate() {
             let here = format!("{at}.route[{di}]");
-            let weight = match d.weight {
-                Some(w) if w < 0 => {
-                    self.err(
-                        o,
-                        &format!("{here}.weight"),
-                        format!("weight {w} is negative"),
-                    );
-                    ok = false;
-                    continue;
-                }
-                Some(w) if w > i64::from(u32::MAX / 2) => {
-                    self.err(o, &format!("{here}.weight"), "weight is too large");
-                    ok = false;
-                    continue;
-                }
-                Some(w) => w as u32,
-                None => 0,
+            let Some(weight) = self.weight(o, &here, d.weight) else {
+                ok = false;
+                continue;
             };
             let headers = self.header_rules(o, &format!("{here}.headers"), d.headers.as_ref());
             let Some(cluster) = self.cluster(o, &format!("{here}.destination"), &d.destination)
@@ -1865,8 +1851,40 @@ impl Cx {
         if !ok {
             return None;
         }
-        let total: u32 = out.iter().map(|d| d.weight).sum();
-        if out.is_empty() || total == 0 {
+        let total = self.total_weight(o, at, out.iter().map(|d| d.weight))?;
+        Some((out, total))
+    }
+
+    /// A route destination's `weight` (none: 0), or `None` after reporting a bad one.
+    fn weight(&mut self, o: &Origin, here: &str, weight: Option<i64>) -> Option<u32> {
+        match weight {
+            Some(w) if w < 0 => {
+                self.err(
+                    o,
+                    &format!("{here}.weight"),
+                    format!("weight {w} is negative"),
+                );
+                None
+            }
+            Some(w) if w > i64::from(u32::MAX / 2) => {
+                self.err(o, &format!("{here}.weight"), "weight is too large");
+                None
+            }
+            Some(w) => Some(w as u32),
+            None => Some(0),
+        }
+    }
+
+    /// The sum of the weights of a route's kept destinations; `None` (reported) when it
+    /// is 0, which would leave the route nowhere to go.
+    fn total_weight(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        weights: impl Iterator<Item = u32>,
+    ) -> Option<u32> {
+        let total: u32 = weights.sum();
+        if total == 0 {
             self.err(
                 o,
                 &format!("{at}.route"),
@@ -1874,7 +1892,7 @@ impl Cx {
             );
             return None;
         }
-        Some((out, total))
+        Some(total)
     }
 
     fn cluster(&mut self, o: &Origin, at: &str, d: &schema::Destination) -> Option<Arc<Cluster>> {

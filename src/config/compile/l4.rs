@@ -375,23 +375,9 @@ impl Cx {
         let mut ok = true;
         for (di, d) in route.iter().enumerate() {
             let here = format!("{at}.route[{di}]");
-            let weight = match d.weight {
-                Some(w) if w < 0 => {
-                    self.err(
-                        o,
-                        &format!("{here}.weight"),
-                        format!("weight {w} is negative"),
-                    );
-                    ok = false;
-                    continue;
-                }
-                Some(w) if w > i64::from(u32::MAX / 2) => {
-                    self.err(o, &format!("{here}.weight"), "weight is too large");
-                    ok = false;
-                    continue;
-                }
-                Some(w) => w as u32,
-                None => 0,
+            let Some(weight) = self.weight(o, &here, d.weight) else {
+                ok = false;
+                continue;
             };
             let Some(cluster) = self.cluster(o, &format!("{here}.destination"), &d.destination)
             else {
@@ -409,15 +395,7 @@ impl Cx {
         if !ok {
             return None;
         }
-        let total: u32 = out.iter().map(|d| d.weight).sum();
-        if out.is_empty() || total == 0 {
-            self.err(
-                o,
-                &format!("{at}.route"),
-                "total destination weight is 0: with several destinations, give at least one a positive weight",
-            );
-            return None;
-        }
+        let total = self.total_weight(o, at, out.iter().map(|d| d.weight))?;
         Some((out, total))
     }
 }
