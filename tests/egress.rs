@@ -39,33 +39,6 @@ hosts = ["*"]
     )
 }
 
-/// An HTTPS origin (a second Portico) answering "from origin" for any name, with a
-/// self-signed certificate for `names` written to `<dir>/origin.crt`. Returns (it, port).
-fn https_origin(dir: &std::path::Path, names: &[&str]) -> (Portico, u16) {
-    write_cert(dir, "origin", names);
-    let https = free_port();
-    let config = format!(
-        r#"{mesh}
-[[gateways]]
-name = "origin"
-[[gateways.servers]]
-port = {{ number = {https}, name = "https", protocol = "HTTPS" }}
-bind = "127.0.0.1"
-hosts = ["*"]
-tls = {{ mode = "SIMPLE", serverCertificate = "origin.crt", privateKey = "origin.key" }}
-
-[[virtualServices]]
-name = "origin"
-hosts = ["*"]
-gateways = ["origin"]
-[[virtualServices.http]]
-directResponse = {{ status = 200, body = {{ string = "from origin" }} }}
-"#,
-        mesh = mesh_config(free_port()),
-    );
-    (Portico::start(dir, &config), https)
-}
-
 struct Curl {
     code: i32,
     stdout: String,
@@ -137,7 +110,12 @@ fn metric(p: &Portico, labels: &[&str]) -> f64 {
 #[test]
 fn https_proxy_connect_reaches_a_registered_host_and_403s_the_rest() {
     let origin_dir = tempfile::tempdir().unwrap();
-    let (_origin, origin_port) = https_origin(origin_dir.path(), &["secure.test", "unlisted.test"]);
+    let (_origin, origin_port) = https_origin(
+        origin_dir.path(),
+        &["secure.test", "unlisted.test"],
+        "from origin",
+        "",
+    );
     let dns = DnsServer::start(30);
     dns.set("secure.test", &[LOCAL]);
     dns.set("unlisted.test", &[LOCAL]);

@@ -330,28 +330,12 @@ fn wildcard_egress_sends_every_subdomain_to_one_endpoint() {
 fn tls_origination_from_a_destination_rule() {
     // The origin: an HTTPS server for edition.cnn.com (another Portico, answering itself).
     let origin_dir = tempfile::tempdir().unwrap();
-    write_cert(origin_dir.path(), "origin", &["edition.cnn.com"]);
-    let https = free_port();
-    let origin = format!(
-        r#"{mesh}
-[[gateways]]
-name = "origin"
-[[gateways.servers]]
-port = {{ number = {https}, name = "https", protocol = "HTTPS" }}
-bind = "127.0.0.1"
-hosts = ["*"]
-tls = {{ mode = "SIMPLE", serverCertificate = "origin.crt", privateKey = "origin.key" }}
-
-[[virtualServices]]
-name = "origin"
-hosts = ["*"]
-gateways = ["origin"]
-[[virtualServices.http]]
-directResponse = {{ status = 200, body = {{ string = "from the TLS origin" }} }}
-"#,
-        mesh = mesh_config(free_port()),
+    let (_origin, https) = https_origin(
+        origin_dir.path(),
+        &["edition.cnn.com"],
+        "from the TLS origin",
+        "",
     );
-    let _origin = Portico::start(origin_dir.path(), &origin);
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
     std::fs::copy(

@@ -8,29 +8,12 @@ use support::*;
 
 /// An HTTPS origin for `origin.test` answering "from origin"; returns (gateway, https port).
 fn origin(dir: &std::path::Path) -> (Portico, u16) {
-    write_cert(dir, "origin", &["origin.test"]);
-    let https = free_port();
-    let config = format!(
-        r#"{mesh}
-[[gateways]]
-name = "origin"
-[[gateways.servers]]
-port = {{ number = {https}, name = "https", protocol = "HTTPS" }}
-bind = "127.0.0.1"
-hosts = ["*"]
-tls = {{ mode = "SIMPLE", serverCertificate = "origin.crt", privateKey = "origin.key" }}
-
-[[virtualServices]]
-name = "origin"
-hosts = ["*"]
-gateways = ["origin"]
-[[virtualServices.http]]
-directResponse = {{ status = 200, body = {{ string = "from origin" }} }}
-headers = {{ response = {{ set = {{ x-origin-saw-tls = "yes" }} }} }}
-"#,
-        mesh = mesh_config(free_port()),
-    );
-    (Portico::start(dir, &config), https)
+    https_origin(
+        dir,
+        &["origin.test"],
+        "from origin",
+        r#"headers = { response = { set = { x-origin-saw-tls = "yes" } } }"#,
+    )
 }
 
 fn edge(dir: &std::path::Path, origin_port: u16, tls: &str) -> (Portico, u16) {

@@ -1122,6 +1122,35 @@ pub fn write_cert(dir: &Path, name: &str, names: &[&str]) -> Vec<u8> {
     cert.der
 }
 
+/// An HTTPS origin (another Portico) that answers every request with 200 and `body`, with a
+/// self-signed certificate for `names` written to `<dir>/origin.crt`; `route_extra` is
+/// added to its one HTTP route (TOML lines). Returns (it, its HTTPS port).
+pub fn https_origin(dir: &Path, names: &[&str], body: &str, route_extra: &str) -> (Portico, u16) {
+    write_cert(dir, "origin", names);
+    let https = free_port();
+    let config = format!(
+        r#"{mesh}
+[[gateways]]
+name = "origin"
+[[gateways.servers]]
+port = {{ number = {https}, name = "https", protocol = "HTTPS" }}
+bind = "127.0.0.1"
+hosts = ["*"]
+tls = {{ mode = "SIMPLE", serverCertificate = "origin.crt", privateKey = "origin.key" }}
+
+[[virtualServices]]
+name = "origin"
+hosts = ["*"]
+gateways = ["origin"]
+[[virtualServices.http]]
+directResponse = {{ status = 200, body = {{ string = "{body}" }} }}
+{route_extra}
+"#,
+        mesh = mesh_config(free_port()),
+    );
+    (Portico::start(dir, &config), https)
+}
+
 /// Generate a certificate for `names` and write it as a credential, Kubernetes-Secret style:
 /// `<creds_dir>/<credential>/tls.crt` and `tls.key`. Returns its DER.
 pub fn write_credential(creds_dir: &Path, credential: &str, names: &[&str]) -> Vec<u8> {

@@ -141,18 +141,9 @@ impl Cx {
                 let gws = self.match_gateways(o, &here, &ns, &m.gateways, bound, gateways);
                 binds.push((snis, port, gws));
             }
-            let dests = self.l4_destinations(o, &at, &r.route);
-            if self.errors.len() > errors_before {
-                continue;
-            }
-            let Some((destinations, total_weight)) = dests else {
+            let Some(route) = self.l4_route(o, &at, vs_key, &r.route, errors_before) else {
                 continue;
             };
-            let route = Arc::new(L4Route {
-                origin: format!("{vs_key}{at}"),
-                destinations,
-                total_weight,
-            });
             let mut used = false;
             for (snis, port, gws) in binds {
                 for s in gws
@@ -226,18 +217,9 @@ impl Cx {
             if r.matches.is_empty() {
                 binds.push((None, bound.to_vec()));
             }
-            let dests = self.l4_destinations(o, &at, &r.route);
-            if self.errors.len() > errors_before {
-                continue;
-            }
-            let Some((destinations, total_weight)) = dests else {
+            let Some(route) = self.l4_route(o, &at, vs_key, &r.route, errors_before) else {
                 continue;
             };
-            let route = Arc::new(L4Route {
-                origin: format!("{vs_key}{at}"),
-                destinations,
-                total_weight,
-            });
             let mut used = false;
             for (port, gws) in binds {
                 for s in gws
@@ -353,6 +335,28 @@ impl Cx {
             }
         }
         out
+    }
+
+    /// The compiled route of `tls[i]` / `tcp[i]` at `at`, or `None` when it (or anything
+    /// reported since `errors_before`) is in error.
+    fn l4_route(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        vs_key: &str,
+        route: &[schema::RouteDestination],
+        errors_before: usize,
+    ) -> Option<Arc<L4Route>> {
+        let dests = self.l4_destinations(o, at, route);
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        let (destinations, total_weight) = dests?;
+        Some(Arc::new(L4Route {
+            origin: format!("{vs_key}{at}"),
+            destinations,
+            total_weight,
+        }))
     }
 
     /// Weighted L4 destinations; they resolve to the same clusters HTTP routes use.
