@@ -187,12 +187,22 @@ fn main() -> ExitCode {
 }
 
 fn validate(sources: &config::Sources) -> ExitCode {
-    match config::build_sources(sources, &config::Options::default()) {
-        Ok(compiled) => {
+    let started = std::time::Instant::now();
+    let built = config::load_sources(sources).and_then(|doc| {
+        let loaded = started.elapsed();
+        config::compile(&doc, &config::Options::default()).map(|c| (c, loaded))
+    });
+    match built {
+        Ok((compiled, loaded)) => {
             for w in &compiled.warnings {
                 eprintln!("warning: {w}");
             }
-            println!("ok: {}", compiled.snapshot.summary);
+            println!(
+                "ok: {} (read and parsed in {} ms, compiled in {} ms)",
+                compiled.snapshot.summary,
+                loaded.as_millis(),
+                (started.elapsed() - loaded).as_millis()
+            );
             ExitCode::SUCCESS
         }
         Err(errors) => {

@@ -13,19 +13,23 @@ pub fn to_toml(doc: &Document) -> Result<String, String> {
     let main_is_config = doc.main.format == Format::Toml && !doc.main.text.is_empty();
     let file = schema::File {
         include: Vec::new(),
-        mesh: main_is_config.then(|| doc.mesh.spec.clone()),
-        gateways: doc.gateways.iter().map(|i| i.spec.clone()).collect(),
+        mesh: main_is_config.then(|| (*doc.mesh.spec).clone()),
+        gateways: doc.gateways.iter().map(|i| (*i.spec).clone()).collect(),
         virtual_services: doc
             .virtual_services
             .iter()
-            .map(|i| i.spec.clone())
+            .map(|i| (*i.spec).clone())
             .collect(),
         destination_rules: doc
             .destination_rules
             .iter()
-            .map(|i| i.spec.clone())
+            .map(|i| (*i.spec).clone())
             .collect(),
-        service_entries: doc.service_entries.iter().map(|i| i.spec.clone()).collect(),
+        service_entries: doc
+            .service_entries
+            .iter()
+            .map(|i| (*i.spec).clone())
+            .collect(),
     };
     let mut value = toml::Value::try_from(&file).map_err(|e| format!("cannot write TOML: {e}"))?;
     prune(&mut value);

@@ -2,7 +2,7 @@
 //! manifests and folders of them), parse errors with locations. Reads files; never opens
 //! sockets and never judges what the settings mean.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -88,7 +88,8 @@ impl Origin {
 /// A resource with its origin.
 #[derive(Debug, Clone)]
 pub struct Item<T> {
-    pub spec: T,
+    /// Shared with the load `Cache`: an unchanged file's items are the same `Arc`s.
+    pub spec: Arc<T>,
     pub origin: Origin,
 }
 
@@ -143,10 +144,83 @@ impl std::fmt::Display for Sources {
     }
 }
 
-/// What one file holds.
-enum Content {
-    Toml(Box<schema::File>),
-    Yaml(istio::Resources),
+/// One file, parsed into the items a Document holds. The `Cache` hands it out again while
+/// the file's text is unchanged: a reload of a large config re-parses only what changed,
+/// and the unchanged items keep their `Arc`s (which `compile::Cache` recognises).
+struct Parsed {
+    file: Arc<SourceFile>,
+    mesh: Option<Arc<Mesh>>,
+    gateways: Vec<Item<Gateway>>,
+    virtual_services: Vec<Item<VirtualService>>,
+    destination_rules: Vec<Item<DestinationRule>>,
+    service_entries: Vec<Item<ServiceEntry>>,
+    /// TOML `include` patterns.
+    includes: Vec<String>,
+    warnings: Vec<ConfigError>,
+    errors: Vec<ConfigError>,
+}
+
+impl Parsed {
+    fn toml(file: Arc<SourceFile>, content: schema::File) -> Parsed {
+        fn items<T>(file: &Arc<SourceFile>, kind: &str, specs: Vec<T>) -> Vec<Item<T>> {
+            specs
+                .into_iter()
+                .enumerate()
+                .map(|(idx, spec)| Item {
+                    spec: Arc::new(spec),
+                    origin: Origin {
+                        file: file.clone(),
+                        path: format!("{kind}[{idx}]"),
+                    },
+                })
+                .collect()
+        }
+        Parsed {
+            mesh: content.mesh.map(Arc::new),
+            gateways: items(&file, "gateways", content.gateways),
+            virtual_services: items(&file, "virtualServices", content.virtual_services),
+            destination_rules: items(&file, "destinationRules", content.destination_rules),
+            service_entries: items(&file, "serviceEntries", content.service_entries),
+            includes: content.include,
+            warnings: Vec::new(),
+            errors: Vec::new(),
+            file,
+        }
+    }
+
+    fn yaml(file: Arc<SourceFile>, r: istio::Resources) -> Parsed {
+        fn items<T>(file: &Arc<SourceFile>, specs: Vec<(String, T)>) -> Vec<Item<T>> {
+            specs
+                .into_iter()
+                .map(|(path, spec)| Item {
+                    spec: Arc::new(spec),
+                    origin: Origin {
+                        file: file.clone(),
+                        path,
+                    },
+                })
+                .collect()
+        }
+        Parsed {
+            mesh: None,
+            gateways: items(&file, r.gateways),
+            virtual_services: items(&file, r.virtual_services),
+            destination_rules: items(&file, r.destination_rules),
+            service_entries: items(&file, r.service_entries),
+            includes: Vec::new(),
+            warnings: r.warnings,
+            errors: r.errors,
+            file,
+        }
+    }
+}
+
+/// The files the last load parsed, by path. Passing the same Cache to every
+/// `load_cached` makes a reload parse only the files whose text changed; it holds the
+/// parsed items of the whole config (memory for speed: see bench/RESULTS.md).
+#[derive(Default)]
+pub struct Cache {
+    files: HashMap<PathBuf, Arc<Parsed>>,
 }
 
 /// Loads the main file and everything it includes. Every file that can be read is parsed,
@@ -159,281 +233,246 @@ pub fn load(main: &Path) -> Result<Document, Vec<ConfigError>> {
 /// the defaults and relative paths in them (the credentials folder) are relative to the
 /// current directory.
 pub fn load_sources(sources: &Sources) -> Result<Document, Vec<ConfigError>> {
-    let mut errors = Vec::new();
-    let mut seen = HashSet::new();
-    let mut parsed = Vec::new();
-    let mut include_dirs = Vec::new();
-    let mut istio_roots: Vec<&Path> = sources.istio.iter().map(PathBuf::as_path).collect();
-    let main_file = match &sources.config {
-        Some(main) if Format::of(main) == Format::Toml && !main.is_dir() => {
-            read_tree(
-                main,
-                None,
-                &mut seen,
-                &mut parsed,
-                &mut include_dirs,
-                &mut errors,
-            );
-            if !errors.is_empty() {
-                return Err(errors);
+    load_cached(sources, &mut Cache::default())
+}
+
+/// `load_sources` that re-parses only the files whose text differs from what `cache` holds,
+/// and leaves in `cache` the files read this time.
+pub fn load_cached(sources: &Sources, cache: &mut Cache) -> Result<Document, Vec<ConfigError>> {
+    let mut r = Reader {
+        old: std::mem::take(&mut cache.files),
+        fresh: HashMap::new(),
+        seen: HashSet::new(),
+        parsed: Vec::new(),
+        include_dirs: Vec::new(),
+        errors: Vec::new(),
+    };
+    let result = r.load(sources);
+    cache.files = r.fresh;
+    result
+}
+
+struct Reader {
+    old: HashMap<PathBuf, Arc<Parsed>>,
+    fresh: HashMap<PathBuf, Arc<Parsed>>,
+    seen: HashSet<PathBuf>,
+    parsed: Vec<Arc<Parsed>>,
+    include_dirs: Vec<PathBuf>,
+    errors: Vec<ConfigError>,
+}
+
+impl Reader {
+    fn load(&mut self, sources: &Sources) -> Result<Document, Vec<ConfigError>> {
+        let mut istio_roots: Vec<&Path> = sources.istio.iter().map(PathBuf::as_path).collect();
+        let main_file = match &sources.config {
+            Some(main) if Format::of(main) == Format::Toml && !main.is_dir() => {
+                self.read_tree(main, None);
+                if !self.errors.is_empty() {
+                    return Err(std::mem::take(&mut self.errors));
+                }
+                match self.parsed.first() {
+                    Some(p) => p.file.clone(),
+                    None => {
+                        return Err(vec![ConfigError {
+                            file: main.to_path_buf(),
+                            line: 1,
+                            column: 1,
+                            path: String::new(),
+                            message: "no configuration loaded".into(),
+                        }])
+                    }
+                }
             }
-            match parsed.first() {
-                Some((f, _)) => f.clone(),
-                None => {
-                    return Err(vec![ConfigError {
-                        file: main.to_path_buf(),
+            other => {
+                if let Some(p) = other {
+                    istio_roots.insert(0, p.as_path());
+                }
+                // The defaults stand in for a main file; its folder is the current directory.
+                Arc::new(SourceFile {
+                    path: PathBuf::from("portico-defaults.toml"),
+                    text: String::new(),
+                    format: Format::Toml,
+                })
+            }
+        };
+        for root in istio_roots {
+            self.read_istio(root);
+        }
+        let mut errors = std::mem::take(&mut self.errors);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut doc = Document {
+            main: main_file.clone(),
+            files: Vec::new(),
+            include_dirs: std::mem::take(&mut self.include_dirs),
+            mesh: Item {
+                spec: Arc::new(Mesh::default()),
+                origin: Origin {
+                    file: main_file.clone(),
+                    path: "mesh".into(),
+                },
+            },
+            gateways: Vec::new(),
+            virtual_services: Vec::new(),
+            destination_rules: Vec::new(),
+            service_entries: Vec::new(),
+            warnings: Vec::new(),
+        };
+        for (i, p) in self.parsed.iter().enumerate() {
+            if let Some(mesh) = &p.mesh {
+                if i == 0 && Arc::ptr_eq(&p.file, &main_file) {
+                    doc.mesh.spec = mesh.clone();
+                } else {
+                    errors.push(at(
+                        &p.file.path,
+                        &p.file.text,
+                        "mesh",
+                        "[mesh] may only be set in the main config file",
+                    ));
+                }
+            }
+            doc.gateways.extend(p.gateways.iter().cloned());
+            doc.virtual_services
+                .extend(p.virtual_services.iter().cloned());
+            doc.destination_rules
+                .extend(p.destination_rules.iter().cloned());
+            doc.service_entries
+                .extend(p.service_entries.iter().cloned());
+            doc.warnings.extend(p.warnings.iter().cloned());
+            errors.extend(p.errors.iter().cloned());
+            doc.files.push(p.file.clone());
+        }
+        if errors.is_empty() {
+            Ok(doc)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The parsed file at `path` with `text`: the cached one when the text is the same.
+    fn parse(&mut self, path: &Path, text: String) -> Result<Arc<Parsed>, Vec<ConfigError>> {
+        if let Some(p) = self.old.get(path).filter(|p| p.file.text == text) {
+            let p = p.clone();
+            self.fresh.insert(path.to_path_buf(), p.clone());
+            return Ok(p);
+        }
+        let file = Arc::new(SourceFile {
+            path: path.to_path_buf(),
+            text,
+            format: Format::of(path),
+        });
+        let parsed = Arc::new(if file.format == Format::Yaml {
+            let resources = istio::read(&file);
+            Parsed::yaml(file, resources)
+        } else {
+            let content = parse_toml_checked(&file)?;
+            Parsed::toml(file, content)
+        });
+        self.fresh.insert(path.to_path_buf(), parsed.clone());
+        Ok(parsed)
+    }
+
+    fn read_tree(&mut self, path: &Path, included_from: Option<(&SourceFile, usize)>) {
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        if !self.seen.insert(canonical) {
+            return; // included twice, or an include cycle: each file counts once
+        }
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                self.errors.push(match included_from {
+                    Some((parent, idx)) => at(
+                        &parent.path,
+                        &parent.text,
+                        &format!("include[{idx}]"),
+                        format!("cannot read included file {}: {e}", path.display()),
+                    ),
+                    None => ConfigError {
+                        file: path.to_path_buf(),
                         line: 1,
                         column: 1,
                         path: String::new(),
-                        message: "no configuration loaded".into(),
-                    }])
-                }
-            }
-        }
-        other => {
-            if let Some(p) = other {
-                istio_roots.insert(0, p.as_path());
-            }
-            // The defaults stand in for a main file; its folder is the current directory.
-            Arc::new(SourceFile {
-                path: PathBuf::from("portico-defaults.toml"),
-                text: String::new(),
-                format: Format::Toml,
-            })
-        }
-    };
-    for root in istio_roots {
-        read_istio(root, &mut seen, &mut parsed, &mut include_dirs, &mut errors);
-    }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    let mut doc = Document {
-        main: main_file.clone(),
-        files: Vec::new(),
-        include_dirs,
-        mesh: Item {
-            spec: Mesh::default(),
-            origin: Origin {
-                file: main_file.clone(),
-                path: "mesh".into(),
-            },
-        },
-        gateways: Vec::new(),
-        virtual_services: Vec::new(),
-        destination_rules: Vec::new(),
-        service_entries: Vec::new(),
-        warnings: Vec::new(),
-    };
-    for (i, (file, content)) in parsed.into_iter().enumerate() {
-        let content = match content {
-            Content::Toml(c) => *c,
-            Content::Yaml(r) => {
-                let item = |path: String| Origin {
-                    file: file.clone(),
-                    path,
-                };
-                for (path, spec) in r.gateways {
-                    doc.gateways.push(Item {
-                        spec,
-                        origin: item(path),
-                    });
-                }
-                for (path, spec) in r.virtual_services {
-                    doc.virtual_services.push(Item {
-                        spec,
-                        origin: item(path),
-                    });
-                }
-                for (path, spec) in r.destination_rules {
-                    doc.destination_rules.push(Item {
-                        spec,
-                        origin: item(path),
-                    });
-                }
-                for (path, spec) in r.service_entries {
-                    doc.service_entries.push(Item {
-                        spec,
-                        origin: item(path),
-                    });
-                }
-                doc.warnings.extend(r.warnings);
-                errors.extend(r.errors);
-                doc.files.push(file);
-                continue;
+                        message: format!("cannot read config file: {e}"),
+                    },
+                });
+                return;
             }
         };
-        if let Some(mesh) = content.mesh {
-            if i == 0 {
-                doc.mesh.spec = mesh;
-            } else {
-                errors.push(at(
-                    &file.path,
-                    &file.text,
-                    "mesh",
-                    "[mesh] may only be set in the main config file",
-                ));
+        let parsed = match self.parse(path, text) {
+            Ok(p) => p,
+            Err(e) => {
+                self.errors.extend(e);
+                return;
+            }
+        };
+        self.parsed.push(parsed.clone());
+        let file = &parsed.file;
+        for (idx, pattern) in parsed.includes.iter().enumerate() {
+            let full = file.resolve(pattern);
+            let full_str = full.to_string_lossy();
+            let is_glob = pattern.contains(['*', '?', '[']);
+            if is_glob {
+                if let Some(dir) = full.parent() {
+                    self.include_dirs.push(dir.to_path_buf());
+                }
+            }
+            let mut matches: Vec<PathBuf> = match glob::glob(&full_str) {
+                Ok(paths) => paths.filter_map(Result::ok).collect(),
+                Err(e) => {
+                    self.errors.push(at(
+                        &file.path,
+                        &file.text,
+                        &format!("include[{idx}]"),
+                        format!("bad include pattern: {e}"),
+                    ));
+                    continue;
+                }
+            };
+            matches.sort();
+            if matches.is_empty() && !is_glob {
+                matches.push(full.clone());
+            }
+            for m in matches {
+                if m.is_dir() {
+                    self.read_istio(&m);
+                    continue;
+                }
+                self.read_tree(&m, Some((file, idx)));
             }
         }
-        let origin = |kind: &str, idx: usize| Origin {
-            file: file.clone(),
-            path: format!("{kind}[{idx}]"),
-        };
-        for (idx, spec) in content.gateways.into_iter().enumerate() {
-            doc.gateways.push(Item {
-                spec,
-                origin: origin("gateways", idx),
-            });
-        }
-        for (idx, spec) in content.virtual_services.into_iter().enumerate() {
-            doc.virtual_services.push(Item {
-                spec,
-                origin: origin("virtualServices", idx),
-            });
-        }
-        for (idx, spec) in content.destination_rules.into_iter().enumerate() {
-            doc.destination_rules.push(Item {
-                spec,
-                origin: origin("destinationRules", idx),
-            });
-        }
-        for (idx, spec) in content.service_entries.into_iter().enumerate() {
-            doc.service_entries.push(Item {
-                spec,
-                origin: origin("serviceEntries", idx),
-            });
-        }
-        doc.files.push(file);
     }
-    if errors.is_empty() {
-        Ok(doc)
-    } else {
-        Err(errors)
-    }
-}
 
-fn read_tree(
-    path: &Path,
-    included_from: Option<(&SourceFile, usize)>,
-    seen: &mut HashSet<PathBuf>,
-    parsed: &mut Vec<(Arc<SourceFile>, Content)>,
-    include_dirs: &mut Vec<PathBuf>,
-    errors: &mut Vec<ConfigError>,
-) {
-    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    if !seen.insert(canonical) {
-        return; // included twice, or an include cycle: each file counts once
-    }
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            errors.push(match included_from {
-                Some((parent, idx)) => at(
-                    &parent.path,
-                    &parent.text,
-                    &format!("include[{idx}]"),
-                    format!("cannot read included file {}: {e}", path.display()),
-                ),
-                None => ConfigError {
+    /// Reads Istio manifests: a YAML file, or every `.yaml`/`.yml` file directly in a
+    /// folder (in name order, as `kubectl apply -f DIR` does; subfolders are not read).
+    fn read_istio(&mut self, path: &Path) {
+        if !path.is_dir() {
+            self.read_tree(path, None);
+            return;
+        }
+        // A file added to or removed from the folder changes its mtime: watched for reload.
+        self.include_dirs.push(path.to_path_buf());
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(path) {
+            Ok(entries) => entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.is_file() && Format::of(p) == Format::Yaml)
+                .collect(),
+            Err(e) => {
+                self.errors.push(ConfigError {
                     file: path.to_path_buf(),
                     line: 1,
                     column: 1,
                     path: String::new(),
-                    message: format!("cannot read config file: {e}"),
-                },
-            });
-            return;
-        }
-    };
-    let file = Arc::new(SourceFile {
-        path: path.to_path_buf(),
-        text,
-        format: Format::of(path),
-    });
-    if file.format == Format::Yaml {
-        let resources = istio::read(&file);
-        parsed.push((file, Content::Yaml(resources)));
-        return;
-    }
-    let content: schema::File = match parse_toml_checked(&file) {
-        Ok(c) => c,
-        Err(e) => {
-            errors.extend(e);
-            return;
-        }
-    };
-    let includes = content.include.clone();
-    parsed.push((file.clone(), Content::Toml(Box::new(content))));
-    for (idx, pattern) in includes.iter().enumerate() {
-        let full = file.resolve(pattern);
-        let full_str = full.to_string_lossy();
-        let is_glob = pattern.contains(['*', '?', '[']);
-        if is_glob {
-            if let Some(dir) = full.parent() {
-                include_dirs.push(dir.to_path_buf());
-            }
-        }
-        let mut matches: Vec<PathBuf> = match glob::glob(&full_str) {
-            Ok(paths) => paths.filter_map(Result::ok).collect(),
-            Err(e) => {
-                errors.push(at(
-                    &file.path,
-                    &file.text,
-                    &format!("include[{idx}]"),
-                    format!("bad include pattern: {e}"),
-                ));
-                continue;
+                    message: format!("cannot read folder: {e}"),
+                });
+                return;
             }
         };
-        matches.sort();
-        if matches.is_empty() && !is_glob {
-            matches.push(full.clone());
+        files.sort();
+        for f in files {
+            self.read_tree(&f, None);
         }
-        for m in matches {
-            if m.is_dir() {
-                read_istio(&m, seen, parsed, include_dirs, errors);
-                continue;
-            }
-            read_tree(&m, Some((&file, idx)), seen, parsed, include_dirs, errors);
-        }
-    }
-}
-
-/// Reads Istio manifests: a YAML file, or every `.yaml`/`.yml` file directly in a folder
-/// (in name order, as `kubectl apply -f DIR` does; subfolders are not read).
-fn read_istio(
-    path: &Path,
-    seen: &mut HashSet<PathBuf>,
-    parsed: &mut Vec<(Arc<SourceFile>, Content)>,
-    include_dirs: &mut Vec<PathBuf>,
-    errors: &mut Vec<ConfigError>,
-) {
-    if !path.is_dir() {
-        read_tree(path, None, seen, parsed, include_dirs, errors);
-        return;
-    }
-    // A file added to or removed from the folder changes its mtime: watched for reload.
-    include_dirs.push(path.to_path_buf());
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(path) {
-        Ok(entries) => entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.is_file() && Format::of(p) == Format::Yaml)
-            .collect(),
-        Err(e) => {
-            errors.push(ConfigError {
-                file: path.to_path_buf(),
-                line: 1,
-                column: 1,
-                path: String::new(),
-                message: format!("cannot read folder: {e}"),
-            });
-            return;
-        }
-    };
-    files.sort();
-    for f in files {
-        read_tree(&f, None, seen, parsed, include_dirs, errors);
     }
 }
 

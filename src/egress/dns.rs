@@ -147,6 +147,14 @@ pub struct DnsName {
 /// takes it and reloads, so the clusters' endpoints follow DNS without a request waiting.
 static CLUSTER_ANSWER_CHANGED: AtomicBool = AtomicBool::new(false);
 
+/// Counts answer changes of any name: compiled clusters are reusable (compile::Cache) only
+/// while it stands still.
+static ANSWER_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+pub fn answer_epoch() -> u64 {
+    ANSWER_EPOCH.load(Ordering::Acquire)
+}
+
 /// Whether a cluster's name has a new answer since the last call.
 pub fn take_cluster_change() -> bool {
     CLUSTER_ANSWER_CHANGED.swap(false, Ordering::AcqRel)
@@ -244,6 +252,9 @@ impl DnsName {
                 let changed = old
                     .as_ref()
                     .is_none_or(|old| !same_addrs(&old.addrs, &answer.addrs));
+                if changed {
+                    ANSWER_EPOCH.fetch_add(1, Ordering::AcqRel);
+                }
                 if changed && old.is_some() && self.for_clusters.load(Ordering::Relaxed) {
                     CLUSTER_ANSWER_CHANGED.store(true, Ordering::Release);
                 }

@@ -110,8 +110,27 @@ impl ResolvesServerCert for SniResolver {
 
 /// Loads a certificate chain and its private key, checking that they belong together.
 pub fn load_pair(cert_path: &Path, key_path: &Path) -> Result<(CertifiedKey, i64, String), String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
-        .map_err(|e| format!("cannot read certificate {}: {e}", cert_path.display()))?
+    let (cert_pem, key_pem) = read_pair(cert_path, key_path)?;
+    pair_from_pem(cert_path, &cert_pem, key_path, &key_pem)
+}
+
+/// The two files of a certificate pair, as they are now.
+pub fn read_pair(cert_path: &Path, key_path: &Path) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let cert = std::fs::read(cert_path)
+        .map_err(|e| format!("cannot read certificate {}: {e}", cert_path.display()))?;
+    let key = std::fs::read(key_path)
+        .map_err(|e| format!("cannot read private key {}: {e}", key_path.display()))?;
+    Ok((cert, key))
+}
+
+/// `load_pair` from the files' contents (the paths are for messages).
+pub fn pair_from_pem(
+    cert_path: &Path,
+    cert_pem: &[u8],
+    key_path: &Path,
+    key_pem: &[u8],
+) -> Result<(CertifiedKey, i64, String), String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("cannot parse certificate {}: {e}", cert_path.display()))?;
     if certs.is_empty() {
@@ -120,7 +139,7 @@ pub fn load_pair(cert_path: &Path, key_path: &Path) -> Result<(CertifiedKey, i64
             cert_path.display()
         ));
     }
-    let key = PrivateKeyDer::from_pem_file(key_path)
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| format!("cannot read private key {}: {e}", key_path.display()))?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|e| format!("unsupported private key {}: {e}", key_path.display()))?;

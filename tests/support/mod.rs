@@ -1417,3 +1417,45 @@ impl Drop for Portico {
         }
     }
 }
+
+/// Everything a request is decided by, in a stable order (host maps sorted by pattern).
+pub fn dump(s: &portico::snapshot::Snapshot) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for l in &s.listeners {
+        writeln!(
+            out,
+            "listener {} tls={} h2c={} forward_proxy={}",
+            l.addr, l.tls, l.h2c, l.forward_proxy
+        )
+        .unwrap();
+        for (p, policy) in l.table.servers.patterns() {
+            // `policy.server` names where the server was written, which a conversion moves.
+            writeln!(
+                out,
+                "  server {p}: https_redirect={}",
+                policy.https_redirect
+            )
+            .unwrap();
+        }
+        for (p, vhost) in l.table.vhosts.patterns() {
+            writeln!(out, "  vhost {p}: {vhost:?}").unwrap();
+        }
+        if let Some(certs) = &l.certs {
+            for (p, cert) in certs.hosts.patterns() {
+                writeln!(out, "  cert {p}: {:?} {:?}", cert.cert_path, cert.subject).unwrap();
+            }
+            let default = certs.default.as_ref().map(|c| &c.cert_path);
+            writeln!(out, "  default cert: {default:?}").unwrap();
+        }
+    }
+    for c in &s.clusters {
+        writeln!(out, "cluster {c:?}").unwrap();
+    }
+    writeln!(out, "egress policy {:?}", s.egress.policy).unwrap();
+    for (p, h) in s.egress.hosts.patterns() {
+        writeln!(out, "egress host {p}: {h:?}").unwrap();
+    }
+    writeln!(out, "settings {:?}", s.settings).unwrap();
+    out
+}

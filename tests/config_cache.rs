@@ -1,0 +1,311 @@
+//! The reload cache (`config::build_cached`): a build that reuses the parsed files and the
+//! compiled routes of the last one must give exactly the Snapshot a full build gives, and
+//! reuse only what did not change. Compared by the stable dump of listeners, routes,
+//! certificates and clusters.
+
+mod support;
+
+use std::sync::Arc;
+
+use portico::config::{self, Cache, Options, Sources};
+use portico::routing::Action;
+use portico::snapshot::Snapshot;
+use support::*;
+
+const MAIN: &str = r#"
+include = ["vs-*.toml", "istio"]
+
+[mesh]
+admin = "127.0.0.1:@ADMIN@"
+
+[[gateways]]
+name = "web"
+[[gateways.servers]]
+port = { number = @PORT@, name = "http", protocol = "HTTP" }
+bind = "127.0.0.1"
+hosts = ["*"]
+
+@UPSTREAMS@
+"#;
+
+const VS_A: &str = r#"
+[[virtualServices]]
+name = "shop"
+hosts = ["shop.example.com"]
+gateways = ["web"]
+[[virtualServices.http]]
+match = [{ uri = { prefix = "/cart" } }]
+@to(v2)@
+headers = { request = { set = { x-vs = "shop-@MARK@" } } }
+[[virtualServices.http]]
+@to(v1)@
+
+[[virtualServices]]
+name = "blog"
+hosts = ["blog.example.com"]
+gateways = ["web"]
+[[virtualServices.http]]
+@to(v1)@
+mirror = { host = "svc.internal", subset = "v2", port = { number = 80 } }
+"#;
+
+const VS_B: &str = r#"
+[[virtualServices]]
+name = "api"
+hosts = ["api.example.com", "shop.example.com"]
+gateways = ["web"]
+[[virtualServices.http]]
+match = [{ uri = { prefix = "/v1" } }]
+@to(v1)@
+headers = { response = { set = { x-api = "@MARK@" } } }
+"#;
+
+const VS_YAML: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: docs
+spec:
+  hosts: ["docs.example.com"]
+  gateways: ["web"]
+  http:
+  - route:
+    - destination:
+        host: svc.internal
+        subset: v2
+        port: { number: 80 }
+"#;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    main: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    upstreams: Vec<(&'static str, u16)>,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let s = Setup {
+            main: path.join("main.toml"),
+            dir: path,
+            _dir: dir,
+            upstreams: vec![("v1", 18001), ("v2", 18002)],
+        };
+        s.write_main();
+        s.write("vs-a.toml", VS_A, "1");
+        s.write("vs-b.toml", VS_B, "1");
+        std::fs::create_dir_all(s.dir.join("istio")).unwrap();
+        write_atomic(&s.dir.join("istio/docs.yaml"), VS_YAML);
+        s
+    }
+
+    fn write_main(&self) {
+        let text = render(
+            MAIN,
+            &[
+                ("ADMIN", "1".into()),
+                ("PORT", "18000".into()),
+                ("UPSTREAMS", upstreams_config(&self.upstreams)),
+            ],
+        );
+        write_atomic(&self.main, text);
+    }
+
+    fn write(&self, name: &str, template: &str, mark: &str) {
+        write_atomic(
+            &self.dir.join(name),
+            render(template, &[("MARK", mark.into())]),
+        );
+    }
+
+    fn sources(&self) -> Sources {
+        Sources::config(&self.main)
+    }
+}
+
+fn full(sources: &Sources) -> Snapshot {
+    config::build_sources(sources, &Options::default())
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .snapshot
+}
+
+/// Builds with the cache, checks the result against a full build, returns how many
+/// VirtualServices were reused and the dump.
+fn cached(sources: &Sources, cache: &mut Cache) -> (usize, String) {
+    let c = config::build_cached(sources, &Options::default(), cache)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    clusters_are_the_snapshots(&c.snapshot);
+    let got = dump(&c.snapshot);
+    assert_eq!(
+        got,
+        dump(&full(sources)),
+        "cached build differs from a full one"
+    );
+    (c.reused, got)
+}
+
+/// Every cluster a route sends to (or mirrors to) is one of the Snapshot's clusters, the
+/// same object: reused routes must not keep a twin of a cluster compiled again.
+fn clusters_are_the_snapshots(s: &Snapshot) {
+    let mut checked = 0;
+    for l in &s.listeners {
+        for (_, vhost) in l.table.vhosts.patterns() {
+            for r in &vhost.routes {
+                let Action::Forward(f) = &r.action else {
+                    continue;
+                };
+                let used = f
+                    .destinations
+                    .iter()
+                    .map(|d| &d.cluster)
+                    .chain(f.mirrors.iter().map(|m| &m.cluster));
+                for c in used {
+                    assert!(
+                        s.clusters.iter().any(|sc| Arc::ptr_eq(sc, c)),
+                        "route {} uses a cluster {} that is not the Snapshot's",
+                        r.origin,
+                        c.name
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked >= 5, "clusters checked: {checked}");
+}
+
+#[test]
+fn unchanged_files_are_reused_and_the_result_is_a_full_builds() {
+    let s = Setup::new();
+    let sources = s.sources();
+    let mut cache = Cache::default();
+
+    let (reused, first) = cached(&sources, &mut cache);
+    assert_eq!(reused, 0, "nothing to reuse on the first build");
+    assert!(first.contains("shop-1"), "{first}");
+
+    let (reused, again) = cached(&sources, &mut cache);
+    assert_eq!(
+        reused, 4,
+        "no file changed: all four VirtualServices reused"
+    );
+    assert_eq!(again, first);
+
+    // One include file changes: its VirtualService is compiled, the other three reused.
+    s.write("vs-b.toml", VS_B, "2");
+    let (reused, changed) = cached(&sources, &mut cache);
+    assert_eq!(reused, 3);
+    assert_ne!(changed, first, "the new header value is served");
+    assert!(changed.contains("\"2\""), "{changed}");
+
+    // The YAML manifest changes (its subset): the TOML VirtualServices are reused.
+    write_atomic(
+        &s.dir.join("istio/docs.yaml"),
+        VS_YAML.replace("subset: v2", "subset: v1"),
+    );
+    let (reused, _) = cached(&sources, &mut cache);
+    assert_eq!(reused, 3);
+}
+
+#[test]
+fn a_changed_rule_or_entry_recompiles_everything() {
+    let mut s = Setup::new();
+    let sources = s.sources();
+    let mut cache = Cache::default();
+    cached(&sources, &mut cache);
+
+    // The DestinationRule's subsets and the ServiceEntry's endpoints change in main.toml:
+    // every cluster and route is compiled again, with the new endpoint port.
+    s.upstreams = vec![("v1", 18011), ("v2", 18002)];
+    s.write_main();
+    let (reused, after) = cached(&sources, &mut cache);
+    assert_eq!(reused, 0);
+    assert!(after.contains("18011"), "{after}");
+    let (reused, _) = cached(&sources, &mut cache);
+    assert_eq!(reused, 4);
+}
+
+#[test]
+fn a_rejected_build_keeps_the_cache_of_the_last_good_one() {
+    let s = Setup::new();
+    let sources = s.sources();
+    let mut cache = Cache::default();
+    cached(&sources, &mut cache);
+
+    // A syntax error in one file, then an undefined subset in another: both rejected.
+    write_atomic(&s.dir.join("vs-a.toml"), "[[virtualServices]\n");
+    let err = config::build_cached(&sources, &Options::default(), &mut cache)
+        .err()
+        .expect("syntax error rejected");
+    assert!(err[0].to_string().contains("vs-a.toml"), "{err:?}");
+    s.write("vs-a.toml", VS_A, "1");
+    s.write("vs-b.toml", &VS_B.replace("(v1)", "(v9)"), "1");
+    let err = config::build_cached(&sources, &Options::default(), &mut cache)
+        .err()
+        .expect("undefined subset rejected");
+    assert!(err[0].to_string().contains("v9"), "{err:?}");
+
+    // Fixed: vs-a.toml is as it was, so its two VirtualServices and the manifest's are reused.
+    s.write("vs-b.toml", VS_B, "3");
+    let (reused, now) = cached(&sources, &mut cache);
+    assert_eq!(reused, 3);
+    assert!(now.contains("\"3\""), "{now}");
+}
+
+#[test]
+fn a_changed_certificate_file_recompiles() {
+    let s = Setup::new();
+    let sources = s.sources();
+    // An HTTPS server with a certificate file: the file is an input of the build.
+    let main = std::fs::read_to_string(&s.main).unwrap();
+    write_cert(&s.dir, "site", &["shop.example.com"]);
+    let https = format!(
+        "{main}\n[[gateways.servers]]\nport = {{ number = 18443, name = \"https\", protocol = \"HTTPS\" }}\nbind = \"127.0.0.1\"\nhosts = [\"*\"]\ntls = {{ mode = \"SIMPLE\", serverCertificate = \"site.crt\", privateKey = \"site.key\" }}\n"
+    );
+    write_atomic(&s.main, &https);
+    let mut cache = Cache::default();
+    let (_, before) = cached(&sources, &mut cache);
+    assert!(before.contains("site.crt"), "{before}");
+    assert_eq!(cached(&sources, &mut cache).0, 4);
+
+    // A renewed certificate (same paths) must be read again, not taken from the cache.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let der = write_cert(&s.dir, "site", &["shop.example.com", "www.example.com"]);
+    let c = config::build_cached(&sources, &Options::default(), &mut cache).unwrap();
+    assert_eq!(
+        c.reused, 0,
+        "a changed file read by the compile: full compile"
+    );
+    let listener = c
+        .snapshot
+        .listeners
+        .iter()
+        .find(|l| l.tls)
+        .expect("the HTTPS listener");
+    let certs = listener.certs.as_ref().unwrap();
+    let served = certs
+        .default
+        .as_ref()
+        .or_else(|| certs.hosts.patterns().into_iter().next().map(|(_, c)| c));
+    let served = served.expect("a certificate");
+    assert_eq!(
+        served.key.cert[0].as_ref(),
+        der.as_slice(),
+        "the renewed certificate is served"
+    );
+}
+
+#[test]
+fn reused_routes_do_not_outlive_their_file() {
+    // A removed include file takes its VirtualServices with it.
+    let s = Setup::new();
+    let sources = s.sources();
+    let mut cache = Cache::default();
+    cached(&sources, &mut cache);
+    std::fs::remove_file(s.dir.join("vs-b.toml")).unwrap();
+    let (reused, after) = cached(&sources, &mut cache);
+    assert_eq!(reused, 3);
+    assert!(!after.contains("api.example.com"), "{after}");
+}
