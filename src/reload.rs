@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -17,23 +16,7 @@ use crate::lifecycle;
 use crate::snapshot::{ListenerShape, Snapshot};
 use crate::telemetry::Metrics;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint {
-    modified: Option<SystemTime>,
-    len: u64,
-    inode: u64,
-}
-
-fn fingerprint(path: &Path) -> Option<Fingerprint> {
-    use std::os::unix::fs::MetadataExt;
-    // `metadata` follows symlinks, so a swapped `..data` link changes the inode.
-    let m = std::fs::metadata(path).ok()?;
-    Some(Fingerprint {
-        modified: m.modified().ok(),
-        len: m.len(),
-        inode: m.ino(),
-    })
-}
+use crate::config::load::{stamp as fingerprint, FileStamp as Fingerprint};
 
 struct State {
     generation: u64,
@@ -268,7 +251,7 @@ fn watch_list(
         .into_iter()
         .map(|p| {
             let f = match before.get(p.as_path()) {
-                Some(f) => (*f).clone(),
+                Some(f) => **f,
                 None => fingerprint(&p),
             };
             (p, f)

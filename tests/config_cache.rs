@@ -210,6 +210,21 @@ fn unchanged_files_are_reused_and_the_result_is_a_full_builds() {
 }
 
 #[test]
+fn a_file_rewritten_in_place_is_read_again() {
+    // Same length, same inode, within the same timestamp tick as the last read: its stamp
+    // may be unchanged, so the cache must compare the text.
+    let s = Setup::new();
+    let sources = s.sources();
+    let mut cache = Cache::default();
+    cached(&sources, &mut cache);
+    let path = s.dir.join("vs-b.toml");
+    std::fs::write(&path, render(VS_B, &[("MARK", "7".into())])).unwrap();
+    let (reused, after) = cached(&sources, &mut cache);
+    assert_eq!(reused, 3);
+    assert!(after.contains("\"7\""), "{after}");
+}
+
+#[test]
 fn a_changed_rule_or_entry_recompiles_everything() {
     let mut s = Setup::new();
     let sources = s.sources();

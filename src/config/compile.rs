@@ -62,7 +62,7 @@ pub struct Cache {
     context: Option<Context>,
     /// By the address of the VirtualService's `Arc` (the entry holds the `Arc`, so the
     /// address is not reused while the entry lives).
-    routes: HashMap<usize, CachedRoutes>,
+    routes: foldhash::HashMap<usize, CachedRoutes>,
     clusters: BTreeMap<String, Arc<Cluster>>,
     /// Parsed certificate pairs by (certificate, key) path, reused while the SHA-256 of the
     /// two files' contents is the same: a thousand ECDSA keys take ~60 ms to parse.
@@ -70,6 +70,10 @@ pub struct Cache {
 }
 
 struct CachedCert {
+    /// Both files' stamps just before they were read, and when: settled stamps that are
+    /// the same spare reading the files (as `load::Cache` does for config files).
+    stamps: (Option<FileStamp>, Option<FileStamp>),
+    read_at: std::time::SystemTime,
     digest: [u8; 32],
     key: Arc<rustls::sign::CertifiedKey>,
     not_after: i64,
@@ -96,13 +100,7 @@ struct Context {
     files: Vec<(PathBuf, Option<FileStamp>)>,
 }
 
-type FileStamp = (Option<std::time::SystemTime>, u64, u64);
-
-fn stamp(path: &Path) -> Option<FileStamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok(), m.len(), m.ino()))
-}
+use super::load::{settled, stamp, FileStamp};
 
 impl Context {
     fn of(doc: &Document, opts: &Options, dns_epoch: u64) -> Context {
@@ -145,7 +143,7 @@ struct CachedRoutes {
 
 /// The previous compile's results, while its context holds.
 struct Reuse {
-    routes: HashMap<usize, CachedRoutes>,
+    routes: foldhash::HashMap<usize, CachedRoutes>,
     clusters: BTreeMap<String, Arc<Cluster>>,
 }
 
@@ -187,7 +185,7 @@ pub fn compile_cached(
         certs_prev: std::mem::take(&mut cache.certs),
         certs_next: HashMap::new(),
         reuse,
-        next_routes: HashMap::new(),
+        next_routes: foldhash::HashMap::default(),
         touched: Vec::new(),
         reused: 0,
         errors: Vec::new(),
@@ -281,9 +279,15 @@ pub fn compile_cached(
     let mut watched = cx.watched;
     watched.sort();
     watched.dedup();
+    let config_files: std::collections::HashSet<&Path> = doc
+        .files
+        .iter()
+        .map(|f| f.path.as_path())
+        .chain(doc.include_dirs.iter().map(PathBuf::as_path))
+        .collect();
     context.files = watched
         .iter()
-        .filter(|p| !doc.files.iter().any(|f| f.path == **p) && !doc.include_dirs.contains(p))
+        .filter(|p| !config_files.contains(p.as_path()))
         .map(|p| {
             let s = stamps.get(p).cloned().unwrap_or_else(|| stamp(p));
             (p.clone(), s)
@@ -321,7 +325,7 @@ struct Cx {
     certs_next: HashMap<(PathBuf, PathBuf), CachedCert>,
     /// The last compile's routes and clusters, when its context is this one's.
     reuse: Option<Reuse>,
-    next_routes: HashMap<usize, CachedRoutes>,
+    next_routes: foldhash::HashMap<usize, CachedRoutes>,
     /// Clusters `cluster` returned since it was last cleared.
     touched: Vec<String>,
     reused: usize,
@@ -354,7 +358,7 @@ struct GatewayInfo {
 /// A gateway's server hosts, for binding VirtualService hosts without scanning them all.
 struct ServerHostIndex {
     /// Exact server host → (server, host) positions.
-    exact: HashMap<String, Vec<(usize, usize)>>,
+    exact: foldhash::HashMap<String, Vec<(usize, usize)>>,
     /// Server hosts with a wildcard (`*`, `*.example.com`): few, scanned.
     wild: Vec<(usize, usize)>,
 }
@@ -362,7 +366,7 @@ struct ServerHostIndex {
 impl ServerHostIndex {
     fn new(gw: &GatewayInfo) -> Self {
         let mut index = ServerHostIndex {
-            exact: HashMap::new(),
+            exact: foldhash::HashMap::default(),
             wild: Vec::new(),
         };
         for (si, s) in gw.servers.iter().enumerate() {
@@ -430,7 +434,8 @@ struct ListenerBuild {
     servers: HostMatcher<ServerPolicy>,
     certs: CertStore,
     default_from: Option<String>,
-    vhosts: BTreeMap<String, VhostBuild>,
+    /// Hashed: a reload of a 10 000-host config inserts every domain again.
+    vhosts: foldhash::HashMap<String, VhostBuild>,
 }
 
 #[derive(Default)]
@@ -1150,20 +1155,35 @@ impl Cx {
         cert_path: &Path,
         key_path: &Path,
     ) -> Result<(Arc<rustls::sign::CertifiedKey>, i64, String), String> {
-        let (cert_pem, key_pem) = tls::read_pair(cert_path, key_path)?;
-        let digest = pair_digest(&cert_pem, &key_pem);
         let paths = (cert_path.to_path_buf(), key_path.to_path_buf());
-        let hit = self
+        let stamps = (stamp(cert_path), stamp(key_path));
+        let read_at = std::time::SystemTime::now();
+        let mut cached = self
             .certs_prev
             .remove(&paths)
-            .or_else(|| self.certs_next.remove(&paths))
-            .filter(|c| c.digest == digest);
+            .or_else(|| self.certs_next.remove(&paths));
+        if let Some(c) = cached.take_if(|c| {
+            c.stamps == stamps && settled(&c.stamps.0, c.read_at) && settled(&c.stamps.1, c.read_at)
+        }) {
+            let out = (c.key.clone(), c.not_after, c.subject.clone());
+            self.certs_next.insert(paths, c);
+            return Ok(out);
+        }
+        let (cert_pem, key_pem) = tls::read_pair(cert_path, key_path)?;
+        let digest = pair_digest(&cert_pem, &key_pem);
+        let hit = cached.filter(|c| c.digest == digest).map(|c| CachedCert {
+            stamps,
+            read_at,
+            ..c
+        });
         let c = match hit {
             Some(c) => c,
             None => {
                 let (key, not_after, subject) =
                     tls::pair_from_pem(cert_path, &cert_pem, key_path, &key_pem)?;
                 CachedCert {
+                    stamps,
+                    read_at,
                     digest,
                     key: Arc::new(key),
                     not_after,
@@ -1201,7 +1221,7 @@ impl Cx {
                 servers: HostMatcher::default(),
                 certs: CertStore::default(),
                 default_from: None,
-                vhosts: BTreeMap::new(),
+                vhosts: foldhash::HashMap::default(),
             });
             if l.addr.ip() != s.bind {
                 self.err(
@@ -1457,7 +1477,10 @@ impl Cx {
                 let Some(domain) = host::intersect(&s.hosts[hi], &vhosts[vi]) else {
                     continue;
                 };
-                let b = l.vhosts.entry(domain.to_string()).or_default();
+                let b = match l.vhosts.get_mut(domain) {
+                    Some(b) => b,
+                    None => l.vhosts.entry(domain.to_string()).or_default(),
+                };
                 b.sources += 1;
                 b.routes.extend(routes_here.iter().cloned());
             }

@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde::de::DeserializeOwned;
 
@@ -144,11 +145,36 @@ impl std::fmt::Display for Sources {
     }
 }
 
-/// One file, parsed into the items a Document holds. The `Cache` hands it out again while
+/// A file's modification time, length and inode: what tells, without reading it, that a
+/// file may have changed.
+pub(crate) type FileStamp = (Option<SystemTime>, u64, u64);
+
+pub(crate) fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    // `metadata` follows symlinks, so a swapped Kubernetes `..data` link changes the inode.
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok(), m.len(), m.ino()))
+}
+
+/// Whether a file with stamp `s`, read at `read_at`, was last modified well before it was
+/// read: then an unchanged stamp means unchanged content. (A file rewritten in place with
+/// the same length within one timestamp tick of the read keeps its stamp; as git does for
+/// its index, such a "racily clean" file is read and compared instead.)
+pub(crate) fn settled(s: &Option<FileStamp>, read_at: SystemTime) -> bool {
+    matches!(s, Some((Some(mtime), _, _)) if mtime
+        .checked_add(std::time::Duration::from_secs(1))
+        .is_some_and(|t| t <= read_at))
+}
+
+/// One file, parsed into the items a Document holds (a clone shares the specs). The `Cache` hands it out again while
 /// the file's text is unchanged: a reload of a large config re-parses only what changed,
 /// and the unchanged items keep their `Arc`s (which `compile::Cache` recognises).
+#[derive(Clone)]
 struct Parsed {
     file: Arc<SourceFile>,
+    /// The file's stamp just before it was read, and when that was.
+    stamp: Option<FileStamp>,
+    read_at: SystemTime,
     mesh: Option<Arc<Mesh>>,
     gateways: Vec<Item<Gateway>>,
     virtual_services: Vec<Item<VirtualService>>,
@@ -176,6 +202,8 @@ impl Parsed {
                 .collect()
         }
         Parsed {
+            stamp: None,
+            read_at: SystemTime::UNIX_EPOCH,
             mesh: content.mesh.map(Arc::new),
             gateways: items(&file, "gateways", content.gateways),
             virtual_services: items(&file, "virtualServices", content.virtual_services),
@@ -202,6 +230,8 @@ impl Parsed {
                 .collect()
         }
         Parsed {
+            stamp: None,
+            read_at: SystemTime::UNIX_EPOCH,
             mesh: None,
             gateways: items(&file, r.gateways),
             virtual_services: items(&file, r.virtual_services),
@@ -350,10 +380,35 @@ impl Reader {
         }
     }
 
+    /// The cached parse of `path` when the file is certainly unchanged without reading it:
+    /// the same, settled stamp.
+    fn unchanged(&mut self, path: &Path, now: &Option<FileStamp>) -> Option<Arc<Parsed>> {
+        let p = self.old.get(path)?;
+        if now.is_none() || p.stamp != *now || !settled(&p.stamp, p.read_at) {
+            return None;
+        }
+        let p = p.clone();
+        self.fresh.insert(path.to_path_buf(), p.clone());
+        Some(p)
+    }
+
     /// The parsed file at `path` with `text`: the cached one when the text is the same.
-    fn parse(&mut self, path: &Path, text: String) -> Result<Arc<Parsed>, Vec<ConfigError>> {
+    fn parse(
+        &mut self,
+        path: &Path,
+        text: String,
+        stamp: Option<FileStamp>,
+        read_at: SystemTime,
+    ) -> Result<Arc<Parsed>, Vec<ConfigError>> {
         if let Some(p) = self.old.get(path).filter(|p| p.file.text == text) {
-            let p = p.clone();
+            // Same text: keep the parse, and the new stamp, so the next load may skip reading.
+            let mut p = p.clone();
+            if p.stamp != stamp {
+                let mut fresh = Parsed::clone(&p);
+                fresh.stamp = stamp;
+                fresh.read_at = read_at;
+                p = Arc::new(fresh);
+            }
             self.fresh.insert(path.to_path_buf(), p.clone());
             return Ok(p);
         }
@@ -362,13 +417,16 @@ impl Reader {
             text,
             format: Format::of(path),
         });
-        let parsed = Arc::new(if file.format == Format::Yaml {
+        let mut parsed = if file.format == Format::Yaml {
             let resources = istio::read(&file);
             Parsed::yaml(file, resources)
         } else {
             let content = parse_toml_checked(&file)?;
             Parsed::toml(file, content)
-        });
+        };
+        parsed.stamp = stamp;
+        parsed.read_at = read_at;
+        let parsed = Arc::new(parsed);
         self.fresh.insert(path.to_path_buf(), parsed.clone());
         Ok(parsed)
     }
@@ -377,6 +435,11 @@ impl Reader {
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         if !self.seen.insert(canonical) {
             return; // included twice, or an include cycle: each file counts once
+        }
+        let (stamp, read_at) = (stamp(path), SystemTime::now());
+        if let Some(parsed) = self.unchanged(path, &stamp) {
+            self.push_parsed(parsed);
+            return;
         }
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
@@ -399,13 +462,14 @@ impl Reader {
                 return;
             }
         };
-        let parsed = match self.parse(path, text) {
-            Ok(p) => p,
-            Err(e) => {
-                self.errors.extend(e);
-                return;
-            }
-        };
+        match self.parse(path, text, stamp, read_at) {
+            Ok(p) => self.push_parsed(p),
+            Err(e) => self.errors.extend(e),
+        }
+    }
+
+    /// Takes a parsed file, and reads what it includes.
+    fn push_parsed(&mut self, parsed: Arc<Parsed>) {
         self.parsed.push(parsed.clone());
         let file = &parsed.file;
         for (idx, pattern) in parsed.includes.iter().enumerate() {

@@ -2,7 +2,11 @@
 //! Lookups take an already lower-cased host and allocate nothing.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+
+// foldhash, not SipHash: the keys come from the config, so there is no table an attacker
+// can fill with colliding keys, and every request hashes its Host (and every handshake
+// its SNI) here.
+use foldhash::HashMap;
 
 #[derive(Debug, Clone)]
 pub struct HostMatcher<T> {
@@ -15,8 +19,8 @@ pub struct HostMatcher<T> {
 impl<T> Default for HostMatcher<T> {
     fn default() -> Self {
         HostMatcher {
-            exact: HashMap::new(),
-            wildcard: HashMap::new(),
+            exact: HashMap::default(),
+            wildcard: HashMap::default(),
             any: None,
         }
     }
