@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
-use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::tls::{Acceptor, TlsSettings};
 use pingora::listeners::TlsAccept;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
@@ -48,8 +48,9 @@ impl std::fmt::Display for RunError {
     }
 }
 
-/// TLS for listener `i`: certificates chosen by SNI from the current Snapshot, h2 by ALPN.
-fn tls_settings(i: usize, reloader: &Arc<Reloader>, name: &str) -> Result<TlsSettings, RunError> {
+/// TLS for listener `i`: certificates chosen by SNI from the current Snapshot, h2 by ALPN,
+/// session resumption by stateless tickets (see `tls::https`).
+fn tls_acceptor(i: usize, reloader: &Arc<Reloader>, name: &str) -> Result<Acceptor, RunError> {
     let mut tls = TlsSettings::with_callbacks(Box::new(KeepSni))
         .map_err(|e| RunError::Tls(format!("{name}: {e}")))?;
     tls.set_cert_resolver(Arc::new(SniResolver {
@@ -57,7 +58,9 @@ fn tls_settings(i: usize, reloader: &Arc<Reloader>, name: &str) -> Result<TlsSet
         snapshots: reloader.snapshots.clone(),
     }));
     tls.enable_h2();
-    Ok(tls)
+    let mut acceptor = tls.build();
+    crate::tls::https::tune(&mut acceptor).map_err(|e| RunError::Tls(format!("{name}: {e}")))?;
+    Ok(acceptor)
 }
 
 /// Loads the config and serves it. Returns only on a start-up error; after start the
@@ -127,12 +130,13 @@ pub fn run(
             // A passthrough port shared with HTTPS servers terminates the names they claim.
             let terminate = if l.tls {
                 let name = format!("listener {}", l.shape());
-                Some(crate::l4::Terminate {
-                    acceptor: tls_settings(i, &reloader, &name)?.build(),
+                Some(crate::tls::https::Https {
+                    acceptor: tls_acceptor(i, &reloader, &name)?,
                     proxy: Arc::new(pingora_proxy::http_proxy(
                         &server_conf,
                         Gateway::new(i, true, reloader.snapshots.clone()),
                     )),
+                    snapshots: reloader.snapshots.clone(),
                 })
             } else {
                 None
@@ -163,20 +167,29 @@ pub fn run(
             server.add_service(svc);
             continue;
         }
-        let mut svc = pingora_proxy::http_proxy_service_with_name(&server_conf, gateway, &name);
         let addr = l.addr.to_string();
         if l.tls {
-            svc.add_tls_with_settings(&addr, None, tls_settings(i, &reloader, &name)?);
-        } else {
-            if l.h2c {
-                let mut opts = HttpServerOptions::default();
-                opts.h2c = true;
-                if let Some(app) = svc.app_logic_mut() {
-                    app.server_options = Some(opts);
-                }
-            }
+            // A plain TCP listener: the app does the handshake with Portico's own TLS config.
+            let app = crate::tls::https::Https {
+                acceptor: tls_acceptor(i, &reloader, &name)?,
+                proxy: Arc::new(pingora_proxy::http_proxy(&server_conf, gateway)),
+                snapshots: reloader.snapshots.clone(),
+            };
+            let mut svc = Service::new(name, app);
             svc.add_tcp(&addr);
+            tracing::info!(listener = %l.shape(), "listening");
+            server.add_service(svc);
+            continue;
         }
+        let mut svc = pingora_proxy::http_proxy_service_with_name(&server_conf, gateway, &name);
+        if l.h2c {
+            let mut opts = HttpServerOptions::default();
+            opts.h2c = true;
+            if let Some(app) = svc.app_logic_mut() {
+                app.server_options = Some(opts);
+            }
+        }
+        svc.add_tcp(&addr);
         tracing::info!(listener = %l.shape(), "listening");
         server.add_service(svc);
     }

@@ -14,18 +14,14 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
-use pingora::listeners::tls::Acceptor;
-use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
-use pingora_proxy::HttpProxy;
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::client_hello::{self, Parsed};
 use super::{L4Route, L4Table, SniRoute};
-use crate::proxy::Gateway;
 use crate::snapshot::Snapshot;
 use crate::telemetry::{access_log, Metrics};
 use crate::upstream::balancer::hash_bytes;
@@ -49,12 +45,9 @@ pub struct L4Service {
     pub terminate: Option<Terminate>,
 }
 
-/// TLS termination for the HTTPS servers of a passthrough port: the listener's acceptor
-/// (certificates from the Snapshot, as on any HTTPS port) and the HTTP proxy it feeds.
-pub struct Terminate {
-    pub acceptor: Acceptor,
-    pub proxy: Arc<HttpProxy<Gateway>>,
-}
+/// TLS termination for the HTTPS servers of a passthrough port: the same app as on any
+/// HTTPS port (certificates from the Snapshot, the HTTP proxy it feeds).
+pub type Terminate = crate::tls::https::Https;
 
 /// Where a connection goes.
 enum Decision {
@@ -148,6 +141,13 @@ impl ServerApp for L4Service {
         }
         None
     }
+
+    /// Open keep-alive connections on the HTTPS side stop at shutdown, as on an HTTPS port.
+    async fn cleanup(&self) {
+        if let Some(t) = &self.terminate {
+            t.cleanup().await;
+        }
+    }
 }
 
 impl L4Service {
@@ -201,32 +201,8 @@ impl L4Service {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let t = self.terminate.as_ref()?;
-        // The acceptor needs the concrete socket type, which a plain TCP listener hands us.
-        let l4 = match io.into_any().downcast::<L4Stream>() {
-            Ok(l4) => l4,
-            Err(_) => {
-                tracing::error!("passthrough port: the accepted stream is not a TCP stream");
-                return None;
-            }
-        };
-        let timeout = snapshot.settings.tls_handshake_timeout;
-        let tls = match tokio::time::timeout(timeout, t.acceptor.tls_handshake(*l4)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "TLS handshake failed");
-                return None;
-            }
-            Err(_) => {
-                tracing::debug!(?timeout, "TLS handshake timed out");
-                return None;
-            }
-        };
-        // Keep-alive: the proxy hands the stream back after each request until it is done.
-        let mut next: Option<Stream> = Some(Box::new(tls));
-        while let Some(stream) = next {
-            next = t.proxy.process_new(stream, shutdown).await;
-        }
-        None
+        t.serve(io, snapshot.settings.tls_handshake_timeout, shutdown)
+            .await
     }
 
     fn listener_name(&self, snapshot: &Snapshot) -> String {

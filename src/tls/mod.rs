@@ -14,6 +14,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::routing::HostMatcher;
+
+pub mod https;
 use crate::snapshot::Snapshot;
 
 /// A loaded server certificate with what the handshake needs to know about it.

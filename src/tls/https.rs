@@ -1,0 +1,108 @@
+//! The accept path of an HTTPS listener (and of the HTTPS side of a passthrough port):
+//! Portico's own rustls `ServerConfig`, the handshake under `mesh.tlsHandshakeTimeout`, then
+//! the HTTP proxy on the TLS stream.
+//!
+//! pingora's `TlsSettings` builds a `ServerConfig` it does not let us touch, and its listener
+//! builds the acceptor itself. So the listener here is plain TCP and this app does the
+//! handshake with an acceptor built from the same `TlsSettings` (certificates by SNI, ALPN,
+//! the SNI callback) whose config is then adjusted by [`tune`]:
+//!
+//! - **Session resumption by stateless tickets** (as NGINX's `ssl_session_tickets on`, its
+//!   default). rustls' default keeps resumption state in a 256-entry in-memory cache and
+//!   sends 2 tickets per handshake, so only the last ~128 handshakes can ever be resumed: at
+//!   a thousand handshakes per second a ticket is evicted before most clients come back.
+//!   A ticket encrypted with a process-local key (rustls' ring `Ticketer`: ChaCha20-Poly1305,
+//!   a new key every 6 hours, the previous one still accepted, so a ticket lives at most
+//!   12 hours) has no such limit and needs no cache. Resumption still does a full
+//!   (EC)DHE exchange (PSK_DHE_KE; rustls never accepts PSK-only), and 0-RTT stays off.
+//!   Keys are per listener and per process: a restart or an upgrade means full handshakes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::listeners::tls::Acceptor;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use pingora_proxy::HttpProxy;
+
+use crate::proxy::Gateway;
+use crate::snapshot::Snapshot;
+
+/// TLS 1.3 tickets sent after a handshake (rustls' default, and OpenSSL's after a full
+/// handshake): a client can open two connections at once and resume both.
+pub const TLS13_TICKETS: usize = 2;
+
+/// Switches the acceptor's `ServerConfig` to stateless session tickets (see the module doc).
+pub fn tune(acceptor: &mut Acceptor) -> Result<(), String> {
+    let mut config = rustls::ServerConfig::clone(acceptor.acceptor.config());
+    config.ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| format!("cannot make a TLS session ticket key: {e}"))?;
+    config.send_tls13_tickets = TLS13_TICKETS;
+    acceptor.acceptor = pingora::tls::TlsAcceptor::from(Arc::new(config));
+    Ok(())
+}
+
+/// Terminates TLS and serves HTTP: the app of an HTTPS listener.
+pub struct Https {
+    pub acceptor: Acceptor,
+    pub proxy: Arc<HttpProxy<Gateway>>,
+    pub snapshots: Arc<ArcSwap<Snapshot>>,
+}
+
+impl Https {
+    /// Handshake within `timeout`, then HTTP on the TLS stream until the client is done.
+    pub async fn serve(
+        &self,
+        io: Stream,
+        timeout: Duration,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // The acceptor needs the concrete socket type, which a plain TCP listener hands us.
+        let l4 = match io.into_any().downcast::<L4Stream>() {
+            Ok(l4) => l4,
+            Err(_) => {
+                tracing::error!("HTTPS: the accepted stream is not a TCP stream");
+                return None;
+            }
+        };
+        let tls = match tokio::time::timeout(timeout, self.acceptor.tls_handshake(*l4)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!(?timeout, "TLS handshake timed out");
+                return None;
+            }
+        };
+        // Keep-alive: the proxy hands the stream back after each request until it is done.
+        let mut next: Option<Stream> = Some(Box::new(tls));
+        while let Some(stream) = next {
+            next = self.proxy.process_new(stream, shutdown).await;
+        }
+        None
+    }
+
+    /// Tells open keep-alive connections to stop at shutdown, as pingora does for its own
+    /// HTTP services.
+    pub async fn cleanup(&self) {
+        ServerApp::cleanup(self.proxy.as_ref()).await;
+    }
+}
+
+#[async_trait]
+impl ServerApp for Https {
+    async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let timeout = self.snapshots.load().settings.tls_handshake_timeout;
+        self.serve(io, timeout, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        Https::cleanup(self).await;
+    }
+}
