@@ -993,6 +993,12 @@ impl ServerCertVerifier for AcceptAnyCert {
     }
 }
 
+/// A verifier that accepts any server certificate (for tests about something else than
+/// verification) but checks handshake signatures with `provider`'s algorithms.
+pub fn accept_any_cert(provider: Arc<CryptoProvider>) -> Arc<dyn ServerCertVerifier> {
+    Arc::new(AcceptAnyCert(provider))
+}
+
 /// A fresh client config per connection: no session cache is shared, so every handshake is a
 /// full one and shows the certificate the server picks now.
 fn tls_client_config(alpn: &[&str]) -> Arc<ClientConfig> {
