@@ -1359,81 +1359,105 @@ impl Cx {
                 );
             }
             let key = Arc::as_ptr(&vs.spec) as usize;
-            let cached = self
-                .reuse
-                .as_mut()
-                .and_then(|r| r.routes.remove(&key))
-                .filter(|c| Arc::ptr_eq(&c.spec, &vs.spec) && c.bound == bound);
-            if let Some(c) = cached {
-                let reuse = self.reuse.as_ref();
-                let found = c.clusters.iter().all(|n| {
-                    self.clusters.contains_key(n)
-                        || reuse.is_some_and(|r| r.clusters.contains_key(n))
-                });
-                if found {
-                    for n in &c.clusters {
-                        if !self.clusters.contains_key(n) {
-                            if let Some(cl) = reuse.and_then(|r| r.clusters.get(n)) {
-                                self.clusters.insert(n.clone(), cl.clone());
-                            }
-                        }
-                    }
-                    self.dns_names.extend(c.dns_names.iter().cloned());
-                    self.reused += 1;
-                    let routes = c.routes.clone();
-                    self.next_routes.insert(key, c);
-                    count += v.http.len() + v.tls.len() + v.tcp.len();
-                    self.l4_routes(o, &vs_key, v, &bound, gateways, listeners);
-                    self.bind(v, &bound, &routes, gateways, &mut indexes, listeners);
-                    continue;
-                }
-            }
-            let (warnings, errors, dns) =
-                (self.warnings.len(), self.errors.len(), self.dns_names.len());
-            self.touched.clear();
-            let routes: Vec<Arc<Route>> = v
-                .http
-                .iter()
-                .enumerate()
-                .filter_map(|(ri, r)| {
-                    // A route for other proxies only (`gateways: [mesh]` in every match) is
-                    // not compiled: its destinations are the sidecars' business.
-                    let elsewhere = |m: &schema::HttpMatchRequest| {
-                        !m.gateways.is_empty()
-                            && !m
-                                .gateways
-                                .iter()
-                                .any(|g| bound.contains(&gateway_ref(g, &ns)))
-                    };
-                    if !r.matches.is_empty() && r.matches.iter().all(elsewhere) {
-                        self.warn(
-                            o,
-                            &format!(".http[{ri}].match"),
-                            "every match is for other gateways or `mesh`: not applied here",
-                        );
-                        return None;
-                    }
-                    self.route(o, &vs_key, &ns, ri, r).map(Arc::new)
-                })
-                .collect();
-            // Only a clean compile is kept: a reused one would not repeat its warnings.
-            if self.warnings.len() == warnings && self.errors.len() == errors {
-                self.next_routes.insert(
-                    key,
-                    CachedRoutes {
-                        spec: vs.spec.clone(),
-                        bound: bound.clone(),
-                        routes: routes.clone(),
-                        clusters: std::mem::take(&mut self.touched),
-                        dns_names: self.dns_names[dns..].to_vec(),
-                    },
-                );
-            }
+            let routes = match self.reused_routes(key, &vs.spec, &bound) {
+                Some(routes) => routes,
+                None => self.compile_routes(key, vs, &bound, &vs_key, &ns),
+            };
             count += v.http.len() + v.tls.len() + v.tcp.len();
             self.l4_routes(o, &vs_key, v, &bound, gateways, listeners);
             self.bind(v, &bound, &routes, gateways, &mut indexes, listeners);
         }
         count
+    }
+
+    /// The routes the last compile made of this VirtualService (the same `Arc`, bound to the
+    /// same gateways), with their clusters and DNS names taken into this compile.
+    fn reused_routes(
+        &mut self,
+        key: usize,
+        spec: &Arc<schema::VirtualService>,
+        bound: &[String],
+    ) -> Option<Vec<Arc<Route>>> {
+        let reuse = self.reuse.as_mut()?;
+        let c = reuse
+            .routes
+            .remove(&key)
+            .filter(|c| Arc::ptr_eq(&c.spec, spec) && c.bound == bound)?;
+        let reuse = self.reuse.as_ref()?;
+        let found = c
+            .clusters
+            .iter()
+            .all(|n| self.clusters.contains_key(n) || reuse.clusters.contains_key(n));
+        if !found {
+            return None;
+        }
+        for n in &c.clusters {
+            if !self.clusters.contains_key(n) {
+                if let Some(cl) = reuse.clusters.get(n) {
+                    self.clusters.insert(n.clone(), cl.clone());
+                }
+            }
+        }
+        self.dns_names.extend(c.dns_names.iter().cloned());
+        self.reused += 1;
+        let routes = c.routes.clone();
+        self.next_routes.insert(key, c);
+        Some(routes)
+    }
+
+    /// Compiles a VirtualService's HTTP routes, and keeps them for the next compile when
+    /// they compiled cleanly.
+    fn compile_routes(
+        &mut self,
+        key: usize,
+        vs: &Item<schema::VirtualService>,
+        bound: &[String],
+        vs_key: &str,
+        ns: &str,
+    ) -> Vec<Arc<Route>> {
+        let (v, o) = (&*vs.spec, &vs.origin);
+        let (warnings, errors, dns) =
+            (self.warnings.len(), self.errors.len(), self.dns_names.len());
+        self.touched.clear();
+        let routes: Vec<Arc<Route>> = v
+            .http
+            .iter()
+            .enumerate()
+            .filter_map(|(ri, r)| {
+                // A route for other proxies only (`gateways: [mesh]` in every match) is
+                // not compiled: its destinations are the sidecars' business.
+                let elsewhere = |m: &schema::HttpMatchRequest| {
+                    !m.gateways.is_empty()
+                        && !m
+                            .gateways
+                            .iter()
+                            .any(|g| bound.contains(&gateway_ref(g, ns)))
+                };
+                if !r.matches.is_empty() && r.matches.iter().all(elsewhere) {
+                    self.warn(
+                        o,
+                        &format!(".http[{ri}].match"),
+                        "every match is for other gateways or `mesh`: not applied here",
+                    );
+                    return None;
+                }
+                self.route(o, vs_key, ns, ri, r).map(Arc::new)
+            })
+            .collect();
+        // Only a clean compile is kept: a reused one would not repeat its warnings.
+        if self.warnings.len() == warnings && self.errors.len() == errors {
+            self.next_routes.insert(
+                key,
+                CachedRoutes {
+                    spec: vs.spec.clone(),
+                    bound: bound.to_vec(),
+                    routes: routes.clone(),
+                    clusters: std::mem::take(&mut self.touched),
+                    dns_names: self.dns_names[dns..].to_vec(),
+                },
+            );
+        }
+        routes
     }
 
     /// Adds a VirtualService's routes to the virtual hosts of the servers its hosts match,
