@@ -124,6 +124,32 @@ fn init_logging(level: Option<&str>) {
         .try_init();
 }
 
+/// mimalloc's `mi_option_arena_eager_commit` in the v3 sources this crate builds (its
+/// Rust constants follow v2's numbering, so the value is named here).
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+
+/// Commit arena memory as it is used rather than on reserve. mimalloc's default on Linux
+/// commits its first 1 GiB arena up front, and transparent huge pages then back touched
+/// memory in 2 MiB pages: ~30 MiB resident when idle on the default config, ~17 MiB without.
+/// The environment variable still wins.
+///
+/// This has to run before the first allocation, which reserves that arena before `main`,
+/// and before mimalloc's own constructor (priority 101) reads its options from the
+/// environment: hence a constructor of priority 100 (the linker runs `.init_array.N` in
+/// increasing N, before unnumbered constructors).
+#[cfg(target_os = "linux")]
+#[used]
+#[unsafe(link_section = ".init_array.00100")]
+static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
+
+#[cfg(target_os = "linux")]
+extern "C" fn tune_allocator() {
+    if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {
+        // SAFETY: writes an integer into mimalloc's static option table; no allocation.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
