@@ -134,7 +134,7 @@ fn full(sources: &Sources) -> Snapshot {
 /// Builds with the cache, checks the result against a full build, returns how many
 /// VirtualServices were reused and the dump.
 fn cached(sources: &Sources, cache: &mut Cache) -> (usize, String) {
-    let c = config::build_cached(sources, &Options::default(), cache)
+    let c = config::build_cached(sources, &Options::default(), cache, &Default::default())
         .unwrap_or_else(|e| panic!("{e:?}"));
     clusters_are_the_snapshots(&c.snapshot);
     let got = dump(&c.snapshot);
@@ -152,7 +152,7 @@ fn clusters_are_the_snapshots(s: &Snapshot) {
     let mut checked = 0;
     for l in &s.listeners {
         for (_, vhost) in l.table.vhosts.patterns() {
-            for r in &vhost.routes {
+            for r in vhost.routes.iter() {
                 let Action::Forward(f) = &r.action else {
                     continue;
                 };
@@ -251,15 +251,25 @@ fn a_rejected_build_keeps_the_cache_of_the_last_good_one() {
 
     // A syntax error in one file, then an undefined subset in another: both rejected.
     write_atomic(&s.dir.join("vs-a.toml"), "[[virtualServices]\n");
-    let err = config::build_cached(&sources, &Options::default(), &mut cache)
-        .err()
-        .expect("syntax error rejected");
+    let err = config::build_cached(
+        &sources,
+        &Options::default(),
+        &mut cache,
+        &Default::default(),
+    )
+    .err()
+    .expect("syntax error rejected");
     assert!(err[0].to_string().contains("vs-a.toml"), "{err:?}");
     s.write("vs-a.toml", VS_A, "1");
     s.write("vs-b.toml", &VS_B.replace("(v1)", "(v9)"), "1");
-    let err = config::build_cached(&sources, &Options::default(), &mut cache)
-        .err()
-        .expect("undefined subset rejected");
+    let err = config::build_cached(
+        &sources,
+        &Options::default(),
+        &mut cache,
+        &Default::default(),
+    )
+    .err()
+    .expect("undefined subset rejected");
     assert!(err[0].to_string().contains("v9"), "{err:?}");
 
     // Fixed: vs-a.toml is as it was, so its two VirtualServices and the manifest's are reused.
@@ -288,7 +298,13 @@ fn a_changed_certificate_file_recompiles() {
     // A renewed certificate (same paths) must be read again, not taken from the cache.
     std::thread::sleep(std::time::Duration::from_millis(20));
     let der = write_cert(&s.dir, "site", &["shop.example.com", "www.example.com"]);
-    let c = config::build_cached(&sources, &Options::default(), &mut cache).unwrap();
+    let c = config::build_cached(
+        &sources,
+        &Options::default(),
+        &mut cache,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(
         c.reused, 0,
         "a changed file read by the compile: full compile"

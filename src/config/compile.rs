@@ -5,6 +5,7 @@
 
 mod l4;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -100,7 +101,7 @@ struct Context {
     files: Vec<(PathBuf, Option<FileStamp>)>,
 }
 
-use super::load::{settled, stamp, FileStamp};
+use super::load::{settled, FileStamp, Stamps};
 
 impl Context {
     fn of(doc: &Document, opts: &Options, dns_epoch: u64) -> Context {
@@ -119,7 +120,7 @@ impl Context {
     }
 
     /// `now`: the files of `self` stamped at the start of this compile.
-    fn same(&self, other: &Context, now: &HashMap<PathBuf, Option<FileStamp>>) -> bool {
+    fn same(&self, other: &Context, now: &Stamps) -> bool {
         fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
             a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
         }
@@ -128,17 +129,25 @@ impl Context {
             && same(&self.service_entries, &other.service_entries)
             && self.generate_missing_certs == other.generate_missing_certs
             && self.dns_epoch == other.dns_epoch
-            && self.files.iter().all(|(p, s)| now.get(p) == Some(s))
+            && self.files.iter().all(|(p, s)| now.of(p) == *s)
     }
 }
 
 struct CachedRoutes {
     spec: Arc<schema::VirtualService>,
     bound: Vec<String>,
-    routes: Vec<Arc<Route>>,
+    routes: VsRoutes,
     /// The clusters the routes use, and the DNS names those were compiled from.
     clusters: Vec<String>,
     dns_names: Vec<Arc<crate::egress::dns::DnsName>>,
+}
+
+/// A VirtualService's compiled HTTP routes.
+#[derive(Clone)]
+struct VsRoutes {
+    routes: Arc<[Arc<Route>]>,
+    /// Whether a match block names gateways (then each gateway gets its own subset).
+    per_gateway: bool,
 }
 
 /// The previous compile's results, while its context holds.
@@ -148,27 +157,23 @@ struct Reuse {
 }
 
 pub fn compile(doc: &Document, opts: &Options) -> Result<Compiled, Vec<ConfigError>> {
-    compile_cached(doc, opts, &mut Cache::default())
+    compile_cached(doc, opts, &mut Cache::default(), Stamps::default())
 }
 
 /// `compile` that reuses what `cache` holds from the last compile where its inputs are
-/// unchanged, and leaves this compile's results there.
+/// unchanged, and leaves this compile's results there. `stamps` were taken before the files
+/// were read.
 pub fn compile_cached(
     doc: &Document,
     opts: &Options,
     cache: &mut Cache,
+    stamps: Stamps,
 ) -> Result<Compiled, Vec<ConfigError>> {
     // The epoch is read before anything resolves: an answer changing during this compile
     // makes the next one full.
     let mut context = Context::of(doc, opts, crate::egress::dns::answer_epoch());
     // Stamped before anything is read, so a file that changes while this compile reads it
     // counts as changed next time.
-    let stamps: HashMap<PathBuf, Option<FileStamp>> = cache
-        .context
-        .iter()
-        .flat_map(|c| &c.files)
-        .map(|(p, _)| (p.clone(), stamp(p)))
-        .collect();
     let reuse = match &cache.context {
         Some(old) if old.same(&context, &stamps) => Some(Reuse {
             routes: std::mem::take(&mut cache.routes),
@@ -182,6 +187,8 @@ pub fn compile_cached(
         }
     };
     let mut cx = Cx {
+        stamps,
+        hits: Vec::new(),
         certs_prev: std::mem::take(&mut cache.certs),
         certs_next: HashMap::new(),
         reuse,
@@ -243,21 +250,24 @@ pub fn compile_cached(
     let listeners: Vec<Listener> = listeners
         .into_values()
         .map(|b| {
-            let mut vhosts = HostMatcher::default();
+            let mut vhosts = HostMatcher::with_capacity(b.vhosts.len());
             for (domain, build) in b.vhosts {
-                let mut routes = build.routes;
-                if build.sources > 1 {
-                    // Istio's SortVHostRoutes: merged catch-all routes go last.
-                    routes.sort_by_key(|r| r.is_catch_all());
-                }
+                let routes = match build.parts.as_slice() {
+                    [one] => one.clone(),
+                    parts => {
+                        let mut routes: Vec<Arc<Route>> =
+                            parts.iter().flat_map(|p| p.iter().cloned()).collect();
+                        // Istio's SortVHostRoutes: merged catch-all routes go last.
+                        routes.sort_by_key(|r| r.is_catch_all());
+                        routes.into()
+                    }
+                };
                 hosts += 1;
-                vhosts.insert(
-                    &domain,
-                    Arc::new(VirtualHost {
-                        domain: domain.clone(),
-                        routes,
-                    }),
-                );
+                let vhost = Arc::new(VirtualHost {
+                    domain: domain.clone(),
+                    routes,
+                });
+                vhosts.insert_owned(domain, vhost);
             }
             Listener {
                 addr: b.addr,
@@ -288,10 +298,7 @@ pub fn compile_cached(
     context.files = watched
         .iter()
         .filter(|p| !config_files.contains(p.as_path()))
-        .map(|p| {
-            let s = stamps.get(p).cloned().unwrap_or_else(|| stamp(p));
-            (p.clone(), s)
-        })
+        .map(|p| (p.clone(), cx.stamps.of(p)))
         .collect();
     cache.context = Some(context);
     cache.routes = cx.next_routes;
@@ -321,6 +328,10 @@ pub fn compile_cached(
 }
 
 struct Cx {
+    /// Files' stamps from before the build read them.
+    stamps: Stamps,
+    /// Scratch space of `bind`, kept between VirtualServices.
+    hits: Vec<(usize, usize, usize)>,
     certs_prev: HashMap<(PathBuf, PathBuf), CachedCert>,
     certs_next: HashMap<(PathBuf, PathBuf), CachedCert>,
     /// The last compile's routes and clusters, when its context is this one's.
@@ -440,8 +451,9 @@ struct ListenerBuild {
 
 #[derive(Default)]
 struct VhostBuild {
-    routes: Vec<Arc<Route>>,
-    sources: usize,
+    /// The routes each binding brought, in binding order (one per VirtualService host that
+    /// lands on this domain).
+    parts: Vec<Arc<[Arc<Route>]>>,
 }
 
 fn key(namespace: &Option<String>, name: &str) -> String {
@@ -1109,8 +1121,11 @@ impl Cx {
             };
         self.watched.push(cert_path.clone());
         self.watched.push(key_path.clone());
-        let missing = !cert_path.exists() || !key_path.exists();
-        if missing && self_signed {
+        // The stamps say whether the files exist (no stamp: no file) without two more
+        // system calls per server.
+        let missing =
+            || self.stamps.of(&cert_path).is_none() || self.stamps.of(&key_path).is_none();
+        if self_signed && missing() {
             if self.opts.generate_missing_certs {
                 match tls::generate_self_signed(&cert_path, &key_path, hosts) {
                     Ok(()) => tracing::warn!(
@@ -1156,7 +1171,7 @@ impl Cx {
         key_path: &Path,
     ) -> Result<(Arc<rustls::sign::CertifiedKey>, i64, String), String> {
         let paths = (cert_path.to_path_buf(), key_path.to_path_buf());
-        let stamps = (stamp(cert_path), stamp(key_path));
+        let stamps = (self.stamps.of(cert_path), self.stamps.of(key_path));
         let read_at = std::time::SystemTime::now();
         let mut cached = self
             .certs_prev
@@ -1320,8 +1335,7 @@ impl Cx {
         let mut indexes: HashMap<&str, ServerHostIndex> = HashMap::new();
         for vs in &doc.virtual_services {
             let (v, o) = (&vs.spec, &vs.origin);
-            let ns = v.namespace.clone().unwrap_or_else(|| "default".into());
-            let vs_key = format!("{ns}/{}", v.name);
+            let ns = v.namespace.as_deref().unwrap_or("default");
             if v.hosts.is_empty() {
                 self.err(o, ".hosts", "a VirtualService needs at least one host");
             }
@@ -1330,10 +1344,9 @@ impl Cx {
                 if g == "mesh" {
                     continue;
                 }
-                let gk = gateway_ref(g, &ns);
+                let gk = gateway_ref(g, ns);
                 let gw_ns = gk.split('/').next().unwrap_or_default();
-                if gateways.contains_key(&gk)
-                    && !super::istio::exported_to(&v.export_to, &ns, gw_ns)
+                if gateways.contains_key(&gk) && !super::istio::exported_to(&v.export_to, ns, gw_ns)
                 {
                     self.warn(
                         o,
@@ -1361,10 +1374,13 @@ impl Cx {
             let key = Arc::as_ptr(&vs.spec) as usize;
             let routes = match self.reused_routes(key, &vs.spec, &bound) {
                 Some(routes) => routes,
-                None => self.compile_routes(key, vs, &bound, &vs_key, &ns),
+                None => self.compile_routes(key, vs, &bound, ns),
             };
             count += v.http.len() + v.tls.len() + v.tcp.len();
-            self.l4_routes(o, &vs_key, v, &bound, gateways, listeners);
+            if !v.tls.is_empty() || !v.tcp.is_empty() {
+                let vs_key = format!("{ns}/{}", v.name);
+                self.l4_routes(o, &vs_key, v, &bound, gateways, listeners);
+            }
             self.bind(v, &bound, &routes, gateways, &mut indexes, listeners);
         }
         count
@@ -1377,7 +1393,7 @@ impl Cx {
         key: usize,
         spec: &Arc<schema::VirtualService>,
         bound: &[String],
-    ) -> Option<Vec<Arc<Route>>> {
+    ) -> Option<VsRoutes> {
         let reuse = self.reuse.as_mut()?;
         let c = reuse
             .routes
@@ -1412,14 +1428,14 @@ impl Cx {
         key: usize,
         vs: &Item<schema::VirtualService>,
         bound: &[String],
-        vs_key: &str,
         ns: &str,
-    ) -> Vec<Arc<Route>> {
+    ) -> VsRoutes {
         let (v, o) = (&*vs.spec, &vs.origin);
+        let vs_key = &format!("{ns}/{}", v.name);
         let (warnings, errors, dns) =
             (self.warnings.len(), self.errors.len(), self.dns_names.len());
         self.touched.clear();
-        let routes: Vec<Arc<Route>> = v
+        let routes: Arc<[Arc<Route>]> = v
             .http
             .iter()
             .enumerate()
@@ -1444,6 +1460,13 @@ impl Cx {
                 self.route(o, vs_key, ns, ri, r).map(Arc::new)
             })
             .collect();
+        let per_gateway = routes
+            .iter()
+            .any(|r| r.matches.iter().any(|m| !m.gateways.is_empty()));
+        let routes = VsRoutes {
+            routes,
+            per_gateway,
+        };
         // Only a clean compile is kept: a reused one would not repeat its warnings.
         if self.warnings.len() == warnings && self.errors.len() == errors {
             self.next_routes.insert(
@@ -1466,31 +1489,42 @@ impl Cx {
         &mut self,
         v: &schema::VirtualService,
         bound: &[String],
-        routes: &[Arc<Route>],
+        routes: &VsRoutes,
         gateways: &'g HashMap<String, GatewayInfo>,
         indexes: &mut HashMap<&'g str, ServerHostIndex>,
         listeners: &mut BTreeMap<u16, ListenerBuild>,
     ) {
+        if bound.is_empty() {
+            return;
+        }
+        // Cheap for the usual case (hosts written in lower case, no match block restricted
+        // to some gateways): a reload binds every VirtualService again.
+        let vhosts: Vec<Cow<str>> = v.hosts.iter().map(|h| lower(h)).collect();
+        let (per_gateway, routes) = (routes.per_gateway, &routes.routes);
+        let mut hits = std::mem::take(&mut self.hits);
         for gk in bound {
-            let routes_here: Vec<Arc<Route>> = routes
-                .iter()
-                .filter_map(|r| restrict_to_gateway(r, gk))
-                .collect();
+            let routes_here: Arc<[Arc<Route>]> = if per_gateway {
+                routes
+                    .iter()
+                    .filter_map(|r| restrict_to_gateway(r, gk))
+                    .collect()
+            } else {
+                routes.clone()
+            };
             let Some((gk, gw)) = gateways.get_key_value(gk) else {
                 continue;
             };
             let index = indexes
                 .entry(gk.as_str())
                 .or_insert_with(|| ServerHostIndex::new(gw));
-            let vhosts: Vec<String> = v.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
             // (server, server host, VirtualService host) in the order the nested scan
             // visited them, so routes merge into a domain in the same order as before.
-            let mut hits: Vec<(usize, usize, usize)> = Vec::new();
+            hits.clear();
             for (vi, vh) in vhosts.iter().enumerate() {
                 index.matching(gw, vh, |si, hi| hits.push((si, hi, vi)));
             }
             hits.sort_unstable();
-            for (si, hi, vi) in hits {
+            for &(si, hi, vi) in &hits {
                 let s = &gw.servers[si];
                 let Some(l) = listeners.get_mut(&s.port) else {
                     continue;
@@ -1505,10 +1539,10 @@ impl Cx {
                     Some(b) => b,
                     None => l.vhosts.entry(domain.to_string()).or_default(),
                 };
-                b.sources += 1;
-                b.routes.extend(routes_here.iter().cloned());
+                b.parts.push(routes_here.clone());
             }
         }
+        self.hits = hits;
     }
 
     fn route(
@@ -2569,6 +2603,15 @@ impl Cx {
                 Vec::new()
             }
         }
+    }
+}
+
+/// `h` in lower case, copied only when it is not already.
+fn lower(h: &str) -> Cow<'_, str> {
+    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(h.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(h)
     }
 }
 

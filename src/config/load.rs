@@ -156,6 +156,28 @@ pub(crate) fn stamp(path: &Path) -> Option<FileStamp> {
     Some((m.modified().ok(), m.len(), m.ino()))
 }
 
+/// Stamps taken once, before a build reads anything, by path. Each stage that checks
+/// whether a file changed (load, the compile cache, certificate pairs) looks its stamp up
+/// here instead of taking it again: a config with a thousand certificates watches a few
+/// thousand files. A path not in it is stamped when asked for. Clones share the table.
+#[derive(Default, Clone)]
+pub struct Stamps(Arc<foldhash::HashMap<PathBuf, Option<FileStamp>>>);
+
+impl Stamps {
+    pub fn of(&self, path: &Path) -> Option<FileStamp> {
+        match self.0.get(path) {
+            Some(s) => *s,
+            None => stamp(path),
+        }
+    }
+}
+
+impl FromIterator<(PathBuf, Option<FileStamp>)> for Stamps {
+    fn from_iter<I: IntoIterator<Item = (PathBuf, Option<FileStamp>)>>(iter: I) -> Self {
+        Stamps(Arc::new(iter.into_iter().collect()))
+    }
+}
+
 /// Whether a file with stamp `s`, read at `read_at`, was last modified well before it was
 /// read: then an unchanged stamp means unchanged content. (A file rewritten in place with
 /// the same length within one timestamp tick of the read keeps its stamp; as git does for
@@ -263,13 +285,18 @@ pub fn load(main: &Path) -> Result<Document, Vec<ConfigError>> {
 /// the defaults and relative paths in them (the credentials folder) are relative to the
 /// current directory.
 pub fn load_sources(sources: &Sources) -> Result<Document, Vec<ConfigError>> {
-    load_cached(sources, &mut Cache::default())
+    load_cached(sources, &mut Cache::default(), &Stamps::default())
 }
 
 /// `load_sources` that re-parses only the files whose text differs from what `cache` holds,
-/// and leaves in `cache` the files read this time.
-pub fn load_cached(sources: &Sources, cache: &mut Cache) -> Result<Document, Vec<ConfigError>> {
+/// and leaves in `cache` the files read this time. `stamps` were taken before this load.
+pub fn load_cached(
+    sources: &Sources,
+    cache: &mut Cache,
+    stamps: &Stamps,
+) -> Result<Document, Vec<ConfigError>> {
     let mut r = Reader {
+        stamps,
         old: std::mem::take(&mut cache.files),
         fresh: HashMap::new(),
         seen: HashSet::new(),
@@ -282,7 +309,8 @@ pub fn load_cached(sources: &Sources, cache: &mut Cache) -> Result<Document, Vec
     result
 }
 
-struct Reader {
+struct Reader<'s> {
+    stamps: &'s Stamps,
     old: HashMap<PathBuf, Arc<Parsed>>,
     fresh: HashMap<PathBuf, Arc<Parsed>>,
     seen: HashSet<PathBuf>,
@@ -291,7 +319,7 @@ struct Reader {
     errors: Vec<ConfigError>,
 }
 
-impl Reader {
+impl Reader<'_> {
     fn load(&mut self, sources: &Sources) -> Result<Document, Vec<ConfigError>> {
         let mut istio_roots: Vec<&Path> = sources.istio.iter().map(PathBuf::as_path).collect();
         let main_file = match &sources.config {
@@ -436,7 +464,7 @@ impl Reader {
         if !self.seen.insert(canonical) {
             return; // included twice, or an include cycle: each file counts once
         }
-        let (stamp, read_at) = (stamp(path), SystemTime::now());
+        let (stamp, read_at) = (self.stamps.of(path), SystemTime::now());
         if let Some(parsed) = self.unchanged(path, &stamp) {
             self.push_parsed(parsed);
             return;

@@ -31,16 +31,18 @@ pub struct Cache {
 }
 
 /// `build_sources` that re-parses only changed files and recompiles only what they
-/// changed; the Reloader keeps one Cache for its whole life.
+/// changed; the Reloader keeps one Cache for its whole life. `stamps` are the files' stamps
+/// taken before this build (see `load::Stamps`); files not in it are stamped as needed.
 pub fn build_cached(
     sources: &Sources,
     opts: &Options,
     cache: &mut Cache,
+    stamps: &load::Stamps,
 ) -> Result<Compiled, Vec<ConfigError>> {
     let started = std::time::Instant::now();
-    let doc = load::load_cached(sources, &mut cache.load)?;
+    let doc = load::load_cached(sources, &mut cache.load, stamps)?;
     let loaded = started.elapsed();
-    let compiled = compile::compile_cached(&doc, opts, &mut cache.compile);
+    let compiled = compile::compile_cached(&doc, opts, &mut cache.compile, stamps.clone());
     let compiled_at = started.elapsed();
     drop(doc);
     tracing::debug!(

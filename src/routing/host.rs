@@ -39,6 +39,23 @@ impl<T> HostMatcher<T> {
         }
     }
 
+    /// Room for `n` exact names, so building a large table does not rehash as it grows.
+    pub fn with_capacity(n: usize) -> Self {
+        HostMatcher {
+            exact: HashMap::with_capacity_and_hasher(n, Default::default()),
+            ..Self::default()
+        }
+    }
+
+    /// `insert` taking the pattern by value: an exact name is not copied.
+    pub fn insert_owned(&mut self, pattern: String, value: T) -> Option<T> {
+        if pattern == "*" || pattern.starts_with('*') {
+            self.insert(&pattern, value)
+        } else {
+            self.exact.insert(pattern, value)
+        }
+    }
+
     pub fn get_pattern(&self, pattern: &str) -> Option<&T> {
         if pattern == "*" {
             self.any.as_ref()

@@ -20,7 +20,9 @@ pub use route::{
 #[derive(Debug)]
 pub struct VirtualHost {
     pub domain: String,
-    pub routes: Vec<Arc<Route>>,
+    /// Shared with the compile cache when one VirtualService makes the whole host: a reload
+    /// then neither copies nor counts each route again.
+    pub routes: Arc<[Arc<Route>]>,
 }
 
 /// Per-host settings of a Gateway server on a listener.
@@ -63,7 +65,7 @@ impl RouteTable {
         let Some(vhost) = self.vhosts.lookup(host) else {
             return Decision::NoHost;
         };
-        for route in &vhost.routes {
+        for route in vhost.routes.iter() {
             if let Some(match_index) = route.matches(req) {
                 return Decision::Route {
                     vhost,
