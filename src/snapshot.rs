@@ -40,7 +40,9 @@ pub struct Listener {
     /// requests and CONNECT).
     pub forward_proxy: bool,
     pub table: RouteTable,
-    pub certs: Option<CertStore>,
+    /// Shared with the compile cache: rebuilt only when the Gateways or their
+    /// certificates change.
+    pub certs: Option<Arc<CertStore>>,
     /// TLS passthrough routes by SNI (with `tls`, the names its HTTPS servers claim are
     /// terminated and served by `table`), or the port's TCP route.
     pub l4: Option<crate::l4::L4Table>,

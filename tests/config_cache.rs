@@ -340,3 +340,79 @@ fn reused_routes_do_not_outlive_their_file() {
     assert_eq!(reused, 3);
     assert!(!after.contains("api.example.com"), "{after}");
 }
+
+/// Sets a file's modification time 10 s back: a file written just now may still change
+/// within the same timestamp tick, so the cache trusts only older stamps.
+fn age(path: &std::path::Path) {
+    let past = std::time::SystemTime::now() - std::time::Duration::from_secs(10);
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(past).unwrap();
+}
+
+#[test]
+fn gateway_tables_are_shared_until_a_gateway_or_certificate_changes() {
+    let s = Setup::new();
+    let sources = s.sources();
+    write_cert(&s.dir, "site", &["shop.example.com"]);
+    age(&s.dir.join("site.crt"));
+    age(&s.dir.join("site.key"));
+    let main = std::fs::read_to_string(&s.main).unwrap();
+    let https = |hosts: &str| {
+        format!(
+            "{main}\n[[gateways.servers]]\nport = {{ number = 18443, name = \"https\", protocol = \"HTTPS\" }}\nbind = \"127.0.0.1\"\nhosts = [{hosts}]\ntls = {{ mode = \"SIMPLE\", serverCertificate = \"site.crt\", privateKey = \"site.key\" }}\n"
+        )
+    };
+    write_atomic(&s.main, https("\"shop.example.com\""));
+    let mut cache = Cache::default();
+    let build = |cache: &mut Cache| {
+        let snapshot =
+            config::build_cached(&sources, &Options::default(), cache, &Default::default())
+                .unwrap_or_else(|e| panic!("{e:?}"))
+                .snapshot;
+        assert_eq!(dump(&snapshot), dump(&full(&sources)));
+        snapshot
+    };
+    fn tls(s: &Snapshot) -> &portico::snapshot::Listener {
+        s.listeners
+            .iter()
+            .find(|l| l.tls)
+            .expect("the HTTPS listener")
+    }
+    let shared = |a: &Snapshot, b: &Snapshot| {
+        let (a, b) = (tls(a), tls(b));
+        let certs = Arc::ptr_eq(a.certs.as_ref().unwrap(), b.certs.as_ref().unwrap());
+        let servers = Arc::ptr_eq(&a.table.servers, &b.table.servers);
+        assert_eq!(certs, servers, "both tables are reused or neither");
+        certs
+    };
+
+    let first = build(&mut cache);
+    // A VirtualService changes, the Gateways and the certificate do not.
+    s.write("vs-b.toml", VS_B, "2");
+    let second = build(&mut cache);
+    assert!(shared(&first, &second), "unchanged gateways: same tables");
+
+    // The certificate is renewed: the tables are built again, with the new certificate.
+    let der = write_cert(&s.dir, "site", &["shop.example.com", "www.example.com"]);
+    let third = build(&mut cache);
+    assert!(
+        !shared(&second, &third),
+        "a renewed certificate: new tables"
+    );
+    let served = tls(&third).certs.as_ref().unwrap().hosts.patterns();
+    assert_eq!(served[0].1.key.cert[0].as_ref(), der.as_slice());
+
+    // The Gateway gains a host (main.toml changes): new tables that hold it.
+    age(&s.dir.join("site.crt"));
+    age(&s.dir.join("site.key"));
+    write_atomic(&s.main, https("\"shop.example.com\", \"www.example.com\""));
+    let fourth = build(&mut cache);
+    assert!(!shared(&third, &fourth), "a changed Gateway: new tables");
+    assert!(tls(&fourth)
+        .table
+        .servers
+        .get_pattern("www.example.com")
+        .is_some());
+    let fifth = build(&mut cache);
+    assert!(shared(&fourth, &fifth), "nothing changed: the same tables");
+}

@@ -68,6 +68,38 @@ pub struct Cache {
     /// Parsed certificate pairs by (certificate, key) path, reused while the SHA-256 of the
     /// two files' contents is the same: a thousand ECDSA keys take ~60 ms to parse.
     certs: HashMap<(PathBuf, PathBuf), CachedCert>,
+    gateways: Option<CachedGateways>,
+}
+
+/// The gateways and the listener tables built from them (server hosts, certificates by
+/// name), before any VirtualService is bound: reused while the Gateways (the same `Arc`s),
+/// the mesh settings and every certificate pair they load are unchanged. A config with a
+/// thousand HTTPS servers would otherwise rebuild ~40 000 table entries on every reload.
+struct CachedGateways {
+    specs: Vec<Arc<schema::Gateway>>,
+    mesh: Arc<schema::Mesh>,
+    credentials_dir: PathBuf,
+    generate_missing_certs: bool,
+    /// The certificate pairs loaded, and the files to watch.
+    pairs: Vec<(PathBuf, PathBuf)>,
+    watched: Vec<PathBuf>,
+    gateways: Arc<HashMap<String, GatewayInfo>>,
+    listeners: BTreeMap<u16, ListenerBuild>,
+}
+
+impl CachedGateways {
+    fn holds(&self, doc: &Document, cx: &Cx) -> bool {
+        self.specs.len() == doc.gateways.len()
+            && self
+                .specs
+                .iter()
+                .zip(&doc.gateways)
+                .all(|(a, b)| Arc::ptr_eq(a, &b.spec))
+            && Arc::ptr_eq(&self.mesh, &doc.mesh.spec)
+            && self.credentials_dir == cx.credentials_dir
+            && self.generate_missing_certs == cx.opts.generate_missing_certs
+            && self.pairs.iter().all(|(c, k)| cx.pair_unchanged(c, k))
+    }
 }
 
 struct CachedCert {
@@ -188,6 +220,7 @@ pub fn compile_cached(
     };
     let mut cx = Cx {
         stamps,
+        pairs_used: Vec::new(),
         hits: Vec::new(),
         certs_prev: std::mem::take(&mut cache.certs),
         certs_next: HashMap::new(),
@@ -217,12 +250,45 @@ pub fn compile_cached(
     let egress = super::egress::registry(doc, &mut cx.errors);
     cx.dns_servers = egress.resolver.servers().to_vec();
     let started = std::time::Instant::now();
-    let gateways = cx.gateways(doc);
-    let mut listeners = cx.listeners(&gateways);
+    let cached_gateways = cache.gateways.take().filter(|g| g.holds(doc, &cx));
+    let gateways_reused = cached_gateways.is_some();
+    let (gateways, mut listeners) = match cached_gateways {
+        Some(g) => {
+            for pair in &g.pairs {
+                if let Some(c) = cx.certs_prev.remove(pair) {
+                    cx.certs_next.insert(pair.clone(), c);
+                }
+            }
+            cx.watched.extend(g.watched.iter().cloned());
+            let out = (g.gateways.clone(), g.listeners.clone());
+            cache.gateways = Some(g);
+            out
+        }
+        None => {
+            let (errors, warnings, watched) =
+                (cx.errors.len(), cx.warnings.len(), cx.watched.len());
+            let gateways = Arc::new(cx.gateways(doc));
+            let listeners = cx.listeners(&gateways);
+            if cx.errors.len() == errors && cx.warnings.len() == warnings {
+                cache.gateways = Some(CachedGateways {
+                    specs: doc.gateways.iter().map(|g| g.spec.clone()).collect(),
+                    mesh: doc.mesh.spec.clone(),
+                    credentials_dir: cx.credentials_dir.clone(),
+                    generate_missing_certs: cx.opts.generate_missing_certs,
+                    pairs: cx.pairs_used.clone(),
+                    watched: cx.watched[watched..].to_vec(),
+                    gateways: gateways.clone(),
+                    listeners: listeners.clone(),
+                });
+            }
+            (gateways, listeners)
+        }
+    };
     let gateways_at = started.elapsed();
     let routes = cx.virtual_services(doc, &gateways, &mut listeners);
     tracing::debug!(
         gateways_ms = gateways_at.as_millis() as u64,
+        gateways_reused,
         virtual_services_ms = (started.elapsed() - gateways_at).as_millis() as u64,
         reused = cx.reused,
         "compile phases"
@@ -280,7 +346,7 @@ pub fn compile_cached(
                 },
                 certs: b.tls.then_some(b.certs),
                 l4: b.l4.map(|kind| match kind {
-                    L4Kind::Passthrough => L4Table::Passthrough(b.sni),
+                    L4Kind::Passthrough => L4Table::Passthrough(Arc::unwrap_or_clone(b.sni)),
                     L4Kind::Tcp => L4Table::Tcp(b.tcp),
                 }),
             }
@@ -330,6 +396,8 @@ pub fn compile_cached(
 struct Cx {
     /// Files' stamps from before the build read them.
     stamps: Stamps,
+    /// Certificate pairs `load_pair` was asked for.
+    pairs_used: Vec<(PathBuf, PathBuf)>,
     /// Scratch space of `bind`, kept between VirtualServices.
     hits: Vec<(usize, usize, usize)>,
     certs_prev: HashMap<(PathBuf, PathBuf), CachedCert>,
@@ -364,6 +432,8 @@ struct Registry {
 
 struct GatewayInfo {
     servers: Vec<ServerInfo>,
+    /// Built when the first VirtualService binds to the gateway; cached with it.
+    index: std::sync::OnceLock<ServerHostIndex>,
 }
 
 /// A gateway's server hosts, for binding VirtualService hosts without scanning them all.
@@ -433,6 +503,9 @@ struct ServerInfo {
     path: String,
 }
 
+/// The tables are `Arc`s so that the gateway cache and the Snapshot share them; a change
+/// (passthrough routes into `sni`) copies the cached one first.
+#[derive(Clone)]
 struct ListenerBuild {
     addr: SocketAddr,
     tls: bool,
@@ -440,16 +513,16 @@ struct ListenerBuild {
     forward_proxy: bool,
     l4: Option<L4Kind>,
     /// Passthrough routes by SNI, and the names HTTPS servers on the same port terminate.
-    sni: HostMatcher<SniRoute>,
+    sni: Arc<HostMatcher<SniRoute>>,
     tcp: Option<Arc<L4Route>>,
-    servers: HostMatcher<ServerPolicy>,
-    certs: CertStore,
+    servers: Arc<HostMatcher<ServerPolicy>>,
+    certs: Arc<CertStore>,
     default_from: Option<String>,
     /// Hashed: a reload of a 10 000-host config inserts every domain again.
     vhosts: foldhash::HashMap<String, VhostBuild>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct VhostBuild {
     /// The routes each binding brought, in binding order (one per VirtualService host that
     /// lands on this domain).
@@ -876,7 +949,16 @@ impl Cx {
                     servers.push(info);
                 }
             }
-            if out.insert(k.clone(), GatewayInfo { servers }).is_some() {
+            if out
+                .insert(
+                    k.clone(),
+                    GatewayInfo {
+                        servers,
+                        index: Default::default(),
+                    },
+                )
+                .is_some()
+            {
                 self.err(
                     o,
                     ".name",
@@ -1164,6 +1246,15 @@ impl Cx {
         }
     }
 
+    /// Whether `load_pair` would take this pair from the last compile without reading it.
+    fn pair_unchanged(&self, cert_path: &Path, key_path: &Path) -> bool {
+        let paths = (cert_path.to_path_buf(), key_path.to_path_buf());
+        let stamps = (self.stamps.of(cert_path), self.stamps.of(key_path));
+        self.certs_prev.get(&paths).is_some_and(|c| {
+            c.stamps == stamps && settled(&c.stamps.0, c.read_at) && settled(&c.stamps.1, c.read_at)
+        })
+    }
+
     /// `tls::load_pair`, reusing the last compile's result for files with the same content.
     fn load_pair(
         &mut self,
@@ -1171,6 +1262,7 @@ impl Cx {
         key_path: &Path,
     ) -> Result<(Arc<rustls::sign::CertifiedKey>, i64, String), String> {
         let paths = (cert_path.to_path_buf(), key_path.to_path_buf());
+        self.pairs_used.push(paths.clone());
         let stamps = (self.stamps.of(cert_path), self.stamps.of(key_path));
         let read_at = std::time::SystemTime::now();
         let mut cached = self
@@ -1231,10 +1323,10 @@ impl Cx {
                 h2c: s.h2c,
                 forward_proxy: s.forward_proxy,
                 l4: s.l4,
-                sni: HostMatcher::default(),
+                sni: Arc::default(),
                 tcp: None,
-                servers: HostMatcher::default(),
-                certs: CertStore::default(),
+                servers: Arc::default(),
+                certs: Arc::default(),
                 default_from: None,
                 vhosts: foldhash::HashMap::default(),
             });
@@ -1288,7 +1380,7 @@ impl Cx {
                     );
                     continue;
                 }
-                l.servers.insert(
+                Arc::make_mut(&mut l.servers).insert(
                     h,
                     ServerPolicy {
                         https_redirect: s.https_redirect,
@@ -1296,10 +1388,10 @@ impl Cx {
                     },
                 );
                 if let Some(cert) = &s.cert {
-                    l.certs.hosts.insert(h, cert.clone());
+                    Arc::make_mut(&mut l.certs).hosts.insert(h, cert.clone());
                 }
                 if s.tls {
-                    l.sni.insert(h, SniRoute::Terminate);
+                    Arc::make_mut(&mut l.sni).insert(h, SniRoute::Terminate);
                 }
             }
             if let (true, Some(cert)) = (s.default_cert, &s.cert) {
@@ -1314,7 +1406,7 @@ impl Cx {
                     );
                 } else {
                     l.default_from = Some(s.path.clone());
-                    l.certs.default = Some(cert.clone());
+                    Arc::make_mut(&mut l.certs).default = Some(cert.clone());
                 }
             }
         }
@@ -1330,9 +1422,6 @@ impl Cx {
         listeners: &mut BTreeMap<u16, ListenerBuild>,
     ) -> usize {
         let mut count = 0;
-        // Server hosts by name, built once per gateway: binding each VirtualService host by
-        // scanning every server host was quadratic (10 000 hosts on 1 000 servers: seconds).
-        let mut indexes: HashMap<&str, ServerHostIndex> = HashMap::new();
         for vs in &doc.virtual_services {
             let (v, o) = (&vs.spec, &vs.origin);
             let ns = v.namespace.as_deref().unwrap_or("default");
@@ -1381,7 +1470,7 @@ impl Cx {
                 let vs_key = format!("{ns}/{}", v.name);
                 self.l4_routes(o, &vs_key, v, &bound, gateways, listeners);
             }
-            self.bind(v, &bound, &routes, gateways, &mut indexes, listeners);
+            self.bind(v, &bound, &routes, gateways, listeners);
         }
         count
     }
@@ -1485,13 +1574,12 @@ impl Cx {
 
     /// Adds a VirtualService's routes to the virtual hosts of the servers its hosts match,
     /// on each gateway it is bound to.
-    fn bind<'g>(
+    fn bind(
         &mut self,
         v: &schema::VirtualService,
         bound: &[String],
         routes: &VsRoutes,
-        gateways: &'g HashMap<String, GatewayInfo>,
-        indexes: &mut HashMap<&'g str, ServerHostIndex>,
+        gateways: &HashMap<String, GatewayInfo>,
         listeners: &mut BTreeMap<u16, ListenerBuild>,
     ) {
         if bound.is_empty() {
@@ -1511,12 +1599,12 @@ impl Cx {
             } else {
                 routes.clone()
             };
-            let Some((gk, gw)) = gateways.get_key_value(gk) else {
+            let Some(gw) = gateways.get(gk) else {
                 continue;
             };
-            let index = indexes
-                .entry(gk.as_str())
-                .or_insert_with(|| ServerHostIndex::new(gw));
+            // Server hosts by name: binding each VirtualService host by scanning every
+            // server host was quadratic (10 000 hosts on 1 000 servers: seconds).
+            let index = gw.index.get_or_init(|| ServerHostIndex::new(gw));
             // (server, server host, VirtualService host) in the order the nested scan
             // visited them, so routes merge into a domain in the same order as before.
             hits.clear();

@@ -36,7 +36,8 @@ pub struct ServerPolicy {
 
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    pub servers: HostMatcher<ServerPolicy>,
+    /// Shared with the compile cache: rebuilt only when the Gateways change.
+    pub servers: Arc<HostMatcher<ServerPolicy>>,
     pub vhosts: HostMatcher<Arc<VirtualHost>>,
 }
 

@@ -41,7 +41,7 @@ impl fmt::Debug for ServerCert {
 }
 
 /// The certificates of one HTTPS listener.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct CertStore {
     pub hosts: HostMatcher<Arc<ServerCert>>,
     /// For clients without SNI, or with a name no server claims.

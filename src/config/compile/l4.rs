@@ -167,7 +167,8 @@ impl Cx {
                             used = true;
                             match l.sni.get_pattern(name) {
                                 None => {
-                                    l.sni.insert(name, SniRoute::Pass(route.clone()));
+                                    Arc::make_mut(&mut l.sni)
+                                        .insert(name, SniRoute::Pass(route.clone()));
                                 }
                                 Some(SniRoute::Pass(first)) if Arc::ptr_eq(first, &route) => {}
                                 Some(SniRoute::Pass(first)) => {
