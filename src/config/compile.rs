@@ -169,8 +169,10 @@ struct CachedRoutes {
     spec: Arc<schema::VirtualService>,
     bound: Vec<String>,
     routes: VsRoutes,
-    /// The clusters the routes use, and the DNS names those were compiled from.
-    clusters: Vec<String>,
+    /// The clusters the routes use (the objects, not their names: a reused VirtualService
+    /// takes them into the compile without a lookup by name), and the DNS names those were
+    /// compiled from.
+    clusters: Vec<Arc<Cluster>>,
     dns_names: Vec<Arc<crate::egress::dns::DnsName>>,
 }
 
@@ -225,8 +227,12 @@ pub fn compile_cached(
         certs_prev: std::mem::take(&mut cache.certs),
         certs_next: HashMap::new(),
         reuse,
-        next_routes: foldhash::HashMap::default(),
+        next_routes: foldhash::HashMap::with_capacity_and_hasher(
+            doc.virtual_services.len(),
+            Default::default(),
+        ),
         touched: Vec::new(),
+        clusters_in: Default::default(),
         reused: 0,
         errors: Vec::new(),
         warnings: doc.warnings.clone(),
@@ -304,7 +310,14 @@ pub fn compile_cached(
             cache.routes.extend(
                 cx.next_routes
                     .drain()
-                    .filter(|(_, c)| c.clusters.iter().all(|n| cache.clusters.contains_key(n))),
+                    .filter(|(_, c)| {
+                        c.clusters.iter().all(|cl| {
+                            cache
+                                .clusters
+                                .get(&cl.name)
+                                .is_some_and(|x| Arc::ptr_eq(x, cl))
+                        })
+                    }),
             );
         }
         // A DestinationRule shared by several destinations reports its problem once.
@@ -407,6 +420,8 @@ struct Cx {
     next_routes: foldhash::HashMap<usize, CachedRoutes>,
     /// Clusters `cluster` returned since it was last cleared.
     touched: Vec<String>,
+    /// Clusters reused VirtualServices brought in, by address.
+    clusters_in: foldhash::HashSet<usize>,
     reused: usize,
     errors: Vec<ConfigError>,
     warnings: Vec<ConfigError>,
@@ -1488,19 +1503,13 @@ impl Cx {
             .routes
             .remove(&key)
             .filter(|c| Arc::ptr_eq(&c.spec, spec) && c.bound == bound)?;
-        let reuse = self.reuse.as_ref()?;
-        let found = c
-            .clusters
-            .iter()
-            .all(|n| self.clusters.contains_key(n) || reuse.clusters.contains_key(n));
-        if !found {
-            return None;
-        }
-        for n in &c.clusters {
-            if !self.clusters.contains_key(n) {
-                if let Some(cl) = reuse.clusters.get(n) {
-                    self.clusters.insert(n.clone(), cl.clone());
-                }
+        // The context is the last compile's, so its clusters are this compile's (`cluster`
+        // hands out the same objects); each is taken in once.
+        for cl in &c.clusters {
+            if self.clusters_in.insert(Arc::as_ptr(cl) as usize) {
+                self.clusters
+                    .entry(cl.name.clone())
+                    .or_insert_with(|| cl.clone());
             }
         }
         self.dns_names.extend(c.dns_names.iter().cloned());
@@ -1564,7 +1573,11 @@ impl Cx {
                     spec: vs.spec.clone(),
                     bound: bound.to_vec(),
                     routes: routes.clone(),
-                    clusters: std::mem::take(&mut self.touched),
+                    clusters: self
+                        .touched
+                        .iter()
+                        .filter_map(|n| self.clusters.get(n).cloned())
+                        .collect(),
                     dns_names: self.dns_names[dns..].to_vec(),
                 },
             );
