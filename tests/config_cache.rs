@@ -125,6 +125,14 @@ impl Setup {
     }
 }
 
+/// A build with the cache, as the Reloader does it (stamps taken as needed).
+fn build(
+    sources: &Sources,
+    cache: &mut Cache,
+) -> Result<config::Compiled, Vec<config::ConfigError>> {
+    config::build_cached(sources, &Options::default(), cache, &Default::default())
+}
+
 fn full(sources: &Sources) -> Snapshot {
     config::build_sources(sources, &Options::default())
         .unwrap_or_else(|e| panic!("{e:?}"))
@@ -134,8 +142,7 @@ fn full(sources: &Sources) -> Snapshot {
 /// Builds with the cache, checks the result against a full build, returns how many
 /// VirtualServices were reused and the dump.
 fn cached(sources: &Sources, cache: &mut Cache) -> (usize, String) {
-    let c = config::build_cached(sources, &Options::default(), cache, &Default::default())
-        .unwrap_or_else(|e| panic!("{e:?}"));
+    let c = build(sources, cache).unwrap_or_else(|e| panic!("{e:?}"));
     clusters_are_the_snapshots(&c.snapshot);
     let got = dump(&c.snapshot);
     assert_eq!(
@@ -251,25 +258,15 @@ fn a_rejected_build_keeps_the_cache_of_the_last_good_one() {
 
     // A syntax error in one file, then an undefined subset in another: both rejected.
     write_atomic(&s.dir.join("vs-a.toml"), "[[virtualServices]\n");
-    let err = config::build_cached(
-        &sources,
-        &Options::default(),
-        &mut cache,
-        &Default::default(),
-    )
-    .err()
-    .expect("syntax error rejected");
+    let err = build(&sources, &mut cache)
+        .err()
+        .expect("syntax error rejected");
     assert!(err[0].to_string().contains("vs-a.toml"), "{err:?}");
     s.write("vs-a.toml", VS_A, "1");
     s.write("vs-b.toml", &VS_B.replace("(v1)", "(v9)"), "1");
-    let err = config::build_cached(
-        &sources,
-        &Options::default(),
-        &mut cache,
-        &Default::default(),
-    )
-    .err()
-    .expect("undefined subset rejected");
+    let err = build(&sources, &mut cache)
+        .err()
+        .expect("undefined subset rejected");
     assert!(err[0].to_string().contains("v9"), "{err:?}");
 
     // Fixed: vs-a.toml is as it was, so its two VirtualServices and the manifest's are reused.
@@ -298,13 +295,7 @@ fn a_changed_certificate_file_recompiles() {
     // A renewed certificate (same paths) must be read again, not taken from the cache.
     std::thread::sleep(std::time::Duration::from_millis(20));
     let der = write_cert(&s.dir, "site", &["shop.example.com", "www.example.com"]);
-    let c = config::build_cached(
-        &sources,
-        &Options::default(),
-        &mut cache,
-        &Default::default(),
-    )
-    .unwrap();
+    let c = build(&sources, &mut cache).unwrap();
     assert_eq!(
         c.reused, 0,
         "a changed file read by the compile: full compile"
@@ -364,11 +355,10 @@ fn gateway_tables_are_shared_until_a_gateway_or_certificate_changes() {
     };
     write_atomic(&s.main, https("\"shop.example.com\""));
     let mut cache = Cache::default();
-    let build = |cache: &mut Cache| {
-        let snapshot =
-            config::build_cached(&sources, &Options::default(), cache, &Default::default())
-                .unwrap_or_else(|e| panic!("{e:?}"))
-                .snapshot;
+    let snapshot = |cache: &mut Cache| {
+        let snapshot = build(&sources, cache)
+            .unwrap_or_else(|e| panic!("{e:?}"))
+            .snapshot;
         assert_eq!(dump(&snapshot), dump(&full(&sources)));
         snapshot
     };
@@ -386,15 +376,15 @@ fn gateway_tables_are_shared_until_a_gateway_or_certificate_changes() {
         certs
     };
 
-    let first = build(&mut cache);
+    let first = snapshot(&mut cache);
     // A VirtualService changes, the Gateways and the certificate do not.
     s.write("vs-b.toml", VS_B, "2");
-    let second = build(&mut cache);
+    let second = snapshot(&mut cache);
     assert!(shared(&first, &second), "unchanged gateways: same tables");
 
     // The certificate is renewed: the tables are built again, with the new certificate.
     let der = write_cert(&s.dir, "site", &["shop.example.com", "www.example.com"]);
-    let third = build(&mut cache);
+    let third = snapshot(&mut cache);
     assert!(
         !shared(&second, &third),
         "a renewed certificate: new tables"
@@ -406,13 +396,13 @@ fn gateway_tables_are_shared_until_a_gateway_or_certificate_changes() {
     age(&s.dir.join("site.crt"));
     age(&s.dir.join("site.key"));
     write_atomic(&s.main, https("\"shop.example.com\", \"www.example.com\""));
-    let fourth = build(&mut cache);
+    let fourth = snapshot(&mut cache);
     assert!(!shared(&third, &fourth), "a changed Gateway: new tables");
     assert!(tls(&fourth)
         .table
         .servers
         .get_pattern("www.example.com")
         .is_some());
-    let fifth = build(&mut cache);
+    let fifth = snapshot(&mut cache);
     assert!(shared(&fourth, &fifth), "nothing changed: the same tables");
 }

@@ -307,18 +307,14 @@ pub fn compile_cached(
         if let Some(r) = cx.reuse.take() {
             cache.clusters = r.clusters;
             cache.routes = r.routes;
-            cache.routes.extend(
-                cx.next_routes
-                    .drain()
-                    .filter(|(_, c)| {
-                        c.clusters.iter().all(|cl| {
-                            cache
-                                .clusters
-                                .get(&cl.name)
-                                .is_some_and(|x| Arc::ptr_eq(x, cl))
-                        })
-                    }),
-            );
+            cache.routes.extend(cx.next_routes.drain().filter(|(_, c)| {
+                c.clusters.iter().all(|cl| {
+                    cache
+                        .clusters
+                        .get(&cl.name)
+                        .is_some_and(|x| Arc::ptr_eq(x, cl))
+                })
+            }));
         }
         // A DestinationRule shared by several destinations reports its problem once.
         let mut seen = std::collections::HashSet::new();
