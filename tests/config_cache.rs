@@ -123,6 +123,17 @@ impl Setup {
     fn sources(&self) -> Sources {
         Sources::config(&self.main)
     }
+
+    /// The main file with an HTTPS server for `hosts` (TOML strings, comma-separated) on
+    /// the certificate pair `site.crt` / `site.key`.
+    fn with_https(&self, main: &str, hosts: &str) {
+        write_atomic(
+            &self.main,
+            format!(
+                "{main}\n[[gateways.servers]]\nport = {{ number = 18443, name = \"https\", protocol = \"HTTPS\" }}\nbind = \"127.0.0.1\"\nhosts = [{hosts}]\ntls = {{ mode = \"SIMPLE\", serverCertificate = \"site.crt\", privateKey = \"site.key\" }}\n"
+            ),
+        );
+    }
 }
 
 /// A build with the cache, as the Reloader does it (stamps taken as needed).
@@ -283,10 +294,7 @@ fn a_changed_certificate_file_recompiles() {
     // An HTTPS server with a certificate file: the file is an input of the build.
     let main = std::fs::read_to_string(&s.main).unwrap();
     write_cert(&s.dir, "site", &["shop.example.com"]);
-    let https = format!(
-        "{main}\n[[gateways.servers]]\nport = {{ number = 18443, name = \"https\", protocol = \"HTTPS\" }}\nbind = \"127.0.0.1\"\nhosts = [\"*\"]\ntls = {{ mode = \"SIMPLE\", serverCertificate = \"site.crt\", privateKey = \"site.key\" }}\n"
-    );
-    write_atomic(&s.main, &https);
+    s.with_https(&main, "\"*\"");
     let mut cache = Cache::default();
     let (_, before) = cached(&sources, &mut cache);
     assert!(before.contains("site.crt"), "{before}");
@@ -348,12 +356,7 @@ fn gateway_tables_are_shared_until_a_gateway_or_certificate_changes() {
     age(&s.dir.join("site.crt"));
     age(&s.dir.join("site.key"));
     let main = std::fs::read_to_string(&s.main).unwrap();
-    let https = |hosts: &str| {
-        format!(
-            "{main}\n[[gateways.servers]]\nport = {{ number = 18443, name = \"https\", protocol = \"HTTPS\" }}\nbind = \"127.0.0.1\"\nhosts = [{hosts}]\ntls = {{ mode = \"SIMPLE\", serverCertificate = \"site.crt\", privateKey = \"site.key\" }}\n"
-        )
-    };
-    write_atomic(&s.main, https("\"shop.example.com\""));
+    s.with_https(&main, "\"shop.example.com\"");
     let mut cache = Cache::default();
     let snapshot = |cache: &mut Cache| {
         let snapshot = build(&sources, cache)
@@ -395,7 +398,7 @@ fn gateway_tables_are_shared_until_a_gateway_or_certificate_changes() {
     // The Gateway gains a host (main.toml changes): new tables that hold it.
     age(&s.dir.join("site.crt"));
     age(&s.dir.join("site.key"));
-    write_atomic(&s.main, https("\"shop.example.com\", \"www.example.com\""));
+    s.with_https(&main, "\"shop.example.com\", \"www.example.com\"");
     let fourth = snapshot(&mut cache);
     assert!(!shared(&third, &fourth), "a changed Gateway: new tables");
     assert!(tls(&fourth)

@@ -18,7 +18,7 @@ use http::{HeaderName, HeaderValue};
 use regex::Regex;
 
 use super::error::ConfigError;
-use super::load::{Document, Item, Origin};
+use super::load::{settled, Document, FileStamp, Item, Origin, Stamps};
 use super::schema::{self, StringMatch};
 use crate::l4::{L4Kind, L4Route, L4Table, SniRoute};
 use crate::routing::route::{RouteOrigin, WeightedDestination};
@@ -113,6 +113,15 @@ struct CachedCert {
     subject: String,
 }
 
+impl CachedCert {
+    /// Both files have the stamps they had when read, and had them well before.
+    fn unchanged(&self, now: &(Option<FileStamp>, Option<FileStamp>)) -> bool {
+        self.stamps == *now
+            && settled(&self.stamps.0, self.read_at)
+            && settled(&self.stamps.1, self.read_at)
+    }
+}
+
 fn pair_digest(cert: &[u8], key: &[u8]) -> [u8; 32] {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(&(cert.len() as u64).to_be_bytes());
@@ -132,8 +141,6 @@ struct Context {
     /// Files read while compiling (certificates, CAs), as they were.
     files: Vec<(PathBuf, Option<FileStamp>)>,
 }
-
-use super::load::{settled, FileStamp, Stamps};
 
 impl Context {
     fn of(doc: &Document, opts: &Options, dns_epoch: u64) -> Context {
@@ -206,8 +213,8 @@ pub fn compile_cached(
     // The epoch is read before anything resolves: an answer changing during this compile
     // makes the next one full.
     let mut context = Context::of(doc, opts, crate::egress::dns::answer_epoch());
-    // Stamped before anything is read, so a file that changes while this compile reads it
-    // counts as changed next time.
+    // `stamps` were taken before anything was read, so a file that changes while this
+    // compile reads it counts as changed next time.
     let reuse = match &cache.context {
         Some(old) if old.same(&context, &stamps) => Some(Reuse {
             routes: std::mem::take(&mut cache.routes),
@@ -1261,9 +1268,9 @@ impl Cx {
     fn pair_unchanged(&self, cert_path: &Path, key_path: &Path) -> bool {
         let paths = (cert_path.to_path_buf(), key_path.to_path_buf());
         let stamps = (self.stamps.of(cert_path), self.stamps.of(key_path));
-        self.certs_prev.get(&paths).is_some_and(|c| {
-            c.stamps == stamps && settled(&c.stamps.0, c.read_at) && settled(&c.stamps.1, c.read_at)
-        })
+        self.certs_prev
+            .get(&paths)
+            .is_some_and(|c| c.unchanged(&stamps))
     }
 
     /// `tls::load_pair`, reusing the last compile's result for files with the same content.
@@ -1280,9 +1287,7 @@ impl Cx {
             .certs_prev
             .remove(&paths)
             .or_else(|| self.certs_next.remove(&paths));
-        if let Some(c) = cached.take_if(|c| {
-            c.stamps == stamps && settled(&c.stamps.0, c.read_at) && settled(&c.stamps.1, c.read_at)
-        }) {
+        if let Some(c) = cached.take_if(|c| c.unchanged(&stamps)) {
             let out = (c.key.clone(), c.not_after, c.subject.clone());
             self.certs_next.insert(paths, c);
             return Ok(out);
@@ -1446,14 +1451,14 @@ impl Cx {
                 }
                 let gk = gateway_ref(g, ns);
                 let gw_ns = gk.split('/').next().unwrap_or_default();
-                if gateways.contains_key(&gk) && !super::istio::exported_to(&v.export_to, ns, gw_ns)
-                {
+                let defined = gateways.contains_key(&gk);
+                if defined && !super::istio::exported_to(&v.export_to, ns, gw_ns) {
                     self.warn(
                         o,
                         &format!(".gateways[{gi}]"),
                         format!("not exported to namespace {gw_ns} of gateway {gk} (exportTo): not bound to it"),
                     );
-                } else if gateways.contains_key(&gk) {
+                } else if defined {
                     bound.push(gk);
                 } else {
                     self.err(
@@ -1596,7 +1601,7 @@ impl Cx {
         }
         // Cheap for the usual case (hosts written in lower case, no match block restricted
         // to some gateways): a reload binds every VirtualService again.
-        let vhosts: Vec<Cow<str>> = v.hosts.iter().map(|h| lower(h)).collect();
+        let vhosts: Vec<Cow<str>> = v.hosts.iter().map(|h| host::lowercase(h)).collect();
         let (per_gateway, routes) = (routes.per_gateway, &routes.routes);
         let mut hits = std::mem::take(&mut self.hits);
         for gk in bound {
@@ -2700,15 +2705,6 @@ impl Cx {
                 Vec::new()
             }
         }
-    }
-}
-
-/// `h` in lower case, copied only when it is not already.
-fn lower(h: &str) -> Cow<'_, str> {
-    if h.bytes().any(|b| b.is_ascii_uppercase()) {
-        Cow::Owned(h.to_ascii_lowercase())
-    } else {
-        Cow::Borrowed(h)
     }
 }
 

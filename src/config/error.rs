@@ -25,6 +25,19 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl ConfigError {
+    /// A problem with a file or folder as a whole (cannot be read, holds nothing): at 1:1.
+    pub fn whole_file(file: &Path, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: file.to_path_buf(),
+            line: 1,
+            column: 1,
+            path: String::new(),
+            message: message.into(),
+        }
+    }
+}
+
 /// Several errors, printed one per line.
 #[derive(Debug, Clone)]
 pub struct ConfigErrors(pub Vec<ConfigError>);

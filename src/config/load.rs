@@ -331,13 +331,10 @@ impl Reader<'_> {
                 match self.parsed.first() {
                     Some(p) => p.file.clone(),
                     None => {
-                        return Err(vec![ConfigError {
-                            file: main.to_path_buf(),
-                            line: 1,
-                            column: 1,
-                            path: String::new(),
-                            message: "no configuration loaded".into(),
-                        }])
+                        return Err(vec![ConfigError::whole_file(
+                            main,
+                            "no configuration loaded",
+                        )])
                     }
                 }
             }
@@ -479,13 +476,7 @@ impl Reader<'_> {
                         &format!("include[{idx}]"),
                         format!("cannot read included file {}: {e}", path.display()),
                     ),
-                    None => ConfigError {
-                        file: path.to_path_buf(),
-                        line: 1,
-                        column: 1,
-                        path: String::new(),
-                        message: format!("cannot read config file: {e}"),
-                    },
+                    None => ConfigError::whole_file(path, format!("cannot read config file: {e}")),
                 });
                 return;
             }
@@ -551,13 +542,10 @@ impl Reader<'_> {
                 .filter(|p| p.is_file() && Format::of(p) == Format::Yaml)
                 .collect(),
             Err(e) => {
-                self.errors.push(ConfigError {
-                    file: path.to_path_buf(),
-                    line: 1,
-                    column: 1,
-                    path: String::new(),
-                    message: format!("cannot read folder: {e}"),
-                });
+                self.errors.push(ConfigError::whole_file(
+                    path,
+                    format!("cannot read folder: {e}"),
+                ));
                 return;
             }
         };

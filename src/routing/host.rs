@@ -49,7 +49,7 @@ impl<T> HostMatcher<T> {
 
     /// `insert` taking the pattern by value: an exact name is not copied.
     pub fn insert_owned(&mut self, pattern: String, value: T) -> Option<T> {
-        if pattern == "*" || pattern.starts_with('*') {
+        if pattern.starts_with('*') {
             self.insert(&pattern, value)
         } else {
             self.exact.insert(pattern, value)
@@ -146,7 +146,11 @@ pub fn normalize_host(raw: &str) -> Cow<'_, str> {
             _ => raw,
         }
     };
-    let host = host.strip_suffix('.').unwrap_or(host);
+    lowercase(host.strip_suffix('.').unwrap_or(host))
+}
+
+/// `host` in lower case, copied only when it is not already.
+pub fn lowercase(host: &str) -> Cow<'_, str> {
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(host.to_ascii_lowercase())
     } else {
