@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side load benchmark of Portico, NGINX and HAProxy on loopback. See bench/README.md.
 #
-#   bench/run.sh            the five scenarios (ROUNDS x A B C), then Portico's idle RSS
+#   bench/run.sh            the five scenarios (ROUNDS x A B C, order rotating), then Portico's idle RSS
 #   bench/run.sh scale      Portico with 10 / 1 000 / 10 000 virtual hosts, reload under load
 #   bench/run.sh idle       only Portico's idle RSS on conf/portico.toml
 #   bench/run.sh all        compare, then scale

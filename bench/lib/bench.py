@@ -3,7 +3,7 @@
 
 Run through bench/run.sh, which installs the tools first. See bench/README.md.
 
-    bench.py compare     the five scenarios, A B C A B C over ROUNDS rounds, + idle RSS
+    bench.py compare     the five scenarios, over ROUNDS rounds, proxy order rotating per round, + idle RSS
     bench.py scale       Portico with 10 / 1 000 / 10 000 virtual hosts + reload under load
     bench.py idle        only the idle RSS of Portico on conf/portico.toml
 
@@ -898,7 +898,7 @@ def header(command, start_load, vers, mach, extra=()):
     lines += list(extra)
     lines.append("- **noise:** the machine is shared with other engineers who compile at the same time; "
                  "numbers move by 10-30 % from run to run. Compare proxies within one run (they alternate "
-                 "A B C A B C, medians over rounds), not across runs.")
+                 "A B C, B C A, C A B: the order rotates each round; medians over rounds), not across runs.")
     return "\n".join(lines)
 
 
@@ -969,8 +969,12 @@ def compare(command):
             f"{total * (DURATION + WARMUP + 1) // 60 + 1} min")
         n = 0
         for rnd in range(ROUNDS):
+            # The order rotates every round (A B C, B C A, C A B): back-to-back runs on this
+            # machine showed the first of a pair ~15 % slower whichever binary it was, so a
+            # fixed order would hand the same proxy the same handicap every round.
+            order = PROXIES[rnd % len(PROXIES):] + PROXIES[:rnd % len(PROXIES)]
             for s in SCENARIO_NAMES:
-                for name in PROXIES:
+                for name in order:
                     n += 1
                     p = procs[name]
                     if p.poll() is not None:
