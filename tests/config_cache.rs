@@ -340,6 +340,77 @@ fn reused_routes_do_not_outlive_their_file() {
     assert!(!after.contains("api.example.com"), "{after}");
 }
 
+const VS_WIDE: &str = r#"
+[[virtualServices]]
+name = "wide"
+hosts = ["*.example.com", "shop.example.com"]
+gateways = ["web"]
+[[virtualServices.http]]
+match = [{ gateways = ["mesh"], uri = { prefix = "/internal" } }]
+@to(v2)@
+[[virtualServices.http]]
+@to(v2)@
+headers = { request = { set = { x-wide = "@MARK@" } } }
+"#;
+
+const VS_SIDECAR: &str = r#"
+[[virtualServices]]
+name = "sidecar-only"
+hosts = ["side.example.com"]
+gateways = ["mesh"]
+[[virtualServices.http]]
+@to(v1)@
+"#;
+
+#[test]
+fn a_reload_binds_only_the_virtual_services_that_changed() {
+    // With the gateways unchanged, the last build's tables are patched: the VirtualServices
+    // that changed or went are unbound, the new ones bound, and the domains they touch
+    // rebuilt. Every step must give what a full build gives, warnings included, and
+    // shop.example.com (bound by "shop" in vs-a and "api" in vs-b) must keep the routes of
+    // its VirtualServices in document order.
+    let s = Setup::new();
+    let sources = s.sources();
+    let mut cache = Cache::default();
+    let mut step = |what: &str, rebound: usize| {
+        let c = build(&sources, &mut cache).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        let f = config::build_sources(&sources, &Options::default())
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(dump(&c.snapshot), dump(&f.snapshot), "{what}");
+        let said = |w: &[config::ConfigError]| w.iter().map(|e| e.to_string()).collect::<Vec<_>>();
+        assert_eq!(said(&c.warnings), said(&f.warnings), "{what}");
+        assert_eq!(c.rebound, rebound, "{what}: VirtualServices bound");
+        clusters_are_the_snapshots(&c.snapshot);
+        dump(&c.snapshot)
+    };
+
+    step("first build", 4);
+    step("nothing changed", 0);
+    s.write("vs-a.toml", VS_A, "2");
+    let shop = step("vs-a changed (shop, blog)", 2);
+    assert!(shop.contains("shop-2"), "{shop}");
+
+    // "wide" warns (a match only for `mesh`), so it has no cache entry and is bound again
+    // whenever the tables are patched; "sidecar-only" warns too and binds nowhere.
+    s.write("vs-c.toml", VS_WIDE, "1");
+    s.write("vs-d.toml", VS_SIDECAR, "1");
+    let wide = step("vs-c (wide) and vs-d (sidecar-only) added", 1);
+    assert!(wide.contains("vhost *.example.com"), "{wide}");
+    step("nothing changed, two warnings", 1);
+    s.write("vs-b.toml", VS_B, "2");
+    step("vs-b changed (api)", 2);
+    std::fs::remove_file(s.dir.join("vs-c.toml")).unwrap();
+    let gone = step("vs-c removed", 0);
+    assert!(!gone.contains("*.example.com"), "{gone}");
+
+    // Renamed to sort first: "api" is now bound before "shop" on shop.example.com.
+    std::fs::rename(s.dir.join("vs-b.toml"), s.dir.join("vs-0.toml")).unwrap();
+    step("vs-b renamed vs-0", 1);
+    std::fs::remove_file(s.dir.join("vs-0.toml")).unwrap();
+    let last = step("vs-0 removed", 0);
+    assert!(!last.contains("api.example.com"), "{last}");
+}
+
 /// Sets a file's modification time 10 s back: a file written just now may still change
 /// within the same timestamp tick, so the cache trusts only older stamps.
 fn age(path: &std::path::Path) {

@@ -56,6 +56,16 @@ impl<T> HostMatcher<T> {
         }
     }
 
+    pub fn remove_pattern(&mut self, pattern: &str) -> Option<T> {
+        if pattern == "*" {
+            self.any.take()
+        } else if let Some(suffix) = pattern.strip_prefix('*') {
+            self.wildcard.remove(suffix)
+        } else {
+            self.exact.remove(pattern)
+        }
+    }
+
     pub fn get_pattern(&self, pattern: &str) -> Option<&T> {
         if pattern == "*" {
             self.any.as_ref()
@@ -200,6 +210,15 @@ mod tests {
         m.insert("*", 4);
         assert_eq!(m.lookup("example.com"), Some(&4));
         assert_eq!(m.lookup(".example.com"), Some(&4));
+        // Removing a pattern removes only that pattern.
+        assert_eq!(m.remove_pattern("*.b.example.com"), Some(3));
+        assert_eq!(m.lookup("x.b.example.com"), Some(&2));
+        assert_eq!(m.remove_pattern("a.example.com"), Some(1));
+        assert_eq!(m.lookup("a.example.com"), Some(&2));
+        assert_eq!(m.remove_pattern("*"), Some(4));
+        assert_eq!(m.lookup("example.com"), None);
+        assert_eq!(m.remove_pattern("*"), None);
+        assert_eq!(m.len(), 1);
     }
 
     #[test]

@@ -38,7 +38,9 @@ pub struct ServerPolicy {
 pub struct RouteTable {
     /// Shared with the compile cache: rebuilt only when the Gateways change.
     pub servers: Arc<HostMatcher<ServerPolicy>>,
-    pub vhosts: HostMatcher<Arc<VirtualHost>>,
+    /// Shared with the compile cache: a reload that changes a few VirtualServices copies
+    /// it and replaces only the domains they touch.
+    pub vhosts: Arc<HostMatcher<Arc<VirtualHost>>>,
 }
 
 /// What the table decided for a request.
