@@ -381,7 +381,9 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         if !session.req_header().headers.contains_key("x-request-id") {
             let id = request_id();
-            session.req_header_mut().insert_header("x-request-id", id)?;
+            session
+                .req_header_mut()
+                .insert_header("x-request-id", &id[..])?;
         }
         let snapshot = self.snapshots.load_full();
         if let Some(t) = &snapshot.settings.tracing {
@@ -1057,18 +1059,44 @@ impl Gateway {
     }
 }
 
-/// A random version-4 UUID for `x-request-id`.
-fn request_id() -> String {
+/// A random version-4 UUID for `x-request-id`, in lower-case hex with dashes. Written
+/// into a stack buffer: it is made for every request that comes without one, and two
+/// `format!`s were two allocations and the formatting machinery each time.
+fn request_id() -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let v = fastrand::u128(..);
     let v = (v & !(0xf << 76)) | (0x4 << 76); // version 4
     let v = (v & !(0x3 << 62)) | (0x2 << 62); // RFC 4122 variant
-    let h = format!("{v:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    let mut out = [b'-'; 36];
+    let mut at = 0;
+    for n in 0..32 {
+        if matches!(n, 8 | 12 | 16 | 20) {
+            at += 1;
+        }
+        out[at] = HEX[((v >> (124 - 4 * n)) & 0xf) as usize];
+        at += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        let a = super::request_id();
+        let text = std::str::from_utf8(&a).unwrap();
+        let groups: Vec<&str> = text.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12],
+            "{text}"
+        );
+        assert!(groups
+            .concat()
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert_eq!(&text[14..15], "4", "version: {text}");
+        assert!("89ab".contains(&text[19..20]), "variant: {text}");
+        assert_ne!(a, super::request_id());
+    }
 }
