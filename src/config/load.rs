@@ -621,18 +621,26 @@ fn parse_toml_with<T: DeserializeOwned>(
     file: &SourceFile,
     mut ignored: impl FnMut(serde_ignored::Path<'_>),
 ) -> Result<T, ConfigError> {
-    let deserializer =
-        toml::Deserializer::parse(&file.text).map_err(|e| toml_error(file, String::new(), e))?;
-    let deserializer = serde_ignored::Deserializer::new(deserializer, &mut ignored);
-    serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "?" || path == "." {
-            String::new()
-        } else {
-            path
-        };
-        toml_error(file, path, e.into_inner())
-    })
+    let parse =
+        || toml::Deserializer::parse(&file.text).map_err(|e| toml_error(file, String::new(), e));
+    let first = match T::deserialize(serde_ignored::Deserializer::new(parse()?, &mut ignored)) {
+        Ok(content) => return Ok(content),
+        Err(e) => e,
+    };
+    // Again, recording the path serde is at, only to say where the error is: tracking it
+    // costs on every key of a file that is fine (a reload of a 230 KB include).
+    match serde_path_to_error::deserialize::<_, T>(parse()?) {
+        Err(e) => {
+            let path = e.path().to_string();
+            let path = if path == "?" || path == "." {
+                String::new()
+            } else {
+                path
+            };
+            Err(toml_error(file, path, e.into_inner()))
+        }
+        Ok(_) => Err(toml_error(file, String::new(), first)),
+    }
 }
 
 fn toml_error(file: &SourceFile, path: String, inner: toml::de::Error) -> ConfigError {
