@@ -378,6 +378,11 @@ impl ProxyHttp for Gateway {
         RequestCtx::default()
     }
 
+    /// None. pingora's default adds a response-compression module at level 0 (disabled);
+    /// Portico does not compress, and the module still cost every request its context and
+    /// two boxed filter calls.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         if !session.req_header().headers.contains_key("x-request-id") {
             let id = request_id();
