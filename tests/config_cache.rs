@@ -409,6 +409,16 @@ fn a_reload_binds_only_the_virtual_services_that_changed() {
     std::fs::remove_file(s.dir.join("vs-0.toml")).unwrap();
     let last = step("vs-0 removed", 0);
     assert!(!last.contains("api.example.com"), "{last}");
+
+    // A manifest added to the YAML folder sorts before the one there.
+    write_atomic(
+        &s.dir.join("istio/a-extra.yaml"),
+        VS_YAML
+            .replace("name: docs", "name: extra")
+            .replace("docs.example.com", "extra.example.com"),
+    );
+    let extra = step("istio/a-extra.yaml added", 1);
+    assert!(extra.contains("vhost extra.example.com"), "{extra}");
 }
 
 /// Sets a file's modification time 10 s back: a file written just now may still change
