@@ -211,11 +211,17 @@ struct BoundState {
     order: Vec<usize>,
     /// VirtualServices bound without a routes cache entry (their routes warned): what
     /// unbinding them takes. Holding the `Arc` keeps the key unique.
-    uncached: foldhash::HashMap<usize, (Arc<schema::VirtualService>, Vec<String>)>,
+    uncached: foldhash::HashMap<usize, Bound>,
 }
 
-/// A VirtualService the patched tables must lose: its key, spec and gateways.
-type Unbind = (usize, Arc<schema::VirtualService>, Vec<String>);
+/// A VirtualService and the gateways it was bound to: what unbinding it takes.
+type Bound = (Arc<schema::VirtualService>, Vec<String>);
+
+/// Whether a VirtualService has TLS or TCP routes (bound into the SNI and TCP tables, which
+/// are not patched).
+fn has_l4(v: &schema::VirtualService) -> bool {
+    !v.tls.is_empty() || !v.tcp.is_empty()
+}
 
 /// The previous compile's results, while its context holds.
 struct Reuse {
@@ -340,8 +346,8 @@ pub fn compile_cached(
         Some((b, gone)) => {
             listeners = b.listeners;
             cx.dirty = Some(Vec::new());
-            for u in &gone {
-                cx.unbind(u, &gateways, &mut listeners);
+            for (key, (v, bound)) in &gone {
+                cx.unbind(*key, v, bound, &gateways, &mut listeners);
             }
             let routes = cx.virtual_services(doc, &gateways, &mut listeners, true);
             (routes, Some(b.vhosts))
@@ -472,8 +478,7 @@ pub fn compile_cached(
 /// removed, or bound without a cache entry), when its tables can be patched: the reused
 /// ones keep their order, and none that comes or goes has TLS or TCP routes (those are
 /// bound into the SNI tables, which are not patched).
-fn unbound_since(doc: &Document, reuse: &Reuse, last: &BoundState) -> Option<Vec<Unbind>> {
-    let l4 = |v: &schema::VirtualService| !v.tls.is_empty() || !v.tcp.is_empty();
+fn unbound_since(doc: &Document, reuse: &Reuse, last: &BoundState) -> Option<Vec<(usize, Bound)>> {
     let mut seen = vec![false; last.order.len()];
     let mut prev: Option<u32> = None;
     for vs in &doc.virtual_services {
@@ -483,14 +488,14 @@ fn unbound_since(doc: &Document, reuse: &Reuse, last: &BoundState) -> Option<Vec
                 // it again) noisy.
                 if prev.is_some_and(|p| p >= c.pos)
                     || c.pos as usize >= seen.len()
-                    || (!c.quiet && l4(&c.spec))
+                    || (!c.quiet && has_l4(&c.spec))
                 {
                     return None;
                 }
                 seen[c.pos as usize] = true;
                 prev = Some(c.pos);
             }
-            None if l4(&vs.spec) => return None,
+            None if has_l4(&vs.spec) => return None,
             None => {}
         }
     }
@@ -499,14 +504,14 @@ fn unbound_since(doc: &Document, reuse: &Reuse, last: &BoundState) -> Option<Vec
         if *seen {
             continue;
         }
-        let (spec, bound) = match reuse.routes.get(&key) {
+        let bound = match reuse.routes.get(&key) {
             Some(c) => (c.spec.clone(), c.bound.clone()),
             None => last.uncached.get(&key)?.clone(),
         };
-        if l4(&spec) {
+        if has_l4(&bound.0) {
             return None;
         }
-        gone.push((key, spec, bound));
+        gone.push((key, bound));
     }
     Some(gone)
 }
@@ -579,7 +584,7 @@ struct Cx {
     /// Every VirtualService's key in document order, and those bound without a cache
     /// entry: the next `BoundState`.
     order: Vec<usize>,
-    uncached: foldhash::HashMap<usize, (Arc<schema::VirtualService>, Vec<String>)>,
+    uncached: foldhash::HashMap<usize, Bound>,
     certs_prev: HashMap<(PathBuf, PathBuf), CachedCert>,
     certs_next: HashMap<(PathBuf, PathBuf), CachedCert>,
     /// The last compile's routes and clusters, when its context is this one's.
@@ -1593,11 +1598,10 @@ impl Cx {
         out
     }
 
-    /// Compiles every VirtualService and binds its routes to the listeners of its gateways.
-    /// Returns the number of routes.
-    /// Compiles and binds the VirtualServices. `patching`: `listeners` are the last
-    /// compile's bound tables, and only VirtualServices without a cache entry are bound
-    /// (the reused ones' bindings are there already; `Cx::unbind` took out the rest).
+    /// Compiles every VirtualService and binds its routes to the listeners of its gateways;
+    /// returns the number of routes. `patching`: `listeners` are the last compile's bound
+    /// tables, and only VirtualServices without a cache entry are bound (the reused ones'
+    /// bindings are there already; `Cx::unbind` took out the rest).
     fn virtual_services(
         &mut self,
         doc: &Document,
@@ -1608,6 +1612,7 @@ impl Cx {
         let mut count = 0;
         for (pos, vs) in doc.virtual_services.iter().enumerate() {
             let v = &vs.spec;
+            let ns = v.namespace.as_deref().unwrap_or("default");
             let key = Arc::as_ptr(&vs.spec) as usize;
             count += v.http.len() + v.tls.len() + v.tcp.len();
             self.order.push(key);
@@ -1625,13 +1630,9 @@ impl Cx {
             let quiet = self.warnings.len() == warnings;
             let routes = match self.reused_routes(key, &vs.spec, Some(&bound), pos) {
                 Some((routes, _)) => routes,
-                None => {
-                    let ns = v.namespace.as_deref().unwrap_or("default");
-                    self.compile_routes(key, vs, &bound, ns, pos, quiet)
-                }
+                None => self.compile_routes(key, vs, &bound, ns, pos, quiet),
             };
-            if !v.tls.is_empty() || !v.tcp.is_empty() {
-                let ns = v.namespace.as_deref().unwrap_or("default");
+            if has_l4(v) {
                 let vs_key = format!("{ns}/{}", v.name);
                 let warnings = self.warnings.len();
                 self.l4_routes(&vs.origin, &vs_key, v, &bound, gateways, listeners);
@@ -1849,7 +1850,9 @@ impl Cx {
     /// Takes a VirtualService's routes out of the domains `bind` put them in.
     fn unbind(
         &mut self,
-        (key, v, bound): &Unbind,
+        key: usize,
+        v: &schema::VirtualService,
+        bound: &[String],
         gateways: &HashMap<String, GatewayInfo>,
         listeners: &mut BTreeMap<u16, ListenerBuild>,
     ) {
@@ -1859,7 +1862,7 @@ impl Cx {
                 .get_mut(&port)
                 .and_then(|l| l.vhosts.get_mut(domain))
             {
-                b.parts.retain(|(k, _)| k != key);
+                b.parts.retain(|(k, _)| *k != key);
                 dirty.push((port, domain.to_string()));
             }
         });
