@@ -394,7 +394,7 @@ rewrite = { authority = "backend.internal" }
 [[virtualServices.http]]
 name = "headers"
 match = [{ uri = { prefix = "/hdr/" } }]
-headers = { request = { set = { x-set = "set-value", x-overwrite = "new" }, add = { x-added = "added-value" }, remove = ["x-remove-me"] }, response = { set = { x-resp-set = "resp-value" }, remove = ["x-upstream"] } }
+headers = { request = { set = { x-set = "set-value", x-overwrite = "new", Cache-Control = "no-store" }, add = { x-added = "added-value" }, remove = ["x-remove-me"] }, response = { set = { x-resp-set = "resp-value" }, remove = ["x-upstream"] } }
 @to(backend)@
 
 [[virtualServices.http]]
@@ -514,6 +514,26 @@ fn rewrites_and_header_operations() {
         host == "r.test" || host.starts_with("r.test:"),
         "Host at upstream: {host:?}"
     );
+    // The client's address is appended to X-Forwarded-For, and the scheme passed on, as
+    // Envoy does at an edge.
+    assert_eq!(
+        resp.echoed_header("x-forwarded-for").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert_eq!(
+        resp.echoed_header("x-forwarded-proto").as_deref(),
+        Some("http")
+    );
+    let resp = s.req(
+        "GET",
+        "r.test",
+        "/plain",
+        &[("x-forwarded-for", "203.0.113.7")],
+    );
+    assert_eq!(
+        resp.echoed_header("x-forwarded-for").as_deref(),
+        Some("203.0.113.7, 127.0.0.1")
+    );
 
     // Request header operations reach the upstream.
     let resp = s.req(
@@ -536,6 +556,11 @@ fn rewrites_and_header_operations() {
         "removed request header reached the upstream"
     );
     assert_eq!(resp.echoed_header("x-keep").as_deref(), Some("kept"));
+    assert_eq!(
+        resp.echoed_header("cache-control").as_deref(),
+        Some("no-store"),
+        "a standard header name, written in any case"
+    );
     let added = resp.echoed_header("x-added").unwrap_or_default();
     assert!(
         added.contains("original") && added.contains("added-value"),

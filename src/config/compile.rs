@@ -2394,7 +2394,7 @@ impl Cx {
                     }
                 };
                 match HeaderValue::from_str(v) {
-                    Ok(val) => dst.push((name, val)),
+                    Ok(val) => dst.push((HeaderOps::wire_name(name), val)),
                     Err(_) => self.err(o, &here, "not a valid header value"),
                 }
             }

@@ -341,16 +341,26 @@ pub struct HeaderRules {
     pub response: HeaderOps,
 }
 
+/// Header operations of a route or destination. `set` and `add` keep each name as the bytes
+/// pingora's case map stores (`IntoCaseHeaderName`: titled for standard headers, as written
+/// otherwise), made once when the config compiles; handing pingora a `HeaderName` instead makes
+/// it build those bytes, an allocation and a copy for a non-standard name, on every request.
 #[derive(Debug, Clone, Default)]
 pub struct HeaderOps {
-    pub set: Vec<(HeaderName, HeaderValue)>,
-    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub set: Vec<(Bytes, HeaderValue)>,
+    pub add: Vec<(Bytes, HeaderValue)>,
     pub remove: Vec<HeaderName>,
 }
 
 impl HeaderOps {
     pub fn is_empty(&self) -> bool {
         self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    /// The name in the form `set` and `add` hold it.
+    pub fn wire_name(name: HeaderName) -> Bytes {
+        use pingora_http::IntoCaseHeaderName;
+        Bytes::copy_from_slice(name.into_case_header_name().as_slice())
     }
 
     pub fn apply_request(&self, h: &mut pingora_http::RequestHeader) {

@@ -4,7 +4,6 @@
 //! cluster (never the Host header or the path), plus status code and response flags.
 //! Series are cached by that key so a request does one map lookup under a read lock.
 
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use prometheus::{
@@ -99,8 +98,9 @@ pub struct IstioMetrics {
     pub tcp_closed: IntCounterVec,
     pub tcp_sent: IntCounterVec,
     pub tcp_received: IntCounterVec,
-    series: RwLock<HashMap<Key, Arc<Series>>>,
-    tcp_series: RwLock<HashMap<Key, Arc<TcpSeries>>>,
+    // Looked up once per request; the keys come from the config and upstream status codes.
+    series: RwLock<foldhash::HashMap<Key, Arc<Series>>>,
+    tcp_series: RwLock<foldhash::HashMap<Key, Arc<TcpSeries>>>,
     version: String,
 }
 
@@ -148,8 +148,8 @@ impl IstioMetrics {
                 "istio_tcp_received_bytes_total",
                 "Bytes received on TCP connections.",
             ),
-            series: RwLock::new(HashMap::new()),
-            tcp_series: RwLock::new(HashMap::new()),
+            series: RwLock::default(),
+            tcp_series: RwLock::default(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
         for c in [
