@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Side-by-side load benchmark of Portico, NGINX and HAProxy on loopback. See bench/README.md.
 #
-#   bench/run.sh            the five scenarios (ROUNDS x A B C, order rotating), then Portico's idle RSS
+#   bench/run.sh            the six scenarios (ROUNDS x A B C, order rotating), then Portico's idle RSS
 #   bench/run.sh scale      Portico with 10 / 1 000 / 10 000 virtual hosts, reload under load
 #   bench/run.sh idle       only Portico's idle RSS on conf/portico.toml
+#   bench/run.sh instructions  h1-1k with each proxy under callgrind: instructions per request
 #   bench/run.sh all        compare, then scale
 #
 # Environment: ROUNDS (3), DURATION (10 s), WARMUP (1 s), SCENARIOS
-# (h1-1k,h1-100k,https-ka,tls-new,h2), PROXIES (nginx,haproxy,portico), PIN (1),
+# (h1-1k,h1-100k,https-ka,tls-new,tls-capped,h2), PROXIES (nginx,haproxy,portico), PIN (1),
+# CAP_CORES (0.5: CPU of the proxy in tls-capped), IR_CONNS (16: connections for instructions),
 # CERT_KEY (ec|rsa), SCALE_HOSTS ("10 1000 10000"), SCALE_CERTS (1000), RELOADS (3),
 # PORT_BASE (27000), PORTICO_BIN (target/release/portico), BUILD (1: cargo build --release
 # when the binary is missing), KEEP_TMP (keep the temp dir), RESULTS_FILE (bench/RESULTS.md).
@@ -17,9 +19,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
 what="${1:-compare}"
 case "$what" in
-  compare|scale|idle|all) ;;
-  -h|--help|help) sed -n '2,14p' "$0"; exit 0 ;;
-  *) echo "usage: bench/run.sh [compare|scale|idle|all]" >&2; exit 2 ;;
+  compare|scale|idle|instructions|all) ;;
+  -h|--help|help) sed -n '2,16p' "$0"; exit 0 ;;
+  *) echo "usage: bench/run.sh [compare|scale|idle|instructions|all]" >&2; exit 2 ;;
 esac
 
 need=()
@@ -31,6 +33,9 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+if [ "$what" = instructions ]; then
+  command -v callgrind_control >/dev/null 2>&1 || need+=(valgrind)
+fi
 if [ "${#need[@]}" -gt 0 ]; then
   echo "[bench] installing: ${need[*]}" >&2
   sudo=""

@@ -6,10 +6,13 @@ Run through bench/run.sh, which installs the tools first. See bench/README.md.
     bench.py compare     the five scenarios, over ROUNDS rounds, proxy order rotating per round, + idle RSS
     bench.py scale       Portico with 10 / 1 000 / 10 000 virtual hosts + reload under load
     bench.py idle        only the idle RSS of Portico on conf/portico.toml
+    bench.py instructions  h1-1k under callgrind: instructions per request, and Portico's by component
 
 Everything listens on 127.0.0.1; every process started here is stopped by its PID on exit.
 """
 
+import collections
+import contextlib
 import datetime
 import http.client
 import json
@@ -46,12 +49,14 @@ PORT_BASE = env_int("PORT_BASE", 27000)
 PIN = os.environ.get("PIN", "1") not in ("0", "", "no", "false")
 PORTICO = os.environ.get("PORTICO_BIN") or os.path.join(REPO, "target", "release", "portico")
 PROXIES = [p for p in os.environ.get("PROXIES", "nginx,haproxy,portico").replace(" ", ",").split(",") if p]
-ALL_SCENARIOS = ["h1-1k", "h1-100k", "https-ka", "tls-new", "h2"]
+ALL_SCENARIOS = ["h1-1k", "h1-100k", "https-ka", "tls-new", "tls-capped", "h2"]
 SCENARIO_NAMES = [s for s in os.environ.get("SCENARIOS", ",".join(ALL_SCENARIOS)).replace(" ", ",").split(",") if s]
 RESULTS = os.environ.get("RESULTS_FILE") or os.path.join(BENCH, "RESULTS.md")
 OUT = os.path.join(BENCH, "out")
 CACHE = os.path.join(BENCH, ".cache")
 CERT_KEY = os.environ.get("CERT_KEY", "ec")
+# CPU the proxy gets in capped scenarios, in cores (a CFS quota on its cgroup).
+CAP_CORES = float(os.environ.get("CAP_CORES", "0.5"))
 
 # CPUs: with PIN, the proxy under test gets CPU 1 to itself; the upstream and the load
 # generator share CPU 0. Without PIN the scheduler places everything.
@@ -84,6 +89,7 @@ def log(*a):
 # ------------------------------------------------------------------ processes we start
 
 STARTED = []  # Popen objects, stopped by PID in cleanup()
+PROXY_WRAP = []  # a command the proxies run under (valgrind, for `instructions`)
 
 
 def pinned(cmd, cpu):
@@ -421,6 +427,13 @@ SCENARIOS = {
     "tls-new": {"title": "new TLS 1.3 connection per request, SNI over 3 names, 1 KiB",
                 "tool": "h2load", "path": "/api/1k", "conns": env_int("CONNS_TLS_NEW", 8),
                 "streams": 1, "h1": True, "close": True, "snis": SNIS, "count": True},
+    # As tls-new, with the proxy held to CAP_CORES of a core: on two cores h2load's own
+    # handshakes (an ECDSA verify each) keep its core busier than any proxy's, so in tls-new
+    # the handshake rate is the client's. Capped, the proxy is the limit and the rate is
+    # handshakes per unit of proxy CPU.
+    "tls-capped": {"title": f"new TLS 1.3 connection per request, SNI over 3 names, 1 KiB, proxy held to {CAP_CORES:g} core",
+                   "tool": "h2load", "path": "/api/1k", "conns": env_int("CONNS_TLS_NEW", 8),
+                   "streams": 1, "h1": True, "close": True, "snis": SNIS, "count": True, "cap": True},
     "h2": {"title": "HTTP/2 over TLS 1.3, 100 streams, 1 KiB", "tool": "h2load",
            "path": "/api/1k", "conns": env_int("CONNS_H2", 1), "streams": 100, "h1": False,
            "close": False, "snis": SNIS[:1]},
@@ -454,8 +467,21 @@ def run_scenario(name, ports, duration, tmp, host=HOST, snis=None, path=None):
 # ------------------------------------------------------------------ servers
 
 
+def check_ports():
+    """Refuse to start when one of the benchmark's ports is taken: a leftover upstream from
+    an earlier run would answer in place of the one started here, unmeasured."""
+    busy = []
+    for name, v in PORTS.items():
+        for port in v if isinstance(v, tuple) else (v,):
+            if not port_free(port):
+                busy.append(f"{port} ({name})")
+    if busy:
+        raise SystemExit("ports in use: " + ", ".join(busy) + "; stop what holds them or set PORT_BASE")
+
+
 class Env:
     def __init__(self):
+        check_ports()
         self.tmp = tempfile.mkdtemp(prefix="portico-bench-")
         os.chmod(self.tmp, 0o755)
         self.certs = os.path.join(self.tmp, "certs")
@@ -473,11 +499,13 @@ class Env:
 
 
 def nginx_common(prefix):
+    # Under valgrind (PROXY_WRAP) the worker must be the process valgrind started:
+    # callgrind_control cannot reach a forked one.
     os.makedirs(os.path.join(prefix, "tmp"), exist_ok=True)
     user = "user root root;\n" if os.geteuid() == 0 else ""
     return f"""{user}worker_processes 1;
 daemon off;
-master_process on;
+master_process {"off" if PROXY_WRAP else "on"};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 worker_rlimit_nofile 65536;
@@ -584,7 +612,7 @@ def start_nginx(env):
     cfg = os.path.join(prefix, "nginx.conf")
     with open(cfg, "w") as f:
         f.write(conf)
-    p = start(["nginx", "-p", prefix, "-c", cfg, "-e", os.path.join(prefix, "error.log")],
+    p = start(PROXY_WRAP + ["nginx", "-p", prefix, "-c", cfg, "-e", os.path.join(prefix, "error.log")],
               os.path.join(prefix, "stdout.log"), cpu=PROXY_CPU)
     wait_port(http_port, proc=p)
     wait_port(https_port, proc=p)
@@ -629,7 +657,7 @@ backend notfound
     cfg = os.path.join(prefix, "haproxy.cfg")
     with open(cfg, "w") as f:
         f.write(conf)
-    p = start(["haproxy", "-db", "-f", cfg], os.path.join(prefix, "stdout.log"), cpu=PROXY_CPU)
+    p = start(PROXY_WRAP + ["haproxy", "-db", "-f", cfg], os.path.join(prefix, "stdout.log"), cpu=PROXY_CPU)
     wait_port(http_port, proc=p)
     wait_port(https_port, proc=p)
     return p
@@ -709,7 +737,7 @@ def start_portico(env, config_text=None, name="portico", args=(), ports=None, ad
     if config_text is not None:
         with open(cfg, "w") as f:
             f.write(config_text)
-    p = start([PORTICO, "run", "-c", cfg, "--threads", "1", *args],
+    p = start(PROXY_WRAP + [PORTICO, "run", "-c", cfg, "--threads", "1", *args],
               os.path.join(prefix, "stderr.log"), cpu=PROXY_CPU,
               stop_sig=signal.SIGINT)
     wait_ready(admin or PORTS["portico_admin"], p, ready_timeout)
@@ -782,6 +810,74 @@ def measured(label, pids_fn, worker, fn, other_pids=()):
     r["peak_rss_mib"] = hwm / 1024 if hwm else None
     r["hwm_reset"] = reset_ok
     return r
+
+
+def cgroup_cpu():
+    """A cgroup hierarchy in which a CPU quota can be set: ("v1", path) for the cpu
+    controller of cgroup v1, ("v2", path) for cgroup v2 with the cpu controller enabled for
+    children, else (None, why)."""
+    v1 = "/sys/fs/cgroup/cpu"
+    if os.path.exists(os.path.join(v1, "cpu.cfs_quota_us")):
+        return ("v1", v1) if os.access(v1, os.W_OK) else (None, f"{v1} is not writable")
+    v2 = "/sys/fs/cgroup"
+    ctl = os.path.join(v2, "cgroup.subtree_control")
+    try:
+        with open(ctl) as f:
+            enabled = f.read().split()
+        if "cpu" not in enabled:
+            with open(ctl, "w") as f:
+                f.write("+cpu")
+        return "v2", v2
+    except OSError as e:
+        return None, f"no cgroup v1 cpu controller and cgroup v2 cpu not usable ({e})"
+
+
+@contextlib.contextmanager
+def cpu_cap(pids, cores, name):
+    """Run the body with `pids` (whole processes) in a cgroup limited to `cores` of CPU,
+    then put them back where they were."""
+    kind, root = cgroup_cpu()
+    if kind is None:
+        raise RuntimeError(f"cannot cap CPU: {root}")
+    path = os.path.join(root, f"portico-bench-{name}")
+    os.makedirs(path, exist_ok=True)
+    period = 10000  # 10 ms periods: short throttling stalls, same total CPU
+
+    def put(f, v):
+        with open(os.path.join(path, f), "w") as fh:
+            fh.write(str(v))
+
+    if kind == "v1":
+        put("cpu.cfs_period_us", period)
+        put("cpu.cfs_quota_us", int(period * cores))
+    else:
+        put("cpu.max", f"{int(period * cores)} {period}")
+    home = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                for line in f:
+                    _, ctrls, rel = line.rstrip("\n").split(":", 2)
+                    if (kind == "v1" and "cpu" in ctrls.split(",")) or (kind == "v2" and ctrls == ""):
+                        home[pid] = os.path.join(root, rel.lstrip("/"))
+            put("cgroup.procs", pid)
+        except OSError:
+            pass  # gone
+    try:
+        yield
+    finally:
+        for pid, back in home.items():
+            try:
+                with open(os.path.join(back, "cgroup.procs"), "w") as f:
+                    f.write(str(pid))
+            except OSError:
+                pass
+        for _ in range(50):
+            try:
+                os.rmdir(path)
+                break
+            except OSError:
+                time.sleep(0.1)
 
 
 def loadavg():
@@ -887,7 +983,12 @@ def write_section(section, text):
         f.write(new)
 
 
-def header(command, start_load, vers, mach, extra=()):
+NOISE = ("- **noise:** the machine is shared with other engineers who compile at the same time; "
+         "numbers move by 10-30 % from run to run. Compare proxies within one run (they alternate "
+         "A B C, B C A, C A B: the order rotates each round; medians over rounds), not across runs.")
+
+
+def header(command, start_load, vers, mach, extra=(), noise=NOISE):
     lines = [
         f"- command: `{command}`",
         f"- date: {mach['date']}",
@@ -896,10 +997,125 @@ def header(command, start_load, vers, mach, extra=()):
         "- versions: " + "; ".join(f"{k} `{v}`" for k, v in vers.items()),
     ]
     lines += list(extra)
-    lines.append("- **noise:** the machine is shared with other engineers who compile at the same time; "
-                 "numbers move by 10-30 % from run to run. Compare proxies within one run (they alternate "
-                 "A B C, B C A, C A B: the order rotates each round; medians over rounds), not across runs.")
+    if noise:
+        lines.append(noise)
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ instructions per request
+
+IR_CONNS = env_int("IR_CONNS", 16)
+
+
+def instructions(command):
+    """h1-1k through each proxy running under callgrind: instructions per request, and for
+    Portico where they go. Deterministic where CPU seconds are noisy; slow (valgrind runs
+    the proxy ~50x slower), so it is its own mode."""
+    import glob
+    import callgrind
+
+    global PROXY_WRAP
+    start_load = loadavg()
+    mach = machine()
+    vers = versions()
+    env = Env()
+    out_dir = env.path("callgrind")
+    os.makedirs(out_dir)
+    results = {}
+    try:
+        subprocess.run([sys.executable, os.path.join(LIB, "certs.py"), env.certs, *SNIS], check=True)
+        start_upstream(env)
+        for name in PROXIES:
+            PROXY_WRAP = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/{name}.%p"]
+            try:
+                if name == "nginx":
+                    p = start_nginx(env)
+                elif name == "haproxy":
+                    p = start_haproxy(env)
+                else:
+                    p = start_portico(env, portico_bench_config(env), ready_timeout=300)
+            finally:
+                PROXY_WRAP = []
+            path = SCENARIOS["h1-1k"]["path"]
+            run_wrk(PORTS[name][0], path, HOST, IR_CONNS, 3)  # warm up under valgrind
+            pids = [str(x) for x in tree(p.pid)]
+            # callgrind acts on a command when the process next runs: the zeroing lands as
+            # the load starts, and the dump needs a poke, a request that is then counted.
+            subprocess.run(["callgrind_control", "-z", *pids], check=True, stdout=subprocess.DEVNULL)
+            r = run_wrk(PORTS[name][0], path, HOST, IR_CONNS, DURATION)
+            dump = subprocess.Popen(["callgrind_control", "-d", *pids], stdout=subprocess.DEVNULL)
+            pokes = 0
+            while dump.poll() is None and pokes < 100:
+                time.sleep(0.2)
+                http_get(PORTS[name][0], path, HOST)
+                pokes += 1
+            dump.wait(30)
+            r["requests"] += pokes
+            stop(p)
+            files = [f for pid in pids for f in glob.glob(f"{out_dir}/{name}.{pid}.1")]
+            if not files:
+                raise RuntimeError(f"{name}: callgrind wrote no dump in {out_dir}")
+            names, own, calls = callgrind.parse(files)
+            total = sum(own.values())
+            if r["non2xx"] or r["socket_errors"] or not r["requests"]:
+                raise RuntimeError(f"{name}: {r['requests']} requests, {r['non2xx']} non-2xx, "
+                                   f"{r['socket_errors']} socket errors under valgrind")
+            results[name] = {"requests": r["requests"], "ir": total / r["requests"],
+                             "own": own, "calls": calls}
+            log(f"{name}: {r['requests']} requests, {total / r['requests']:,.0f} instructions per request")
+    finally:
+        env.close()
+    text = instructions_report(command, start_load, vers, mach, results)
+    print(text)
+    write_section("instructions", text)
+    log(f"wrote {RESULTS}")
+
+
+def instructions_report(command, start_load, vers, mach, results):
+    import callgrind
+
+    settings = [f"- load: `wrk -t1 -c{IR_CONNS} -d{DURATION}s` on h1-1k (GET {SCENARIOS['h1-1k']['path']}, "
+                "1 KiB from the upstream, x-bench added), after 3 s of warm-up; counters zeroed "
+                "(`callgrind_control -z`) before and dumped (`-d`) after; all of the proxy's "
+                "processes and threads counted, user space only (the kernel's socket work is "
+                "not in these numbers)"]
+    out = ["## Instructions per HTTP/1.1 request (callgrind)", "",
+           header(command, start_load, vers, mach, settings,
+                  noise="- **noise:** instruction counts barely move with the machine's load "
+                        "(two runs of the same binary differ by ~0.1-0.5 %: how many requests "
+                        "each wake-up finds ready changes the polling work per request)"), ""]
+    base = results.get("nginx", {}).get("ir")
+    out += ["| proxy | requests counted | instructions / request | / NGINX |", "|---|---:|---:|---:|"]
+    for name in PROXIES:
+        if name in results:
+            r = results[name]
+            out.append(f"| {LABEL[name]} | {r['requests']:,} | {r['ir']:,.0f} | "
+                       f"{ratio(r['ir'], base) if base else '-'} |")
+    out.append("")
+    if "portico" in results:
+        r = results["portico"]
+        n = r["requests"]
+        groups = collections.Counter()
+        for fn, c in r["own"].items():
+            groups[callgrind.group_of(fn)] += c
+        total = sum(groups.values())
+        out += ["### Portico: where the instructions go", "",
+                "Self instructions per request, by the crate of the function that executed them.", "",
+                "| component | instructions / request | share |", "|---|---:|---:|"]
+        for g, c in groups.most_common():
+            out.append(f"| {g} | {c / n:,.0f} | {100 * c / total:.1f} % |")
+        out += ["", "Portico's callbacks, inclusive (with the pingora and http work they call, "
+                "such as inserting headers):", "",
+                "| callback | instructions / request |", "|---|---:|"]
+        for fn, c in callgrind.portico_callbacks(r["calls"]).most_common(8):
+            if c / n >= 20:
+                out.append(f"| `{callgrind.short(fn)}` | {c / n:,.0f} |")
+        out += ["", "Top functions by self instructions:", "",
+                "| function | instructions / request |", "|---|---:|"]
+        for fn, c in r["own"].most_common(15):
+            out.append(f"| `{callgrind.short(fn)}` | {c / n:,.0f} |")
+        out.append("")
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------ idle RSS
@@ -945,6 +1161,10 @@ def compare(command):
     for s in SCENARIO_NAMES:
         if s not in SCENARIOS:
             raise SystemExit(f"unknown scenario {s!r}; known: {', '.join(ALL_SCENARIOS)}")
+    capped = [s for s in SCENARIO_NAMES if SCENARIOS[s].get("cap")]
+    if capped and cgroup_cpu()[0] is None:
+        log(f"skipping {', '.join(capped)}: {cgroup_cpu()[1]}")
+        SCENARIO_NAMES[:] = [s for s in SCENARIO_NAMES if s not in capped]
     env = Env()
     results = {p: {s: [] for s in SCENARIO_NAMES} for p in PROXIES}
     failed = []
@@ -979,12 +1199,15 @@ def compare(command):
                     p = procs[name]
                     if p.poll() is not None:
                         raise RuntimeError(f"{name} died (exit {p.returncode})")
+                    cap = (cpu_cap(tree(p.pid), CAP_CORES, name) if SCENARIOS[s].get("cap")
+                           else contextlib.nullcontext())
                     try:
-                        if WARMUP > 0 or SCENARIOS[s].get("count"):
-                            run_scenario(s, PORTS[name], max(WARMUP, 1), env.tmp)
-                        r = measured(name, lambda p=p: tree(p.pid), worker_pid(name, p),
-                                     lambda: run_scenario(s, PORTS[name], DURATION, env.tmp),
-                                     upstream_pids)
+                        with cap:
+                            if WARMUP > 0 or SCENARIOS[s].get("count"):
+                                run_scenario(s, PORTS[name], max(WARMUP, 1), env.tmp)
+                            r = measured(name, lambda p=p: tree(p.pid), worker_pid(name, p),
+                                         lambda: run_scenario(s, PORTS[name], DURATION, env.tmp),
+                                         upstream_pids)
                     except RuntimeError as e:
                         failed.append(f"round {rnd + 1} {s} {name}: {e}")
                         log(f"[{n}/{total}] round {rnd + 1} {s} {name}: FAILED: {e}")
@@ -1035,7 +1258,7 @@ def compare_report(command, start_load, vers, mach, results, idle, raw, failed):
     out.append("")
     for s in SCENARIO_NAMES:
         sc = SCENARIOS[s]
-        unit = "handshakes/s (= req/s)" if s == "tls-new" else "req/s"
+        unit = "handshakes/s (= req/s)" if s.startswith("tls-") else "req/s"
         out.append(f"### {s}: {sc['title']}")
         out.append("")
         tool = ("wrk -t1 -c%d" % sc["conns"]) if sc["tool"] == "wrk" else (
@@ -1056,7 +1279,12 @@ def compare_report(command, start_load, vers, mach, results, idle, raw, failed):
                        f"{fmt(med(runs, 'p50_ms'))} | {fmt(med(runs, 'p99_ms'))} | {fmt(med(runs, 'p999_ms'))} | "
                        f"{fmt(med(runs, 'cpu_per_100k'))} | {fmt(med(runs, 'proxy_cpu_pct'))} | "
                        f"{fmt(med(runs, 'peak_rss_mib'))} | {errs} |")
-        if s == "tls-new":
+        if sc.get("cap"):
+            out.append("")
+            out.append(f"Each proxy (all its processes) ran in a cgroup with a CFS quota of {CAP_CORES:g} "
+                       "core (10 ms periods), so that the proxy, not h2load, limits the rate: "
+                       "handshakes/s here is what the same CPU buys from each.")
+        if s.startswith("tls-"):
             out.append("")
             out.append("Latency above is h2load's request time (request sent to response end on the new "
                        "connection, handshake excluded). Mean time to first byte from connection start "
@@ -1473,6 +1701,8 @@ def main():
             compare(command)
         elif what == "scale":
             scale(command)
+        elif what == "instructions":
+            instructions(command)
         elif what == "idle":
             env = Env()
             try:
