@@ -1059,9 +1059,6 @@ impl Gateway {
     }
 }
 
-/// A random version-4 UUID for `x-request-id`, in lower-case hex with dashes. Written
-/// into a stack buffer: it is made for every request that comes without one, and two
-/// `format!`s were two allocations and the formatting machinery each time.
 static X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
 
@@ -1098,6 +1095,9 @@ fn forwarded_for(prev: Option<&[u8]>, ip: IpAddr) -> HeaderValue {
     HeaderValue::from_maybe_shared(Bytes::from(out)).unwrap_or(HeaderValue::from_static(""))
 }
 
+/// A random version-4 UUID for `x-request-id`, in lower-case hex with dashes. Written
+/// into a stack buffer: it is made for every request that comes without one, and two
+/// `format!`s were two allocations and the formatting machinery each time.
 fn request_id() -> [u8; 36] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let v = fastrand::u128(..);

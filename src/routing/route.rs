@@ -341,10 +341,10 @@ pub struct HeaderRules {
     pub response: HeaderOps,
 }
 
-/// Header operations of a route or destination. `set` and `add` keep each name as the bytes
-/// pingora's case map stores (`IntoCaseHeaderName`: titled for standard headers, as written
-/// otherwise), made once when the config compiles; handing pingora a `HeaderName` instead makes
-/// it build those bytes, an allocation and a copy for a non-standard name, on every request.
+/// The operations on one message's headers. `set` and `add` keep each name as the bytes
+/// pingora's case map stores (`IntoCaseHeaderName`: title case for standard headers, lower
+/// case otherwise), made once when the config compiles: given a `HeaderName`, pingora makes
+/// those bytes, an allocation and a copy for a non-standard name, on every request.
 #[derive(Debug, Clone, Default)]
 pub struct HeaderOps {
     pub set: Vec<(Bytes, HeaderValue)>,
