@@ -4,7 +4,7 @@
 #   bench/run.sh            the six scenarios (ROUNDS x A B C, order rotating), then Portico's idle RSS
 #   bench/run.sh scale      Portico with 10 / 1 000 / 10 000 virtual hosts, reload under load
 #   bench/run.sh idle       only Portico's idle RSS on conf/portico.toml
-#   bench/run.sh instructions  h1-1k with each proxy under callgrind: instructions per request
+#   bench/run.sh instructions  h1-1k with each proxy (and bench/floor) under callgrind: instructions per request
 #   bench/run.sh all        compare, then scale
 #
 # Environment: ROUNDS (3), DURATION (10 s), WARMUP (1 s), SCENARIOS

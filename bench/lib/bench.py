@@ -76,10 +76,11 @@ PORTS = {
     "scale_admin": PORT_BASE + 49,
     "idle": (PORT_BASE + 50, PORT_BASE + 51),
     "idle_admin": PORT_BASE + 59,
+    "floor": (PORT_BASE + 60,),
 }
 
 CLOSE_FLAG = ' -H "Connection: close"'
-LABEL = {"nginx": "NGINX", "haproxy": "HAProxy", "portico": "Portico"}
+LABEL = {"nginx": "NGINX", "haproxy": "HAProxy", "portico": "Portico", "floor": "floor (tokio + httparse)"}
 
 
 def log(*a):
@@ -1005,6 +1006,21 @@ def header(command, start_load, vers, mach, extra=(), noise=NOISE):
 # ------------------------------------------------------------------ instructions per request
 
 IR_CONNS = env_int("IR_CONNS", 16)
+# The floor (bench/floor) runs in this mode only: it has no TLS and one hard-wired route.
+IR_PROXIES = PROXIES if "PROXIES" in os.environ else PROXIES + ["floor"]
+FLOOR = os.path.join(BENCH, "floor")
+
+
+def start_floor(env):
+    """bench/floor: a minimal HTTP/1.1 proxy on tokio + httparse, the floor for a Rust proxy."""
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--manifest-path",
+                    os.path.join(FLOOR, "Cargo.toml")], check=True)
+    port = PORTS["floor"][0]
+    p = start(PROXY_WRAP + [os.path.join(FLOOR, "target", "release", "portico-bench-floor"),
+                            f"127.0.0.1:{port}", f"127.0.0.1:{PORTS['upstream']}"],
+              env.path("floor.log"), cpu=PROXY_CPU)
+    wait_port(port, timeout=120, proc=p)
+    return p
 
 
 def instructions(command):
@@ -1025,15 +1041,19 @@ def instructions(command):
     try:
         subprocess.run([sys.executable, os.path.join(LIB, "certs.py"), env.certs, *SNIS], check=True)
         start_upstream(env)
-        for name in PROXIES:
+        for name in IR_PROXIES:
             PROXY_WRAP = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/{name}.%p"]
             try:
                 if name == "nginx":
                     p = start_nginx(env)
                 elif name == "haproxy":
                     p = start_haproxy(env)
-                else:
+                elif name == "floor":
+                    p = start_floor(env)
+                elif name == "portico":
                     p = start_portico(env, portico_bench_config(env), ready_timeout=300)
+                else:
+                    raise SystemExit(f"unknown proxy {name!r}")
             finally:
                 PROXY_WRAP = []
             path = SCENARIOS["h1-1k"]["path"]
@@ -1086,12 +1106,17 @@ def instructions_report(command, start_load, vers, mach, results):
                         "each wake-up finds ready changes the polling work per request)"), ""]
     base = results.get("nginx", {}).get("ir")
     out += ["| proxy | requests counted | instructions / request | / NGINX |", "|---|---:|---:|---:|"]
-    for name in PROXIES:
+    for name in IR_PROXIES:
         if name in results:
             r = results[name]
             out.append(f"| {LABEL[name]} | {r['requests']:,} | {r['ir']:,.0f} | "
                        f"{ratio(r['ir'], base) if base else '-'} |")
     out.append("")
+    if "floor" in results:
+        out += ["The floor is `bench/floor`: a minimal HTTP/1.1 keep-alive proxy on tokio (current-thread "
+                "runtime) and httparse, with the benchmark's route hard-wired, `x-bench` added and the "
+                "upstream's response passed on after parsing its head; no TLS, no metrics, no pool. "
+                "About the least a Rust proxy on tokio does per request.", ""]
     if "portico" in results:
         r = results["portico"]
         n = r["requests"]
