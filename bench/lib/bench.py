@@ -1023,6 +1023,18 @@ def start_floor(env):
     return p
 
 
+def start_proxy(env, name, ready_timeout=60):
+    if name == "nginx":
+        return start_nginx(env)
+    if name == "haproxy":
+        return start_haproxy(env)
+    if name == "portico":
+        return start_portico(env, portico_bench_config(env), ready_timeout=ready_timeout)
+    if name == "floor":
+        return start_floor(env)
+    raise SystemExit(f"unknown proxy {name!r}")
+
+
 def instructions(command):
     """h1-1k through each proxy running under callgrind: instructions per request, and for
     Portico where they go. Deterministic where CPU seconds are noisy; slow (valgrind runs
@@ -1044,16 +1056,7 @@ def instructions(command):
         for name in IR_PROXIES:
             PROXY_WRAP = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/{name}.%p"]
             try:
-                if name == "nginx":
-                    p = start_nginx(env)
-                elif name == "haproxy":
-                    p = start_haproxy(env)
-                elif name == "floor":
-                    p = start_floor(env)
-                elif name == "portico":
-                    p = start_portico(env, portico_bench_config(env), ready_timeout=300)
-                else:
-                    raise SystemExit(f"unknown proxy {name!r}")
+                p = start_proxy(env, name, ready_timeout=300)
             finally:
                 PROXY_WRAP = []
             path = SCENARIOS["h1-1k"]["path"]
@@ -1075,7 +1078,7 @@ def instructions(command):
             files = [f for pid in pids for f in glob.glob(f"{out_dir}/{name}.{pid}.1")]
             if not files:
                 raise RuntimeError(f"{name}: callgrind wrote no dump in {out_dir}")
-            names, own, calls = callgrind.parse(files)
+            own, calls = callgrind.parse(files)
             total = sum(own.values())
             if r["non2xx"] or r["socket_errors"] or not r["requests"]:
                 raise RuntimeError(f"{name}: {r['requests']} requests, {r['non2xx']} non-2xx, "
@@ -1187,9 +1190,11 @@ def compare(command):
         if s not in SCENARIOS:
             raise SystemExit(f"unknown scenario {s!r}; known: {', '.join(ALL_SCENARIOS)}")
     capped = [s for s in SCENARIO_NAMES if SCENARIOS[s].get("cap")]
-    if capped and cgroup_cpu()[0] is None:
-        log(f"skipping {', '.join(capped)}: {cgroup_cpu()[1]}")
-        SCENARIO_NAMES[:] = [s for s in SCENARIO_NAMES if s not in capped]
+    if capped:
+        kind, why = cgroup_cpu()
+        if kind is None:
+            log(f"skipping {', '.join(capped)}: {why}")
+            SCENARIO_NAMES[:] = [s for s in SCENARIO_NAMES if s not in capped]
     env = Env()
     results = {p: {s: [] for s in SCENARIO_NAMES} for p in PROXIES}
     failed = []
@@ -1198,14 +1203,7 @@ def compare(command):
         start_upstream(env)
         procs = {}
         for name in PROXIES:
-            if name == "nginx":
-                procs[name] = start_nginx(env)
-            elif name == "haproxy":
-                procs[name] = start_haproxy(env)
-            elif name == "portico":
-                procs[name] = start_portico(env, portico_bench_config(env))
-            else:
-                raise SystemExit(f"unknown proxy {name!r}")
+            procs[name] = start_proxy(env, name)
         for name in PROXIES:
             sanity(name, PORTS[name])
         upstream_pids = tree(env.servers["upstream"].pid)

@@ -13,8 +13,9 @@ _FN = re.compile(r"^(c?fn)=\((\d+)\)(?: (.*))?$")
 
 def parse(paths):
     """Self cost per function, and the cost of each caller -> callee call edge, summed over
-    `paths` (one file per process; threads are merged). Returns (names, self, calls)."""
-    names, own, calls = {}, collections.Counter(), collections.Counter()
+    `paths` (one file per process; threads are merged). Returns (self, calls), keyed by
+    function name."""
+    own, calls = collections.Counter(), collections.Counter()
     for path in paths:
         ids = {}  # compressed ids are per file
         cur = callee = None
@@ -48,9 +49,7 @@ def parse(paths):
                     after_call = False
                 else:
                     own[cur] += cost
-    for n in own:
-        names[n] = n
-    return names, own, calls
+    return own, calls
 
 
 # First matching rule wins; tested against the function name with leading '<' / '&' removed.
