@@ -446,9 +446,9 @@ RATE = {}  # (port, scenario, host) -> last measured req/s, to size request-coun
 
 def run_scenario(name, ports, duration, tmp, host=HOST, snis=None, path=None):
     sc = SCENARIOS[name]
-    http_port, https_port = ports
     if sc["tool"] == "wrk":
-        return run_wrk(http_port, path or sc["path"], host, sc["conns"], duration)
+        return run_wrk(ports[0], path or sc["path"], host, sc["conns"], duration)
+    https_port = ports[1]
     snis = snis or sc["snis"]
     args = (https_port, snis, path or sc["path"], host, sc["conns"], sc["streams"], duration,
             sc["h1"], sc["close"], tmp)
@@ -758,7 +758,7 @@ def worker_pid(name, p):
 
 
 def sanity(name, ports):
-    http_port, https_port = ports
+    http_port = ports[0]
     problems = []
     st, hdrs, body = http_get(http_port, "/api/1k", HOST)
     if st != 200 or len(body) != 1024:
@@ -774,6 +774,12 @@ def sanity(name, ports):
     st, _, _ = http_get(http_port, "/else", HOST)
     if st == 200:
         problems.append("path /else was routed (expected 404)")
+    if name == "floor":  # plain HTTP/1.1 only
+        if problems:
+            raise RuntimeError(f"{name} sanity check failed:\n  " + "\n  ".join(problems))
+        log(f"{name}: sanity ok (routing by Host+prefix, x-bench added; no TLS)")
+        return
+    https_port = ports[1]
     for sni in SNIS:
         version, proto, cn, status = https_get(https_port, sni, "/api/1k", HOST)
         if version != "TLSv1.3" or proto != "h2" or cn != sni or status != 200:
@@ -1182,6 +1188,11 @@ def idle_rss(env):
 # ------------------------------------------------------------------ compare
 
 
+def runs_in(name, scenario):
+    """The floor speaks plain HTTP/1.1 only: it runs in the wrk scenarios."""
+    return name != "floor" or SCENARIOS[scenario]["tool"] == "wrk"
+
+
 def compare(command):
     start_load = loadavg()
     mach = machine()
@@ -1207,7 +1218,7 @@ def compare(command):
         for name in PROXIES:
             sanity(name, PORTS[name])
         upstream_pids = tree(env.servers["upstream"].pid)
-        total = ROUNDS * len(SCENARIO_NAMES) * len(PROXIES)
+        total = ROUNDS * sum(1 for s in SCENARIO_NAMES for name in PROXIES if runs_in(name, s))
         log(f"{total} runs of {DURATION}s (+{WARMUP}s warm-up each): about "
             f"{total * (DURATION + WARMUP + 1) // 60 + 1} min")
         n = 0
@@ -1218,6 +1229,8 @@ def compare(command):
             order = PROXIES[rnd % len(PROXIES):] + PROXIES[:rnd % len(PROXIES)]
             for s in SCENARIO_NAMES:
                 for name in order:
+                    if not runs_in(name, s):
+                        continue
                     n += 1
                     p = procs[name]
                     if p.poll() is not None:
@@ -1312,7 +1325,8 @@ def compare_report(command, start_load, vers, mach, results, idle, raw, failed):
             out.append("Latency above is h2load's request time (request sent to response end on the new "
                        "connection, handshake excluded). Mean time to first byte from connection start "
                        "(TCP connect + TLS handshake + request): " + ", ".join(
-                           f"{LABEL[n]} {fmt(med(results[n][s], 'ttfb_mean_ms'))} ms" for n in PROXIES) + ".")
+                           f"{LABEL[n]} {fmt(med(results[n][s], 'ttfb_mean_ms'))} ms" for n in PROXIES
+                           if runs_in(n, s)) + ".")
         out.append("")
     if "portico" in PROXIES and len(PROXIES) > 1:
         others = [p for p in PROXIES if p != "portico"]
@@ -1331,7 +1345,25 @@ def compare_report(command, start_load, vers, mach, results, idle, raw, failed):
                     cells.append(ratio(med(results["portico"][s], k), med(results[o][s], k)))
             out.append(f"| {s} | " + " | ".join(cells) + " |")
         out.append("")
-        out.append("(P/N = Portico/NGINX, P/H = Portico/HAProxy)")
+        out.append("(" + ", ".join(f"P/{LABEL[o][0]} = Portico/{LABEL[o].split(' ')[0]}" for o in others) + ")")
+        out.append("")
+    if "floor" in PROXIES and "nginx" in PROXIES:
+        out.append("### The floor / NGINX (medians)")
+        out.append("")
+        out.append("`bench/floor`: a minimal HTTP/1.1 keep-alive proxy on tokio + httparse with the "
+                   "benchmark's route hard-wired (no metrics, no pool, no header maps): about the least "
+                   "user-space work a proxy can do per request, so its CPU ratio is about the best any "
+                   "proxy can show against NGINX on this kernel path. In h1-100k it reads the whole "
+                   "response into memory and writes it in one call, which no streaming proxy does: "
+                   "read h1-1k.")
+        out.append("")
+        out.append("| scenario | req/s | p99 | CPU/100k |")
+        out.append("|---|---:|---:|---:|")
+        for s in SCENARIO_NAMES:
+            if runs_in("floor", s):
+                out.append(f"| {s} | " + " | ".join(
+                    ratio(med(results["floor"][s], k), med(results["nginx"][s], k))
+                    for k in ("rps", "p99_ms", "cpu_per_100k")) + " |")
         out.append("")
     if failed:
         out.append("### Runs that failed (left out of the medians)")
@@ -1351,7 +1383,8 @@ def compare_report(command, start_load, vers, mach, results, idle, raw, failed):
     out.append("|---|---|" + "---:|" * ROUNDS)
     for s in SCENARIO_NAMES:
         for name in PROXIES:
-            out.append(f"| {s} | {LABEL[name]} | " + " | ".join(fmt(r["rps"]) for r in results[name][s]) + " |")
+            if runs_in(name, s):
+                out.append(f"| {s} | {LABEL[name]} | " + " | ".join(fmt(r["rps"]) for r in results[name][s]) + " |")
     out.append("")
     out.append("Other load on the CPUs during runs (median of the load generator's and the upstream's CPU %, "
                "which tells whether they, not the proxy, were the limit):")
@@ -1361,6 +1394,8 @@ def compare_report(command, start_load, vers, mach, results, idle, raw, failed):
     for s in SCENARIO_NAMES:
         for name in PROXIES:
             runs = results[name][s]
+            if not runs_in(name, s):
+                continue
             out.append(f"| {s} | {LABEL[name]} | {fmt(med(runs, 'client_cpu_pct'))} | {fmt(med(runs, 'upstream_cpu_pct'))} |")
     out.append("")
     return "\n".join(out)
