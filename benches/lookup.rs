@@ -59,7 +59,7 @@ fn route_lookup(c: &mut Criterion) {
                         query: None,
                         authority,
                         scheme: "http",
-                        headers: &headers,
+                        headers: portico::routing::Headers::Map(&headers),
                         port: 8080,
                         client_ip: None,
                     };

@@ -336,7 +336,7 @@ fn routes(sources: &config::Sources, q: &RouteQuery<'_>) -> ExitCode {
             query,
             authority: host,
             scheme: if l.tls { "https" } else { "http" },
-            headers: &map,
+            headers: portico::routing::Headers::Map(&map),
             port: l.addr.port(),
             client_ip: source_ip,
         };

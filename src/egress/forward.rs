@@ -279,7 +279,7 @@ impl ForwardProxy {
             bytes_sent: out.bytes.1 as usize,
             duration: started.elapsed(),
             upstream_time: None,
-            request_headers: &no_headers,
+            request_headers: access_log::Headers::Map(&no_headers),
             response_headers: None,
             authority: &out.authority,
             upstream_host: out.upstream,

@@ -96,20 +96,13 @@ impl ServerApp for L4Service {
         // Open connections are not cut on shutdown: pingora stops accepting, waits
         // `drainDuration`, then stops the runtime, which closes whatever is still open.
         let snapshot = self.snapshots.load_full();
-        let socket = io.get_socket_digest();
+        let (downstream_local, downstream_remote) =
+            access_log::addresses(io.get_socket_digest().as_deref());
         let mut rec = Record {
             started: Instant::now(),
             started_at: SystemTime::now(),
-            downstream_local: socket
-                .as_ref()
-                .and_then(|s| s.local_addr())
-                .and_then(|a| a.as_inet())
-                .copied(),
-            downstream_remote: socket
-                .as_ref()
-                .and_then(|s| s.peer_addr())
-                .and_then(|a| a.as_inet())
-                .copied(),
+            downstream_local,
+            downstream_remote,
             sni: None,
             route: None,
             cluster: None,
@@ -414,7 +407,7 @@ fn finish(snapshot: &Snapshot, rec: &Record, flag: &'static str, details: &'stat
         bytes_sent: rec.sent as usize,
         duration: rec.started.elapsed(),
         upstream_time: None,
-        request_headers: &headers,
+        request_headers: access_log::Headers::Map(&headers),
         response_headers: None,
         authority: "",
         upstream_host: rec.upstream,

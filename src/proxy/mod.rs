@@ -162,7 +162,7 @@ impl Gateway {
             query: req.uri.query(),
             authority,
             scheme,
-            headers: &req.headers,
+            headers: crate::routing::Headers::Map(&req.headers),
             port: listener.addr.port(),
             client_ip,
         };
@@ -862,7 +862,8 @@ impl ProxyHttp for Gateway {
             .and_then(|d| d.ssl_digest.as_ref())
             .and_then(|t| t.extension.get::<Sni>())
             .map(|s| s.0.as_str());
-        let socket = digest.and_then(|d| d.socket_digest.as_ref());
+        let (downstream_local, downstream_remote) =
+            access_log::addresses(digest.and_then(|d| d.socket_digest.as_deref()));
         let authority = authority(req);
         let entry = access_log::Entry {
             start: ctx.started_at,
@@ -880,22 +881,16 @@ impl ProxyHttp for Gateway {
             bytes_sent: session.body_bytes_sent(),
             duration: ctx.started.elapsed(),
             upstream_time: ctx.upstream_time,
-            request_headers: &req.headers,
-            response_headers: response.map(|r| &r.headers),
+            request_headers: access_log::Headers::Map(&req.headers),
+            response_headers: response.map(|r| access_log::Headers::Map(&r.headers)),
             authority,
             upstream_host: ctx.upstream_host,
             upstream_cluster: ctx
                 .forward()
                 .map(|f| f.destinations[ctx.destination].cluster.name.as_str())
                 .or_else(|| ctx.egress.as_ref().map(|t| t.cluster())),
-            downstream_local: socket
-                .and_then(|s| s.local_addr())
-                .and_then(|a| a.as_inet())
-                .copied(),
-            downstream_remote: socket
-                .and_then(|s| s.peer_addr())
-                .and_then(|a| a.as_inet())
-                .copied(),
+            downstream_local,
+            downstream_remote,
             sni,
             route_name: ctx.route.as_ref().and_then(|r| r.name.as_deref()),
             attempts: if ctx.upstream_host.is_some() {

@@ -46,6 +46,47 @@ impl StrMatch {
     }
 }
 
+/// A message's headers: pingora's map, or a head the HTTP/1.1 fast path parsed with the
+/// headers it added (`x-request-id`).
+#[derive(Clone, Copy)]
+pub enum Headers<'a> {
+    Map(&'a HeaderMap),
+    Raw(&'a [httparse::Header<'a>], &'a [(&'a str, &'a [u8])]),
+}
+
+impl<'a> Headers<'a> {
+    /// The values of `name`, each as `HeaderValue::to_str` would give it.
+    pub fn values(self, name: &'a str) -> impl Iterator<Item = Option<&'a str>> + 'a {
+        let (map, raw) = match self {
+            Headers::Map(m) => (Some(m.get_all(name).iter().map(|v| v.to_str().ok())), None),
+            Headers::Raw(head, added) => (
+                None,
+                Some(
+                    head.iter()
+                        .map(|h| (h.name, h.value))
+                        .chain(added.iter().copied())
+                        .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+                        .map(|(_, v)| visible(v)),
+                ),
+            ),
+        };
+        map.into_iter().flatten().chain(raw.into_iter().flatten())
+    }
+
+    /// The first value of `name`, if it is text.
+    pub fn get(self, name: &'a str) -> Option<&'a str> {
+        self.values(name).next().flatten()
+    }
+}
+
+/// `HeaderValue::to_str`'s rule: visible ASCII and tab only.
+pub fn visible(v: &[u8]) -> Option<&str> {
+    v.iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+        .then(|| std::str::from_utf8(v).ok())
+        .flatten()
+}
+
 /// What a matcher needs from a request; borrowed, built once per request.
 pub struct RequestView<'a> {
     pub method: &'a str,
@@ -54,7 +95,7 @@ pub struct RequestView<'a> {
     /// The Host / `:authority` as sent (with port).
     pub authority: &'a str,
     pub scheme: &'a str,
-    pub headers: &'a HeaderMap,
+    pub headers: Headers<'a>,
     /// Port of the listener the request arrived on.
     pub port: u16,
     pub client_ip: Option<std::net::IpAddr>,
@@ -120,20 +161,19 @@ impl RequestMatch {
         for (name, m) in &self.headers {
             let ok = req
                 .headers
-                .get_all(name)
-                .iter()
-                .any(|v| v.to_str().map(|v| m.matches(v)).unwrap_or(false));
+                .values(name.as_str())
+                .any(|v| v.is_some_and(|v| m.matches(v)));
             if !ok {
                 return false;
             }
         }
         for (name, m) in &self.without_headers {
             // A missing header counts as empty, as in Istio.
-            let mut values = req.headers.get_all(name).iter().peekable();
+            let mut values = req.headers.values(name.as_str()).peekable();
             let hit = if values.peek().is_none() {
                 !matches!(m, StrMatch::Present) && m.matches("")
             } else {
-                values.any(|v| v.to_str().map(|v| m.matches(v)).unwrap_or(false))
+                values.any(|v| v.is_some_and(|v| m.matches(v)))
             };
             if hit {
                 return false;
@@ -247,7 +287,7 @@ mod tests {
             query,
             authority: "a.example.com",
             scheme: "http",
-            headers,
+            headers: Headers::Map(headers),
             port: 80,
             client_ip: None,
         }

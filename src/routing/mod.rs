@@ -10,7 +10,7 @@ pub mod route;
 use std::sync::Arc;
 
 pub use host::{normalize_host, HostMatcher};
-pub use matcher::{RequestMatch, RequestView, StrMatch};
+pub use matcher::{Headers, RequestMatch, RequestView, StrMatch};
 pub use route::{
     chance, Action, Cors, DirectResponse, Fault, Forward, HeaderOps, HeaderRules, Mirror, Redirect,
     RetryOn, RetryPolicy, Rewrite, Route,

@@ -13,9 +13,10 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, HeaderName};
+use http::HeaderName;
 
 use super::Metrics;
+pub use crate::routing::Headers;
 
 /// Istio's default text format.
 pub const ISTIO_TEXT_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER_RAW% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n";
@@ -35,8 +36,8 @@ pub struct Entry<'a> {
     pub bytes_sent: usize,
     pub duration: Duration,
     pub upstream_time: Option<Duration>,
-    pub request_headers: &'a HeaderMap,
-    pub response_headers: Option<&'a HeaderMap>,
+    pub request_headers: Headers<'a>,
+    pub response_headers: Option<Headers<'a>>,
     pub authority: &'a str,
     pub upstream_host: Option<SocketAddr>,
     pub upstream_cluster: Option<&'a str>,
@@ -222,8 +223,19 @@ fn rfc3339(t: SystemTime) -> String {
     )
 }
 
-fn header_str<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok())
+/// The local and the remote address of a client connection, for `Entry`.
+pub fn addresses(
+    socket: Option<&pingora::protocols::SocketDigest>,
+) -> (Option<SocketAddr>, Option<SocketAddr>) {
+    let inet = |a: Option<&pingora::protocols::l4::socket::SocketAddr>| a?.as_inet().copied();
+    match socket {
+        Some(s) => (inet(s.local_addr()), inet(s.peer_addr())),
+        None => (None, None),
+    }
+}
+
+fn header_str<'a>(h: Headers<'a>, name: &'a HeaderName) -> Option<&'a str> {
+    h.get(name.as_str())
 }
 
 impl Format {
@@ -301,7 +313,7 @@ fn render_piece(out: &mut String, p: &Piece, e: &Entry<'_>) {
 
 fn render_json(e: &Entry<'_>) -> String {
     let h = |n: &str| -> serde_json::Value {
-        match e.request_headers.get(n).and_then(|v| v.to_str().ok()) {
+        match e.request_headers.get(n) {
             Some(v) => v.into(),
             None => serde_json::Value::Null,
         }
@@ -429,6 +441,7 @@ fn writer(rx: Receiver<String>, reopen: Arc<AtomicBool>, path: Arc<Mutex<PathBuf
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     fn entry(h: &HeaderMap) -> Entry<'_> {
         Entry {
@@ -443,7 +456,7 @@ mod tests {
             bytes_sent: 19,
             duration: Duration::from_millis(12),
             upstream_time: None,
-            request_headers: h,
+            request_headers: Headers::Map(h),
             response_headers: None,
             authority: "shop.example.com",
             upstream_host: Some("127.0.0.1:9000".parse().unwrap()),
