@@ -51,6 +51,10 @@ enum Command {
         /// on the thread that accepted it, which costs less CPU per request.
         #[arg(long)]
         work_stealing: bool,
+        /// Serve plain HTTP/1.1 listeners with pingora's request cycle only, without
+        /// Portico's HTTP/1.1 fast path (README: "The HTTP/1.1 fast path").
+        #[arg(long, env = "PORTICO_NO_FAST_PATH")]
+        no_fast_path: bool,
     },
     /// Check a configuration: every error with file:line:column, or a one-line summary.
     Validate {
@@ -160,6 +164,7 @@ fn main() -> ExitCode {
             threads,
             upgrade,
             work_stealing,
+            no_fast_path,
         } => {
             let sources = sources(config, istio);
             if let Some(missing) = sources.roots().iter().find(|p| !p.exists()) {
@@ -174,7 +179,7 @@ fn main() -> ExitCode {
                     .map(|n| n.get())
                     .unwrap_or(1)
             });
-            match portico::server::run(&sources, threads, upgrade, work_stealing) {
+            match portico::server::run(&sources, threads, upgrade, work_stealing, !no_fast_path) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("{e}");

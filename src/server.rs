@@ -32,6 +32,33 @@ impl TlsAccept for KeepSni {
     }
 }
 
+/// The app of HTTPS listener `i`: Portico's TLS accept, then the HTTP/1.1 fast path (when
+/// on) or pingora's HTTP service on the TLS stream.
+fn https_app(
+    i: usize,
+    reloader: &Arc<Reloader>,
+    server_conf: &Arc<pingora::server::configuration::ServerConf>,
+    gateway: Gateway,
+    name: &str,
+    fast_path: bool,
+) -> Result<crate::tls::https::Https, RunError> {
+    let proxy = Arc::new(pingora_proxy::http_proxy(server_conf, gateway));
+    let fast = fast_path.then(|| {
+        Arc::new(crate::proxy::fast::FastH1 {
+            listener: i,
+            tls: true,
+            snapshots: reloader.snapshots.clone(),
+            http: proxy.clone(),
+        })
+    });
+    Ok(crate::tls::https::Https {
+        acceptor: tls_acceptor(i, reloader, name)?,
+        proxy,
+        fast,
+        snapshots: reloader.snapshots.clone(),
+    })
+}
+
 #[derive(Debug)]
 pub enum RunError {
     Config(ConfigErrors),
@@ -74,6 +101,7 @@ pub fn run(
     threads: usize,
     upgrade: bool,
     work_stealing: bool,
+    fast_path: bool,
 ) -> Result<(), RunError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let reloader = Arc::new(Reloader::start(sources).map_err(RunError::Config)?);
@@ -130,14 +158,15 @@ pub fn run(
             // A passthrough port shared with HTTPS servers terminates the names they claim.
             let terminate = if l.tls {
                 let name = format!("listener {}", l.shape());
-                Some(crate::tls::https::Https {
-                    acceptor: tls_acceptor(i, &reloader, &name)?,
-                    proxy: Arc::new(pingora_proxy::http_proxy(
-                        &server_conf,
-                        Gateway::new(i, true, reloader.snapshots.clone()),
-                    )),
-                    snapshots: reloader.snapshots.clone(),
-                })
+                let gateway = Gateway::new(i, true, reloader.snapshots.clone());
+                Some(https_app(
+                    i,
+                    &reloader,
+                    &server_conf,
+                    gateway,
+                    &name,
+                    fast_path,
+                )?)
             } else {
                 None
             };
@@ -170,14 +199,23 @@ pub fn run(
         let addr = l.addr.to_string();
         if l.tls {
             // A plain TCP listener: the app does the handshake with Portico's own TLS config.
-            let app = crate::tls::https::Https {
-                acceptor: tls_acceptor(i, &reloader, &name)?,
-                proxy: Arc::new(pingora_proxy::http_proxy(&server_conf, gateway)),
-                snapshots: reloader.snapshots.clone(),
-            };
+            let app = https_app(i, &reloader, &server_conf, gateway, &name, fast_path)?;
             let mut svc = Service::new(name, app);
             svc.add_tcp(&addr);
             tracing::info!(listener = %l.shape(), "listening");
+            server.add_service(svc);
+            continue;
+        }
+        if fast_path && !l.h2c {
+            let app = crate::proxy::fast::FastH1 {
+                listener: i,
+                tls: false,
+                snapshots: reloader.snapshots.clone(),
+                http: Arc::new(pingora_proxy::http_proxy(&server_conf, gateway)),
+            };
+            let mut svc = Service::new(name, app);
+            svc.add_tcp(&addr);
+            tracing::info!(listener = %l.shape(), "listening (HTTP/1.1 fast path)");
             server.add_service(svc);
             continue;
         }

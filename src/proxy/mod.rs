@@ -2,6 +2,7 @@
 //! no policy of its own: routing decides the route, the route's compiled policy says what
 //! to retry, upstream picks endpoints and keeps their health.
 
+pub mod fast;
 pub mod mirror;
 
 use std::net::IpAddr;

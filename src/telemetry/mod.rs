@@ -24,6 +24,9 @@ pub struct Metrics {
     pub spans_dropped: IntCounter,
     pub istio: istio::IstioMetrics,
     pub upstream_overflow: IntCounterVec,
+    /// Requests the HTTP/1.1 fast path served, and connections it handed to pingora.
+    pub fast_path_requests: IntCounter,
+    pub fast_path_handoffs: IntCounterVec,
     /// Forward-proxy decisions: `decision` allowed/denied, `kind` http/connect, `host` the
     /// registered host pattern or `unregistered` (never a name a client made up).
     pub egress_decisions: IntCounterVec,
@@ -103,6 +106,19 @@ impl Metrics {
             &["decision", "kind", "host"],
         )
         .expect("static metric definition");
+        let fast_path_requests = IntCounter::new(
+            "portico_fast_path_requests_total",
+            "HTTP/1.1 requests served by the fast path rather than pingora's request cycle.",
+        )
+        .expect("static metric definition");
+        let fast_path_handoffs = IntCounterVec::new(
+            Opts::new(
+                "portico_fast_path_handoffs_total",
+                "Connections the HTTP/1.1 fast path handed to pingora, by what made it: request (a body, an upgrade, HTTP/1.0, ...), route (no route, a local reply, a policy the fast path leaves to pingora), tracing, admission (connection pool full), head (too long or not parsed).",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition");
         let istio = istio::IstioMetrics::new(&registry);
         for c in [
             Box::new(config_generation.clone()) as Box<dyn prometheus::core::Collector>,
@@ -114,6 +130,8 @@ impl Metrics {
             Box::new(endpoint_healthy.clone()),
             Box::new(upstream_active.clone()),
             Box::new(upstream_overflow.clone()),
+            Box::new(fast_path_requests.clone()),
+            Box::new(fast_path_handoffs.clone()),
             Box::new(egress_decisions.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -129,6 +147,8 @@ impl Metrics {
             spans_dropped,
             istio,
             upstream_overflow,
+            fast_path_requests,
+            fast_path_handoffs,
             egress_decisions,
             certificate_expiry,
             endpoint_healthy,

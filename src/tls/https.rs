@@ -1,6 +1,6 @@
 //! The accept path of an HTTPS listener (and of the HTTPS side of a passthrough port):
 //! Portico's own rustls `ServerConfig`, the handshake under `mesh.tlsHandshakeTimeout`, then
-//! the HTTP proxy on the TLS stream.
+//! the HTTP proxy on the TLS stream (the HTTP/1.1 fast path unless the client chose h2).
 //!
 //! pingora's `TlsSettings` builds a `ServerConfig` it does not let us touch, and its listener
 //! builds the acceptor itself. So the listener here is plain TCP and this app does the
@@ -25,10 +25,11 @@ use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::listeners::tls::Acceptor;
 use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::Stream;
+use pingora::protocols::{Ssl, Stream};
 use pingora::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
 
+use crate::proxy::fast::FastH1;
 use crate::proxy::Gateway;
 use crate::snapshot::Snapshot;
 
@@ -50,6 +51,8 @@ pub fn tune(acceptor: &mut Acceptor) -> Result<(), String> {
 pub struct Https {
     pub acceptor: Acceptor,
     pub proxy: Arc<HttpProxy<Gateway>>,
+    /// The HTTP/1.1 fast path for connections that did not choose h2; `None` when off.
+    pub fast: Option<Arc<FastH1>>,
     pub snapshots: Arc<ArcSwap<Snapshot>>,
 }
 
@@ -80,6 +83,11 @@ impl Https {
                 return None;
             }
         };
+        if let Some(fast) = &self.fast {
+            if tls.selected_alpn_proto() != Some(pingora::protocols::ALPN::H2) {
+                return fast.process_new(Box::new(tls), shutdown).await;
+            }
+        }
         // Keep-alive: the proxy hands the stream back after each request until it is done.
         let mut next: Option<Stream> = Some(Box::new(tls));
         while let Some(stream) = next {

@@ -1,0 +1,434 @@
+//! The HTTP/1.1 fast path: what it serves itself, how it hands a connection to pingora
+//! mid-stream, the response framings it passes through, and `--no-fast-path`.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::thread;
+use std::time::Duration;
+
+use support::*;
+
+const CONFIG: &str = r#"
+@MESH@
+[[gateways]]
+name = "gw"
+[[gateways.servers]]
+port = { number = @HTTP@, name = "http", protocol = "HTTP" }
+bind = "127.0.0.1"
+hosts = ["*"]
+[[gateways.servers]]
+port = { number = @HTTPS@, name = "https", protocol = "HTTPS" }
+bind = "127.0.0.1"
+hosts = ["*"]
+tls = { mode = "SIMPLE", serverCertificate = "fast.crt", privateKey = "fast.key" }
+
+[[virtualServices]]
+name = "plain"
+hosts = ["fast.test"]
+gateways = ["gw"]
+[[virtualServices.http]]
+name = "echo"
+match = [{ uri = { prefix = "/" } }]
+headers = { request = { set = { x-route = "plain" } }, response = { add = { x-served = "gw" } } }
+@ROUTE@
+
+[[virtualServices]]
+name = "both"
+hosts = ["both.test"]
+gateways = ["gw"]
+[[virtualServices.http]]
+route = [{ destination = { host = "svc.internal", port = { number = 80 } } }]
+
+[[virtualServices]]
+name = "idle"
+hosts = ["idle.test"]
+gateways = ["gw"]
+[[virtualServices.http]]
+route = [{ destination = { host = "idle.internal", port = { number = 80 } } }]
+
+[[destinationRules]]
+name = "idle"
+host = "idle.internal"
+trafficPolicy = { connectionPool = { http = { idleTimeout = "200ms" } } }
+
+[[serviceEntries]]
+name = "idle"
+hosts = ["idle.internal"]
+location = "MESH_INTERNAL"
+resolution = "STATIC"
+ports = [{ number = 80, name = "http", protocol = "HTTP" }]
+endpoints = [{ address = "127.0.0.1", ports = { http = @IDLE@ } }]
+
+[[virtualServices]]
+name = "raw"
+hosts = ["raw.test"]
+gateways = ["gw"]
+[[virtualServices.http]]
+route = [{ destination = { host = "raw.internal", port = { number = 80 } } }]
+
+[[serviceEntries]]
+name = "raw"
+hosts = ["raw.internal"]
+location = "MESH_INTERNAL"
+resolution = "STATIC"
+ports = [{ number = 80, name = "http", protocol = "HTTP" }]
+endpoints = [{ address = "127.0.0.1", ports = { http = @RAW@ } }]
+"#;
+
+struct Setup {
+    portico: Portico,
+    http: u16,
+    https: u16,
+    echo: Echo,
+    echo2: Echo,
+    echo3: Echo,
+    _tmp: tempfile::TempDir,
+}
+
+fn start(extra_args: &[(&str, &str)]) -> Setup {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let echo = Echo::start("v1");
+    let echo2 = Echo::start("v2");
+    let echo3 = Echo::start("idle");
+    let raw = raw_upstream();
+    let admin = free_port();
+    let http = free_port();
+    let https = free_port();
+    write_cert(tmp.path(), "fast", &["fast.test"]);
+    let mut config = render(
+        CONFIG,
+        &[
+            ("MESH", mesh_config(admin)),
+            ("HTTP", http.to_string()),
+            ("HTTPS", https.to_string()),
+            ("ROUTE", route_to("v1")),
+            ("RAW", raw.to_string()),
+            ("IDLE", echo3.port().to_string()),
+        ],
+    );
+    config.push_str(&upstreams_config(&[
+        ("v1", echo.port()),
+        ("v2", echo2.port()),
+    ]));
+    let portico = Portico::start_with_env(tmp.path(), &config, extra_args);
+    Setup {
+        portico,
+        http,
+        https,
+        echo,
+        echo2,
+        echo3,
+        _tmp: tmp,
+    }
+}
+
+/// An upstream that answers by path with framings the echo does not use:
+/// `/chunked` (chunked, with a trailer), `/close` (no length: the body ends with the
+/// connection), `/http10` (an HTTP/1.0 answer), `/early` (103 first), `/once` (keep-alive
+/// claimed, then the connection closed after the answer).
+fn raw_upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind raw upstream");
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            thread::spawn(move || raw_connection(conn));
+        }
+    });
+    port
+}
+
+fn raw_connection(conn: TcpStream) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut conn = conn;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+        let (answer, close): (&[u8], bool) = match path {
+            "/chunked" => (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n",
+                false,
+            ),
+            "/close" => (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end", true),
+            "/http10" => (b"HTTP/1.0 200 OK\r\ncontent-length: 6\r\n\r\nten ok", true),
+            "/early" => (
+                b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal",
+                false,
+            ),
+            "/once" => (b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nonce", true),
+            _ => (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", false),
+        };
+        if conn.write_all(answer).is_err() {
+            return;
+        }
+        if close {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+    }
+}
+
+/// The fast path served `n` requests so far (counted just after each response is sent).
+fn expect_fast(p: &Portico, n: f64) {
+    assert!(
+        wait_until(Duration::from_secs(5), || fast_requests(p) == n),
+        "fast path requests: {} (expected {n})\n{}",
+        fast_requests(p),
+        p.log()
+    );
+}
+
+fn fast_requests(p: &Portico) -> f64 {
+    metric_sum(&p.metrics(), "portico_fast_path_requests_total", "").unwrap_or(0.0)
+}
+
+fn handoffs(p: &Portico, reason: &str) -> f64 {
+    metric_sum(
+        &p.metrics(),
+        "portico_fast_path_handoffs_total",
+        &format!("reason=\"{reason}\""),
+    )
+    .unwrap_or(0.0)
+}
+
+#[test]
+fn a_connection_starts_on_the_fast_path_and_moves_to_pingora_for_a_body() {
+    let s = start(&[]);
+    let mut client = HttpClient::new(s.http);
+    let first = client.get("fast.test", "/a?x=1").expect("GET");
+    assert_eq!(first.status, 200, "{}", s.portico.log());
+    let seen = first.json();
+    assert_eq!(seen["path"], "/a?x=1");
+    assert_eq!(seen["headers"]["x-route"], "plain", "route's request set");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(
+        seen["headers"]["x-request-id"].as_str().map(str::len),
+        Some(36),
+        "a request id is added: {seen}"
+    );
+    assert_eq!(first.header("x-served"), Some("gw"), "route's response add");
+    expect_fast(&s.portico, 1.0);
+
+    // A body is pingora's: the connection is handed over with the request intact.
+    let post = client
+        .request("POST", "fast.test", "/b", &[], b"a body")
+        .expect("POST");
+    assert_eq!(post.status, 200);
+    assert_eq!(post.json()["body"], "a body");
+    assert_eq!(post.json()["headers"]["x-route"], "plain");
+    assert_eq!(handoffs(&s.portico, "request"), 1.0);
+
+    // The same connection, now pingora's, keeps serving.
+    let third = client
+        .get("fast.test", "/c")
+        .expect("GET after the handoff");
+    assert_eq!(third.status, 200);
+    assert_eq!(third.json()["path"], "/c");
+    assert_eq!(client.connects, 1, "one client connection throughout");
+    expect_fast(&s.portico, 1.0);
+    assert_eq!(s.echo.count(), 3);
+}
+
+#[test]
+fn https_connections_that_keep_http11_take_the_fast_path() {
+    let s = start(&[]);
+    let mut tls = tls_connect(s.https, Some("fast.test")).expect("TLS handshake");
+    assert_eq!(tls.alpn.as_deref(), Some("http/1.1"));
+    for path in ["/t1", "/t2"] {
+        let resp = tls.get("fast.test", path).expect("GET over TLS");
+        assert_eq!(resp.status, 200, "{}", s.portico.log());
+        assert_eq!(resp.json()["path"], path);
+        assert_eq!(resp.json()["headers"]["x-forwarded-proto"], "https");
+        assert_eq!(resp.header("x-served"), Some("gw"));
+    }
+    expect_fast(&s.portico, 2.0);
+    assert!(
+        wait_until(Duration::from_secs(5), || s
+            .portico
+            .stdout()
+            .contains(r#""requested_server_name":"fast.test""#)),
+        "the access log names the SNI:\n{}",
+        s.portico.stdout()
+    );
+    // A body moves the TLS connection to pingora, which keeps serving it.
+    let post = tls
+        .request("POST", "fast.test", "/t3", &[], b"over tls")
+        .expect("POST over TLS");
+    assert_eq!(post.json()["body"], "over tls");
+    let after = tls.get("fast.test", "/t4").expect("GET after the handoff");
+    assert_eq!(after.json()["headers"]["x-forwarded-proto"], "https");
+    assert_eq!(handoffs(&s.portico, "request"), 1.0);
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order_up_to_the_handoff() {
+    let s = start(&[]);
+    let mut conn = TcpStream::connect(("127.0.0.1", s.http)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Two for the fast path, then one with a body that pingora gets from the bytes the
+    // fast path had already read. (pingora itself does not answer requests pipelined
+    // after one with a body: its pipelining is off.)
+    let mut batch = build_request("GET", "fast.test", "/one", &[], b"", false);
+    batch.extend(build_request("GET", "fast.test", "/two", &[], b"", false));
+    batch.extend(build_request(
+        "PUT",
+        "fast.test",
+        "/three",
+        &[],
+        b"3",
+        false,
+    ));
+    conn.write_all(&batch).unwrap();
+    let mut reader = BufReader::new(conn);
+    for (path, body) in [("/one", ""), ("/two", ""), ("/three", "3")] {
+        let resp = read_response(&mut reader, "GET")
+            .unwrap_or_else(|e| panic!("{path}: {e}\n{}", s.portico.log()));
+        assert_eq!(resp.status, 200, "{path}");
+        assert_eq!(resp.json()["path"], path);
+        assert_eq!(resp.json()["body"], body);
+    }
+    expect_fast(&s.portico, 2.0);
+    assert_eq!(handoffs(&s.portico, "request"), 1.0);
+}
+
+#[test]
+fn each_endpoint_keeps_its_upstream_connection_for_the_client() {
+    let s = start(&[]);
+    let mut client = HttpClient::new(s.http);
+    for i in 0..10 {
+        let resp = client.get("both.test", "/spread").expect("GET");
+        assert_eq!(resp.status, 200, "request {i}");
+    }
+    expect_fast(&s.portico, 10.0);
+    assert_eq!(s.echo.count() + s.echo2.count(), 10);
+    for e in [&s.echo, &s.echo2] {
+        assert!(
+            e.connections() <= 1,
+            "{}: {} connections for {} requests from one client connection",
+            e.name(),
+            e.connections(),
+            e.count()
+        );
+    }
+}
+
+#[test]
+fn an_upstream_connection_idle_past_the_idle_timeout_is_not_reused() {
+    let s = start(&[]);
+    let mut client = HttpClient::new(s.http);
+    for _ in 0..2 {
+        assert_eq!(client.get("idle.test", "/a").expect("GET").status, 200);
+    }
+    assert_eq!(s.echo3.connections(), 1, "reused within the idle timeout");
+    thread::sleep(Duration::from_millis(400));
+    assert_eq!(client.get("idle.test", "/b").expect("GET").status, 200);
+    assert_eq!(client.connects, 1);
+    assert_eq!(
+        s.echo3.connections(),
+        2,
+        "a new upstream connection after 400 ms idle"
+    );
+    expect_fast(&s.portico, 3.0);
+}
+
+#[test]
+fn upstream_framings_pass_through() {
+    let s = start(&[]);
+    let mut client = HttpClient::new(s.http);
+
+    let chunked = client.get("raw.test", "/chunked").expect("chunked");
+    assert_eq!(chunked.status, 200, "{}", s.portico.log());
+    assert_eq!(chunked.text(), "hello, world");
+
+    let early = client.get("raw.test", "/early").expect("103 then 200");
+    assert_eq!(early.status, 200);
+    assert_eq!(early.text(), "final");
+
+    let head = client
+        .request("HEAD", "raw.test", "/early", &[], b"")
+        .expect("HEAD");
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        client.connects, 1,
+        "kept alive through chunked, 103 and HEAD"
+    );
+
+    // No length: the body ends with the upstream's connection, so the client's closes too.
+    let close = client.get("raw.test", "/close").expect("close-delimited");
+    assert_eq!(close.status, 200);
+    assert_eq!(close.text(), "until the end");
+    assert_eq!(
+        close.header("connection"),
+        Some("close"),
+        "the client is told the connection closes"
+    );
+
+    let ten = client
+        .get("raw.test", "/http10")
+        .expect("HTTP/1.0 upstream");
+    assert_eq!(ten.status, 200);
+    assert_eq!(ten.text(), "ten ok");
+    expect_fast(&s.portico, 5.0);
+}
+
+#[test]
+fn an_upstream_connection_closed_after_its_answer_is_not_reused_blindly() {
+    let s = start(&[]);
+    let mut client = HttpClient::new(s.http);
+    for i in 0..3 {
+        let resp = client.get("raw.test", "/once").expect("GET /once");
+        assert_eq!(resp.status, 200, "request {i}: {}", s.portico.log());
+        assert_eq!(resp.text(), "once");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(client.connects, 1);
+    expect_fast(&s.portico, 3.0);
+}
+
+#[test]
+fn a_request_head_too_long_or_malformed_gets_pingoras_answer() {
+    let s = start(&[]);
+    let mut conn = TcpStream::connect(("127.0.0.1", s.http)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: fast.test\r\nbad header\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    assert_eq!(handoffs(&s.portico, "head"), 1.0);
+    assert_eq!(s.echo.count(), 0);
+}
+
+#[test]
+fn no_fast_path_serves_everything_with_pingora() {
+    let s = start(&[("PORTICO_NO_FAST_PATH", "true")]);
+    let resp = http_get(s.http, "fast.test", "/x");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.json()["headers"]["x-route"], "plain");
+    assert!(
+        wait_until(Duration::from_secs(5), || metric_sum(
+            &s.portico.metrics(),
+            "portico_requests_total",
+            ""
+        ) == Some(1.0)),
+        "the request is counted"
+    );
+    assert_eq!(fast_requests(&s.portico), 0.0);
+}
