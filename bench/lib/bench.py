@@ -1138,9 +1138,10 @@ def instructions_report(command, start_load, vers, mach, results):
                 "| component | instructions / request | share |", "|---|---:|---:|"]
         for g, c in groups.most_common():
             out.append(f"| {g} | {c / n:,.0f} | {100 * c / total:.1f} % |")
-        out += ["", "Portico's callbacks, inclusive (with the pingora and http work they call, "
-                "such as inserting headers):", "",
-                "| callback | instructions / request |", "|---|---:|"]
+        out += ["", "Portico's entry points, inclusive: the HTTP/1.1 fast path's connection loop, or on "
+                "pingora's path its `ProxyHttp` callbacks with the pingora and http work they call "
+                "(such as inserting headers):", "",
+                "| entry point | instructions / request |", "|---|---:|"]
         for fn, c in callgrind.portico_callbacks(r["calls"]).most_common(8):
             if c / n >= 20:
                 out.append(f"| `{callgrind.short(fn)}` | {c / n:,.0f} |")
