@@ -190,14 +190,17 @@ impl Reloader {
                 Ok(generation)
             }
             Err(e) => {
-                // Remember the files as they are now, so the same broken state is not
-                // retried on every poll; the next change triggers the next attempt.
+                // Remember the files as they were when this attempt started to read them,
+                // so the same broken state is not retried on every poll while a file that
+                // changed during the attempt (a fix saved while the broken version was
+                // being read) is seen as changed by the next poll. Fingerprints taken now
+                // would record that fix as already seen, and it would never be loaded.
                 let mut st = self.lock();
                 let paths: Vec<PathBuf> = st.watched.iter().map(|(p, _)| p.clone()).collect();
                 st.watched = paths
                     .into_iter()
                     .map(|p| {
-                        let f = fingerprint(&p);
+                        let f = before.of(&p);
                         (p, f)
                     })
                     .collect();
