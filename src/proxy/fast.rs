@@ -79,6 +79,8 @@ struct Conn {
     out: Vec<u8>,
     /// The response head for the client (then the first body bytes).
     resp: Vec<u8>,
+    /// Endpoints tried for the request being served (kept to reuse its allocation).
+    tried: Vec<usize>,
     client_ip: Option<IpAddr>,
 }
 
@@ -110,6 +112,7 @@ impl ServerApp for FastH1 {
             ubuf: BytesMut::new(),
             out: Vec::new(),
             resp: Vec::new(),
+            tried: Vec::new(),
             client_ip,
         };
         // Watched while the connection is idle: a shutting-down server closes it then.
@@ -132,14 +135,11 @@ impl ServerApp for FastH1 {
                         .with_label_values(&[reason])
                         .inc();
                     replay.unsplit(c.buf.split());
-                    let mut next: Option<Stream> = Some(Box::new(Replay {
+                    let io = Box::new(Replay {
                         inner: c.io,
                         buf: replay.freeze(),
-                    }));
-                    while let Some(io) = next {
-                        next = self.http.process_new(io, shutdown).await;
-                    }
-                    return None;
+                    });
+                    return super::serve_connection(&self.http, io, shutdown).await;
                 }
             }
         }
@@ -490,15 +490,15 @@ impl FastH1 {
         let response_ops = [&route.headers.response, &destination.headers.response];
 
         // Tries: another endpoint after a connect failure, as the route's retries allow.
-        let mut tried: Vec<usize> = Vec::new();
+        c.tried.clear();
         let mut retries = 0u32;
         let mut _permit: Option<RetryPermit> = None;
         let (resp, i, inflight) = loop {
-            let Some(i) = cluster.select(None, &tried) else {
+            let Some(i) = cluster.select(None, &c.tried) else {
                 let done = Done::local(503, "UH", None, retries);
                 return local(c, &log, done, "no healthy upstream").await;
             };
-            tried.push(i);
+            c.tried.push(i);
             let inflight = InFlight::new(cluster.clone(), i);
             match exchange(
                 c,
@@ -661,11 +661,10 @@ impl Log<'_> {
         let Some(sink) = access_log::Sink::get() else {
             return;
         };
+        // The JSON format (the default) names no response header: no need to parse it.
         let mut rh = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut r = httparse::Response::new(&mut rh);
-        let response_headers = r
-            .parse(&c.resp)
-            .is_ok()
+        let response_headers = (al.format.reads_response_headers() && r.parse(&c.resp).is_ok())
             .then_some(Headers::Raw(r.headers, &[]));
         let (downstream_local, downstream_remote) =
             access_log::addresses(c.io.get_socket_digest().as_deref());

@@ -50,6 +50,21 @@ impl Gateway {
     }
 }
 
+/// Serves a client connection with pingora's HTTP service until the client is done (the
+/// service hands the stream back after each request while it stays open).
+pub async fn serve_connection(
+    http: &Arc<pingora_proxy::HttpProxy<Gateway>>,
+    io: pingora::protocols::Stream,
+    shutdown: &pingora::server::ShutdownWatch,
+) -> Option<pingora::protocols::Stream> {
+    use pingora::apps::ServerApp;
+    let mut next = Some(io);
+    while let Some(stream) = next {
+        next = http.process_new(stream, shutdown).await;
+    }
+    None
+}
+
 /// The SNI a TLS client sent, kept from the handshake for the log line.
 pub struct Sni(pub String);
 

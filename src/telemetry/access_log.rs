@@ -86,6 +86,12 @@ pub enum Format {
 }
 
 impl Format {
+    /// Whether a line shows a response header (`%RESP(...)%`), so that a caller holding
+    /// only the written head parses it for this format alone.
+    pub fn reads_response_headers(&self) -> bool {
+        matches!(self, Format::Text(pieces) if pieces.iter().any(|p| matches!(p, Piece::Resp(_))))
+    }
+
     /// Compiles an Envoy format string; unknown operators are errors.
     pub fn text(format: &str) -> Result<Format, String> {
         let mut pieces = Vec::new();

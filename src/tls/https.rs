@@ -88,12 +88,7 @@ impl Https {
                 return fast.process_new(Box::new(tls), shutdown).await;
             }
         }
-        // Keep-alive: the proxy hands the stream back after each request until it is done.
-        let mut next: Option<Stream> = Some(Box::new(tls));
-        while let Some(stream) = next {
-            next = self.proxy.process_new(stream, shutdown).await;
-        }
-        None
+        crate::proxy::serve_connection(&self.proxy, Box::new(tls), shutdown).await
     }
 
     /// Tells open keep-alive connections to stop at shutdown, as pingora does for its own
