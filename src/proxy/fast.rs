@@ -441,8 +441,9 @@ impl FastH1 {
         };
         let destination = &forward.destinations[forward.pick()];
         let cluster = &destination.cluster;
-        // No waiting here: pingora waits for a full pool, as long as the route allows.
-        let Some(_admission) = cluster.admit(Duration::ZERO).await else {
+        // No waiting here (and no pending slot taken): pingora's path waits for a full pool,
+        // as long as the route allows.
+        let Some(_admission) = cluster.try_admit() else {
             return Outcome::Fallback(head, "admission");
         };
 

@@ -278,15 +278,23 @@ impl Cluster {
         })
     }
 
-    /// Admission under the connection pool limits: a permit, a bounded wait for one, or
-    /// `None` when the pending queue is full too (503, flag UO).
-    pub async fn admit(&self, wait_at_most: Duration) -> Option<Admission> {
+    /// A permit if one is free now, without joining the pending queue (whose slots count
+    /// against `http1MaxPendingRequests` for everyone else).
+    pub fn try_admit(&self) -> Option<Admission> {
         let Some(sem) = &self.limits.concurrency else {
             return Some(Admission { _permit: None });
         };
-        if let Ok(p) = sem.clone().try_acquire_owned() {
-            return Some(Admission { _permit: Some(p) });
+        let p = sem.clone().try_acquire_owned().ok()?;
+        Some(Admission { _permit: Some(p) })
+    }
+
+    /// Admission under the connection pool limits: a permit, a bounded wait for one, or
+    /// `None` when the pending queue is full too (503, flag UO).
+    pub async fn admit(&self, wait_at_most: Duration) -> Option<Admission> {
+        if let Some(a) = self.try_admit() {
+            return Some(a);
         }
+        let sem = self.limits.concurrency.as_ref()?;
         if self.limits.pending.fetch_add(1, Ordering::AcqRel) >= self.limits.max_pending {
             self.limits.pending.fetch_sub(1, Ordering::AcqRel);
             return None;
