@@ -82,6 +82,70 @@ struct Conn {
     /// Endpoints tried for the request being served (kept to reuse its allocation).
     tried: Vec<usize>,
     client_ip: Option<IpAddr>,
+    /// The wait for a request head: one timer for the connection, moved on at every read.
+    /// Moving a registered timer later is an atomic store; a `timeout` around each read
+    /// would add and remove a timer-wheel entry per request, a lock each way.
+    wait: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// A connection's per-request buffers while it waits for its next request.
+struct Spare {
+    ubuf: BytesMut,
+    out: Vec<u8>,
+    resp: Vec<u8>,
+}
+
+/// Spare buffers at most kept per thread, and the largest buffer kept.
+const MAX_SPARE: usize = 128;
+const MAX_SPARE_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    // Per thread: each worker runs its own connections (no work stealing by default), so
+    // no lock, and a connection that moved threads just uses the other thread's spares.
+    static SPARE: std::cell::RefCell<Vec<Spare>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Conn {
+    /// Between requests a connection keeps only its read buffer, as pingora's do (an edge
+    /// proxy holds many idle keep-alive connections); the others go to the thread's spares
+    /// for whichever connection gets a request next, so a busy thread does not allocate
+    /// them per request and an idle one holds at most `MAX_SPARE`.
+    fn release(&mut self) {
+        if self.out.capacity() == 0 {
+            return;
+        }
+        let mut spare = Spare {
+            ubuf: std::mem::take(&mut self.ubuf),
+            out: std::mem::take(&mut self.out),
+            resp: std::mem::take(&mut self.resp),
+        };
+        if spare
+            .ubuf
+            .capacity()
+            .max(spare.out.capacity())
+            .max(spare.resp.capacity())
+            > MAX_SPARE_BYTES
+        {
+            return;
+        }
+        spare.ubuf.clear();
+        SPARE.with_borrow_mut(|v| {
+            if v.len() < MAX_SPARE {
+                v.push(spare);
+            }
+        });
+    }
+
+    fn reuse(&mut self) {
+        if self.out.capacity() != 0 {
+            return;
+        }
+        if let Some(s) = SPARE.with_borrow_mut(Vec::pop) {
+            self.ubuf = s.ubuf;
+            self.out = s.out;
+            self.resp = s.resp;
+        }
+    }
 }
 
 enum Outcome {
@@ -114,6 +178,7 @@ impl ServerApp for FastH1 {
             resp: Vec::new(),
             tried: Vec::new(),
             client_ip,
+            wait: Box::pin(tokio::time::sleep(IDLE)),
         };
         // Watched while the connection is idle: a shutting-down server closes it then.
         let mut watch = shutdown.clone();
@@ -121,7 +186,10 @@ impl ServerApp for FastH1 {
             let outcome = match read_head(&mut c, &mut watch).await {
                 Head::Closed => return None,
                 Head::Other => Outcome::Fallback(c.buf.split(), "head"),
-                Head::Complete(n) => self.serve(&mut c, n, shutdown).await,
+                Head::Complete(n) => {
+                    c.reuse();
+                    self.serve(&mut c, n, shutdown).await
+                }
             };
             match outcome {
                 Outcome::KeepAlive => continue,
@@ -177,35 +245,29 @@ async fn read_head(c: &mut Conn, watch: &mut ShutdownWatch) -> Head {
         searched = c.buf.len();
         let idle = c.buf.is_empty();
         if idle {
-            // Between requests a connection keeps only its read buffer, as pingora's do:
-            // an edge proxy holds many idle keep-alive connections, and the per-request
-            // buffers cost an allocation each to make again.
-            c.ubuf = BytesMut::new();
-            c.out = Vec::new();
-            c.resp = Vec::new();
+            c.release();
         }
         c.buf.reserve(4096);
-        let read = tokio::time::timeout(IDLE, c.io.read_buf(&mut c.buf));
-        let result = if idle {
-            // Bytes already sent win over shutdown (biased, as in pingora): a request the
-            // client sent is answered rather than dropped.
-            tokio::select! {
-                biased;
-                r = read => r,
-                _ = watch.changed() => return Head::Closed,
-            }
-        } else {
-            read.await
+        c.wait.as_mut().reset(tokio::time::Instant::now() + IDLE);
+        let read = c.io.read_buf(&mut c.buf);
+        let timer = c.wait.as_mut();
+        // Bytes already sent win over shutdown and the timer (biased, as in pingora): a
+        // request the client sent is answered rather than dropped.
+        let result = tokio::select! {
+            biased;
+            r = read => Some(r),
+            _ = timer => None,
+            _ = watch.changed(), if idle => return Head::Closed,
         };
         match result {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => {
+            Some(Ok(0)) | Some(Err(_)) | None => {
                 return if c.buf.is_empty() {
                     Head::Closed
                 } else {
                     Head::Other
                 };
             }
-            Ok(Ok(_)) => {}
+            Some(Ok(_)) => {}
         }
     }
 }

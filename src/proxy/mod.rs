@@ -1111,17 +1111,16 @@ fn forwarded_for(prev: Option<&[u8]>, ip: IpAddr) -> HeaderValue {
 /// `format!`s were two allocations and the formatting machinery each time.
 fn request_id() -> [u8; 36] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let v = fastrand::u128(..);
-    let v = (v & !(0xf << 76)) | (0x4 << 76); // version 4
-    let v = (v & !(0x3 << 62)) | (0x2 << 62); // RFC 4122 variant
+    // Where each byte's two digits go in the 8-4-4-4-12 form: a fixed table unrolls into
+    // 32 stores, where shifting a u128 per digit cost ~4x the instructions.
+    const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+    let mut b = fastrand::u128(..).to_be_bytes();
+    b[6] = (b[6] & 0x0f) | 0x40; // version 4
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
     let mut out = [b'-'; 36];
-    let mut at = 0;
-    for n in 0..32 {
-        if matches!(n, 8 | 12 | 16 | 20) {
-            at += 1;
-        }
-        out[at] = HEX[((v >> (124 - 4 * n)) & 0xf) as usize];
-        at += 1;
+    for (byte, at) in b.into_iter().zip(AT) {
+        out[at] = HEX[usize::from(byte >> 4)];
+        out[at + 1] = HEX[usize::from(byte & 0xf)];
     }
     out
 }
@@ -1168,5 +1167,14 @@ mod tests {
         assert_eq!(&text[14..15], "4", "version: {text}");
         assert!("89ab".contains(&text[19..20]), "variant: {text}");
         assert_ne!(a, super::request_id());
+        // Every digit but the version's is random: over 64 ids each position takes more
+        // than one value (a byte written to the wrong place would leave one constant).
+        let ids: Vec<[u8; 36]> = (0..64).map(|_| super::request_id()).collect();
+        for at in (0..36).filter(|&at| ![8, 13, 14, 18, 23].contains(&at)) {
+            assert!(
+                ids.iter().any(|id| id[at] != ids[0][at]),
+                "position {at} never changes"
+            );
+        }
     }
 }
