@@ -1418,19 +1418,34 @@ RELOADS = env_int("RELOADS", 3)
 CHUNK = env_int("SCALE_CHUNK", 100)
 
 
+def scale_ports(i):
+    """HTTP and HTTPS ports and the admin port of the i-th table of SCALE_HOSTS. All tables
+    run at once and are measured in turn, so that the machine's drift over the run does not
+    land on one table (measured one after the other, the first table came out slower)."""
+    if i == 0:
+        return PORTS["scale"], PORTS["scale_admin"]
+    b = PORT_BASE + 90 + 10 * i
+    return (b, b + 1), b + 9
+
+
+for _i in range(1, len(SCALE_HOSTS)):
+    PORTS[f"scale{_i}"], PORTS[f"scale{_i}_admin"] = scale_ports(_i)
+
+
 def scale_host(i, ncerts):
     k = i % ncerts
     return f"h{i}.c{k}.scale.example.com", k
 
 
-def write_scale_config(d, nhosts, certdir, marker=0):
-    """main.toml (mesh, gateways, upstream) + vhosts-NNN.toml with 1 000 hosts each."""
+def write_scale_config(d, nhosts, certdir, ports, marker=0):
+    """main.toml (mesh, gateways, upstream) + vhosts-NNN.toml with 1 000 hosts each;
+    `ports` as scale_ports gives them."""
     os.makedirs(d, exist_ok=True)
     for f in os.listdir(d):
         if f.startswith("vhosts-"):
             os.unlink(os.path.join(d, f))
     ncerts = min(SCALE_CERTS, nhosts)
-    http_port, https_port = PORTS["scale"]
+    (http_port, https_port), admin = ports
     up = PORTS["upstream"]
     by_cert = [[] for _ in range(ncerts)]
     for i in range(nhosts):
@@ -1440,7 +1455,7 @@ def write_scale_config(d, nhosts, certdir, marker=0):
 include = ["vhosts-*.toml"]
 
 [mesh]
-admin = "127.0.0.1:{PORTS['scale_admin']}"
+admin = "127.0.0.1:{admin}"
 accessLogFile = ""
 # Reloads come from POST /reload only, so the reload under load is timed alone.
 reloadPollInterval = "1h"
@@ -1528,47 +1543,56 @@ def scale(command):
     reload_res = None
     try:
         start_upstream(env)
-        for nhosts in SCALE_HOSTS:
+        tables = []  # (row, process, config dir, ports, first host, last host)
+        for i, nhosts in enumerate(SCALE_HOSTS):
+            ports = scale_ports(i)
             d = env.path(f"scale-{nhosts}")
             t0 = time.time()
-            cfg = write_scale_config(d, nhosts, certdir)
+            cfg = write_scale_config(d, nhosts, certdir, ports)
             gen_secs = time.time() - t0
             size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
             t0 = time.time()
             p = start([PORTICO, "run", "-c", cfg, "--threads", "1"], os.path.join(d, "stderr.log"), cpu=PROXY_CPU,
                       stop_sig=signal.SIGINT)
-            wait_ready(PORTS["scale_admin"], p, 900)
+            wait_ready(ports[1], p, 900)
             start_secs = time.time() - t0
-            for port in PORTS["scale"]:
+            for port in ports[0]:
                 wait_port(port, proc=p)
             time.sleep(2)
             rss_idle = status_kib(p.pid, "VmRSS")
             first, _ = scale_host(0, min(SCALE_CERTS, nhosts))
             last, _ = scale_host(nhosts - 1, min(SCALE_CERTS, nhosts))
             for h in (first, last):
-                st, hdrs, _ = http_get(PORTS["scale"][0], "/api/1k", h)
+                st, hdrs, _ = http_get(ports[0][0], "/api/1k", h)
                 if st != 200 or hdrs.get("x-got-bench") != "1":
                     raise RuntimeError(f"scale {nhosts}: {h} -> {st} {hdrs.get('x-got-bench')}")
             row = {"hosts": nhosts, "routes": nhosts * SCALE_ROUTES, "certs": min(SCALE_CERTS, nhosts),
                    "config_mb": size / 1e6, "gen_s": gen_secs, "start_s": start_secs,
                    "rss_idle_mib": rss_idle / 1024, "runs": {}}
             log(f"scale {nhosts} hosts: config {size / 1e6:.1f} MB, ready in {start_secs:.2f}s, RSS {rss_idle / 1024:.1f} MiB")
-            for rnd in range(ROUNDS):
-                for s in ("h1-1k", "tls-new"):
+            rows.append(row)
+            tables.append((row, p, d, ports, first, last))
+        # All tables serve at once (idle but for the one measured); each round measures every
+        # table in turn, starting one table later than the round before.
+        for rnd in range(ROUNDS):
+            for s in ("h1-1k", "tls-new"):
+                order = tables[rnd % len(tables):] + tables[:rnd % len(tables)]
+                for row, p, d, ports, first, last in order:
                     for which, h in (("first", first), ("last", last)):
                         if WARMUP > 0 or SCENARIOS[s].get("count"):
-                            run_scenario(s, PORTS["scale"], max(WARMUP, 1), env.tmp, host=h, snis=[h])
+                            run_scenario(s, ports[0], max(WARMUP, 1), env.tmp, host=h, snis=[h])
                         r = measured("portico", lambda: tree(p.pid), p.pid,
-                                     lambda: run_scenario(s, PORTS["scale"], DURATION, env.tmp, host=h, snis=[h]))
+                                     lambda: run_scenario(s, ports[0], DURATION, env.tmp, host=h, snis=[h]))
                         row["runs"].setdefault(f"{s}/{which}", []).append(r)
-                        log(f"scale {nhosts} round {rnd + 1} {s} {which}: {r['rps']:,.0f} req/s p50 {r['p50_ms']:.3f} ms "
-                            f"p99 {r['p99_ms']:.3f} ms cpu {r['cpu_per_100k']:.2f} s/100k")
+                        log(f"scale {row['hosts']} round {rnd + 1} {s} {which}: {r['rps']:,.0f} req/s "
+                            f"p50 {r['p50_ms']:.3f} ms p99 {r['p99_ms']:.3f} ms cpu {r['cpu_per_100k']:.2f} s/100k")
+        for row, p, d, ports, first, last in tables:
             row["rss_after_mib"] = status_kib(p.pid, "VmRSS") / 1024
-            if nhosts == max(SCALE_HOSTS):
-                reload_res = reload_under_load(env, p, d, nhosts)
+        row, p, d, ports, first, last = max(tables, key=lambda t: t[0]["hosts"])
+        reload_res = reload_under_load(env, p, d, row["hosts"], ports)
+        for row, p, d, ports, first, last in tables:
             stop(p)
             STARTED.remove(p)
-            rows.append(row)
     finally:
         env.close()
     os.makedirs(OUT, exist_ok=True)
@@ -1582,10 +1606,11 @@ def scale(command):
     log(f"wrote {RESULTS} and {raw}")
 
 
-def reload_under_load(env, p, d, nhosts):
+def reload_under_load(env, p, d, nhosts, ports):
     """wrk on the last host while the config is rewritten (one route) and POST /reload'ed."""
     import threading
 
+    (http_port, _), admin = ports
     last, _ = scale_host(nhosts - 1, min(SCALE_CERTS, nhosts))
     # The load lasts until 2 s after the last reload answered (SIGINT to wrk), at most
     # `cap` seconds; a reload of a big config can take longer than DURATION.
@@ -1596,7 +1621,7 @@ def reload_under_load(env, p, d, nhosts):
 
     def load():
         try:
-            box["wrk"] = run_wrk(PORTS["scale"][0], "/api/1k", last, SCENARIOS["h1-1k"]["conns"], cap,
+            box["wrk"] = run_wrk(http_port, "/api/1k", last, SCENARIOS["h1-1k"]["conns"], cap,
                                  stop=done)
         except Exception as e:  # noqa: BLE001
             box["error"] = str(e)
@@ -1604,7 +1629,7 @@ def reload_under_load(env, p, d, nhosts):
     # First one reload without load, as the baseline.
     write_chunk(d, nhosts, lastchunk, 999)
     c_idle = cpu_ticks(tree(p.pid))
-    idle_s, idle_status, _ = post_reload(PORTS["scale_admin"])
+    idle_s, idle_status, _ = post_reload(admin)
     idle_cpu = (cpu_ticks(tree(p.pid)) - c_idle) / CLK_TCK
     log(f"reload without load: {idle_s:.3f}s -> {idle_status}, {idle_cpu:.1f} CPU s")
     # main.toml changes (a comment): the mesh settings may have, so every route is compiled
@@ -1614,7 +1639,7 @@ def reload_under_load(env, p, d, nhosts):
         f.write("\n# touched by the reload benchmark\n")
     time.sleep(0.1)
     c_full = cpu_ticks(tree(p.pid))
-    full_s, full_status, _ = post_reload(PORTS["scale_admin"])
+    full_s, full_status, _ = post_reload(admin)
     full_cpu = (cpu_ticks(tree(p.pid)) - c_full) / CLK_TCK
     log(f"reload after main.toml changed, without load: {full_s:.3f}s -> {full_status}, {full_cpu:.1f} CPU s")
     time.sleep(1)
@@ -1632,10 +1657,10 @@ def reload_under_load(env, p, d, nhosts):
         t0 = time.perf_counter()
         write_chunk(d, nhosts, lastchunk, marker)
         write_s = time.perf_counter() - t0
-        dt, status, body = post_reload(PORTS["scale_admin"])
+        dt, status, body = post_reload(admin)
         applied = None
         try:
-            _, hdrs, _ = http_get(PORTS["scale"][0], "/api/1k", last)
+            _, hdrs, _ = http_get(http_port, "/api/1k", last)
             applied = hdrs.get("x-got-bench") == str(marker)
         except OSError:
             pass
@@ -1666,7 +1691,8 @@ def scale_report(command, start_load, vers, mach, rows, rl, cert_secs, certdir, 
                f"(9 `prefix /rN/` then `prefix /api/`, each sets a header; requests hit the 10th), "
                f"certificates: min(hosts, {SCALE_CERTS}) {'ECDSA P-256' if CERT_KEY != 'rsa' else 'RSA 2048'} "
                f"(cached in `{os.path.relpath(certdir, REPO)}`; this run spent {cert_secs:.1f}s on them), "
-               f"ROUNDS={ROUNDS}, DURATION={DURATION}s, `--threads 1`, PIN={'on' if PIN else 'off'}",
+               f"ROUNDS={ROUNDS}, DURATION={DURATION}s, `--threads 1`, PIN={'on' if PIN else 'off'}; "
+               "one Portico per size, all running, measured in turn with the order rotated each round",
                "- config: `main.toml` (mesh, gateway with one HTTPS server per certificate, upstream) + "
                f"`include` of `vhosts-NNN.toml`, {CHUNK:,} hosts each (`SCALE_CHUNK`); `reloadPollInterval = \"1h\"` so that only "
                "`POST /reload` reloads",
