@@ -6,7 +6,7 @@ use std::sync::Arc;
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::{Acceptor, TlsSettings};
-use pingora::listeners::TlsAccept;
+use pingora::listeners::{L4BufferSettings, ListenerConfig, TlsAccept};
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -214,7 +214,13 @@ pub fn run(
                 http: Arc::new(pingora_proxy::http_proxy(&server_conf, gateway)),
             };
             let mut svc = Service::new(name, app);
-            svc.add_tcp(&addr);
+            // No L4 read buffer under the fast path: it reads into its own buffer, so
+            // pingora's 64 KiB one would only copy every request once more (and hold 64 KiB
+            // per connection). The 1 460-byte write buffer stays: it puts the head and body
+            // of a small response pingora answers (after a handover) into one send.
+            svc.add_listener(
+                ListenerConfig::tcp(addr).l4_buffer(L4BufferSettings::default().read(0)),
+            );
             tracing::info!(listener = %l.shape(), "listening (HTTP/1.1 fast path)");
             server.add_service(svc);
             continue;
