@@ -1529,6 +1529,11 @@ def post_reload(admin, timeout=600):
     return dt, r.status, body.decode(errors="replace")
 
 
+# One table size of the scale run: its report row, its Portico, config dir, ports
+# (as scale_ports gives them) and the first and last host of its table.
+ScaleTable = collections.namedtuple("ScaleTable", "row proc dir ports first last")
+
+
 def scale(command):
     start_load = loadavg()
     mach = machine()
@@ -1543,7 +1548,7 @@ def scale(command):
     reload_res = None
     try:
         start_upstream(env)
-        tables = []  # (row, process, config dir, ports, first host, last host)
+        tables = []
         for i, nhosts in enumerate(SCALE_HOSTS):
             ports = scale_ports(i)
             d = env.path(f"scale-{nhosts}")
@@ -1571,28 +1576,29 @@ def scale(command):
                    "rss_idle_mib": rss_idle / 1024, "runs": {}}
             log(f"scale {nhosts} hosts: config {size / 1e6:.1f} MB, ready in {start_secs:.2f}s, RSS {rss_idle / 1024:.1f} MiB")
             rows.append(row)
-            tables.append((row, p, d, ports, first, last))
+            tables.append(ScaleTable(row, p, d, ports, first, last))
         # All tables serve at once (idle but for the one measured); each round measures every
         # table in turn, starting one table later than the round before.
         for rnd in range(ROUNDS):
             for s in ("h1-1k", "tls-new"):
                 order = tables[rnd % len(tables):] + tables[:rnd % len(tables)]
-                for row, p, d, ports, first, last in order:
-                    for which, h in (("first", first), ("last", last)):
+                for t in order:
+                    port = t.ports[0]
+                    for which, h in (("first", t.first), ("last", t.last)):
                         if WARMUP > 0 or SCENARIOS[s].get("count"):
-                            run_scenario(s, ports[0], max(WARMUP, 1), env.tmp, host=h, snis=[h])
-                        r = measured("portico", lambda: tree(p.pid), p.pid,
-                                     lambda: run_scenario(s, ports[0], DURATION, env.tmp, host=h, snis=[h]))
-                        row["runs"].setdefault(f"{s}/{which}", []).append(r)
-                        log(f"scale {row['hosts']} round {rnd + 1} {s} {which}: {r['rps']:,.0f} req/s "
+                            run_scenario(s, port, max(WARMUP, 1), env.tmp, host=h, snis=[h])
+                        r = measured("portico", lambda: tree(t.proc.pid), t.proc.pid,
+                                     lambda: run_scenario(s, port, DURATION, env.tmp, host=h, snis=[h]))
+                        t.row["runs"].setdefault(f"{s}/{which}", []).append(r)
+                        log(f"scale {t.row['hosts']} round {rnd + 1} {s} {which}: {r['rps']:,.0f} req/s "
                             f"p50 {r['p50_ms']:.3f} ms p99 {r['p99_ms']:.3f} ms cpu {r['cpu_per_100k']:.2f} s/100k")
-        for row, p, d, ports, first, last in tables:
-            row["rss_after_mib"] = status_kib(p.pid, "VmRSS") / 1024
-        row, p, d, ports, first, last = max(tables, key=lambda t: t[0]["hosts"])
-        reload_res = reload_under_load(env, p, d, row["hosts"], ports)
-        for row, p, d, ports, first, last in tables:
-            stop(p)
-            STARTED.remove(p)
+        for t in tables:
+            t.row["rss_after_mib"] = status_kib(t.proc.pid, "VmRSS") / 1024
+        t = max(tables, key=lambda t: t.row["hosts"])
+        reload_res = reload_under_load(env, t.proc, t.dir, t.row["hosts"], t.ports)
+        for t in tables:
+            stop(t.proc)
+            STARTED.remove(t.proc)
     finally:
         env.close()
     os.makedirs(OUT, exist_ok=True)

@@ -31,7 +31,7 @@ use pingora_proxy::HttpProxy;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::{forwarded_for, request_id, Gateway};
+use super::{request_id, write_forwarded_for, Gateway};
 use crate::routing::{
     normalize_host, Action, Decision, Forward, HeaderOps, Headers, RequestView, Route,
 };
@@ -530,11 +530,9 @@ impl FastH1 {
         let proto: &[u8] = if self.tls { b"https" } else { b"http" };
         put(out, b"x-forwarded-proto", proto);
         if let Some(ip) = c.client_ip {
-            put(
-                out,
-                b"x-forwarded-for",
-                forwarded_for(req.xff, ip).as_bytes(),
-            );
+            out.extend_from_slice(b"x-forwarded-for: ");
+            write_forwarded_for(out, req.xff, ip);
+            out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"\r\n");
         let head_only = req.method == "HEAD";

@@ -1078,6 +1078,14 @@ static X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-
 /// than the rest of the header work Portico does per request.
 fn forwarded_for(prev: Option<&[u8]>, ip: IpAddr) -> HeaderValue {
     let mut out = Vec::with_capacity(prev.map_or(0, |p| p.len() + 2) + 39);
+    write_forwarded_for(&mut out, prev, ip);
+    // The previous value was a valid header value and an address adds only ASCII.
+    HeaderValue::from_maybe_shared(Bytes::from(out)).unwrap_or(HeaderValue::from_static(""))
+}
+
+/// Appends `X-Forwarded-For`'s value to `out`: the fast path writes it straight into the
+/// upstream head, with no value of its own to allocate.
+fn write_forwarded_for(out: &mut Vec<u8>, prev: Option<&[u8]>, ip: IpAddr) {
     if let Some(p) = prev {
         out.extend_from_slice(p);
         out.extend_from_slice(b", ");
@@ -1102,8 +1110,6 @@ fn forwarded_for(prev: Option<&[u8]>, ip: IpAddr) -> HeaderValue {
             let _ = write!(out, "{v6}");
         }
     }
-    // The previous value was a valid header value and an address adds only ASCII.
-    HeaderValue::from_maybe_shared(Bytes::from(out)).unwrap_or(HeaderValue::from_static(""))
 }
 
 /// A random version-4 UUID for `x-request-id`, in lower-case hex with dashes. Written
