@@ -360,7 +360,12 @@ fn reload_watches_yaml_manifests() {
     let path = gw.dir.path().join("manifests/traffic-shifting.yaml");
     let good = std::fs::read_to_string(&path).unwrap();
     let generation = gw.portico.generation();
-    write_atomic(&path, good.replace("weight: 50", "weight: [50"));
+    // In with one rename from outside the folder: a temporary inside it would change the
+    // folder twice, and a reload between the two (of the unchanged config) would move the
+    // generation on.
+    let broken = gw.dir.path().join("broken.yaml.tmp");
+    std::fs::write(&broken, good.replace("weight: 50", "weight: [50")).unwrap();
+    std::fs::rename(&broken, &path).unwrap();
     thread::sleep(Duration::from_millis(600));
     assert_eq!(
         gw.portico.generation(),
