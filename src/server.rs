@@ -32,8 +32,8 @@ impl TlsAccept for KeepSni {
     }
 }
 
-/// The app of HTTPS listener `i`: Portico's TLS accept, then the HTTP/1.1 fast path (when
-/// on) or pingora's HTTP service on the TLS stream.
+/// The app of HTTPS listener `i`: Portico's TLS accept, then the fast path (HTTP/1.1 or
+/// h2, when on) or pingora's HTTP service on the TLS stream.
 fn https_app(
     i: usize,
     reloader: &Arc<Reloader>,

@@ -62,6 +62,21 @@ ports = [{ number = 80, name = "http", protocol = "HTTP" }]
 endpoints = [{ address = "127.0.0.1", ports = { http = @IDLE@ } }]
 
 [[virtualServices]]
+name = "down"
+hosts = ["down.test"]
+gateways = ["gw"]
+[[virtualServices.http]]
+route = [{ destination = { host = "down.internal", port = { number = 80 } } }]
+
+[[serviceEntries]]
+name = "down"
+hosts = ["down.internal"]
+location = "MESH_INTERNAL"
+resolution = "STATIC"
+ports = [{ number = 80, name = "http", protocol = "HTTP" }]
+endpoints = [{ address = "127.0.0.1", ports = { http = @DOWN@ } }]
+
+[[virtualServices]]
 name = "raw"
 hosts = ["raw.test"]
 gateways = ["gw"]
@@ -106,6 +121,8 @@ fn start(extra_args: &[(&str, &str)]) -> Setup {
             ("ROUTE", route_to("v1")),
             ("RAW", raw.to_string()),
             ("IDLE", echo3.port().to_string()),
+            // Nothing listens there: connections are refused.
+            ("DOWN", free_port().to_string()),
         ],
     );
     config.push_str(&upstreams_config(&[
@@ -127,7 +144,8 @@ fn start(extra_args: &[(&str, &str)]) -> Setup {
 /// An upstream that answers by path with framings the echo does not use:
 /// `/chunked` (chunked, with a trailer), `/close` (no length: the body ends with the
 /// connection), `/http10` (an HTTP/1.0 answer), `/early` (103 first), `/once` (keep-alive
-/// claimed, then the connection closed after the answer).
+/// claimed, then the connection closed after the answer), `/short` (closed 5 bytes into a
+/// 10-byte body).
 fn raw_upstream() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind raw upstream");
     let port = listener.local_addr().unwrap().port();
@@ -170,6 +188,7 @@ fn raw_connection(conn: TcpStream) {
                 false,
             ),
             "/once" => (b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nonce", true),
+            "/short" => (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", true),
             _ => (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", false),
         };
         if conn.write_all(answer).is_err() {
@@ -431,4 +450,138 @@ fn no_fast_path_serves_everything_with_pingora() {
         "the request is counted"
     );
     assert_eq!(fast_requests(&s.portico), 0.0);
+}
+
+#[test]
+fn h2_streams_take_the_fast_path_and_share_upstream_connections() {
+    let s = start(&[]);
+    let mut h2 = H2Client::connect(s.https, "fast.test").expect("h2 connection");
+    let paths: Vec<String> = (0..20).map(|i| format!("/h2/{i}?q={i}")).collect();
+    let requests: Vec<H2Request> = paths
+        .iter()
+        .map(|p| {
+            let cookies = vec![("cookie", "a=1"), ("cookie", "b=2")];
+            ("GET", "fast.test", p.as_str(), cookies, &b""[..])
+        })
+        .collect();
+    for (path, answer) in paths.iter().zip(h2.send_all(&requests)) {
+        let r = answer.unwrap_or_else(|e| panic!("{path}: {e}\n{}", s.portico.log()));
+        assert_eq!(r.status, 200, "{path}");
+        let j = r.json();
+        assert_eq!(j["path"], path.as_str());
+        assert_eq!(j["headers"]["host"], "fast.test", ":authority becomes Host");
+        assert_eq!(j["headers"]["x-forwarded-proto"], "https");
+        assert_eq!(j["headers"]["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(
+            j["headers"]["x-route"], "plain",
+            "the route's request header"
+        );
+        assert_eq!(
+            j["headers"]["cookie"], "a=1; b=2",
+            "cookies joined on one line"
+        );
+        assert!(j["headers"]["x-request-id"]
+            .as_str()
+            .is_some_and(|v| v.len() >= 16));
+        assert_eq!(
+            r.header("x-served"),
+            Some("gw"),
+            "the route's response header"
+        );
+        assert_eq!(r.header("x-upstream"), Some("v1"));
+    }
+    expect_fast(&s.portico, 20.0);
+    assert_eq!(handoffs(&s.portico, "request"), 0.0);
+    // One after another, the streams reuse the upstream connections the burst opened.
+    let opened = s.echo.connections();
+    assert!((1..=20).contains(&opened), "{opened} upstream connections");
+    for i in 0..5 {
+        let r = h2.get("fast.test", "/again").expect("GET over h2");
+        assert_eq!(r.status, 200, "request {i}");
+    }
+    assert_eq!(s.echo.connections(), opened, "no new upstream connection");
+    expect_fast(&s.portico, 25.0);
+    assert!(
+        wait_until(Duration::from_secs(5), || s
+            .portico
+            .stdout()
+            .contains(r#""protocol":"HTTP/2""#)),
+        "the access log line says HTTP/2:\n{}",
+        s.portico.stdout()
+    );
+}
+
+#[test]
+fn an_h2_stream_with_a_body_goes_to_pingora_and_its_siblings_stay() {
+    let s = start(&[]);
+    let mut h2 = H2Client::connect(s.https, "fast.test").expect("h2 connection");
+    let answers = h2.send_all(&[
+        ("POST", "fast.test", "/post", vec![], b"over h2"),
+        ("GET", "fast.test", "/get", vec![], b""),
+    ]);
+    let post = answers[0].as_ref().expect("POST over h2");
+    assert_eq!(post.status, 200, "{}", s.portico.log());
+    assert_eq!(post.json()["body"], "over h2");
+    assert_eq!(post.json()["headers"]["x-route"], "plain");
+    let get = answers[1].as_ref().expect("GET over h2");
+    assert_eq!(get.json()["path"], "/get");
+    assert_eq!(handoffs(&s.portico, "request"), 1.0);
+    expect_fast(&s.portico, 1.0);
+    // The connection goes on after the handover.
+    assert_eq!(h2.get("fast.test", "/after").expect("GET").status, 200);
+    expect_fast(&s.portico, 2.0);
+}
+
+#[test]
+fn upstream_framings_become_h2_data() {
+    let s = start(&[]);
+    let mut h2 = H2Client::connect(s.https, "fast.test").expect("h2 connection");
+    for (path, body) in [
+        ("/chunked", "hello, world"),
+        ("/close", "until the end"),
+        ("/http10", "ten ok"),
+        ("/early", "final"),
+        ("/once", "once"),
+        ("/once", "once"),
+    ] {
+        let r = h2
+            .get("raw.test", path)
+            .unwrap_or_else(|e| panic!("{path}: {e}\n{}", s.portico.log()));
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.text(), body, "{path}");
+        assert!(r.header("transfer-encoding").is_none(), "{path}");
+    }
+    let head = h2.send_all(&[("HEAD", "raw.test", "/early", vec![], b"")]);
+    let head = head[0].as_ref().expect("HEAD over h2");
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("5"));
+    assert!(head.body.is_empty());
+    // Cut short by the upstream: the stream is reset, not ended as if whole.
+    let short = h2.get("raw.test", "/short");
+    assert!(short.is_err(), "{short:?}");
+    assert_eq!(h2.get("fast.test", "/next").expect("GET after").status, 200);
+    expect_fast(&s.portico, 9.0);
+}
+
+#[test]
+fn an_h2_stream_to_a_refusing_upstream_gets_503_and_the_connection_goes_on() {
+    let s = start(&[]);
+    let mut h2 = H2Client::connect(s.https, "fast.test").expect("h2 connection");
+    let r = h2.get("down.test", "/").expect("an answer");
+    assert_eq!(r.status, 503, "{}", s.portico.log());
+    assert_eq!(r.text(), "upstream connect error\n");
+    let ok = h2
+        .get("fast.test", "/still")
+        .expect("GET on the same connection");
+    assert_eq!(ok.status, 200);
+    expect_fast(&s.portico, 2.0);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let out = s.portico.stdout();
+            out.contains(r#""response_flags":"URX""#)
+                && out.contains(r#""upstream_request_attempt_count":3"#)
+        }),
+        "the access log has URX (Istio's default two retries on connect failure):\n{}",
+        s.portico.stdout()
+    );
 }

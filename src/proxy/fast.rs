@@ -1,5 +1,6 @@
-//! The HTTP/1.1 fast path. HTTP/1.1 requests without a body, on routes that only forward,
-//! on plain-text listeners and HTTPS connections that did not choose h2, are served by a per-connection loop of Portico's own instead of pingora's
+//! The HTTP/1.1 fast path (h2 streams: [`http2`]). HTTP/1.1 requests without a body, on
+//! routes that only forward, on plain-text listeners and HTTPS connections that did not
+//! choose h2, are served by a per-connection loop of Portico's own instead of pingora's
 //! request cycle, which costs ~5x the user-space CPU per request (bench/RESULTS.md). The
 //! loop reads a request head, decides with the same route table, writes the upstream head,
 //! and passes the response through after parsing its head.
@@ -22,9 +23,10 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Buf, Bytes, BytesMut};
 use pingora::apps::ServerApp;
+use pingora::protocols::tls::SslDigest;
 use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
-    UniqueIDType,
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    UniqueID, UniqueIDType,
 };
 use pingora::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
@@ -35,10 +37,14 @@ use super::{request_id, write_forwarded_for, Gateway};
 use crate::routing::{
     normalize_host, Action, Decision, Forward, HeaderOps, Headers, RequestView, Route,
 };
+use crate::snapshot::AccessLogSettings;
 use crate::snapshot::Snapshot;
+use crate::telemetry::access_log::Sink;
 use crate::telemetry::istio::Observation;
 use crate::telemetry::{access_log, Metrics};
 use crate::upstream::{Cluster, InFlight, RetryPermit};
+
+mod http2;
 
 /// Longer heads go to pingora, which answers them as it does any other.
 const MAX_HEAD: usize = 16 * 1024;
@@ -394,9 +400,9 @@ fn dropped_request_header(name: &str) -> bool {
 
 /// Writes `headers` less those `ops` (route's, then destination's) remove or set, then the
 /// operations' own.
-fn write_headers(
+fn write_headers<'a>(
     out: &mut Vec<u8>,
-    headers: &[httparse::Header<'_>],
+    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
     ops: [&HeaderOps; 2],
     drop: fn(&str) -> bool,
 ) {
@@ -410,11 +416,11 @@ fn write_headers(
                     .any(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
         })
     };
-    for h in headers {
-        if drop(h.name) || replaced_in(0, h.name.as_bytes()) {
+    for (name, value) in headers {
+        if drop(name) || replaced_in(0, name.as_bytes()) {
             continue;
         }
-        put(out, h.name.as_bytes(), h.value);
+        put(out, name.as_bytes(), value);
     }
     for (i, o) in ops.iter().enumerate() {
         for (name, value) in o.set.iter().chain(&o.add) {
@@ -423,6 +429,11 @@ fn write_headers(
             }
         }
     }
+}
+
+/// httparse's headers as name-value pairs.
+fn raw<'a>(headers: &'a [httparse::Header<'a>]) -> impl Iterator<Item = (&'a str, &'a [u8])> {
+    headers.iter().map(|h| (h.name, h.value))
 }
 
 fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -520,7 +531,7 @@ impl FastH1 {
         out.extend_from_slice(b" HTTP/1.1\r\n");
         write_headers(
             out,
-            parsed.headers,
+            raw(parsed.headers),
             [&route.headers.request, &destination.headers.request],
             dropped_request_header,
         );
@@ -703,7 +714,28 @@ struct Log<'r> {
 
 impl Log<'_> {
     fn finish(&self, c: &Conn, done: &Done) {
-        let duration = self.started.elapsed();
+        let Some((al, sink)) = self.observe(done) else {
+            return;
+        };
+        // The JSON format (the default) names no response header: no need to parse it.
+        let mut rh = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut r = httparse::Response::new(&mut rh);
+        let response_headers = (al.format.reads_response_headers() && r.parse(&c.resp).is_ok())
+            .then_some(Headers::Raw(r.headers, &[]));
+        self.write(
+            al,
+            sink,
+            done,
+            "HTTP/1.1",
+            c.io.get_socket_digest().as_deref(),
+            c.io.get_ssl_digest().as_deref(),
+            response_headers,
+        );
+    }
+
+    /// Counts the request in the metrics; the access log's settings and sink when a line
+    /// is to be written.
+    fn observe(&self, done: &Done) -> Option<(&AccessLogSettings, &'static Sink)> {
         let metrics = Metrics::global();
         metrics.fast_path_requests.inc();
         metrics.request(done.status);
@@ -712,29 +744,32 @@ impl Log<'_> {
             status: done.status,
             flags: done.flags,
             grpc: false,
-            duration_ms: duration.as_secs_f64() * 1000.0,
+            duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
             request_bytes: 0,
             response_bytes: done.sent,
         });
-        let Some(al) = self.snapshot.settings.access_log.as_ref() else {
-            return;
-        };
-        let Some(sink) = access_log::Sink::get() else {
-            return;
-        };
-        // The JSON format (the default) names no response header: no need to parse it.
-        let mut rh = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut r = httparse::Response::new(&mut rh);
-        let response_headers = (al.format.reads_response_headers() && r.parse(&c.resp).is_ok())
-            .then_some(Headers::Raw(r.headers, &[]));
-        let (downstream_local, downstream_remote) =
-            access_log::addresses(c.io.get_socket_digest().as_deref());
-        let ssl = c.io.get_ssl_digest();
+        let al = self.snapshot.settings.access_log.as_ref()?;
+        Some((al, access_log::Sink::get()?))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        al: &AccessLogSettings,
+        sink: &Sink,
+        done: &Done,
+        protocol: &'static str,
+        socket: Option<&SocketDigest>,
+        ssl: Option<&SslDigest>,
+        response_headers: Option<Headers<'_>>,
+    ) {
+        let duration = self.started.elapsed();
+        let (downstream_local, downstream_remote) = access_log::addresses(socket);
         let entry = access_log::Entry {
             start: std::time::SystemTime::now() - duration,
             method: self.req.method,
             path: self.req.path,
-            protocol: "HTTP/1.1",
+            protocol,
             status: done.status,
             flags: done.flags,
             details: done.details,
@@ -750,7 +785,6 @@ impl Log<'_> {
             downstream_local,
             downstream_remote,
             sni: ssl
-                .as_ref()
                 .and_then(|t| t.extension.get::<super::Sni>())
                 .map(|s| s.0.as_str()),
             route_name: self.route.name.as_deref(),
@@ -811,13 +845,13 @@ async fn exchange(
         c.ubuf.clear();
         let result = async {
             up.io.write_all(&c.out).await?;
+            let resp = &mut c.resp;
             read_response(
                 &mut up.io,
                 &mut c.ubuf,
                 head_only,
-                &mut c.resp,
-                ops,
                 client_close,
+                |r, close| write_response_head(resp, r, close, ops),
             )
             .await
         }
@@ -840,16 +874,15 @@ async fn exchange(
     }
 }
 
-/// Reads a response head from the upstream into `ubuf` and writes the client's into `out`
-/// (with `ops` applied), leaving the body bytes read so far in `ubuf`. `Ok(None)` when the
-/// head does not parse or frames its body ambiguously.
+/// Reads a response head from the upstream into `ubuf` and hands it to `emit` (with
+/// whether the client's connection closes after it), leaving the body bytes read so far in
+/// `ubuf`. `Ok(None)` when the head does not parse or frames its body ambiguously.
 async fn read_response(
     io: &mut TcpStream,
     ubuf: &mut BytesMut,
     head_only: bool,
-    out: &mut Vec<u8>,
-    ops: [&HeaderOps; 2],
     client_close: bool,
+    mut emit: impl FnMut(&httparse::Response<'_, '_>, bool),
 ) -> io::Result<Option<Resp>> {
     loop {
         if let Some(end) = head_end(ubuf, 0) {
@@ -915,22 +948,7 @@ async fn read_response(
                 Framing::Close
             };
             let close = client_close || framing == Framing::Close;
-            out.clear();
-            out.reserve(head_len + 4096);
-            out.extend_from_slice(b"HTTP/1.1 ");
-            out.extend_from_slice(&[
-                b'0' + (status / 100) as u8,
-                b'0' + (status / 10 % 10) as u8,
-                b'0' + (status % 10) as u8,
-                b' ',
-            ]);
-            out.extend_from_slice(r.reason.unwrap_or("").as_bytes());
-            out.extend_from_slice(b"\r\n");
-            write_headers(out, r.headers, ops, dropped_response_header);
-            if close {
-                out.extend_from_slice(b"connection: close\r\n");
-            }
-            out.extend_from_slice(b"\r\n");
+            emit(&r, close);
             ubuf.advance(head_len);
             return Ok(Some(Resp {
                 status,
@@ -947,6 +965,32 @@ async fn read_response(
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }
+}
+
+/// The client's HTTP/1.1 response head for upstream head `r`, with `ops` applied.
+fn write_response_head(
+    out: &mut Vec<u8>,
+    r: &httparse::Response<'_, '_>,
+    close: bool,
+    ops: [&HeaderOps; 2],
+) {
+    let status = r.code.unwrap_or(0);
+    out.clear();
+    out.reserve(1024 + 4096);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&[
+        b'0' + (status / 100) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+        b' ',
+    ]);
+    out.extend_from_slice(r.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    write_headers(out, raw(r.headers), ops, dropped_response_header);
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Which end failed while a body was passed on.
@@ -1053,6 +1097,15 @@ impl ChunkScan {
     /// Scans `buf` (continuing from the last call); `Some(n)` when the body ends after
     /// `n` bytes of it. Malformed framing also ends it (the connection is then not reused).
     fn scan(&mut self, buf: &[u8]) -> Option<usize> {
+        self.decode(buf, |_| {})
+    }
+
+    /// As [`ChunkScan::scan`], handing each run of chunk data in `buf` to `data`.
+    fn decode(
+        &mut self,
+        buf: &[u8],
+        mut data: impl FnMut(std::ops::Range<usize>),
+    ) -> Option<usize> {
         use ChunkState::*;
         let mut i = 0;
         while i < buf.len() {
@@ -1090,6 +1143,7 @@ impl ChunkScan {
                 }
                 Data => {
                     let n = ((buf.len() - i) as u64).min(self.size) as usize;
+                    data(i..i + n);
                     self.size -= n as u64;
                     i += n;
                     if self.size == 0 {
@@ -1339,7 +1393,12 @@ mod tests {
             },
         ];
         let mut out = Vec::new();
-        write_headers(&mut out, &client, [&route, &dest], dropped_request_header);
+        write_headers(
+            &mut out,
+            raw(&client),
+            [&route, &dest],
+            dropped_request_header,
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "Host: h\r\nx-a: route\r\nx-b: dest\r\n"

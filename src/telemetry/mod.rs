@@ -108,13 +108,13 @@ impl Metrics {
         .expect("static metric definition");
         let fast_path_requests = IntCounter::new(
             "portico_fast_path_requests_total",
-            "HTTP/1.1 requests served by the fast path rather than pingora's request cycle.",
+            "Requests (HTTP/1.1, and h2 streams) served by the fast path rather than pingora's request cycle.",
         )
         .expect("static metric definition");
         let fast_path_handoffs = IntCounterVec::new(
             Opts::new(
                 "portico_fast_path_handoffs_total",
-                "Connections the HTTP/1.1 fast path handed to pingora, by what made it: request (a body, an upgrade, HTTP/1.0, ...), route (no route, a local reply, a policy the fast path leaves to pingora), tracing, admission (connection pool full), head (too long or not parsed).",
+                "Connections (h2: streams) the fast path handed to pingora, by what made it: request (a body, an upgrade, HTTP/1.0, ...), route (no route, a local reply, a policy the fast path leaves to pingora), tracing, admission (connection pool full), head (too long or not parsed).",
             ),
             &["reason"],
         )

@@ -1,6 +1,6 @@
 //! The accept path of an HTTPS listener (and of the HTTPS side of a passthrough port):
 //! Portico's own rustls `ServerConfig`, the handshake under `mesh.tlsHandshakeTimeout`, then
-//! the HTTP proxy on the TLS stream (the HTTP/1.1 fast path unless the client chose h2).
+//! the HTTP proxy on the TLS stream (the fast path, for HTTP/1.1 or h2, as ALPN chose).
 //!
 //! pingora's `TlsSettings` builds a `ServerConfig` it does not let us touch, and its listener
 //! builds the acceptor itself. So the listener here is plain TCP and this app does the
@@ -84,9 +84,11 @@ impl Https {
             }
         };
         if let Some(fast) = &self.fast {
-            if tls.selected_alpn_proto() != Some(pingora::protocols::ALPN::H2) {
-                return fast.process_new(Box::new(tls), shutdown).await;
+            if tls.selected_alpn_proto() == Some(pingora::protocols::ALPN::H2) {
+                fast.serve_h2(Box::new(tls), shutdown).await;
+                return None;
             }
+            return fast.process_new(Box::new(tls), shutdown).await;
         }
         crate::proxy::serve_connection(&self.proxy, Box::new(tls), shutdown).await
     }

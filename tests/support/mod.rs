@@ -1092,6 +1092,123 @@ pub fn tls_connect_alpn(port: u16, sni: Option<&str>, alpn: &[&str]) -> Result<T
     })
 }
 
+/// An HTTP/2 client over TLS (ALPN h2 only), the `h2` crate on a runtime of its own.
+pub struct H2Client {
+    rt: tokio::runtime::Runtime,
+    send: h2::client::SendRequest<bytes::Bytes>,
+}
+
+/// One request for [`H2Client::send_all`]: method, authority, path, extra headers, body.
+pub type H2Request<'a> = (&'a str, &'a str, &'a str, Vec<(&'a str, &'a str)>, &'a [u8]);
+
+impl H2Client {
+    pub fn connect(port: u16, sni: &str) -> Result<H2Client, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("runtime: {e}"))?;
+        let name = ServerName::try_from(sni.to_string()).map_err(|e| format!("{sni}: {e}"))?;
+        let send = rt.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let tls = tokio_rustls::TlsConnector::from(tls_client_config(&["h2"]))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Err("the server did not choose h2".to_string());
+            }
+            let (send, conn) = h2::client::handshake(tls)
+                .await
+                .map_err(|e| format!("h2 handshake: {e}"))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok::<_, String>(send)
+        })?;
+        Ok(H2Client { rt, send })
+    }
+
+    pub fn get(&mut self, host: &str, path: &str) -> Result<Response, String> {
+        self.send_all(&[("GET", host, path, vec![], b"")])
+            .pop()
+            .expect("one answer")
+    }
+
+    /// Sends all `requests` at once, as streams of the one connection, and waits for every
+    /// answer (in the order of the requests).
+    pub fn send_all(&mut self, requests: &[H2Request<'_>]) -> Vec<Result<Response, String>> {
+        let send = self.send.clone();
+        self.rt.block_on(async move {
+            let mut pending = Vec::new();
+            for (method, host, path, headers, body) in requests {
+                let mut b = http::Request::builder()
+                    .method(*method)
+                    .uri(format!("https://{host}{path}"));
+                for (k, v) in headers {
+                    b = b.header(*k, *v);
+                }
+                let req = b.body(()).expect("request");
+                let mut send = match send.clone().ready().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        pending.push(Err(format!("not ready: {e}")));
+                        continue;
+                    }
+                };
+                let sent =
+                    send.send_request(req, body.is_empty())
+                        .and_then(|(resp, mut stream)| {
+                            if !body.is_empty() {
+                                stream.send_data(bytes::Bytes::copy_from_slice(body), true)?;
+                            }
+                            Ok(resp)
+                        });
+                pending.push(sent.map_err(|e| format!("send: {e}")));
+            }
+            let mut answers = Vec::new();
+            for p in pending {
+                answers.push(match p {
+                    Ok(resp) => read_h2(resp).await,
+                    Err(e) => Err(e),
+                });
+            }
+            answers
+        })
+    }
+}
+
+async fn read_h2(resp: h2::client::ResponseFuture) -> Result<Response, String> {
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .map_err(|_| "no answer in 10 s".to_string())?
+        .map_err(|e| format!("response: {e}"))?;
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let mut body = resp.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| format!("body: {e}"))?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    Ok(Response {
+        status,
+        headers,
+        body: data,
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Certificates
 // ---------------------------------------------------------------------------------------------

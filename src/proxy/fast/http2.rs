@@ -1,0 +1,609 @@
+//! HTTP/2 on the fast path: the h2 connections of an HTTPS listener.
+//!
+//! pingora drives the connection (handshake, frames, flow control, HPACK: the `h2` crate)
+//! and hands over each stream as a session; what pingora would then run per stream, its
+//! whole proxy cycle with an upstream session from its pool, costs several times the CPU
+//! of the forwarding itself (`bench/RESULTS.md`, h2). Here a stream the fast path can serve
+//! (the same rules as for HTTP/1.1: no body, a route that only forwards) is forwarded by
+//! Portico over HTTP/1.1 on an upstream connection from a per-thread pool; any other stream
+//! goes to pingora's cycle as before, alone (its siblings stay here).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::net::IpAddr;
+
+use http::header;
+use pingora::apps::HttpServerApp;
+use pingora::protocols::http::v2::server::{handshake, H2Accept, HttpSession};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::Digest;
+use pingora_http::{RequestHeader, ResponseHeader};
+
+use super::*;
+
+/// Rejected (malformed) streams after which a connection is closed, as pingora's own
+/// accept loop does.
+const MAX_MALFORMED_STREAMS: usize = 32;
+
+/// Idle upstream connections kept per thread for h2 streams (the least recently used goes).
+/// An h2 client has many streams in flight at once, each needing its own HTTP/1.1
+/// upstream connection, so they are shared by all h2 connections on the thread rather than
+/// kept per client connection as on HTTP/1.1.
+const MAX_IDLE: usize = 256;
+
+thread_local! {
+    static IDLE: RefCell<VecDeque<Upstream>> = const { RefCell::new(VecDeque::new()) };
+}
+
+/// The most recently used idle connection to `addr` still within `limit`.
+fn take_idle(addr: SocketAddr, now: Instant, limit: Duration) -> Option<Upstream> {
+    IDLE.with_borrow_mut(|idle| {
+        while let Some(k) = idle.iter().rposition(|u| u.addr == addr) {
+            let up = idle.remove(k)?;
+            if now.saturating_duration_since(up.used) < limit {
+                return Some(up);
+            }
+        }
+        None
+    })
+}
+
+fn keep_idle(up: Upstream) {
+    IDLE.with_borrow_mut(|idle| {
+        if idle.len() == MAX_IDLE {
+            idle.pop_front();
+        }
+        idle.push_back(up);
+    });
+}
+
+impl FastH1 {
+    /// Serves an h2 connection until the client is done with it.
+    pub(crate) async fn serve_h2(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) {
+        let client_ip = io
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let digest = Arc::new(Digest {
+            ssl_digest: io.get_ssl_digest(),
+            timing_digest: io.get_timing_digest(),
+            proxy_digest: io.get_proxy_digest(),
+            socket_digest: io.get_socket_digest(),
+        });
+        let mut conn = match handshake(io, self.http.h2_options()).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "h2 handshake failed");
+                return;
+            }
+        };
+        let mut watch = shutdown.clone();
+        let mut closing = false;
+        let mut malformed = 0;
+        loop {
+            let accepted = if closing {
+                HttpSession::from_h2_conn(&mut conn, digest.clone()).await
+            } else {
+                // Accepting is cancel-safe (pingora's loop does the same).
+                tokio::select! {
+                    biased;
+                    _ = watch.changed() => {
+                        conn.graceful_shutdown();
+                        closing = true;
+                        continue;
+                    }
+                    a = HttpSession::from_h2_conn(&mut conn, digest.clone()) => a,
+                }
+            };
+            match accepted {
+                Ok(Some(H2Accept::Session(session))) => {
+                    let app = self.clone();
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move { app.h2_stream(session, client_ip, shutdown).await });
+                }
+                Ok(Some(H2Accept::Rejected)) => {
+                    malformed += 1;
+                    if malformed >= MAX_MALFORMED_STREAMS {
+                        tracing::debug!("h2 connection closed after {malformed} malformed streams");
+                        return;
+                    }
+                }
+                // Closed by the client, or after the GOAWAY once its streams are done.
+                Ok(None) => return,
+                // Clients often just close the TCP connection: not worth more than debug.
+                Err(e) => {
+                    tracing::debug!(error = %e, "h2 connection ended");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn h2_stream(
+        self: Arc<Self>,
+        mut s: HttpSession,
+        client_ip: Option<IpAddr>,
+        shutdown: ShutdownWatch,
+    ) {
+        if let Some(reason) = self.forward_h2(&mut s, client_ip).await {
+            Metrics::global()
+                .fast_path_handoffs
+                .with_label_values(&[reason])
+                .inc();
+            self.http
+                .process_new_http(ServerSession::new_http2(s), &shutdown)
+                .await;
+        }
+    }
+
+    /// Forwards one stream; `Some(why)` when it is left to pingora (nothing sent yet).
+    async fn forward_h2(
+        &self,
+        s: &mut HttpSession,
+        client_ip: Option<IpAddr>,
+    ) -> Option<&'static str> {
+        let started = Instant::now();
+        if !s.is_body_empty() {
+            return Some("request");
+        }
+        let snapshot = self.snapshots.load_full();
+        if snapshot.settings.tracing.is_some() {
+            return Some("tracing");
+        }
+        let Some(listener) = snapshot.listeners.get(self.listener) else {
+            return Some("route");
+        };
+        let req = s.req_header();
+        let q = eligible_h2(req)?;
+        let view = RequestView {
+            method: q.method,
+            path: req.uri.path(),
+            query: req.uri.query(),
+            authority: q.host,
+            scheme: "https",
+            headers: Headers::Map(&req.headers),
+            port: listener.addr.port(),
+            client_ip,
+        };
+        let host = normalize_host(q.host);
+        let (route, forward) = match listener.table.decide(&host, &view) {
+            Decision::Route { route, .. } => match &route.action {
+                Action::Forward(f) if route.cors.is_none() && plain(f) => (route, f),
+                _ => return Some("route"),
+            },
+            _ => return Some("route"),
+        };
+        let destination = &forward.destinations[forward.pick()];
+        let cluster = &destination.cluster;
+        let _admission = cluster.try_admit()?;
+        let head_only = req.method == http::Method::HEAD;
+        if !q.has_request_id {
+            // In the request header too, for the access log.
+            let id = request_id();
+            let _ = s.req_header_mut().insert_header("x-request-id", &id[..]);
+        }
+        let out = upstream_head(
+            s.req_header(),
+            [&route.headers.request, &destination.headers.request],
+            client_ip,
+        );
+
+        // Tries: another endpoint after a connect failure, as the route's retries allow.
+        let mut tried = Vec::new();
+        let mut retries = 0u32;
+        let mut _permit: Option<RetryPermit> = None;
+        let mut ubuf = BytesMut::with_capacity(4096);
+        let ops = [&route.headers.response, &destination.headers.response];
+        let mut head = None;
+        let (mut up, resp, i, inflight) = loop {
+            let Some(i) = cluster.select(None, &tried) else {
+                let done = Done::local(503, "UH", None, retries);
+                local_h2(
+                    s,
+                    &snapshot,
+                    route,
+                    cluster,
+                    started,
+                    done,
+                    "no healthy upstream",
+                )
+                .await;
+                return None;
+            };
+            tried.push(i);
+            let inflight = InFlight::new(cluster.clone(), i);
+            let emit = |r: &httparse::Response<'_, '_>, _close: bool| head = response_head(r, ops);
+            match exchange_h2(&out, &mut ubuf, cluster, i, head_only, started, emit).await {
+                Ok((up, resp)) => break (up, resp, i, inflight),
+                Err(fail) => {
+                    cluster.record(i, None, None);
+                    let wanted = match fail {
+                        Fail::Connect => forward.retries.on.connect(),
+                        Fail::Reset => forward.retries.on.reset(),
+                        Fail::Bad => false,
+                    };
+                    if wanted && retries < forward.retries.attempts {
+                        if let Some(p) = cluster.start_retry() {
+                            _permit = Some(p);
+                            retries += 1;
+                            tokio::time::sleep(forward.retries.backoff_for(retries)).await;
+                            continue;
+                        }
+                    }
+                    let retried = retries > 0;
+                    let addr = Some(cluster.endpoints[i].addr);
+                    let (status, flag, what) = match fail {
+                        Fail::Connect => (
+                            503,
+                            if retried { "URX" } else { "UF" },
+                            "upstream connect error",
+                        ),
+                        Fail::Reset => (
+                            503,
+                            if retried { "URX" } else { "UC" },
+                            "upstream reset before response",
+                        ),
+                        Fail::Bad => (502, "UPE", "upstream sent an invalid response"),
+                    };
+                    let done = Done::local(status, flag, addr, retries);
+                    local_h2(s, &snapshot, route, cluster, started, done, what).await;
+                    return None;
+                }
+            }
+        };
+        let upstream_time = inflight.started.elapsed();
+        cluster.record(i, Some(resp.status), Some(upstream_time));
+        let mut done = Done {
+            status: resp.status,
+            flags: "",
+            details: "via_upstream",
+            sent: 0,
+            upstream_time: Some(upstream_time),
+            upstream_host: Some(cluster.endpoints[i].addr),
+            attempts: retries + 1,
+        };
+        let Some(head) = head else {
+            // A 101, or a field HTTP/2 cannot carry: nothing went to the client yet.
+            let done = Done::local(502, "UPE", done.upstream_host, retries);
+            let what = "upstream sent a response HTTP/2 cannot carry";
+            local_h2(s, &snapshot, route, cluster, started, done, what).await;
+            return None;
+        };
+        let end = resp.framing == Framing::Empty;
+        let result = match s.write_response_header(Box::new(head), end) {
+            Ok(()) => body_h2(s, &mut up, &mut ubuf, resp.framing).await,
+            Err(_) => Err(Side::Downstream),
+        };
+        drop(inflight);
+        match result {
+            Ok(n) => {
+                done.sent = n;
+                if ubuf.is_empty() && !resp.upstream_close && resp.framing != Framing::Close {
+                    keep_idle(up);
+                }
+            }
+            Err(side) => {
+                done.flags = match side {
+                    Side::Upstream => {
+                        // Part of a response went out: the client must not take it as whole.
+                        s.shutdown();
+                        "UC"
+                    }
+                    Side::Downstream => "DC",
+                };
+                done.sent = s.body_bytes_sent();
+            }
+        }
+        log_h2(s, &snapshot, route, cluster, started, &done);
+        None
+    }
+}
+
+/// What the fast path takes from an h2 request header, when it can serve it.
+fn eligible_h2(req: &RequestHeader) -> Option<Req<'_>> {
+    let method = req.method.as_str();
+    if !matches!(method, "GET" | "HEAD" | "DELETE" | "OPTIONS") {
+        return None;
+    }
+    let path = req.uri.path_and_query().map(|p| p.as_str())?;
+    if !path.starts_with('/') || !path.bytes().all(uri_char) {
+        return None;
+    }
+    let host = crate::proxy::authority(req);
+    if host.is_empty() {
+        return None;
+    }
+    let mut r = Req {
+        method,
+        path,
+        host,
+        close: false,
+        has_request_id: false,
+        xff: None,
+    };
+    for (name, value) in req.headers.iter() {
+        if *name == header::CONTENT_LENGTH {
+            if value.as_bytes() != b"0" {
+                return None;
+            }
+        } else if *name == header::TRANSFER_ENCODING
+            || *name == header::UPGRADE
+            || *name == header::EXPECT
+        {
+            return None;
+        } else if *name == header::CONTENT_TYPE {
+            if value.as_bytes().starts_with(b"application/grpc") {
+                return None;
+            }
+        } else if name == "x-request-id" {
+            r.has_request_id = true;
+        } else if name == "x-forwarded-for" {
+            if r.xff.is_some() {
+                return None;
+            }
+            r.xff = Some(value.as_bytes());
+        }
+    }
+    Some(r)
+}
+
+/// Whether `ops` set or remove header `name`.
+fn touched(ops: [&HeaderOps; 2], name: &str) -> bool {
+    ops.iter().any(|o| {
+        o.set
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            || o.remove.iter().any(|n| n.as_str() == name)
+    })
+}
+
+/// Hop-by-hop headers, those the proxy writes itself, and cookies (joined into one line).
+fn dropped_h2_request_header(name: &str) -> bool {
+    dropped_request_header(name) || name == "cookie"
+}
+
+/// The HTTP/1.1 request head for the upstream, as pingora's path would write it: `Host`
+/// from `:authority`, cookies on one line (RFC 9113 8.2.3), then as on HTTP/1.1.
+fn upstream_head(req: &RequestHeader, ops: [&HeaderOps; 2], client_ip: Option<IpAddr>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(req.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !req.headers.contains_key(header::HOST) && !touched(ops, "host") {
+        if let Some(a) = req.uri.authority() {
+            put(&mut out, b"host", a.as_str().as_bytes());
+        }
+    }
+    let headers = req.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
+    write_headers(&mut out, headers, ops, dropped_h2_request_header);
+    if !touched(ops, "cookie") {
+        let mut cookies = req.headers.get_all(header::COOKIE).iter();
+        if let Some(first) = cookies.next() {
+            out.extend_from_slice(b"cookie: ");
+            out.extend_from_slice(first.as_bytes());
+            for c in cookies {
+                out.extend_from_slice(b"; ");
+                out.extend_from_slice(c.as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    put(&mut out, b"x-forwarded-proto", b"https");
+    if let Some(ip) = client_ip {
+        let prev = req.headers.get("x-forwarded-for").map(|v| v.as_bytes());
+        out.extend_from_slice(b"x-forwarded-for: ");
+        write_forwarded_for(&mut out, prev, ip);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// The client's response header for upstream head `r`: what HTTP/2 allows of it (pingora
+/// drops the connection-specific fields again as it writes), with `ops` applied.
+fn response_head(r: &httparse::Response<'_, '_>, ops: [&HeaderOps; 2]) -> Option<ResponseHeader> {
+    let status = r.code?;
+    if status < 200 {
+        return None;
+    }
+    let mut h = ResponseHeader::build_no_case(status, Some(r.headers.len() + 2)).ok()?;
+    for x in r.headers.iter() {
+        if dropped_response_header(x.name) || x.name.eq_ignore_ascii_case("transfer-encoding") {
+            continue;
+        }
+        let name = http::HeaderName::from_bytes(x.name.as_bytes()).ok()?;
+        let value = http::HeaderValue::from_bytes(x.value).ok()?;
+        h.append_header(name, value).ok()?;
+    }
+    for o in ops {
+        o.apply_response(&mut h);
+    }
+    Some(h)
+}
+
+/// Sends `out` to endpoint `i` (on an idle connection to it when there is one) and reads
+/// the response head into `ubuf`, handing it to `emit`.
+async fn exchange_h2(
+    out: &[u8],
+    ubuf: &mut BytesMut,
+    cluster: &Cluster,
+    i: usize,
+    head_only: bool,
+    now: Instant,
+    mut emit: impl FnMut(&httparse::Response<'_, '_>, bool),
+) -> Result<(Upstream, Resp), Fail> {
+    let addr = cluster.endpoints[i].addr;
+    // As on HTTP/1.1: past the cluster's idle timeout (pingora's default 60 s), not reused.
+    let limit = cluster
+        .settings
+        .idle_timeout
+        .unwrap_or(Duration::from_secs(60));
+    let mut kept = take_idle(addr, now, limit);
+    loop {
+        let reused = kept.is_some();
+        let mut up = match kept.take() {
+            Some(up) => up,
+            None => {
+                let io = match tokio::time::timeout(
+                    cluster.settings.connect_timeout,
+                    TcpStream::connect(addr),
+                )
+                .await
+                {
+                    Ok(Ok(io)) => io,
+                    _ => return Err(Fail::Connect),
+                };
+                let _ = io.set_nodelay(true);
+                Upstream {
+                    addr,
+                    io,
+                    used: now,
+                }
+            }
+        };
+        up.used = now;
+        ubuf.clear();
+        let result = async {
+            up.io.write_all(out).await?;
+            read_response(&mut up.io, ubuf, head_only, false, &mut emit).await
+        }
+        .await;
+        match result {
+            Ok(Some(resp)) => return Ok((up, resp)),
+            Ok(None) => return Err(Fail::Bad),
+            // Closed by the upstream while idle: once more on a new connection.
+            Err(_) if reused => {}
+            Err(_) => return Err(Fail::Reset),
+        }
+    }
+}
+
+/// Passes the body (what is in `ubuf`, then what the upstream sends) to the stream, as
+/// DATA frames; ends the stream after it. Returns the body bytes sent.
+async fn body_h2(
+    s: &mut HttpSession,
+    up: &mut Upstream,
+    ubuf: &mut BytesMut,
+    framing: Framing,
+) -> Result<usize, Side> {
+    let mut remaining = match framing {
+        Framing::Empty => return Ok(0),
+        Framing::Length(n) => n,
+        Framing::Chunked | Framing::Close => u64::MAX,
+    };
+    let mut chunks = ChunkScan::default();
+    let mut sent = 0;
+    loop {
+        let (data, done) = match framing {
+            Framing::Length(_) => {
+                let take = (ubuf.len() as u64).min(remaining);
+                remaining -= take;
+                (ubuf.split_to(take as usize).freeze(), remaining == 0)
+            }
+            Framing::Chunked => {
+                let mut data = BytesMut::new();
+                let end = chunks.decode(ubuf, |r| data.extend_from_slice(&ubuf[r]));
+                ubuf.advance(end.unwrap_or(ubuf.len()));
+                if chunks.done && chunks.state != ChunkState::EndLf {
+                    // Malformed chunked framing: the body cannot be told whole.
+                    return Err(Side::Upstream);
+                }
+                (data.freeze(), chunks.done)
+            }
+            _ => (ubuf.split().freeze(), false),
+        };
+        if !data.is_empty() || done {
+            sent += data.len();
+            s.write_body(data, done)
+                .await
+                .map_err(|_| Side::Downstream)?;
+        }
+        if done {
+            return Ok(sent);
+        }
+        ubuf.reserve(16384);
+        let n = up.io.read_buf(ubuf).await.map_err(|_| Side::Upstream)?;
+        if n == 0 {
+            if framing == Framing::Close {
+                s.finish().map_err(|_| Side::Downstream)?;
+                return Ok(sent);
+            }
+            return Err(Side::Upstream);
+        }
+    }
+}
+
+/// A local reply after failed tries, as on HTTP/1.1 (the stream, not the connection, ends).
+async fn local_h2(
+    s: &mut HttpSession,
+    snapshot: &Snapshot,
+    route: &Route,
+    cluster: &Cluster,
+    started: Instant,
+    mut done: Done,
+    what: &str,
+) {
+    {
+        let req = s.req_header();
+        tracing::warn!(
+            status = done.status,
+            flag = done.flags,
+            method = req.method.as_str(),
+            path = req.uri.path(),
+            route = %route.origin,
+            cluster = %cluster.name,
+            tries = done.attempts.max(1),
+            "{what}"
+        );
+    }
+    let body = Bytes::from(format!("{what}\n"));
+    let mut resp = match ResponseHeader::build_no_case(done.status, Some(2)) {
+        Ok(r) => r,
+        Err(_) => return,
+    };
+    let _ = resp.insert_header(header::CONTENT_TYPE, "text/plain");
+    let _ = resp.insert_header(header::CONTENT_LENGTH, body.len());
+    if s.write_response_header(Box::new(resp), false).is_ok() {
+        let n = body.len();
+        if s.write_body(body, true).await.is_ok() {
+            done.sent = n;
+        }
+    }
+    log_h2(s, snapshot, route, cluster, started, &done);
+}
+
+fn log_h2(
+    s: &HttpSession,
+    snapshot: &Snapshot,
+    route: &Route,
+    cluster: &Cluster,
+    started: Instant,
+    done: &Done,
+) {
+    let req_header = s.req_header();
+    let Some(req) = eligible_h2(req_header) else {
+        return;
+    };
+    let log = Log {
+        snapshot,
+        req: &req,
+        headers: Headers::Map(&req_header.headers),
+        route,
+        cluster,
+        started,
+    };
+    let Some((al, sink)) = log.observe(done) else {
+        return;
+    };
+    let digest = s.digest();
+    log.write(
+        al,
+        sink,
+        done,
+        "HTTP/2",
+        digest.and_then(|d| d.socket_digest.as_deref()),
+        digest.and_then(|d| d.ssl_digest.as_deref()),
+        s.response_written().map(|r| Headers::Map(&r.headers)),
+    );
+}
