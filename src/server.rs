@@ -201,7 +201,12 @@ pub fn run(
             // A plain TCP listener: the app does the handshake with Portico's own TLS config.
             let app = https_app(i, &reloader, &server_conf, gateway, &name, fast_path)?;
             let mut svc = Service::new(name, app);
-            svc.add_tcp(&addr);
+            // No L4 read buffer: rustls reads records into its own buffer, so pingora's
+            // 64 KiB one (allocated zeroed per accepted connection, and held while the
+            // connection idles) only copied every record once more.
+            svc.add_listener(
+                ListenerConfig::tcp(&addr).l4_buffer(L4BufferSettings::default().read(0)),
+            );
             tracing::info!(listener = %l.shape(), "listening");
             server.add_service(svc);
             continue;
