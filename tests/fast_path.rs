@@ -201,6 +201,8 @@ fn raw_connection(conn: TcpStream) {
     }
 }
 
+const CHUNKED: &[(&str, &str)] = &[("Transfer-Encoding", "chunked")];
+
 /// The fast path served `n` requests so far (counted just after each response is sent).
 fn expect_fast(p: &Portico, n: f64) {
     assert!(
@@ -243,9 +245,15 @@ fn a_connection_starts_on_the_fast_path_and_moves_to_pingora_for_a_body() {
     assert_eq!(first.header("x-served"), Some("gw"), "route's response add");
     expect_fast(&s.portico, 1.0);
 
-    // A body is pingora's: the connection is handed over with the request intact.
+    // A chunked body is pingora's: the connection is handed over with the request intact.
     let post = client
-        .request("POST", "fast.test", "/b", &[], b"a body")
+        .request(
+            "POST",
+            "fast.test",
+            "/b",
+            CHUNKED,
+            b"6\r\na body\r\n0\r\n\r\n",
+        )
         .expect("POST");
     assert_eq!(post.status, 200);
     assert_eq!(post.json()["body"], "a body");
@@ -284,9 +292,15 @@ fn https_connections_that_keep_http11_take_the_fast_path() {
         "the access log names the SNI:\n{}",
         s.portico.stdout()
     );
-    // A body moves the TLS connection to pingora, which keeps serving it.
+    // A chunked body moves the TLS connection to pingora, which keeps serving it.
     let post = tls
-        .request("POST", "fast.test", "/t3", &[], b"over tls")
+        .request(
+            "POST",
+            "fast.test",
+            "/t3",
+            CHUNKED,
+            b"8\r\nover tls\r\n0\r\n\r\n",
+        )
         .expect("POST over TLS");
     assert_eq!(post.json()["body"], "over tls");
     let after = tls.get("fast.test", "/t4").expect("GET after the handoff");
@@ -300,29 +314,30 @@ fn pipelined_requests_are_answered_in_order_up_to_the_handoff() {
     let mut conn = TcpStream::connect(("127.0.0.1", s.http)).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    // Two for the fast path, then one with a body that pingora gets from the bytes the
-    // fast path had already read. (pingora itself does not answer requests pipelined
-    // after one with a body: its pipelining is off.)
+    // Three for the fast path (one with a body), then one with a chunked body that pingora
+    // gets from the bytes the fast path had already read. (pingora itself does not answer
+    // requests pipelined after one with a body: its pipelining is off.)
     let mut batch = build_request("GET", "fast.test", "/one", &[], b"", false);
-    batch.extend(build_request("GET", "fast.test", "/two", &[], b"", false));
+    batch.extend(build_request("PUT", "fast.test", "/two", &[], b"2", false));
+    batch.extend(build_request("GET", "fast.test", "/three", &[], b"", false));
     batch.extend(build_request(
         "PUT",
         "fast.test",
-        "/three",
-        &[],
-        b"3",
+        "/four",
+        CHUNKED,
+        b"1\r\n4\r\n0\r\n\r\n",
         false,
     ));
     conn.write_all(&batch).unwrap();
     let mut reader = BufReader::new(conn);
-    for (path, body) in [("/one", ""), ("/two", ""), ("/three", "3")] {
+    for (path, body) in [("/one", ""), ("/two", "2"), ("/three", ""), ("/four", "4")] {
         let resp = read_response(&mut reader, "GET")
             .unwrap_or_else(|e| panic!("{path}: {e}\n{}", s.portico.log()));
         assert_eq!(resp.status, 200, "{path}");
         assert_eq!(resp.json()["path"], path);
         assert_eq!(resp.json()["body"], body);
     }
-    expect_fast(&s.portico, 2.0);
+    expect_fast(&s.portico, 3.0);
     assert_eq!(handoffs(&s.portico, "request"), 1.0);
 }
 
@@ -584,4 +599,48 @@ fn an_h2_stream_to_a_refusing_upstream_gets_503_and_the_connection_goes_on() {
         "the access log has URX (Istio's default two retries on connect failure):\n{}",
         s.portico.stdout()
     );
+}
+
+#[test]
+fn a_short_body_is_forwarded_by_the_fast_path_a_long_one_by_pingora() {
+    let s = start(&[]);
+    let mut client = HttpClient::new(s.http);
+    let post = client
+        .request("POST", "fast.test", "/short", &[], b"{\"a\":1}")
+        .expect("POST");
+    assert_eq!(post.status, 200, "{}", s.portico.log());
+    assert_eq!(post.json()["body"], "{\"a\":1}");
+    assert_eq!(post.json()["method"], "POST");
+    assert_eq!(post.json()["headers"]["x-route"], "plain");
+    expect_fast(&s.portico, 1.0);
+    assert!(
+        wait_until(Duration::from_secs(5), || s
+            .portico
+            .stdout()
+            .contains(r#""bytes_received":7,"#)),
+        "the access log counts the body:\n{}",
+        s.portico.stdout()
+    );
+
+    // A body that arrives in pieces is waited for.
+    let mut conn = TcpStream::connect(("127.0.0.1", s.http)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"PUT /slow HTTP/1.1\r\nHost: fast.test\r\nContent-Length: 10\r\n\r\nfirst")
+        .unwrap();
+    thread::sleep(Duration::from_millis(100));
+    conn.write_all(b"-half").unwrap();
+    let slow = read_response(&mut BufReader::new(conn), "PUT").expect("PUT answer");
+    assert_eq!(slow.json()["body"], "first-half");
+    expect_fast(&s.portico, 2.0);
+
+    // Longer than 16 KiB: pingora streams it.
+    let long = vec![b'x'; 20_000];
+    let big = client
+        .request("PUT", "fast.test", "/long", &[], &long)
+        .expect("PUT");
+    assert_eq!(big.status, 200);
+    assert_eq!(big.json()["body"].as_str().map(str::len), Some(20_000));
+    assert_eq!(handoffs(&s.portico, "request"), 1.0);
+    assert_eq!(s.echo.count(), 3);
 }

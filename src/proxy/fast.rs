@@ -1,12 +1,13 @@
-//! The HTTP/1.1 fast path (h2 streams: [`http2`]). HTTP/1.1 requests without a body, on
-//! routes that only forward, on plain-text listeners and HTTPS connections that did not
-//! choose h2, are served by a per-connection loop of Portico's own instead of pingora's
-//! request cycle, which costs ~5x the user-space CPU per request (bench/RESULTS.md). The
-//! loop reads a request head, decides with the same route table, writes the upstream head,
-//! and passes the response through after parsing its head.
+//! The HTTP/1.1 fast path (h2 streams: [`http2`]). HTTP/1.1 requests without a body or
+//! with a short `Content-Length` one, on routes that only forward, on plain-text listeners
+//! and HTTPS connections that did not choose h2, are served by a per-connection loop of
+//! Portico's own instead of pingora's request cycle, which costs ~5x the user-space CPU per
+//! request (bench/RESULTS.md). The loop reads a request head (and body), decides with the
+//! same route table, writes the upstream head, and passes the response through after
+//! parsing its head.
 //!
 //! Anything else is handed to pingora with the connection, the bytes already read
-//! replayed first, before anything went upstream: a request with a body, an upgrade,
+//! replayed first, before anything went upstream: a chunked or long body, an upgrade,
 //! `Expect`, HTTP/1.0, a head httparse rejects; a route that redirects, responds itself or
 //! has faults, mirrors, CORS, a rewrite, a timeout, consistent hashing, retries on status;
 //! an upstream with TLS, h2c, TCP keepalive or `maxRequestsPerConnection`; tracing on; no
@@ -49,6 +50,9 @@ mod http2;
 /// Longer heads go to pingora, which answers them as it does any other.
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
+/// Request bodies up to this are read whole and forwarded with the head (and replayed on a
+/// retry); longer ones, and chunked ones, go to pingora, which streams them.
+const MAX_BODY: usize = 16 * 1024;
 /// Idle upstream connections one client connection keeps (the least recently used goes).
 const MAX_IDLE_UPSTREAMS: usize = 4;
 /// Keep-alive idle time of a client connection, pingora's default.
@@ -286,6 +290,8 @@ struct Req<'h> {
     close: bool,
     has_request_id: bool,
     xff: Option<&'h [u8]>,
+    /// The length of the request body (`Content-Length`), at most `MAX_BODY`.
+    body: usize,
 }
 
 /// The request head, when the fast path can serve it.
@@ -294,7 +300,10 @@ fn eligible<'h>(req: &httparse::Request<'_, 'h>) -> Option<Req<'h>> {
         return None;
     }
     let method = req.method?;
-    if !matches!(method, "GET" | "HEAD" | "DELETE" | "OPTIONS") {
+    if !matches!(
+        method,
+        "GET" | "HEAD" | "DELETE" | "OPTIONS" | "POST" | "PUT" | "PATCH"
+    ) {
         return None;
     }
     let path = req.path?;
@@ -308,15 +317,25 @@ fn eligible<'h>(req: &httparse::Request<'_, 'h>) -> Option<Req<'h>> {
         close: false,
         has_request_id: false,
         xff: None,
+        body: 0,
     };
     let mut hosts = 0;
+    let mut lengths = 0;
     for h in req.headers.iter() {
         let n = h.name;
         if n.eq_ignore_ascii_case("host") {
             hosts += 1;
             r.host = crate::routing::matcher::visible(h.value)?;
         } else if n.eq_ignore_ascii_case("content-length") {
-            if h.value != b"0" {
+            // One plain length up to MAX_BODY; anything else (a list, a second header, a
+            // larger body, which pingora streams) is pingora's.
+            let v = h.value;
+            lengths += 1;
+            if v.is_empty() || v.len() > 6 || !v.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            r.body = v.iter().fold(0, |n, d| n * 10 + usize::from(d - b'0'));
+            if r.body > MAX_BODY {
                 return None;
             }
         } else if n.eq_ignore_ascii_case("transfer-encoding")
@@ -345,7 +364,7 @@ fn eligible<'h>(req: &httparse::Request<'_, 'h>) -> Option<Req<'h>> {
             return None;
         }
     }
-    (hosts == 1).then_some(r)
+    (hosts == 1 && lengths <= 1).then_some(r)
 }
 
 /// RFC 3986's characters of a path and query (unreserved, sub-delims, `:@/?%`). Targets
@@ -519,12 +538,29 @@ impl FastH1 {
         let Some(_admission) = cluster.try_admit() else {
             return Outcome::Fallback(head, "admission");
         };
+        // The body, whole, after the head (pingora would get these bytes too on a fallback
+        // above: they stay in `c.buf` until here).
+        while c.buf.len() < req.body {
+            c.buf.reserve(req.body - c.buf.len());
+            c.wait.as_mut().reset(tokio::time::Instant::now() + IDLE);
+            let read = c.io.read_buf(&mut c.buf);
+            let timer = c.wait.as_mut();
+            let n = tokio::select! {
+                biased;
+                r = read => r.unwrap_or(0),
+                _ = timer => 0,
+            };
+            if n == 0 {
+                // The client went away or stalled mid-body: nothing was sent upstream.
+                return Outcome::Close;
+            }
+        }
 
         // The upstream request head.
         let id = (!req.has_request_id).then(request_id);
         let out = &mut c.out;
         out.clear();
-        out.reserve(head_len + 256);
+        out.reserve(head_len + 256 + req.body);
         out.extend_from_slice(req.method.as_bytes());
         out.push(b' ');
         out.extend_from_slice(req.path.as_bytes());
@@ -546,6 +582,8 @@ impl FastH1 {
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&c.buf[..req.body]);
+        c.buf.advance(req.body);
         let head_only = req.method == "HEAD";
 
         let added = [("x-request-id", id.as_ref().map_or(&b""[..], |id| &id[..]))];
@@ -745,7 +783,7 @@ impl Log<'_> {
             flags: done.flags,
             grpc: false,
             duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
-            request_bytes: 0,
+            request_bytes: self.req.body,
             response_bytes: done.sent,
         });
         let al = self.snapshot.settings.access_log.as_ref()?;
@@ -773,7 +811,7 @@ impl Log<'_> {
             status: done.status,
             flags: done.flags,
             details: done.details,
-            bytes_received: 0,
+            bytes_received: self.req.body,
             bytes_sent: done.sent,
             duration,
             upstream_time: done.upstream_time,

@@ -319,6 +319,7 @@ fn eligible_h2(req: &RequestHeader) -> Option<Req<'_>> {
         close: false,
         has_request_id: false,
         xff: None,
+        body: 0,
     };
     for (name, value) in req.headers.iter() {
         if *name == header::CONTENT_LENGTH {
