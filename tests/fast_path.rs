@@ -530,6 +530,7 @@ fn h2_streams_take_the_fast_path_and_share_upstream_connections() {
 fn an_h2_stream_with_a_body_goes_to_pingora_and_its_siblings_stay() {
     let s = start(&[]);
     let mut h2 = H2Client::connect(s.https, "fast.test").expect("h2 connection");
+    // No content-length: a body of unknown length, pingora's.
     let answers = h2.send_all(&[
         ("POST", "fast.test", "/post", vec![], b"over h2"),
         ("GET", "fast.test", "/get", vec![], b""),
@@ -643,4 +644,44 @@ fn a_short_body_is_forwarded_by_the_fast_path_a_long_one_by_pingora() {
     assert_eq!(big.json()["body"].as_str().map(str::len), Some(20_000));
     assert_eq!(handoffs(&s.portico, "request"), 1.0);
     assert_eq!(s.echo.count(), 3);
+}
+
+#[test]
+fn h2_streams_with_a_short_body_stay_and_streams_the_fast_path_refuses_are_answered() {
+    let s = start(&[]);
+    let mut h2 = H2Client::connect(s.https, "fast.test").expect("h2 connection");
+    let answers = h2.send_all(&[
+        (
+            "POST",
+            "fast.test",
+            "/with-length",
+            vec![("content-length", "7")],
+            b"h2 body",
+        ),
+        // Not the fast path's (gRPC): handed to pingora, which answers it.
+        (
+            "GET",
+            "fast.test",
+            "/grpc-ish",
+            vec![("content-type", "application/grpc")],
+            b"",
+        ),
+    ]);
+    let post = answers[0].as_ref().expect("POST with a length");
+    assert_eq!(post.status, 200, "{}", s.portico.log());
+    assert_eq!(post.json()["body"], "h2 body");
+    assert_eq!(post.json()["headers"]["content-length"], "7");
+    let other = answers[1].as_ref().expect("the refused stream is answered");
+    assert_eq!(other.status, 200);
+    assert_eq!(other.json()["path"], "/grpc-ish");
+    expect_fast(&s.portico, 1.0);
+    assert_eq!(handoffs(&s.portico, "request"), 1.0);
+    assert!(
+        wait_until(Duration::from_secs(5), || s
+            .portico
+            .stdout()
+            .contains(r#""bytes_received":7,"#)),
+        "the access log counts the body:\n{}",
+        s.portico.stdout()
+    );
 }

@@ -32,12 +32,12 @@ const MAX_MALFORMED_STREAMS: usize = 32;
 const MAX_IDLE: usize = 256;
 
 thread_local! {
-    static IDLE: RefCell<VecDeque<Upstream>> = const { RefCell::new(VecDeque::new()) };
+    static IDLE_UPSTREAMS: RefCell<VecDeque<Upstream>> = const { RefCell::new(VecDeque::new()) };
 }
 
 /// The most recently used idle connection to `addr` still within `limit`.
 fn take_idle(addr: SocketAddr, now: Instant, limit: Duration) -> Option<Upstream> {
-    IDLE.with_borrow_mut(|idle| {
+    IDLE_UPSTREAMS.with_borrow_mut(|idle| {
         while let Some(k) = idle.iter().rposition(|u| u.addr == addr) {
             let up = idle.remove(k)?;
             if now.saturating_duration_since(up.used) < limit {
@@ -49,7 +49,7 @@ fn take_idle(addr: SocketAddr, now: Instant, limit: Duration) -> Option<Upstream
 }
 
 fn keep_idle(up: Upstream) {
-    IDLE.with_borrow_mut(|idle| {
+    IDLE_UPSTREAMS.with_borrow_mut(|idle| {
         if idle.len() == MAX_IDLE {
             idle.pop_front();
         }
@@ -142,9 +142,6 @@ impl FastH1 {
         client_ip: Option<IpAddr>,
     ) -> Option<&'static str> {
         let started = Instant::now();
-        if !s.is_body_empty() {
-            return Some("request");
-        }
         let snapshot = self.snapshots.load_full();
         if snapshot.settings.tracing.is_some() {
             return Some("tracing");
@@ -153,7 +150,14 @@ impl FastH1 {
             return Some("route");
         };
         let req = s.req_header();
-        let q = eligible_h2(req)?;
+        // (`?` would be wrong in here: `None` means served.)
+        let Some(q) = eligible_h2(req) else {
+            return Some("request");
+        };
+        if q.body == 0 && !s.is_body_empty() {
+            // A body without a length.
+            return Some("request");
+        }
         let view = RequestView {
             method: q.method,
             path: req.uri.path(),
@@ -174,18 +178,38 @@ impl FastH1 {
         };
         let destination = &forward.destinations[forward.pick()];
         let cluster = &destination.cluster;
-        let _admission = cluster.try_admit()?;
+        let Some(_admission) = cluster.try_admit() else {
+            return Some("admission");
+        };
         let head_only = req.method == http::Method::HEAD;
-        if !q.has_request_id {
+        let (body_len, has_request_id) = (q.body, q.has_request_id);
+        if !has_request_id {
             // In the request header too, for the access log.
             let id = request_id();
             let _ = s.req_header_mut().insert_header("x-request-id", &id[..]);
         }
-        let out = upstream_head(
+        let mut out = upstream_head(
             s.req_header(),
             [&route.headers.request, &destination.headers.request],
             client_ip,
         );
+        if body_len > 0 {
+            // Read whole (the h2 crate holds the stream to its content-length), then sent
+            // after the head and replayed on a retry, as on HTTP/1.1.
+            let start = out.len();
+            let read = async {
+                while let Some(data) = s.read_body_bytes().await.ok()? {
+                    out.extend_from_slice(&data);
+                }
+                Some(())
+            };
+            let whole = tokio::time::timeout(IDLE, read).await.ok().flatten();
+            if whole.is_none() || out.len() - start != body_len {
+                // The client reset the stream or stalled: nothing went upstream.
+                s.shutdown();
+                return None;
+            }
+        }
 
         // Tries: another endpoint after a connect failure, as the route's retries allow.
         let mut tried = Vec::new();
@@ -301,7 +325,10 @@ impl FastH1 {
 /// What the fast path takes from an h2 request header, when it can serve it.
 fn eligible_h2(req: &RequestHeader) -> Option<Req<'_>> {
     let method = req.method.as_str();
-    if !matches!(method, "GET" | "HEAD" | "DELETE" | "OPTIONS") {
+    if !matches!(
+        method,
+        "GET" | "HEAD" | "DELETE" | "OPTIONS" | "POST" | "PUT" | "PATCH"
+    ) {
         return None;
     }
     let path = req.uri.path_and_query().map(|p| p.as_str())?;
@@ -323,7 +350,13 @@ fn eligible_h2(req: &RequestHeader) -> Option<Req<'_>> {
     };
     for (name, value) in req.headers.iter() {
         if *name == header::CONTENT_LENGTH {
-            if value.as_bytes() != b"0" {
+            // Bodies up to MAX_BODY are read whole; longer ones pingora streams.
+            let v = value.as_bytes();
+            if r.body != 0 || v.is_empty() || v.len() > 6 || !v.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            r.body = v.iter().fold(0, |n, d| n * 10 + usize::from(d - b'0'));
+            if r.body > MAX_BODY {
                 return None;
             }
         } else if *name == header::TRANSFER_ENCODING
