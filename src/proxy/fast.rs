@@ -623,37 +623,11 @@ impl FastH1 {
             {
                 Ok(resp) => break (resp, i, inflight),
                 Err(fail) => {
-                    cluster.record(i, None, None);
-                    let wanted = match fail {
-                        Fail::Connect => forward.retries.on.connect(),
-                        Fail::Reset => forward.retries.on.reset(),
-                        Fail::Bad => false,
-                    };
-                    if wanted && retries < forward.retries.attempts {
-                        if let Some(p) = cluster.start_retry() {
-                            _permit = Some(p);
-                            retries += 1;
-                            tokio::time::sleep(forward.retries.backoff_for(retries)).await;
-                            continue;
-                        }
+                    let tries = (&mut retries, &mut _permit);
+                    match after_failure(fail, forward, cluster, i, tries).await {
+                        None => continue,
+                        Some((done, what)) => return local(c, &log, done, what).await,
                     }
-                    let retried = retries > 0;
-                    let addr = Some(cluster.endpoints[i].addr);
-                    let (status, flag, what) = match fail {
-                        Fail::Connect => (
-                            503,
-                            if retried { "URX" } else { "UF" },
-                            "upstream connect error",
-                        ),
-                        Fail::Reset => (
-                            503,
-                            if retried { "URX" } else { "UC" },
-                            "upstream reset before response",
-                        ),
-                        Fail::Bad => (502, "UPE", "upstream sent an invalid response"),
-                    };
-                    let done = Done::local(status, flag, addr, retries);
-                    return local(c, &log, done, what).await;
                 }
             }
         };
@@ -702,6 +676,47 @@ impl FastH1 {
             Outcome::KeepAlive
         }
     }
+}
+
+/// After a failed try on endpoint `i`: `None` when the route's retries allow another (the
+/// backoff already waited), else the local reply to make and what to say.
+async fn after_failure(
+    fail: Fail,
+    forward: &Forward,
+    cluster: &Arc<Cluster>,
+    i: usize,
+    (retries, permit): (&mut u32, &mut Option<RetryPermit>),
+) -> Option<(Done, &'static str)> {
+    cluster.record(i, None, None);
+    let wanted = match fail {
+        Fail::Connect => forward.retries.on.connect(),
+        Fail::Reset => forward.retries.on.reset(),
+        Fail::Bad => false,
+    };
+    if wanted && *retries < forward.retries.attempts {
+        if let Some(p) = cluster.start_retry() {
+            *permit = Some(p);
+            *retries += 1;
+            tokio::time::sleep(forward.retries.backoff_for(*retries)).await;
+            return None;
+        }
+    }
+    let retried = *retries > 0;
+    let (status, flag, what) = match fail {
+        Fail::Connect => (
+            503,
+            if retried { "URX" } else { "UF" },
+            "upstream connect error",
+        ),
+        Fail::Reset => (
+            503,
+            if retried { "URX" } else { "UC" },
+            "upstream reset before response",
+        ),
+        Fail::Bad => (502, "UPE", "upstream sent an invalid response"),
+    };
+    let addr = Some(cluster.endpoints[i].addr);
+    Some((Done::local(status, flag, addr, *retries), what))
 }
 
 /// How a request ended, for metrics and the access log.

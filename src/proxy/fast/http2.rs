@@ -239,38 +239,14 @@ impl FastH1 {
             match exchange_h2(&out, &mut ubuf, cluster, i, head_only, started, emit).await {
                 Ok((up, resp)) => break (up, resp, i, inflight),
                 Err(fail) => {
-                    cluster.record(i, None, None);
-                    let wanted = match fail {
-                        Fail::Connect => forward.retries.on.connect(),
-                        Fail::Reset => forward.retries.on.reset(),
-                        Fail::Bad => false,
-                    };
-                    if wanted && retries < forward.retries.attempts {
-                        if let Some(p) = cluster.start_retry() {
-                            _permit = Some(p);
-                            retries += 1;
-                            tokio::time::sleep(forward.retries.backoff_for(retries)).await;
-                            continue;
+                    let tries = (&mut retries, &mut _permit);
+                    match after_failure(fail, forward, cluster, i, tries).await {
+                        None => continue,
+                        Some((done, what)) => {
+                            local_h2(s, &snapshot, route, cluster, started, done, what).await;
+                            return None;
                         }
                     }
-                    let retried = retries > 0;
-                    let addr = Some(cluster.endpoints[i].addr);
-                    let (status, flag, what) = match fail {
-                        Fail::Connect => (
-                            503,
-                            if retried { "URX" } else { "UF" },
-                            "upstream connect error",
-                        ),
-                        Fail::Reset => (
-                            503,
-                            if retried { "URX" } else { "UC" },
-                            "upstream reset before response",
-                        ),
-                        Fail::Bad => (502, "UPE", "upstream sent an invalid response"),
-                    };
-                    let done = Done::local(status, flag, addr, retries);
-                    local_h2(s, &snapshot, route, cluster, started, done, what).await;
-                    return None;
                 }
             }
         };
