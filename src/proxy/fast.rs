@@ -635,15 +635,12 @@ impl FastH1 {
         cluster.record(i, Some(resp.status), Some(upstream_time));
 
         // The response head is in `c.resp`; the body follows as it comes.
-        let mut done = Done {
-            status: resp.status,
-            flags: "",
-            details: "via_upstream",
-            sent: 0,
-            upstream_time: Some(upstream_time),
-            upstream_host: Some(cluster.endpoints[i].addr),
-            attempts: retries + 1,
-        };
+        let mut done = Done::via_upstream(
+            resp.status,
+            cluster.endpoints[i].addr,
+            upstream_time,
+            retries,
+        );
         let result = forward_body(c, resp.framing).await;
         drop(inflight);
         match result {
@@ -731,6 +728,19 @@ struct Done {
 }
 
 impl Done {
+    /// A response from endpoint `addr`, before its body is passed on.
+    fn via_upstream(status: u16, addr: SocketAddr, upstream_time: Duration, retries: u32) -> Done {
+        Done {
+            status,
+            flags: "",
+            details: "via_upstream",
+            sent: 0,
+            upstream_time: Some(upstream_time),
+            upstream_host: Some(addr),
+            attempts: retries + 1,
+        }
+    }
+
     /// A reply the gateway makes after failed tries; as on pingora's path, its details
     /// are left empty.
     fn local(

@@ -252,15 +252,12 @@ impl FastH1 {
         };
         let upstream_time = inflight.started.elapsed();
         cluster.record(i, Some(resp.status), Some(upstream_time));
-        let mut done = Done {
-            status: resp.status,
-            flags: "",
-            details: "via_upstream",
-            sent: 0,
-            upstream_time: Some(upstream_time),
-            upstream_host: Some(cluster.endpoints[i].addr),
-            attempts: retries + 1,
-        };
+        let mut done = Done::via_upstream(
+            resp.status,
+            cluster.endpoints[i].addr,
+            upstream_time,
+            retries,
+        );
         let Some(head) = head else {
             // A 101, or a field HTTP/2 cannot carry: nothing went to the client yet.
             let done = Done::local(502, "UPE", done.upstream_host, retries);
@@ -591,9 +588,16 @@ fn log_h2(
     started: Instant,
     done: &Done,
 ) {
+    // What the log reads of the request, without going through its headers again.
     let req_header = s.req_header();
-    let Some(req) = eligible_h2(req_header) else {
-        return;
+    let req = Req {
+        method: req_header.method.as_str(),
+        path: req_header.uri.path_and_query().map_or("/", |p| p.as_str()),
+        host: crate::proxy::authority(req_header),
+        close: false,
+        has_request_id: true,
+        xff: None,
+        body: s.body_bytes_read(),
     };
     let log = Log {
         snapshot,
