@@ -176,6 +176,12 @@ fn raw_connection(conn: TcpStream) {
             }
         }
         let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+        if let Some(answer) = large_answer(path) {
+            if conn.write_all(&answer).is_err() {
+                return;
+            }
+            continue;
+        }
         let (answer, close): (&[u8], bool) = match path {
             "/chunked" => (
                 b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n",
@@ -199,6 +205,36 @@ fn raw_connection(conn: TcpStream) {
             return;
         }
     }
+}
+
+/// 300 KiB that no shift of a read boundary leaves unchanged.
+fn large_body() -> Vec<u8> {
+    (0..300 * 1024u32).map(|i| (i % 251) as u8).collect()
+}
+
+/// `/large` (the large body with a length) and `/large-chunked` (in 7 000-byte chunks).
+fn large_answer(path: &str) -> Option<Vec<u8>> {
+    let body = large_body();
+    let mut answer = Vec::new();
+    match path {
+        "/large" => {
+            answer.extend_from_slice(
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).as_bytes(),
+            );
+            answer.extend_from_slice(&body);
+        }
+        "/large-chunked" => {
+            answer.extend_from_slice(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+            for chunk in body.chunks(7000) {
+                answer.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                answer.extend_from_slice(chunk);
+                answer.extend_from_slice(b"\r\n");
+            }
+            answer.extend_from_slice(b"0\r\n\r\n");
+        }
+        _ => return None,
+    }
+    Some(answer)
 }
 
 const CHUNKED: &[(&str, &str)] = &[("Transfer-Encoding", "chunked")];
@@ -419,6 +455,29 @@ fn upstream_framings_pass_through() {
     assert_eq!(ten.status, 200);
     assert_eq!(ten.text(), "ten ok");
     expect_fast(&s.portico, 5.0);
+}
+
+#[test]
+fn large_bodies_cross_whole_and_the_connection_goes_on() {
+    // Bodies larger than the small read size take the large reads; the buffer they grew
+    // is not kept, and the next (small) answer on the same connections is whole.
+    let s = start(&[]);
+    let mut client = HttpClient::new(s.http);
+    for path in ["/large", "/large-chunked", "/large"] {
+        let r = client.get("raw.test", path).expect(path);
+        assert_eq!(r.status, 200, "{path}: {}", s.portico.log());
+        assert!(
+            r.body == large_body(),
+            "{path}: {} bytes, not the upstream's",
+            r.body.len()
+        );
+    }
+    let small = client
+        .get("raw.test", "/chunked")
+        .expect("small after large");
+    assert_eq!(small.text(), "hello, world");
+    assert_eq!(client.connects, 1, "one client connection throughout");
+    expect_fast(&s.portico, 4.0);
 }
 
 #[test]

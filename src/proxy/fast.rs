@@ -109,6 +109,15 @@ struct Spare {
 const MAX_SPARE: usize = 128;
 const MAX_SPARE_BYTES: usize = 64 * 1024;
 
+/// Upstream body reads: the large size when more than the small one is left of a
+/// Content-Length body, or after a read that filled its buffer (other framings). On
+/// loopback, where a segment can be 64 KiB, reading a 100 KiB response in 16 or 32 KiB
+/// pieces cost `bench/run.sh`'s h1-100k a third of its throughput, and reads of 64 KiB, or
+/// of exactly what was left, brought 40 ms delayed-ACK stalls into its p99. See
+/// bench/RESULTS.md, "Large responses".
+const MIN_READ: usize = 16 * 1024;
+const MAX_READ: usize = 128 * 1024;
+
 thread_local! {
     // Per thread: each worker runs its own connections (no work stealing by default), so
     // no lock, and a connection that moved threads just uses the other thread's spares.
@@ -129,14 +138,12 @@ impl Conn {
             out: std::mem::take(&mut self.out),
             resp: std::mem::take(&mut self.resp),
         };
-        if spare
-            .ubuf
-            .capacity()
-            .max(spare.out.capacity())
-            .max(spare.resp.capacity())
-            > MAX_SPARE_BYTES
-        {
+        if spare.out.capacity().max(spare.resp.capacity()) > MAX_SPARE_BYTES {
             return;
+        }
+        if spare.ubuf.capacity() > MAX_SPARE_BYTES {
+            // Grown for a large body: not kept idle; the next request starts a new one.
+            spare.ubuf = BytesMut::new();
         }
         spare.ubuf.clear();
         SPARE.with_borrow_mut(|v| {
@@ -1073,6 +1080,7 @@ async fn forward_body(c: &mut Conn, framing: Framing) -> Result<usize, Side> {
         Framing::Chunked | Framing::Close => u64::MAX,
     };
     let mut first = true;
+    let mut read_size = MIN_READ;
     loop {
         // What of ubuf belongs to this body.
         let take = match framing {
@@ -1115,12 +1123,20 @@ async fn forward_body(c: &mut Conn, framing: Framing) -> Result<usize, Side> {
             return Err(Side::Upstream);
         };
         c.ubuf.clear();
-        c.ubuf.reserve(16384);
+        let want = match framing {
+            Framing::Length(_) if remaining > MIN_READ as u64 => MAX_READ,
+            _ => read_size,
+        };
+        c.ubuf.reserve(want);
         let n = up
             .io
             .read_buf(&mut c.ubuf)
             .await
             .map_err(|_| Side::Upstream)?;
+        if n >= read_size {
+            // The read filled the buffer: more is queued, take it in larger reads.
+            read_size = MAX_READ;
+        }
         if n == 0 {
             if framing == Framing::Close {
                 c.io.flush().await.map_err(|_| Side::Downstream)?;
