@@ -635,7 +635,13 @@ fn upstream_framings_become_h2_data() {
     let short = h2.get("raw.test", "/short");
     assert!(short.is_err(), "{short:?}");
     assert_eq!(h2.get("fast.test", "/next").expect("GET after").status, 200);
-    expect_fast(&s.portico, 9.0);
+    // Large bodies (the large reads), with a length and chunked, byte for byte.
+    for path in ["/large", "/large-chunked"] {
+        let r = h2.get("raw.test", path).expect(path);
+        assert_eq!(r.status, 200, "{path}");
+        assert!(r.body == large_body(), "{path}: {} bytes", r.body.len());
+    }
+    expect_fast(&s.portico, 11.0);
 }
 
 #[test]

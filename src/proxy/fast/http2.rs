@@ -501,6 +501,7 @@ async fn body_h2(
     };
     let mut chunks = ChunkScan::default();
     let mut sent = 0;
+    let mut read_size = MIN_READ;
     loop {
         let (data, done) = match framing {
             Framing::Length(_) => {
@@ -529,8 +530,16 @@ async fn body_h2(
         if done {
             return Ok(sent);
         }
-        ubuf.reserve(16384);
+        // Read sizes as on HTTP/1.1 (see `MIN_READ`).
+        let want = match framing {
+            Framing::Length(_) if remaining > MIN_READ as u64 => MAX_READ,
+            _ => read_size,
+        };
+        ubuf.reserve(want);
         let n = up.io.read_buf(ubuf).await.map_err(|_| Side::Upstream)?;
+        if n >= read_size {
+            read_size = MAX_READ;
+        }
         if n == 0 {
             if framing == Framing::Close {
                 s.finish().map_err(|_| Side::Downstream)?;
