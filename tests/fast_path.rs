@@ -214,6 +214,9 @@ fn large_body() -> Vec<u8> {
 
 /// `/large` (the large body with a length) and `/large-chunked` (in 7 000-byte chunks).
 fn large_answer(path: &str) -> Option<Vec<u8>> {
+    if !path.starts_with("/large") {
+        return None;
+    }
     let body = large_body();
     let mut answer = Vec::new();
     match path {

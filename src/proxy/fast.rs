@@ -118,6 +118,38 @@ const MAX_SPARE_BYTES: usize = 64 * 1024;
 const MIN_READ: usize = 16 * 1024;
 const MAX_READ: usize = 128 * 1024;
 
+/// The sizes of one body's upstream reads (see `MIN_READ`).
+struct BodyReads {
+    size: usize,
+}
+
+impl BodyReads {
+    fn new() -> Self {
+        BodyReads { size: MIN_READ }
+    }
+
+    /// Reads more of a body framed by `framing`, `remaining` bytes of it still to come.
+    async fn read(
+        &mut self,
+        io: &mut TcpStream,
+        buf: &mut BytesMut,
+        framing: Framing,
+        remaining: u64,
+    ) -> io::Result<usize> {
+        let want = match framing {
+            Framing::Length(_) if remaining > MIN_READ as u64 => MAX_READ,
+            _ => self.size,
+        };
+        buf.reserve(want);
+        let n = io.read_buf(buf).await?;
+        if n >= self.size {
+            // The read filled the buffer: more is queued, take it in larger reads.
+            self.size = MAX_READ;
+        }
+        Ok(n)
+    }
+}
+
 thread_local! {
     // Per thread: each worker runs its own connections (no work stealing by default), so
     // no lock, and a connection that moved threads just uses the other thread's spares.
@@ -1080,7 +1112,7 @@ async fn forward_body(c: &mut Conn, framing: Framing) -> Result<usize, Side> {
         Framing::Chunked | Framing::Close => u64::MAX,
     };
     let mut first = true;
-    let mut read_size = MIN_READ;
+    let mut reads = BodyReads::new();
     loop {
         // What of ubuf belongs to this body.
         let take = match framing {
@@ -1123,20 +1155,10 @@ async fn forward_body(c: &mut Conn, framing: Framing) -> Result<usize, Side> {
             return Err(Side::Upstream);
         };
         c.ubuf.clear();
-        let want = match framing {
-            Framing::Length(_) if remaining > MIN_READ as u64 => MAX_READ,
-            _ => read_size,
-        };
-        c.ubuf.reserve(want);
-        let n = up
-            .io
-            .read_buf(&mut c.ubuf)
+        let n = reads
+            .read(&mut up.io, &mut c.ubuf, framing, remaining)
             .await
             .map_err(|_| Side::Upstream)?;
-        if n >= read_size {
-            // The read filled the buffer: more is queued, take it in larger reads.
-            read_size = MAX_READ;
-        }
         if n == 0 {
             if framing == Framing::Close {
                 c.io.flush().await.map_err(|_| Side::Downstream)?;

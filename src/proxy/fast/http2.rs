@@ -501,7 +501,7 @@ async fn body_h2(
     };
     let mut chunks = ChunkScan::default();
     let mut sent = 0;
-    let mut read_size = MIN_READ;
+    let mut reads = BodyReads::new();
     loop {
         let (data, done) = match framing {
             Framing::Length(_) => {
@@ -530,16 +530,10 @@ async fn body_h2(
         if done {
             return Ok(sent);
         }
-        // Read sizes as on HTTP/1.1 (see `MIN_READ`).
-        let want = match framing {
-            Framing::Length(_) if remaining > MIN_READ as u64 => MAX_READ,
-            _ => read_size,
-        };
-        ubuf.reserve(want);
-        let n = up.io.read_buf(ubuf).await.map_err(|_| Side::Upstream)?;
-        if n >= read_size {
-            read_size = MAX_READ;
-        }
+        let n = reads
+            .read(&mut up.io, ubuf, framing, remaining)
+            .await
+            .map_err(|_| Side::Upstream)?;
         if n == 0 {
             if framing == Framing::Close {
                 s.finish().map_err(|_| Side::Downstream)?;
