@@ -514,6 +514,9 @@ fn echo_connection(stream: TcpStream, name: &str, count: &AtomicUsize, state: &E
         if send_body {
             out.extend_from_slice(&json_bytes);
         }
+        // Done before the answer goes out: once it is out the proxy may send the next
+        // request, which another thread could count before this one got here.
+        drop(_active);
         if writer.write_all(&out).and_then(|_| writer.flush()).is_err() {
             return;
         }
