@@ -8,7 +8,7 @@
 #   bench/run.sh all        compare, then scale
 #
 # Environment: ROUNDS (3), DURATION (10 s), WARMUP (1 s), SCENARIOS
-# (h1-1k,h1-100k,https-ka,tls-new,tls-capped,h2), PROXIES (nginx,haproxy,portico), PIN (1),
+# (h1-1k,h1-capped,h1-100k,https-ka,tls-new,tls-capped,h2,h2-100k), PROXIES (nginx,haproxy,portico), PIN (1),
 # CAP_CORES (0.5: CPU of the proxy in tls-capped), IR_CONNS (16: connections for instructions),
 # CERT_KEY (ec|rsa), SCALE_HOSTS ("10 1000 10000"), SCALE_CERTS (1000), RELOADS (3),
 # PORT_BASE (27000), PORTICO_BIN (target/release/portico), BUILD (1: cargo build --release

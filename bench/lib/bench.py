@@ -49,7 +49,8 @@ PORT_BASE = env_int("PORT_BASE", 27000)
 PIN = os.environ.get("PIN", "1") not in ("0", "", "no", "false")
 PORTICO = os.environ.get("PORTICO_BIN") or os.path.join(REPO, "target", "release", "portico")
 PROXIES = [p for p in os.environ.get("PROXIES", "nginx,haproxy,portico").replace(" ", ",").split(",") if p]
-ALL_SCENARIOS = ["h1-1k", "h1-capped", "h1-100k", "https-ka", "tls-new", "tls-capped", "h2"]
+ALL_SCENARIOS = ["h1-1k", "h1-capped", "h1-100k", "https-ka", "tls-new", "tls-capped", "h2",
+                 "h2-100k"]
 SCENARIO_NAMES = [s for s in os.environ.get("SCENARIOS", ",".join(ALL_SCENARIOS)).replace(" ", ",").split(",") if s]
 RESULTS = os.environ.get("RESULTS_FILE") or os.path.join(BENCH, "RESULTS.md")
 OUT = os.path.join(BENCH, "out")
@@ -444,6 +445,9 @@ SCENARIOS = {
     "h2": {"title": "HTTP/2 over TLS 1.3, 100 streams, 1 KiB", "tool": "h2load",
            "path": "/api/1k", "conns": env_int("CONNS_H2", 1), "streams": 100, "h1": False,
            "close": False, "snis": SNIS[:1]},
+    "h2-100k": {"title": "HTTP/2 over TLS 1.3, 100 streams, 100 KiB", "tool": "h2load",
+                "path": "/api/big", "conns": env_int("CONNS_H2", 1), "streams": 100,
+                "h1": False, "close": False, "snis": SNIS[:1]},
 }
 
 
