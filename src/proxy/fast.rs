@@ -53,6 +53,8 @@ const MAX_HEADERS: usize = 64;
 /// Request bodies up to this are read whole and forwarded with the head (and replayed on a
 /// retry); longer ones, and chunked ones, go to pingora, which streams them.
 const MAX_BODY: usize = 16 * 1024;
+/// Free space for each read of an upstream response head.
+const HEAD_READ: usize = 8192;
 /// Idle upstream connections one client connection keeps (the least recently used goes).
 const MAX_IDLE_UPSTREAMS: usize = 4;
 /// Keep-alive idle time of a client connection, pingora's default.
@@ -953,7 +955,7 @@ async fn exchange(
                 &mut c.ubuf,
                 head_only,
                 client_close,
-                |r, close| write_response_head(resp, r, close, ops),
+                |r, _, close| write_response_head(resp, r, close, ops),
             )
             .await
         }
@@ -984,7 +986,7 @@ async fn read_response(
     ubuf: &mut BytesMut,
     head_only: bool,
     client_close: bool,
-    mut emit: impl FnMut(&httparse::Response<'_, '_>, bool),
+    mut emit: impl FnMut(&httparse::Response<'_, '_>, &[u8], bool),
 ) -> io::Result<Option<Resp>> {
     loop {
         if let Some(end) = head_end(ubuf, 0) {
@@ -1050,7 +1052,7 @@ async fn read_response(
                 Framing::Close
             };
             let close = client_close || framing == Framing::Close;
-            emit(&r, close);
+            emit(&r, &ubuf[..head_len], close);
             ubuf.advance(head_len);
             return Ok(Some(Resp {
                 status,
@@ -1062,7 +1064,7 @@ async fn read_response(
         if ubuf.len() > MAX_HEAD {
             return Ok(None);
         }
-        ubuf.reserve(8192);
+        ubuf.reserve(HEAD_READ);
         if io.read_buf(ubuf).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }

@@ -98,7 +98,11 @@ impl FastH1 {
                 Ok(Some(H2Accept::Session(session))) => {
                     let app = self.clone();
                     let shutdown = shutdown.clone();
-                    tokio::spawn(async move { app.h2_stream(session, client_ip, shutdown).await });
+                    // Boxed: the stream's future is a few KiB, and tokio moves a future it
+                    // spawns (and the task's stage when it ends) by value, a copy each time;
+                    // behind a box those moves are of a pointer.
+                    let stream = async move { app.h2_stream(session, client_ip, shutdown).await };
+                    tokio::spawn(Box::pin(stream));
                 }
                 Ok(Some(H2Accept::Rejected)) => {
                     malformed += 1;
@@ -215,7 +219,9 @@ impl FastH1 {
         let mut tried = Vec::new();
         let mut retries = 0u32;
         let mut _permit: Option<RetryPermit> = None;
-        let mut ubuf = BytesMut::with_capacity(4096);
+        // What `read_response` reserves before its first read: less would make that reserve
+        // reallocate, copying the whole old block, once per stream.
+        let mut ubuf = BytesMut::with_capacity(HEAD_READ);
         let ops = [&route.headers.response, &destination.headers.response];
         let mut head = None;
         let (mut up, resp, i, inflight) = loop {
@@ -235,7 +241,9 @@ impl FastH1 {
             };
             tried.push(i);
             let inflight = InFlight::new(cluster.clone(), i);
-            let emit = |r: &httparse::Response<'_, '_>, _close: bool| head = response_head(r, ops);
+            let emit = |r: &httparse::Response<'_, '_>, raw: &[u8], _close: bool| {
+                head = response_head(r, raw, ops);
+            };
             match exchange_h2(&out, &mut ubuf, cluster, i, head_only, started, emit).await {
                 Ok((up, resp)) => break (up, resp, i, inflight),
                 Err(fail) => {
@@ -407,20 +415,39 @@ fn upstream_head(req: &RequestHeader, ops: [&HeaderOps; 2], client_ip: Option<Ip
     out
 }
 
-/// The client's response header for upstream head `r`: what HTTP/2 allows of it (pingora
-/// drops the connection-specific fields again as it writes), with `ops` applied.
-fn response_head(r: &httparse::Response<'_, '_>, ops: [&HeaderOps; 2]) -> Option<ResponseHeader> {
+/// The client's response header for upstream head `r` (parsed from `raw`): what HTTP/2
+/// allows of it (pingora drops the connection-specific fields again as it writes), with
+/// `ops` applied.
+fn response_head(
+    r: &httparse::Response<'_, '_>,
+    raw: &[u8],
+    ops: [&HeaderOps; 2],
+) -> Option<ResponseHeader> {
     let status = r.code?;
     if status < 200 {
         return None;
     }
     let mut h = ResponseHeader::build_no_case(status, Some(r.headers.len() + 2)).ok()?;
+    // The values share one copy of the head: a value of its own each would be an
+    // allocation, and another when pingora clones the header to keep it for the log.
+    let block = Bytes::copy_from_slice(raw);
+    let base = raw.as_ptr() as usize;
     for x in r.headers.iter() {
         if dropped_response_header(x.name) || x.name.eq_ignore_ascii_case("transfer-encoding") {
             continue;
         }
         let name = http::HeaderName::from_bytes(x.name.as_bytes()).ok()?;
-        let value = http::HeaderValue::from_bytes(x.value).ok()?;
+        let value = if x.value.is_empty() {
+            http::HeaderValue::from_static("")
+        } else {
+            // httparse's values are slices of `raw`.
+            let at = (x.value.as_ptr() as usize).checked_sub(base)?;
+            let range = at..at + x.value.len();
+            if range.end > block.len() {
+                return None;
+            }
+            http::HeaderValue::from_maybe_shared(block.slice(range)).ok()?
+        };
         h.append_header(name, value).ok()?;
     }
     for o in ops {
@@ -438,7 +465,7 @@ async fn exchange_h2(
     i: usize,
     head_only: bool,
     now: Instant,
-    mut emit: impl FnMut(&httparse::Response<'_, '_>, bool),
+    mut emit: impl FnMut(&httparse::Response<'_, '_>, &[u8], bool),
 ) -> Result<(Upstream, Resp), Fail> {
     let addr = cluster.endpoints[i].addr;
     // As on HTTP/1.1: past the cluster's idle timeout (pingora's default 60 s), not reused.
