@@ -164,16 +164,22 @@ def cleanup():
     STARTED.clear()
 
 
-def cpu_ticks(pids):
-    total = 0
+def cpu_split(pids):
+    """User and system clock ticks of `pids` (fields 14 utime and 15 stime of /proc/PID/stat)."""
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 rest = f.read().rsplit(")", 1)[1].split()
-            total += int(rest[11]) + int(rest[12])  # fields 14 utime + 15 stime
+            user += int(rest[11])
+            system += int(rest[12])
         except (OSError, IndexError):
             pass
-    return total
+    return user, system
+
+
+def cpu_ticks(pids):
+    return sum(cpu_split(pids))
 
 
 def status_kib(pid, key):
@@ -808,19 +814,22 @@ def sanity(name, ports):
 def measured(label, pids_fn, worker, fn, other_pids=()):
     reset_ok = reset_hwm(worker)
     pids = pids_fn()
-    t0 = cpu_ticks(pids)
+    u0, s0 = cpu_split(pids)
     o0 = cpu_ticks(other_pids)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     w0 = time.time()
     r = fn()
     wall = time.time() - w0
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t1 = cpu_ticks(pids)
+    u1, s1 = cpu_split(pids)
     o1 = cpu_ticks(other_pids)
-    cpu = (t1 - t0) / CLK_TCK
+    user, system = (u1 - u0) / CLK_TCK, (s1 - s0) / CLK_TCK
+    cpu = user + system
     r["proxy_cpu_s"] = cpu
     r["proxy_cpu_pct"] = 100 * cpu / r["seconds"] if r["seconds"] else None
     r["cpu_per_100k"] = cpu / r["requests"] * 1e5 if r["requests"] else None
+    r["user_per_100k"] = user / r["requests"] * 1e5 if r["requests"] else None
+    r["sys_per_100k"] = system / r["requests"] * 1e5 if r["requests"] else None
     r["upstream_cpu_pct"] = 100 * (o1 - o0) / CLK_TCK / wall
     r["client_cpu_pct"] = 100 * ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)) / wall
     hwm = status_kib(worker, "VmHWM")
@@ -1290,6 +1299,41 @@ def compare(command):
     log(f"wrote {RESULTS} and {raw}")
 
 
+def cpu_split_report(results):
+    """User and system CPU per request in the HTTP/1.1 scenarios, and what the HTTP/1.1 budget
+    (CPU <= 0.8x NGINX's) leaves Portico for user space after its system time."""
+    out = ["### User and system CPU, HTTP/1.1 (medians, s/100k)", "",
+           "For 1 KiB responses the kernel's work per request (2 receives and 2 sends, 4 segments) "
+           "is the same for every proxy, so system time is about equal and user time is where "
+           "proxies differ; for 100 KiB ones the sizes of a proxy's reads and writes change its "
+           "system time too.", "",
+           "| scenario | proxy | user | sys | user+sys | user+sys / NGINX |",
+           "|---|---|---:|---:|---:|---:|"]
+    for s in SCENARIO_NAMES:
+        if SCENARIOS[s]["tool"] != "wrk":
+            continue
+        base = med(results["nginx"][s], "cpu_per_100k")
+        for name in PROXIES:
+            runs = results[name][s]
+            if runs_in(name, s) and runs:
+                out.append(f"| {s} | {LABEL[name]} | {fmt(med(runs, 'user_per_100k'))} | "
+                           f"{fmt(med(runs, 'sys_per_100k'))} | {fmt(med(runs, 'cpu_per_100k'))} | "
+                           f"{ratio(med(runs, 'cpu_per_100k'), base)} |")
+    out.append("")
+    base_h1 = med(results["nginx"]["h1-1k"], "cpu_per_100k")
+    if "portico" in PROXIES and results["portico"]["h1-1k"] and base_h1 is not None:
+        budget = 0.8 * base_h1
+        sys_p = med(results["portico"]["h1-1k"], "sys_per_100k")
+        user_p = med(results["portico"]["h1-1k"], "user_per_100k")
+        line = (f"h1-1k: 0.8x NGINX's CPU per request is {fmt(budget)} s/100k; after Portico's system "
+                f"time ({fmt(sys_p)}) that leaves {fmt(budget - sys_p)} for user space, where Portico "
+                f"spends {fmt(user_p)}")
+        if "floor" in PROXIES and results["floor"]["h1-1k"]:
+            line += f" and the floor {fmt(med(results['floor']['h1-1k'], 'user_per_100k'))}"
+        out += [line + ".", ""]
+    return out
+
+
 def compare_report(command, start_load, vers, mach, results, idle, raw, failed):
     settings = [
         f"- settings: ROUNDS={ROUNDS}, DURATION={DURATION}s (+{WARMUP}s unmeasured warm-up per run), "
@@ -1376,6 +1420,8 @@ def compare_report(command, start_load, vers, mach, results, idle, raw, failed):
                     ratio(med(results["floor"][s], k), med(results["nginx"][s], k))
                     for k in ("rps", "p99_ms", "cpu_per_100k")) + " |")
         out.append("")
+    if "nginx" in PROXIES and "h1-1k" in SCENARIO_NAMES and results["nginx"]["h1-1k"]:
+        out += cpu_split_report(results)
     if failed:
         out.append("### Runs that failed (left out of the medians)")
         out.append("")
