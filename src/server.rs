@@ -124,10 +124,13 @@ pub fn run(
         .upgrade_socket
         .to_string_lossy()
         .into_owned();
-    // pingora binds listeners inside its service threads and only logs a failure there, so
+    // pingora binds listeners inside its service threads and panics there on failure, so
     // a port already in use is found here first and stops the start with a clear error.
-    // (An upgrade takes the sockets over from the running process, which holds them.)
+    // The probes stay open until all are made, so two of our own addresses that overlap
+    // are caught too. (An upgrade takes the sockets over from the running process, which
+    // holds them.)
     if !upgrade {
+        let mut probes = Vec::new();
         for addr in snapshot
             .listeners
             .iter()
@@ -137,13 +140,17 @@ pub fn run(
                 snapshot.settings.admin,
             )))
         {
-            if let Err(e) = std::net::TcpListener::bind(addr.1) {
-                return Err(RunError::Bind(format!(
-                    "cannot listen on {} ({}): {e}",
-                    addr.1, addr.0
-                )));
+            match std::net::TcpListener::bind(addr.1) {
+                Ok(probe) => probes.push(probe),
+                Err(e) => {
+                    return Err(RunError::Bind(format!(
+                        "cannot listen on {} ({}): {e}",
+                        addr.1, addr.0
+                    )));
+                }
             }
         }
+        exit_when_a_listener_fails();
     }
     let opt = pingora::server::configuration::Opt {
         upgrade,
@@ -273,4 +280,33 @@ pub fn run(
     );
     drop(snapshot);
     server.run_forever()
+}
+
+/// pingora opens each listener inside its service thread and, when that fails (the port
+/// taken by another process between the check in [`run`] and pingora's own bind/listen),
+/// panics in that thread while the rest of the process runs on without the port: the
+/// admin API answers, `/ready` never does. On a fresh start a gateway that is up but not
+/// listening is worse than one that stops, so that panic ends the process with exit
+/// status 1 and the reason, for the supervisor (systemd's `Restart=`, a Kubernetes
+/// restart) to act on. Not during an upgrade: the old process has handed over its sockets
+/// and is leaving, and the listeners that did open keep serving.
+fn exit_when_a_listener_fails() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("Failed to build listeners") {
+            let thread = std::thread::current();
+            let service = thread.name().unwrap_or("listener");
+            tracing::error!(service, error = message, "cannot listen; stopping");
+            eprintln!("portico: {service}: cannot listen: {message}");
+            eprintln!("portico: stopped");
+            std::process::exit(1);
+        }
+        default_hook(info);
+    }));
 }

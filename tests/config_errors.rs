@@ -238,6 +238,38 @@ hosts = ["dup.example.com", "other.example.com"]
     );
 }
 
+/// The admin API on a gateway's port (here the wildcard of one and the loopback of the
+/// other) would fail at `portico run` as a race between two listeners; it is refused here.
+#[test]
+fn admin_on_a_gateway_port() {
+    let text = mutate(
+        BASE,
+        "admin = \"127.0.0.1:15000\"",
+        "admin = \"0.0.0.0:8080\"",
+    );
+    let out = validate_fails(&text);
+    assert_error(
+        &out,
+        "portico.toml",
+        &text,
+        line_of(&text, "admin ="),
+        "mesh.admin",
+    );
+    assert!(
+        out.contains("127.0.0.1:8080"),
+        "the gateway address is named:\n{out}"
+    );
+    // Another address on the same port is fine.
+    let ok = mutate(
+        BASE,
+        "admin = \"127.0.0.1:15000\"",
+        "admin = \"127.0.0.2:8080\"",
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (code, out) = validate_in(tmp.path(), &ok);
+    assert_eq!(code, 0, "{out}");
+}
+
 #[test]
 fn unreadable_certificate() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -334,6 +334,20 @@ pub fn compile_cached(
         }
     };
     let gateways_at = started.elapsed();
+    // Caught here rather than at `portico run`, where the two would race for the port.
+    if let Some(l) = listeners.get(&settings.admin.port()) {
+        let (admin, gateway) = (settings.admin.ip(), l.addr.ip());
+        if admin == gateway || admin.is_unspecified() || gateway.is_unspecified() {
+            cx.err(
+                &doc.mesh.origin,
+                ".admin",
+                format!(
+                    "{} is also a gateway's address ({}); the admin API needs a port of its own",
+                    settings.admin, l.addr
+                ),
+            );
+        }
+    }
     // The last compile's bound tables can be patched when the gateways (hence every
     // binding of an unchanged VirtualService) are the same.
     let patch = match (cache.bound.take(), &cx.reuse) {

@@ -212,8 +212,14 @@ pub fn metric_sum(metrics_text: &str, name: &str, label: &str) -> Option<f64> {
 
 /// Run `portico ARGS...` to completion (10 s limit). Returns (exit code, stdout + stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String) {
+    run_cli_env(args, &[])
+}
+
+/// [`run_cli`] with extra environment variables for the process.
+pub fn run_cli_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let mut child = Command::new(PORTICO)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1291,6 +1297,12 @@ pub fn write_credential(creds_dir: &Path, credential: &str, names: &[&str]) -> V
 // The gateway process
 // ---------------------------------------------------------------------------------------------
 
+enum Ready {
+    Yes,
+    /// It stopped because a port it was to listen on was in use; its log.
+    PortTaken(String),
+}
+
 /// A running `portico run -c <dir>/portico.toml`. Killed on drop; if the test is panicking,
 /// the gateway's log is printed first.
 pub struct Portico {
@@ -1352,46 +1364,69 @@ impl Portico {
         write_atomic(&config_path, config_toml);
         let stdout_path = dir.join("portico.stdout.log");
         let stderr_path = dir.join("portico.stderr.log");
-        let stdout = fs::File::create(&stdout_path).expect("create stdout log");
-        let stderr = fs::File::create(&stderr_path).expect("create stderr log");
-        let child = Command::new(PORTICO)
-            .arg("run")
-            .arg("-c")
-            .arg(&config_path)
-            .arg("--log-level")
-            .arg("info")
-            .current_dir(dir)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {PORTICO}: {e}"));
+        let spawn = || {
+            let stdout = fs::File::create(&stdout_path).expect("create stdout log");
+            let stderr = fs::File::create(&stderr_path).expect("create stderr log");
+            Command::new(PORTICO)
+                .arg("run")
+                .arg("-c")
+                .arg(&config_path)
+                .arg("--log-level")
+                .arg("info")
+                .current_dir(dir)
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(stdout)
+                .stderr(stderr)
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {PORTICO}: {e}"))
+        };
         let mut portico = Portico {
             dir: dir.to_path_buf(),
-            config_path,
+            config_path: config_path.clone(),
             admin_port,
-            child: Some(child),
-            stdout_path,
-            stderr_path,
+            child: Some(spawn()),
+            stdout_path: stdout_path.clone(),
+            stderr_path: stderr_path.clone(),
         };
-        portico.wait_ready();
-        portico
+        // A port from `free_port` is free when handed out, not reserved: another process
+        // can open it before the gateway does (seen once in CI: listen() failed with
+        // EADDRINUSE right after bind() succeeded). The gateway then stops with "cannot
+        // listen"; start it again on the same config, whose ports are free again by then.
+        for _ in 0..3 {
+            match portico.wait_ready() {
+                Ready::Yes => return portico,
+                Ready::PortTaken(log) => {
+                    eprintln!("portico could not open a port; starting it again. log:\n{log}");
+                    thread::sleep(Duration::from_millis(200));
+                    portico.child = Some(spawn());
+                }
+            }
+        }
+        match portico.wait_ready() {
+            Ready::Yes => portico,
+            Ready::PortTaken(log) => {
+                panic!("portico could not open its ports 4 times; log:\n{log}")
+            }
+        }
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Ready {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
                 let log = self.log();
                 self.child = None;
+                if log.contains("cannot listen") {
+                    return Ready::PortTaken(log);
+                }
                 panic!("portico exited before becoming ready ({status}); log:\n{log}");
             }
             if let Ok(resp) =
                 try_http_request(self.admin_port, "GET", "127.0.0.1", "/ready", &[], b"")
             {
                 if resp.status == 200 {
-                    return;
+                    return Ready::Yes;
                 }
             }
             if Instant::now() >= deadline {
