@@ -69,16 +69,10 @@ fn bookinfo_routing_by_header_with_run_istio() {
             ("V3", v3.port().to_string()),
         ],
     );
-    let admin = free_port();
-    write_atomic(&tmp.path().join("portico.toml"), mesh_config(admin));
-    let gw = Portico::spawn_more(tmp.path(), admin, &["--istio", "manifests"]);
-    assert!(
-        wait_until(Duration::from_secs(20), || {
-            try_http_request(admin, "GET", "127.0.0.1", "/ready", &[], b"")
-                .is_ok_and(|r| r.status == 200)
-        }),
-        "not ready:\n{}",
-        gw.log()
+    let gw = Portico::start_with_args(
+        tmp.path(),
+        &mesh_config(free_port()),
+        &["--istio", "manifests"],
     );
     let host = "bookinfo.example.com";
     for _ in 0..5 {

@@ -1355,6 +1355,15 @@ impl Portico {
 
     /// [`Portico::start`] with extra environment variables for the process.
     pub fn start_with_env(dir: &Path, config_toml: &str, env: &[(&str, &str)]) -> Portico {
+        Self::start_full(dir, config_toml, &[], env)
+    }
+
+    /// [`Portico::start`] with extra arguments after `run -c <dir>/portico.toml`.
+    pub fn start_with_args(dir: &Path, config_toml: &str, args: &[&str]) -> Portico {
+        Self::start_full(dir, config_toml, args, &[])
+    }
+
+    fn start_full(dir: &Path, config_toml: &str, args: &[&str], env: &[(&str, &str)]) -> Portico {
         let admin_re = regex::Regex::new(r#"admin\s*=\s*"127\.0\.0\.1:(\d+)""#).unwrap();
         let admin_port: u16 = admin_re
             .captures(config_toml)
@@ -1373,6 +1382,7 @@ impl Portico {
                 .arg(&config_path)
                 .arg("--log-level")
                 .arg("info")
+                .args(args)
                 .current_dir(dir)
                 .envs(env.iter().copied())
                 .stdin(Stdio::null())
