@@ -428,25 +428,26 @@ fn response_head(
         return None;
     }
     let mut h = ResponseHeader::build_no_case(status, Some(r.headers.len() + 2)).ok()?;
-    // The values share one copy of the head: a value of its own each would be an
+    // Names and values share one copy of the head: a value of its own each would be an
     // allocation, and another when pingora clones the header to keep it for the log.
+    // pingora parses a name given as bytes into a `HeaderName` once; given a `HeaderName`
+    // it would look up its title case (copying a name it does not know) and parse again.
     let block = Bytes::copy_from_slice(raw);
     let base = raw.as_ptr() as usize;
+    // httparse's names and values are slices of `raw`.
+    let part = |s: &[u8]| {
+        let at = (s.as_ptr() as usize).checked_sub(base)?;
+        (at + s.len() <= block.len()).then(|| block.slice(at..at + s.len()))
+    };
     for x in r.headers.iter() {
         if dropped_response_header(x.name) || x.name.eq_ignore_ascii_case("transfer-encoding") {
             continue;
         }
-        let name = http::HeaderName::from_bytes(x.name.as_bytes()).ok()?;
+        let name = part(x.name.as_bytes())?;
         let value = if x.value.is_empty() {
             http::HeaderValue::from_static("")
         } else {
-            // httparse's values are slices of `raw`.
-            let at = (x.value.as_ptr() as usize).checked_sub(base)?;
-            let range = at..at + x.value.len();
-            if range.end > block.len() {
-                return None;
-            }
-            http::HeaderValue::from_maybe_shared(block.slice(range)).ok()?
+            http::HeaderValue::from_maybe_shared(part(x.value)?).ok()?
         };
         h.append_header(name, value).ok()?;
     }
