@@ -10,6 +10,7 @@
 # Environment: ROUNDS (3), DURATION (10 s), WARMUP (1 s), SCENARIOS
 # (h1-1k,h1-capped,h1-100k,https-ka,tls-new,tls-capped,h2,h2-100k), PROXIES (nginx,haproxy,portico), PIN (1),
 # CAP_CORES (0.5: CPU of the proxy in tls-capped), IR_CONNS (16: connections for instructions),
+# IR_SCENARIO (h1-1k, or h2: what instructions loads), IR_H2_REQUESTS (40000),
 # CERT_KEY (ec|rsa), SCALE_HOSTS ("10 1000 10000"), SCALE_CERTS (1000), RELOADS (3),
 # PORT_BASE (27000), PORTICO_BIN (target/release/portico), BUILD (1: cargo build --release
 # when the binary is missing), KEEP_TMP (keep the temp dir), RESULTS_FILE (bench/RESULTS.md).

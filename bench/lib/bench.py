@@ -1031,8 +1031,15 @@ def header(command, start_load, vers, mach, extra=(), noise=NOISE):
 # ------------------------------------------------------------------ instructions per request
 
 IR_CONNS = env_int("IR_CONNS", 16)
+# h1-1k (wrk, IR_CONNS connections, DURATION s) or h2 (h2load, one connection, 100
+# streams, IR_H2_REQUESTS requests after 5 000 of warm-up).
+IR_SCENARIO = os.environ.get("IR_SCENARIO", "h1-1k")
+if IR_SCENARIO not in ("h1-1k", "h2"):
+    sys.exit(f"IR_SCENARIO must be h1-1k or h2, not {IR_SCENARIO!r}")
+IR_H2_REQUESTS = env_int("IR_H2_REQUESTS", 40000)
 # The floor (bench/floor) runs in this mode only: it has no TLS and one hard-wired route.
-IR_PROXIES = PROXIES if "PROXIES" in os.environ else PROXIES + ["floor"]
+IR_PROXIES = (PROXIES if "PROXIES" in os.environ or IR_SCENARIO == "h2"
+              else PROXIES + ["floor"])
 FLOOR = os.path.join(BENCH, "floor")
 
 
@@ -1084,13 +1091,23 @@ def instructions(command):
                 p = start_proxy(env, name, ready_timeout=300)
             finally:
                 PROXY_WRAP = []
-            path = SCENARIOS["h1-1k"]["path"]
-            run_wrk(PORTS[name][0], path, HOST, IR_CONNS, 3)  # warm up under valgrind
+            path = SCENARIOS[IR_SCENARIO]["path"]
+            if IR_SCENARIO == "h2":
+                sc = SCENARIOS["h2"]
+
+                def load(count):
+                    return run_h2load(PORTS[name][1], sc["snis"], path, HOST, sc["conns"],
+                                      sc["streams"], 0, False, False, env.tmp, count=count,
+                                      timeout=600)
+            else:
+                def load(count):
+                    return run_wrk(PORTS[name][0], path, HOST, IR_CONNS, count)
+            load(5000 if IR_SCENARIO == "h2" else 3)  # warm up under valgrind
             pids = [str(x) for x in tree(p.pid)]
             # callgrind acts on a command when the process next runs: the zeroing lands as
             # the load starts, and the dump needs a poke, a request that is then counted.
             subprocess.run(["callgrind_control", "-z", *pids], check=True, stdout=subprocess.DEVNULL)
-            r = run_wrk(PORTS[name][0], path, HOST, IR_CONNS, DURATION)
+            r = load(IR_H2_REQUESTS if IR_SCENARIO == "h2" else DURATION)
             dump = subprocess.Popen(["callgrind_control", "-d", *pids], stdout=subprocess.DEVNULL)
             pokes = 0
             while dump.poll() is None and pokes < 100:
@@ -1115,22 +1132,33 @@ def instructions(command):
         env.close()
     text = instructions_report(command, start_load, vers, mach, results)
     print(text)
-    write_section("instructions", text)
+    write_section("instructions" if IR_SCENARIO == "h1-1k" else "instructions-h2", text)
     log(f"wrote {RESULTS}")
 
 
 def instructions_report(command, start_load, vers, mach, results):
     import callgrind
 
-    settings = [f"- load: `wrk -t1 -c{IR_CONNS} -d{DURATION}s` on h1-1k (GET {SCENARIOS['h1-1k']['path']}, "
-                "1 KiB from the upstream, x-bench added), after 3 s of warm-up; counters zeroed "
+    if IR_SCENARIO == "h2":
+        load = (f"`h2load -t1 -c1 -m100 -n {IR_H2_REQUESTS}` on h2 (HTTP/2 over TLS 1.3, GET "
+                f"{SCENARIOS['h2']['path']}, 1 KiB from the upstream, x-bench added), after "
+                "5 000 requests of warm-up")
+    else:
+        load = (f"`wrk -t1 -c{IR_CONNS} -d{DURATION}s` on h1-1k (GET {SCENARIOS['h1-1k']['path']}, "
+                "1 KiB from the upstream, x-bench added), after 3 s of warm-up")
+    settings = [f"- load: {load}; counters zeroed "
                 "(`callgrind_control -z`) before and dumped (`-d`) after; all of the proxy's "
                 "processes and threads counted, user space only (the kernel's socket work is "
                 "not in these numbers)"]
-    out = ["## Instructions per HTTP/1.1 request (callgrind)", "",
+    title = "HTTP/2" if IR_SCENARIO == "h2" else "HTTP/1.1"
+    if IR_SCENARIO == "h2":
+        seen = "two runs of the same Portico binary on 2026-12-05: 58,062 and 58,031, 0.05 %"
+    else:
+        seen = "two runs of the same binary differed by 0.04 % (Portico) and 0.6 % (NGINX)"
+    out = [f"## Instructions per {title} request (callgrind)", "",
            header(command, start_load, vers, mach, settings,
                   noise="- **noise:** instruction counts barely move with the machine's load "
-                        "(two runs of the same binary differed by 0.04 % (Portico) and 0.6 % (NGINX): how many requests "
+                        f"({seen}: how many requests "
                         "each wake-up finds ready changes the polling work per request)"), ""]
     base = results.get("nginx", {}).get("ir")
     out += ["| proxy | requests counted | instructions / request | / NGINX |", "|---|---:|---:|---:|"]
