@@ -140,15 +140,10 @@ pub fn run(
                 snapshot.settings.admin,
             )))
         {
-            match std::net::TcpListener::bind(addr.1) {
-                Ok(probe) => probes.push(probe),
-                Err(e) => {
-                    return Err(RunError::Bind(format!(
-                        "cannot listen on {} ({}): {e}",
-                        addr.1, addr.0
-                    )));
-                }
-            }
+            let probe = std::net::TcpListener::bind(addr.1).map_err(|e| {
+                RunError::Bind(format!("cannot listen on {} ({}): {e}", addr.1, addr.0))
+            })?;
+            probes.push(probe);
         }
         exit_when_a_listener_fails();
     }

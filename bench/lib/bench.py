@@ -1140,21 +1140,20 @@ def instructions_report(command, start_load, vers, mach, results):
     import callgrind
 
     if IR_SCENARIO == "h2":
+        title = "HTTP/2"
         load = (f"`h2load -t1 -c1 -m100 -n {IR_H2_REQUESTS}` on h2 (HTTP/2 over TLS 1.3, GET "
                 f"{SCENARIOS['h2']['path']}, 1 KiB from the upstream, x-bench added), after "
                 "5 000 requests of warm-up")
+        seen = "two runs of the same Portico binary on 2026-12-05: 58,062 and 58,031, 0.05 %"
     else:
+        title = "HTTP/1.1"
         load = (f"`wrk -t1 -c{IR_CONNS} -d{DURATION}s` on h1-1k (GET {SCENARIOS['h1-1k']['path']}, "
                 "1 KiB from the upstream, x-bench added), after 3 s of warm-up")
+        seen = "two runs of the same binary differed by 0.04 % (Portico) and 0.6 % (NGINX)"
     settings = [f"- load: {load}; counters zeroed "
                 "(`callgrind_control -z`) before and dumped (`-d`) after; all of the proxy's "
                 "processes and threads counted, user space only (the kernel's socket work is "
                 "not in these numbers)"]
-    title = "HTTP/2" if IR_SCENARIO == "h2" else "HTTP/1.1"
-    if IR_SCENARIO == "h2":
-        seen = "two runs of the same Portico binary on 2026-12-05: 58,062 and 58,031, 0.05 %"
-    else:
-        seen = "two runs of the same binary differed by 0.04 % (Portico) and 0.6 % (NGINX)"
     out = [f"## Instructions per {title} request (callgrind)", "",
            header(command, start_load, vers, mach, settings,
                   noise="- **noise:** instruction counts barely move with the machine's load "

@@ -1403,22 +1403,20 @@ impl Portico {
         // can open it before the gateway does (seen once in CI: listen() failed with
         // EADDRINUSE right after bind() succeeded). The gateway then stops with "cannot
         // listen"; start it again on the same config, whose ports are free again by then.
-        for _ in 0..3 {
+        for attempt in 1.. {
             match portico.wait_ready() {
-                Ready::Yes => return portico,
-                Ready::PortTaken(log) => {
+                Ready::Yes => break,
+                Ready::PortTaken(log) if attempt < 4 => {
                     eprintln!("portico could not open a port; starting it again. log:\n{log}");
                     thread::sleep(Duration::from_millis(200));
                     portico.child = Some(spawn());
                 }
+                Ready::PortTaken(log) => {
+                    panic!("portico could not open its ports {attempt} times; log:\n{log}")
+                }
             }
         }
-        match portico.wait_ready() {
-            Ready::Yes => portico,
-            Ready::PortTaken(log) => {
-                panic!("portico could not open its ports 4 times; log:\n{log}")
-            }
-        }
+        portico
     }
 
     fn wait_ready(&mut self) -> Ready {
