@@ -8,6 +8,7 @@ pub mod config;
 pub mod egress;
 pub mod l4;
 pub mod lifecycle;
+pub mod listener;
 pub mod proxy;
 pub mod reload;
 pub mod routing;

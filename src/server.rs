@@ -32,29 +32,60 @@ impl TlsAccept for KeepSni {
     }
 }
 
-/// The app of HTTPS listener `i`: Portico's TLS accept, then the fast path (HTTP/1.1 or
-/// h2, when on) or pingora's HTTP service on the TLS stream.
+/// The pingora request cycle of listener `i`, for the requests Portico's codecs lend it
+/// (and the h2 connections they hand over): h2c when the listener serves it, and its
+/// connections' h2 idle timeout.
+fn pingora_cycle(
+    server_conf: &Arc<ServerConf>,
+    gateway: Gateway,
+    h2c: bool,
+    h2_idle: std::time::Duration,
+) -> Arc<pingora_proxy::HttpProxy<Gateway>> {
+    let mut proxy = pingora_proxy::http_proxy(server_conf, gateway);
+    let mut opts = HttpServerOptions::default();
+    opts.h2c = h2c;
+    opts.h2_idle_timeout = Some(h2_idle);
+    proxy.server_options = Some(opts);
+    Arc::new(proxy)
+}
+
+/// Portico's HTTP/1.1 front of listener `i` (see `proxy::fast`), lending requests to `http`.
+fn front(
+    i: usize,
+    l: &crate::snapshot::Listener,
+    reloader: &Arc<Reloader>,
+    http: Arc<pingora_proxy::HttpProxy<Gateway>>,
+    fast_path: bool,
+) -> crate::proxy::fast::FastH1 {
+    crate::proxy::fast::FastH1 {
+        listener: i,
+        tls: l.tls,
+        h2c: l.h2c,
+        forward: fast_path && !l.forward_proxy,
+        snapshots: reloader.snapshots.clone(),
+        http,
+        connections: crate::listener::ConnectionLimit::new(l.shape().to_string()),
+    }
+}
+
+/// The app of HTTPS listener `i`: Portico's TLS accept, then Portico's HTTP/1.1 front or
+/// h2 (the fast path's, or pingora's when it is off) on the TLS stream.
 fn https_app(
     i: usize,
+    l: &crate::snapshot::Listener,
     reloader: &Arc<Reloader>,
-    server_conf: &Arc<pingora::server::configuration::ServerConf>,
+    server_conf: &Arc<ServerConf>,
     gateway: Gateway,
-    name: &str,
     fast_path: bool,
 ) -> Result<crate::tls::https::Https, RunError> {
-    let proxy = Arc::new(pingora_proxy::http_proxy(server_conf, gateway));
-    let fast = fast_path.then(|| {
-        Arc::new(crate::proxy::fast::FastH1 {
-            listener: i,
-            tls: true,
-            snapshots: reloader.snapshots.clone(),
-            http: proxy.clone(),
-        })
-    });
+    let name = format!("listener {}", l.shape());
+    let idle = reloader.snapshots.load().settings.downstream.idle_timeout;
+    let proxy = pingora_cycle(server_conf, gateway, false, idle);
     Ok(crate::tls::https::Https {
-        acceptor: tls_acceptor(i, reloader, name)?,
+        acceptor: tls_acceptor(i, reloader, &name)?,
+        front: Arc::new(front(i, l, reloader, proxy.clone(), fast_path)),
         proxy,
-        fast,
+        fast_h2: fast_path,
         snapshots: reloader.snapshots.clone(),
     })
 }
@@ -155,18 +186,19 @@ pub fn run(
     server.bootstrap();
     let server_conf = server.configuration.clone();
 
+    let h2_idle = snapshot.settings.downstream.idle_timeout;
     for (i, l) in snapshot.listeners.iter().enumerate() {
+        let name = format!("listener {}", l.shape());
+        let gateway = Gateway::new(i, l.tls, reloader.snapshots.clone());
         if l.l4.is_some() {
             // A passthrough port shared with HTTPS servers terminates the names they claim.
             let terminate = if l.tls {
-                let name = format!("listener {}", l.shape());
-                let gateway = Gateway::new(i, true, reloader.snapshots.clone());
                 Some(https_app(
                     i,
+                    l,
                     &reloader,
                     &server_conf,
                     gateway,
-                    &name,
                     fast_path,
                 )?)
             } else {
@@ -176,21 +208,7 @@ pub fn run(
                 listener: i,
                 snapshots: reloader.snapshots.clone(),
                 terminate,
-            };
-            let mut svc = Service::new(format!("listener {}", l.shape()), app);
-            svc.add_tcp(&l.addr.to_string());
-            tracing::info!(listener = %l.shape(), "listening");
-            server.add_service(svc);
-            continue;
-        }
-        let mut gateway = Gateway::new(i, l.tls, reloader.snapshots.clone());
-        let name = format!("listener {}", l.shape());
-        if l.forward_proxy {
-            gateway.forward_proxy = true;
-            // CONNECT needs its own accept path (see egress::forward).
-            let app = crate::egress::forward::ForwardProxy {
-                http: Arc::new(pingora_proxy::http_proxy(&server_conf, gateway)),
-                snapshots: reloader.snapshots.clone(),
+                connections: crate::listener::ConnectionLimit::new(l.shape().to_string()),
             };
             let mut svc = Service::new(name, app);
             svc.add_tcp(&l.addr.to_string());
@@ -199,9 +217,26 @@ pub fn run(
             continue;
         }
         let addr = l.addr.to_string();
+        if l.forward_proxy {
+            let mut gateway = gateway;
+            gateway.forward_proxy = true;
+            // CONNECT needs its own accept path (see egress::forward); other requests go
+            // through the HTTP/1.1 front to pingora's cycle.
+            let http = pingora_cycle(&server_conf, gateway, false, h2_idle);
+            let app = crate::egress::forward::ForwardProxy {
+                front: Arc::new(front(i, l, &reloader, http.clone(), false)),
+                http,
+                snapshots: reloader.snapshots.clone(),
+            };
+            let mut svc = Service::new(name, app);
+            svc.add_tcp(&addr);
+            tracing::info!(listener = %l.shape(), "listening");
+            server.add_service(svc);
+            continue;
+        }
         if l.tls {
             // A plain TCP listener: the app does the handshake with Portico's own TLS config.
-            let app = https_app(i, &reloader, &server_conf, gateway, &name, fast_path)?;
+            let app = https_app(i, l, &reloader, &server_conf, gateway, fast_path)?;
             let mut svc = Service::new(name, app);
             // No L4 read buffer: rustls reads records into its own buffer, so pingora's
             // 64 KiB one (allocated zeroed per accepted connection, and held while the
@@ -213,35 +248,20 @@ pub fn run(
             server.add_service(svc);
             continue;
         }
-        if fast_path && !l.h2c {
-            let app = crate::proxy::fast::FastH1 {
-                listener: i,
-                tls: false,
-                snapshots: reloader.snapshots.clone(),
-                http: Arc::new(pingora_proxy::http_proxy(&server_conf, gateway)),
-            };
-            let mut svc = Service::new(name, app);
-            // No L4 read buffer under the fast path: it reads into its own buffer, so
-            // pingora's 64 KiB one would only copy every request once more (and hold 64 KiB
-            // per connection). The 1 460-byte write buffer stays: it puts the head and body
-            // of a small response pingora answers (after a handover) into one send.
-            svc.add_listener(
-                ListenerConfig::tcp(addr).l4_buffer(L4BufferSettings::default().read(0)),
-            );
-            tracing::info!(listener = %l.shape(), "listening (HTTP/1.1 fast path)");
-            server.add_service(svc);
-            continue;
-        }
-        let mut svc = pingora_proxy::http_proxy_service_with_name(&server_conf, gateway, &name);
-        if l.h2c {
-            let mut opts = HttpServerOptions::default();
-            opts.h2c = true;
-            if let Some(app) = svc.app_logic_mut() {
-                app.server_options = Some(opts);
-            }
-        }
-        svc.add_tcp(&addr);
-        tracing::info!(listener = %l.shape(), "listening");
+        let http = pingora_cycle(&server_conf, gateway, l.h2c, h2_idle);
+        let app = front(i, l, &reloader, http, fast_path);
+        let mut svc = Service::new(name, app);
+        // No L4 read buffer: the front reads into its own buffer, so pingora's 64 KiB one
+        // would only copy every request once more (and hold 64 KiB per connection). The
+        // 1 460-byte write buffer stays: it puts the head and body of a small response
+        // pingora answers (after a handover) into one send.
+        svc.add_listener(ListenerConfig::tcp(&addr).l4_buffer(L4BufferSettings::default().read(0)));
+        let how = if fast_path {
+            " (HTTP/1.1 fast path)"
+        } else {
+            ""
+        };
+        tracing::info!(listener = %l.shape(), "listening{how}");
         server.add_service(svc);
     }
 

@@ -103,6 +103,39 @@ pub struct Settings {
     pub access_log: Option<AccessLogSettings>,
     pub tracing: Option<crate::telemetry::trace::TraceSettings>,
     pub upgrade_socket: PathBuf,
+    /// How request paths are normalized before routing.
+    pub path_normalization: crate::routing::path::PathNormalization,
+    pub downstream: Downstream,
+}
+
+/// Timeouts and limits of client connections and requests (`mesh.downstream`).
+#[derive(Debug, Clone)]
+pub struct Downstream {
+    pub request_headers_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub request_body_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    pub max_connection_duration: Option<Duration>,
+    pub max_connections: Option<usize>,
+    /// Bytes.
+    pub max_request_headers: usize,
+    /// Bytes of the request target.
+    pub max_uri_length: usize,
+}
+
+impl Default for Downstream {
+    fn default() -> Self {
+        Downstream {
+            request_headers_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            request_body_timeout: Duration::from_secs(60),
+            stream_idle_timeout: Duration::from_secs(300),
+            max_connection_duration: None,
+            max_connections: None,
+            max_request_headers: 60 * 1024,
+            max_uri_length: 8192,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -303,14 +303,16 @@ fn a_connection_starts_on_the_fast_path_and_moves_to_pingora_for_a_body() {
     assert_eq!(post.json()["headers"]["x-route"], "plain");
     assert_eq!(handoffs(&s.portico, "request"), 1.0);
 
-    // The same connection, now pingora's, keeps serving.
+    // pingora read exactly that request and gave the connection back: the next request
+    // on it takes the fast path again.
     let third = client
         .get("fast.test", "/c")
         .expect("GET after the handoff");
     assert_eq!(third.status, 200);
     assert_eq!(third.json()["path"], "/c");
     assert_eq!(client.connects, 1, "one client connection throughout");
-    expect_fast(&s.portico, 1.0);
+    expect_fast(&s.portico, 2.0);
+    assert_eq!(handoffs(&s.portico, "request"), 1.0);
     assert_eq!(s.echo.count(), 3);
 }
 
@@ -502,7 +504,7 @@ fn an_upstream_connection_closed_after_its_answer_is_not_reused_blindly() {
 }
 
 #[test]
-fn a_request_head_too_long_or_malformed_gets_pingoras_answer() {
+fn a_malformed_request_head_gets_400_from_the_front_with_a_log_line() {
     let s = start(&[]);
     let mut conn = TcpStream::connect(("127.0.0.1", s.http)).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
@@ -512,8 +514,20 @@ fn a_request_head_too_long_or_malformed_gets_pingoras_answer() {
     let mut answer = String::new();
     let _ = conn.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
-    assert_eq!(handoffs(&s.portico, "head"), 1.0);
+    assert!(answer.contains("connection: close"), "{answer:?}");
+    assert_eq!(handoffs(&s.portico, "head"), 0.0, "not pingora's any more");
     assert_eq!(s.echo.count(), 0);
+    let logged = wait_until(Duration::from_secs(5), || {
+        s.portico.stdout().lines().any(|l| {
+            l.contains("\"response_code\":400")
+                && l.contains("\"response_code_details\":\"http1.codec_error\"")
+        })
+    });
+    assert!(
+        logged,
+        "the refusal has an access log line:\n{}",
+        s.portico.stdout()
+    );
 }
 
 #[test]

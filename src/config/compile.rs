@@ -21,6 +21,7 @@ use super::error::ConfigError;
 use super::load::{settled, Document, FileStamp, Item, Origin, Stamps};
 use super::schema::{self, StringMatch};
 use crate::l4::{L4Kind, L4Route, L4Table, SniRoute};
+use crate::routing::path::PathNormalization;
 use crate::routing::route::{RouteOrigin, WeightedDestination};
 use crate::routing::{
     host, Action, Cors, DirectResponse, Fault, Forward, HeaderOps, HeaderRules, HostMatcher,
@@ -813,7 +814,11 @@ impl Cx {
             }
         };
         let tracing = self.tracing(doc);
+        let path_normalization = self.path_normalization(doc);
+        let downstream = self.downstream(doc);
         Settings {
+            path_normalization,
+            downstream,
             upgrade_socket: match &m.upgrade_socket {
                 Some(p) => doc.main.resolve(p),
                 None => std::env::temp_dir().join("portico-upgrade.sock"),
@@ -838,6 +843,107 @@ impl Cx {
                 .map(|d| d.get())
                 .unwrap_or(Duration::from_secs(5)),
         }
+    }
+
+    fn path_normalization(&mut self, doc: &Document) -> PathNormalization {
+        use crate::routing::path::{EscapedSlashes, Normalization};
+        let o = &doc.mesh.origin;
+        let mut out = PathNormalization::default();
+        let Some(p) = &doc.mesh.spec.path_normalization else {
+            return out;
+        };
+        match p.normalization.as_deref() {
+            None => {}
+            Some("NONE") => out.normalization = Normalization::None,
+            Some("BASE" | "DEFAULT") => out.normalization = Normalization::Base,
+            Some("MERGE_SLASHES") => out.normalization = Normalization::MergeSlashes,
+            Some("DECODE_AND_MERGE_SLASHES") => {
+                out.normalization = Normalization::DecodeAndMergeSlashes;
+                out.escaped_slashes = EscapedSlashes::Decode;
+            }
+            Some(other) => self.err(
+                o,
+                ".pathNormalization.normalization",
+                format!("{other:?} is not NONE, BASE, MERGE_SLASHES or DECODE_AND_MERGE_SLASHES"),
+            ),
+        }
+        match p.escaped_slashes.as_deref() {
+            None => {}
+            Some("KEEP_UNCHANGED") => out.escaped_slashes = EscapedSlashes::Keep,
+            Some("REJECT_REQUEST") => out.escaped_slashes = EscapedSlashes::Reject,
+            Some("UNESCAPE_AND_FORWARD") => out.escaped_slashes = EscapedSlashes::Decode,
+            Some(other) => self.err(
+                o,
+                ".pathNormalization.escapedSlashes",
+                format!("{other:?} is not KEEP_UNCHANGED, REJECT_REQUEST or UNESCAPE_AND_FORWARD"),
+            ),
+        }
+        if out.normalization == Normalization::None && out.escaped_slashes != EscapedSlashes::Keep {
+            self.err(
+                o,
+                ".pathNormalization.escapedSlashes",
+                "needs a normalization other than NONE",
+            );
+        }
+        out
+    }
+
+    fn downstream(&mut self, doc: &Document) -> crate::snapshot::Downstream {
+        let o = &doc.mesh.origin;
+        let mut out = crate::snapshot::Downstream::default();
+        let Some(d) = &doc.mesh.spec.downstream else {
+            return out;
+        };
+        let mut positive =
+            |field: &str, value: Option<crate::config::duration::Duration>, slot: &mut Duration| {
+                if let Some(v) = value {
+                    if v.get().is_zero() {
+                        self.err(o, &format!(".downstream.{field}"), "must be more than 0s");
+                    } else {
+                        *slot = v.get();
+                    }
+                }
+            };
+        positive(
+            "requestHeadersTimeout",
+            d.request_headers_timeout,
+            &mut out.request_headers_timeout,
+        );
+        positive("idleTimeout", d.idle_timeout, &mut out.idle_timeout);
+        positive(
+            "requestBodyTimeout",
+            d.request_body_timeout,
+            &mut out.request_body_timeout,
+        );
+        positive(
+            "streamIdleTimeout",
+            d.stream_idle_timeout,
+            &mut out.stream_idle_timeout,
+        );
+        out.max_connection_duration = d
+            .max_connection_duration
+            .map(|v| v.get())
+            .filter(|v| !v.is_zero());
+        out.max_connections = d.max_connections.filter(|&n| n > 0).map(|n| n as usize);
+        if let Some(kb) = d.max_request_headers_kb {
+            if !(1..=8192).contains(&kb) {
+                self.err(o, ".downstream.maxRequestHeadersKb", "must be 1-8192");
+            } else {
+                out.max_request_headers = kb as usize * 1024;
+            }
+        }
+        if let Some(n) = d.max_uri_length {
+            if n < 16 || n as usize > out.max_request_headers {
+                self.err(
+                    o,
+                    ".downstream.maxUriLength",
+                    "must be at least 16 and at most maxRequestHeadersKb",
+                );
+            } else {
+                out.max_uri_length = n as usize;
+            }
+        }
+        out
     }
 
     fn tracing(&mut self, doc: &Document) -> Option<crate::telemetry::trace::TraceSettings> {

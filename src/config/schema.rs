@@ -68,6 +68,49 @@ pub struct Mesh {
     pub upgrade_socket: Option<String>,
     #[serde(default)]
     pub extension_providers: Vec<ExtensionProvider>,
+    /// Istio MeshConfig `pathNormalization`: how request paths are normalized before
+    /// routing (and forwarded).
+    pub path_normalization: Option<PathNormalization>,
+    /// Portico extension: timeouts and limits of client connections and requests, with
+    /// Envoy's names where it has one (README, Hardening).
+    pub downstream: Option<Downstream>,
+}
+
+/// MeshConfig `pathNormalization`.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathNormalization {
+    /// `NONE`, `BASE`, `MERGE_SLASHES` (Portico's default) or `DECODE_AND_MERGE_SLASHES`.
+    pub normalization: Option<String>,
+    /// Portico extension, Envoy's `pathWithEscapedSlashesAction`: `KEEP_UNCHANGED`
+    /// (default), `REJECT_REQUEST` or `UNESCAPE_AND_FORWARD` (what
+    /// `DECODE_AND_MERGE_SLASHES` implies).
+    pub escaped_slashes: Option<String>,
+}
+
+/// `mesh.downstream`: what a client connection and a request may take.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Downstream {
+    /// A request head must be complete this long after its first byte. Default 30s.
+    pub request_headers_timeout: Option<Duration>,
+    /// A keep-alive connection with no request in progress is closed after this. Default 60s.
+    pub idle_timeout: Option<Duration>,
+    /// Between two reads of a request body. Default 60s.
+    pub request_body_timeout: Option<Duration>,
+    /// A request with no progress either way (waiting for the upstream's answer, or for
+    /// the client to read it) is ended after this. Default 300s.
+    pub stream_idle_timeout: Option<Duration>,
+    /// A connection is closed after its request in progress once it is this old. Default:
+    /// none.
+    pub max_connection_duration: Option<Duration>,
+    /// Connections each listener holds at once; more are closed as they come. Default:
+    /// none.
+    pub max_connections: Option<u32>,
+    /// The largest request head, in KiB: more gets 431. Default 60.
+    pub max_request_headers_kb: Option<u32>,
+    /// The longest request target (path and query), in bytes: more gets 414. Default 8192.
+    pub max_uri_length: Option<u32>,
 }
 
 /// MeshConfig `defaultConfig` (ProxyConfig): Portico reads `tracing`.

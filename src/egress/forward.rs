@@ -116,8 +116,11 @@ pub fn denied_body(host: &str, port: u16, rule: &str) -> String {
     format!("egress to {host}:{port} denied: {rule}\n")
 }
 
-/// An egress listener's app: CONNECT tunnels here, all other requests to `http`.
+/// An egress listener's app: CONNECT tunnels here, all other requests through Portico's
+/// HTTP/1.1 front to pingora's cycle (`http`), which decides absolute-form requests by the
+/// egress registry.
 pub struct ForwardProxy {
+    pub front: Arc<crate::proxy::fast::FastH1>,
     pub http: Arc<HttpProxy<Gateway>>,
     pub snapshots: Arc<ArcSwap<Snapshot>>,
 }
@@ -129,15 +132,18 @@ impl ServerApp for ForwardProxy {
         mut io: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // Peeked bytes stay in the stream for whoever reads next. A kept-alive connection
-        // comes back here after each request, so every request is looked at.
+        let max = self.snapshots.load().settings.downstream.max_connections;
+        let _slot = self.front.connections.admit(max)?;
+        // Peeked bytes stay in the stream for whoever reads next. A connection that opens
+        // with a CONNECT is a tunnel; any other is HTTP, whose later requests the front
+        // reads (a CONNECT among them gets pingora's 405).
         let mut first = [0u8; 8];
         match tokio::time::timeout(IDLE, io.try_peek(&mut first)).await {
             Ok(Ok(true)) if &first == b"CONNECT " => {
                 self.connect(io).await;
                 None
             }
-            Ok(Ok(_)) => self.http.process_new(io, shutdown).await,
+            Ok(Ok(_)) => self.front.serve_connection(io, shutdown).await,
             // Idle too long, or closed before a request.
             _ => None,
         }
@@ -271,6 +277,7 @@ impl ForwardProxy {
             start,
             method: "CONNECT",
             path: &out.authority,
+            query: None,
             protocol: "HTTP/1.1",
             status: out.status,
             flags: out.flags,

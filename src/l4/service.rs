@@ -43,6 +43,8 @@ pub struct L4Service {
     pub snapshots: Arc<ArcSwap<Snapshot>>,
     /// On a port shared with HTTPS servers: how names they claim are terminated.
     pub terminate: Option<Terminate>,
+    /// The listener's connection cap.
+    pub connections: Arc<crate::listener::ConnectionLimit>,
 }
 
 /// TLS termination for the HTTPS servers of a passthrough port: the same app as on any
@@ -96,6 +98,9 @@ impl ServerApp for L4Service {
         // Open connections are not cut on shutdown: pingora stops accepting, waits
         // `drainDuration`, then stops the runtime, which closes whatever is still open.
         let snapshot = self.snapshots.load_full();
+        let _slot = self
+            .connections
+            .admit(snapshot.settings.downstream.max_connections)?;
         let (downstream_local, downstream_remote) =
             access_log::addresses(io.get_socket_digest().as_deref());
         let mut rec = Record {
@@ -399,6 +404,7 @@ fn finish(snapshot: &Snapshot, rec: &Record, flag: &'static str, details: &'stat
         start: rec.started_at,
         method: "-",
         path: "-",
+        query: None,
         protocol: "-",
         status: 0,
         flags: flag,

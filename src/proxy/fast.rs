@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Buf, Bytes, BytesMut};
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::tls::SslDigest;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
@@ -34,6 +35,7 @@ use pingora_proxy::HttpProxy;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::check::{self, Refusal};
 use super::{request_id, write_forwarded_for, Gateway};
 use crate::routing::{
     normalize_host, Action, Decision, Forward, HeaderOps, Headers, RequestView, Route,
@@ -43,49 +45,77 @@ use crate::snapshot::Snapshot;
 use crate::telemetry::access_log::Sink;
 use crate::telemetry::istio::Observation;
 use crate::telemetry::{access_log, Metrics};
-use crate::upstream::{Cluster, InFlight, RetryPermit};
+use crate::upstream::retry::{self, Again, TryFailure};
+use crate::upstream::{self, Cluster, InFlight, RetryPermit};
 
 mod http2;
 
-/// Longer heads go to pingora, which answers them as it does any other.
-const MAX_HEAD: usize = 16 * 1024;
-const MAX_HEADERS: usize = 64;
+/// Header fields a request or response head may have (Envoy's `max_headers_count`
+/// default): more gets 431 from a client, 502 from an upstream.
+pub const MAX_HEADERS: usize = 100;
+/// The largest upstream response head (Envoy's `max_response_headers_kb` default): more is
+/// an invalid response, 502.
+pub const MAX_RESPONSE_HEAD: usize = 60 * 1024;
 /// Request bodies up to this are read whole and forwarded with the head (and replayed on a
 /// retry); longer ones, and chunked ones, go to pingora, which streams them.
 const MAX_BODY: usize = 16 * 1024;
 /// Free space for each read of an upstream response head.
 const HEAD_READ: usize = 8192;
-/// Idle upstream connections one client connection keeps (the least recently used goes).
-const MAX_IDLE_UPSTREAMS: usize = 4;
-/// Keep-alive idle time of a client connection, pingora's default.
-const IDLE: Duration = Duration::from_secs(60);
 
-/// The app of a plain-text HTTP/1.1 listener with the fast path on.
+/// Portico's HTTP/1.1 front: reads and checks every request head of a listener's
+/// HTTP/1.1 connections (plain, and HTTPS ones that did not choose h2), then forwards the
+/// request itself (the fast path) or lends the connection to pingora's request cycle for
+/// that one request.
 pub struct FastH1 {
     pub listener: usize,
     /// Requests arrive over TLS (an HTTPS listener hands over each handshaken stream).
     pub tls: bool,
+    /// An h2c listener: a connection that opens with the h2 preface is pingora's.
+    pub h2c: bool,
+    /// The fast path forwards what it can; when off (`--no-fast-path`), every request goes
+    /// through pingora's cycle.
+    pub forward: bool,
     pub snapshots: Arc<ArcSwap<Snapshot>>,
     pub http: Arc<HttpProxy<Gateway>>,
+    /// The listener's connection cap (the outermost app admits: an HTTPS listener before
+    /// its handshake).
+    pub connections: Arc<crate::listener::ConnectionLimit>,
 }
 
-/// An upstream connection a client connection keeps between its requests.
+/// The upstream connection of a request.
 struct Upstream {
     addr: SocketAddr,
     io: TcpStream,
-    /// When the last request on it started: idle since about then.
-    used: Instant,
+    /// Taken from the pool, rather than connected for this try.
+    pooled: bool,
+}
+
+impl Upstream {
+    /// Back to the thread's pool after a response that ended where its framing said,
+    /// with nothing read past it (`extra` is false), unless either side said close.
+    fn release(self, cluster: &Cluster, extra: bool, close: bool) {
+        if !extra && !close {
+            upstream::pool::put(self.addr, self.io, Instant::now(), idle_limit(cluster));
+        }
+    }
+}
+
+/// How long an upstream connection may idle in the pool: the cluster's `idleTimeout`,
+/// else pingora's pool default (60 s), as pingora's own path does.
+fn idle_limit(cluster: &Cluster) -> Duration {
+    cluster
+        .settings
+        .idle_timeout
+        .unwrap_or(Duration::from_secs(60))
 }
 
 struct Conn {
     io: Stream,
     /// Bytes read from the client and not yet used.
     buf: BytesMut,
-    /// The upstream connection of the request being served.
+    /// The upstream connection of the request being served (between requests, idle
+    /// connections wait in the thread's pool, `upstream::pool`).
     up: Option<Upstream>,
-    /// Idle upstream connections kept for this client's next requests, one per endpoint
-    /// lately used (a round-robin cluster sends one client's requests to each in turn).
-    idle: Vec<Upstream>,
     ubuf: BytesMut,
     /// The upstream request head being sent.
     out: Vec<u8>,
@@ -202,66 +232,66 @@ impl Conn {
 enum Outcome {
     KeepAlive,
     Close,
-    /// Not for the fast path: hand the connection to pingora with these bytes first; why.
-    Fallback(BytesMut, &'static str),
+    /// Not for the fast path: lend the connection to pingora's request cycle for this one
+    /// request (its head first); why.
+    Lend(Lending, &'static str),
+}
+
+/// A request lent to pingora: its head, and how far pingora may read after it.
+struct Lending {
+    head: BytesMut,
+    rest: Rest,
+}
+
+/// What follows a lent request's head, which pingora may read.
+#[derive(Debug)]
+enum Rest {
+    /// A body of this many bytes (0: none).
+    Length(u64),
+    /// A chunked body, found by scanning it as it is read.
+    Chunked(ChunkScan),
+    /// Everything: an upgrade or an h2c connection, which never comes back.
+    All,
 }
 
 enum Head {
     Complete(usize),
+    /// The client closed, went quiet between requests, or the server is shutting down.
     Closed,
-    /// Too long, or line ends the search does not see: pingora decides.
-    Other,
+    /// A head that gets a local reply and a close.
+    Refused(Refusal),
+    /// An h2c connection preface: the connection is pingora's.
+    H2c,
 }
 
-#[async_trait]
-impl ServerApp for FastH1 {
-    async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+/// The h2 connection preface, which an h2c client sends instead of a request.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+impl Conn {
+    fn new(io: Stream, wait_for: Duration) -> Conn {
         let client_ip = io
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-        let mut c = Conn {
+        Conn {
             io,
             buf: BytesMut::new(),
             up: None,
-            idle: Vec::new(),
             ubuf: BytesMut::new(),
             out: Vec::new(),
             resp: Vec::new(),
             tried: Vec::new(),
             client_ip,
-            wait: Box::pin(tokio::time::sleep(IDLE)),
-        };
-        // Watched while the connection is idle: a shutting-down server closes it then.
-        let mut watch = shutdown.clone();
-        loop {
-            let outcome = match read_head(&mut c, &mut watch).await {
-                Head::Closed => return None,
-                Head::Other => Outcome::Fallback(c.buf.split(), "head"),
-                Head::Complete(n) => {
-                    c.reuse();
-                    self.serve(&mut c, n, shutdown).await
-                }
-            };
-            match outcome {
-                Outcome::KeepAlive => continue,
-                Outcome::Close => {
-                    Shutdown::shutdown(&mut *c.io).await;
-                    return None;
-                }
-                Outcome::Fallback(mut replay, reason) => {
-                    Metrics::global()
-                        .fast_path_handoffs
-                        .with_label_values(&[reason])
-                        .inc();
-                    replay.unsplit(c.buf.split());
-                    let io = Box::new(Replay {
-                        inner: c.io,
-                        buf: replay.freeze(),
-                    });
-                    return super::serve_connection(&self.http, io, shutdown).await;
-                }
-            }
+            wait: Box::pin(tokio::time::sleep(wait_for)),
         }
+    }
+}
+
+#[async_trait]
+impl ServerApp for FastH1 {
+    async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let max = self.snapshots.load().settings.downstream.max_connections;
+        let _slot = self.connections.admit(max)?;
+        self.serve_connection(io, shutdown).await
     }
 
     async fn cleanup(&self) {
@@ -269,8 +299,109 @@ impl ServerApp for FastH1 {
     }
 }
 
+impl FastH1 {
+    /// Serves an HTTP/1.1 connection (already admitted) until it closes.
+    pub async fn serve_connection(
+        self: &Arc<Self>,
+        io: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let limits = self.snapshots.load().settings.downstream.clone();
+        let born = Instant::now();
+        let mut c = Conn::new(io, limits.idle_timeout);
+        // Watched while the connection is idle: a shutting-down server closes it then.
+        let mut watch = shutdown.clone();
+        loop {
+            let limits = self.snapshots.load().settings.downstream.clone();
+            let outcome = match read_head(&mut c, &mut watch, &limits, self.h2c).await {
+                Head::Closed => return None,
+                Head::Refused(r) => {
+                    refuse(&mut c, r, None, &self.snapshots.load()).await;
+                    return None;
+                }
+                Head::H2c => {
+                    let rest = Rest::All;
+                    Outcome::Lend(
+                        Lending {
+                            head: BytesMut::new(),
+                            rest,
+                        },
+                        "h2c",
+                    )
+                }
+                Head::Complete(n) => {
+                    c.reuse();
+                    // Past its maximum age a connection closes after the request in
+                    // progress (`connection: close` on the response).
+                    let old = limits
+                        .max_connection_duration
+                        .is_some_and(|m| born.elapsed() >= m);
+                    self.serve(&mut c, n, shutdown, old).await
+                }
+            };
+            let (lending, reason) = match outcome {
+                Outcome::KeepAlive => continue,
+                Outcome::Close => {
+                    Shutdown::shutdown(&mut *c.io).await;
+                    return None;
+                }
+                Outcome::Lend(lending, reason) => (lending, reason),
+            };
+            Metrics::global()
+                .fast_path_handoffs
+                .with_label_values(&[reason])
+                .inc();
+            c.release();
+            let Conn { io, buf, .. } = c;
+            let Lending { mut head, rest } = lending;
+            let head_len = head.len() as u64;
+            head.unsplit(buf);
+            let lent = Lent {
+                inner: io,
+                buf: head,
+                left: match rest {
+                    Rest::Length(n) => Left::Bytes(head_len + n),
+                    Rest::Chunked(scan) => Left::Chunked {
+                        head: head_len as usize,
+                        scan,
+                    },
+                    Rest::All => Left::All,
+                },
+                spoiled: false,
+            };
+            if matches!(lent.left, Left::All) {
+                // An h2c connection or an upgrade: pingora keeps it to the end.
+                return self.http.process_new(Box::new(lent), shutdown).await;
+            }
+            let mut session = ServerSession::new_http1(Box::new(lent));
+            let old = limits
+                .max_connection_duration
+                .is_some_and(|m| born.elapsed() >= m);
+            session.set_keepalive((!old).then(|| whole_seconds(limits.idle_timeout)));
+            session.set_read_timeout(Some(limits.request_body_timeout));
+            session.set_write_timeout(Some(limits.stream_idle_timeout));
+            let reused = self.http.process_new_http(session, shutdown).await?;
+            let (stream, _) = reused.consume();
+            // Back from pingora: the front reads the next request, if pingora read exactly
+            // this one.
+            let lent = stream.into_any().downcast::<Lent>().ok()?;
+            if lent.spoiled || !matches!(lent.left, Left::Bytes(0)) {
+                return None;
+            }
+            c = Conn::new(lent.inner, limits.idle_timeout);
+            c.buf = lent.buf;
+        }
+    }
+}
+
+/// Seconds for pingora's keep-alive setting, at least 1.
+fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs().max(1)
+}
+
 /// Where the head in `buf` ends (after its empty line), looking from `from` on: `Err` at a
-/// line ended by a bare LF, which only pingora's parser takes.
+/// line ended by a bare LF, which Portico refuses (RFC 9112 lets a recipient refuse it,
+/// and two parsers that disagree on where a head ends are how requests are smuggled).
 fn head_end(buf: &[u8], from: usize) -> Option<Result<usize, ()>> {
     let start = from.saturating_sub(3);
     for i in memchr::memchr_iter(b'\n', &buf[start..]).map(|i| start + i) {
@@ -284,22 +415,48 @@ fn head_end(buf: &[u8], from: usize) -> Option<Result<usize, ()>> {
     None
 }
 
-async fn read_head(c: &mut Conn, watch: &mut ShutdownWatch) -> Head {
+/// Reads a request head into `c.buf`: the connection may idle for `idleTimeout` before
+/// its first byte, and then the whole head must come within `requestHeadersTimeout` and
+/// `maxRequestHeadersKb` (with a request line within `maxUriLength`), whatever pace the
+/// bytes come at.
+async fn read_head(
+    c: &mut Conn,
+    watch: &mut ShutdownWatch,
+    limits: &crate::snapshot::Downstream,
+    h2c: bool,
+) -> Head {
     let mut searched: usize = 0;
+    let mut started: Option<tokio::time::Instant> = None;
     loop {
+        let preface = h2c
+            && !c.buf.is_empty()
+            && H2_PREFACE.starts_with(&c.buf[..c.buf.len().min(H2_PREFACE.len())]);
         match head_end(&c.buf, searched) {
+            _ if preface && c.buf.len() >= H2_PREFACE.len() => return Head::H2c,
+            _ if preface => {}
+            Some(Ok(n)) if n > limits.max_request_headers => {
+                return Head::Refused(too_large(&c.buf))
+            }
             Some(Ok(n)) => return Head::Complete(n),
-            Some(Err(())) => return Head::Other,
-            None if c.buf.len() > MAX_HEAD => return Head::Other,
+            Some(Err(())) => return Head::Refused(check::BAD_HEAD),
+            None if c.buf.len() > limits.max_request_headers => {
+                return Head::Refused(too_large(&c.buf))
+            }
             None => {}
         }
         searched = c.buf.len();
         let idle = c.buf.is_empty();
         if idle {
             c.release();
+            c.wait
+                .as_mut()
+                .reset(tokio::time::Instant::now() + limits.idle_timeout);
+        } else if started.is_none() {
+            let at = tokio::time::Instant::now();
+            started = Some(at);
+            c.wait.as_mut().reset(at + limits.request_headers_timeout);
         }
         c.buf.reserve(4096);
-        c.wait.as_mut().reset(tokio::time::Instant::now() + IDLE);
         let read = c.io.read_buf(&mut c.buf);
         let timer = c.wait.as_mut();
         // Bytes already sent win over shutdown and the timer (biased, as in pingora): a
@@ -311,32 +468,103 @@ async fn read_head(c: &mut Conn, watch: &mut ShutdownWatch) -> Head {
             _ = watch.changed(), if idle => return Head::Closed,
         };
         match result {
-            Some(Ok(0)) | Some(Err(_)) | None => {
-                return if c.buf.is_empty() {
-                    Head::Closed
-                } else {
-                    Head::Other
-                };
-            }
+            Some(Ok(0)) | Some(Err(_)) => return Head::Closed,
+            None if c.buf.is_empty() => return Head::Closed,
+            None => return Head::Refused(check::HEAD_TIMEOUT),
             Some(Ok(_)) => {}
         }
     }
 }
 
+/// 414 when the request line alone is over the limit (or not even it fit), else 431.
+fn too_large(buf: &[u8]) -> Refusal {
+    match memchr::memchr(b'\n', buf) {
+        Some(_) => check::HEAD_TOO_LARGE,
+        None => check::URI_TOO_LONG,
+    }
+}
+
+/// What is known of a request refused before routing, for its log line.
+struct RefusedRequest<'a> {
+    method: &'a str,
+    target: &'a str,
+    started: Instant,
+}
+
+/// Writes refusal `r`'s local reply and closes; logs it (with what is known of the
+/// request: `req` when the head parsed).
+async fn refuse(c: &mut Conn, r: Refusal, req: Option<&RefusedRequest<'_>>, snapshot: &Snapshot) {
+    let reason = http::StatusCode::from_u16(r.status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let body_len = r.what.len() + 1;
+    c.resp.clear();
+    let _ = write!(
+        c.resp,
+        "HTTP/1.1 {} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {body_len}\r\nconnection: close\r\n\r\n{}\n",
+        r.status, r.what
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = c.io.write_all(&c.resp).await;
+        let _ = c.io.flush().await;
+    })
+    .await;
+    Shutdown::shutdown(&mut *c.io).await;
+    tracing::debug!(
+        status = r.status,
+        details = r.details,
+        "request refused: {}",
+        r.what
+    );
+    let (method, target, started) = match req {
+        Some(q) => (q.method, q.target, q.started),
+        None => ("-", "-", Instant::now()),
+    };
+    let req = Req {
+        method,
+        path: target,
+        query: None,
+        host: "",
+        close: true,
+        has_request_id: false,
+        body: 0,
+    };
+    let log = Log {
+        snapshot,
+        req: &req,
+        headers: Headers::Raw(&[], &[]),
+        route: None,
+        cluster: None,
+        started,
+    };
+    let mut done = Done::local(r.status, "DPE", None, 0);
+    done.details = r.details;
+    done.sent = body_len;
+    log.finish(c, &done);
+}
+
 /// What the fast path takes from a request head.
 struct Req<'h> {
     method: &'h str,
+    /// The normalized path (without the query).
     path: &'h str,
+    query: Option<&'h str>,
     host: &'h str,
     close: bool,
     has_request_id: bool,
-    xff: Option<&'h [u8]>,
     /// The length of the request body (`Content-Length`), at most `MAX_BODY`.
     body: usize,
 }
 
-/// The request head, when the fast path can serve it.
-fn eligible<'h>(req: &httparse::Request<'_, 'h>) -> Option<Req<'h>> {
+/// The request, when the fast path can serve it: its head passed the checks (`checked`),
+/// `path` is its normalized path.
+fn eligible<'h>(
+    req: &httparse::Request<'_, 'h>,
+    checked: check::Checked<'h>,
+    path: &'h str,
+    query: Option<&'h str>,
+) -> Option<Req<'h>> {
     if req.version != Some(1) {
         return None;
     }
@@ -347,42 +575,29 @@ fn eligible<'h>(req: &httparse::Request<'_, 'h>) -> Option<Req<'h>> {
     ) {
         return None;
     }
-    let path = req.path?;
-    if !path.starts_with('/') || !path.bytes().all(uri_char) {
+    // Normalization leaves a path of these characters; with it off, and in the query,
+    // anything else is pingora's to parse its way.
+    if !path.bytes().all(uri_char) || !query.is_none_or(|q| q.bytes().all(uri_char)) {
         return None;
     }
+    let body = match checked.body {
+        check::BodyFraming::None => 0,
+        // Bodies up to MAX_BODY are read whole; longer and chunked ones pingora streams.
+        check::BodyFraming::Length(n) if n <= MAX_BODY as u64 => n as usize,
+        _ => return None,
+    };
     let mut r = Req {
         method,
         path,
-        host: "",
+        query,
+        host: checked.host,
         close: false,
         has_request_id: false,
-        xff: None,
-        body: 0,
+        body,
     };
-    let mut hosts = 0;
-    let mut lengths = 0;
     for h in req.headers.iter() {
         let n = h.name;
-        if n.eq_ignore_ascii_case("host") {
-            hosts += 1;
-            r.host = crate::routing::matcher::visible(h.value)?;
-        } else if n.eq_ignore_ascii_case("content-length") {
-            // One plain length up to MAX_BODY; anything else (a list, a second header, a
-            // larger body, which pingora streams) is pingora's.
-            let v = h.value;
-            lengths += 1;
-            if v.is_empty() || v.len() > 6 || !v.iter().all(u8::is_ascii_digit) {
-                return None;
-            }
-            r.body = v.iter().fold(0, |n, d| n * 10 + usize::from(d - b'0'));
-            if r.body > MAX_BODY {
-                return None;
-            }
-        } else if n.eq_ignore_ascii_case("transfer-encoding")
-            || n.eq_ignore_ascii_case("upgrade")
-            || n.eq_ignore_ascii_case("expect")
-        {
+        if n.eq_ignore_ascii_case("expect") {
             return None;
         } else if n.eq_ignore_ascii_case("connection") {
             for token in h.value.split(|&b| b == b',') {
@@ -395,17 +610,12 @@ fn eligible<'h>(req: &httparse::Request<'_, 'h>) -> Option<Req<'h>> {
             }
         } else if n.eq_ignore_ascii_case("x-request-id") {
             r.has_request_id = true;
-        } else if n.eq_ignore_ascii_case("x-forwarded-for") {
-            if r.xff.is_some() {
-                return None;
-            }
-            r.xff = Some(h.value);
         } else if n.eq_ignore_ascii_case("content-type") && h.value.starts_with(b"application/grpc")
         {
             return None;
         }
     }
-    (hosts == 1 && lengths <= 1).then_some(r)
+    Some(r)
 }
 
 /// RFC 3986's characters of a path and query (unreserved, sub-delims, `:@/?%`). Targets
@@ -449,6 +659,16 @@ const HOP_BY_HOP: [&str; 6] = [
 
 fn dropped_response_header(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|d| name.eq_ignore_ascii_case(d))
+}
+
+/// A response with both `Transfer-Encoding` and `Content-Length`: the length is dropped.
+fn has_two_framings(headers: &[httparse::Header<'_>]) -> bool {
+    let has = |n: &str| headers.iter().any(|h| h.name.eq_ignore_ascii_case(n));
+    has("transfer-encoding") && has("content-length")
+}
+
+fn dropped_response_header_or_length(name: &str) -> bool {
+    dropped_response_header(name) || name.eq_ignore_ascii_case("content-length")
 }
 
 /// Hop-by-hop headers, and those the proxy writes itself.
@@ -521,46 +741,110 @@ struct Resp {
     close: bool,
 }
 
-enum Fail {
-    Connect,
-    /// The upstream closed or reset before a whole response head (on a kept connection:
-    /// also on the new one tried after it).
-    Reset,
-    /// A response head that does not parse or frames its body ambiguously.
-    Bad,
-}
-
 impl FastH1 {
-    async fn serve(&self, c: &mut Conn, head_len: usize, shutdown: &ShutdownWatch) -> Outcome {
+    async fn serve(
+        &self,
+        c: &mut Conn,
+        head_len: usize,
+        shutdown: &ShutdownWatch,
+        old: bool,
+    ) -> Outcome {
         let started = Instant::now();
         let head = c.buf.split_to(head_len);
         let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut hs);
         match parsed.parse(&head) {
             Ok(httparse::Status::Complete(n)) if n == head_len => {}
-            _ => return Outcome::Fallback(head, "head"),
+            Err(httparse::Error::TooManyHeaders) => {
+                refuse(c, check::HEAD_TOO_LARGE, None, &self.snapshots.load()).await;
+                return Outcome::Close;
+            }
+            _ => {
+                refuse(c, check::BAD_HEAD, None, &self.snapshots.load()).await;
+                return Outcome::Close;
+            }
         }
-        let Some(req) = eligible(&parsed) else {
-            return Outcome::Fallback(head, "request");
-        };
         let snapshot = self.snapshots.load_full();
-        if snapshot.settings.tracing.is_some() {
-            return Outcome::Fallback(head, "tracing");
+        let (Some(method), Some(target), Some(minor)) =
+            (parsed.method, parsed.path, parsed.version)
+        else {
+            refuse(c, check::BAD_HEAD, None, &snapshot).await;
+            return Outcome::Close;
+        };
+        let settings = &snapshot.settings;
+        let refused = RefusedRequest {
+            method,
+            target,
+            started,
+        };
+        if target.len() > settings.downstream.max_uri_length {
+            refuse(c, check::URI_TOO_LONG, Some(&refused), &snapshot).await;
+            return Outcome::Close;
+        }
+        let absolute_form = !target.starts_with('/') && target != "*";
+        let checked = match check::check_h1(minor, absolute_form, raw(parsed.headers)) {
+            Ok(checked) => checked,
+            Err(r) => {
+                refuse(c, r, Some(&refused), &snapshot).await;
+                return Outcome::Close;
+            }
+        };
+        let rest = match checked.body {
+            check::BodyFraming::None => Rest::Length(0),
+            check::BodyFraming::Length(n) => Rest::Length(n),
+            check::BodyFraming::Chunked => Rest::Chunked(ChunkScan::default()),
+        };
+        if !target.starts_with('/') {
+            // Absolute-form or `*`: pingora's cycle reads it (and normalizes its path).
+            return Outcome::Lend(Lending { head, rest }, "request");
+        }
+        let (raw_path, query) = match target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (target, None),
+        };
+        let path = match settings.path_normalization.apply(raw_path) {
+            Ok(p) => p,
+            Err(e) => {
+                let r = Refusal::new(400, e.details(), "bad request path");
+                refuse(c, r, Some(&refused), &snapshot).await;
+                return Outcome::Close;
+            }
+        };
+        let upgrade = parsed
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
+        if upgrade || method == "CONNECT" {
+            // Pingora's (an upgrade turns the connection into a tunnel, never given back).
+            return Outcome::Lend(
+                Lending {
+                    head,
+                    rest: Rest::All,
+                },
+                "request",
+            );
+        }
+        let Some(req) = eligible(&parsed, checked, path.as_ref(), query).filter(|_| self.forward)
+        else {
+            return Outcome::Lend(Lending { head, rest }, "request");
+        };
+        if settings.tracing.is_some() {
+            return Outcome::Lend(Lending { head, rest }, "tracing");
         }
         let Some(listener) = snapshot.listeners.get(self.listener) else {
-            return Outcome::Fallback(head, "route");
+            return Outcome::Lend(Lending { head, rest }, "route");
         };
-        let (path, query) = match req.path.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (req.path, None),
-        };
+        // The request id before routing: a route may match on it, on every codec.
+        let id = (!req.has_request_id).then(request_id);
+        let added = [("x-request-id", id.as_ref().map_or(&b""[..], |id| &id[..]))];
+        let added: &[(&str, &[u8])] = if id.is_some() { &added } else { &[] };
         let view = RequestView {
             method: req.method,
-            path,
+            path: req.path,
             query,
             authority: req.host,
             scheme: if self.tls { "https" } else { "http" },
-            headers: Headers::Raw(parsed.headers, &[]),
+            headers: Headers::Raw(parsed.headers, added),
             port: listener.addr.port(),
             client_ip: c.client_ip,
         };
@@ -568,43 +852,57 @@ impl FastH1 {
         let (route, forward) = match listener.table.decide(&host, &view) {
             Decision::Route { route, .. } => match &route.action {
                 Action::Forward(f) if route.cors.is_none() && plain(f) => (route, f),
-                _ => return Outcome::Fallback(head, "route"),
+                _ => return Outcome::Lend(Lending { head, rest }, "route"),
             },
-            _ => return Outcome::Fallback(head, "route"),
+            _ => return Outcome::Lend(Lending { head, rest }, "route"),
         };
         let destination = &forward.destinations[forward.pick()];
         let cluster = &destination.cluster;
         // No waiting here (and no pending slot taken): pingora's path waits for a full pool,
         // as long as the route allows.
         let Some(_admission) = cluster.try_admit() else {
-            return Outcome::Fallback(head, "admission");
+            return Outcome::Lend(Lending { head, rest }, "admission");
         };
-        // The body, whole, after the head (pingora would get these bytes too on a fallback
-        // above: they stay in `c.buf` until here).
+
+        let log = Log {
+            snapshot: &snapshot,
+            req: &req,
+            headers: Headers::Raw(parsed.headers, added),
+            route: Some(route),
+            cluster: Some(cluster),
+            started,
+        };
+
+        // The body, whole, after the head; each read within `requestBodyTimeout`.
+        let body_timeout = settings.downstream.request_body_timeout;
         while c.buf.len() < req.body {
             c.buf.reserve(req.body - c.buf.len());
-            c.wait.as_mut().reset(tokio::time::Instant::now() + IDLE);
-            let read = c.io.read_buf(&mut c.buf);
-            let timer = c.wait.as_mut();
-            let n = tokio::select! {
-                biased;
-                r = read => r.unwrap_or(0),
-                _ = timer => 0,
-            };
-            if n == 0 {
-                // The client went away or stalled mid-body: nothing was sent upstream.
-                return Outcome::Close;
+            let n = timed(&mut c.wait, body_timeout, c.io.read_buf(&mut c.buf)).await;
+            match n {
+                Some(Ok(n)) if n > 0 => {}
+                Some(_) => {
+                    // The client went away mid-body: nothing was sent upstream.
+                    log.finish(c, &Done::local(0, "DC", None, 0));
+                    return Outcome::Close;
+                }
+                None => {
+                    let done = Done::local(408, "", None, 0);
+                    return local(c, &log, done, check::BODY_TIMEOUT.what).await;
+                }
             }
         }
 
         // The upstream request head.
-        let id = (!req.has_request_id).then(request_id);
         let out = &mut c.out;
         out.clear();
         out.reserve(head_len + 256 + req.body);
         out.extend_from_slice(req.method.as_bytes());
         out.push(b' ');
         out.extend_from_slice(req.path.as_bytes());
+        if let Some(q) = query {
+            out.push(b'?');
+            out.extend_from_slice(q.as_bytes());
+        }
         out.extend_from_slice(b" HTTP/1.1\r\n");
         write_headers(
             out,
@@ -619,7 +917,12 @@ impl FastH1 {
         put(out, b"x-forwarded-proto", proto);
         if let Some(ip) = c.client_ip {
             out.extend_from_slice(b"x-forwarded-for: ");
-            write_forwarded_for(out, req.xff, ip);
+            let sent = parsed
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+                .map(|h| h.value);
+            write_forwarded_for(out, sent, ip);
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"\r\n");
@@ -627,49 +930,43 @@ impl FastH1 {
         c.buf.advance(req.body);
         let head_only = req.method == "HEAD";
 
-        let added = [("x-request-id", id.as_ref().map_or(&b""[..], |id| &id[..]))];
-        let log = Log {
-            snapshot: &snapshot,
-            req: &req,
-            headers: Headers::Raw(parsed.headers, if id.is_some() { &added } else { &[] }),
-            route,
-            cluster,
-            started,
-        };
-
-        let client_close = req.close || *shutdown.borrow();
+        let client_close = req.close || old || *shutdown.borrow();
         let response_ops = [&route.headers.response, &destination.headers.response];
 
-        // Tries: another endpoint after a connect failure, as the route's retries allow.
+        // Tries: as the route's retries and the shared resend rule allow.
         c.tried.clear();
-        let mut retries = 0u32;
-        let mut _permit: Option<RetryPermit> = None;
+        let mut tries = Tries::default();
+        let idempotent = retry::idempotent(req.method);
+        let stream_idle = snapshot.settings.downstream.stream_idle_timeout;
         let (resp, i, inflight) = loop {
-            let Some(i) = cluster.select(None, &c.tried) else {
-                let done = Done::local(503, "UH", None, retries);
-                return local(c, &log, done, "no healthy upstream").await;
+            let (i, pooled) = match tries.resend_to.take() {
+                Some(i) => (i, false),
+                None => match cluster.select(None, &c.tried) {
+                    Some(i) => (i, true),
+                    None => {
+                        let done = Done::local(503, "UH", None, tries.made);
+                        return local(c, &log, done, "no healthy upstream").await;
+                    }
+                },
             };
             c.tried.push(i);
+            tries.made += 1;
             let inflight = InFlight::new(cluster.clone(), i);
-            match exchange(
-                c,
+            let ex = Exchange {
                 cluster,
                 i,
+                pooled,
                 head_only,
-                response_ops,
+                ops: response_ops,
                 client_close,
-                started,
-            )
-            .await
-            {
+                stream_idle,
+            };
+            match exchange(c, ex).await {
                 Ok(resp) => break (resp, i, inflight),
-                Err(fail) => {
-                    let tries = (&mut retries, &mut _permit);
-                    match after_failure(fail, forward, cluster, i, tries).await {
-                        None => continue,
-                        Some((done, what)) => return local(c, &log, done, what).await,
-                    }
-                }
+                Err(fail) => match tries.after(fail, forward, cluster, i, idempotent).await {
+                    None => continue,
+                    Some((done, what)) => return local(c, &log, done, what).await,
+                },
             }
         };
         let upstream_time = inflight.started.elapsed();
@@ -680,32 +977,33 @@ impl FastH1 {
             resp.status,
             cluster.endpoints[i].addr,
             upstream_time,
-            retries,
+            tries.made,
         );
-        let result = forward_body(c, resp.framing).await;
+        let result = forward_body(c, resp.framing, stream_idle).await;
         drop(inflight);
         match result {
             Ok(n) => done.sent = n,
+            Err(Side::Unsent) => {
+                c.up = None;
+                cluster.record(i, None, None);
+                let done = Done::local(502, "UPE", done.upstream_host, tries.made);
+                return local(c, &log, done, "upstream sent an invalid response").await;
+            }
             Err(side) => {
                 // Part of a response went out: all that is left is to close both ends.
                 c.up = None;
-                done.flags = match side {
-                    Side::Upstream => "UC",
-                    Side::Downstream => "DC",
-                };
+                if let Side::Upstream { .. } = side {
+                    // The endpoint failed mid-response: never tried again, but counted.
+                    cluster.record(i, None, None);
+                }
+                done.flags = side.flag();
                 log.finish(c, &done);
                 return Outcome::Close;
             }
         }
-        match c.up.take() {
-            Some(_) if resp.upstream_close || resp.framing == Framing::Close => {}
-            Some(up) => {
-                if c.idle.len() == MAX_IDLE_UPSTREAMS {
-                    c.idle.remove(0);
-                }
-                c.idle.push(up);
-            }
-            None => {}
+        if let Some(up) = c.up.take() {
+            let close = resp.upstream_close || resp.framing == Framing::Close;
+            up.release(cluster, !c.ubuf.is_empty(), close);
         }
         log.finish(c, &done);
         if resp.close {
@@ -716,45 +1014,72 @@ impl FastH1 {
     }
 }
 
-/// After a failed try on endpoint `i`: `None` when the route's retries allow another (the
-/// backoff already waited), else the local reply to make and what to say.
-async fn after_failure(
-    fail: Fail,
-    forward: &Forward,
-    cluster: &Arc<Cluster>,
-    i: usize,
-    (retries, permit): (&mut u32, &mut Option<RetryPermit>),
-) -> Option<(Done, &'static str)> {
-    cluster.record(i, None, None);
-    let wanted = match fail {
-        Fail::Connect => forward.retries.on.connect(),
-        Fail::Reset => forward.retries.on.reset(),
-        Fail::Bad => false,
-    };
-    if wanted && *retries < forward.retries.attempts {
-        if let Some(p) = cluster.start_retry() {
-            *permit = Some(p);
-            *retries += 1;
-            tokio::time::sleep(forward.retries.backoff_for(*retries)).await;
-            return None;
+/// The tries of one request: retries under the route's policy, and at most one resend of
+/// a request that went out on a pooled connection the upstream had closed
+/// (`upstream::retry`). Shared by the HTTP/1.1 and h2 fast paths.
+#[derive(Default)]
+struct Tries {
+    /// Tries made so far (the log's attempt count).
+    made: u32,
+    retries: u32,
+    resent: bool,
+    /// The next try resends to this endpoint on a new connection.
+    resend_to: Option<usize>,
+    /// Holds the cluster's `maxRetries` budget while a retry is under way.
+    permit: Option<RetryPermit>,
+}
+
+impl Tries {
+    /// After try `fail` on endpoint `i`: `None` when another try follows (after the
+    /// backoff, already waited), else the local reply to make and what it says.
+    async fn after(
+        &mut self,
+        fail: TryFailure,
+        forward: &Forward,
+        cluster: &Arc<Cluster>,
+        i: usize,
+        idempotent: bool,
+    ) -> Option<(Done, &'static str)> {
+        if fail.counts_against_endpoint() {
+            cluster.record(i, None, None);
         }
+        match fail.again(&forward.retries.on, idempotent, self.resent) {
+            Again::Resend => {
+                self.resent = true;
+                self.resend_to = Some(i);
+                return None;
+            }
+            Again::Retry if self.retries < forward.retries.attempts => {
+                if let Some(p) = cluster.start_retry() {
+                    self.permit = Some(p);
+                    self.retries += 1;
+                    tokio::time::sleep(forward.retries.backoff_for(self.retries)).await;
+                    return None;
+                }
+            }
+            _ => {}
+        }
+        let retried = self.retries > 0;
+        let (status, flag, what) = match fail {
+            TryFailure::Connect => (
+                503,
+                if retried { "URX" } else { "UF" },
+                "upstream connect error",
+            ),
+            TryFailure::Timeout => (504, "UT", "upstream request timeout"),
+            TryFailure::BadResponse => (502, "UPE", "upstream sent an invalid response"),
+            TryFailure::StaleConnection
+            | TryFailure::Reset
+            | TryFailure::Refused
+            | TryFailure::AfterResponse => (
+                503,
+                if retried { "URX" } else { "UC" },
+                "upstream reset before response",
+            ),
+        };
+        let addr = Some(cluster.endpoints[i].addr);
+        Some((Done::local(status, flag, addr, self.made), what))
     }
-    let retried = *retries > 0;
-    let (status, flag, what) = match fail {
-        Fail::Connect => (
-            503,
-            if retried { "URX" } else { "UF" },
-            "upstream connect error",
-        ),
-        Fail::Reset => (
-            503,
-            if retried { "URX" } else { "UC" },
-            "upstream reset before response",
-        ),
-        Fail::Bad => (502, "UPE", "upstream sent an invalid response"),
-    };
-    let addr = Some(cluster.endpoints[i].addr);
-    Some((Done::local(status, flag, addr, *retries), what))
 }
 
 /// How a request ended, for metrics and the access log.
@@ -769,8 +1094,8 @@ struct Done {
 }
 
 impl Done {
-    /// A response from endpoint `addr`, before its body is passed on.
-    fn via_upstream(status: u16, addr: SocketAddr, upstream_time: Duration, retries: u32) -> Done {
+    /// A response from endpoint `addr` after `tries` tries, before its body is passed on.
+    fn via_upstream(status: u16, addr: SocketAddr, upstream_time: Duration, tries: u32) -> Done {
         Done {
             status,
             flags: "",
@@ -778,7 +1103,7 @@ impl Done {
             sent: 0,
             upstream_time: Some(upstream_time),
             upstream_host: Some(addr),
-            attempts: retries + 1,
+            attempts: tries,
         }
     }
 
@@ -788,7 +1113,7 @@ impl Done {
         status: u16,
         flags: &'static str,
         upstream_host: Option<SocketAddr>,
-        retries: u32,
+        tries: u32,
     ) -> Done {
         Done {
             status,
@@ -797,11 +1122,7 @@ impl Done {
             sent: 0,
             upstream_time: None,
             upstream_host,
-            attempts: if upstream_host.is_some() {
-                retries + 1
-            } else {
-                0
-            },
+            attempts: if upstream_host.is_some() { tries } else { 0 },
         }
     }
 }
@@ -811,8 +1132,9 @@ struct Log<'r> {
     snapshot: &'r Snapshot,
     req: &'r Req<'r>,
     headers: Headers<'r>,
-    route: &'r Route,
-    cluster: &'r Cluster,
+    /// None for a request refused before routing.
+    route: Option<&'r Route>,
+    cluster: Option<&'r Cluster>,
     started: Instant,
 }
 
@@ -844,7 +1166,7 @@ impl Log<'_> {
         metrics.fast_path_requests.inc();
         metrics.request(done.status);
         metrics.istio.observe(&Observation {
-            dest: Some(&self.cluster.metrics_dest),
+            dest: self.cluster.map(|c| &c.metrics_dest),
             status: done.status,
             flags: done.flags,
             grpc: false,
@@ -873,6 +1195,7 @@ impl Log<'_> {
             start: std::time::SystemTime::now() - duration,
             method: self.req.method,
             path: self.req.path,
+            query: self.req.query,
             protocol,
             status: done.status,
             flags: done.flags,
@@ -885,95 +1208,107 @@ impl Log<'_> {
             response_headers,
             authority: self.req.host,
             upstream_host: done.upstream_host,
-            upstream_cluster: Some(self.cluster.name.as_str()),
+            upstream_cluster: self.cluster.map(|c| c.name.as_str()),
             downstream_local,
             downstream_remote,
             sni: ssl
                 .and_then(|t| t.extension.get::<super::Sni>())
                 .map(|s| s.0.as_str()),
-            route_name: self.route.name.as_deref(),
+            route_name: self.route.and_then(|r| r.name.as_deref()),
             attempts: done.attempts,
         };
         sink.write(al.format.render(&entry));
     }
 }
 
-/// Sends the request head in `c.out` to endpoint `i` (the kept connection when it goes
-/// there) and reads the response head into `c.ubuf`.
-async fn exchange(
-    c: &mut Conn,
-    cluster: &Cluster,
+/// One try of a request: where it goes and what the response needs.
+struct Exchange<'a> {
+    cluster: &'a Cluster,
     i: usize,
+    /// A pooled connection may carry it (not when resending after a stale one).
+    pooled: bool,
     head_only: bool,
-    ops: [&HeaderOps; 2],
+    ops: [&'a HeaderOps; 2],
     client_close: bool,
-    now: Instant,
-) -> Result<Resp, Fail> {
-    let addr = cluster.endpoints[i].addr;
-    // An idle connection past the cluster's idle timeout (pingora's pool default: 60 s)
-    // is closed rather than reused, as pingora's pool would have.
-    let idle_limit = cluster
-        .settings
-        .idle_timeout
-        .unwrap_or(Duration::from_secs(60));
-    c.up = c
-        .idle
-        .iter()
-        .position(|u| u.addr == addr)
-        .map(|k| c.idle.remove(k))
-        .filter(|u| now.saturating_duration_since(u.used) < idle_limit);
-    if let Some(up) = c.up.as_mut() {
-        up.used = now;
-    }
-    let mut reused = c.up.is_some();
-    loop {
-        if !reused {
-            c.up = None;
-            let io = match tokio::time::timeout(
-                cluster.settings.connect_timeout,
-                TcpStream::connect(addr),
-            )
-            .await
-            {
-                Ok(Ok(io)) => io,
-                _ => return Err(Fail::Connect),
-            };
+    /// The response head must come within this.
+    stream_idle: Duration,
+}
+
+/// A new connection to `addr` within `timeout`.
+async fn connect(addr: SocketAddr, timeout: Duration) -> Option<TcpStream> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(io)) => {
             let _ = io.set_nodelay(true);
-            c.up = Some(Upstream {
-                addr,
-                io,
-                used: now,
-            });
+            Some(io)
         }
-        let up = c.up.as_mut().expect("connected above");
-        c.ubuf.clear();
-        let result = async {
-            up.io.write_all(&c.out).await?;
-            let resp = &mut c.resp;
-            read_response(
-                &mut up.io,
-                &mut c.ubuf,
-                head_only,
-                client_close,
-                |r, _, close| write_response_head(resp, r, close, ops),
-            )
-            .await
-        }
-        .await;
-        match result {
-            Ok(Some(resp)) => return Ok(resp),
-            Ok(None) => {
-                c.up = None;
-                return Err(Fail::Bad);
-            }
-            Err(_) if reused => {
-                // Closed by the upstream while idle: once more on a new connection.
-                reused = false;
-            }
-            Err(_) => {
-                c.up = None;
-                return Err(Fail::Reset);
-            }
+        _ => None,
+    }
+}
+
+/// `f`, unless `wait`, moved to `idle` from now, fires first. One timer per connection,
+/// moved on for each wait: moving a registered timer later is an atomic store, where a
+/// `timeout` per wait would add and remove a timer-wheel entry, a lock each way.
+async fn timed<F: std::future::Future>(
+    wait: &mut Pin<Box<tokio::time::Sleep>>,
+    idle: Duration,
+    f: F,
+) -> Option<F::Output> {
+    wait.as_mut().reset(tokio::time::Instant::now() + idle);
+    tokio::select! {
+        biased;
+        r = f => Some(r),
+        _ = wait.as_mut() => None,
+    }
+}
+
+/// Sends the request head in `c.out` to endpoint `ex.i` (on a clean pooled connection when
+/// there is one) and reads the response head into `c.ubuf`, with the client's head for it
+/// in `c.resp`. On success the connection is in `c.up`.
+async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
+    let addr = ex.cluster.endpoints[ex.i].addr;
+    c.up = None;
+    let pooled = if ex.pooled {
+        upstream::pool::take(addr, Instant::now())
+    } else {
+        None
+    };
+    let up = match pooled {
+        Some(io) => Upstream {
+            addr,
+            io,
+            pooled: true,
+        },
+        None => Upstream {
+            addr,
+            io: connect(addr, ex.cluster.settings.connect_timeout)
+                .await
+                .ok_or(TryFailure::Connect)?,
+            pooled: false,
+        },
+    };
+    let up = c.up.insert(up);
+    c.ubuf.clear();
+    let (out, ubuf, resp) = (&c.out, &mut c.ubuf, &mut c.resp);
+    let (head_only, client_close, ops) = (ex.head_only, ex.client_close, ex.ops);
+    let io = async {
+        up.io.write_all(out).await?;
+        read_response(&mut up.io, ubuf, head_only, client_close, |r, _, close| {
+            write_response_head(resp, r, close, ops)
+        })
+        .await
+    };
+    let result = timed(&mut c.wait, ex.stream_idle, io).await;
+    let stale = up.pooled && c.ubuf.is_empty();
+    match result {
+        Some(Ok(Some(resp))) => Ok(resp),
+        other => {
+            c.up = None;
+            Err(match other {
+                None => TryFailure::Timeout,
+                Some(Ok(None)) => TryFailure::BadResponse,
+                _ if stale => TryFailure::StaleConnection,
+                _ => TryFailure::Reset,
+            })
         }
     }
 }
@@ -1035,12 +1370,14 @@ async fn read_response(
                         .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
                 }
             }
+            if te.is_some() && length.is_some() {
+                // Both (RFC 9112 6.3): the coding wins, the length is not passed on (see
+                // `has_two_framings`), and the connection is not used again.
+                upstream_close = true;
+            }
             let framing = if head_only || status == 204 || status == 304 {
                 Framing::Empty
             } else if let Some(chunked) = te {
-                if length.is_some() {
-                    return Ok(None);
-                }
                 if chunked {
                     Framing::Chunked
                 } else {
@@ -1061,7 +1398,7 @@ async fn read_response(
                 close,
             }));
         }
-        if ubuf.len() > MAX_HEAD {
+        if ubuf.len() > MAX_RESPONSE_HEAD {
             return Ok(None);
         }
         ubuf.reserve(HEAD_READ);
@@ -1090,22 +1427,48 @@ fn write_response_head(
     ]);
     out.extend_from_slice(r.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    write_headers(out, raw(r.headers), ops, dropped_response_header);
+    let drop = if has_two_framings(r.headers) {
+        dropped_response_header_or_length
+    } else {
+        dropped_response_header
+    };
+    write_headers(out, raw(r.headers), ops, drop);
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
 }
 
-/// Which end failed while a body was passed on.
+/// Which end failed while a body was passed on; `idle` when it went quiet for the
+/// stream idle timeout rather than closing.
 enum Side {
-    Upstream,
-    Downstream,
+    Upstream {
+        idle: bool,
+    },
+    Downstream {
+        idle: bool,
+    },
+    /// The upstream's body was broken before anything went to the client.
+    Unsent,
+}
+
+impl Side {
+    /// Envoy's response flag: `SI` for a stream idle timeout, else who closed.
+    fn flag(&self) -> &'static str {
+        match self {
+            Side::Upstream { idle: true } | Side::Downstream { idle: true } => "SI",
+            Side::Upstream { idle: false } => "UC",
+            Side::Downstream { idle: false } => "DC",
+            Side::Unsent => "UPE",
+        }
+    }
 }
 
 /// Writes the response head in `c.resp` and the body from `c.ubuf` and the upstream to the
-/// client. Returns the body bytes sent.
-async fn forward_body(c: &mut Conn, framing: Framing) -> Result<usize, Side> {
+/// client, each read and write within `idle`. Returns the body bytes sent.
+async fn forward_body(c: &mut Conn, framing: Framing, idle: Duration) -> Result<usize, Side> {
+    const DOWN: Side = Side::Downstream { idle: false };
+    const DOWN_IDLE: Side = Side::Downstream { idle: true };
     let mut chunks = ChunkScan::default();
     let mut sent = 0usize;
     let mut remaining = match framing {
@@ -1132,51 +1495,70 @@ async fn forward_body(c: &mut Conn, framing: Framing) -> Result<usize, Side> {
             Framing::Chunked => chunks.done,
             Framing::Close => false,
         };
+        if chunks.bad {
+            // The upstream broke its chunked framing: the client must not take what it
+            // got as a whole body, nor the connection as usable.
+            if first {
+                return Err(Side::Unsent);
+            }
+            c.io.write_all(&c.ubuf[..take]).await.map_err(|_| DOWN)?;
+            return Err(Side::Upstream { idle: false });
+        }
         if first {
             c.resp.extend_from_slice(&c.ubuf[..take]);
-            c.io.write_all(&c.resp)
+            timed(&mut c.wait, idle, c.io.write_all(&c.resp))
                 .await
-                .map_err(|_| Side::Downstream)?;
+                .ok_or(DOWN_IDLE)?
+                .map_err(|_| DOWN)?;
             first = false;
         } else if take > 0 {
-            c.io.write_all(&c.ubuf[..take])
+            timed(&mut c.wait, idle, c.io.write_all(&c.ubuf[..take]))
                 .await
-                .map_err(|_| Side::Downstream)?;
+                .ok_or(DOWN_IDLE)?
+                .map_err(|_| DOWN)?;
         }
         sent += take;
         c.ubuf.advance(take);
         if done {
-            if !c.ubuf.is_empty() {
-                // The upstream sent more than its response: do not reuse it.
-                c.up = None;
-            }
-            c.io.flush().await.map_err(|_| Side::Downstream)?;
+            timed(&mut c.wait, idle, c.io.flush())
+                .await
+                .ok_or(DOWN_IDLE)?
+                .map_err(|_| DOWN)?;
             return Ok(sent);
         }
         let Some(up) = c.up.as_mut() else {
-            return Err(Side::Upstream);
+            return Err(Side::Upstream { idle: false });
         };
         c.ubuf.clear();
-        let n = reads
-            .read(&mut up.io, &mut c.ubuf, framing, remaining)
-            .await
-            .map_err(|_| Side::Upstream)?;
+        let n = timed(
+            &mut c.wait,
+            idle,
+            reads.read(&mut up.io, &mut c.ubuf, framing, remaining),
+        )
+        .await
+        .ok_or(Side::Upstream { idle: true })?
+        .map_err(|_| Side::Upstream { idle: false })?;
         if n == 0 {
             if framing == Framing::Close {
-                c.io.flush().await.map_err(|_| Side::Downstream)?;
+                timed(&mut c.wait, idle, c.io.flush())
+                    .await
+                    .ok_or(DOWN_IDLE)?
+                    .map_err(|_| DOWN)?;
                 return Ok(sent);
             }
-            return Err(Side::Upstream);
+            return Err(Side::Upstream { idle: false });
         }
     }
 }
 
 /// Finds the end of a chunked body in the bytes passed through it.
-#[derive(Default)]
+#[derive(Default, Debug)]
 struct ChunkScan {
     state: ChunkState,
     size: u64,
     done: bool,
+    /// The framing was broken (`done` too): the body cannot be told whole.
+    bad: bool,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Debug)]
@@ -1219,18 +1601,12 @@ impl ChunkScan {
                         let d = (b as char).to_digit(16).unwrap_or(0) as u64;
                         self.size = match self.size.checked_mul(16) {
                             Some(s) => s + d,
-                            None => {
-                                self.done = true;
-                                return Some(i);
-                            }
+                            None => return self.broken(i),
                         };
                     }
                     b';' | b' ' | b'\t' => self.state = Ext,
                     b'\r' => self.state = SizeLf,
-                    _ => {
-                        self.done = true;
-                        return Some(i);
-                    }
+                    _ => return self.broken(i),
                 },
                 Ext => {
                     if b == b'\r' {
@@ -1239,8 +1615,7 @@ impl ChunkScan {
                 }
                 SizeLf => {
                     if b != b'\n' {
-                        self.done = true;
-                        return Some(i);
+                        return self.broken(i);
                     }
                     self.state = if self.size == 0 { TrailerStart } else { Data };
                 }
@@ -1256,15 +1631,13 @@ impl ChunkScan {
                 }
                 DataCr => {
                     if b != b'\r' {
-                        self.done = true;
-                        return Some(i);
+                        return self.broken(i);
                     }
                     self.state = DataLf;
                 }
                 DataLf => {
                     if b != b'\n' {
-                        self.done = true;
-                        return Some(i);
+                        return self.broken(i);
                     }
                     self.state = Size;
                 }
@@ -1280,6 +1653,9 @@ impl ChunkScan {
                     self.state = if b == b'\n' { TrailerStart } else { Trailer };
                 }
                 EndLf => {
+                    if b != b'\n' {
+                        return self.broken(i);
+                    }
                     self.done = true;
                     return Some(i + 1);
                 }
@@ -1287,6 +1663,13 @@ impl ChunkScan {
             i += 1;
         }
         None
+    }
+
+    /// Broken framing at byte `i`: the scan ends there.
+    fn broken(&mut self, i: usize) -> Option<usize> {
+        self.done = true;
+        self.bad = true;
+        Some(i)
     }
 }
 
@@ -1298,8 +1681,8 @@ async fn local(c: &mut Conn, log: &Log<'_>, mut done: Done, what: &str) -> Outco
         flag = done.flags,
         method = log.req.method,
         path = log.req.path,
-        route = %log.route.origin,
-        cluster = %log.cluster.name,
+        route = log.route.map(|r| r.origin.to_string()).unwrap_or_default(),
+        cluster = log.cluster.map(|c| c.name.as_str()).unwrap_or_default(),
         tries = done.attempts.max(1),
         "{what}"
     );
@@ -1322,30 +1705,117 @@ async fn local(c: &mut Conn, log: &Log<'_>, mut done: Done, what: &str) -> Outco
     Outcome::Close
 }
 
-/// The client connection handed to pingora: the bytes the fast path read come first.
+/// The client connection lent to pingora's request cycle for one request: the bytes the
+/// front read come first, and reads stop at the end of that request, so pingora never
+/// reads into the next one (it would drop a pipelined request, and the front reads the
+/// next head anyway once pingora hands the connection back).
 #[derive(Debug)]
-struct Replay {
+struct Lent {
     inner: Stream,
-    buf: Bytes,
+    /// Read from the client and not given out yet: this request's bytes first, then
+    /// whatever followed it.
+    buf: BytesMut,
+    /// What pingora may still read of this request.
+    left: Left,
+    /// The body's framing was broken: the connection is not reused.
+    spoiled: bool,
 }
 
-impl AsyncRead for Replay {
+#[derive(Debug)]
+enum Left {
+    /// Bytes (head and body with a length); 0 when the request was read whole.
+    Bytes(u64),
+    /// `head` bytes of head, then a chunked body up to where `scan` finds its end.
+    Chunked { head: usize, scan: ChunkScan },
+    /// Everything (an upgrade, h2c): the connection stays pingora's.
+    All,
+}
+
+/// At most this much of what follows a lent request is read ahead while pingora waits
+/// on the request's end (it reads to notice a client that went away).
+const MAX_READ_AHEAD: usize = 64 * 1024;
+
+impl Lent {
+    /// How many of the next `available` buffered bytes belong to the request, updating
+    /// what is left.
+    fn take(&mut self, available: usize) -> usize {
+        match &mut self.left {
+            Left::All => available,
+            Left::Bytes(n) => {
+                let k = (*n).min(available as u64) as usize;
+                *n -= k as u64;
+                k
+            }
+            Left::Chunked { head, scan } => {
+                if *head > 0 {
+                    let k = (*head).min(available);
+                    *head -= k;
+                    return k;
+                }
+                let (k, bad) = match scan.scan(&self.buf[..available]) {
+                    None => return available,
+                    // Broken framing: pingora gets the bad byte too, to refuse it.
+                    Some(end) if scan.bad => ((end + 1).min(available), true),
+                    Some(end) => (end, false),
+                };
+                self.spoiled |= bad;
+                self.left = Left::Bytes(0);
+                k
+            }
+        }
+    }
+
+    fn complete(&self) -> bool {
+        matches!(self.left, Left::Bytes(0))
+    }
+}
+
+impl AsyncRead for Lent {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if !self.buf.is_empty() {
-            let n = self.buf.len().min(out.remaining());
-            out.put_slice(&self.buf[..n]);
-            self.buf.advance(n);
-            return Poll::Ready(Ok(()));
+        let this = &mut *self;
+        if this.complete() {
+            // The request was read whole: keep what follows for the front, and tell
+            // pingora only whether the client went away.
+            loop {
+                if this.buf.len() >= MAX_READ_AHEAD {
+                    return Poll::Pending;
+                }
+                this.buf.reserve(4096);
+                let mut tmp = [0u8; 4096];
+                let mut rb = ReadBuf::new(&mut tmp);
+                match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(())),
+                    Poll::Ready(Ok(())) => this.buf.extend_from_slice(rb.filled()),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
         }
-        Pin::new(&mut self.inner).poll_read(cx, out)
+        if this.buf.is_empty() {
+            // Nothing buffered: read from the client into the buffer, then give out what
+            // belongs to the request.
+            this.buf.reserve(16 * 1024);
+            let mut tmp = [0u8; 16 * 1024];
+            let mut rb = ReadBuf::new(&mut tmp);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => this.buf.extend_from_slice(rb.filled()),
+                other => return other,
+            }
+        }
+        let available = this.buf.len().min(out.remaining());
+        let k = this.take(available);
+        out.put_slice(&this.buf[..k]);
+        this.buf.advance(k);
+        Poll::Ready(Ok(()))
     }
 }
 
-impl AsyncWrite for Replay {
+impl AsyncWrite for Lent {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1372,19 +1842,19 @@ impl AsyncWrite for Replay {
 }
 
 #[async_trait]
-impl Shutdown for Replay {
+impl Shutdown for Lent {
     async fn shutdown(&mut self) {
         Shutdown::shutdown(&mut *self.inner).await
     }
 }
 
-impl UniqueID for Replay {
+impl UniqueID for Lent {
     fn id(&self) -> UniqueIDType {
         self.inner.id()
     }
 }
 
-impl Ssl for Replay {
+impl Ssl for Lent {
     fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
         self.inner.get_ssl()
     }
@@ -1396,26 +1866,26 @@ impl Ssl for Replay {
     }
 }
 
-impl GetTimingDigest for Replay {
+impl GetTimingDigest for Lent {
     fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
         self.inner.get_timing_digest()
     }
 }
 
-impl GetProxyDigest for Replay {
+impl GetProxyDigest for Lent {
     fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
         self.inner.get_proxy_digest()
     }
 }
 
-impl GetSocketDigest for Replay {
+impl GetSocketDigest for Lent {
     fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
         self.inner.get_socket_digest()
     }
 }
 
 #[async_trait]
-impl Peek for Replay {
+impl Peek for Lent {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
         if self.buf.len() >= buf.len() {
             buf.copy_from_slice(&self.buf[..buf.len()]);
@@ -1510,8 +1980,25 @@ mod tests {
 
     #[test]
     fn chunk_scan_stops_at_bad_framing() {
+        for (body, at) in [
+            (&b"zz\r\n"[..], 0),
+            (b"5\r\nhello\r\nzz\r\n", 10),
+            (b"5\r\nhelloX", 8),
+            (b"5\nhello", 1),
+            (b"0\r\n\rX", 4),
+            (b"fffffffffffffffff\r\n", 16),
+        ] {
+            let mut s = ChunkScan::default();
+            assert_eq!(
+                s.scan(body),
+                Some(at),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+            assert!(s.done && s.bad);
+        }
         let mut s = ChunkScan::default();
-        assert_eq!(s.scan(b"zz\r\n"), Some(0));
-        assert!(s.done);
+        assert_eq!(s.scan(b"0\r\n\r\n"), Some(5));
+        assert!(s.done && !s.bad);
     }
 }

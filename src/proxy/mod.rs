@@ -2,6 +2,7 @@
 //! no policy of its own: routing decides the route, the route's compiled policy says what
 //! to retry, upstream picks endpoints and keeps their health.
 
+pub mod check;
 pub mod fast;
 pub mod mirror;
 
@@ -25,6 +26,7 @@ use crate::routing::{
 use crate::snapshot::Snapshot;
 use crate::telemetry::{access_log, trace, Metrics};
 use crate::upstream::balancer::hash_bytes;
+use crate::upstream::retry::{self, Again, TryFailure};
 use crate::upstream::{Admission, HashSource, InFlight, RetryPermit};
 use mirror::{MirrorClient, MAX_MIRROR_BODY};
 
@@ -48,21 +50,6 @@ impl Gateway {
             forward_proxy: false,
         }
     }
-}
-
-/// Serves a client connection with pingora's HTTP service until the client is done (the
-/// service hands the stream back after each request while it stays open).
-pub async fn serve_connection(
-    http: &Arc<pingora_proxy::HttpProxy<Gateway>>,
-    io: pingora::protocols::Stream,
-    shutdown: &pingora::server::ShutdownWatch,
-) -> Option<pingora::protocols::Stream> {
-    use pingora::apps::ServerApp;
-    let mut next = Some(io);
-    while let Some(stream) = next {
-        next = http.process_new(stream, shutdown).await;
-    }
-    None
 }
 
 /// The SNI a TLS client sent, kept from the handshake for the log line.
@@ -93,6 +80,14 @@ pub struct RequestCtx {
     cors_origin: Option<HeaderValue>,
     /// The response was refused for a retry by `upstream_response_filter`.
     retry_on_status: bool,
+    /// An upstream response head was taken (and is being passed on): from here on no
+    /// failure is tried again.
+    upstream_responded: bool,
+    /// A request that went out on a pooled connection the upstream had closed was sent
+    /// again (at most once).
+    resent: bool,
+    /// The next `upstream_peer` resends to the endpoint just tried, on a new connection.
+    resend: bool,
     /// This request is the last its upstream connection serves (maxRequestsPerConnection).
     close_upstream: bool,
     span: Option<trace::SpanContext>,
@@ -125,6 +120,9 @@ impl Default for RequestCtx {
             set_cookie: None,
             cors_origin: None,
             retry_on_status: false,
+            upstream_responded: false,
+            resent: false,
+            resend: false,
             close_upstream: false,
             span: None,
             mirror_pending: None,
@@ -216,6 +214,69 @@ impl Gateway {
         }
     }
 
+    /// The peer for endpoint `i` of `cluster`, with the time this try may take: the
+    /// per-try timeout, what is left of the route's, else the stream idle timeout (no wait
+    /// on an upstream is unbounded).
+    fn peer_for(
+        &self,
+        ctx: &mut RequestCtx,
+        cluster: &Arc<crate::upstream::Cluster>,
+        forward: &Forward,
+        i: usize,
+    ) -> Result<Box<HttpPeer>> {
+        ctx.upstream_host = Some(cluster.endpoints[i].addr);
+        ctx.in_flight = Some(InFlight::new(cluster.clone(), i));
+        let per_try = match (forward.retries.per_try_timeout, ctx.remaining()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let idle = ctx
+            .snapshot
+            .as_ref()
+            .map(|s| s.settings.downstream.stream_idle_timeout);
+        Ok(Box::new(cluster.peer(i, per_try.or(idle))))
+    }
+
+    /// The checks every request passes before routing (`proxy::check`; an HTTP/1.1 head
+    /// passed them in Portico's front already, h2 streams and absolute-form targets get
+    /// them here), and the path normalized as routing and the upstream will see it.
+    fn check(&self, snapshot: &Snapshot, session: &mut Session) -> Result<(), check::Refusal> {
+        let req = session.req_header();
+        let host = authority(req);
+        // HTTP/1.0 may omit a Host; an absolute-form target names its own authority.
+        let optional = req.version == http::Version::HTTP_10 || req.uri.authority().is_some();
+        let allowed = check::valid_authority(host) || (host.is_empty() && optional);
+        if !allowed {
+            return Err(if host.is_empty() {
+                check::NO_HOST
+            } else {
+                check::BAD_HOST
+            });
+        }
+        let normalized = match snapshot.settings.path_normalization.apply(req.uri.path()) {
+            Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
+            Ok(std::borrow::Cow::Owned(p)) => p,
+            // `*` (OPTIONS) and absolute-form targets route by their path as it is.
+            Err(crate::routing::path::PathError::NotAbsolute) => return Ok(()),
+            Err(e) => return Err(check::Refusal::new(400, e.details(), "bad request path")),
+        };
+        let target = match req.uri.query() {
+            Some(q) => format!("{normalized}?{q}"),
+            None => normalized,
+        };
+        match target.parse::<http::Uri>() {
+            Ok(uri) => {
+                session.req_header_mut().set_uri(uri);
+                Ok(())
+            }
+            Err(_) => Err(check::Refusal::new(
+                400,
+                "path_normalization_failed",
+                "bad request path",
+            )),
+        }
+    }
+
     /// A retry may start: attempts left, time left, and the cluster's retry budget.
     fn may_retry(&self, ctx: &mut RequestCtx) -> bool {
         let Some(f) = ctx.forward() else { return false };
@@ -230,6 +291,36 @@ impl Gateway {
                 true
             }
             None => false,
+        }
+    }
+
+    /// After a failed try: records it against the endpoint when it counts, and says
+    /// whether pingora is to try again (the shared rule, `upstream::retry`). A request
+    /// body larger than pingora's retry buffer cannot be sent again.
+    fn after_failure(
+        &self,
+        ctx: &mut RequestCtx,
+        fail: TryFailure,
+        method: &http::Method,
+        truncated: bool,
+    ) -> bool {
+        if fail.counts_against_endpoint() {
+            self.record(ctx, None);
+        }
+        let Some(on) = ctx.forward().map(|f| f.retries.on.clone()) else {
+            return false;
+        };
+        if truncated {
+            return false;
+        }
+        match fail.again(&on, retry::idempotent(method.as_str()), ctx.resent) {
+            Again::Resend => {
+                ctx.resent = true;
+                ctx.resend = true;
+                true
+            }
+            Again::Retry => self.may_retry(ctx),
+            Again::No => false,
         }
     }
 
@@ -417,6 +508,20 @@ impl ProxyHttp for Gateway {
             ctx.snapshot = Some(snapshot);
             return self.egress_request(session, ctx).await;
         }
+        if let Err(r) = self.check(&snapshot, session) {
+            ctx.snapshot = Some(snapshot);
+            ctx.flag = "DPE";
+            ctx.details = r.details;
+            tracing::debug!(
+                status = r.status,
+                details = r.details,
+                "request refused: {}",
+                r.what
+            );
+            let body = Bytes::from(format!("{}\n", r.what));
+            respond(session, r.status, body, None, None, &[]).await?;
+            return Ok(true);
+        }
         let local = self.decide(&snapshot, session.req_header(), client_ip(session));
         ctx.snapshot = Some(snapshot);
         let (route, destination, match_index) = match local {
@@ -582,6 +687,12 @@ impl ProxyHttp for Gateway {
             if let Some(source) = cluster.policy.hash_source() {
                 ctx.hash = hash_key(source, session.req_header(), client_ip(session), ctx);
             }
+        } else if std::mem::take(&mut ctx.resend) {
+            // The same endpoint again, at once, on a new connection (pingora discarded the
+            // one that had been closed).
+            if let Some(&i) = ctx.tried.last() {
+                return self.peer_for(ctx, &cluster, forward, i);
+            }
         } else if ctx.retries > 0 {
             let pause = forward.retries.backoff_for(ctx.retries);
             tokio::time::sleep(ctx.remaining().map_or(pause, |r| r.min(pause))).await;
@@ -601,13 +712,7 @@ impl ProxyHttp for Gateway {
             ));
         };
         ctx.tried.push(i);
-        ctx.upstream_host = Some(cluster.endpoints[i].addr);
-        ctx.in_flight = Some(InFlight::new(cluster.clone(), i));
-        let per_try = match (forward.retries.per_try_timeout, ctx.remaining()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        Ok(Box::new(cluster.peer(i, per_try)))
+        self.peer_for(ctx, &cluster, forward, i)
     }
 
     async fn upstream_request_filter(
@@ -657,8 +762,13 @@ impl ProxyHttp for Gateway {
         let proto = if self.tls { "https" } else { "http" };
         upstream.insert_header("x-forwarded-proto", HeaderValue::from_static(proto))?;
         if let Some(ip) = client_ip(session) {
-            let prev = upstream.headers.get(&X_FORWARDED_FOR).map(|v| v.as_bytes());
-            let xff = forwarded_for(prev, ip);
+            let prev: Vec<&[u8]> = upstream
+                .headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .map(HeaderValue::as_bytes)
+                .collect();
+            let xff = forwarded_for(&prev, ip);
             upstream.insert_header("x-forwarded-for", xff)?;
         }
         Ok(())
@@ -688,6 +798,22 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
+        // The same limits as Portico's codecs put on a response head (pingora's own are
+        // 1 MiB and 256 fields): a larger one is an invalid response.
+        let fields = upstream_response.headers.len();
+        let size: usize = upstream_response
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        if fields > fast::MAX_HEADERS || size > fast::MAX_RESPONSE_HEAD {
+            return Err(Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                format!("response head of {fields} fields, {size} bytes: over the limit"),
+            )
+            .into_up());
+        }
+
         self.record(ctx, Some(status));
         ctx.upstream_time = ctx.in_flight.as_ref().map(|i| i.started.elapsed());
         ctx.details = "via_upstream";
@@ -698,6 +824,7 @@ impl ProxyHttp for Gateway {
             e.set_retry(true);
             return Err(e);
         }
+        ctx.upstream_responded = true;
         Ok(())
     }
 
@@ -735,14 +862,14 @@ impl ProxyHttp for Gateway {
 
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        self.record(ctx, None);
-        let retryable = ctx.forward().is_some_and(|f| f.retries.on.connect());
-        if retryable && self.may_retry(ctx) {
+        let truncated = session.as_ref().retry_buffer_truncated();
+        let method = session.req_header().method.clone();
+        if self.after_failure(ctx, TryFailure::Connect, &method, truncated) {
             e.set_retry(true);
         } else {
             e.set_retry(false);
@@ -765,24 +892,33 @@ impl ProxyHttp for Gateway {
             e.set_retry(!truncated);
             return e;
         }
-        self.record(ctx, None);
-        let timeout = matches!(
+        if *e.esource() == ErrorSource::Downstream {
+            // The client's error (a bad body, a close): never tried again, and never held
+            // against the endpoint.
+            e.set_retry(false);
+            return e;
+        }
+        let fail = if ctx.upstream_responded || session.response_written().is_some() {
+            TryFailure::AfterResponse
+        } else if matches!(
             e.etype(),
             ErrorType::ReadTimedout | ErrorType::WriteTimedout
-        );
-        let on = ctx
-            .forward()
-            .map(|f| f.retries.on.clone())
-            .unwrap_or_default();
-        let wanted = if timeout { on.timeout() } else { on.reset() };
-        if wanted && !truncated && self.may_retry(ctx) {
-            e.set_retry(true);
-        } else if !session.req_header().method.is_idempotent() || truncated {
-            e.set_retry(false);
+        ) {
+            TryFailure::Timeout
+        } else if matches!(e.retry, pingora_error::RetryType::Decided(true)) {
+            // pingora marks what an h2 upstream refused unprocessed (REFUSED_STREAM,
+            // GOAWAY, a downgrade) as safe to send again.
+            TryFailure::Refused
+        } else if matches!(e.etype(), ErrorType::InvalidHTTPHeader | ErrorType::H1Error) {
+            TryFailure::BadResponse
+        } else if client_reused {
+            TryFailure::StaleConnection
         } else {
-            // A pooled connection the upstream had already closed: pingora's own retry.
-            e.retry.decide_reuse(client_reused);
-        }
+            TryFailure::Reset
+        };
+        let method = session.req_header().method.clone();
+        let again = self.after_failure(ctx, fail, &method, truncated);
+        e.set_retry(again);
         e
     }
 
@@ -804,10 +940,18 @@ impl ProxyHttp for Gateway {
             (ReadTimedout | WriteTimedout, ErrorSource::Upstream) => {
                 (504, "UT", "upstream request timeout")
             }
-            (_, ErrorSource::Upstream) => (503, "UC", "upstream reset before response"),
-            (ReadError | WriteError | ConnectionClosed, ErrorSource::Downstream) => {
-                (0, "DC", "downstream closed")
+            (_, ErrorSource::Upstream) if ctx.upstream_responded => {
+                (502, "UC", "upstream reset after the response started")
             }
+            (InvalidHTTPHeader | H1Error, ErrorSource::Upstream) => {
+                (502, "UPE", "upstream sent an invalid response")
+            }
+            (_, ErrorSource::Upstream) => (503, "UC", "upstream reset before response"),
+            (ReadTimedout, ErrorSource::Downstream) => (408, "", check::BODY_TIMEOUT.what),
+            (
+                ReadError | WriteError | WriteTimedout | ConnectionClosed,
+                ErrorSource::Downstream,
+            ) => (0, "DC", "downstream closed"),
             (_, ErrorSource::Downstream) => (400, "DPE", "bad request"),
             _ => (500, "", "internal error"),
         };
@@ -885,6 +1029,7 @@ impl ProxyHttp for Gateway {
             start: ctx.started_at,
             method: req.method.as_str(),
             path: req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+            query: None,
             protocol: if session.is_http2() {
                 "HTTP/2"
             } else {
@@ -1076,17 +1221,23 @@ static X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-
 /// `X-Forwarded-For` with the client appended. Written by hand rather than with `format!`:
 /// it runs on every proxied request, and formatting an address through `fmt` cost more
 /// than the rest of the header work Portico does per request.
-fn forwarded_for(prev: Option<&[u8]>, ip: IpAddr) -> HeaderValue {
-    let mut out = Vec::with_capacity(prev.map_or(0, |p| p.len() + 2) + 39);
-    write_forwarded_for(&mut out, prev, ip);
-    // The previous value was a valid header value and an address adds only ASCII.
+fn forwarded_for(prev: &[&[u8]], ip: IpAddr) -> HeaderValue {
+    let len: usize = prev.iter().map(|p| p.len() + 2).sum();
+    let mut out = Vec::with_capacity(len + 39);
+    write_forwarded_for(&mut out, prev.iter().copied(), ip);
+    // The previous values were valid header values and an address adds only ASCII.
     HeaderValue::from_maybe_shared(Bytes::from(out)).unwrap_or(HeaderValue::from_static(""))
 }
 
-/// Appends `X-Forwarded-For`'s value to `out`: the fast path writes it straight into the
-/// upstream head, with no value of its own to allocate.
-fn write_forwarded_for(out: &mut Vec<u8>, prev: Option<&[u8]>, ip: IpAddr) {
-    if let Some(p) = prev {
+/// Appends `X-Forwarded-For`'s value to `out`: the values the client sent (every header
+/// line of it, in order, as one list: RFC 9110 5.3), then the client's address. The fast
+/// path writes it straight into the upstream head, with no value of its own to allocate.
+fn write_forwarded_for<'a>(
+    out: &mut Vec<u8>,
+    prev: impl IntoIterator<Item = &'a [u8]>,
+    ip: IpAddr,
+) {
+    for p in prev {
         out.extend_from_slice(p);
         out.extend_from_slice(b", ");
     }
@@ -1146,12 +1297,18 @@ mod tests {
             "::ffff:10.0.0.1",
         ] {
             let addr: IpAddr = ip.parse().unwrap();
-            assert_eq!(super::forwarded_for(None, addr).to_str().unwrap(), ip);
+            assert_eq!(super::forwarded_for(&[], addr).to_str().unwrap(), ip);
             assert_eq!(
-                super::forwarded_for(Some(b"203.0.113.7"), addr)
+                super::forwarded_for(&[b"203.0.113.7"], addr)
                     .to_str()
                     .unwrap(),
                 format!("203.0.113.7, {ip}")
+            );
+            assert_eq!(
+                super::forwarded_for(&[b"1.1.1.1", b"2.2.2.2, 3.3.3.3"], addr)
+                    .to_str()
+                    .unwrap(),
+                format!("1.1.1.1, 2.2.2.2, 3.3.3.3, {ip}")
             );
         }
     }

@@ -5,6 +5,7 @@
 
 pub mod host;
 pub mod matcher;
+pub mod path;
 pub mod route;
 
 use std::sync::Arc;

@@ -161,9 +161,10 @@ impl RetryOn {
         self.connect_failure || self.five_xx || self.gateway_error
     }
 
-    /// The upstream closed or reset the connection before answering.
+    /// The upstream closed or reset the connection before answering. (`refused-stream`
+    /// is not a reset: it is an h2 upstream's refusal of a request it never processed.)
     pub fn reset(&self) -> bool {
-        self.reset || self.five_xx || self.refused_stream
+        self.reset || self.five_xx
     }
 
     /// A try timed out (`perTryTimeout`).

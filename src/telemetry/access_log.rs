@@ -27,7 +27,9 @@ const QUEUE: usize = 8192;
 pub struct Entry<'a> {
     pub start: SystemTime,
     pub method: &'a str,
+    /// The path routed and forwarded (normalized), and the query when apart from it.
     pub path: &'a str,
+    pub query: Option<&'a str>,
     pub protocol: &'a str,
     pub status: u16,
     pub flags: &'a str,
@@ -270,7 +272,10 @@ fn render_piece(out: &mut String, p: &Piece, e: &Entry<'_>) {
         }
         Piece::StartTime => write!(out, "{}", rfc3339(e.start)),
         Piece::Method => write!(out, "{}", e.method),
-        Piece::Path => write!(out, "{}", e.path),
+        Piece::Path => match e.query {
+            Some(q) => write!(out, "{}?{q}", e.path),
+            None => write!(out, "{}", e.path),
+        },
         Piece::Protocol => write!(out, "{}", e.protocol),
         Piece::ResponseCode => write!(out, "{}", e.status),
         Piece::ResponseFlags => write!(out, "{}", or_dash(Some(e.flags))),
@@ -324,11 +329,15 @@ fn render_json(e: &Entry<'_>) -> String {
             None => serde_json::Value::Null,
         }
     };
+    let path = match e.query {
+        Some(q) => format!("{}?{q}", e.path),
+        None => e.path.to_string(),
+    };
     let mut line = serde_json::to_string(&serde_json::json!({
         "start_time": rfc3339(e.start),
         "route_name": e.route_name,
         "method": e.method,
-        "path": e.path,
+        "path": path,
         "protocol": e.protocol,
         "response_code": e.status,
         "response_flags": or_dash(Some(e.flags)),
@@ -454,6 +463,7 @@ mod tests {
             start: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
             method: "GET",
             path: "/a?b=1",
+            query: None,
             protocol: "HTTP/1.1",
             status: 503,
             flags: "UF",

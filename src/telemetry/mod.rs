@@ -30,6 +30,9 @@ pub struct Metrics {
     /// Forward-proxy decisions: `decision` allowed/denied, `kind` http/connect, `host` the
     /// registered host pattern or `unregistered` (never a name a client made up).
     pub egress_decisions: IntCounterVec,
+    /// Connections each listener holds, and those it closed at its `maxConnections`.
+    pub listener_connections: IntGaugeVec,
+    pub listener_refused: IntCounterVec,
     certificate_expiry: IntGaugeVec,
     endpoint_healthy: IntGaugeVec,
     upstream_active: IntGaugeVec,
@@ -119,6 +122,19 @@ impl Metrics {
             &["reason"],
         )
         .expect("static metric definition");
+        let listener_connections = gauge(
+            "portico_listener_connections_active",
+            "Client connections each listener holds.",
+            &["listener"],
+        );
+        let listener_refused = IntCounterVec::new(
+            Opts::new(
+                "portico_listener_connections_refused_total",
+                "Client connections closed on arrival because the listener held mesh.downstream.maxConnections already.",
+            ),
+            &["listener"],
+        )
+        .expect("static metric definition");
         let istio = istio::IstioMetrics::new(&registry);
         for c in [
             Box::new(config_generation.clone()) as Box<dyn prometheus::core::Collector>,
@@ -133,6 +149,8 @@ impl Metrics {
             Box::new(fast_path_requests.clone()),
             Box::new(fast_path_handoffs.clone()),
             Box::new(egress_decisions.clone()),
+            Box::new(listener_connections.clone()),
+            Box::new(listener_refused.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -150,6 +168,8 @@ impl Metrics {
             fast_path_requests,
             fast_path_handoffs,
             egress_decisions,
+            listener_connections,
+            listener_refused,
             certificate_expiry,
             endpoint_healthy,
             upstream_active,

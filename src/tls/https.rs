@@ -51,8 +51,11 @@ pub fn tune(acceptor: &mut Acceptor) -> Result<(), String> {
 pub struct Https {
     pub acceptor: Acceptor,
     pub proxy: Arc<HttpProxy<Gateway>>,
-    /// The HTTP/1.1 fast path for connections that did not choose h2; `None` when off.
-    pub fast: Option<Arc<FastH1>>,
+    /// Portico's HTTP/1.1 front, for connections that did not choose h2 (it holds the
+    /// listener's connection cap too).
+    pub front: Arc<FastH1>,
+    /// h2 streams go through the fast path (else pingora's cycle serves h2 connections).
+    pub fast_h2: bool,
     pub snapshots: Arc<ArcSwap<Snapshot>>,
 }
 
@@ -83,14 +86,14 @@ impl Https {
                 return None;
             }
         };
-        if let Some(fast) = &self.fast {
-            if tls.selected_alpn_proto() == Some(pingora::protocols::ALPN::H2) {
-                fast.serve_h2(Box::new(tls), shutdown).await;
+        if tls.selected_alpn_proto() == Some(pingora::protocols::ALPN::H2) {
+            if self.fast_h2 {
+                self.front.serve_h2(Box::new(tls), shutdown).await;
                 return None;
             }
-            return fast.process_new(Box::new(tls), shutdown).await;
+            return self.proxy.process_new(Box::new(tls), shutdown).await;
         }
-        crate::proxy::serve_connection(&self.proxy, Box::new(tls), shutdown).await
+        self.front.serve_connection(Box::new(tls), shutdown).await
     }
 
     /// Tells open keep-alive connections to stop at shutdown, as pingora does for its own
@@ -103,7 +106,14 @@ impl Https {
 #[async_trait]
 impl ServerApp for Https {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let timeout = self.snapshots.load().settings.tls_handshake_timeout;
+        let (timeout, max) = {
+            let s = self.snapshots.load();
+            (
+                s.settings.tls_handshake_timeout,
+                s.settings.downstream.max_connections,
+            )
+        };
+        let _slot = self.front.connections.admit(max)?;
         self.serve(io, timeout, shutdown).await
     }
 

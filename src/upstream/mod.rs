@@ -3,6 +3,8 @@
 //! pool limits keep their state in atomics here. Never parses config.
 
 pub mod balancer;
+pub mod pool;
+pub mod retry;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};

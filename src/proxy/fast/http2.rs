@@ -8,14 +8,10 @@
 //! Portico over HTTP/1.1 on an upstream connection from a per-thread pool; any other stream
 //! goes to pingora's cycle as before, alone (its siblings stay here).
 
-use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::net::IpAddr;
 
 use http::header;
-use pingora::apps::HttpServerApp;
 use pingora::protocols::http::v2::server::{handshake, H2Accept, HttpSession};
-use pingora::protocols::http::ServerSession;
 use pingora::protocols::Digest;
 use pingora_http::{RequestHeader, ResponseHeader};
 
@@ -24,38 +20,6 @@ use super::*;
 /// Rejected (malformed) streams after which a connection is closed, as pingora's own
 /// accept loop does.
 const MAX_MALFORMED_STREAMS: usize = 32;
-
-/// Idle upstream connections kept per thread for h2 streams (the least recently used goes).
-/// An h2 client has many streams in flight at once, each needing its own HTTP/1.1
-/// upstream connection, so they are shared by all h2 connections on the thread rather than
-/// kept per client connection as on HTTP/1.1.
-const MAX_IDLE: usize = 256;
-
-thread_local! {
-    static IDLE_UPSTREAMS: RefCell<VecDeque<Upstream>> = const { RefCell::new(VecDeque::new()) };
-}
-
-/// The most recently used idle connection to `addr` still within `limit`.
-fn take_idle(addr: SocketAddr, now: Instant, limit: Duration) -> Option<Upstream> {
-    IDLE_UPSTREAMS.with_borrow_mut(|idle| {
-        while let Some(k) = idle.iter().rposition(|u| u.addr == addr) {
-            let up = idle.remove(k)?;
-            if now.saturating_duration_since(up.used) < limit {
-                return Some(up);
-            }
-        }
-        None
-    })
-}
-
-fn keep_idle(up: Upstream) {
-    IDLE_UPSTREAMS.with_borrow_mut(|idle| {
-        if idle.len() == MAX_IDLE {
-            idle.pop_front();
-        }
-        idle.push_back(up);
-    });
-}
 
 impl FastH1 {
     /// Serves an h2 connection until the client is done with it.
@@ -153,9 +117,19 @@ impl FastH1 {
         let Some(listener) = snapshot.listeners.get(self.listener) else {
             return Some("route");
         };
+        // The request id first: a route may match on it, on every codec.
+        if !s.req_header().headers.contains_key("x-request-id") {
+            let id = request_id();
+            let _ = s.req_header_mut().insert_header("x-request-id", &id[..]);
+        }
         let req = s.req_header();
+        let settings = &snapshot.settings;
+        // A path that does not normalize gets pingora's reply (the same check there).
         // (`?` would be wrong in here: `None` means served.)
-        let Some(q) = eligible_h2(req) else {
+        let Ok(path) = settings.path_normalization.apply(req.uri.path()) else {
+            return Some("request");
+        };
+        let Some(q) = eligible_h2(req, &path) else {
             return Some("request");
         };
         if q.body == 0 && !s.is_body_empty() {
@@ -164,8 +138,8 @@ impl FastH1 {
         }
         let view = RequestView {
             method: q.method,
-            path: req.uri.path(),
-            query: req.uri.query(),
+            path: q.path,
+            query: q.query,
             authority: q.host,
             scheme: "https",
             headers: Headers::Map(&req.headers),
@@ -186,17 +160,16 @@ impl FastH1 {
             return Some("admission");
         };
         let head_only = req.method == http::Method::HEAD;
-        let (body_len, has_request_id) = (q.body, q.has_request_id);
-        if !has_request_id {
-            // In the request header too, for the access log.
-            let id = request_id();
-            let _ = s.req_header_mut().insert_header("x-request-id", &id[..]);
-        }
+        let idempotent = retry::idempotent(q.method);
+        let body_len = q.body;
         let mut out = upstream_head(
-            s.req_header(),
+            req,
+            q.path,
+            q.query,
             [&route.headers.request, &destination.headers.request],
             client_ip,
         );
+        let body_timeout = settings.downstream.request_body_timeout;
         if body_len > 0 {
             // Read whole (the h2 crate holds the stream to its content-length), then sent
             // after the head and replayed on a retry, as on HTTP/1.1.
@@ -207,7 +180,10 @@ impl FastH1 {
                 }
                 Some(())
             };
-            let whole = tokio::time::timeout(IDLE, read).await.ok().flatten();
+            let whole = tokio::time::timeout(body_timeout, read)
+                .await
+                .ok()
+                .flatten();
             if whole.is_none() || out.len() - start != body_len {
                 // The client reset the stream or stalled: nothing went upstream.
                 s.shutdown();
@@ -215,47 +191,61 @@ impl FastH1 {
             }
         }
 
-        // Tries: another endpoint after a connect failure, as the route's retries allow.
+        // Tries: as the route's retries and the shared resend rule allow.
         let mut tried = Vec::new();
-        let mut retries = 0u32;
-        let mut _permit: Option<RetryPermit> = None;
+        let mut tries = Tries::default();
+        let stream_idle = snapshot.settings.downstream.stream_idle_timeout;
+        let mut wait = Box::pin(tokio::time::sleep(stream_idle));
         // What `read_response` reserves before its first read: less would make that reserve
         // reallocate, copying the whole old block, once per stream.
         let mut ubuf = BytesMut::with_capacity(HEAD_READ);
         let ops = [&route.headers.response, &destination.headers.response];
         let mut head = None;
         let (mut up, resp, i, inflight) = loop {
-            let Some(i) = cluster.select(None, &tried) else {
-                let done = Done::local(503, "UH", None, retries);
-                local_h2(
-                    s,
-                    &snapshot,
-                    route,
-                    cluster,
-                    started,
-                    done,
-                    "no healthy upstream",
-                )
-                .await;
-                return None;
+            let (i, pooled) = match tries.resend_to.take() {
+                Some(i) => (i, false),
+                None => match cluster.select(None, &tried) {
+                    Some(i) => (i, true),
+                    None => {
+                        let done = Done::local(503, "UH", None, tries.made);
+                        local_h2(
+                            s,
+                            &snapshot,
+                            route,
+                            cluster,
+                            started,
+                            done,
+                            "no healthy upstream",
+                        )
+                        .await;
+                        return None;
+                    }
+                },
             };
             tried.push(i);
+            tries.made += 1;
             let inflight = InFlight::new(cluster.clone(), i);
             let emit = |r: &httparse::Response<'_, '_>, raw: &[u8], _close: bool| {
                 head = response_head(r, raw, ops);
             };
-            match exchange_h2(&out, &mut ubuf, cluster, i, head_only, started, emit).await {
+            let ex = Exchange {
+                cluster,
+                i,
+                pooled,
+                head_only,
+                ops,
+                client_close: false,
+                stream_idle,
+            };
+            match exchange_h2(&out, &mut ubuf, &ex, &mut wait, emit).await {
                 Ok((up, resp)) => break (up, resp, i, inflight),
-                Err(fail) => {
-                    let tries = (&mut retries, &mut _permit);
-                    match after_failure(fail, forward, cluster, i, tries).await {
-                        None => continue,
-                        Some((done, what)) => {
-                            local_h2(s, &snapshot, route, cluster, started, done, what).await;
-                            return None;
-                        }
+                Err(fail) => match tries.after(fail, forward, cluster, i, idempotent).await {
+                    None => continue,
+                    Some((done, what)) => {
+                        local_h2(s, &snapshot, route, cluster, started, done, what).await;
+                        return None;
                     }
-                }
+                },
             }
         };
         let upstream_time = inflight.started.elapsed();
@@ -264,37 +254,35 @@ impl FastH1 {
             resp.status,
             cluster.endpoints[i].addr,
             upstream_time,
-            retries,
+            tries.made,
         );
         let Some(head) = head else {
             // A 101, or a field HTTP/2 cannot carry: nothing went to the client yet.
-            let done = Done::local(502, "UPE", done.upstream_host, retries);
+            let done = Done::local(502, "UPE", done.upstream_host, tries.made);
             let what = "upstream sent a response HTTP/2 cannot carry";
             local_h2(s, &snapshot, route, cluster, started, done, what).await;
             return None;
         };
         let end = resp.framing == Framing::Empty;
         let result = match s.write_response_header(Box::new(head), end) {
-            Ok(()) => body_h2(s, &mut up, &mut ubuf, resp.framing).await,
-            Err(_) => Err(Side::Downstream),
+            Ok(()) => body_h2(s, &mut up, &mut ubuf, resp.framing, &mut wait, stream_idle).await,
+            Err(_) => Err(Side::Downstream { idle: false }),
         };
         drop(inflight);
         match result {
             Ok(n) => {
                 done.sent = n;
-                if ubuf.is_empty() && !resp.upstream_close && resp.framing != Framing::Close {
-                    keep_idle(up);
-                }
+                let close = resp.upstream_close || resp.framing == Framing::Close;
+                up.release(cluster, !ubuf.is_empty(), close);
             }
             Err(side) => {
-                done.flags = match side {
-                    Side::Upstream => {
-                        // Part of a response went out: the client must not take it as whole.
-                        s.shutdown();
-                        "UC"
-                    }
-                    Side::Downstream => "DC",
-                };
+                if let Side::Upstream { .. } = side {
+                    cluster.record(i, None, None);
+                }
+                // Part of a response may have gone out: the client must not take it as
+                // whole, so the stream is reset (an h2 stream has no other way to say it).
+                s.shutdown();
+                done.flags = side.flag();
                 done.sent = s.body_bytes_sent();
             }
         }
@@ -303,8 +291,9 @@ impl FastH1 {
     }
 }
 
-/// What the fast path takes from an h2 request header, when it can serve it.
-fn eligible_h2(req: &RequestHeader) -> Option<Req<'_>> {
+/// What the fast path takes from an h2 request header, when it can serve it; `path` is
+/// its normalized path.
+fn eligible_h2<'r>(req: &'r RequestHeader, path: &'r str) -> Option<Req<'r>> {
     let method = req.method.as_str();
     if !matches!(
         method,
@@ -312,21 +301,21 @@ fn eligible_h2(req: &RequestHeader) -> Option<Req<'_>> {
     ) {
         return None;
     }
-    let path = req.uri.path_and_query().map(|p| p.as_str())?;
-    if !path.starts_with('/') || !path.bytes().all(uri_char) {
+    let query = req.uri.query();
+    if !path.bytes().all(uri_char) || !query.is_none_or(|q| q.bytes().all(uri_char)) {
         return None;
     }
     let host = crate::proxy::authority(req);
-    if host.is_empty() {
+    if !check::valid_authority(host) {
         return None;
     }
     let mut r = Req {
         method,
         path,
+        query,
         host,
         close: false,
-        has_request_id: false,
-        xff: None,
+        has_request_id: true,
         body: 0,
     };
     for (name, value) in req.headers.iter() {
@@ -343,19 +332,9 @@ fn eligible_h2(req: &RequestHeader) -> Option<Req<'_>> {
         } else if *name == header::TRANSFER_ENCODING
             || *name == header::UPGRADE
             || *name == header::EXPECT
+            || (*name == header::CONTENT_TYPE && value.as_bytes().starts_with(b"application/grpc"))
         {
             return None;
-        } else if *name == header::CONTENT_TYPE {
-            if value.as_bytes().starts_with(b"application/grpc") {
-                return None;
-            }
-        } else if name == "x-request-id" {
-            r.has_request_id = true;
-        } else if name == "x-forwarded-for" {
-            if r.xff.is_some() {
-                return None;
-            }
-            r.xff = Some(value.as_bytes());
         }
     }
     Some(r)
@@ -377,13 +356,23 @@ fn dropped_h2_request_header(name: &str) -> bool {
 }
 
 /// The HTTP/1.1 request head for the upstream, as pingora's path would write it: `Host`
-/// from `:authority`, cookies on one line (RFC 9113 8.2.3), then as on HTTP/1.1.
-fn upstream_head(req: &RequestHeader, ops: [&HeaderOps; 2], client_ip: Option<IpAddr>) -> Vec<u8> {
+/// from `:authority`, cookies on one line (RFC 9113 8.2.3), then as on HTTP/1.1. `path`
+/// is the normalized path.
+fn upstream_head(
+    req: &RequestHeader,
+    path: &str,
+    query: Option<&str>,
+    ops: [&HeaderOps; 2],
+    client_ip: Option<IpAddr>,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
-    let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
-    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(path.as_bytes());
+    if let Some(q) = query {
+        out.push(b'?');
+        out.extend_from_slice(q.as_bytes());
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if !req.headers.contains_key(header::HOST) && !touched(ops, "host") {
         if let Some(a) = req.uri.authority() {
@@ -406,9 +395,9 @@ fn upstream_head(req: &RequestHeader, ops: [&HeaderOps; 2], client_ip: Option<Ip
     }
     put(&mut out, b"x-forwarded-proto", b"https");
     if let Some(ip) = client_ip {
-        let prev = req.headers.get("x-forwarded-for").map(|v| v.as_bytes());
+        let prev = req.headers.get_all("x-forwarded-for");
         out.extend_from_slice(b"x-forwarded-for: ");
-        write_forwarded_for(&mut out, prev, ip);
+        write_forwarded_for(&mut out, prev.iter().map(http::HeaderValue::as_bytes), ip);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -439,8 +428,12 @@ fn response_head(
         let at = (s.as_ptr() as usize).checked_sub(base)?;
         (at + s.len() <= block.len()).then(|| block.slice(at..at + s.len()))
     };
+    let two_framings = has_two_framings(r.headers);
     for x in r.headers.iter() {
-        if dropped_response_header(x.name) || x.name.eq_ignore_ascii_case("transfer-encoding") {
+        if dropped_response_header(x.name)
+            || x.name.eq_ignore_ascii_case("transfer-encoding")
+            || (two_framings && x.name.eq_ignore_ascii_case("content-length"))
+        {
             continue;
         }
         let name = part(x.name.as_bytes())?;
@@ -457,70 +450,62 @@ fn response_head(
     Some(h)
 }
 
-/// Sends `out` to endpoint `i` (on an idle connection to it when there is one) and reads
-/// the response head into `ubuf`, handing it to `emit`.
+/// Sends `out` to endpoint `ex.i` (on a clean pooled connection when there is one) and
+/// reads the response head into `ubuf`, handing it to `emit`.
 async fn exchange_h2(
     out: &[u8],
     ubuf: &mut BytesMut,
-    cluster: &Cluster,
-    i: usize,
-    head_only: bool,
-    now: Instant,
+    ex: &Exchange<'_>,
+    wait: &mut Pin<Box<tokio::time::Sleep>>,
     mut emit: impl FnMut(&httparse::Response<'_, '_>, &[u8], bool),
-) -> Result<(Upstream, Resp), Fail> {
-    let addr = cluster.endpoints[i].addr;
-    // As on HTTP/1.1: past the cluster's idle timeout (pingora's default 60 s), not reused.
-    let limit = cluster
-        .settings
-        .idle_timeout
-        .unwrap_or(Duration::from_secs(60));
-    let mut kept = take_idle(addr, now, limit);
-    loop {
-        let reused = kept.is_some();
-        let mut up = match kept.take() {
-            Some(up) => up,
-            None => {
-                let io = match tokio::time::timeout(
-                    cluster.settings.connect_timeout,
-                    TcpStream::connect(addr),
-                )
+) -> Result<(Upstream, Resp), TryFailure> {
+    let addr = ex.cluster.endpoints[ex.i].addr;
+    let pooled = if ex.pooled {
+        upstream::pool::take(addr, Instant::now())
+    } else {
+        None
+    };
+    let mut up = match pooled {
+        Some(io) => Upstream {
+            addr,
+            io,
+            pooled: true,
+        },
+        None => Upstream {
+            addr,
+            io: connect(addr, ex.cluster.settings.connect_timeout)
                 .await
-                {
-                    Ok(Ok(io)) => io,
-                    _ => return Err(Fail::Connect),
-                };
-                let _ = io.set_nodelay(true);
-                Upstream {
-                    addr,
-                    io,
-                    used: now,
-                }
-            }
-        };
-        up.used = now;
-        ubuf.clear();
-        let result = async {
-            up.io.write_all(out).await?;
-            read_response(&mut up.io, ubuf, head_only, false, &mut emit).await
-        }
-        .await;
-        match result {
-            Ok(Some(resp)) => return Ok((up, resp)),
-            Ok(None) => return Err(Fail::Bad),
-            // Closed by the upstream while idle: once more on a new connection.
-            Err(_) if reused => {}
-            Err(_) => return Err(Fail::Reset),
-        }
+                .ok_or(TryFailure::Connect)?,
+            pooled: false,
+        },
+    };
+    ubuf.clear();
+    let head_only = ex.head_only;
+    let io = async {
+        up.io.write_all(out).await?;
+        read_response(&mut up.io, ubuf, head_only, false, &mut emit).await
+    };
+    let result = timed(wait, ex.stream_idle, io).await;
+    let stale = up.pooled && ubuf.is_empty();
+    match result {
+        Some(Ok(Some(resp))) => Ok((up, resp)),
+        None => Err(TryFailure::Timeout),
+        Some(Ok(None)) => Err(TryFailure::BadResponse),
+        Some(Err(_)) if stale => Err(TryFailure::StaleConnection),
+        Some(Err(_)) => Err(TryFailure::Reset),
     }
 }
 
 /// Passes the body (what is in `ubuf`, then what the upstream sends) to the stream, as
-/// DATA frames; ends the stream after it. Returns the body bytes sent.
+/// DATA frames, each read and write within `idle`; ends the stream after it. Returns the
+/// body bytes sent.
 async fn body_h2(
     s: &mut HttpSession,
     up: &mut Upstream,
     ubuf: &mut BytesMut,
     framing: Framing,
+    wait: &mut Pin<Box<tokio::time::Sleep>>,
+    idle: Duration,
 ) -> Result<usize, Side> {
     let mut remaining = match framing {
         Framing::Empty => return Ok(0),
@@ -541,9 +526,9 @@ async fn body_h2(
                 let mut data = BytesMut::new();
                 let end = chunks.decode(ubuf, |r| data.extend_from_slice(&ubuf[r]));
                 ubuf.advance(end.unwrap_or(ubuf.len()));
-                if chunks.done && chunks.state != ChunkState::EndLf {
+                if chunks.bad {
                     // Malformed chunked framing: the body cannot be told whole.
-                    return Err(Side::Upstream);
+                    return Err(Side::Upstream { idle: false });
                 }
                 (data.freeze(), chunks.done)
             }
@@ -551,23 +536,26 @@ async fn body_h2(
         };
         if !data.is_empty() || done {
             sent += data.len();
-            s.write_body(data, done)
+            // Waits for the client's flow-control window: a client that stops reading
+            // holds the stream only this long.
+            timed(wait, idle, s.write_body(data, done))
                 .await
-                .map_err(|_| Side::Downstream)?;
+                .ok_or(Side::Downstream { idle: true })?
+                .map_err(|_| Side::Downstream { idle: false })?;
         }
         if done {
             return Ok(sent);
         }
-        let n = reads
-            .read(&mut up.io, ubuf, framing, remaining)
+        let n = timed(wait, idle, reads.read(&mut up.io, ubuf, framing, remaining))
             .await
-            .map_err(|_| Side::Upstream)?;
+            .ok_or(Side::Upstream { idle: true })?
+            .map_err(|_| Side::Upstream { idle: false })?;
         if n == 0 {
             if framing == Framing::Close {
-                s.finish().map_err(|_| Side::Downstream)?;
+                s.finish().map_err(|_| Side::Downstream { idle: false })?;
                 return Ok(sent);
             }
-            return Err(Side::Upstream);
+            return Err(Side::Upstream { idle: false });
         }
     }
 }
@@ -624,18 +612,18 @@ fn log_h2(
     let req = Req {
         method: req_header.method.as_str(),
         path: req_header.uri.path_and_query().map_or("/", |p| p.as_str()),
+        query: None,
         host: crate::proxy::authority(req_header),
         close: false,
         has_request_id: true,
-        xff: None,
         body: s.body_bytes_read(),
     };
     let log = Log {
         snapshot,
         req: &req,
         headers: Headers::Map(&req_header.headers),
-        route,
-        cluster,
+        route: Some(route),
+        cluster: Some(cluster),
         started,
     };
     let Some((al, sink)) = log.observe(done) else {
