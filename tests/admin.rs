@@ -1,6 +1,7 @@
 //! Who the admin API answers: only Host localhost or an IP address (DNS rebinding), writes
-//! only from its own origin and never with a form's body type (CSRF). Raw HTTP over TCP, so
-//! each test sets Host, Origin and Content-Type itself.
+//! only from its own origin and never with a form's body type (CSRF), and with
+//! `mesh.adminTokenFile`, only requests with the bearer token (the probes excepted). Raw
+//! HTTP over TCP, so each test sets Host, Origin and Content-Type itself.
 
 mod support;
 
@@ -267,6 +268,190 @@ fn writes_only_from_the_admin_origin_and_never_with_a_form_body() {
         &[("Origin", "http://evil.example")],
     );
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+const TOKEN: &str = "3f9a1c0e7b5d4a6e8c2b1f0d9e8a7c6b";
+
+#[test]
+fn a_token_file_requires_the_bearer_token_except_for_probes() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("admin.token"), format!("  {TOKEN}\n")).unwrap();
+    let p = start(tmp.path(), "adminTokenFile = \"admin.token\"");
+    let host = "127.0.0.1";
+    let bearer = format!("Bearer {TOKEN}");
+
+    for path in ["/healthz", "/ready"] {
+        let r = admin(&p, "GET", host, path, &[]);
+        assert_eq!(r.status, 200, "{path} needs no token: {}", r.text());
+    }
+    for path in ["/config", "/metrics", "/stats", "/"] {
+        let r = admin(&p, "GET", host, path, &[]);
+        assert_eq!(r.status, 401, "{path}: {}", r.text());
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some(r#"Bearer realm="portico admin""#)
+        );
+        let r = admin(&p, "GET", host, path, &[("Authorization", "Bearer nope")]);
+        assert_eq!(r.status, 401, "{path}: {}", r.text());
+        assert!(
+            r.header("www-authenticate")
+                .is_some_and(|v| v.starts_with("Bearer ") && v.contains("invalid_token")),
+            "{:?}",
+            r.headers
+        );
+        let r = admin(&p, "GET", host, path, &[("Authorization", &bearer)]);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    let generation = {
+        let r = admin(&p, "GET", host, "/config", &[("Authorization", &bearer)]);
+        r.json()["generation"].as_u64().unwrap()
+    };
+    let r = admin(&p, "POST", host, "/reload", &[]);
+    assert_eq!(r.status, 401, "{}", r.text());
+    let r = admin(&p, "POST", host, "/reload", &[("Authorization", &bearer)]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["generation"].as_u64(), Some(generation + 1));
+    // The token does not stand in for the Host check.
+    let r = admin(
+        &p,
+        "GET",
+        "evil.example",
+        "/config",
+        &[("Authorization", &bearer)],
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+
+    // A new token in the file reloads the config, and from then on only it is accepted.
+    let new_token = "a7c6b3f9a1c0e7b5d4a6e8c2b1f0d9e8";
+    write_atomic(&tmp.path().join("admin.token"), new_token);
+    let new_bearer = format!("Bearer {new_token}");
+    let rotated = wait_until(Duration::from_secs(10), || {
+        admin(
+            &p,
+            "GET",
+            host,
+            "/config",
+            &[("Authorization", &new_bearer)],
+        )
+        .status
+            == 200
+    });
+    assert!(rotated, "the new token is not accepted; log:\n{}", p.log());
+    let r = admin(&p, "GET", host, "/config", &[("Authorization", &bearer)]);
+    assert_eq!(r.status, 401, "the old token is refused: {}", r.text());
+
+    let log = p.log();
+    assert!(!log.contains(TOKEN) && !log.contains(new_token), "{log}");
+}
+
+#[test]
+fn an_empty_or_missing_token_file_is_a_config_error_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = render(
+        CONFIG,
+        &[
+            ("MESH", mesh_config(free_port())),
+            (
+                "EXTRA",
+                "adminTokenFile = \"secrets/admin.token\"".to_string(),
+            ),
+            ("HTTP", free_port().to_string()),
+        ],
+    );
+    let path = tmp.path().join("portico.toml");
+    write_atomic(&path, &config);
+    let line = line_of(&config, "adminTokenFile");
+    let validate = || run_cli(&["validate", "-c", path.to_str().unwrap()]);
+
+    let (code, out) = validate();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("portico.toml:{line}:"))
+            && out.contains("mesh.adminTokenFile")
+            && out.contains("cannot read")
+            && out.contains("secrets/admin.token"),
+        "{out}"
+    );
+
+    std::fs::create_dir(tmp.path().join("secrets")).unwrap();
+    std::fs::write(tmp.path().join("secrets/admin.token"), " \n\t\n").unwrap();
+    let (code, out) = validate();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("portico.toml:{line}:"))
+            && out.contains("mesh.adminTokenFile")
+            && out.contains("secrets/admin.token is empty"),
+        "{out}"
+    );
+
+    std::fs::write(tmp.path().join("secrets/admin.token"), "two words\n").unwrap();
+    let (code, out) = validate();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("spaces") && !out.contains("two words"),
+        "{out}"
+    );
+
+    // A short token is a warning, and the token is never printed.
+    std::fs::write(tmp.path().join("secrets/admin.token"), "k9Zq\n").unwrap();
+    let (code, out) = validate();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("shorter than 16") && !out.contains("k9Zq"),
+        "{out}"
+    );
+
+    // A process that fails to start on it says the same.
+    std::fs::write(tmp.path().join("secrets/admin.token"), "").unwrap();
+    let mut p = Portico::spawn_more(tmp.path(), 0, &[]);
+    let status = p.wait_exit(Duration::from_secs(10)).expect("portico exits");
+    assert!(!status.success());
+    assert!(
+        p.log().contains("secrets/admin.token is empty"),
+        "{}",
+        p.log()
+    );
+}
+
+#[test]
+fn a_non_loopback_admin_address_without_a_token_is_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let admin_port = free_port();
+    let config = |extra: &str| {
+        render(
+            CONFIG,
+            &[
+                (
+                    "MESH",
+                    format!("[mesh]\nadmin = \"0.0.0.0:{admin_port}\"\n{extra}"),
+                ),
+                ("EXTRA", String::new()),
+                ("HTTP", free_port().to_string()),
+            ],
+        )
+    };
+    let warning = "admin API listens beyond loopback without mesh.adminTokenFile";
+    let started = || {
+        wait_until(Duration::from_secs(20), || {
+            try_http_request(admin_port, "GET", "127.0.0.1", "/ready", &[], b"")
+                .is_ok_and(|r| r.status == 200)
+        })
+    };
+
+    write_atomic(&tmp.path().join("portico.toml"), config(""));
+    let p = Portico::spawn_more(tmp.path(), admin_port, &[]);
+    assert!(started(), "{}", p.log());
+    assert!(p.log().contains(warning), "{}", p.log());
+    drop(p);
+
+    std::fs::write(tmp.path().join("admin.token"), TOKEN).unwrap();
+    write_atomic(
+        &tmp.path().join("portico.toml"),
+        config("adminTokenFile = \"admin.token\""),
+    );
+    let p = Portico::spawn_more(tmp.path(), admin_port, &[]);
+    assert!(started(), "{}", p.log());
+    assert!(!p.log().contains(warning), "{}", p.log());
 }
 
 /// The demo config (`conf/portico.toml`) proxies /healthz and api.example.com/status to the

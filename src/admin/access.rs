@@ -1,7 +1,8 @@
 //! Admin access control: whether the admin API answers a request at all. Decides from the
-//! request head only; never reads a body, a socket or a file.
+//! request head and the admin token only; never reads a body, a socket or a file, and never
+//! logs the token.
 //!
-//! Two checks, in this order:
+//! Three checks, in this order:
 //! 1. **Host** (DNS rebinding): a web page whose name an attacker re-points at 127.0.0.1
 //!    reaches a loopback admin API from the victim's browser, but its requests carry the
 //!    attacker's name in `Host`. Only an IP literal or `localhost` is answered; the admin
@@ -10,6 +11,7 @@
 //!    request another page makes (`Origin`, `Sec-Fetch-Site`), and the only bodies it sends
 //!    cross-site without asking first (a CORS preflight, which the admin API never grants)
 //!    are the three types an HTML form can send.
+//! 3. **Bearer token** (`mesh.adminTokenFile`), for everything but the probes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -17,6 +19,39 @@ use std::time::Instant;
 
 use http::{header, HeaderMap, Method};
 use pingora_http::RequestHeader;
+use subtle::ConstantTimeEq;
+
+/// The admin API's bearer token, kept as its SHA-256 only: comparing digests takes the same
+/// time whatever the length of the guess, and the Snapshot (which is `Debug`) never holds
+/// the secret itself.
+#[derive(Clone)]
+pub struct AdminToken {
+    digest: [u8; 32],
+}
+
+impl AdminToken {
+    pub fn new(token: &str) -> AdminToken {
+        AdminToken {
+            digest: sha256(token.as_bytes()),
+        }
+    }
+
+    fn matches(&self, presented: &str) -> bool {
+        bool::from(self.digest.ct_eq(&sha256(presented.as_bytes())))
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +63,10 @@ pub enum Refusal {
     CrossOrigin,
     /// A write whose body type an HTML form can send without a preflight.
     FormContentType,
+    /// No bearer token, where one is configured.
+    NoToken,
+    /// A bearer token that is not the configured one.
+    WrongToken,
 }
 
 impl Refusal {
@@ -37,18 +76,25 @@ impl Refusal {
             Refusal::Host => "host",
             Refusal::CrossOrigin => "cross-origin",
             Refusal::FormContentType => "form-content-type",
+            Refusal::NoToken => "no-token",
+            Refusal::WrongToken => "wrong-token",
         }
     }
 }
 
-/// Whether `req` may be answered.
-pub fn check(req: &RequestHeader) -> Result<(), Refusal> {
+/// Whether `req` may be answered. `token`: the configured admin token, if any.
+pub fn check(req: &RequestHeader, token: Option<&AdminToken>) -> Result<(), Refusal> {
     let host = request_host(req).ok_or(Refusal::Host)?;
     if !host_allowed(&host) {
         return Err(Refusal::Host);
     }
     if req.method != Method::GET && req.method != Method::HEAD {
         same_origin_write(&req.headers, &host)?;
+    }
+    if let Some(token) = token {
+        if !is_probe(req) {
+            bearer(&req.headers, token)?;
+        }
     }
     Ok(())
 }
@@ -104,6 +150,12 @@ pub fn host_allowed(host: &str) -> bool {
     name_ok && port_ok
 }
 
+/// GET /healthz and GET /ready answer without a token: the kubelet and load balancers probe
+/// without one, and they say nothing but "up" and "ready".
+fn is_probe(req: &RequestHeader) -> bool {
+    req.method == Method::GET && matches!(req.uri.path(), "/healthz" | "/ready")
+}
+
 /// A write must come from the admin API's own pages (or from no page at all: curl).
 fn same_origin_write(headers: &HeaderMap, host: &str) -> Result<(), Refusal> {
     match one(headers, header::HeaderName::from_static("sec-fetch-site")) {
@@ -150,6 +202,24 @@ fn form_content_type(value: &str) -> bool {
     ]
     .iter()
     .any(|t| essence.eq_ignore_ascii_case(t))
+}
+
+fn bearer(headers: &HeaderMap, token: &AdminToken) -> Result<(), Refusal> {
+    let value = match one(headers, header::AUTHORIZATION) {
+        Some(Some(v)) => v,
+        Some(None) => return Err(Refusal::NoToken),
+        None => return Err(Refusal::WrongToken),
+    };
+    let presented = value
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .filter(|t| !t.is_empty());
+    match presented {
+        Some(t) if token.matches(t) => Ok(()),
+        Some(_) => Err(Refusal::WrongToken),
+        None => Err(Refusal::NoToken),
+    }
 }
 
 /// At most one log line per second for refused requests, so that a scanner cannot flood
@@ -242,7 +312,7 @@ mod tests {
 
     #[test]
     fn host_check() {
-        let h = |headers: &[(&str, &str)]| check(&req("GET", "/config", headers));
+        let h = |headers: &[(&str, &str)]| check(&req("GET", "/config", headers), None);
         assert_eq!(h(&[("host", "127.0.0.1:15000")]), Ok(()));
         assert_eq!(h(&[]), Err(Refusal::Host));
         assert_eq!(h(&[("host", "evil.example")]), Err(Refusal::Host));
@@ -250,10 +320,18 @@ mod tests {
             h(&[("host", "127.0.0.1"), ("host", "evil.example")]),
             Err(Refusal::Host)
         );
-        let absolute = |host| check(&req("GET", "http://evil.example/config", &[("host", host)]));
+        let absolute = |host| {
+            check(
+                &req("GET", "http://evil.example/config", &[("host", host)]),
+                None,
+            )
+        };
         assert_eq!(absolute("127.0.0.1"), Err(Refusal::Host));
         assert_eq!(absolute("evil.example"), Err(Refusal::Host));
-        assert_eq!(check(&req("GET", "http://localhost:1/config", &[])), Ok(()));
+        assert_eq!(
+            check(&req("GET", "http://localhost:1/config", &[]), None),
+            Ok(())
+        );
     }
 
     #[test]
@@ -261,7 +339,7 @@ mod tests {
         let post = |headers: &[(&str, &str)]| {
             let mut all = vec![("host", "127.0.0.1:15000")];
             all.extend_from_slice(headers);
-            check(&req("POST", "/reload", &all))
+            check(&req("POST", "/reload", &all), None)
         };
         assert_eq!(post(&[]), Ok(()));
         assert_eq!(post(&[("origin", "http://127.0.0.1:15000")]), Ok(()));
@@ -303,16 +381,53 @@ mod tests {
         }
         // GET is never a write: an Origin on it is not refused.
         assert_eq!(
-            check(&req(
-                "GET",
-                "/config",
-                &[("host", "localhost"), ("origin", "http://evil.example")]
-            )),
+            check(
+                &req(
+                    "GET",
+                    "/config",
+                    &[("host", "localhost"), ("origin", "http://evil.example")]
+                ),
+                None
+            ),
             Ok(())
         );
         // Port 80 may be written or not.
         assert!(same_origin("http://localhost", "localhost:80"));
         assert!(same_origin("http://localhost:80", "localhost"));
+    }
+
+    #[test]
+    fn bearer_token() {
+        let token = AdminToken::new("s3cret-token");
+        let get = |path: &str, auth: Option<&str>| {
+            let mut headers = vec![("host", "127.0.0.1")];
+            headers.extend(auth.map(|a| ("authorization", a)));
+            check(&req("GET", path, &headers), Some(&token))
+        };
+        assert_eq!(get("/config", Some("Bearer s3cret-token")), Ok(()));
+        assert_eq!(get("/config", Some("bearer  s3cret-token")), Ok(()));
+        assert_eq!(get("/config", None), Err(Refusal::NoToken));
+        assert_eq!(
+            get("/config", Some("Basic czNjcmV0")),
+            Err(Refusal::NoToken)
+        );
+        assert_eq!(get("/config", Some("Bearer")), Err(Refusal::NoToken));
+        assert_eq!(
+            get("/config", Some("Bearer s3cret-tokenX")),
+            Err(Refusal::WrongToken)
+        );
+        assert_eq!(get("/config", Some("Bearer ")), Err(Refusal::NoToken));
+        assert_eq!(get("/healthz", None), Ok(()));
+        assert_eq!(get("/ready", None), Ok(()));
+        assert_eq!(get("/metrics", None), Err(Refusal::NoToken));
+        assert_eq!(
+            check(
+                &req("POST", "/healthz", &[("host", "127.0.0.1")]),
+                Some(&token)
+            ),
+            Err(Refusal::NoToken)
+        );
+        assert!(!format!("{token:?}").contains("s3cret"));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 mod access;
 
+pub use access::AdminToken;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -189,7 +191,8 @@ fn action_text(a: &Action) -> String {
 }
 
 /// The answer to a refused request: 403 for who is asking (the Host, another origin), 415
-/// for a body type only a form would send.
+/// for a body type only a form would send, 401 with a challenge for a missing or wrong
+/// token.
 fn refused(refusal: Refusal) -> Response<Vec<u8>> {
     match refusal {
         Refusal::Host => text(
@@ -204,11 +207,27 @@ fn refused(refusal: Refusal) -> Response<Vec<u8>> {
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported media type: send no body (or application/json), not a form type\n",
         ),
+        Refusal::NoToken | Refusal::WrongToken => {
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized: bearer token needed\n",
+            );
+            let challenge = if refusal == Refusal::NoToken {
+                r#"Bearer realm="portico admin""#
+            } else {
+                r#"Bearer realm="portico admin", error="invalid_token""#
+            };
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static(challenge),
+            );
+            r
+        }
     }
 }
 
 /// Logs a refused request, at most once a second (`REFUSAL_LOG`). Header values are
-/// attacker-chosen: logged escaped and cut short.
+/// attacker-chosen: logged escaped and cut short; the Authorization header never.
 fn log_refused(session: &ServerSession, refusal: Refusal) {
     static REFUSAL_LOG: LogLimit = LogLimit::new();
     let Some(skipped) = REFUSAL_LOG.admit(std::time::Instant::now()) else {
@@ -236,7 +255,8 @@ fn log_refused(session: &ServerSession, refusal: Refusal) {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        if let Err(refusal) = access::check(session.req_header()) {
+        let token = self.reloader.snapshots.load().settings.admin_token.clone();
+        if let Err(refusal) = access::check(session.req_header(), token.as_ref()) {
             log_refused(session, refusal);
             return refused(refusal);
         }
