@@ -275,6 +275,12 @@ pub fn run(
     admin.threads = Some(1);
     admin.add_tcp(&snapshot.settings.admin.to_string());
     tracing::info!(address = %snapshot.settings.admin, "admin API");
+    if !snapshot.settings.admin.ip().is_loopback() && snapshot.settings.admin_token.is_none() {
+        tracing::warn!(
+            address = %snapshot.settings.admin,
+            "the admin API listens beyond loopback without mesh.adminTokenFile: whoever reaches it can read the config and POST /reload"
+        );
+    }
     server.add_service(admin);
 
     let dns = background_service(

@@ -96,6 +96,8 @@ impl Listener {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub admin: SocketAddr,
+    /// `mesh.adminTokenFile`'s token: every admin request but the probes must carry it.
+    pub admin_token: Option<crate::admin::AdminToken>,
     pub connect_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub reload_poll_interval: Duration,

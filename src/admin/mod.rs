@@ -1,5 +1,10 @@
 //! Admin API: health, readiness, metrics, the config in force, and reload on demand.
-//! Listens on loopback unless `mesh.admin` says otherwise.
+//! Listens on loopback unless `mesh.admin` says otherwise; `access` decides which requests
+//! it answers.
+
+mod access;
+
+pub use access::AdminToken;
 
 use std::sync::Arc;
 
@@ -12,6 +17,7 @@ use crate::reload::Reloader;
 use crate::routing::Action;
 use crate::snapshot::Snapshot;
 use crate::telemetry::Metrics;
+use access::{LogLimit, Refusal};
 use std::sync::atomic::Ordering;
 
 pub struct Admin {
@@ -184,9 +190,76 @@ fn action_text(a: &Action) -> String {
     }
 }
 
+/// The answer to a refused request: 403 for who is asking (the Host, another origin), 415
+/// for a body type only a form would send, 401 with a challenge for a missing or wrong
+/// token.
+fn refused(refusal: Refusal) -> Response<Vec<u8>> {
+    match refusal {
+        Refusal::Host => text(
+            StatusCode::FORBIDDEN,
+            "forbidden: the admin API answers only Host localhost or an IP address\n",
+        ),
+        Refusal::CrossOrigin => text(
+            StatusCode::FORBIDDEN,
+            "forbidden: the admin API takes writes only from its own origin\n",
+        ),
+        Refusal::FormContentType => text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported media type: send no body (or application/json), not a form type\n",
+        ),
+        Refusal::NoToken | Refusal::WrongToken => {
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized: bearer token needed\n",
+            );
+            let challenge = if refusal == Refusal::NoToken {
+                r#"Bearer realm="portico admin""#
+            } else {
+                r#"Bearer realm="portico admin", error="invalid_token""#
+            };
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static(challenge),
+            );
+            r
+        }
+    }
+}
+
+/// Logs a refused request, at most once a second (`REFUSAL_LOG`). Header values are
+/// attacker-chosen: logged escaped and cut short; the Authorization header never.
+fn log_refused(session: &ServerSession, refusal: Refusal) {
+    static REFUSAL_LOG: LogLimit = LogLimit::new();
+    let Some(skipped) = REFUSAL_LOG.admit(std::time::Instant::now()) else {
+        return;
+    };
+    let req = session.req_header();
+    let cut = |s: &str| s.chars().take(100).collect::<String>();
+    let header = |name: http::header::HeaderName| {
+        req.headers
+            .get(name)
+            .map(|v| cut(&String::from_utf8_lossy(v.as_bytes())))
+    };
+    tracing::warn!(
+        reason = refusal.reason(),
+        method = %req.method,
+        path = ?cut(req.uri.path()),
+        host = ?header(http::header::HOST),
+        origin = ?header(http::header::ORIGIN),
+        peer = ?session.client_addr().map(ToString::to_string),
+        refused_since_last_line = skipped,
+        "admin request refused"
+    );
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let token = self.reloader.snapshots.load().settings.admin_token.clone();
+        if let Err(refusal) = access::check(session.req_header(), token.as_ref()) {
+            log_refused(session, refusal);
+            return refused(refusal);
+        }
         let req = session.req_header();
         let method = req.method.clone();
         let path = req.uri.path().to_string();

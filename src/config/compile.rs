@@ -36,6 +36,8 @@ use crate::upstream::{
 };
 
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+/// Shorter admin tokens are a warning: guessable by trying.
+const MIN_ADMIN_TOKEN: usize = 16;
 
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -816,6 +818,7 @@ impl Cx {
         let tracing = self.tracing(doc);
         let path_normalization = self.path_normalization(doc);
         let downstream = self.downstream(doc);
+        let admin_token = self.admin_token(doc);
         Settings {
             path_normalization,
             downstream,
@@ -826,6 +829,7 @@ impl Cx {
             access_log,
             tracing,
             admin,
+            admin_token,
             connect_timeout: m
                 .connect_timeout
                 .map(|d| d.get())
@@ -944,6 +948,54 @@ impl Cx {
             }
         }
         out
+    }
+
+    /// `mesh.adminTokenFile`, read and trimmed. The file is watched: writing a new token
+    /// reloads, and the next admin request needs it. Messages never quote the file.
+    fn admin_token(&mut self, doc: &Document) -> Option<crate::admin::AdminToken> {
+        let written = doc.mesh.spec.admin_token_file.as_deref()?;
+        let o = &doc.mesh.origin;
+        let path = doc.main.resolve(written);
+        self.watched.push(path.clone());
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                self.err(
+                    o,
+                    ".adminTokenFile",
+                    format!("cannot read {}: {e}", path.display()),
+                );
+                return None;
+            }
+        };
+        let token = text.trim();
+        if token.is_empty() {
+            self.err(o, ".adminTokenFile", format!("{} is empty", path.display()));
+            return None;
+        }
+        // What a client can send after `Authorization: Bearer `.
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            self.err(
+                o,
+                ".adminTokenFile",
+                format!(
+                    "the token in {} has spaces, control or non-ASCII characters",
+                    path.display()
+                ),
+            );
+            return None;
+        }
+        if token.len() < MIN_ADMIN_TOKEN {
+            self.warn(
+                o,
+                ".adminTokenFile",
+                format!(
+                    "the token in {} is shorter than {MIN_ADMIN_TOKEN} characters: use a long random one (openssl rand -hex 32)",
+                    path.display()
+                ),
+            );
+        }
+        Some(crate::admin::AdminToken::new(token))
     }
 
     fn tracing(&mut self, doc: &Document) -> Option<crate::telemetry::trace::TraceSettings> {

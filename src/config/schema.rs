@@ -34,6 +34,10 @@ pub struct File {
 pub struct Mesh {
     /// Admin API address. Default `127.0.0.1:15000`.
     pub admin: Option<String>,
+    /// Portico extension: a file holding a bearer token that every admin request but
+    /// `GET /healthz` and `GET /ready` must carry. Relative to the main config file.
+    /// Default: none (no token).
+    pub admin_token_file: Option<String>,
     /// Where `credentialName = "x"` looks for `x/tls.crt` and `x/tls.key`. Relative paths are
     /// relative to the file that sets it. Default: `certs` beside the main config file.
     pub credentials_dir: Option<String>,
