@@ -17,7 +17,6 @@ use std::io::{self, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -26,17 +25,20 @@ use bytes::{Buf, Bytes, BytesMut};
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::tls::SslDigest;
-use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
-    UniqueID, UniqueIDType,
-};
+use pingora::protocols::{Shutdown, SocketDigest, Stream};
 use pingora::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::check::{self, Refusal};
 use super::{request_id, write_forwarded_for, Gateway};
+use crate::protocol::h1::{
+    self, dropped_request_header, dropped_response_header, dropped_response_header_or_length,
+    has_two_framings, head_end, put, raw, uri_char, write_headers, ChunkScan, Framing, MAX_HEADERS,
+    MAX_RESPONSE_HEAD,
+};
+use crate::protocol::lend::{Left, Lent};
 use crate::routing::{
     normalize_host, Action, Decision, Forward, HeaderOps, Headers, RequestView, Route,
 };
@@ -50,12 +52,6 @@ use crate::upstream::{self, Cluster, InFlight, RetryPermit};
 
 mod http2;
 
-/// Header fields a request or response head may have (Envoy's `max_headers_count`
-/// default): more gets 431 from a client, 502 from an upstream.
-pub const MAX_HEADERS: usize = 100;
-/// The largest upstream response head (Envoy's `max_response_headers_kb` default): more is
-/// an invalid response, 502.
-pub const MAX_RESPONSE_HEAD: usize = 60 * 1024;
 /// Request bodies up to this are read whole and forwarded with the head (and replayed on a
 /// retry); longer ones, and chunked ones, go to pingora, which streams them.
 const MAX_BODY: usize = 16 * 1024;
@@ -399,22 +395,6 @@ fn whole_seconds(d: Duration) -> u64 {
     d.as_secs().max(1)
 }
 
-/// Where the head in `buf` ends (after its empty line), looking from `from` on: `Err` at a
-/// line ended by a bare LF, which Portico refuses (RFC 9112 lets a recipient refuse it,
-/// and two parsers that disagree on where a head ends are how requests are smuggled).
-fn head_end(buf: &[u8], from: usize) -> Option<Result<usize, ()>> {
-    let start = from.saturating_sub(3);
-    for i in memchr::memchr_iter(b'\n', &buf[start..]).map(|i| start + i) {
-        if i == 0 || buf[i - 1] != b'\r' {
-            return Some(Err(()));
-        }
-        if i >= 3 && buf[i - 2] == b'\n' && buf[i - 3] == b'\r' {
-            return Some(Ok(i + 1));
-        }
-    }
-    None
-}
-
 /// Reads a request head into `c.buf`: the connection may idle for `idleTimeout` before
 /// its first byte, and then the whole head must come within `requestHeadersTimeout` and
 /// `maxRequestHeadersKb` (with a request line within `maxUriLength`), whatever pace the
@@ -618,13 +598,6 @@ fn eligible<'h>(
     Some(r)
 }
 
-/// RFC 3986's characters of a path and query (unreserved, sub-delims, `:@/?%`). Targets
-/// with anything else (a fragment, quotes, braces, non-ASCII) go to pingora, which parses
-/// them into a URI and answers or normalizes them its way.
-fn uri_char(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
-}
-
 /// A route the fast path can forward on: no policy it leaves to pingora.
 fn plain(forward: &Forward) -> bool {
     let on = &forward.retries.on;
@@ -645,91 +618,6 @@ fn plain(forward: &Forward) -> bool {
                 && c.settings.max_requests_per_connection.is_none()
                 && c.policy.hash_source().is_none()
         })
-}
-
-/// Hop-by-hop headers: about one connection, never passed on.
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-];
-
-fn dropped_response_header(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|d| name.eq_ignore_ascii_case(d))
-}
-
-/// A response with both `Transfer-Encoding` and `Content-Length`: the length is dropped.
-fn has_two_framings(headers: &[httparse::Header<'_>]) -> bool {
-    let has = |n: &str| headers.iter().any(|h| h.name.eq_ignore_ascii_case(n));
-    has("transfer-encoding") && has("content-length")
-}
-
-fn dropped_response_header_or_length(name: &str) -> bool {
-    dropped_response_header(name) || name.eq_ignore_ascii_case("content-length")
-}
-
-/// Hop-by-hop headers, and those the proxy writes itself.
-fn dropped_request_header(name: &str) -> bool {
-    dropped_response_header(name)
-        || name.eq_ignore_ascii_case("x-forwarded-for")
-        || name.eq_ignore_ascii_case("x-forwarded-proto")
-}
-
-/// Writes `headers` less those `ops` (route's, then destination's) remove or set, then the
-/// operations' own.
-fn write_headers<'a>(
-    out: &mut Vec<u8>,
-    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-    ops: [&HeaderOps; 2],
-    drop: fn(&str) -> bool,
-) {
-    // Whether a set or remove in `ops[from..]` replaces header `name`: a later operation
-    // wins, as with pingora's header map.
-    let replaced_in = |from: usize, name: &[u8]| {
-        ops[from..].iter().any(|o| {
-            o.set.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
-                || o.remove
-                    .iter()
-                    .any(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
-        })
-    };
-    for (name, value) in headers {
-        if drop(name) || replaced_in(0, name.as_bytes()) {
-            continue;
-        }
-        put(out, name.as_bytes(), value);
-    }
-    for (i, o) in ops.iter().enumerate() {
-        for (name, value) in o.set.iter().chain(&o.add) {
-            if !replaced_in(i + 1, name) {
-                put(out, name, value.as_bytes());
-            }
-        }
-    }
-}
-
-/// httparse's headers as name-value pairs.
-fn raw<'a>(headers: &'a [httparse::Header<'a>]) -> impl Iterator<Item = (&'a str, &'a [u8])> {
-    headers.iter().map(|h| (h.name, h.value))
-}
-
-fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// How the response body ends.
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Framing {
-    Empty,
-    Length(u64),
-    Chunked,
-    Close,
 }
 
 /// An upstream response head, owned (the upstream buffer is reused for the body).
@@ -1340,53 +1228,8 @@ async fn read_response(
                 ubuf.advance(head_len);
                 continue;
             }
-            if !(200..600).contains(&status) {
+            let Some((framing, upstream_close)) = h1::response_framing(&r, head_only) else {
                 return Ok(None);
-            }
-            let mut length: Option<u64> = None;
-            // Some(whether chunked is the last coding) when transfer-encoding is sent.
-            let mut te: Option<bool> = None;
-            // An HTTP/1.0 upstream: no keep-alive assumed.
-            let mut upstream_close = r.version == Some(0);
-            for h in r.headers.iter() {
-                if h.name.eq_ignore_ascii_case("content-length") {
-                    let v = h.value.trim_ascii();
-                    let n = (!v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit))
-                        .then(|| v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
-                    match (n, length) {
-                        (Some(n), None) => length = Some(n),
-                        (Some(n), Some(l)) if n == l => {}
-                        _ => return Ok(None),
-                    }
-                } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                    // Chunked when it is the last coding; otherwise the body ends with the
-                    // connection (RFC 9112 6.3).
-                    let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
-                    te = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-                } else if h.name.eq_ignore_ascii_case("connection") {
-                    upstream_close |= h
-                        .value
-                        .split(|&b| b == b',')
-                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-                }
-            }
-            if te.is_some() && length.is_some() {
-                // Both (RFC 9112 6.3): the coding wins, the length is not passed on (see
-                // `has_two_framings`), and the connection is not used again.
-                upstream_close = true;
-            }
-            let framing = if head_only || status == 204 || status == 304 {
-                Framing::Empty
-            } else if let Some(chunked) = te {
-                if chunked {
-                    Framing::Chunked
-                } else {
-                    Framing::Close
-                }
-            } else if let Some(n) = length {
-                Framing::Length(n)
-            } else {
-                Framing::Close
             };
             let close = client_close || framing == Framing::Close;
             emit(&r, &ubuf[..head_len], close);
@@ -1551,128 +1394,6 @@ async fn forward_body(c: &mut Conn, framing: Framing, idle: Duration) -> Result<
     }
 }
 
-/// Finds the end of a chunked body in the bytes passed through it.
-#[derive(Default, Debug)]
-struct ChunkScan {
-    state: ChunkState,
-    size: u64,
-    done: bool,
-    /// The framing was broken (`done` too): the body cannot be told whole.
-    bad: bool,
-}
-
-#[derive(Default, Clone, Copy, PartialEq, Debug)]
-enum ChunkState {
-    #[default]
-    Size,
-    /// Chunk extensions up to the end of the size line.
-    Ext,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    /// Trailer lines after the last chunk; `TrailerStart` at the start of a line.
-    TrailerStart,
-    Trailer,
-    TrailerLf,
-    EndLf,
-}
-
-impl ChunkScan {
-    /// Scans `buf` (continuing from the last call); `Some(n)` when the body ends after
-    /// `n` bytes of it. Malformed framing also ends it (the connection is then not reused).
-    fn scan(&mut self, buf: &[u8]) -> Option<usize> {
-        self.decode(buf, |_| {})
-    }
-
-    /// As [`ChunkScan::scan`], handing each run of chunk data in `buf` to `data`.
-    fn decode(
-        &mut self,
-        buf: &[u8],
-        mut data: impl FnMut(std::ops::Range<usize>),
-    ) -> Option<usize> {
-        use ChunkState::*;
-        let mut i = 0;
-        while i < buf.len() {
-            let b = buf[i];
-            match self.state {
-                Size => match b {
-                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        let d = (b as char).to_digit(16).unwrap_or(0) as u64;
-                        self.size = match self.size.checked_mul(16) {
-                            Some(s) => s + d,
-                            None => return self.broken(i),
-                        };
-                    }
-                    b';' | b' ' | b'\t' => self.state = Ext,
-                    b'\r' => self.state = SizeLf,
-                    _ => return self.broken(i),
-                },
-                Ext => {
-                    if b == b'\r' {
-                        self.state = SizeLf;
-                    }
-                }
-                SizeLf => {
-                    if b != b'\n' {
-                        return self.broken(i);
-                    }
-                    self.state = if self.size == 0 { TrailerStart } else { Data };
-                }
-                Data => {
-                    let n = ((buf.len() - i) as u64).min(self.size) as usize;
-                    data(i..i + n);
-                    self.size -= n as u64;
-                    i += n;
-                    if self.size == 0 {
-                        self.state = DataCr;
-                    }
-                    continue;
-                }
-                DataCr => {
-                    if b != b'\r' {
-                        return self.broken(i);
-                    }
-                    self.state = DataLf;
-                }
-                DataLf => {
-                    if b != b'\n' {
-                        return self.broken(i);
-                    }
-                    self.state = Size;
-                }
-                TrailerStart => {
-                    self.state = if b == b'\r' { EndLf } else { Trailer };
-                }
-                Trailer => {
-                    if b == b'\r' {
-                        self.state = TrailerLf;
-                    }
-                }
-                TrailerLf => {
-                    self.state = if b == b'\n' { TrailerStart } else { Trailer };
-                }
-                EndLf => {
-                    if b != b'\n' {
-                        return self.broken(i);
-                    }
-                    self.done = true;
-                    return Some(i + 1);
-                }
-            }
-            i += 1;
-        }
-        None
-    }
-
-    /// Broken framing at byte `i`: the scan ends there.
-    fn broken(&mut self, i: usize) -> Option<usize> {
-        self.done = true;
-        self.bad = true;
-        Some(i)
-    }
-}
-
 /// A local reply after failed tries: status, body, log line, metrics and access log as
 /// pingora's path makes them; the connection is closed after it, as there.
 async fn local(c: &mut Conn, log: &Log<'_>, mut done: Done, what: &str) -> Outcome {
@@ -1705,228 +1426,9 @@ async fn local(c: &mut Conn, log: &Log<'_>, mut done: Done, what: &str) -> Outco
     Outcome::Close
 }
 
-/// The client connection lent to pingora's request cycle for one request: the bytes the
-/// front read come first, and reads stop at the end of that request, so pingora never
-/// reads into the next one (it would drop a pipelined request, and the front reads the
-/// next head anyway once pingora hands the connection back).
-#[derive(Debug)]
-struct Lent {
-    inner: Stream,
-    /// Read from the client and not given out yet: this request's bytes first, then
-    /// whatever followed it.
-    buf: BytesMut,
-    /// What pingora may still read of this request.
-    left: Left,
-    /// The body's framing was broken: the connection is not reused.
-    spoiled: bool,
-}
-
-#[derive(Debug)]
-enum Left {
-    /// Bytes (head and body with a length); 0 when the request was read whole.
-    Bytes(u64),
-    /// `head` bytes of head, then a chunked body up to where `scan` finds its end.
-    Chunked { head: usize, scan: ChunkScan },
-    /// Everything (an upgrade, h2c): the connection stays pingora's.
-    All,
-}
-
-/// At most this much of what follows a lent request is read ahead while pingora waits
-/// on the request's end (it reads to notice a client that went away).
-const MAX_READ_AHEAD: usize = 64 * 1024;
-
-impl Lent {
-    /// How many of the next `available` buffered bytes belong to the request, updating
-    /// what is left.
-    fn take(&mut self, available: usize) -> usize {
-        match &mut self.left {
-            Left::All => available,
-            Left::Bytes(n) => {
-                let k = (*n).min(available as u64) as usize;
-                *n -= k as u64;
-                k
-            }
-            Left::Chunked { head, scan } => {
-                if *head > 0 {
-                    let k = (*head).min(available);
-                    *head -= k;
-                    return k;
-                }
-                let (k, bad) = match scan.scan(&self.buf[..available]) {
-                    None => return available,
-                    // Broken framing: pingora gets the bad byte too, to refuse it.
-                    Some(end) if scan.bad => ((end + 1).min(available), true),
-                    Some(end) => (end, false),
-                };
-                self.spoiled |= bad;
-                self.left = Left::Bytes(0);
-                k
-            }
-        }
-    }
-
-    fn complete(&self) -> bool {
-        matches!(self.left, Left::Bytes(0))
-    }
-}
-
-impl AsyncRead for Lent {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.complete() {
-            // The request was read whole: keep what follows for the front, and tell
-            // pingora only whether the client went away.
-            loop {
-                if this.buf.len() >= MAX_READ_AHEAD {
-                    return Poll::Pending;
-                }
-                this.buf.reserve(4096);
-                let mut tmp = [0u8; 4096];
-                let mut rb = ReadBuf::new(&mut tmp);
-                match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(())),
-                    Poll::Ready(Ok(())) => this.buf.extend_from_slice(rb.filled()),
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-        }
-        if this.buf.is_empty() {
-            // Nothing buffered: read from the client into the buffer, then give out what
-            // belongs to the request.
-            this.buf.reserve(16 * 1024);
-            let mut tmp = [0u8; 16 * 1024];
-            let mut rb = ReadBuf::new(&mut tmp);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(())) => this.buf.extend_from_slice(rb.filled()),
-                other => return other,
-            }
-        }
-        let available = this.buf.len().min(out.remaining());
-        let k = this.take(available);
-        out.put_slice(&this.buf[..k]);
-        this.buf.advance(k);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Lent {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-#[async_trait]
-impl Shutdown for Lent {
-    async fn shutdown(&mut self) {
-        Shutdown::shutdown(&mut *self.inner).await
-    }
-}
-
-impl UniqueID for Lent {
-    fn id(&self) -> UniqueIDType {
-        self.inner.id()
-    }
-}
-
-impl Ssl for Lent {
-    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
-        self.inner.get_ssl()
-    }
-    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
-        self.inner.get_ssl_digest()
-    }
-    fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
-        self.inner.selected_alpn_proto()
-    }
-}
-
-impl GetTimingDigest for Lent {
-    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
-        self.inner.get_timing_digest()
-    }
-}
-
-impl GetProxyDigest for Lent {
-    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
-        self.inner.get_proxy_digest()
-    }
-}
-
-impl GetSocketDigest for Lent {
-    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
-        self.inner.get_socket_digest()
-    }
-}
-
-#[async_trait]
-impl Peek for Lent {
-    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        if self.buf.len() >= buf.len() {
-            buf.copy_from_slice(&self.buf[..buf.len()]);
-            return Ok(true);
-        }
-        Ok(false)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chunk_scan_finds_the_end_across_calls() {
-        let body = b"4\r\nWiki\r\n5;x=y\r\npedia\r\n0\r\nTrailer: a\r\n\r\nNEXT";
-        let end = body.len() - 4;
-        for split in 1..body.len() {
-            let mut s = ChunkScan::default();
-            let first = s.scan(&body[..split]);
-            let total = match first {
-                Some(n) => n,
-                None => split + s.scan(&body[split..]).expect("end in the rest"),
-            };
-            assert_eq!(total, end, "split at {split}");
-            assert!(s.done);
-        }
-        let mut s = ChunkScan::default();
-        assert_eq!(s.scan(b"0\r\n\r\n"), Some(5));
-    }
-
-    #[test]
-    fn head_end_finds_the_empty_line_and_refuses_bare_lf() {
-        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nnext";
-        let end = head.len() - 4;
-        for from in 0..=end {
-            assert_eq!(head_end(head, from), Some(Ok(end)), "from {from}");
-        }
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n", 0), None);
-        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\n", 0), Some(Err(())));
-    }
 
     #[test]
     fn header_operations_replace_remove_and_add_in_route_then_destination_order() {
@@ -1976,29 +1478,5 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "Host: h\r\nx-a: route\r\nx-b: dest\r\n"
         );
-    }
-
-    #[test]
-    fn chunk_scan_stops_at_bad_framing() {
-        for (body, at) in [
-            (&b"zz\r\n"[..], 0),
-            (b"5\r\nhello\r\nzz\r\n", 10),
-            (b"5\r\nhelloX", 8),
-            (b"5\nhello", 1),
-            (b"0\r\n\rX", 4),
-            (b"fffffffffffffffff\r\n", 16),
-        ] {
-            let mut s = ChunkScan::default();
-            assert_eq!(
-                s.scan(body),
-                Some(at),
-                "{:?}",
-                String::from_utf8_lossy(body)
-            );
-            assert!(s.done && s.bad);
-        }
-        let mut s = ChunkScan::default();
-        assert_eq!(s.scan(b"0\r\n\r\n"), Some(5));
-        assert!(s.done && !s.bad);
     }
 }

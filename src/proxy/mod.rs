@@ -20,6 +20,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::egress::{self, forward as egress_forward};
+use crate::protocol::h1;
 use crate::routing::{
     chance, normalize_host, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route,
 };
@@ -806,7 +807,7 @@ impl ProxyHttp for Gateway {
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + 4)
             .sum();
-        if fields > fast::MAX_HEADERS || size > fast::MAX_RESPONSE_HEAD {
+        if fields > h1::MAX_HEADERS || size > h1::MAX_RESPONSE_HEAD {
             return Err(Error::explain(
                 ErrorType::InvalidHTTPHeader,
                 format!("response head of {fields} fields, {size} bytes: over the limit"),

@@ -1,0 +1,421 @@
+//! HTTP/1.1 framing, as Portico's codecs read and write it: where a head ends, how a
+//! body is framed and where it ends, which fields are about the connection. Pure
+//! functions on bytes: never touches sockets (the fuzz targets in `fuzz/` drive them).
+
+use super::super::proxy::check::{self, BodyFraming, Refusal};
+use crate::routing::HeaderOps;
+
+/// Header fields a request or response head may have (Envoy's `max_headers_count`
+/// default): more gets 431 from a client, 502 from an upstream.
+pub const MAX_HEADERS: usize = 100;
+/// The largest upstream response head (Envoy's `max_response_headers_kb` default): more is
+/// an invalid response, 502.
+pub const MAX_RESPONSE_HEAD: usize = 60 * 1024;
+
+/// Where the head in `buf` ends (after its empty line), looking from `from` on: `Err` at a
+/// line ended by a bare LF, which Portico refuses (RFC 9112 lets a recipient refuse it,
+/// and two parsers that disagree on where a head ends are how requests are smuggled).
+pub fn head_end(buf: &[u8], from: usize) -> Option<Result<usize, ()>> {
+    let start = from.saturating_sub(3);
+    for i in memchr::memchr_iter(b'\n', &buf[start..]).map(|i| start + i) {
+        if i == 0 || buf[i - 1] != b'\r' {
+            return Some(Err(()));
+        }
+        if i >= 3 && buf[i - 2] == b'\n' && buf[i - 3] == b'\r' {
+            return Some(Ok(i + 1));
+        }
+    }
+    None
+}
+
+/// RFC 3986's characters of a path and query (unreserved, sub-delims, `:@/?%`). Targets
+/// with anything else (a fragment, quotes, braces, non-ASCII) go to pingora, which parses
+/// them into a URI and answers or normalizes them its way.
+pub fn uri_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+}
+
+/// Hop-by-hop headers: about one connection, never passed on.
+pub const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+pub fn dropped_response_header(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|d| name.eq_ignore_ascii_case(d))
+}
+
+/// A response with both `Transfer-Encoding` and `Content-Length`: the length is dropped.
+pub fn has_two_framings(headers: &[httparse::Header<'_>]) -> bool {
+    let has = |n: &str| headers.iter().any(|h| h.name.eq_ignore_ascii_case(n));
+    has("transfer-encoding") && has("content-length")
+}
+
+pub fn dropped_response_header_or_length(name: &str) -> bool {
+    dropped_response_header(name) || name.eq_ignore_ascii_case("content-length")
+}
+
+/// Hop-by-hop headers, and those the proxy writes itself.
+pub fn dropped_request_header(name: &str) -> bool {
+    dropped_response_header(name)
+        || name.eq_ignore_ascii_case("x-forwarded-for")
+        || name.eq_ignore_ascii_case("x-forwarded-proto")
+}
+
+/// Writes `headers` less those `ops` (route's, then destination's) remove or set, then the
+/// operations' own.
+pub fn write_headers<'a>(
+    out: &mut Vec<u8>,
+    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ops: [&HeaderOps; 2],
+    drop: fn(&str) -> bool,
+) {
+    // Whether a set or remove in `ops[from..]` replaces header `name`: a later operation
+    // wins, as with pingora's header map.
+    let replaced_in = |from: usize, name: &[u8]| {
+        ops[from..].iter().any(|o| {
+            o.set.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+                || o.remove
+                    .iter()
+                    .any(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
+        })
+    };
+    for (name, value) in headers {
+        if drop(name) || replaced_in(0, name.as_bytes()) {
+            continue;
+        }
+        put(out, name.as_bytes(), value);
+    }
+    for (i, o) in ops.iter().enumerate() {
+        for (name, value) in o.set.iter().chain(&o.add) {
+            if !replaced_in(i + 1, name) {
+                put(out, name, value.as_bytes());
+            }
+        }
+    }
+}
+
+/// httparse's headers as name-value pairs.
+pub fn raw<'a>(headers: &'a [httparse::Header<'a>]) -> impl Iterator<Item = (&'a str, &'a [u8])> {
+    headers.iter().map(|h| (h.name, h.value))
+}
+
+pub fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the response body ends.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    Close,
+}
+
+/// How an upstream's final response head (`r`, status 200-599) frames its body, and
+/// whether the connection closes after it; `None` for a head no response may have (two
+/// different lengths, a bad length, a status outside 200-599). `head_only`: the answer to
+/// a HEAD.
+pub fn response_framing(
+    r: &httparse::Response<'_, '_>,
+    head_only: bool,
+) -> Option<(Framing, bool)> {
+    let status = r.code?;
+    if !(200..600).contains(&status) {
+        return None;
+    }
+    let mut length: Option<u64> = None;
+    // Some(whether chunked is the last coding) when transfer-encoding is sent.
+    let mut te: Option<bool> = None;
+    // An HTTP/1.0 upstream: no keep-alive assumed.
+    let mut upstream_close = r.version == Some(0);
+    for h in r.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let v = h.value.trim_ascii();
+            let n = (!v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit))
+                .then(|| v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
+            match (n, length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(l)) if n == l => {}
+                _ => return None,
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // Chunked when it is the last coding; otherwise the body ends with the
+            // connection (RFC 9112 6.3).
+            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
+            te = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            upstream_close |= h
+                .value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+    }
+    if te.is_some() && length.is_some() {
+        // Both (RFC 9112 6.3): the coding wins, the length is not passed on (see
+        // `has_two_framings`), and the connection is not used again.
+        upstream_close = true;
+    }
+    let framing = if head_only || status == 204 || status == 304 {
+        Framing::Empty
+    } else if let Some(chunked) = te {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::Close
+    };
+    Some((framing, upstream_close))
+}
+
+/// Finds the end of a chunked body in the bytes passed through it.
+#[derive(Default, Debug)]
+pub struct ChunkScan {
+    pub state: ChunkState,
+    size: u64,
+    pub done: bool,
+    /// The framing was broken (`done` too): the body cannot be told whole.
+    pub bad: bool,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Debug)]
+pub enum ChunkState {
+    #[default]
+    Size,
+    /// Chunk extensions up to the end of the size line.
+    Ext,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// Trailer lines after the last chunk; `TrailerStart` at the start of a line.
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+}
+
+impl ChunkScan {
+    /// Scans `buf` (continuing from the last call); `Some(n)` when the body ends after
+    /// `n` bytes of it. Malformed framing also ends it (the connection is then not reused).
+    pub fn scan(&mut self, buf: &[u8]) -> Option<usize> {
+        self.decode(buf, |_| {})
+    }
+
+    /// As [`ChunkScan::scan`], handing each run of chunk data in `buf` to `data`.
+    pub fn decode(
+        &mut self,
+        buf: &[u8],
+        mut data: impl FnMut(std::ops::Range<usize>),
+    ) -> Option<usize> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < buf.len() {
+            let b = buf[i];
+            match self.state {
+                Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let d = (b as char).to_digit(16).unwrap_or(0) as u64;
+                        self.size = match self.size.checked_mul(16) {
+                            Some(s) => s + d,
+                            None => return self.broken(i),
+                        };
+                    }
+                    b';' | b' ' | b'\t' => self.state = Ext,
+                    b'\r' => self.state = SizeLf,
+                    _ => return self.broken(i),
+                },
+                Ext => {
+                    if b == b'\r' {
+                        self.state = SizeLf;
+                    }
+                }
+                SizeLf => {
+                    if b != b'\n' {
+                        return self.broken(i);
+                    }
+                    self.state = if self.size == 0 { TrailerStart } else { Data };
+                }
+                Data => {
+                    let n = ((buf.len() - i) as u64).min(self.size) as usize;
+                    data(i..i + n);
+                    self.size -= n as u64;
+                    i += n;
+                    if self.size == 0 {
+                        self.state = DataCr;
+                    }
+                    continue;
+                }
+                DataCr => {
+                    if b != b'\r' {
+                        return self.broken(i);
+                    }
+                    self.state = DataLf;
+                }
+                DataLf => {
+                    if b != b'\n' {
+                        return self.broken(i);
+                    }
+                    self.state = Size;
+                }
+                TrailerStart => {
+                    self.state = if b == b'\r' { EndLf } else { Trailer };
+                }
+                Trailer => {
+                    if b == b'\r' {
+                        self.state = TrailerLf;
+                    }
+                }
+                TrailerLf => {
+                    self.state = if b == b'\n' { TrailerStart } else { Trailer };
+                }
+                EndLf => {
+                    if b != b'\n' {
+                        return self.broken(i);
+                    }
+                    self.done = true;
+                    return Some(i + 1);
+                }
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// Broken framing at byte `i`: the scan ends there.
+    fn broken(&mut self, i: usize) -> Option<usize> {
+        self.done = true;
+        self.bad = true;
+        Some(i)
+    }
+}
+
+/// Where the first request in `buf` ends (head and body), as Portico's front frames it,
+/// within `max_head` bytes of head: `Ok(None)` when more bytes are needed, `Err` with the
+/// refusal the front answers. The framing the front lends pingora requests by; the
+/// differential fuzz target holds it against httparse's.
+pub fn request_end(buf: &[u8], max_head: usize) -> Result<Option<usize>, Refusal> {
+    let head_len = match head_end(buf, 0) {
+        None if buf.len() > max_head => return Err(check::HEAD_TOO_LARGE),
+        None => return Ok(None),
+        Some(Err(())) => return Err(check::BAD_HEAD),
+        Some(Ok(n)) if n > max_head => return Err(check::HEAD_TOO_LARGE),
+        Some(Ok(n)) => n,
+    };
+    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut hs);
+    match req.parse(&buf[..head_len]) {
+        Ok(httparse::Status::Complete(n)) if n == head_len => {}
+        Err(httparse::Error::TooManyHeaders) => return Err(check::HEAD_TOO_LARGE),
+        _ => return Err(check::BAD_HEAD),
+    }
+    let (Some(target), Some(minor)) = (req.path, req.version) else {
+        return Err(check::BAD_HEAD);
+    };
+    let absolute_form = !target.starts_with('/') && target != "*";
+    let checked = check::check_h1(minor, absolute_form, raw(req.headers))?;
+    let rest = &buf[head_len..];
+    match checked.body {
+        BodyFraming::None => Ok(Some(head_len)),
+        BodyFraming::Length(n) => Ok((rest.len() as u64 >= n).then(|| head_len + n as usize)),
+        BodyFraming::Chunked => {
+            let mut scan = ChunkScan::default();
+            match scan.scan(rest) {
+                Some(_) if scan.bad => Err(check::BAD_HEAD),
+                Some(end) => Ok(Some(head_len + end)),
+                None => Ok(None),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_scan_finds_the_end_across_calls() {
+        let body = b"4\r\nWiki\r\n5;x=y\r\npedia\r\n0\r\nTrailer: a\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        for split in 1..body.len() {
+            let mut s = ChunkScan::default();
+            let first = s.scan(&body[..split]);
+            let total = match first {
+                Some(n) => n,
+                None => split + s.scan(&body[split..]).expect("end in the rest"),
+            };
+            assert_eq!(total, end, "split at {split}");
+            assert!(s.done);
+        }
+        let mut s = ChunkScan::default();
+        assert_eq!(s.scan(b"0\r\n\r\n"), Some(5));
+    }
+
+    #[test]
+    fn head_end_finds_the_empty_line_and_refuses_bare_lf() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nnext";
+        let end = head.len() - 4;
+        for from in 0..=end {
+            assert_eq!(head_end(head, from), Some(Ok(end)), "from {from}");
+        }
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n", 0), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\n", 0), Some(Err(())));
+    }
+
+    #[test]
+    fn chunk_scan_stops_at_bad_framing() {
+        for (body, at) in [
+            (&b"zz\r\n"[..], 0),
+            (b"5\r\nhello\r\nzz\r\n", 10),
+            (b"5\r\nhelloX", 8),
+            (b"5\nhello", 1),
+            (b"0\r\n\rX", 4),
+            (b"fffffffffffffffff\r\n", 16),
+        ] {
+            let mut s = ChunkScan::default();
+            assert_eq!(
+                s.scan(body),
+                Some(at),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+            assert!(s.done && s.bad);
+        }
+        let mut s = ChunkScan::default();
+        assert_eq!(s.scan(b"0\r\n\r\n"), Some(5));
+        assert!(s.done && !s.bad);
+    }
+
+    #[test]
+    fn request_end_frames_what_the_front_reads() {
+        let max = 60 * 1024;
+        let get = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /next";
+        assert_eq!(request_end(get, max), Ok(Some(get.len() - 9)));
+        let post = b"POST / HTTP/1.1\r\nHost: a\r\ncontent-length: 3\r\n\r\nabcNEXT";
+        assert_eq!(request_end(post, max), Ok(Some(post.len() - 4)));
+        assert_eq!(request_end(&post[..post.len() - 6], max), Ok(None));
+        let chunked = b"POST / HTTP/1.1\r\nHost: a\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nX";
+        assert_eq!(request_end(chunked, max), Ok(Some(chunked.len() - 1)));
+        assert_eq!(
+            request_end(b"GET / HTTP/1.1\r\n\r\n", max),
+            Err(check::NO_HOST)
+        );
+        assert_eq!(
+            request_end(b"GET / HTTP/1.1\nHost: a\n\n", max),
+            Err(check::BAD_HEAD)
+        );
+        assert_eq!(request_end(&[b'a'; 100], 50), Err(check::HEAD_TOO_LARGE));
+    }
+}

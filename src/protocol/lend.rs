@@ -1,0 +1,208 @@
+//! A client connection lent to pingora's request cycle for one request. Never decides
+//! anything about the request: it gives out exactly the bytes of the request the front
+//! framed.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use async_trait::async_trait;
+use bytes::{Buf, BytesMut};
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::h1::ChunkScan;
+
+/// The client connection lent to pingora's request cycle for one request: the bytes the
+/// front read come first, and reads stop at the end of that request, so pingora never
+/// reads into the next one (it would drop a pipelined request, and the front reads the
+/// next head anyway once pingora hands the connection back).
+#[derive(Debug)]
+pub struct Lent {
+    pub inner: Stream,
+    /// Read from the client and not given out yet: this request's bytes first, then
+    /// whatever followed it.
+    pub buf: BytesMut,
+    /// What pingora may still read of this request.
+    pub left: Left,
+    /// The body's framing was broken: the connection is not reused.
+    pub spoiled: bool,
+}
+
+#[derive(Debug)]
+pub enum Left {
+    /// Bytes (head and body with a length); 0 when the request was read whole.
+    Bytes(u64),
+    /// `head` bytes of head, then a chunked body up to where `scan` finds its end.
+    Chunked { head: usize, scan: ChunkScan },
+    /// Everything (an upgrade, h2c): the connection stays pingora's.
+    All,
+}
+
+/// At most this much of what follows a lent request is read ahead while pingora waits
+/// on the request's end (it reads to notice a client that went away).
+const MAX_READ_AHEAD: usize = 64 * 1024;
+
+impl Lent {
+    /// How many of the next `available` buffered bytes belong to the request, updating
+    /// what is left.
+    fn take(&mut self, available: usize) -> usize {
+        match &mut self.left {
+            Left::All => available,
+            Left::Bytes(n) => {
+                let k = (*n).min(available as u64) as usize;
+                *n -= k as u64;
+                k
+            }
+            Left::Chunked { head, scan } => {
+                if *head > 0 {
+                    let k = (*head).min(available);
+                    *head -= k;
+                    return k;
+                }
+                let (k, bad) = match scan.scan(&self.buf[..available]) {
+                    None => return available,
+                    // Broken framing: pingora gets the bad byte too, to refuse it.
+                    Some(end) if scan.bad => ((end + 1).min(available), true),
+                    Some(end) => (end, false),
+                };
+                self.spoiled |= bad;
+                self.left = Left::Bytes(0);
+                k
+            }
+        }
+    }
+
+    pub fn complete(&self) -> bool {
+        matches!(self.left, Left::Bytes(0))
+    }
+}
+
+impl AsyncRead for Lent {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.complete() {
+            // The request was read whole: keep what follows for the front, and tell
+            // pingora only whether the client went away.
+            loop {
+                if this.buf.len() >= MAX_READ_AHEAD {
+                    return Poll::Pending;
+                }
+                this.buf.reserve(4096);
+                let mut tmp = [0u8; 4096];
+                let mut rb = ReadBuf::new(&mut tmp);
+                match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(())),
+                    Poll::Ready(Ok(())) => this.buf.extend_from_slice(rb.filled()),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        }
+        if this.buf.is_empty() {
+            // Nothing buffered: read from the client into the buffer, then give out what
+            // belongs to the request.
+            this.buf.reserve(16 * 1024);
+            let mut tmp = [0u8; 16 * 1024];
+            let mut rb = ReadBuf::new(&mut tmp);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => this.buf.extend_from_slice(rb.filled()),
+                other => return other,
+            }
+        }
+        let available = this.buf.len().min(out.remaining());
+        let k = this.take(available);
+        out.put_slice(&this.buf[..k]);
+        this.buf.advance(k);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Lent {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for Lent {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(&mut *self.inner).await
+    }
+}
+
+impl UniqueID for Lent {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for Lent {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for Lent {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+}
+
+impl GetProxyDigest for Lent {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+}
+
+impl GetSocketDigest for Lent {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+}
+
+#[async_trait]
+impl Peek for Lent {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        if self.buf.len() >= buf.len() {
+            buf.copy_from_slice(&self.buf[..buf.len()]);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
