@@ -1353,6 +1353,39 @@ impl Portico {
         }
     }
 
+    /// Writes `config_toml` to `<dir>/portico.toml` and starts `portico run` on it with
+    /// extra environment variables, without waiting for it to be ready.
+    pub fn spawn_with_env(dir: &Path, config_toml: &str, env: &[(&str, &str)]) -> Portico {
+        let admin_re = regex::Regex::new(r#"admin\s*=\s*"127\.0\.0\.1:(\d+)""#).unwrap();
+        let admin_port: u16 = admin_re
+            .captures(config_toml)
+            .and_then(|c| c[1].parse().ok())
+            .expect("test config must set mesh.admin = \"127.0.0.1:PORT\"");
+        let config_path = dir.join("portico.toml");
+        write_atomic(&config_path, config_toml);
+        let stdout_path = dir.join("portico.stdout.log");
+        let stderr_path = dir.join("portico.stderr.log");
+        let child = Command::new(PORTICO)
+            .arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .current_dir(dir)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout_path).unwrap())
+            .stderr(fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {PORTICO}: {e}"));
+        Portico {
+            dir: dir.to_path_buf(),
+            config_path,
+            admin_port,
+            child: Some(child),
+            stdout_path,
+            stderr_path,
+        }
+    }
+
     /// [`Portico::start`] with extra environment variables for the process.
     pub fn start_with_env(dir: &Path, config_toml: &str, env: &[(&str, &str)]) -> Portico {
         Self::start_full(dir, config_toml, &[], env)
