@@ -354,22 +354,33 @@ fn reload_watches_yaml_manifests() {
     let path = gw.dir.path().join("manifests/traffic-shifting.yaml");
     let good = std::fs::read_to_string(&path).unwrap();
     let generation = gw.portico.generation();
+    let failures = |json: &serde_json::Value| json["reloads"]["failure"].as_u64().unwrap_or(0);
+    let failures_before = failures(&gw.portico.config_json());
     // In with one rename from outside the folder: a temporary inside it would change the
     // folder twice, and a reload between the two (of the unchanged config) would move the
     // generation on.
     let broken = gw.dir.path().join("broken.yaml.tmp");
     std::fs::write(&broken, good.replace("weight: 50", "weight: [50")).unwrap();
     std::fs::rename(&broken, &path).unwrap();
-    thread::sleep(Duration::from_millis(600));
+    let mut json = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            json = gw.portico.config_json();
+            failures(&json) > failures_before
+        }),
+        "the broken edit is reported as a failed reload: {json}"
+    );
     assert_eq!(
-        gw.portico.generation(),
-        generation,
+        json["generation"].as_u64(),
+        Some(generation),
         "the broken edit is refused"
     );
-    let status = gw.portico.admin_get("/config").text();
+    let error = json["lastReloadError"].as_str().unwrap_or_default();
     assert!(
-        status.contains("traffic-shifting.yaml"),
-        "the error names the file: {status}"
+        regex::Regex::new(r"traffic-shifting\.yaml:\d+:\d+: ")
+            .unwrap()
+            .is_match(error),
+        "the error names the file, line and column: {error}"
     );
     assert_eq!(
         get(gw.port, host, "/", &[]).status,
