@@ -146,10 +146,17 @@ fn json_lines_carry_istio_fields_and_flags() {
         Some("203.0.113.7, 127.0.0.1")
     );
     assert_eq!(line("/gen")["x_forwarded_for"], serde_json::Value::Null);
-    assert_eq!(first["downstream_local_address"], format!("127.0.0.1:{http}"));
-    let remote = first["downstream_remote_address"].as_str().unwrap_or_default();
+    assert_eq!(
+        first["downstream_local_address"],
+        format!("127.0.0.1:{http}")
+    );
+    let remote = first["downstream_remote_address"]
+        .as_str()
+        .unwrap_or_default();
     assert!(
-        regex::Regex::new(r"^127\.0\.0\.1:\d+$").unwrap().is_match(remote)
+        regex::Regex::new(r"^127\.0\.0\.1:\d+$")
+            .unwrap()
+            .is_match(remote)
             && remote != format!("127.0.0.1:{http}"),
         "the client's address: {first}"
     );
