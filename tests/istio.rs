@@ -109,18 +109,18 @@ fn traffic_shifting_sends_half_to_v3() {
         &[("V1", v1.port().to_string()), ("V3", v3.port().to_string())],
     );
     let mut client = HttpClient::new(gw.port);
-    let n = 400;
+    // Enough to tell 50/50 from 60/40.
+    let n = 2500;
+    assert!(binomial_tells_apart(n, 0.5, 0.6));
     for _ in 0..n {
         let r = client
             .get("reviews.bookinfo.svc.cluster.local", "/")
             .unwrap();
         assert_eq!(r.status, 200);
     }
-    // Binomial(400, 0.5): standard deviation 10. ±60 is six of them: a fair split never
-    // fails this (p < 1e-8), a 90/10 or 100/0 split always does.
     let (a, b) = (v1.count(), v3.count());
     assert_eq!(a + b, n);
-    assert!((140..=260).contains(&a), "v1 {a}, v3 {b}: not about 50/50");
+    assert_binomial(a, n, 0.5, &format!("v1 (v3 {b})"));
 }
 
 #[test]

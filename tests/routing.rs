@@ -660,10 +660,12 @@ fn assert_share(
     upstream: &str,
     expected_percent: f64,
 ) {
-    let got = *counts.get(upstream).unwrap_or(&0) as f64 * 100.0 / total as f64;
-    assert!(
-        (got - expected_percent).abs() <= 2.0,
-        "{upstream}: expected {expected_percent}% ± 2%, got {got:.2}% (counts {counts:?})"
+    let got = *counts.get(upstream).unwrap_or(&0);
+    assert_binomial(
+        got,
+        total,
+        expected_percent / 100.0,
+        &format!("{upstream} (counts {counts:?})"),
     );
 }
 
@@ -671,6 +673,9 @@ fn assert_share(
 fn weighted_split() {
     let (s, _) = start(&format!("{GATEWAY}{WEIGHTS}"), &["v1", "v2"], &[]);
     let total = 10_000;
+    // Enough to tell 90/10 from 85/15 and 75/25 from 70/30.
+    assert!(binomial_tells_apart(total, 0.90, 0.85));
+    assert!(binomial_tells_apart(total, 0.75, 0.70));
     let started = Instant::now();
 
     let counts = split(&s, "/ninety/x", total);

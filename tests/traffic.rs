@@ -244,7 +244,10 @@ fn fault_abort_percentage_holds_and_delay_is_applied() {
     let s = start(&routes, &backend(&[echo.port()], ""));
     let mut client = HttpClient::new(s.http);
     let mut aborted = 0;
-    for _ in 0..2000 {
+    // Enough to tell 50 % from 40 % or 60 %.
+    let n = 2500;
+    assert!(binomial_tells_apart(n, 0.5, 0.4));
+    for _ in 0..n {
         let resp = client.get("app.test", "/abort").unwrap();
         match resp.status {
             555 => aborted += 1,
@@ -252,13 +255,10 @@ fn fault_abort_percentage_holds_and_delay_is_applied() {
             other => panic!("unexpected status {other}"),
         }
     }
-    assert!(
-        (920..=1080).contains(&aborted),
-        "50 % ± 4 % of 2000: {aborted}"
-    );
+    assert_binomial(aborted, n, 0.5, "aborted");
     assert_eq!(
         echo.count(),
-        2000 - aborted,
+        n - aborted,
         "aborted requests never reach the upstream"
     );
 

@@ -210,6 +210,32 @@ pub fn metric_sum(metrics_text: &str, name: &str, label: &str) -> Option<f64> {
     found
 }
 
+/// Asserts that `hits` of `n` independent trials fit probability `p`: within 5 standard
+/// deviations of `n·p`, so a right split fails this about once in 1.7 million runs.
+pub fn assert_binomial(hits: usize, n: usize, p: f64, what: &str) {
+    let (mean, sd) = binomial(n, p);
+    assert!(
+        (hits as f64 - mean).abs() <= 5.0 * sd,
+        "{what}: {hits} of {n}, expected {mean:.0} ± {:.0} (5 standard deviations)",
+        5.0 * sd
+    );
+}
+
+/// Whether `n` trials are enough for [`assert_binomial`] with `p` to catch `wrong`: its band
+/// around `n·p` ends at least 5 of `wrong`'s standard deviations away from `n·wrong`, so a
+/// split of `wrong` passes about once in 3.5 million runs. Tests assert this of the wrong
+/// weight they must notice, so the sample size says what it can tell apart.
+pub fn binomial_tells_apart(n: usize, p: f64, wrong: f64) -> bool {
+    let (mean, sd) = binomial(n, p);
+    let (wrong_mean, wrong_sd) = binomial(n, wrong);
+    (mean - wrong_mean).abs() - 5.0 * sd >= 5.0 * wrong_sd
+}
+
+fn binomial(n: usize, p: f64) -> (f64, f64) {
+    let n = n as f64;
+    (n * p, (n * p * (1.0 - p)).sqrt())
+}
+
 /// Run `portico ARGS...` to completion (10 s limit). Returns (exit code, stdout + stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String) {
     run_cli_env(args, &[])
