@@ -5,7 +5,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -163,10 +163,14 @@ fn reload_under_load_is_atomic() {
     assert_eq!(generation_of(&first), Ok(1), "initial config serves gen-1");
 
     let stop = Arc::new(AtomicBool::new(false));
+    // The latest generation each client was served.
+    let plain_latest = Arc::new(AtomicU32::new(0));
+    let tls_latest = Arc::new(AtomicU32::new(0));
 
     // Client 1: keep-alive requests on the plain listener.
     let plain = {
         let stop = stop.clone();
+        let latest = plain_latest.clone();
         let port = cfg.http;
         thread::spawn(move || {
             let mut report = ClientReport::default();
@@ -176,7 +180,10 @@ fn reload_under_load_is_atomic() {
                 i += 1;
                 match client.get("reload.test", &format!("/load/{i}")) {
                     Ok(resp) => match generation_of(&resp) {
-                        Ok(k) => report.observe("plain", k),
+                        Ok(k) => {
+                            report.observe("plain", k);
+                            latest.fetch_max(k, Ordering::SeqCst);
+                        }
                         Err(e) => report.fail(format!("plain request {i}: {e}")),
                     },
                     Err(e) => report.fail(format!("plain request {i}: {e}")),
@@ -190,6 +197,7 @@ fn reload_under_load_is_atomic() {
     // Client 2: a new TLS handshake per request on the HTTPS listener.
     let tls = {
         let stop = stop.clone();
+        let latest = tls_latest.clone();
         let port = cfg.https;
         let certs = certs.clone();
         thread::spawn(move || {
@@ -223,6 +231,7 @@ fn reload_under_load_is_atomic() {
                                 ));
                             }
                             report.observe("tls", k);
+                            latest.fetch_max(k, Ordering::SeqCst);
                         }
                         Err(e) => report.fail(format!("TLS request {i}: {e}")),
                     },
@@ -307,8 +316,16 @@ fn reload_under_load_is_atomic() {
             "after reload {gen} the new config serves"
         );
     }
-    // Let the clients see the last generation for a moment.
-    thread::sleep(Duration::from_millis(500));
+    // Both clients get to the last generation before they stop.
+    assert!(
+        wait_until(RELOAD_WAIT, || {
+            plain_latest.load(Ordering::SeqCst) == rewrites + 1
+                && tls_latest.load(Ordering::SeqCst) == rewrites + 1
+        }),
+        "the clients were served the last generation (plain {}, tls {})",
+        plain_latest.load(Ordering::SeqCst),
+        tls_latest.load(Ordering::SeqCst)
+    );
     stop.store(true, Ordering::SeqCst);
     let plain = plain.join().expect("plain client panicked");
     let tls = tls.join().expect("TLS client panicked");
