@@ -586,3 +586,69 @@ fn include_glob_picks_up_new_files() {
     wait_for_body(&portico, http, "more.test", "more-v1");
     assert_eq!(http_get(http, "inc.test", "/").text(), "included-v1");
 }
+
+const IN_FLIGHT_TEMPLATE: &str = r#"
+@MESH@
+[[gateways]]
+name = "gw"
+[[gateways.servers]]
+port = { number = @HTTP@, name = "http", protocol = "HTTP" }
+bind = "127.0.0.1"
+hosts = ["*"]
+
+[[virtualServices]]
+name = "main"
+hosts = ["main.test"]
+gateways = ["gw"]
+[[virtualServices.http]]
+headers = { response = { set = { x-gen = "@GEN@" } } }
+@to(v1)@
+"#;
+
+/// A request in flight across a reload finishes on the config it started with: its
+/// response gets the old route's response headers, the next request the new ones.
+#[test]
+fn a_request_in_flight_keeps_its_config_across_a_reload() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let echo = Echo::start("v1");
+    let (admin, http) = (free_port(), free_port());
+    let config = |generation: &str| {
+        let mut c = render(
+            IN_FLIGHT_TEMPLATE,
+            &[
+                ("MESH", mesh_config(admin)),
+                ("HTTP", http.to_string()),
+                ("GEN", generation.to_string()),
+            ],
+        );
+        c.push_str(&upstreams_config(&[("v1", echo.port())]));
+        c
+    };
+    let portico = Portico::start(tmp.path(), &config("old"));
+    let g0 = portico.generation();
+    let in_flight =
+        thread::spawn(move || try_http_request(http, "GET", "main.test", "/sleep/1500", &[], b""));
+    assert!(
+        wait_until(Duration::from_secs(5), || echo.count() == 1),
+        "the request reached the upstream"
+    );
+    portico.rewrite_config(&config("new"));
+    let resp = portico.admin_post("/reload");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(portico.generation() > g0);
+    assert_eq!(
+        http_get(http, "main.test", "/").header("x-gen"),
+        Some("new"),
+        "a request after the reload gets the new config"
+    );
+    let resp = in_flight
+        .join()
+        .unwrap()
+        .expect("the request in flight completes");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        resp.header("x-gen"),
+        Some("old"),
+        "the request in flight keeps the config it started with"
+    );
+}
