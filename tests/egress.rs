@@ -670,7 +670,7 @@ endpoints = [{{ address = "127.0.0.1" }}]
                 .filter(|l| l.starts_with('{') && l.contains(r#""method":"GET""#))
                 .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
                 .collect();
-            lines.iter().any(|l| passthrough(l))
+            lines.iter().any(passthrough)
         }),
         "PassthroughCluster in the access log:\n{}",
         gw.stdout()
