@@ -140,7 +140,9 @@ pub fn run(
 
     let mut conf = ServerConf {
         threads: threads.max(1),
-        grace_period_seconds: Some(snapshot.settings.drain_duration.as_secs()),
+        // pingora's grace period is whole seconds: a part second rounds up, so that
+        // `drainDuration = "500ms"` drains for 1 s rather than not at all.
+        grace_period_seconds: Some(whole_seconds_up(snapshot.settings.drain_duration)),
         graceful_shutdown_timeout_seconds: Some(1),
         // Without stealing each worker thread runs its own single-threaded runtime and a
         // connection stays where it was accepted (pingora spreads accepts at random): less
@@ -303,6 +305,11 @@ pub fn run(
     server.run_forever()
 }
 
+/// `d` in whole seconds, rounded up.
+fn whole_seconds_up(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
 /// pingora opens each listener inside its service thread and, when that fails (the port
 /// taken by another process between the check in [`run`] and pingora's own bind/listen),
 /// panics in that thread while the rest of the process runs on without the port: the
@@ -330,4 +337,20 @@ fn exit_when_a_listener_fails() {
         }
         default_hook(info);
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_seconds_up;
+    use std::time::Duration;
+
+    #[test]
+    fn drain_seconds_round_up() {
+        assert_eq!(whole_seconds_up(Duration::ZERO), 0);
+        assert_eq!(whole_seconds_up(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds_up(Duration::from_millis(500)), 1);
+        assert_eq!(whole_seconds_up(Duration::from_secs(1)), 1);
+        assert_eq!(whole_seconds_up(Duration::from_millis(1001)), 2);
+        assert_eq!(whole_seconds_up(Duration::from_secs(5)), 5);
+    }
 }

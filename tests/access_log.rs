@@ -66,7 +66,11 @@ fn json_lines_carry_istio_fields_and_flags() {
         "GET",
         "app.test",
         "/hello?x=1",
-        &[("x-request-id", "req-1"), ("user-agent", "t/1")],
+        &[
+            ("x-request-id", "req-1"),
+            ("user-agent", "t/1"),
+            ("x-forwarded-for", "203.0.113.7"),
+        ],
         b"",
     );
     assert_eq!(ok.status, 200);
@@ -119,6 +123,8 @@ fn json_lines_carry_istio_fields_and_flags() {
         "authority",
         "upstream_host",
         "upstream_cluster",
+        "x_forwarded_for",
+        "downstream_local_address",
         "downstream_remote_address",
         "route_name",
     ] {
@@ -132,6 +138,28 @@ fn json_lines_carry_istio_fields_and_flags() {
     assert_eq!(first["upstream_host"], format!("127.0.0.1:{}", echo.port()));
     assert_eq!(first["upstream_cluster"], "outbound|80||echo.internal");
     assert_eq!(first["route_name"], "echo");
+    // X-Forwarded-For as the client sent it (the upstream gets the client's address
+    // appended); none sent, none logged.
+    assert_eq!(first["x_forwarded_for"], "203.0.113.7");
+    assert_eq!(
+        ok.echoed_header("x-forwarded-for").as_deref(),
+        Some("203.0.113.7, 127.0.0.1")
+    );
+    assert_eq!(line("/gen")["x_forwarded_for"], serde_json::Value::Null);
+    assert_eq!(
+        first["downstream_local_address"],
+        format!("127.0.0.1:{http}")
+    );
+    let remote = first["downstream_remote_address"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        regex::Regex::new(r"^127\.0\.0\.1:\d+$")
+            .unwrap()
+            .is_match(remote)
+            && remote != format!("127.0.0.1:{http}"),
+        "the client's address: {first}"
+    );
     assert_eq!(line("/gen")["request_id"], generated_id.as_str());
     let dead_line = line("/dead");
     assert_eq!(dead_line["response_code"], 503);

@@ -84,24 +84,17 @@ fn routes(config: &Path, args: &[&str]) -> (i32, String) {
     run_cli(&all)
 }
 
-/// `portico routes` names the VirtualService, the `http[i]` index and the route name.
-fn assert_explains(out: &str, vs: &str, index: usize, route_name: Option<&str>) {
-    assert!(
-        out.contains(vs),
-        "expected VirtualService {vs:?} in:\n{out}"
+/// `portico routes` names the VirtualService, the `http[i]` index, the route name (none for
+/// an unnamed route) and the virtual host, on the one line that says which route serves.
+fn assert_explains(out: &str, vs: &str, index: usize, route_name: Option<&str>, vhost: &str) {
+    let name = route_name.map(|n| format!(" {n:?}")).unwrap_or_default();
+    let want = format!(
+        "listener HTTP 127.0.0.1:8080: route default/{vs}.http[{index}]{name} on virtual host {vhost}"
     );
+    let routes: Vec<&str> = out.lines().filter(|l| l.contains(": route ")).collect();
+    assert_eq!(routes, [want.as_str()], "in:\n{out}");
     assert!(
-        out.contains(&format!("http[{index}]")),
-        "expected http[{index}] in:\n{out}"
-    );
-    if let Some(name) = route_name {
-        assert!(
-            out.contains(name),
-            "expected route name {name:?} in:\n{out}"
-        );
-    }
-    assert!(
-        !out.contains("no route"),
+        !out.lines().any(|l| l == "no route"),
         "a match must not print `no route`:\n{out}"
     );
 }
@@ -117,7 +110,7 @@ fn routes_explains_the_match() {
         &["--host", "shop.example.com", "--path", "/api/items"],
     );
     assert_eq!(code, 0, "{out}");
-    assert_explains(&out, "shop", 2, Some("api"));
+    assert_explains(&out, "shop", 2, Some("api"), "shop.example.com");
 
     let (code, out) = routes(
         &config,
@@ -131,7 +124,7 @@ fn routes_explains_the_match() {
         ],
     );
     assert_eq!(code, 0, "{out}");
-    assert_explains(&out, "shop", 0, Some("api-blue"));
+    assert_explains(&out, "shop", 0, Some("api-blue"), "shop.example.com");
 
     let (code, out) = routes(
         &config,
@@ -145,7 +138,7 @@ fn routes_explains_the_match() {
         ],
     );
     assert_eq!(code, 0, "{out}");
-    assert_explains(&out, "shop", 1, Some("api-post"));
+    assert_explains(&out, "shop", 1, Some("api-post"), "shop.example.com");
 
     // An unnamed route is still identified by its index; wildcard host, port, upper case.
     let (code, out) = routes(
@@ -153,14 +146,14 @@ fn routes_explains_the_match() {
         &["--host", "EU.Shop.Example.com:8080", "--path", "/health"],
     );
     assert_eq!(code, 0, "{out}");
-    assert_explains(&out, "shop", 3, None);
+    assert_explains(&out, "shop", 3, None, "*.shop.example.com");
 
     let (code, out) = routes(
         &config,
         &["--host", "blog.example.com", "--path", "/2024/post"],
     );
     assert_eq!(code, 0, "{out}");
-    assert_explains(&out, "blog", 0, Some("blog-home"));
+    assert_explains(&out, "blog", 0, Some("blog-home"), "blog.example.com");
 }
 
 #[test]
@@ -172,7 +165,14 @@ fn routes_reports_no_route() {
     // Unknown host.
     let (code, out) = routes(&config, &["--host", "nobody.example.com", "--path", "/"]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("no route"), "{out}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "listener HTTP 127.0.0.1:8080: no route: no virtual host for nobody.example.com (404)",
+            "no route"
+        ],
+        "{out}"
+    );
 
     // Known host, no route matches the path.
     let (code, out) = routes(
@@ -180,7 +180,14 @@ fn routes_reports_no_route() {
         &["--host", "shop.example.com", "--path", "/checkout"],
     );
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("no route"), "{out}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "listener HTTP 127.0.0.1:8080: no route: virtual host shop.example.com has 4 route(s) and none matched (404)",
+            "no route"
+        ],
+        "{out}"
+    );
 }
 
 #[test]

@@ -657,6 +657,32 @@ endpoints = [{{ address = "127.0.0.1" }}]
     stop.store(true, Ordering::SeqCst);
     client.join().unwrap();
 
+    // Under ALLOW_ANY the unregistered host is reached through PassthroughCluster, and
+    // the access log says so; refused requests before the switch do not. (The client's
+    // plain requests are the only GETs here; tunnels are logged as CONNECT.)
+    let passthrough = |line: &serde_json::Value| line["upstream_cluster"] == "PassthroughCluster";
+    let mut lines = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            lines = gw
+                .stdout()
+                .lines()
+                .filter(|l| l.starts_with('{') && l.contains(r#""method":"GET""#))
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .collect();
+            lines.iter().any(passthrough)
+        }),
+        "PassthroughCluster in the access log:\n{}",
+        gw.stdout()
+    );
+    for line in &lines {
+        assert_eq!(
+            passthrough(line),
+            line["response_code"] == 200,
+            "passed through exactly when allowed: {line}"
+        );
+    }
+
     let statuses = statuses.lock().unwrap().clone();
     let first_ok = statuses
         .iter()

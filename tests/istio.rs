@@ -109,18 +109,18 @@ fn traffic_shifting_sends_half_to_v3() {
         &[("V1", v1.port().to_string()), ("V3", v3.port().to_string())],
     );
     let mut client = HttpClient::new(gw.port);
-    let n = 400;
+    // Enough to tell 50/50 from 60/40.
+    let n = 2500;
+    assert!(binomial_tells_apart(n, 0.5, 0.6));
     for _ in 0..n {
         let r = client
             .get("reviews.bookinfo.svc.cluster.local", "/")
             .unwrap();
         assert_eq!(r.status, 200);
     }
-    // Binomial(400, 0.5): standard deviation 10. ±60 is six of them: a fair split never
-    // fails this (p < 1e-8), a 90/10 or 100/0 split always does.
     let (a, b) = (v1.count(), v3.count());
     assert_eq!(a + b, n);
-    assert!((140..=260).contains(&a), "v1 {a}, v3 {b}: not about 50/50");
+    assert_binomial(a, n, 0.5, &format!("v1 (v3 {b})"));
 }
 
 #[test]
@@ -354,22 +354,33 @@ fn reload_watches_yaml_manifests() {
     let path = gw.dir.path().join("manifests/traffic-shifting.yaml");
     let good = std::fs::read_to_string(&path).unwrap();
     let generation = gw.portico.generation();
+    let failures = |json: &serde_json::Value| json["reloads"]["failure"].as_u64().unwrap_or(0);
+    let failures_before = failures(&gw.portico.config_json());
     // In with one rename from outside the folder: a temporary inside it would change the
     // folder twice, and a reload between the two (of the unchanged config) would move the
     // generation on.
     let broken = gw.dir.path().join("broken.yaml.tmp");
     std::fs::write(&broken, good.replace("weight: 50", "weight: [50")).unwrap();
     std::fs::rename(&broken, &path).unwrap();
-    thread::sleep(Duration::from_millis(600));
+    let mut json = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            json = gw.portico.config_json();
+            failures(&json) > failures_before
+        }),
+        "the broken edit is reported as a failed reload: {json}"
+    );
     assert_eq!(
-        gw.portico.generation(),
-        generation,
+        json["generation"].as_u64(),
+        Some(generation),
         "the broken edit is refused"
     );
-    let status = gw.portico.admin_get("/config").text();
+    let error = json["lastReloadError"].as_str().unwrap_or_default();
     assert!(
-        status.contains("traffic-shifting.yaml"),
-        "the error names the file: {status}"
+        regex::Regex::new(r"traffic-shifting\.yaml:\d+:\d+: ")
+            .unwrap()
+            .is_match(error),
+        "the error names the file, line and column: {error}"
     );
     assert_eq!(
         get(gw.port, host, "/", &[]).status,

@@ -90,40 +90,126 @@ fn systemd_notifications_reach_the_notify_socket() {
     assert!(status.success(), "exit status {status}");
 }
 
+/// Whether a client's error is the server closing the connection, as opposed to the
+/// client giving up waiting (its read timeout).
+fn closed_by_the_server(e: &std::io::Error) -> bool {
+    !matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// A slow request in flight, on a thread: `GET /sleep/MS`.
+fn slow_request(http: u16, ms: u64) -> thread::JoinHandle<std::io::Result<Response>> {
+    thread::spawn(move || {
+        try_http_request(http, "GET", "x.test", &format!("/sleep/{ms}"), &[], b"")
+    })
+}
+
 #[test]
-fn sigterm_finishes_requests_in_flight_then_exits_zero() {
+fn sigterm_refuses_new_connections_finishes_requests_in_flight_and_cuts_off_at_the_drain() {
     let tmp = tempfile::tempdir().unwrap();
     let echo = Echo::start("v1");
     let (admin, http) = (free_port(), free_port());
-    let mut portico = Portico::start(tmp.path(), &config(admin, http, echo.port(), "3s"));
+    let drain = Duration::from_secs(4);
+    let mut portico = Portico::start(tmp.path(), &config(admin, http, echo.port(), "4s"));
 
-    // Eight slow requests, each held 1 s by the upstream.
-    let clients: Vec<_> = (0..8)
-        .map(|_| {
-            thread::spawn(move || try_http_request(http, "GET", "x.test", "/sleep/1000", &[], b""))
-        })
-        .collect();
+    // Eight requests the upstream holds 2 s (longer than the 1 s pingora gives its runtimes
+    // after the drain, so only the drain lets them finish), and one it holds past the drain.
+    let short: Vec<_> = (0..8).map(|_| slow_request(http, 2000)).collect();
+    let long = slow_request(http, 25_000);
     assert!(
-        wait_until(Duration::from_secs(5), || echo.count() >= 8),
+        wait_until(Duration::from_secs(5), || echo.count() >= 9),
         "the slow requests reached the upstream"
     );
     let sent_term = Instant::now();
     portico.send_signal("TERM");
-    for c in clients {
+    // New connections are refused while the process still runs, draining.
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            std::net::TcpStream::connect(("127.0.0.1", http)).is_err()
+        }),
+        "new connections are refused during the drain"
+    );
+    assert!(
+        portico.is_running(),
+        "refused while draining, not because the process is gone"
+    );
+    for c in short {
         let resp = c.join().unwrap().expect("in-flight request completes");
         assert_eq!(resp.status, 200, "{}", resp.text());
     }
     let status = portico
-        .wait_exit(Duration::from_secs(15))
+        .wait_exit(drain + Duration::from_secs(10))
         .expect("exits after draining");
     assert!(status.success(), "exit status {status}");
-    // New connections are refused once draining has started.
-    assert!(std::net::TcpStream::connect(("127.0.0.1", http)).is_err());
-    assert!(sent_term.elapsed() >= Duration::from_millis(900));
+    assert!(
+        sent_term.elapsed() >= drain,
+        "the drain lasts drainDuration: exited {:?} after SIGTERM",
+        sent_term.elapsed()
+    );
+    // The request longer than the drain is cut off when the process exits, long before
+    // the upstream would answer or the client would give up.
+    match long.join().unwrap() {
+        Ok(resp) => panic!("a request past the drain got an answer: {}", resp.status),
+        Err(e) => assert!(closed_by_the_server(&e), "cut off by the gateway: {e}"),
+    }
+}
+
+/// pingora's grace period counts whole seconds: a sub-second drainDuration rounds up to 1 s
+/// (it was truncated to none, which cut every request in flight).
+#[test]
+fn a_sub_second_drain_still_lets_a_request_finish() {
+    let tmp = tempfile::tempdir().unwrap();
+    let echo = Echo::start("v1");
+    let (admin, http) = (free_port(), free_port());
+    let mut portico = Portico::start(tmp.path(), &config(admin, http, echo.port(), "800ms"));
+    let client = slow_request(http, 600);
+    assert!(
+        wait_until(Duration::from_secs(5), || echo.count() >= 1),
+        "the request reached the upstream"
+    );
+    portico.send_signal("TERM");
+    let resp = client
+        .join()
+        .unwrap()
+        .expect("the request in flight completes");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let status = portico
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits after draining");
+    assert!(status.success(), "exit status {status}");
+}
+
+/// SIGINT does not drain: the process exits at once, cutting a request in flight, long
+/// before a 30 s drainDuration would end.
+#[test]
+fn sigint_exits_at_once_without_draining() {
+    let tmp = tempfile::tempdir().unwrap();
+    let echo = Echo::start("v1");
+    let (admin, http) = (free_port(), free_port());
+    let mut portico = Portico::start(tmp.path(), &config(admin, http, echo.port(), "30s"));
+    let client = slow_request(http, 20_000);
+    assert!(
+        wait_until(Duration::from_secs(5), || echo.count() >= 1),
+        "the request reached the upstream"
+    );
+    portico.send_signal("INT");
+    assert!(
+        portico.wait_exit(Duration::from_secs(10)).is_some(),
+        "SIGINT exits without the 30 s drain"
+    );
+    match client.join().unwrap() {
+        Ok(resp) => panic!("the request in flight got an answer: {}", resp.status),
+        Err(e) => assert!(closed_by_the_server(&e), "cut off by the exit: {e}"),
+    }
 }
 
 #[test]
 fn upgrade_hands_the_listeners_over_without_refusing_a_request() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
     let tmp = tempfile::tempdir().unwrap();
     let echo = Echo::start("v1");
     let (admin, http) = (free_port(), free_port());
@@ -136,32 +222,67 @@ fn upgrade_hands_the_listeners_over_without_refusing_a_request() {
     let mut old = Portico::start(tmp.path(), &config);
 
     // A client sends requests, new connection each time, all through the hand-over.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    let client = thread::spawn(move || {
-        let (mut ok, mut failed) = (0, Vec::new());
-        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-            match try_http_request(http, "GET", "x.test", "/", &[], b"") {
-                Ok(r) if r.status == 200 => ok += 1,
-                Ok(r) => failed.push(format!("status {}", r.status)),
-                Err(e) => failed.push(e.to_string()),
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let (stop, ok) = (stop.clone(), ok.clone());
+        thread::spawn(move || {
+            let mut failed = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                match try_http_request(http, "GET", "x.test", "/", &[], b"") {
+                    Ok(r) if r.status == 200 => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(r) => failed.push(format!("status {}", r.status)),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                thread::sleep(Duration::from_millis(10));
             }
-            thread::sleep(Duration::from_millis(10));
-        }
-        (ok, failed)
-    });
-    thread::sleep(Duration::from_millis(300));
+            failed
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || ok.load(Ordering::SeqCst) >= 10),
+        "the old process serves the client"
+    );
+    // A request in flight on the old process across the hand-over.
+    let in_flight = slow_request(http, 1500);
+    assert!(
+        wait_until(Duration::from_secs(5), || echo
+            .requests()
+            .iter()
+            .any(|(_, path, _)| path == "/sleep/1500")),
+        "the slow request reached the upstream"
+    );
     let mut new = Portico::spawn_more(tmp.path(), admin, &["--upgrade"]);
-    thread::sleep(Duration::from_millis(500));
+    // The new process waits for the sockets on upgradeSocket; the old one, once told,
+    // retries its connection there for a few seconds.
+    assert!(
+        wait_until(Duration::from_secs(10), || sock.exists()),
+        "the new process listens on the upgrade socket:\n{}",
+        new.log()
+    );
     old.send_signal("QUIT");
+    let resp = in_flight
+        .join()
+        .unwrap()
+        .expect("the request in flight across the upgrade completes");
+    assert_eq!(resp.status, 200, "{}", resp.text());
     let status = old
         .wait_exit(Duration::from_secs(20))
         .expect("the old process exits");
     assert!(status.success(), "old process: {status}");
-    thread::sleep(Duration::from_millis(500));
+    // Only the new process can serve now.
+    let after = ok.load(Ordering::SeqCst);
+    assert!(
+        wait_until(Duration::from_secs(10), || ok.load(Ordering::SeqCst)
+            >= after + 10),
+        "the new process serves the client:\n{}",
+        new.log()
+    );
     assert!(new.is_running(), "the new process serves:\n{}", new.log());
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (ok, failed) = client.join().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let failed = client.join().unwrap();
     assert!(
         failed.is_empty(),
         "{} failed requests: {:?}\n{}",
@@ -169,7 +290,6 @@ fn upgrade_hands_the_listeners_over_without_refusing_a_request() {
         &failed[..failed.len().min(5)],
         new.log()
     );
-    assert!(ok > 50, "{ok} requests");
     assert_eq!(
         http_get(http, "x.test", "/").status,
         200,
@@ -244,4 +364,95 @@ int listen(int fd, int backlog) {
             && text.contains("portico: stopped"),
         "{text}"
     );
+}
+
+/// Builds an LD_PRELOAD shim from C source `code` in `dir`; returns its path.
+fn build_shim(dir: &std::path::Path, code: &str) -> std::path::PathBuf {
+    let shim_c = dir.join("shim.c");
+    let shim = dir.join("shim.so");
+    std::fs::write(&shim_c, code).unwrap();
+    let cc = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&shim)
+        .arg(&shim_c)
+        .arg("-ldl")
+        .output()
+        .expect("cc (gcc) builds the shim");
+    assert!(
+        cc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    shim
+}
+
+/// `GET /ready` answers 503 while a gateway listener is not bound yet, and 200 once it is.
+/// The listener is held back by an LD_PRELOAD shim whose `listen()` on the port named in
+/// `HOLD_PORT` waits until the file `HOLD_UNTIL` exists (only pingora's, backlog 65535: the
+/// start-up check's probe listens too).
+#[test]
+fn ready_is_503_until_every_listener_is_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shim = build_shim(
+        tmp.path(),
+        r#"#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+int listen(int fd, int backlog) {
+    static int (*real)(int, int);
+    if (!real) real = (int (*)(int, int))dlsym(RTLD_NEXT, "listen");
+    const char *port = getenv("HOLD_PORT");
+    const char *gate = getenv("HOLD_UNTIL");
+    struct sockaddr_in addr;
+    socklen_t len = sizeof addr;
+    if (backlog == 65535 && port && gate && getsockname(fd, (struct sockaddr *)&addr, &len) == 0
+        && addr.sin_family == AF_INET && ntohs(addr.sin_port) == atoi(port)) {
+        while (access(gate, F_OK) != 0) usleep(20000);
+    }
+    return real(fd, backlog);
+}
+"#,
+    );
+    let echo = Echo::start("v1");
+    let (admin, http) = (free_port(), free_port());
+    let gate = tmp.path().join("listen-now");
+    let port = http.to_string();
+    let portico = Portico::spawn_with_env(
+        tmp.path(),
+        &config(admin, http, echo.port(), "1s"),
+        &[
+            ("LD_PRELOAD", shim.to_str().unwrap()),
+            ("HOLD_PORT", &port),
+            ("HOLD_UNTIL", gate.to_str().unwrap()),
+        ],
+    );
+    let ready = || try_http_request(admin, "GET", "127.0.0.1", "/ready", &[], b"").ok();
+    let mut last = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            last = ready().map(|r| (r.status, r.text()));
+            last.is_some()
+        }),
+        "the admin API answers:\n{}",
+        portico.log()
+    );
+    let (status, body) = last.unwrap();
+    assert_eq!(status, 503, "not ready while {http} is not bound: {body}");
+    assert!(body.contains(&format!("127.0.0.1:{http}")), "{body}");
+    assert_eq!(
+        portico.admin_get("/healthz").status,
+        200,
+        "alive all the same"
+    );
+    std::fs::write(&gate, "").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || ready().map(|r| r.status)
+            == Some(200)),
+        "ready once the listener is bound:\n{}",
+        portico.log()
+    );
+    assert_eq!(http_get(http, "x.test", "/").status, 200);
 }

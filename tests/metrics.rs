@@ -85,11 +85,21 @@ endpoints = [{{ address = "127.0.0.1", ports = {{ http = {dead} }} }}]
     for _ in 0..2 {
         assert_eq!(http_get(http, "app.test", "/dead").status, 503);
     }
+    // A gRPC request (by its content type).
+    let grpc = http_request(
+        http,
+        "POST",
+        "app.test",
+        "/pkg.Svc/Call",
+        &[("content-type", "application/grpc")],
+        b"",
+    );
+    assert_eq!(grpc.status, 200);
 
     let mut text = String::new();
     assert!(wait_until(Duration::from_secs(3), || {
         text = portico.metrics();
-        metric_sum(&text, "istio_requests_total", "").unwrap_or(0.0) >= 12.0
+        metric_sum(&text, "istio_requests_total", "").unwrap_or(0.0) >= 13.0
     }));
     let (code, out) = promtool(&text);
     // promtool's only complaint may be the unit in Istio's own metric name, kept as Istio
@@ -106,21 +116,43 @@ endpoints = [{{ address = "127.0.0.1", ports = {{ http = {dead} }} }}]
     );
 
     let sum = |label: &str| metric_sum(&text, "istio_requests_total", label).unwrap_or(0.0);
-    assert_eq!(sum("response_code=\"200\""), 7.0);
+    // Samples of istio_requests_total with all of `labels`.
+    let sum_all = |labels: &[&str]| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .filter(|l| labels.iter().all(|label| l.contains(label)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(sum("response_code=\"200\""), 8.0);
     assert_eq!(sum("response_code=\"404\""), 3.0);
     assert_eq!(sum("response_code=\"503\""), 2.0);
     assert_eq!(sum("response_flags=\"NR\""), 3.0);
     assert_eq!(sum("response_flags=\"UF\""), 2.0);
-    assert_eq!(sum("destination_service=\"svc.internal\""), 7.0);
-    assert_eq!(sum("destination_version=\"v1\""), 7.0);
-    assert_eq!(sum("reporter=\"source\""), 12.0);
+    assert_eq!(sum("destination_service=\"svc.internal\""), 8.0);
+    assert_eq!(sum("destination_version=\"v1\""), 8.0);
+    assert_eq!(sum("reporter=\"source\""), 13.0);
+    // Portico reports as the gateway workload; the protocol is http or grpc.
+    assert_eq!(sum("source_workload=\"portico\""), 13.0);
+    assert_eq!(sum("request_protocol=\"http\""), 12.0);
+    assert_eq!(
+        sum_all(&["request_protocol=\"grpc\"", "response_code=\"200\""]),
+        1.0,
+        "{text}"
+    );
+    // The gateway's own replies (no route) have no destination version.
+    assert_eq!(
+        sum_all(&["destination_version=\"unknown\"", "response_code=\"404\""]),
+        3.0,
+        "{text}"
+    );
     assert_eq!(
         metric_sum(&text, "istio_request_duration_milliseconds_count", "").unwrap(),
-        12.0
+        13.0
     );
     assert_eq!(
         metric_sum(&text, "istio_response_bytes_count", "").unwrap(),
-        12.0
+        13.0
     );
     assert_eq!(
         metric_sum(&text, "portico_requests_total", "response_code=\"404\"").unwrap(),
@@ -154,7 +186,7 @@ endpoints = [{{ address = "127.0.0.1", ports = {{ http = {dead} }} }}]
     assert!(metric_sum(&text, "portico_config_generation", "").unwrap() >= 1.0);
     check_grafana_dashboard(&text);
     // No unbounded labels: neither paths nor client addresses appear.
-    assert!(!text.contains("/ok") && !text.contains("unknown.test"));
+    assert!(!text.contains("/ok") && !text.contains("unknown.test") && !text.contains("pkg.Svc"));
 }
 
 /// Every metric the Grafana dashboard (packaging/grafana) queries is in `exported`.

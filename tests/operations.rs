@@ -162,6 +162,52 @@ fn a_new_listener_on_reload_is_refused_and_the_old_config_keeps_serving() {
     assert_eq!(http_get(http, "x.test", "/").text(), "three");
 }
 
+/// A new `mesh.admin` is refused on reload with a message that a restart is needed: the
+/// admin API stays where it was and the data plane keeps the old config.
+#[test]
+fn a_new_admin_address_on_reload_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (admin, http, other_admin) = (free_port(), free_port(), free_port());
+    let config = |admin: u16, body: &str| {
+        render(
+            LISTENER_TEMPLATE,
+            &[
+                ("MESH", mesh_config(admin)),
+                ("HTTP", http.to_string()),
+                ("EXTRA", String::new()),
+                ("BODY", body.to_string()),
+            ],
+        )
+    };
+    let portico = Portico::start(tmp.path(), &config(admin, "one"));
+    let generation = portico.generation();
+    portico.rewrite_config(&config(other_admin, "two"));
+    let resp = portico.admin_post("/reload");
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    assert!(
+        resp.text().contains("mesh.admin changed") && resp.text().contains("restart"),
+        "{}",
+        resp.text()
+    );
+    let json = portico.config_json();
+    assert_eq!(json["generation"].as_u64(), Some(generation), "{json}");
+    assert!(
+        json["lastReloadError"]
+            .as_str()
+            .is_some_and(|e| e.contains("mesh.admin changed")),
+        "{json}"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", other_admin)).is_err(),
+        "no admin API on the new address"
+    );
+    assert_eq!(
+        http_get(http, "x.test", "/").text(),
+        "one",
+        "old config keeps serving"
+    );
+}
+
 /// A real HTTP/2 server that only speaks prior-knowledge h2c: an HTTP/1.1 request to it
 /// fails, so a 200 through Portico proves the upstream hop used h2c.
 fn start_h2c_upstream() -> (u16, std::thread::JoinHandle<()>) {

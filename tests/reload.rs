@@ -5,7 +5,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -163,10 +163,14 @@ fn reload_under_load_is_atomic() {
     assert_eq!(generation_of(&first), Ok(1), "initial config serves gen-1");
 
     let stop = Arc::new(AtomicBool::new(false));
+    // The latest generation each client was served.
+    let plain_latest = Arc::new(AtomicU32::new(0));
+    let tls_latest = Arc::new(AtomicU32::new(0));
 
     // Client 1: keep-alive requests on the plain listener.
     let plain = {
         let stop = stop.clone();
+        let latest = plain_latest.clone();
         let port = cfg.http;
         thread::spawn(move || {
             let mut report = ClientReport::default();
@@ -176,7 +180,10 @@ fn reload_under_load_is_atomic() {
                 i += 1;
                 match client.get("reload.test", &format!("/load/{i}")) {
                     Ok(resp) => match generation_of(&resp) {
-                        Ok(k) => report.observe("plain", k),
+                        Ok(k) => {
+                            report.observe("plain", k);
+                            latest.fetch_max(k, Ordering::SeqCst);
+                        }
                         Err(e) => report.fail(format!("plain request {i}: {e}")),
                     },
                     Err(e) => report.fail(format!("plain request {i}: {e}")),
@@ -190,6 +197,7 @@ fn reload_under_load_is_atomic() {
     // Client 2: a new TLS handshake per request on the HTTPS listener.
     let tls = {
         let stop = stop.clone();
+        let latest = tls_latest.clone();
         let port = cfg.https;
         let certs = certs.clone();
         thread::spawn(move || {
@@ -223,6 +231,7 @@ fn reload_under_load_is_atomic() {
                                 ));
                             }
                             report.observe("tls", k);
+                            latest.fetch_max(k, Ordering::SeqCst);
                         }
                         Err(e) => report.fail(format!("TLS request {i}: {e}")),
                     },
@@ -307,8 +316,16 @@ fn reload_under_load_is_atomic() {
             "after reload {gen} the new config serves"
         );
     }
-    // Let the clients see the last generation for a moment.
-    thread::sleep(Duration::from_millis(500));
+    // Both clients get to the last generation before they stop.
+    assert!(
+        wait_until(RELOAD_WAIT, || {
+            plain_latest.load(Ordering::SeqCst) == rewrites + 1
+                && tls_latest.load(Ordering::SeqCst) == rewrites + 1
+        }),
+        "the clients were served the last generation (plain {}, tls {})",
+        plain_latest.load(Ordering::SeqCst),
+        tls_latest.load(Ordering::SeqCst)
+    );
     stop.store(true, Ordering::SeqCst);
     let plain = plain.join().expect("plain client panicked");
     let tls = tls.join().expect("TLS client panicked");
@@ -568,4 +585,70 @@ fn include_glob_picks_up_new_files() {
     write_atomic(&dir.join("conf.d/more.toml"), more);
     wait_for_body(&portico, http, "more.test", "more-v1");
     assert_eq!(http_get(http, "inc.test", "/").text(), "included-v1");
+}
+
+const IN_FLIGHT_TEMPLATE: &str = r#"
+@MESH@
+[[gateways]]
+name = "gw"
+[[gateways.servers]]
+port = { number = @HTTP@, name = "http", protocol = "HTTP" }
+bind = "127.0.0.1"
+hosts = ["*"]
+
+[[virtualServices]]
+name = "main"
+hosts = ["main.test"]
+gateways = ["gw"]
+[[virtualServices.http]]
+headers = { response = { set = { x-gen = "@GEN@" } } }
+@to(v1)@
+"#;
+
+/// A request in flight across a reload finishes on the config it started with: its
+/// response gets the old route's response headers, the next request the new ones.
+#[test]
+fn a_request_in_flight_keeps_its_config_across_a_reload() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let echo = Echo::start("v1");
+    let (admin, http) = (free_port(), free_port());
+    let config = |generation: &str| {
+        let mut c = render(
+            IN_FLIGHT_TEMPLATE,
+            &[
+                ("MESH", mesh_config(admin)),
+                ("HTTP", http.to_string()),
+                ("GEN", generation.to_string()),
+            ],
+        );
+        c.push_str(&upstreams_config(&[("v1", echo.port())]));
+        c
+    };
+    let portico = Portico::start(tmp.path(), &config("old"));
+    let g0 = portico.generation();
+    let in_flight =
+        thread::spawn(move || try_http_request(http, "GET", "main.test", "/sleep/1500", &[], b""));
+    assert!(
+        wait_until(Duration::from_secs(5), || echo.count() == 1),
+        "the request reached the upstream"
+    );
+    portico.rewrite_config(&config("new"));
+    let resp = portico.admin_post("/reload");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(portico.generation() > g0);
+    assert_eq!(
+        http_get(http, "main.test", "/").header("x-gen"),
+        Some("new"),
+        "a request after the reload gets the new config"
+    );
+    let resp = in_flight
+        .join()
+        .unwrap()
+        .expect("the request in flight completes");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        resp.header("x-gen"),
+        Some("old"),
+        "the request in flight keeps the config it started with"
+    );
 }

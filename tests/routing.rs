@@ -660,10 +660,12 @@ fn assert_share(
     upstream: &str,
     expected_percent: f64,
 ) {
-    let got = *counts.get(upstream).unwrap_or(&0) as f64 * 100.0 / total as f64;
-    assert!(
-        (got - expected_percent).abs() <= 2.0,
-        "{upstream}: expected {expected_percent}% ± 2%, got {got:.2}% (counts {counts:?})"
+    let got = *counts.get(upstream).unwrap_or(&0);
+    assert_binomial(
+        got,
+        total,
+        expected_percent / 100.0,
+        &format!("{upstream} (counts {counts:?})"),
     );
 }
 
@@ -671,6 +673,9 @@ fn assert_share(
 fn weighted_split() {
     let (s, _) = start(&format!("{GATEWAY}{WEIGHTS}"), &["v1", "v2"], &[]);
     let total = 10_000;
+    // Enough to tell 90/10 from 85/15 and 75/25 from 70/30.
+    assert!(binomial_tells_apart(total, 0.90, 0.85));
+    assert!(binomial_tells_apart(total, 0.75, 0.70));
     let started = Instant::now();
 
     let counts = split(&s, "/ninety/x", total);
@@ -763,4 +768,124 @@ fn upstream_failures() {
         counted,
         "portico_requests_total by response_code:\n{metrics}"
     );
+}
+
+const AUTHORITY_AND_SCHEME: &str = r#"
+@MESH@
+[[gateways]]
+name = "gw"
+[[gateways.servers]]
+port = { number = @HTTP@, name = "http", protocol = "HTTP" }
+bind = "127.0.0.1"
+hosts = ["*"]
+[[gateways.servers]]
+port = { number = @HTTP2@, name = "https", protocol = "HTTPS" }
+bind = "127.0.0.1"
+hosts = ["*"]
+tls = { mode = "SIMPLE", serverCertificate = "@CERT@", privateKey = "@KEY@" }
+
+[[virtualServices]]
+name = "by-request"
+hosts = ["*.am.test"]
+gateways = ["gw"]
+[[virtualServices.http]]
+name = "authority"
+match = [{ authority = { prefix = "api." } }]
+@to(api)@
+[[virtualServices.http]]
+name = "scheme"
+match = [{ scheme = { exact = "https" } }]
+@to(secure)@
+[[virtualServices.http]]
+name = "rest"
+@to(plain)@
+"#;
+
+/// `authority` matches the Host / `:authority` and `scheme` the listener's scheme, over
+/// HTTP/1.1 in clear and over TLS, and over h2.
+#[test]
+fn authority_and_scheme_matches() {
+    let certs = tempfile::tempdir().unwrap();
+    write_cert(certs.path(), "am", &["www.am.test", "api.am.test"]);
+    let template = AUTHORITY_AND_SCHEME
+        .replace("@CERT@", certs.path().join("am.crt").to_str().unwrap())
+        .replace("@KEY@", certs.path().join("am.key").to_str().unwrap());
+    let (s, https) = start(&template, &["api", "secure", "plain"], &[]);
+
+    s.expect_upstream("GET", "api.am.test", "/x", &[], "api");
+    s.expect_upstream("GET", "www.am.test", "/x", &[], "plain");
+    let mut tls = tls_connect(https, Some("www.am.test")).expect("TLS handshake");
+    for (host, want) in [("www.am.test", "secure"), ("api.am.test", "api")] {
+        let resp = tls.get(host, "/y").expect("GET over TLS");
+        assert_eq!(resp.status, 200, "{host}: {}", resp.text());
+        assert_eq!(resp.upstream(), Some(want), "{host} over TLS");
+    }
+    let mut h2 = H2Client::connect(https, "www.am.test").expect("h2 connection");
+    for (host, want) in [("www.am.test", "secure"), ("api.am.test", "api")] {
+        let resp = h2.get(host, "/z").expect("GET over h2");
+        assert_eq!(resp.status, 200, "{host}: {}", resp.text());
+        assert_eq!(resp.upstream(), Some(want), "{host} over h2");
+    }
+}
+
+const SHARED_HOST: &str = r#"
+@MESH@
+[[gateways]]
+name = "gw"
+[[gateways.servers]]
+port = { number = @HTTP@, name = "http", protocol = "HTTP" }
+bind = "127.0.0.1"
+hosts = ["*"]
+
+[[virtualServices]]
+name = "first"
+hosts = ["shared.test"]
+gateways = ["gw"]
+[[virtualServices.http]]
+name = "first-a"
+match = [{ uri = { prefix = "/a" } }]
+@to(first-a)@
+[[virtualServices.http]]
+name = "first-all"
+match = [{ uri = { prefix = "/" } }]
+@to(first-all)@
+
+[[virtualServices]]
+name = "second"
+hosts = ["shared.test"]
+gateways = ["gw"]
+[[virtualServices.http]]
+name = "second-ab"
+match = [{ uri = { prefix = "/a/b" } }]
+@to(second-ab)@
+[[virtualServices.http]]
+name = "second-special"
+match = [{ uri = { prefix = "/special" } }]
+@to(second-special)@
+[[virtualServices.http]]
+name = "second-all"
+@to(second-all)@
+"#;
+
+/// VirtualServices that share a host have their routes concatenated in file order, with
+/// the catch-all routes (no match, or `prefix = "/"`) moved last, as Istio merges them.
+#[test]
+fn virtual_services_sharing_a_host_merge_in_file_order_with_catch_alls_last() {
+    let (s, _) = start(
+        SHARED_HOST,
+        &[
+            "first-a",
+            "first-all",
+            "second-ab",
+            "second-special",
+            "second-all",
+        ],
+        &[],
+    );
+    // File order: the first VirtualService's /a comes before the second's /a/b.
+    s.expect_upstream("GET", "shared.test", "/a/b", &[], "first-a");
+    // The first's catch-all moved after the second's routes.
+    s.expect_upstream("GET", "shared.test", "/special/1", &[], "second-special");
+    // Catch-alls keep file order among themselves.
+    s.expect_upstream("GET", "shared.test", "/other", &[], "first-all");
 }

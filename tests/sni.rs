@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 use std::thread;
@@ -266,10 +267,10 @@ fn alpn_offers_h2_and_http11() {
     let conn = tls_connect_alpn(s.https, Some(A), &["http/1.1"]).expect("handshake");
     assert_eq!(conn.alpn.as_deref(), Some("http/1.1"));
 
-    if !curl_has_http2() {
-        eprintln!("curl with HTTP2 support not available; skipping the curl h2 check");
-        return;
-    }
+    assert!(
+        curl_has_http2(),
+        "curl with HTTP2 in `curl --version` is installed (Debian package curl; .ci/run installs it)"
+    );
     let port = s.https;
     let out = Command::new("curl")
         .args(["-sk", "--http2", "--noproxy", "*", "--max-time", "10"])
@@ -393,4 +394,63 @@ fn rotated_certificate_is_served_on_next_handshake() {
         s.handshake(None).peer_cert == new_a.der,
         "default certificate follows the rotation"
     );
+}
+
+/// A TLS handshake that does not finish within `mesh.tlsHandshakeTimeout` is closed: a
+/// client that sends nothing, and one that stops half-way through its ClientHello. A
+/// connection whose handshake finished is not bound by it.
+#[test]
+fn a_handshake_that_does_not_finish_in_time_is_closed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    write_cert(tmp.path(), "a", &[A]);
+    let https = free_port();
+    let config = format!(
+        r#"{mesh}tlsHandshakeTimeout = "1s"
+
+[[gateways]]
+name = "edge"
+[[gateways.servers]]
+port = {{ number = {https}, name = "https", protocol = "HTTPS" }}
+bind = "127.0.0.1"
+hosts = ["{A}"]
+tls = {{ mode = "SIMPLE", serverCertificate = "a.crt", privateKey = "a.key" }}
+
+[[virtualServices]]
+name = "site-a"
+hosts = ["{A}"]
+gateways = ["edge"]
+[[virtualServices.http]]
+directResponse = {{ status = 200, body = {{ string = "hello" }} }}
+"#,
+        mesh = mesh_config(free_port()),
+    );
+    let portico = Portico::start(tmp.path(), &config);
+
+    // The first bytes of a TLS record that announces a 512-byte ClientHello.
+    let partial: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03];
+    for (what, bytes) in [("nothing", &[][..]), ("half a ClientHello", partial)] {
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", https)).unwrap();
+        // Longer than the 1 s timeout, shorter than the 10 s default.
+        conn.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        conn.write_all(bytes).unwrap();
+        let mut buf = [0u8; 64];
+        match std::io::Read::read(&mut conn, &mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("{what}: the server sent {:?}", &buf[..n]),
+            Err(e) => assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "{what}: the gateway closes the connection (not the client's 8 s timeout): {e}\n{}",
+                portico.log()
+            ),
+        }
+    }
+
+    // A finished handshake: idle past the timeout, the connection still serves.
+    let mut tls = tls_connect(https, Some(A)).expect("handshake");
+    let done = Instant::now();
+    assert!(wait_until(Duration::from_secs(5), || done.elapsed()
+        > Duration::from_millis(1500)));
+    let resp = tls.get(A, "/").expect("a request after the idle time");
+    assert_eq!(resp.text(), "hello");
 }

@@ -190,7 +190,9 @@ fn weights_split_connections() {
         dir.path(),
         &config(free_port(), port, &[(&a, 75), (&b, 25)], true),
     );
-    let n = 200;
+    // Enough to tell 75/25 from 70/30 or 80/20.
+    let n = 8000;
+    assert!(binomial_tells_apart(n, 0.75, 0.70) && binomial_tells_apart(n, 0.75, 0.80));
     let mut to_a = 0;
     for _ in 0..n {
         let mut s = connect(port);
@@ -200,11 +202,7 @@ fn weights_split_connections() {
             other => panic!("unexpected greeting {other:?}"),
         }
     }
-    // 75% of 200 is 150; a binomial with sd ~6 stays within 120..=180 essentially always.
-    assert!(
-        (120..=180).contains(&to_a),
-        "{to_a} of {n} went to the 75% side"
-    );
+    assert_binomial(to_a, n, 0.75, "connections to the 75 % side");
     assert_eq!(
         a.accepted.load(Ordering::SeqCst) + b.accepted.load(Ordering::SeqCst),
         n

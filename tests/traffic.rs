@@ -75,6 +75,41 @@ impl Setup {
     fn get(&self, path: &str) -> Response {
         http_request(self.http, "GET", "app.test", path, &[], b"")
     }
+
+    /// Waits for `n` access log lines (one per request) and returns them.
+    fn log_lines(&self, n: usize) -> Vec<serde_json::Value> {
+        let lines = || -> Vec<serde_json::Value> {
+            self.portico
+                .stdout()
+                .lines()
+                .filter(|l| l.starts_with('{'))
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+                .collect()
+        };
+        assert!(
+            wait_until(Duration::from_secs(5), || lines().len() >= n),
+            "{n} access log lines expected:\n{}",
+            self.portico.stdout()
+        );
+        let lines = lines();
+        assert_eq!(lines.len(), n, "one line per request");
+        lines
+    }
+}
+
+/// `(response_code, response_flags)` of each line, sorted.
+fn codes_and_flags(lines: &[serde_json::Value]) -> Vec<(u64, String)> {
+    let mut v: Vec<(u64, String)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["response_code"].as_u64().unwrap_or(0),
+                l["response_flags"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 #[test]
@@ -169,6 +204,25 @@ fn route_timeout_covers_retries_and_answers_504() {
         (2..=4).contains(&tries),
         "the route timeout ends the retries: {tries} tries"
     );
+    let line = &s.log_lines(1)[0];
+    assert_eq!(
+        (
+            line["response_code"].as_u64(),
+            line["response_flags"].as_str()
+        ),
+        (Some(504), Some("UT")),
+        "{line}"
+    );
+    let metrics = s.portico.metrics();
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "istio_requests_total",
+            "response_code=\"504\",response_flags=\"UT\""
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -204,6 +258,181 @@ fn circuit_breaker_rejects_the_overflow_fast() {
         1,
         "the upstream never sees more than the limit"
     );
+    let flags = codes_and_flags(&s.log_lines(20));
+    assert_eq!(
+        flags
+            .iter()
+            .filter(|f| **f == (503, "UO".to_string()))
+            .count(),
+        overflow,
+        "each overflow is logged with UO: {flags:?}"
+    );
+}
+
+/// `http2MaxRequests` bounds the requests in flight to a cluster on its own (here with no
+/// `tcp.maxConnections`): the upstream never sees two at once, the overflow gets 503 `UO`.
+#[test]
+fn http2_max_requests_limits_requests_in_flight() {
+    let echo = Echo::start("e");
+    let s = start(
+        &format!("[[virtualServices.http]]\n{TO_BACKEND}\n"),
+        &backend(
+            &[echo.port()],
+            "trafficPolicy = { connectionPool = { http = { http2MaxRequests = 1, http1MaxPendingRequests = 1 } } }",
+        ),
+    );
+    let http = s.http;
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            thread::spawn(move || http_request(http, "GET", "app.test", "/sleep/300", &[], b""))
+        })
+        .collect();
+    let statuses: Vec<u16> = clients
+        .into_iter()
+        .map(|c| c.join().unwrap().status)
+        .collect();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let overflow = statuses.iter().filter(|s| **s == 503).count();
+    assert_eq!(ok + overflow, 20, "{statuses:?}");
+    assert!(
+        ok >= 2,
+        "the admitted and the pending request succeed: {statuses:?}"
+    );
+    assert!(overflow >= 10, "most of the burst overflows: {statuses:?}");
+    assert_eq!(echo.max_concurrent(), 1, "one request in flight at a time");
+    let flags = codes_and_flags(&s.log_lines(20));
+    assert_eq!(
+        flags
+            .iter()
+            .filter(|f| **f == (503, "UO".to_string()))
+            .count(),
+        overflow,
+        "{flags:?}"
+    );
+}
+
+const EJECT_ALL: &str = "trafficPolicy = { outlierDetection = { consecutive5xxErrors = 2, interval = \"1s\", baseEjectionTime = \"@EJECT@\", maxEjectionPercent = 100 } }";
+
+/// With its only endpoint ejected a cluster answers 503 `UH` without trying it. A reload
+/// that changes only a VirtualService's file keeps the cluster and its ejection; one that
+/// changes the file with the DestinationRule compiles every cluster again, without it.
+#[test]
+fn every_endpoint_ejected_is_503_uh_and_a_reload_keeps_the_ejection() {
+    let echo = Echo::start("bad");
+    echo.set_fail_status(503);
+    let tmp = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let main = |eject: &str| {
+        format!(
+            r#"include = ["routes.toml"]
+{mesh}
+[[gateways]]
+name = "edge"
+[[gateways.servers]]
+port = {{ number = {http}, name = "http", protocol = "HTTP" }}
+bind = "127.0.0.1"
+hosts = ["*"]
+{backend}"#,
+            mesh = mesh_config(free_port()),
+            backend = backend(&[echo.port()], &EJECT_ALL.replace("@EJECT@", eject)),
+        )
+    };
+    let routes = |extra: &str| {
+        format!(
+            r#"[[virtualServices]]
+name = "app"
+hosts = ["app.test"]
+gateways = ["edge"]
+[[virtualServices.http]]
+match = [{{ uri = {{ prefix = "/extra" }} }}]
+directResponse = {{ status = 200, body = {{ string = "{extra}" }} }}
+[[virtualServices.http]]
+{TO_BACKEND}
+retries = {{ attempts = 0 }}
+"#
+        )
+    };
+    let routes_file = tmp.path().join("routes.toml");
+    write_atomic(&routes_file, routes("one"));
+    let main_text = main("60s");
+    let s = Setup {
+        portico: Portico::start(tmp.path(), &main_text),
+        http,
+        _tmp: tmp,
+    };
+    for _ in 0..2 {
+        assert_eq!(s.get("/").status, 503);
+    }
+    assert_eq!(echo.count(), 2);
+    let resp = s.get("/");
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert_eq!(echo.count(), 2, "the ejected endpoint is not tried");
+    let lines = s.log_lines(3);
+    assert_eq!(
+        codes_and_flags(&lines),
+        [
+            (503, "-".to_string()),
+            (503, "-".to_string()),
+            (503, "UH".to_string())
+        ],
+        "{lines:?}"
+    );
+
+    // A reload of the VirtualService's file only: the cluster, and its ejection, stay.
+    let g0 = s.portico.generation();
+    write_atomic(&routes_file, routes("two"));
+    s.portico.wait_generation_above(g0, Duration::from_secs(10));
+    assert_eq!(s.get("/extra").text(), "two", "the new config serves");
+    assert_eq!(s.get("/").status, 503);
+    assert_eq!(echo.count(), 2, "still ejected after the reload");
+
+    // A changed DestinationRule: every cluster compiled again, nothing ejected.
+    let g1 = s.portico.generation();
+    s.portico.rewrite_config(
+        &main_text.replace("baseEjectionTime = \"60s\"", "baseEjectionTime = \"61s\""),
+    );
+    s.portico.wait_generation_above(g1, Duration::from_secs(10));
+    assert_eq!(s.get("/").status, 503);
+    assert_eq!(echo.count(), 3, "tried again by the new cluster");
+}
+
+/// `minHealthPercent`: once the healthy share of a cluster falls below it, requests go to
+/// every endpoint, ejected or not (Envoy's panic mode); above it, ejections hold.
+#[test]
+fn min_health_percent_routes_to_all_endpoints_below_it() {
+    let good = Echo::start("good");
+    let bad = Echo::start("bad");
+    bad.set_fail_status(503);
+    let policy = |min_health: u32| {
+        format!("trafficPolicy = {{ loadBalancer = {{ simple = \"ROUND_ROBIN\" }}, outlierDetection = {{ consecutive5xxErrors = 1, interval = \"1s\", baseEjectionTime = \"60s\", maxEjectionPercent = 100, minHealthPercent = {min_health} }} }}")
+    };
+    let routes = format!("[[virtualServices.http]]\n{TO_BACKEND}\nretries = {{ attempts = 0 }}\n");
+    // One of two ejected leaves 50 % healthy: below 60 %, panic; not below 40 %.
+    for (min_health, panic) in [(60, true), (40, false)] {
+        good.reset_count();
+        bad.reset_count();
+        let s = start(
+            &routes,
+            &backend(&[good.port(), bad.port()], &policy(min_health)),
+        );
+        for _ in 0..20 {
+            s.get("/");
+        }
+        assert_eq!(good.count() + bad.count(), 20);
+        if panic {
+            assert!(
+                bad.count() >= 5,
+                "minHealthPercent {min_health}: the ejected endpoint still gets requests ({} of 20)",
+                bad.count()
+            );
+        } else {
+            assert_eq!(
+                bad.count(),
+                1,
+                "minHealthPercent {min_health}: ejected after its first 503"
+            );
+        }
+    }
 }
 
 #[test]
@@ -244,7 +473,10 @@ fn fault_abort_percentage_holds_and_delay_is_applied() {
     let s = start(&routes, &backend(&[echo.port()], ""));
     let mut client = HttpClient::new(s.http);
     let mut aborted = 0;
-    for _ in 0..2000 {
+    // Enough to tell 50 % from 40 % or 60 %.
+    let n = 2500;
+    assert!(binomial_tells_apart(n, 0.5, 0.4));
+    for _ in 0..n {
         let resp = client.get("app.test", "/abort").unwrap();
         match resp.status {
             555 => aborted += 1,
@@ -252,13 +484,10 @@ fn fault_abort_percentage_holds_and_delay_is_applied() {
             other => panic!("unexpected status {other}"),
         }
     }
-    assert!(
-        (920..=1080).contains(&aborted),
-        "50 % ± 4 % of 2000: {aborted}"
-    );
+    assert_binomial(aborted, n, 0.5, "aborted");
     assert_eq!(
         echo.count(),
-        2000 - aborted,
+        n - aborted,
         "aborted requests never reach the upstream"
     );
 

@@ -343,10 +343,12 @@ impl FastH1 {
                 }
                 Outcome::Lend(lending, reason) => (lending, reason),
             };
-            Metrics::global()
-                .fast_path_handoffs
-                .with_label_values(&[reason])
-                .inc();
+            if self.forward {
+                Metrics::global()
+                    .fast_path_handoffs
+                    .with_label_values(&[reason])
+                    .inc();
+            }
             c.release();
             let Conn { io, buf, .. } = c;
             let Lending { mut head, rest } = lending;
@@ -867,7 +869,8 @@ impl FastH1 {
             upstream_time,
             tries.made,
         );
-        let result = forward_body(c, resp.framing, stream_idle).await;
+        let result =
+            forward_body(c, resp.framing, stream_idle, (cluster, resp.upstream_close)).await;
         drop(inflight);
         match result {
             Ok(n) => done.sent = n,
@@ -889,10 +892,8 @@ impl FastH1 {
                 return Outcome::Close;
             }
         }
-        if let Some(up) = c.up.take() {
-            let close = resp.upstream_close || resp.framing == Framing::Close;
-            up.release(cluster, !c.ubuf.is_empty(), close);
-        }
+        // A body framed by the close: the connection is done (released above otherwise).
+        c.up = None;
         log.finish(c, &done);
         if resp.close {
             Outcome::Close
@@ -1309,7 +1310,15 @@ impl Side {
 
 /// Writes the response head in `c.resp` and the body from `c.ubuf` and the upstream to the
 /// client, each read and write within `idle`. Returns the body bytes sent.
-async fn forward_body(c: &mut Conn, framing: Framing, idle: Duration) -> Result<usize, Side> {
+/// The upstream connection goes back to `cluster`'s pool as soon as its body has been
+/// read whole (before the last bytes go to the client, who may send its next request the
+/// moment they arrive), unless `upstream_close`.
+async fn forward_body(
+    c: &mut Conn,
+    framing: Framing,
+    idle: Duration,
+    (cluster, upstream_close): (&Cluster, bool),
+) -> Result<usize, Side> {
     const DOWN: Side = Side::Downstream { idle: false };
     const DOWN_IDLE: Side = Side::Downstream { idle: true };
     let mut chunks = ChunkScan::default();
@@ -1346,6 +1355,12 @@ async fn forward_body(c: &mut Conn, framing: Framing, idle: Duration) -> Result<
             }
             c.io.write_all(&c.ubuf[..take]).await.map_err(|_| DOWN)?;
             return Err(Side::Upstream { idle: false });
+        }
+        if done {
+            if let Some(up) = c.up.take() {
+                let extra = c.ubuf.len() > take;
+                up.release(cluster, extra, upstream_close || framing == Framing::Close);
+            }
         }
         if first {
             c.resp.extend_from_slice(&c.ubuf[..take]);

@@ -734,6 +734,25 @@ impl ProxyHttp for Gateway {
                 upstream.insert_header(header::HOST, a)?;
             }
         }
+        if session.is_http2()
+            && upstream
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .nth(1)
+                .is_some()
+        {
+            // An h2 client may split cookies over several fields; an HTTP/1.1 upstream
+            // gets them on one line, joined with "; " (RFC 9113 8.2.3).
+            let joined = upstream
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .map(HeaderValue::as_bytes)
+                .collect::<Vec<_>>()
+                .join(&b"; "[..]);
+            upstream.insert_header(header::COOKIE, joined)?;
+        }
         if let Some(forward) = forward_of(route) {
             if let Some(rw) = &forward.rewrite {
                 let prefix = route
@@ -933,11 +952,13 @@ impl ProxyHttp for Gateway {
         let retried = ctx.retries > 0;
         let (code, flag, what) = match (e.etype(), e.esource()) {
             (HTTPStatus(code), _) => (*code, ctx.flag, "local reply"),
-            (ConnectTimedout, _) => (503, "UF", "upstream connect timeout"),
-            (ConnectRefused, _) => (503, "UF", "upstream connection refused"),
-            (ConnectNoRoute | ConnectError | TLSHandshakeFailure | SocketError | BindError, _) => {
-                (503, "UF", "upstream connect error")
-            }
+            // One wording for every connect failure, as the fast codecs say it (the log
+            // line carries the error itself).
+            (
+                ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError
+                | TLSHandshakeFailure | SocketError | BindError,
+                _,
+            ) => (503, "UF", "upstream connect error"),
             (ReadTimedout | WriteTimedout, ErrorSource::Upstream) => {
                 (504, "UT", "upstream request timeout")
             }

@@ -211,6 +211,32 @@ pub fn metric_sum(metrics_text: &str, name: &str, label: &str) -> Option<f64> {
     found
 }
 
+/// Asserts that `hits` of `n` independent trials fit probability `p`: within 5 standard
+/// deviations of `n·p`, so a right split fails this about once in 1.7 million runs.
+pub fn assert_binomial(hits: usize, n: usize, p: f64, what: &str) {
+    let (mean, sd) = binomial(n, p);
+    assert!(
+        (hits as f64 - mean).abs() <= 5.0 * sd,
+        "{what}: {hits} of {n}, expected {mean:.0} ± {:.0} (5 standard deviations)",
+        5.0 * sd
+    );
+}
+
+/// Whether `n` trials are enough for [`assert_binomial`] with `p` to catch `wrong`: its band
+/// around `n·p` ends at least 5 of `wrong`'s standard deviations away from `n·wrong`, so a
+/// split of `wrong` passes about once in 3.5 million runs. Tests assert this of the wrong
+/// weight they must notice, so the sample size says what it can tell apart.
+pub fn binomial_tells_apart(n: usize, p: f64, wrong: f64) -> bool {
+    let (mean, sd) = binomial(n, p);
+    let (wrong_mean, wrong_sd) = binomial(n, wrong);
+    (mean - wrong_mean).abs() - 5.0 * sd >= 5.0 * wrong_sd
+}
+
+fn binomial(n: usize, p: f64) -> (f64, f64) {
+    let n = n as f64;
+    (n * p, (n * p * (1.0 - p)).sqrt())
+}
+
 /// Run `portico ARGS...` to completion (10 s limit). Returns (exit code, stdout + stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String) {
     run_cli_env(args, &[])
@@ -1339,6 +1365,39 @@ impl Portico {
             .arg(&config_path)
             .args(extra)
             .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout_path).unwrap())
+            .stderr(fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {PORTICO}: {e}"));
+        Portico {
+            dir: dir.to_path_buf(),
+            config_path,
+            admin_port,
+            child: Some(child),
+            stdout_path,
+            stderr_path,
+        }
+    }
+
+    /// Writes `config_toml` to `<dir>/portico.toml` and starts `portico run` on it with
+    /// extra environment variables, without waiting for it to be ready.
+    pub fn spawn_with_env(dir: &Path, config_toml: &str, env: &[(&str, &str)]) -> Portico {
+        let admin_re = regex::Regex::new(r#"admin\s*=\s*"127\.0\.0\.1:(\d+)""#).unwrap();
+        let admin_port: u16 = admin_re
+            .captures(config_toml)
+            .and_then(|c| c[1].parse().ok())
+            .expect("test config must set mesh.admin = \"127.0.0.1:PORT\"");
+        let config_path = dir.join("portico.toml");
+        write_atomic(&config_path, config_toml);
+        let stdout_path = dir.join("portico.stdout.log");
+        let stderr_path = dir.join("portico.stderr.log");
+        let child = Command::new(PORTICO)
+            .arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .current_dir(dir)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(fs::File::create(&stdout_path).unwrap())
             .stderr(fs::File::create(&stderr_path).unwrap())

@@ -201,7 +201,7 @@ impl FastH1 {
         let mut ubuf = BytesMut::with_capacity(HEAD_READ);
         let ops = [&route.headers.response, &destination.headers.response];
         let mut head = None;
-        let (mut up, resp, i, inflight) = loop {
+        let (up, resp, i, inflight) = loop {
             let (i, pooled) = match tries.resend_to.take() {
                 Some(i) => (i, false),
                 None => match cluster.select(None, &tried) {
@@ -265,16 +265,24 @@ impl FastH1 {
         };
         let end = resp.framing == Framing::Empty;
         let result = match s.write_response_header(Box::new(head), end) {
-            Ok(()) => body_h2(s, &mut up, &mut ubuf, resp.framing, &mut wait, stream_idle).await,
+            Ok(()) => {
+                let release = (cluster.as_ref(), resp.upstream_close);
+                let mut up = Some(up);
+                body_h2(
+                    s,
+                    &mut up,
+                    &mut ubuf,
+                    resp.framing,
+                    (&mut wait, stream_idle),
+                    release,
+                )
+                .await
+            }
             Err(_) => Err(Side::Downstream { idle: false }),
         };
         drop(inflight);
         match result {
-            Ok(n) => {
-                done.sent = n;
-                let close = resp.upstream_close || resp.framing == Framing::Close;
-                up.release(cluster, !ubuf.is_empty(), close);
-            }
+            Ok(n) => done.sent = n,
             Err(side) => {
                 if let Side::Upstream { .. } = side {
                     cluster.record(i, None, None);
@@ -501,14 +509,24 @@ async fn exchange_h2(
 /// body bytes sent.
 async fn body_h2(
     s: &mut HttpSession,
-    up: &mut Upstream,
+    up: &mut Option<Upstream>,
     ubuf: &mut BytesMut,
     framing: Framing,
-    wait: &mut Pin<Box<tokio::time::Sleep>>,
-    idle: Duration,
+    (wait, idle): (&mut Pin<Box<tokio::time::Sleep>>, Duration),
+    (cluster, upstream_close): (&Cluster, bool),
 ) -> Result<usize, Side> {
+    // Back to the pool as soon as the body was read whole, before the last frame goes
+    // out (the client may open its next stream the moment it arrives).
+    let release = |up: &mut Option<Upstream>, extra: bool| {
+        if let Some(u) = up.take() {
+            u.release(cluster, extra, upstream_close || framing == Framing::Close);
+        }
+    };
     let mut remaining = match framing {
-        Framing::Empty => return Ok(0),
+        Framing::Empty => {
+            release(up, !ubuf.is_empty());
+            return Ok(0);
+        }
         Framing::Length(n) => n,
         Framing::Chunked | Framing::Close => u64::MAX,
     };
@@ -534,6 +552,9 @@ async fn body_h2(
             }
             _ => (ubuf.split().freeze(), false),
         };
+        if done {
+            release(up, !ubuf.is_empty());
+        }
         if !data.is_empty() || done {
             sent += data.len();
             // Waits for the client's flow-control window: a client that stops reading
@@ -546,7 +567,10 @@ async fn body_h2(
         if done {
             return Ok(sent);
         }
-        let n = timed(wait, idle, reads.read(&mut up.io, ubuf, framing, remaining))
+        let Some(u) = up.as_mut() else {
+            return Err(Side::Upstream { idle: false });
+        };
+        let n = timed(wait, idle, reads.read(&mut u.io, ubuf, framing, remaining))
             .await
             .ok_or(Side::Upstream { idle: true })?
             .map_err(|_| Side::Upstream { idle: false })?;
