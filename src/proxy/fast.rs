@@ -366,15 +366,16 @@ impl FastH1 {
                     Rest::All => Left::All,
                 },
                 spoiled: false,
+                close_after: limits
+                    .max_connection_duration
+                    .is_some_and(|m| born.elapsed() >= m),
             };
             if matches!(lent.left, Left::All) {
                 // An h2c connection or an upgrade: pingora keeps it to the end.
                 return self.http.process_new(Box::new(lent), shutdown).await;
             }
+            let old = lent.close_after;
             let mut session = ServerSession::new_http1(Box::new(lent));
-            let old = limits
-                .max_connection_duration
-                .is_some_and(|m| born.elapsed() >= m);
             session.set_keepalive((!old).then(|| whole_seconds(limits.idle_timeout)));
             session.set_read_timeout(Some(limits.request_body_timeout));
             session.set_write_timeout(Some(limits.stream_idle_timeout));

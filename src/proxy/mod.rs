@@ -491,6 +491,24 @@ impl ProxyHttp for Gateway {
     /// two boxed filter calls.
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
+    /// A request the front lent past the connection's maximum age closes it (pingora
+    /// reads the client's keep-alive wish with the head, after the front's setting).
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let close = session
+            .as_downstream()
+            .stream()
+            .and_then(crate::protocol::lend::Lent::of)
+            .is_some_and(|l| l.close_after);
+        if close {
+            session.set_keepalive(None);
+        }
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         if !session.req_header().headers.contains_key(&X_REQUEST_ID) {
             let id = request_id();

@@ -21,6 +21,51 @@ use super::*;
 /// accept loop does.
 const MAX_MALFORMED_STREAMS: usize = 32;
 
+/// The streams of an h2 connection in progress, and when the last one ended (or the
+/// connection started).
+struct StreamCount {
+    active: std::sync::atomic::AtomicUsize,
+    last_end: std::sync::Mutex<Instant>,
+}
+
+impl StreamCount {
+    fn new() -> StreamCount {
+        StreamCount {
+            active: std::sync::atomic::AtomicUsize::new(0),
+            last_end: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Since when the connection has had no stream in progress; `None` while one is.
+    fn idle_since(&self) -> Option<Instant> {
+        if self.active.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(*self.last_end.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// A stream in progress; dropping it ends it.
+struct StreamOpen(Arc<StreamCount>);
+
+impl StreamOpen {
+    fn new(count: &Arc<StreamCount>) -> StreamOpen {
+        count
+            .active
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        StreamOpen(count.clone())
+    }
+}
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        *self.0.last_end.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 impl FastH1 {
     /// Serves an h2 connection until the client is done with it.
     pub(crate) async fn serve_h2(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) {
@@ -43,6 +88,14 @@ impl FastH1 {
         let mut watch = shutdown.clone();
         let mut closing = false;
         let mut malformed = 0;
+        // A connection with no stream for `idleTimeout`, or older than
+        // `maxConnectionDuration`, is sent a GOAWAY (its streams in progress finish).
+        let limits = self.snapshots.load().settings.downstream.clone();
+        let born = tokio::time::Instant::now();
+        let streams = Arc::new(StreamCount::new());
+        let mut idle = Box::pin(tokio::time::sleep(limits.idle_timeout));
+        let old_at = limits.max_connection_duration.map(|d| born + d);
+        let mut old = Box::pin(tokio::time::sleep_until(old_at.unwrap_or(born)));
         loop {
             let accepted = if closing {
                 HttpSession::from_h2_conn(&mut conn, digest.clone()).await
@@ -56,16 +109,38 @@ impl FastH1 {
                         continue;
                     }
                     a = HttpSession::from_h2_conn(&mut conn, digest.clone()) => a,
+                    _ = idle.as_mut() => {
+                        match streams.idle_since() {
+                            Some(since) if since.elapsed() >= limits.idle_timeout => {
+                                conn.graceful_shutdown();
+                                closing = true;
+                            }
+                            Some(since) => idle.as_mut().reset((since + limits.idle_timeout).into()),
+                            None => idle
+                                .as_mut()
+                                .reset(tokio::time::Instant::now() + limits.idle_timeout),
+                        }
+                        continue;
+                    }
+                    _ = old.as_mut(), if old_at.is_some() => {
+                        conn.graceful_shutdown();
+                        closing = true;
+                        continue;
+                    }
                 }
             };
             match accepted {
                 Ok(Some(H2Accept::Session(session))) => {
                     let app = self.clone();
                     let shutdown = shutdown.clone();
+                    let open = StreamOpen::new(&streams);
                     // Boxed: the stream's future is a few KiB, and tokio moves a future it
                     // spawns (and the task's stage when it ends) by value, a copy each time;
                     // behind a box those moves are of a pointer.
-                    let stream = async move { app.h2_stream(session, client_ip, shutdown).await };
+                    let stream = async move {
+                        app.h2_stream(session, client_ip, shutdown).await;
+                        drop(open);
+                    };
                     tokio::spawn(Box::pin(stream));
                 }
                 Ok(Some(H2Accept::Rejected)) => {
@@ -169,6 +244,16 @@ impl FastH1 {
             [&route.headers.request, &destination.headers.request],
             client_ip,
         );
+        // A path normalization changed: the log shows the normalized one, as elsewhere.
+        let normalized = match &path {
+            std::borrow::Cow::Owned(_) => q
+                .query
+                .map_or_else(|| path.to_string(), |query| format!("{path}?{query}")),
+            std::borrow::Cow::Borrowed(_) => String::new(),
+        };
+        if let Ok(uri) = normalized.parse::<http::Uri>() {
+            s.req_header_mut().set_uri(uri);
+        }
         let body_timeout = settings.downstream.request_body_timeout;
         if body_len > 0 {
             // Read whole (the h2 crate holds the stream to its content-length), then sent
