@@ -13,7 +13,7 @@
 //! an upstream with TLS, h2c, TCP keepalive or `maxRequestsPerConnection`; tracing on; no
 //! route (404). A connection stays with pingora once handed over.
 
-use std::io::{self, Write as _};
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,11 +32,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::check::{self, Refusal};
-use super::{request_id, write_forwarded_for, Gateway};
+use super::request;
+use super::{request_id, Gateway};
 use crate::protocol::h1::{
-    self, dropped_request_header, dropped_response_header, dropped_response_header_or_length,
-    has_two_framings, head_end, put, raw, uri_char, write_headers, ChunkScan, Framing, MAX_HEADERS,
-    MAX_RESPONSE_HEAD,
+    self, dropped_response_header, dropped_response_header_or_length, has_two_framings, head_end,
+    raw, uri_char, write_headers, ChunkScan, Framing, MAX_HEADERS, MAX_RESPONSE_HEAD,
 };
 use crate::protocol::lend::{Left, Lent};
 use crate::routing::{
@@ -477,17 +477,15 @@ struct RefusedRequest<'a> {
 /// Writes refusal `r`'s local reply and closes; logs it (with what is known of the
 /// request: `req` when the head parsed).
 async fn refuse(c: &mut Conn, r: Refusal, req: Option<&RefusedRequest<'_>>, snapshot: &Snapshot) {
-    let reason = http::StatusCode::from_u16(r.status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("");
-    let body_len = r.what.len() + 1;
+    let reply = request::LocalReply {
+        status: r.status,
+        what: r.what,
+        close: true,
+    };
+    let head = req.is_some_and(|q| q.method == "HEAD");
+    let body_len = if head { 0 } else { reply.body_len() };
     c.resp.clear();
-    let _ = write!(
-        c.resp,
-        "HTTP/1.1 {} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {body_len}\r\nconnection: close\r\n\r\n{}\n",
-        r.status, r.what
-    );
+    reply.write_h1(&mut c.resp, head);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = c.io.write_all(&c.resp).await;
         let _ = c.io.flush().await;
@@ -795,27 +793,18 @@ impl FastH1 {
             out.extend_from_slice(q.as_bytes());
         }
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        write_headers(
-            out,
-            raw(parsed.headers),
-            [&route.headers.request, &destination.headers.request],
-            dropped_request_header,
-        );
-        if let Some(id) = &id {
-            put(out, b"x-request-id", id);
-        }
-        let proto: &[u8] = if self.tls { b"https" } else { b"http" };
-        put(out, b"x-forwarded-proto", proto);
-        if let Some(ip) = c.client_ip {
-            out.extend_from_slice(b"x-forwarded-for: ");
-            let sent = parsed
-                .headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
-                .map(|h| h.value);
-            write_forwarded_for(out, sent, ip);
-            out.extend_from_slice(b"\r\n");
-        }
+        let forwarding = request::Forwarding {
+            scheme: if self.tls {
+                &b"https"[..]
+            } else {
+                &b"http"[..]
+            },
+            client_ip: c.client_ip,
+            request_id: id.as_ref().map(|id| &id[..]),
+            ops: [&route.headers.request, &destination.headers.request],
+            upgrade: false,
+        };
+        request::upstream_request_headers(|| raw(parsed.headers), &forwarding, out);
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&c.buf[..req.body]);
         c.buf.advance(req.body);
@@ -1332,13 +1321,20 @@ async fn forward_body(
     let mut first = true;
     let mut reads = BodyReads::new();
     loop {
-        // What of ubuf belongs to this body.
+        // What of ubuf belongs to this body, and how much of it is body data (the log's
+        // bytes_sent: a chunked body's data, without its framing).
+        let mut data = 0usize;
         let take = match framing {
             Framing::Empty => 0,
             Framing::Length(_) => (c.ubuf.len() as u64).min(remaining) as usize,
-            Framing::Chunked => chunks.scan(&c.ubuf).unwrap_or(c.ubuf.len()),
+            Framing::Chunked => chunks
+                .decode(&c.ubuf, |r| data += r.len())
+                .unwrap_or(c.ubuf.len()),
             Framing::Close => c.ubuf.len(),
         };
+        if framing != Framing::Chunked {
+            data = take;
+        }
         let done = match framing {
             Framing::Empty => true,
             Framing::Length(_) => {
@@ -1376,7 +1372,7 @@ async fn forward_body(
                 .ok_or(DOWN_IDLE)?
                 .map_err(|_| DOWN)?;
         }
-        sent += take;
+        sent += data;
         c.ubuf.advance(take);
         if done {
             timed(&mut c.wait, idle, c.io.flush())
@@ -1423,76 +1419,18 @@ async fn local(c: &mut Conn, log: &Log<'_>, mut done: Done, what: &str) -> Outco
         tries = done.attempts.max(1),
         "{what}"
     );
-    let reason = http::StatusCode::from_u16(done.status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("");
-    let body_len = what.len() + 1;
+    let reply = request::LocalReply {
+        status: done.status,
+        what,
+        close: true,
+    };
+    let head = log.req.method == "HEAD";
+    let body_len = if head { 0 } else { reply.body_len() };
     c.resp.clear();
-    c.resp.reserve(256);
-    let _ = write!(
-        c.resp,
-        "HTTP/1.1 {} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {body_len}\r\nconnection: close\r\n\r\n{what}\n",
-        done.status
-    );
+    reply.write_h1(&mut c.resp, head);
     let _ = c.io.write_all(&c.resp).await;
     let _ = c.io.flush().await;
     done.sent = body_len;
     log.finish(c, &done);
     Outcome::Close
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_operations_replace_remove_and_add_in_route_then_destination_order() {
-        let ops = |set: &[(&str, &str)], add: &[(&str, &str)], remove: &[&str]| HeaderOps {
-            set: set
-                .iter()
-                .map(|(n, v)| (Bytes::copy_from_slice(n.as_bytes()), v.parse().unwrap()))
-                .collect(),
-            add: add
-                .iter()
-                .map(|(n, v)| (Bytes::copy_from_slice(n.as_bytes()), v.parse().unwrap()))
-                .collect(),
-            remove: remove.iter().map(|n| n.parse().unwrap()).collect(),
-        };
-        let route = ops(
-            &[("x-a", "route"), ("x-b", "route")],
-            &[("x-c", "1")],
-            &["x-gone"],
-        );
-        let dest = ops(&[("x-b", "dest")], &[], &["x-c"]);
-        let client = [
-            httparse::Header {
-                name: "Host",
-                value: b"h",
-            },
-            httparse::Header {
-                name: "X-A",
-                value: b"client",
-            },
-            httparse::Header {
-                name: "x-gone",
-                value: b"1",
-            },
-            httparse::Header {
-                name: "Connection",
-                value: b"keep-alive",
-            },
-        ];
-        let mut out = Vec::new();
-        write_headers(
-            &mut out,
-            raw(&client),
-            [&route, &dest],
-            dropped_request_header,
-        );
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "Host: h\r\nx-a: route\r\nx-b: dest\r\n"
-        );
-    }
 }

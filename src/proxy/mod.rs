@@ -5,6 +5,7 @@
 pub mod check;
 pub mod fast;
 pub mod mirror;
+pub mod request;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -787,27 +788,22 @@ impl ProxyHttp for Gateway {
                     upstream.insert_header(header::HOST, a.clone())?;
                 }
             }
-            route.headers.request.apply_request(upstream);
             let dest = &forward.destinations[ctx.destination];
-            dest.headers.request.apply_request(upstream);
+            let forwarding = request::Forwarding {
+                scheme: if self.tls { b"https" } else { b"http" },
+                client_ip: client_ip(session),
+                // Made before routing, among the fields already.
+                request_id: None,
+                ops: [&route.headers.request, &dest.headers.request],
+                upgrade: session.is_upgrade_req(),
+            };
+            rebuild_upstream_headers(upstream, &forwarding)?;
             if ctx.close_upstream {
                 upstream.insert_header(header::CONNECTION, "close")?;
             }
         }
         if let Some(span) = &ctx.span {
             span.inject(upstream);
-        }
-        let proto = if self.tls { "https" } else { "http" };
-        upstream.insert_header("x-forwarded-proto", HeaderValue::from_static(proto))?;
-        if let Some(ip) = client_ip(session) {
-            let prev: Vec<&[u8]> = upstream
-                .headers
-                .get_all(&X_FORWARDED_FOR)
-                .iter()
-                .map(HeaderValue::as_bytes)
-                .collect();
-            let xff = forwarded_for(&prev, ip);
-            upstream.insert_header("x-forwarded-for", xff)?;
         }
         Ok(())
     }
@@ -1012,8 +1008,12 @@ impl ProxyHttp for Gateway {
                 error = %e,
                 "{what}"
             );
-            let body = Bytes::from(format!("{what}\n"));
-            let _ = session.respond_error_with_body(code, body).await;
+            // The same reply as the fast codecs make; nothing once a response started.
+            session.set_keepalive(None);
+            if session.response_written().is_none() {
+                let body = Bytes::from(format!("{what}\n"));
+                let _ = respond(session, code, body, None, None, &[]).await;
+            }
         }
         FailToProxy {
             error_code: code,
@@ -1255,19 +1255,63 @@ impl Gateway {
     }
 }
 
-static X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
-static X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
-
-/// `X-Forwarded-For` with the client appended. Written by hand rather than with `format!`:
-/// it runs on every proxied request, and formatting an address through `fmt` cost more
-/// than the rest of the header work Portico does per request.
-fn forwarded_for(prev: &[&[u8]], ip: IpAddr) -> HeaderValue {
-    let len: usize = prev.iter().map(|p| p.len() + 2).sum();
-    let mut out = Vec::with_capacity(len + 39);
-    write_forwarded_for(&mut out, prev.iter().copied(), ip);
-    // The previous values were valid header values and an address adds only ASCII.
-    HeaderValue::from_maybe_shared(Bytes::from(out)).unwrap_or(HeaderValue::from_static(""))
+/// The upstream head's fields as the request core makes them (`request::
+/// upstream_request_headers`), from the client's as pingora read them (their case kept).
+fn rebuild_upstream_headers(
+    upstream: &mut RequestHeader,
+    f: &request::Forwarding<'_>,
+) -> Result<()> {
+    struct Fields(Vec<(Bytes, HeaderValue)>);
+    impl request::HeaderSink for Fields {
+        fn field(&mut self, name: &[u8], value: &[u8]) {
+            if let Ok(v) = HeaderValue::from_bytes(value) {
+                self.0.push((Bytes::copy_from_slice(name), v));
+            }
+        }
+        fn forwarded_for(&mut self, prev: &mut dyn Iterator<Item = &[u8]>, ip: IpAddr) {
+            let mut v = Vec::with_capacity(64);
+            write_forwarded_for(&mut v, prev, ip);
+            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(v)) {
+                self.0.push((Bytes::from_static(b"x-forwarded-for"), v));
+            }
+        }
+    }
+    let mut fields = Fields(Vec::with_capacity(upstream.headers.len() + 4));
+    // An HTTP/1.x head keeps its names' case; an h2 one has none to keep.
+    let case = upstream.has_case();
+    let client = || {
+        upstream
+            .case_header_iter()
+            .map(|(n, v)| {
+                (
+                    std::str::from_utf8(n.as_slice()).unwrap_or(""),
+                    v.as_bytes(),
+                )
+            })
+            .chain(
+                upstream
+                    .headers
+                    .iter()
+                    .filter(move |_| !case)
+                    .map(|(n, v)| (n.as_str(), v.as_bytes())),
+            )
+    };
+    request::upstream_request_headers(client, f, &mut fields);
+    let mut fresh = RequestHeader::build(
+        upstream.method.clone(),
+        upstream.raw_path(),
+        Some(fields.0.len()),
+    )?;
+    fresh.set_uri(upstream.uri.clone());
+    fresh.set_version(upstream.version);
+    for (name, value) in fields.0 {
+        fresh.append_header(name, value)?;
+    }
+    *upstream = fresh;
+    Ok(())
 }
+
+static X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 
 /// Appends `X-Forwarded-For`'s value to `out`: the values the client sent (every header
 /// line of it, in order, as one list: RFC 9110 5.3), then the client's address. The fast
@@ -1327,6 +1371,11 @@ mod tests {
     #[test]
     fn forwarded_for_appends_the_client_address_as_display_writes_it() {
         use std::net::IpAddr;
+        let xff = |prev: &[&[u8]], ip: IpAddr| {
+            let mut out = Vec::new();
+            super::write_forwarded_for(&mut out, prev.iter().copied(), ip);
+            String::from_utf8(out).unwrap()
+        };
         for ip in [
             "0.0.0.0",
             "127.0.0.1",
@@ -1337,17 +1386,10 @@ mod tests {
             "::ffff:10.0.0.1",
         ] {
             let addr: IpAddr = ip.parse().unwrap();
-            assert_eq!(super::forwarded_for(&[], addr).to_str().unwrap(), ip);
+            assert_eq!(xff(&[], addr), ip);
+            assert_eq!(xff(&[b"203.0.113.7"], addr), format!("203.0.113.7, {ip}"));
             assert_eq!(
-                super::forwarded_for(&[b"203.0.113.7"], addr)
-                    .to_str()
-                    .unwrap(),
-                format!("203.0.113.7, {ip}")
-            );
-            assert_eq!(
-                super::forwarded_for(&[b"1.1.1.1", b"2.2.2.2, 3.3.3.3"], addr)
-                    .to_str()
-                    .unwrap(),
+                xff(&[b"1.1.1.1", b"2.2.2.2, 3.3.3.3"], addr),
                 format!("1.1.1.1, 2.2.2.2, 3.3.3.3, {ip}")
             );
         }

@@ -433,21 +433,6 @@ fn eligible_h2<'r>(req: &'r RequestHeader, path: &'r str) -> Option<Req<'r>> {
     Some(r)
 }
 
-/// Whether `ops` set or remove header `name`.
-fn touched(ops: [&HeaderOps; 2], name: &str) -> bool {
-    ops.iter().any(|o| {
-        o.set
-            .iter()
-            .any(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            || o.remove.iter().any(|n| n.as_str() == name)
-    })
-}
-
-/// Hop-by-hop headers, those the proxy writes itself, and cookies (joined into one line).
-fn dropped_h2_request_header(name: &str) -> bool {
-    dropped_request_header(name) || name == "cookie"
-}
-
 /// The HTTP/1.1 request head for the upstream, as pingora's path would write it: `Host`
 /// from `:authority`, cookies on one line (RFC 9113 8.2.3), then as on HTTP/1.1. `path`
 /// is the normalized path.
@@ -467,32 +452,49 @@ fn upstream_head(
         out.extend_from_slice(q.as_bytes());
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !req.headers.contains_key(header::HOST) && !touched(ops, "host") {
-        if let Some(a) = req.uri.authority() {
-            put(&mut out, b"host", a.as_str().as_bytes());
-        }
-    }
-    let headers = req.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
-    write_headers(&mut out, headers, ops, dropped_h2_request_header);
-    if !touched(ops, "cookie") {
-        let mut cookies = req.headers.get_all(header::COOKIE).iter();
-        if let Some(first) = cookies.next() {
-            out.extend_from_slice(b"cookie: ");
-            out.extend_from_slice(first.as_bytes());
-            for c in cookies {
-                out.extend_from_slice(b"; ");
-                out.extend_from_slice(c.as_bytes());
+    // The client's fields as an HTTP/1.1 request carries them: Host from `:authority`
+    // (first), cookie fields on one line, joined with "; " (RFC 9113 8.2.3).
+    let host = (!req.headers.contains_key(header::HOST))
+        .then(|| req.uri.authority())
+        .flatten()
+        .map(|a| ("host", a.as_str().as_bytes()));
+    let mut cookies = req.headers.get_all(header::COOKIE).iter();
+    let first = cookies.next();
+    let joined: Option<Vec<u8>> = match (first, cookies.next()) {
+        (Some(a), Some(b)) => {
+            let mut j = a.as_bytes().to_vec();
+            for c in std::iter::once(b).chain(cookies) {
+                j.extend_from_slice(b"; ");
+                j.extend_from_slice(c.as_bytes());
             }
-            out.extend_from_slice(b"\r\n");
+            Some(j)
         }
-    }
-    put(&mut out, b"x-forwarded-proto", b"https");
-    if let Some(ip) = client_ip {
-        let prev = req.headers.get_all("x-forwarded-for");
-        out.extend_from_slice(b"x-forwarded-for: ");
-        write_forwarded_for(&mut out, prev.iter().map(http::HeaderValue::as_bytes), ip);
-        out.extend_from_slice(b"\r\n");
-    }
+        _ => None,
+    };
+    let cookie = match (&joined, first) {
+        (Some(j), _) => Some(("cookie", j.as_slice())),
+        (None, Some(c)) => Some(("cookie", c.as_bytes())),
+        (None, None) => None,
+    };
+    let client = || {
+        host.into_iter()
+            .chain(
+                req.headers
+                    .iter()
+                    .filter(|(n, _)| **n != header::COOKIE)
+                    .map(|(n, v)| (n.as_str(), v.as_bytes())),
+            )
+            .chain(cookie)
+    };
+    let forwarding = request::Forwarding {
+        scheme: b"https",
+        client_ip,
+        // Already among the fields (made before routing).
+        request_id: None,
+        ops,
+        upgrade: false,
+    };
+    request::upstream_request_headers(client, &forwarding, &mut out);
     out.extend_from_slice(b"\r\n");
     out
 }
