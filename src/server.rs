@@ -293,6 +293,14 @@ pub fn run(
     );
     server.add_service(dns);
 
+    let acme = background_service(
+        "acme",
+        crate::tls::acme::manager::Manager {
+            reloader: reloader.clone(),
+        },
+    );
+    server.add_service(acme);
+
     let watcher = background_service("config watcher", Watcher { reloader });
     server.add_service(watcher);
 

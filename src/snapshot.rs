@@ -25,6 +25,8 @@ pub struct Snapshot {
     /// The DNS names clusters were compiled from: holding them keeps the refresher asking,
     /// and a changed answer recompiles (`egress::dns::take_cluster_change`).
     pub dns_names: Vec<Arc<crate::egress::dns::DnsName>>,
+    /// Certificates Portico orders and renews over ACME (`tls.acme`).
+    pub acme: Vec<Arc<crate::tls::acme::ManagedCert>>,
     pub settings: Settings,
     pub summary: Summary,
 }
@@ -46,6 +48,9 @@ pub struct Listener {
     /// TLS passthrough routes by SNI (with `tls`, the names its HTTPS servers claim are
     /// terminated and served by `table`), or the port's TCP route.
     pub l4: Option<crate::l4::L4Table>,
+    /// The hosts ACME challenges are answered for: HTTP-01 on a plain-HTTP listener
+    /// (before routing), TLS-ALPN-01 on a TLS one (by the certificate resolver).
+    pub acme: Option<Arc<crate::tls::acme::AcmeHosts>>,
 }
 
 /// The shape of a listener: what needs a new socket when it changes.

@@ -3,6 +3,7 @@
 //! stopping at the first. May read certificate files and resolve DNS names; never opens a
 //! listening socket.
 
+mod acme;
 mod l4;
 
 use std::borrow::Cow;
@@ -90,6 +91,8 @@ struct CachedGateways {
     /// The certificate pairs loaded, and the files to watch.
     pairs: Vec<(PathBuf, PathBuf)>,
     watched: Vec<PathBuf>,
+    /// The certificates the gateways order over ACME.
+    acme: Vec<Arc<crate::tls::acme::ManagedCert>>,
     gateways: Arc<HashMap<String, GatewayInfo>>,
     listeners: BTreeMap<u16, ListenerBuild>,
 }
@@ -295,10 +298,14 @@ pub fn compile_cached(
         credentials_dir: Cx::credentials_dir(doc),
         dns_servers: Vec::new(),
         dns_names: Vec::new(),
+        acme_named: HashMap::new(),
+        acme: Vec::new(),
+        acme_http01_servers: Vec::new(),
     };
     let settings = cx.mesh(doc);
     cx.settings = Some(settings.clone());
     cx.registry = cx.build_registry(doc);
+    cx.acme_named = cx.acme_issuers(doc);
     let egress = super::egress::registry(doc, &mut cx.errors);
     cx.dns_servers = egress.resolver.servers().to_vec();
     let started = std::time::Instant::now();
@@ -312,6 +319,7 @@ pub fn compile_cached(
                 }
             }
             cx.watched.extend(g.watched.iter().cloned());
+            cx.acme = g.acme.clone();
             let out = (g.gateways.clone(), g.listeners.clone());
             cache.gateways = Some(g);
             out
@@ -329,6 +337,7 @@ pub fn compile_cached(
                     generate_missing_certs: cx.opts.generate_missing_certs,
                     pairs: cx.pairs_used.clone(),
                     watched: cx.watched[watched..].to_vec(),
+                    acme: cx.acme.clone(),
                     gateways: gateways.clone(),
                     listeners: listeners.clone(),
                 });
@@ -336,6 +345,7 @@ pub fn compile_cached(
             (gateways, listeners)
         }
     };
+    let acme_hosts = cx.acme_hosts(&listeners);
     let gateways_at = started.elapsed();
     // Caught here rather than at `portico run`, where the two would race for the port.
     if let Some(l) = listeners.get(&settings.admin.port()) {
@@ -441,6 +451,7 @@ pub fn compile_cached(
                 L4Kind::Passthrough => L4Table::Passthrough((*b.sni).clone()),
                 L4Kind::Tcp => L4Table::Tcp(b.tcp.clone()),
             }),
+            acme: acme_hosts.clone(),
         })
         .collect();
     let mut watched = cx.watched;
@@ -482,6 +493,7 @@ pub fn compile_cached(
             clusters,
             egress,
             dns_names: cx.dns_names,
+            acme: cx.acme,
             settings,
             summary,
         },
@@ -624,6 +636,12 @@ struct Cx {
     dns_servers: Vec<SocketAddr>,
     /// The names clusters were compiled from; the Snapshot keeps them followed.
     dns_names: Vec<Arc<crate::egress::dns::DnsName>>,
+    /// `mesh.acmeIssuers` by name.
+    acme_named: HashMap<String, acme::NamedIssuer>,
+    /// Certificates the servers order over ACME, and where those answering HTTP-01 were
+    /// written (`.tls.acme.challenge`), for the error when no listener can answer it.
+    acme: Vec<Arc<crate::tls::acme::ManagedCert>>,
+    acme_http01_servers: Vec<(Origin, String)>,
 }
 
 #[derive(Default)]
@@ -1422,7 +1440,8 @@ impl Cx {
                 let only_redirect = t.mode.is_none()
                     && t.server_certificate.is_none()
                     && t.private_key.is_none()
-                    && t.credential_name.is_none();
+                    && t.credential_name.is_none()
+                    && t.acme.is_none();
                 if !only_redirect || !t.https_redirect {
                     self.err(
                         o,
@@ -1518,6 +1537,9 @@ impl Cx {
                 "client certificates (MUTUAL) are not supported yet",
             );
         }
+        if t.acme.is_some() {
+            return self.acme_server_cert(o, at, t, hosts, creds, require_tls13);
+        }
         let (cert_path, key_path, field) =
             match (&t.credential_name, &t.server_certificate, &t.private_key) {
                 (Some(name), None, None) => {
@@ -1597,6 +1619,7 @@ impl Cx {
                 cert_path,
                 not_after,
                 subject,
+                stand_in: false,
             })),
             Err(e) => {
                 self.err(o, &format!("{at}{field}"), e);

@@ -78,6 +78,50 @@ pub struct Mesh {
     /// Portico extension: timeouts and limits of client connections and requests, with
     /// Envoy's names where it has one (README, Hardening).
     pub downstream: Option<Downstream>,
+    /// Portico extension: ACME accounts that Gateway servers name in `tls.acme.issuer`
+    /// (README, Certificates from ACME).
+    #[serde(default)]
+    pub acme_issuers: Vec<Acme>,
+}
+
+/// Portico extension: where a server's certificate comes from when Portico orders it
+/// itself over ACME (RFC 8555). As `mesh.acmeIssuers[]`, a named issuer; as a server's
+/// `tls.acme`, either `issuer = "NAME"` (with any field here overriding the issuer's) or
+/// the issuer written inline.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Acme {
+    /// The issuer's name (`mesh.acmeIssuers` only).
+    pub name: Option<String>,
+    /// A `mesh.acmeIssuers` entry to take the unset fields from (`tls.acme` only).
+    pub issuer: Option<String>,
+    /// The CA's ACME directory URL (https).
+    pub directory: Option<String>,
+    /// Contact address the CA may write to (expiry and policy notices).
+    pub email: Option<String>,
+    /// Must be true: the CA's terms of service are agreed to when the account is made.
+    pub terms_of_service_agreed: Option<bool>,
+    /// External account binding, for CAs that require one (ZeroSSL, Google, ...).
+    pub external_account_binding: Option<ExternalAccountBinding>,
+    /// `ECDSA_P256` (default) or `ECDSA_P384`: the certificate's key.
+    pub key_type: Option<String>,
+    /// `HTTP-01` (default) or `TLS-ALPN-01`.
+    pub challenge: Option<String>,
+    /// PEM CA certificates that sign the ACME server's own HTTPS certificate (a private or
+    /// test CA). Default: the system's roots.
+    pub ca_certificates: Option<String>,
+    /// While the first certificate is pending: `SELF_SIGNED` (default: a stand-in
+    /// certificate) or `REFUSE` (handshakes for the hosts fail).
+    pub while_pending: Option<String>,
+}
+
+/// ACME external account binding (RFC 8555 7.3.4).
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalAccountBinding {
+    pub key_id: String,
+    /// A file holding the CA's HMAC key, base64url as the CA hands it out.
+    pub hmac_key_file: String,
 }
 
 /// MeshConfig `pathNormalization`.
@@ -208,6 +252,9 @@ pub struct ServerTls {
     /// or a name no server claims. A server with host `*` is the default implicitly.
     #[serde(default)]
     pub default_certificate: bool,
+    /// Portico extension: order and renew this server's certificate over ACME, stored as
+    /// `credentialName` (README, Certificates from ACME).
+    pub acme: Option<Acme>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -318,6 +318,27 @@ pub fn not_found<'s>() -> Answer<'s> {
 /// route table's choice, then the route's policies in Envoy's order (CORS preflight,
 /// fault delay, fault abort). Random draws (weights, fault percentages) happen here, once.
 pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> Plan<'s> {
+    // A CA validating HTTP-01 for a name Portico orders a certificate for: answered
+    // before routing and before httpsRedirect (the CA asks over plain HTTP).
+    if let (false, Some(acme)) = (listener.tls, &listener.acme) {
+        if let Some(found) = acme.http01_answer(host, view.path) {
+            let (status, body) = match found {
+                Some(key_authorization) => (200, Bytes::from(key_authorization)),
+                None => (404, Bytes::new()),
+            };
+            return Plan::Answer(Answer {
+                status,
+                body,
+                location: None,
+                cors: CorsFields::default(),
+                ops: None,
+                delay: None,
+                flag: "",
+                details: "acme_http01_challenge",
+                route: None,
+            });
+        }
+    }
     let route = match listener.table.decide(host, view) {
         Decision::HttpsRedirect(_) => {
             let mut location = String::with_capacity(host.len() + view.path.len() + 16);

@@ -33,6 +33,8 @@ pub struct Metrics {
     /// Connections each listener holds, and those it closed at its `maxConnections`.
     pub listener_connections: IntGaugeVec,
     pub listener_refused: IntCounterVec,
+    /// ACME orders by result (`success`, `failure`).
+    acme_orders: IntCounterVec,
     certificate_expiry: IntGaugeVec,
     endpoint_healthy: IntGaugeVec,
     upstream_active: IntGaugeVec,
@@ -135,6 +137,14 @@ impl Metrics {
             &["listener"],
         )
         .expect("static metric definition");
+        let acme_orders = IntCounterVec::new(
+            Opts::new(
+                "portico_acme_orders_total",
+                "ACME certificate orders by result: success (a certificate was issued and installed) or failure (see the log line for the CA's problem document).",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition");
         let istio = istio::IstioMetrics::new(&registry);
         for c in [
             Box::new(config_generation.clone()) as Box<dyn prometheus::core::Collector>,
@@ -151,6 +161,7 @@ impl Metrics {
             Box::new(egress_decisions.clone()),
             Box::new(listener_connections.clone()),
             Box::new(listener_refused.clone()),
+            Box::new(acme_orders.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -170,6 +181,7 @@ impl Metrics {
             egress_decisions,
             listener_connections,
             listener_refused,
+            acme_orders,
             certificate_expiry,
             endpoint_healthy,
             upstream_active,
@@ -185,6 +197,10 @@ impl Metrics {
     pub fn reload_succeeded(&self, generation: u64) {
         self.reload_success.inc();
         self.config_generation.set(generation as i64);
+    }
+
+    pub fn acme_order(&self, result: &str) {
+        self.acme_orders.with_label_values(&[result]).inc();
     }
 
     pub fn reload_failed(&self) {
@@ -229,9 +245,18 @@ impl Metrics {
             for l in &snapshot.listeners {
                 let listener = l.addr.to_string();
                 for (host, cert) in l.certs.iter().flat_map(|c| c.hosts.entries()) {
+                    if cert.stand_in {
+                        // Not a certificate anyone should alert on: ACME is ordering one.
+                        continue;
+                    }
                     self.certificate_expiry
                         .with_label_values(&[listener.as_str(), host.as_str()])
                         .set(cert.not_after);
+                }
+            }
+            if !snapshot.acme.is_empty() {
+                for result in ["success", "failure"] {
+                    self.acme_orders.with_label_values(&[result]);
                 }
             }
             for c in &snapshot.clusters {
