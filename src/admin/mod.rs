@@ -113,7 +113,7 @@ impl Admin {
             "listeners": listeners,
             "clusters": clusters,
             "egress": snapshot.egress.describe(),
-            "acme": crate::tls::acme::status(),
+            "acme": crate::tls::acme::status(&snapshot.acme),
         })
     }
 

@@ -103,7 +103,10 @@ impl ResolvesServerCert for SniResolver {
             let sni = hello.server_name()?;
             let key = listener.acme.as_ref()?.tls_alpn01_cert(sni);
             if key.is_none() {
-                tracing::info!(sni, "TLS-ALPN-01 handshake refused: no ACME validation under way for this name");
+                tracing::info!(
+                    sni,
+                    "TLS-ALPN-01 handshake refused: no ACME validation under way for this name"
+                );
             }
             return key;
         }

@@ -344,8 +344,7 @@ impl Cx {
         let (cert_path, key_path) = (managed.cert_path.clone(), managed.key_path.clone());
         self.watched.push(cert_path.clone());
         self.watched.push(key_path.clone());
-        let present =
-            self.stamps.of(&cert_path).is_some() && self.stamps.of(&key_path).is_some();
+        let present = self.stamps.of(&cert_path).is_some() && self.stamps.of(&key_path).is_some();
         if present {
             match self.load_pair(&cert_path, &key_path) {
                 Ok((key, not_after, subject)) => {

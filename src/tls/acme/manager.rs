@@ -214,11 +214,14 @@ impl Manager {
                 return;
             }
             Err(err) => {
-                self.failed(e, &Failure {
-                    stage: "lock",
-                    message: err,
-                    problem: None,
-                });
+                self.failed(
+                    e,
+                    &Failure {
+                        stage: "lock",
+                        message: err,
+                        problem: None,
+                    },
+                );
                 return;
             }
         };
@@ -271,14 +274,18 @@ impl Manager {
                     e.last_error = None;
                     e.last_issued = Some(now());
                     let r = self.reloader.clone();
-                    let _ = tokio::task::spawn_blocking(move || r.reload("ACME certificate issued"))
-                        .await;
+                    let _ =
+                        tokio::task::spawn_blocking(move || r.reload("ACME certificate issued"))
+                            .await;
                 }
-                Err(err) => self.failed(e, &Failure {
-                    stage: "store",
-                    message: err,
-                    problem: None,
-                }),
+                Err(err) => self.failed(
+                    e,
+                    &Failure {
+                        stage: "store",
+                        message: err,
+                        problem: None,
+                    },
+                ),
             },
             Err(f) => {
                 if f.stage.contains("account") {
@@ -317,7 +324,11 @@ impl Manager {
 
     /// Checks the issued pair, writes it into the credentials layout (with reloads held
     /// off, so none reads the new key beside the old certificate) and returns what it is.
-    async fn install(&self, spec: &ManagedCert, issued: &order::Issued) -> Result<DiskCert, String> {
+    async fn install(
+        &self,
+        spec: &ManagedCert,
+        issued: &order::Issued,
+    ) -> Result<DiskCert, String> {
         crate::tls::pair_from_pem(
             &spec.cert_path,
             issued.chain_pem.as_bytes(),
@@ -331,7 +342,9 @@ impl Manager {
         );
         let (chain, key) = (issued.chain_pem.clone(), issued.key_pem.clone());
         tokio::task::spawn_blocking(move || {
-            r.while_paused(|| store::write_pair(&cert_path, &key_path, chain.as_bytes(), key.as_bytes()))
+            r.while_paused(|| {
+                store::write_pair(&cert_path, &key_path, chain.as_bytes(), key.as_bytes())
+            })
         })
         .await
         .map_err(|e| format!("writing the certificate panicked: {e}"))??;
@@ -390,6 +403,10 @@ fn problem_json(p: &instant_acme::Problem) -> serde_json::Value {
 #[async_trait]
 impl BackgroundService for Manager {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut entries: HashMap<String, Entry> = HashMap::new();
+        let mut accounts: HashMap<String, instant_acme::Account> = HashMap::new();
+        // States for /config at once (a certificate on disk shows as valid).
+        self.sync(&mut entries);
         // The CA validates against the listeners: wait until they accept connections.
         for _ in 0..400 {
             if crate::admin::listeners_bound(&self.reloader.snapshots.load()).is_ok() {
@@ -397,8 +414,6 @@ impl BackgroundService for Manager {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        let mut entries: HashMap<String, Entry> = HashMap::new();
-        let mut accounts: HashMap<String, instant_acme::Account> = HashMap::new();
         loop {
             self.sync(&mut entries);
             let forced: HashSet<String> = super::lock(&wake().forced).clone();

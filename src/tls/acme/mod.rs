@@ -222,10 +222,7 @@ impl Challenges {
             return None;
         }
         let pem = std::fs::read(store::tls_alpn01_path(state_dir, host)).ok()?;
-        let path = store::tls_alpn01_path(state_dir, host);
-        crate::tls::pair_from_pem(&path, &pem, &path, &pem)
-            .ok()
-            .map(|(key, _, _)| Arc::new(key))
+        challenge_key(&pem).ok().map(Arc::new)
     }
 
     pub(crate) fn put_http01(&self, token: &str, key_authorization: &str) {
@@ -243,6 +240,20 @@ impl Challenges {
     pub(crate) fn remove_tls_alpn01(&self, host: &str) {
         lock(&self.tls_alpn01).remove(host);
     }
+}
+
+/// The certificate and key of a TLS-ALPN-01 answer from one PEM text. Not checked with
+/// `keys_match` as served certificates are: webpki refuses to parse a certificate with an
+/// unknown critical extension, and the acmeIdentifier one is exactly that.
+pub fn challenge_key(pem: &[u8]) -> Result<CertifiedKey, String> {
+    use rustls_pki_types::pem::PemObject;
+    let cert = rustls_pki_types::CertificateDer::from_pem_slice(pem)
+        .map_err(|e| format!("cannot read the TLS-ALPN-01 certificate: {e}"))?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|e| format!("cannot read the TLS-ALPN-01 key: {e}"))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| format!("unsupported TLS-ALPN-01 key: {e}"))?;
+    Ok(CertifiedKey::new(vec![cert], signing))
 }
 
 /// A self-signed certificate served for `hosts` until the first one is issued: the same
@@ -318,11 +329,26 @@ pub(crate) fn retain_states(names: &HashSet<&str>) {
     lock(states()).retain(|n, _| names.contains(n.as_str()));
 }
 
-/// Every managed certificate's state, by credential name.
-pub fn status() -> serde_json::Value {
+/// The state of every certificate in `managed` (the config in force), by credential
+/// name; one the schedule has not looked at yet is `pending`.
+pub fn status(managed: &[Arc<ManagedCert>]) -> serde_json::Value {
     let states = lock(states());
-    let list: Vec<serde_json::Value> = states
-        .iter()
+    let mut names: Vec<&str> = managed.iter().map(|m| m.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let list: Vec<serde_json::Value> = names
+        .into_iter()
+        .filter_map(|name| {
+            let m = managed.iter().find(|m| m.name == name)?;
+            let s = states.get(name).cloned().unwrap_or_else(|| CertState {
+                state: "pending",
+                hosts: m.hosts.clone(),
+                issuer: m.issuer.name.clone(),
+                challenge: m.issuer.challenge.name(),
+                ..CertState::default()
+            });
+            Some((name, s))
+        })
         .map(|(name, s)| {
             serde_json::json!({
                 "name": name,

@@ -85,7 +85,12 @@ fn sync_dir(dir: &Path) {
 /// A newly issued pair, written so that no reader sees the new key with the old
 /// certificate for longer than the moment between two renames: both temporary files are
 /// complete and on disk before either is renamed, the key first.
-pub fn write_pair(cert_path: &Path, key_path: &Path, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), String> {
+pub fn write_pair(
+    cert_path: &Path,
+    key_path: &Path,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<(), String> {
     let mut staged = Vec::new();
     for (path, data, private) in [(key_path, key_pem, true), (cert_path, cert_pem, false)] {
         let dir = path
