@@ -175,6 +175,9 @@ impl HeaderSink for Vec<u8> {
 }
 
 /// What the request core decided for a request: answer it here, or forward it.
+// A plan lives on the stack for one request; boxing the answer would allocate for every
+// local reply.
+#[allow(clippy::large_enum_variant)]
 pub enum Plan<'s> {
     Answer(Answer<'s>),
     Forward(Forwarded<'s>),
