@@ -291,6 +291,25 @@ impl Setup {
         plain_http: bool,
         extra_issuer: &str,
     ) -> String {
+        self.config_on(
+            (self.http, self.https, self.admin),
+            acme_port,
+            challenge,
+            plain_http,
+            extra_issuer,
+        )
+    }
+
+    /// [`Setup::config`] on other ports (another replica), with the same credentials
+    /// directory.
+    fn config_on(
+        &self,
+        (http, https, admin): (u16, u16, u16),
+        acme_port: u16,
+        challenge: &str,
+        plain_http: bool,
+        extra_issuer: &str,
+    ) -> String {
         let plain = if plain_http {
             format!(
                 r#"
@@ -300,20 +319,19 @@ bind = "127.0.0.1"
 hosts = ["{A}", "{B}"]
 tls = {{ httpsRedirect = true }}
 "#,
-                http = self.http
             )
         } else {
             String::new()
         };
         format!(
-            r#"{mesh}credentialsDir = "creds"
+            r#"{mesh}credentialsDir = "{dir}/creds"
 
 [[mesh.acmeIssuers]]
 name = "pebble"
 directory = "https://127.0.0.1:{acme_port}/dir"
 email = "ops@acme.test"
 termsOfServiceAgreed = true
-caCertificates = "pebble-https-ca.pem"
+caCertificates = "{dir}/pebble-https-ca.pem"
 challenge = "{challenge}"
 {extra_issuer}
 
@@ -333,8 +351,8 @@ gateways = ["public"]
 [[virtualServices.http]]
 directResponse = {{ status = 200, body = {{ string = "shop" }} }}
 "#,
-            mesh = mesh_config(self.admin),
-            https = self.https,
+            mesh = mesh_config(admin),
+            dir = self.path().display(),
         )
     }
 }
@@ -654,6 +672,71 @@ fn pending_hosts_get_a_stand_in_or_nothing() {
 }
 
 #[test]
+fn replicas_sharing_the_credentials_directory_order_once() {
+    let s = Setup::new();
+    let pebble = s.pebble(None);
+    // Replica A listens where the CA validates; replica B has ports of its own and the same
+    // credentials directory (as pods sharing a volume behind one load balancer would).
+    let b_dir = tempfile::tempdir().unwrap();
+    let b_ports = (free_port(), free_port(), free_port());
+    let lock_path = s.path().join("creds/.acme/lock");
+    std::fs::create_dir_all(lock_path.parent().unwrap()).unwrap();
+    // The test holds the lock while A starts, so A finds another holder and waits ...
+    let held = nix::fcntl::Flock::lock(
+        std::fs::File::create(&lock_path).unwrap(),
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .map_err(|(_, e)| e)
+    .unwrap();
+    let a = Portico::start(s.path(), &s.config(pebble.port, "HTTP-01", true, ""));
+    let mut state = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            state = acme_state(&a, "shop");
+            state["state"] == "waiting"
+        }),
+        "{state}"
+    );
+    drop(held);
+    // ... and B, started now, takes the lock and orders. The CA validates on A's port:
+    // A answers with the key authorization B published in the shared directory.
+    let b = Portico::start(
+        b_dir.path(),
+        &s.config_on(b_ports, pebble.port, "HTTP-01", true, ""),
+    );
+    wait_valid(&b, "shop", Duration::from_secs(60));
+    wait_valid(&a, "shop", Duration::from_secs(30));
+    let root = pebble.root();
+    let leaf = wait_for_leaf(b_ports.1, A, &root);
+    assert_eq!(
+        wait_for_leaf(s.https, A, &root),
+        leaf,
+        "A serves what B ordered"
+    );
+    assert_eq!(orders(&b, "success"), 1.0);
+    assert_eq!(
+        orders(&a, "success") + orders(&a, "failure"),
+        0.0,
+        "A never ordered"
+    );
+    assert!(
+        a.log().contains("another replica holds the order lock"),
+        "{}",
+        a.log()
+    );
+    assert!(
+        a.stdout().contains("acme_http01_challenge"),
+        "the CA's validation requests reached A: {}",
+        a.stdout()
+    );
+    // Challenge answers are taken down once the order is over.
+    let left: Vec<_> = std::fs::read_dir(s.path().join("creds/.acme/http-01"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
 fn config_errors_name_the_field() {
     let dir = tempfile::tempdir().unwrap();
     pebble_https_ca(dir.path());
@@ -697,4 +780,44 @@ tls = {{ mode = "SIMPLE", credentialName = "shop", acme = {{ issuer = "ca" }} }}
         "{out}"
     );
     assert!(out.contains("mesh.acmeIssuers[0].keyType"), "{out}");
+}
+
+#[test]
+fn istio_yaml_takes_tls_acme_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("gateway.yaml");
+    let manifest = |host: &str| {
+        format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{ name: public }}
+spec:
+  servers:
+  - port: {{ number: 8443, name: https, protocol: HTTPS }}
+    hosts: ["{host}"]
+    tls:
+      mode: SIMPLE
+      credentialName: shop
+      acme:
+        directory: https://acme-staging-v02.api.letsencrypt.org/directory
+        email: ops@example.com
+        termsOfServiceAgreed: true
+        challenge: TLS-ALPN-01
+"#
+        )
+    };
+    std::fs::write(&yaml, manifest("shop.example.com")).unwrap();
+    let (code, out) = run_cli(&["validate", "--istio", yaml.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("acme is not supported"), "{out}");
+    // The same checks as in TOML, located in the manifest.
+    std::fs::write(&yaml, manifest("*.example.com")).unwrap();
+    let (code, out) = run_cli(&["validate", "--istio", yaml.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("gateway.yaml")
+            && out.contains("DNS-01")
+            && out.contains("documents[0].spec.servers[0].tls.acme"),
+        "{out}"
+    );
 }

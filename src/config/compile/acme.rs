@@ -271,7 +271,7 @@ impl Cx {
             if h.contains('*') {
                 self.err(
                     o,
-                    &format!("{acme_at}"),
+                    &acme_at,
                     format!(
                         "host {h} (hosts[{i}]) is a wildcard: a CA issues wildcard certificates only over DNS-01, which Portico does not do; list the names instead, or give this server a certificate from elsewhere (credentialName without acme)"
                     ),
@@ -279,7 +279,7 @@ impl Cx {
             } else if h.parse::<std::net::IpAddr>().is_ok() {
                 self.err(
                     o,
-                    &format!("{acme_at}"),
+                    &acme_at,
                     format!("host {h} (hosts[{i}]) is an IP address; ACME here orders certificates for DNS names only"),
                 );
             } else if !ordered.contains(h) {

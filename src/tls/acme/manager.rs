@@ -147,11 +147,21 @@ impl Entry {
     }
 
     /// Reads the certificate on disk again if its file changed (this process or another
-    /// replica wrote it).
+    /// replica wrote it). A new one that is not due yet ends any waiting or retrying: the
+    /// certificate is there, whoever ordered it.
     fn refresh_disk(&mut self) {
         let modified = store::modified(&self.spec.cert_path);
-        if self.disk.as_ref().map(|d| d.modified) != Some(modified) || modified.is_none() {
-            self.disk = store::read_cert(&self.spec.cert_path);
+        if self.disk.as_ref().map(|d| d.modified) == Some(modified) && modified.is_some() {
+            return;
+        }
+        self.disk = store::read_cert(&self.spec.cert_path);
+        if let Some(d) = self.covered() {
+            if renewal_time(d.not_before, d.not_after) > now() {
+                self.waiting = false;
+                self.failures = 0;
+                self.not_before = 0;
+                self.last_error = None;
+            }
         }
     }
 }

@@ -261,8 +261,8 @@ pub fn challenge_key(pem: &[u8]) -> Result<CertifiedKey, String> {
 /// change it.
 pub fn stand_in(name: &str, hosts: &[String]) -> Result<(Arc<CertifiedKey>, i64, String), String> {
     type Key = (String, Vec<String>);
-    static STAND_INS: OnceLock<Mutex<HashMap<Key, (Arc<CertifiedKey>, i64, String)>>> =
-        OnceLock::new();
+    type StandIn = (Arc<CertifiedKey>, i64, String);
+    static STAND_INS: OnceLock<Mutex<HashMap<Key, StandIn>>> = OnceLock::new();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let mut cache = lock(STAND_INS.get_or_init(Default::default));
     let wanted = (name.to_string(), hosts.to_vec());

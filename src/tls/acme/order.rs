@@ -39,9 +39,25 @@ impl Failure {
                 message: p.to_string(),
                 problem: Some(p),
             },
-            other => Failure::new(stage, other.to_string()),
+            other => Failure::new(stage, with_sources(&other)),
         }
     }
+}
+
+/// An error with the errors under it (`client error (Connect): tcp connect error:
+/// Connection refused`), so the log says what actually failed.
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        next = s.source();
+    }
+    text
 }
 
 impl std::fmt::Display for Failure {
