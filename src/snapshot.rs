@@ -27,6 +27,8 @@ pub struct Snapshot {
     pub dns_names: Vec<Arc<crate::egress::dns::DnsName>>,
     pub settings: Settings,
     pub summary: Summary,
+    /// Rate limits and access lists, by route (see `policy::Policies::route`).
+    pub policies: crate::policy::Policies,
 }
 
 #[derive(Debug)]
@@ -119,6 +121,8 @@ pub struct Downstream {
     pub stream_idle_timeout: Duration,
     pub max_connection_duration: Option<Duration>,
     pub max_connections: Option<usize>,
+    /// Connections one client address may hold on a listener.
+    pub max_connections_per_client: Option<usize>,
     /// Bytes.
     pub max_request_headers: usize,
     /// Bytes of the request target.
@@ -134,6 +138,7 @@ impl Default for Downstream {
             stream_idle_timeout: Duration::from_secs(300),
             max_connection_duration: None,
             max_connections: None,
+            max_connections_per_client: None,
             max_request_headers: 60 * 1024,
             max_uri_length: 8192,
         }

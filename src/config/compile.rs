@@ -4,6 +4,7 @@
 //! listening socket.
 
 mod l4;
+mod policy;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -76,6 +77,8 @@ pub struct Cache {
     certs: HashMap<(PathBuf, PathBuf), CachedCert>,
     gateways: Option<CachedGateways>,
     bound: Option<BoundState>,
+    /// Rate-limit buckets, access lists and the Redis client, carried while unchanged.
+    policies: policy::PolicyCache,
 }
 
 /// The gateways and the listener tables built from them (server hosts, certificates by
@@ -384,6 +387,7 @@ pub fn compile_cached(
         "compile phases"
     );
 
+    let policies = cx.policies(doc, &cache.policies);
     // Pairs are checked by content, whatever else changed: keep what this compile read.
     cache.certs = std::mem::take(&mut cx.certs_next);
     if !cx.errors.is_empty() {
@@ -443,6 +447,8 @@ pub fn compile_cached(
             }),
         })
         .collect();
+    let (policies, carried) = policies.bind(doc, &listeners_out);
+    cache.policies = carried;
     let mut watched = cx.watched;
     watched.sort();
     watched.dedup();
@@ -484,6 +490,7 @@ pub fn compile_cached(
             dns_names: cx.dns_names,
             settings,
             summary,
+            policies,
         },
         warnings: cx.warnings,
         reused: cx.reused,
@@ -929,6 +936,10 @@ impl Cx {
             .map(|v| v.get())
             .filter(|v| !v.is_zero());
         out.max_connections = d.max_connections.filter(|&n| n > 0).map(|n| n as usize);
+        out.max_connections_per_client = d
+            .max_connections_per_client
+            .filter(|&n| n > 0)
+            .map(|n| n as usize);
         if let Some(kb) = d.max_request_headers_kb {
             if !(1..=8192).contains(&kb) {
                 self.err(o, ".downstream.maxRequestHeadersKb", "must be 1-8192");
