@@ -39,9 +39,7 @@ use crate::protocol::h1::{
     raw, uri_char, write_headers, ChunkScan, Framing, MAX_HEADERS, MAX_RESPONSE_HEAD,
 };
 use crate::protocol::lend::{Left, Lent};
-use crate::routing::{
-    normalize_host, Action, Decision, Forward, HeaderOps, Headers, RequestView, Route,
-};
+use crate::routing::{normalize_host, Forward, HeaderOps, Headers, RequestView, Route};
 use crate::snapshot::AccessLogSettings;
 use crate::snapshot::Snapshot;
 use crate::telemetry::access_log::Sink;
@@ -599,12 +597,13 @@ fn eligible<'h>(
     Some(r)
 }
 
-/// A route the fast path can forward on: no policy it leaves to pingora.
+/// A forward the fast path can carry (the request core's plan decided faults, CORS and
+/// the rewrite already): no mirror, no timeout, no retry on a response status, a
+/// destination it speaks to (plain HTTP/1.1, no keepalive probes, no per-connection
+/// request cap, no consistent hashing).
 fn plain(forward: &Forward) -> bool {
     let on = &forward.retries.on;
-    forward.fault.is_none()
-        && forward.mirrors.is_empty()
-        && forward.rewrite.is_none()
+    forward.mirrors.is_empty()
         && forward.timeout.is_none()
         && forward.retries.per_try_timeout.is_none()
         && !on.five_xx
@@ -737,33 +736,18 @@ impl FastH1 {
             port: listener.addr.port(),
             client_ip: c.client_ip,
         };
-        let host = normalize_host(req.host);
-        let (route, forward) = match listener.table.decide(&host, &view) {
-            Decision::Route { route, .. } => match &route.action {
-                Action::Forward(f) if route.cors.is_none() && plain(f) => (route, f),
-                _ => return Outcome::Lend(Lending { head, rest }, "route"),
-            },
-            _ => return Outcome::Lend(Lending { head, rest }, "route"),
-        };
-        let destination = &forward.destinations[forward.pick()];
-        let cluster = &destination.cluster;
-        // No waiting here (and no pending slot taken): pingora's path waits for a full pool,
-        // as long as the route allows.
-        let Some(_admission) = cluster.try_admit() else {
-            return Outcome::Lend(Lending { head, rest }, "admission");
-        };
-
-        let log = Log {
+        // The body, whole, after the head; each read within `requestBodyTimeout`. (It
+        // stays in `c.buf` until it is forwarded: a request lent to pingora below gets
+        // it with the head.)
+        let body_timeout = settings.downstream.request_body_timeout;
+        let unrouted = || Log {
             snapshot: &snapshot,
             req: &req,
             headers: Headers::Raw(parsed.headers, added),
-            route: Some(route),
-            cluster: Some(cluster),
+            route: None,
+            cluster: None,
             started,
         };
-
-        // The body, whole, after the head; each read within `requestBodyTimeout`.
-        let body_timeout = settings.downstream.request_body_timeout;
         while c.buf.len() < req.body {
             c.buf.reserve(req.body - c.buf.len());
             let n = timed(&mut c.wait, body_timeout, c.io.read_buf(&mut c.buf)).await;
@@ -771,15 +755,61 @@ impl FastH1 {
                 Some(Ok(n)) if n > 0 => {}
                 Some(_) => {
                     // The client went away mid-body: nothing was sent upstream.
-                    log.finish(c, &Done::local(0, "DC", None, 0));
+                    unrouted().finish(c, &Done::local(0, "DC", None, 0));
                     return Outcome::Close;
                 }
                 None => {
                     let done = Done::local(408, "", None, 0);
-                    return local(c, &log, done, check::BODY_TIMEOUT.what).await;
+                    return local(c, &unrouted(), done, check::BODY_TIMEOUT.what).await;
                 }
             }
         }
+
+        let host = normalize_host(req.host);
+        let client_close = req.close || old || *shutdown.borrow();
+        let f = match request::plan(listener, &host, &view) {
+            request::Plan::Answer(a) => {
+                c.buf.advance(req.body);
+                let log = Log {
+                    route: a.route.map(|r| &**r),
+                    cluster: a.cluster(),
+                    ..unrouted()
+                };
+                return answer(c, &log, &a, client_close).await;
+            }
+            request::Plan::Forward(f) if plain(f.forward) => f,
+            request::Plan::Forward(_) => return Outcome::Lend(Lending { head, rest }, "route"),
+        };
+        let (route, forward) = (f.route, f.forward);
+        let destination = &forward.destinations[f.destination];
+        let cluster = &destination.cluster;
+        // No waiting here (and no pending slot taken): pingora's path waits for a full pool,
+        // as long as the route allows.
+        let Some(_admission) = cluster.try_admit() else {
+            return Outcome::Lend(Lending { head, rest }, "admission");
+        };
+        let cors = match (f.cors_origin, route.cors.as_ref()) {
+            (Some(origin), Some(policy)) => request::CorsFields::for_response(policy, origin),
+            _ => request::CorsFields::default(),
+        };
+        let log = Log {
+            route: Some(route),
+            cluster: Some(cluster),
+            ..unrouted()
+        };
+        if let Some(d) = f.delay {
+            tokio::time::sleep(d).await;
+        }
+        // A rewrite: the path (with the query) and the authority the upstream sees.
+        let rewrite = forward.rewrite.as_ref();
+        let rewritten = rewrite.and_then(|rw| {
+            let prefix = route
+                .matches
+                .get(f.match_index)
+                .and_then(|m| m.matched_prefix());
+            rw.path(req.path, query, prefix)
+        });
+        let authority = rewrite.and_then(|rw| rw.authority.as_ref());
 
         // The upstream request head.
         let out = &mut c.out;
@@ -787,10 +817,15 @@ impl FastH1 {
         out.reserve(head_len + 256 + req.body);
         out.extend_from_slice(req.method.as_bytes());
         out.push(b' ');
-        out.extend_from_slice(req.path.as_bytes());
-        if let Some(q) = query {
-            out.push(b'?');
-            out.extend_from_slice(q.as_bytes());
+        match &rewritten {
+            Some(target) => out.extend_from_slice(target.as_bytes()),
+            None => {
+                out.extend_from_slice(req.path.as_bytes());
+                if let Some(q) = query {
+                    out.push(b'?');
+                    out.extend_from_slice(q.as_bytes());
+                }
+            }
         }
         out.extend_from_slice(b" HTTP/1.1\r\n");
         let forwarding = request::Forwarding {
@@ -801,6 +836,7 @@ impl FastH1 {
             },
             client_ip: c.client_ip,
             request_id: id.as_ref().map(|id| &id[..]),
+            host: authority.map(|a| a.as_bytes()),
             ops: [&route.headers.request, &destination.headers.request],
             upgrade: false,
         };
@@ -810,7 +846,6 @@ impl FastH1 {
         c.buf.advance(req.body);
         let head_only = req.method == "HEAD";
 
-        let client_close = req.close || old || *shutdown.borrow();
         let response_ops = [&route.headers.response, &destination.headers.response];
 
         // Tries: as the route's retries and the shared resend rule allow.
@@ -838,6 +873,7 @@ impl FastH1 {
                 pooled,
                 head_only,
                 ops: response_ops,
+                cors: &cors,
                 client_close,
                 stream_idle,
             };
@@ -1108,6 +1144,8 @@ struct Exchange<'a> {
     pooled: bool,
     head_only: bool,
     ops: [&'a HeaderOps; 2],
+    /// CORS fields for the response.
+    cors: &'a request::CorsFields,
     client_close: bool,
     /// The response head must come within this.
     stream_idle: Duration,
@@ -1168,11 +1206,11 @@ async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
     let up = c.up.insert(up);
     c.ubuf.clear();
     let (out, ubuf, resp) = (&c.out, &mut c.ubuf, &mut c.resp);
-    let (head_only, client_close, ops) = (ex.head_only, ex.client_close, ex.ops);
+    let (head_only, client_close, ops, cors) = (ex.head_only, ex.client_close, ex.ops, ex.cors);
     let io = async {
         up.io.write_all(out).await?;
         read_response(&mut up.io, ubuf, head_only, client_close, |r, _, close| {
-            write_response_head(resp, r, close, ops)
+            write_response_head(resp, r, close, ops, cors)
         })
         .await
     };
@@ -1248,25 +1286,23 @@ fn write_response_head(
     r: &httparse::Response<'_, '_>,
     close: bool,
     ops: [&HeaderOps; 2],
+    cors: &request::CorsFields,
 ) {
-    let status = r.code.unwrap_or(0);
     out.clear();
     out.reserve(1024 + 4096);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(&[
-        b'0' + (status / 100) as u8,
-        b'0' + (status / 10 % 10) as u8,
-        b'0' + (status % 10) as u8,
-        b' ',
-    ]);
-    out.extend_from_slice(r.reason.unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    status_line(out, r.code.unwrap_or(0), Some(r.reason.unwrap_or("")));
     let drop = if has_two_framings(r.headers) {
         dropped_response_header_or_length
     } else {
         dropped_response_header
     };
-    write_headers(out, raw(r.headers), ops, drop);
+    // The route's CORS fields replace the upstream's (as pingora's path inserts them).
+    let upstream = raw(r.headers)
+        .filter(|(n, _)| !cors.iter().any(|(c, _)| n.eq_ignore_ascii_case(c.as_str())));
+    write_headers(out, upstream, ops, drop);
+    for (n, v) in cors.iter() {
+        request::HeaderSink::field(out, n.as_str().as_bytes(), v.as_bytes());
+    }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -1404,6 +1440,65 @@ async fn forward_body(
             return Err(Side::Upstream { idle: false });
         }
     }
+}
+
+/// Writes the request core's answer `a` (a direct response, a redirect, no route, a CORS
+/// preflight, a fault abort) and logs it; the connection goes on unless `close`.
+async fn answer(c: &mut Conn, log: &Log<'_>, a: &request::Answer<'_>, close: bool) -> Outcome {
+    if let Some(d) = a.delay {
+        tokio::time::sleep(d).await;
+    }
+    let head = log.req.method == "HEAD";
+    c.resp.clear();
+    status_line(&mut c.resp, a.status, None);
+    request::answer_fields(a, &mut c.resp);
+    if close {
+        c.resp.extend_from_slice(b"connection: close\r\n");
+    }
+    c.resp.extend_from_slice(b"\r\n");
+    if !head {
+        c.resp.extend_from_slice(&a.body);
+    }
+    let idle = log.snapshot.settings.downstream.stream_idle_timeout;
+    let written = timed(&mut c.wait, idle, async {
+        c.io.write_all(&c.resp).await?;
+        c.io.flush().await
+    })
+    .await;
+    let done = Done {
+        status: a.status,
+        flags: a.flag,
+        details: a.details,
+        sent: if head { 0 } else { a.body.len() },
+        upstream_time: None,
+        upstream_host: None,
+        attempts: 0,
+    };
+    log.finish(c, &done);
+    match written {
+        Some(Ok(())) if !close => Outcome::KeepAlive,
+        _ => Outcome::Close,
+    }
+}
+
+/// `HTTP/1.1 <status> <reason>` and its line end; the reason the upstream gave, else the
+/// standard one.
+fn status_line(out: &mut Vec<u8>, status: u16, reason: Option<&str>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&[
+        b'0' + (status / 100 % 10) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+        b' ',
+    ]);
+    let standard = || {
+        http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("")
+    };
+    out.extend_from_slice(reason.unwrap_or_else(standard).as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// A local reply after failed tries: status, body, log line, metrics and access log as

@@ -22,9 +22,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::egress::{self, forward as egress_forward};
 use crate::protocol::h1;
-use crate::routing::{
-    chance, normalize_host, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route,
-};
+use crate::routing::{chance, normalize_host, Action, Forward, HeaderOps, RequestView, Route};
 use crate::snapshot::Snapshot;
 use crate::telemetry::{access_log, trace, Metrics};
 use crate::upstream::balancer::hash_bytes;
@@ -145,18 +143,6 @@ impl RequestCtx {
     }
 }
 
-/// What the route table decided, owned, so the request borrow can end before responding.
-enum Local {
-    Respond {
-        status: u16,
-        body: Bytes,
-        location: Option<String>,
-        route: Option<Arc<Route>>,
-    },
-    /// Route, chosen destination, index of the match block that held.
-    Forward(Arc<Route>, usize, usize),
-}
-
 fn client_ip(session: &Session) -> Option<IpAddr> {
     session
         .client_addr()
@@ -165,57 +151,6 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
 }
 
 impl Gateway {
-    fn decide(&self, snapshot: &Snapshot, req: &RequestHeader, client_ip: Option<IpAddr>) -> Local {
-        let Some(listener) = snapshot.listeners.get(self.listener) else {
-            return not_found();
-        };
-        let authority = authority(req);
-        let host = normalize_host(authority);
-        let scheme = if self.tls { "https" } else { "http" };
-        let view = RequestView {
-            method: req.method.as_str(),
-            path: req.uri.path(),
-            query: req.uri.query(),
-            authority,
-            scheme,
-            headers: crate::routing::Headers::Map(&req.headers),
-            port: listener.addr.port(),
-            client_ip,
-        };
-        match listener.table.decide(&host, &view) {
-            Decision::HttpsRedirect(_) => {
-                let mut location = String::with_capacity(host.len() + view.path.len() + 16);
-                location.push_str("https://");
-                location.push_str(&host);
-                location.push_str(req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
-                Local::Respond {
-                    status: 301,
-                    body: Bytes::new(),
-                    location: Some(location),
-                    route: None,
-                }
-            }
-            Decision::NoHost | Decision::NoRoute(_) => not_found(),
-            Decision::Route {
-                route, match_index, ..
-            } => match &route.action {
-                Action::Direct(d) => Local::Respond {
-                    status: d.status,
-                    body: d.body.clone(),
-                    location: None,
-                    route: Some(route.clone()),
-                },
-                Action::Redirect(r) => Local::Respond {
-                    status: r.code,
-                    body: Bytes::new(),
-                    location: Some(r.location(scheme, authority, view.path, view.query)),
-                    route: Some(route.clone()),
-                },
-                Action::Forward(f) => Local::Forward(route.clone(), f.pick(), match_index),
-            },
-        }
-    }
-
     /// The peer for endpoint `i` of `cluster`, with the time this try may take: the
     /// per-try timeout, what is left of the route's, else the stream idle timeout (no wait
     /// on an upstream is unbounded).
@@ -266,12 +201,18 @@ impl Gateway {
             Some(q) => format!("{normalized}?{q}"),
             None => normalized,
         };
-        match target.parse::<http::Uri>() {
-            Ok(uri) => {
+        // The scheme and authority an h2 request's URI carries stay.
+        let mut parts = req.uri.clone().into_parts();
+        let uri = target.parse().ok().and_then(|pq| {
+            parts.path_and_query = Some(pq);
+            http::Uri::from_parts(parts).ok()
+        });
+        match uri {
+            Some(uri) => {
                 session.req_header_mut().set_uri(uri);
                 Ok(())
             }
-            Err(_) => Err(check::Refusal::new(
+            None => Err(check::Refusal::new(
                 400,
                 "path_normalization_failed",
                 "bad request path",
@@ -347,15 +288,6 @@ fn authority(req: &RequestHeader) -> &str {
         .unwrap_or("")
 }
 
-fn not_found() -> Local {
-    Local::Respond {
-        status: 404,
-        body: Bytes::new(),
-        location: None,
-        route: None,
-    }
-}
-
 fn forward_of(route: &Route) -> Option<&Forward> {
     match &route.action {
         Action::Forward(f) => Some(f),
@@ -395,37 +327,32 @@ async fn respond(
     Ok(())
 }
 
-/// The CORS preflight answer when `cors` allows the request's origin; `None` lets the
-/// request through (to be forwarded, as Envoy forwards unmatched preflights).
-fn preflight(cors: &Cors, req: &RequestHeader) -> Option<Vec<(header::HeaderName, HeaderValue)>> {
-    if req.method != http::Method::OPTIONS
-        || !req
-            .headers
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-    {
-        return None;
+/// A response head being built field by field from the request core's.
+pub(crate) struct ResponseFields(pub ResponseHeader);
+
+impl request::HeaderSink for ResponseFields {
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            let _ = self.0.append_header(Bytes::copy_from_slice(name), v);
+        }
     }
-    let origin = req.headers.get(header::ORIGIN)?;
-    if !cors.allows(origin.to_str().ok()?) {
-        return None;
+    fn forwarded_for(&mut self, _: &mut dyn Iterator<Item = &[u8]>, _: IpAddr) {}
+}
+
+/// Writes answer `a` (the request core's, `request::answer_fields`).
+async fn answer(session: &mut Session, a: &request::Answer<'_>) -> Result<()> {
+    let mut head = ResponseFields(ResponseHeader::build(a.status, Some(6))?);
+    request::answer_fields(a, &mut head);
+    let head_only = a.body.is_empty() || session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(head.0), head_only)
+        .await?;
+    if !head_only {
+        session
+            .write_response_body(Some(a.body.clone()), true)
+            .await?;
     }
-    let mut h = vec![(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone())];
-    if let Some(v) = &cors.allow_methods {
-        h.push((header::ACCESS_CONTROL_ALLOW_METHODS, v.clone()));
-    }
-    if let Some(v) = &cors.allow_headers {
-        h.push((header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone()));
-    }
-    if let Some(v) = &cors.max_age {
-        h.push((header::ACCESS_CONTROL_MAX_AGE, v.clone()));
-    }
-    if cors.allow_credentials {
-        h.push((
-            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-            HeaderValue::from_static("true"),
-        ));
-    }
-    Some(h)
+    Ok(())
 }
 
 fn request_has_body(req: &RequestHeader) -> bool {
@@ -542,79 +469,50 @@ impl ProxyHttp for Gateway {
             respond(session, r.status, body, None, None, &[]).await?;
             return Ok(true);
         }
-        let local = self.decide(&snapshot, session.req_header(), client_ip(session));
-        ctx.snapshot = Some(snapshot);
-        let (route, destination, match_index) = match local {
-            Local::Forward(route, destination, match_index) => (route, destination, match_index),
-            Local::Respond {
-                status,
-                body,
-                location,
-                route,
-            } => {
-                if status == 404 && route.is_none() {
-                    ctx.flag = "NR";
-                    ctx.details = "route_not_found";
-                } else {
-                    ctx.details = "direct_response";
+        let listener = snapshot.listeners.get(self.listener);
+        let plan = match listener {
+            Some(listener) => {
+                let req = session.req_header();
+                let authority = authority(req);
+                let host = normalize_host(authority);
+                let view = RequestView {
+                    method: req.method.as_str(),
+                    path: req.uri.path(),
+                    query: req.uri.query(),
+                    authority,
+                    scheme: if self.tls { "https" } else { "http" },
+                    headers: crate::routing::Headers::Map(&req.headers),
+                    port: listener.addr.port(),
+                    client_ip: client_ip(session),
+                };
+                request::plan(listener, &host, &view)
+            }
+            None => request::Plan::Answer(request::not_found()),
+        };
+        let forwarded = match plan {
+            request::Plan::Answer(a) => {
+                if let Some(d) = a.delay {
+                    tokio::time::sleep(d).await;
                 }
-                let mut extra = Vec::new();
-                if let Some(cors) = route.as_ref().and_then(|r| r.cors.as_ref()) {
-                    if let Some(h) = preflight(cors, session.req_header()) {
-                        respond(session, 200, Bytes::new(), None, None, &h).await?;
-                        return Ok(true);
-                    }
-                    if let Some(origin) = session.req_header().headers.get(header::ORIGIN) {
-                        if origin.to_str().is_ok_and(|o| cors.allows(o)) {
-                            extra.push((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone()));
-                        }
-                    }
-                }
-                let ops = route.as_ref().map(|r| &r.headers.response);
-                respond(session, status, body, location, ops, &extra).await?;
-                ctx.route = route;
+                ctx.flag = a.flag;
+                ctx.details = a.details;
+                ctx.route = a.route.cloned();
+                answer(session, &a).await?;
+                ctx.snapshot = Some(snapshot);
                 return Ok(true);
+            }
+            request::Plan::Forward(f) => {
+                if let Some(d) = f.delay {
+                    ctx.flag = "DI";
+                    tokio::time::sleep(d).await;
+                }
+                ctx.cors_origin = f.cors_origin.clone();
+                (f.route.clone(), f.destination, f.match_index)
             }
         };
-        if let Some(cors) = &route.cors {
-            if let Some(h) = preflight(cors, session.req_header()) {
-                ctx.details = "cors_response";
-                respond(session, 200, Bytes::new(), None, None, &h).await?;
-                return Ok(true);
-            }
-            ctx.cors_origin = session
-                .req_header()
-                .headers
-                .get(header::ORIGIN)
-                .filter(|o| o.to_str().is_ok_and(|o| cors.allows(o)))
-                .cloned();
-        }
-        let forward = forward_of(&route).expect("Local::Forward holds a forwarding route");
-        if let Some(fault) = &forward.fault {
-            if let Some((delay, pct)) = fault.delay {
-                if chance(pct) {
-                    ctx.flag = "DI";
-                    tokio::time::sleep(delay).await;
-                }
-            }
-            if let Some((status, pct)) = fault.abort {
-                if chance(pct) {
-                    ctx.flag = "FI";
-                    ctx.details = "fault_filter_abort";
-                    let ops = Some(&route.headers.response);
-                    respond(
-                        session,
-                        status,
-                        Bytes::from_static(b"fault filter abort"),
-                        None,
-                        ops,
-                        &[],
-                    )
-                    .await?;
-                    return Ok(true);
-                }
-            }
-        }
+        ctx.snapshot = Some(snapshot);
+        let (route, destination, match_index) = forwarded;
+        let forward = forward_of(&route).expect("a forwarded plan's route forwards");
         let mirrors: Vec<_> = forward
             .mirrors
             .iter()
@@ -784,9 +682,6 @@ impl ProxyHttp for Gateway {
                     })?;
                     upstream.set_uri(uri);
                 }
-                if let Some(a) = &rw.authority {
-                    upstream.insert_header(header::HOST, a.clone())?;
-                }
             }
             let dest = &forward.destinations[ctx.destination];
             let forwarding = request::Forwarding {
@@ -794,6 +689,11 @@ impl ProxyHttp for Gateway {
                 client_ip: client_ip(session),
                 // Made before routing, among the fields already.
                 request_id: None,
+                host: forward
+                    .rewrite
+                    .as_ref()
+                    .and_then(|rw| rw.authority.as_ref())
+                    .map(HeaderValue::as_bytes),
                 ops: [&route.headers.request, &dest.headers.request],
                 upgrade: session.is_upgrade_req(),
             };
@@ -877,14 +777,8 @@ impl ProxyHttp for Gateway {
                     .apply_response(upstream_response);
             }
             if let (Some(origin), Some(cors)) = (ctx.cors_origin.take(), route.cors.as_ref()) {
-                upstream_response.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
-                if let Some(v) = &cors.expose_headers {
-                    upstream_response
-                        .insert_header(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone())?;
-                }
-                if cors.allow_credentials {
-                    upstream_response
-                        .insert_header(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true")?;
+                for (n, v) in request::CorsFields::for_response(cors, origin).iter() {
+                    upstream_response.insert_header(n.clone(), v.clone())?;
                 }
             }
         }

@@ -4,8 +4,14 @@
 //! in and writes out what comes back, in its own form. Never touches sockets.
 
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::routing::HeaderOps;
+use bytes::Bytes;
+use http::{header, HeaderName, HeaderValue};
+
+use crate::routing::{chance, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route};
+use crate::snapshot::Listener;
 
 /// Fields about one hop, never passed upstream: RFC 9110 7.6.1's (`Connection` and what it
 /// names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Upgrade`), the client's
@@ -47,6 +53,8 @@ pub struct Forwarding<'a> {
     /// The id made for a request that came without one: a field of the request from then
     /// on (routes match on it), written as if the client had sent it last.
     pub request_id: Option<&'a [u8]>,
+    /// A rewrite's authority: the `Host` the upstream gets instead of the client's.
+    pub host: Option<&'a [u8]>,
     /// The route's header operations, then the destination's (a later one wins).
     pub ops: [&'a HeaderOps; 2],
     /// The request asks for an upgrade: `Upgrade` and `Connection` go upstream.
@@ -100,7 +108,15 @@ pub fn upstream_request_headers<'h, I>(
     I: Iterator<Item = (&'h str, &'h [u8])>,
 {
     let has_connection = client().any(|(n, _)| n.eq_ignore_ascii_case("connection"));
+    let mut host_written = f.host.is_none();
     for (name, value) in client() {
+        if let (Some(host), true) = (f.host, name.eq_ignore_ascii_case("host")) {
+            if !host_written && !f.replaced_in(0, b"host") {
+                out.field(name.as_bytes(), host);
+            }
+            host_written = true;
+            continue;
+        }
         if hop_by_hop_request(name, f.upgrade)
             || name.eq_ignore_ascii_case("x-forwarded-for")
             || name.eq_ignore_ascii_case("x-forwarded-proto")
@@ -110,6 +126,11 @@ pub fn upstream_request_headers<'h, I>(
             continue;
         }
         out.field(name.as_bytes(), value);
+    }
+    if let (Some(host), false) = (f.host, host_written) {
+        if !f.replaced_in(0, b"host") {
+            out.field(b"host", host);
+        }
     }
     if let Some(id) = f.request_id {
         if !f.replaced_in(0, b"x-request-id") {
@@ -150,6 +171,300 @@ impl HeaderSink for Vec<u8> {
         self.extend_from_slice(b"x-forwarded-for: ");
         super::write_forwarded_for(self, prev, ip);
         self.extend_from_slice(b"\r\n");
+    }
+}
+
+/// What the request core decided for a request: answer it here, or forward it.
+pub enum Plan<'s> {
+    Answer(Answer<'s>),
+    Forward(Forwarded<'s>),
+}
+
+/// An answer the gateway makes without an upstream: a direct response, a redirect, no
+/// route (404), a CORS preflight, a fault abort.
+pub struct Answer<'s> {
+    pub status: u16,
+    pub body: Bytes,
+    pub location: Option<String>,
+    /// CORS fields (an allowed preflight's, or `access-control-allow-origin`).
+    pub cors: CorsFields,
+    /// The route's response operations (none for a preflight).
+    pub ops: Option<&'s HeaderOps>,
+    /// Wait this long first (a fault delay).
+    pub delay: Option<Duration>,
+    /// Envoy's response flag and details for the log.
+    pub flag: &'static str,
+    pub details: &'static str,
+    pub route: Option<&'s Arc<Route>>,
+}
+
+impl<'s> Answer<'s> {
+    /// The cluster an answer on a forwarding route (a fault abort, a preflight) is counted
+    /// for: the route's first destination, as Istio reports such requests.
+    pub fn cluster(&self) -> Option<&'s crate::upstream::Cluster> {
+        match &self.route?.action {
+            Action::Forward(f) => f.destinations.first().map(|d| &*d.cluster),
+            _ => None,
+        }
+    }
+}
+
+/// A request to forward.
+pub struct Forwarded<'s> {
+    pub route: &'s Arc<Route>,
+    pub forward: &'s Forward,
+    /// The match block that held (a prefix rewrite replaces its prefix).
+    pub match_index: usize,
+    /// The weighted destination chosen.
+    pub destination: usize,
+    /// Wait this long first (a fault delay, flag `DI`).
+    pub delay: Option<Duration>,
+    /// The request's `Origin` when the route's CORS policy allows it: the response
+    /// carries `access-control-allow-origin` (and the policy's expose/credentials).
+    pub cors_origin: Option<HeaderValue>,
+}
+
+/// CORS response fields, at most five.
+#[derive(Default)]
+pub struct CorsFields {
+    fields: [Option<(HeaderName, HeaderValue)>; 5],
+}
+
+impl CorsFields {
+    fn push(&mut self, name: HeaderName, value: HeaderValue) {
+        if let Some(slot) = self.fields.iter_mut().find(|f| f.is_none()) {
+            *slot = Some((name, value));
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.fields.iter().flatten().map(|(n, v)| (n, v))
+    }
+
+    /// The fields of an allowed preflight (`OPTIONS` with
+    /// `access-control-request-method` from an origin the policy allows), or `None`.
+    fn preflight(cors: &Cors, view: &RequestView<'_>) -> Option<CorsFields> {
+        if view.method != "OPTIONS" || view.headers.get("access-control-request-method").is_none() {
+            return None;
+        }
+        let origin = view.headers.get("origin")?;
+        if !cors.allows(origin) {
+            return None;
+        }
+        let mut f = CorsFields::default();
+        f.push(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_str(origin).ok()?,
+        );
+        if let Some(v) = &cors.allow_methods {
+            f.push(header::ACCESS_CONTROL_ALLOW_METHODS, v.clone());
+        }
+        if let Some(v) = &cors.allow_headers {
+            f.push(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
+        }
+        if let Some(v) = &cors.max_age {
+            f.push(header::ACCESS_CONTROL_MAX_AGE, v.clone());
+        }
+        if cors.allow_credentials {
+            f.push(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+        }
+        Some(f)
+    }
+
+    /// The fields a forwarded response gets for allowed origin `origin`.
+    pub fn for_response(cors: &Cors, origin: HeaderValue) -> CorsFields {
+        let mut f = CorsFields::default();
+        f.push(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        if let Some(v) = &cors.expose_headers {
+            f.push(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
+        }
+        if cors.allow_credentials {
+            f.push(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+        }
+        f
+    }
+}
+
+/// The origin of the request when `cors` allows it.
+fn allowed_origin(cors: &Cors, view: &RequestView<'_>) -> Option<HeaderValue> {
+    let origin = view.headers.get("origin")?;
+    cors.allows(origin)
+        .then(|| HeaderValue::from_str(origin).ok())
+        .flatten()
+}
+
+/// The answer to a request no route takes: 404, `NR`.
+pub fn not_found<'s>() -> Answer<'s> {
+    Answer {
+        status: 404,
+        body: Bytes::new(),
+        location: None,
+        cors: CorsFields::default(),
+        ops: None,
+        delay: None,
+        flag: "NR",
+        details: "route_not_found",
+        route: None,
+    }
+}
+
+/// Decides what becomes of a request on `listener` for (normalized) host `host`: the
+/// route table's choice, then the route's policies in Envoy's order (CORS preflight,
+/// fault delay, fault abort). Random draws (weights, fault percentages) happen here, once.
+pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> Plan<'s> {
+    let route = match listener.table.decide(host, view) {
+        Decision::HttpsRedirect(_) => {
+            let mut location = String::with_capacity(host.len() + view.path.len() + 16);
+            location.push_str("https://");
+            location.push_str(host);
+            location.push_str(view.path);
+            if let Some(q) = view.query {
+                location.push('?');
+                location.push_str(q);
+            }
+            return Plan::Answer(Answer {
+                status: 301,
+                body: Bytes::new(),
+                location: Some(location),
+                cors: CorsFields::default(),
+                ops: None,
+                delay: None,
+                flag: "",
+                details: "direct_response",
+                route: None,
+            });
+        }
+        Decision::NoHost | Decision::NoRoute(_) => return Plan::Answer(not_found()),
+        Decision::Route {
+            route, match_index, ..
+        } => (route, match_index),
+    };
+    let (route, match_index) = route;
+    if let Some(cors) = &route.cors {
+        if let Some(fields) = CorsFields::preflight(cors, view) {
+            return Plan::Answer(Answer {
+                status: 200,
+                body: Bytes::new(),
+                location: None,
+                cors: fields,
+                ops: None,
+                delay: None,
+                flag: "",
+                details: "cors_response",
+                route: Some(route),
+            });
+        }
+    }
+    let cors_origin = route.cors.as_ref().and_then(|c| allowed_origin(c, view));
+    let answer = |status: u16, body: Bytes, location: Option<String>| {
+        let mut cors = CorsFields::default();
+        if let Some(origin) = cors_origin.clone() {
+            cors.push(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        }
+        Plan::Answer(Answer {
+            status,
+            body,
+            location,
+            cors,
+            ops: Some(&route.headers.response),
+            delay: None,
+            flag: "",
+            details: "direct_response",
+            route: Some(route),
+        })
+    };
+    let forward = match &route.action {
+        Action::Direct(d) => return answer(d.status, d.body.clone(), None),
+        Action::Redirect(r) => {
+            let location = r.location(view.scheme, view.authority, view.path, view.query);
+            return answer(r.code, Bytes::new(), Some(location));
+        }
+        Action::Forward(f) => f,
+    };
+    let mut delay = None;
+    if let Some(fault) = &forward.fault {
+        if let Some((d, pct)) = fault.delay {
+            if chance(pct) {
+                delay = Some(d);
+            }
+        }
+        if let Some((status, pct)) = fault.abort {
+            if chance(pct) {
+                return Plan::Answer(Answer {
+                    status,
+                    body: Bytes::from_static(b"fault filter abort"),
+                    location: None,
+                    cors: CorsFields::default(),
+                    ops: Some(&route.headers.response),
+                    delay,
+                    flag: "FI",
+                    details: "fault_filter_abort",
+                    route: Some(route),
+                });
+            }
+        }
+    }
+    Plan::Forward(Forwarded {
+        route,
+        forward,
+        match_index,
+        destination: forward.pick(),
+        delay,
+        cors_origin,
+    })
+}
+
+/// The fields of answer `a`'s head, as every codec writes them: content type and length
+/// (the body's, for HEAD too), `location`, the CORS fields, then the route's response
+/// operations (which may replace any of them).
+pub fn answer_fields(a: &Answer<'_>, out: &mut impl HeaderSink) {
+    let none = HeaderOps::default();
+    let ops = a.ops.unwrap_or(&none);
+    let replaced = |name: &[u8]| {
+        ops.set.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+            || ops
+                .remove
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
+    };
+    let mut digits = [0u8; 20];
+    if !a.body.is_empty() && !replaced(b"content-type") {
+        out.field(b"content-type", b"text/plain");
+    }
+    if !replaced(b"content-length") {
+        out.field(b"content-length", decimal(a.body.len(), &mut digits));
+    }
+    if let Some(l) = &a.location {
+        if !replaced(b"location") {
+            out.field(b"location", l.as_bytes());
+        }
+    }
+    for (n, v) in a.cors.iter() {
+        if !replaced(n.as_str().as_bytes()) {
+            out.field(n.as_str().as_bytes(), v.as_bytes());
+        }
+    }
+    for (name, value) in ops.set.iter().chain(&ops.add) {
+        out.field(name, value.as_bytes());
+    }
+}
+
+/// `n` in decimal, written into `buf`.
+fn decimal(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
     }
 }
 
@@ -227,6 +542,7 @@ mod tests {
             scheme: b"https",
             client_ip: Some("10.0.0.1".parse().unwrap()),
             request_id: id.map(str::as_bytes),
+            host: None,
             ops: [route, dest],
             upgrade: false,
         };

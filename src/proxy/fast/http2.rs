@@ -222,25 +222,51 @@ impl FastH1 {
             client_ip,
         };
         let host = normalize_host(q.host);
-        let (route, forward) = match listener.table.decide(&host, &view) {
-            Decision::Route { route, .. } => match &route.action {
-                Action::Forward(f) if route.cors.is_none() && plain(f) => (route, f),
-                _ => return Some("route"),
-            },
-            _ => return Some("route"),
+        let f = match request::plan(listener, &host, &view) {
+            request::Plan::Answer(a) => {
+                if q.body > 0 || !s.is_body_empty() {
+                    // A body to read first: pingora's cycle answers it.
+                    return Some("route");
+                }
+                answer_h2(s, &snapshot, &a, started).await;
+                return None;
+            }
+            request::Plan::Forward(f) if plain(f.forward) => f,
+            request::Plan::Forward(_) => return Some("route"),
         };
-        let destination = &forward.destinations[forward.pick()];
+        let (route, forward) = (f.route, f.forward);
+        let destination = &forward.destinations[f.destination];
         let cluster = &destination.cluster;
         let Some(_admission) = cluster.try_admit() else {
             return Some("admission");
         };
+        let cors = match (f.cors_origin, route.cors.as_ref()) {
+            (Some(origin), Some(policy)) => request::CorsFields::for_response(policy, origin),
+            _ => request::CorsFields::default(),
+        };
+        if let Some(d) = f.delay {
+            tokio::time::sleep(d).await;
+        }
+        let rewrite = forward.rewrite.as_ref();
+        let rewritten = rewrite.and_then(|rw| {
+            let prefix = route
+                .matches
+                .get(f.match_index)
+                .and_then(|m| m.matched_prefix());
+            rw.path(q.path, q.query, prefix)
+        });
+        let authority = rewrite.and_then(|rw| rw.authority.as_ref());
         let head_only = req.method == http::Method::HEAD;
         let idempotent = retry::idempotent(q.method);
         let body_len = q.body;
+        let target = match &rewritten {
+            Some(t) => Target::Whole(t),
+            None => Target::Parts(q.path, q.query),
+        };
         let mut out = upstream_head(
             req,
-            q.path,
-            q.query,
+            target,
+            authority.map(http::HeaderValue::as_bytes),
             [&route.headers.request, &destination.headers.request],
             client_ip,
         );
@@ -311,7 +337,7 @@ impl FastH1 {
             tries.made += 1;
             let inflight = InFlight::new(cluster.clone(), i);
             let emit = |r: &httparse::Response<'_, '_>, raw: &[u8], _close: bool| {
-                head = response_head(r, raw, ops);
+                head = response_head(r, raw, ops, &cors);
             };
             let ex = Exchange {
                 cluster,
@@ -319,6 +345,7 @@ impl FastH1 {
                 pooled,
                 head_only,
                 ops,
+                cors: &cors,
                 client_close: false,
                 stream_idle,
             };
@@ -379,7 +406,7 @@ impl FastH1 {
                 done.sent = s.body_bytes_sent();
             }
         }
-        log_h2(s, &snapshot, route, cluster, started, &done);
+        log_h2(s, &snapshot, Some(route), Some(cluster), started, &done);
         None
     }
 }
@@ -433,28 +460,80 @@ fn eligible_h2<'r>(req: &'r RequestHeader, path: &'r str) -> Option<Req<'r>> {
     Some(r)
 }
 
+/// The request target the upstream gets: the (normalized) path and query, or a rewrite's.
+enum Target<'a> {
+    Parts(&'a str, Option<&'a str>),
+    Whole(&'a str),
+}
+
+/// Answers the stream with the request core's answer `a` and logs it.
+async fn answer_h2(
+    s: &mut HttpSession,
+    snapshot: &Snapshot,
+    a: &request::Answer<'_>,
+    started: Instant,
+) {
+    if let Some(d) = a.delay {
+        tokio::time::sleep(d).await;
+    }
+    let Ok(head) = ResponseHeader::build_no_case(a.status, Some(6)) else {
+        return;
+    };
+    let mut head = super::super::ResponseFields(head);
+    request::answer_fields(a, &mut head);
+    let head_only = a.body.is_empty() || s.req_header().method == http::Method::HEAD;
+    let mut sent = 0;
+    if s.write_response_header(Box::new(head.0), head_only).is_ok() && !head_only {
+        if s.write_body(a.body.clone(), true).await.is_ok() {
+            sent = a.body.len();
+        }
+    }
+    let done = Done {
+        status: a.status,
+        flags: a.flag,
+        details: a.details,
+        sent,
+        upstream_time: None,
+        upstream_host: None,
+        attempts: 0,
+    };
+    log_h2(
+        s,
+        snapshot,
+        a.route.map(|r| &**r),
+        a.cluster(),
+        started,
+        &done,
+    );
+}
+
 /// The HTTP/1.1 request head for the upstream, as pingora's path would write it: `Host`
 /// from `:authority`, cookies on one line (RFC 9113 8.2.3), then as on HTTP/1.1. `path`
 /// is the normalized path.
 fn upstream_head(
     req: &RequestHeader,
-    path: &str,
-    query: Option<&str>,
+    target: Target<'_>,
+    host: Option<&[u8]>,
     ops: [&HeaderOps; 2],
     client_ip: Option<IpAddr>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
-    if let Some(q) = query {
-        out.push(b'?');
-        out.extend_from_slice(q.as_bytes());
+    match target {
+        Target::Whole(t) => out.extend_from_slice(t.as_bytes()),
+        Target::Parts(path, query) => {
+            out.extend_from_slice(path.as_bytes());
+            if let Some(q) = query {
+                out.push(b'?');
+                out.extend_from_slice(q.as_bytes());
+            }
+        }
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     // The client's fields as an HTTP/1.1 request carries them: Host from `:authority`
     // (first), cookie fields on one line, joined with "; " (RFC 9113 8.2.3).
-    let host = (!req.headers.contains_key(header::HOST))
+    let from_authority = (!req.headers.contains_key(header::HOST))
         .then(|| req.uri.authority())
         .flatten()
         .map(|a| ("host", a.as_str().as_bytes()));
@@ -477,7 +556,8 @@ fn upstream_head(
         (None, None) => None,
     };
     let client = || {
-        host.into_iter()
+        from_authority
+            .into_iter()
             .chain(
                 req.headers
                     .iter()
@@ -491,6 +571,7 @@ fn upstream_head(
         client_ip,
         // Already among the fields (made before routing).
         request_id: None,
+        host,
         ops,
         upgrade: false,
     };
@@ -506,6 +587,7 @@ fn response_head(
     r: &httparse::Response<'_, '_>,
     raw: &[u8],
     ops: [&HeaderOps; 2],
+    cors: &request::CorsFields,
 ) -> Option<ResponseHeader> {
     let status = r.code?;
     if status < 200 {
@@ -541,6 +623,9 @@ fn response_head(
     }
     for o in ops {
         o.apply_response(&mut h);
+    }
+    for (n, v) in cors.iter() {
+        h.insert_header(n.clone(), v.clone()).ok()?;
     }
     Some(h)
 }
@@ -707,14 +792,14 @@ async fn local_h2(
             done.sent = n;
         }
     }
-    log_h2(s, snapshot, route, cluster, started, &done);
+    log_h2(s, snapshot, Some(route), Some(cluster), started, &done);
 }
 
 fn log_h2(
     s: &HttpSession,
     snapshot: &Snapshot,
-    route: &Route,
-    cluster: &Cluster,
+    route: Option<&Route>,
+    cluster: Option<&Cluster>,
     started: Instant,
     done: &Done,
 ) {
@@ -733,8 +818,8 @@ fn log_h2(
         snapshot,
         req: &req,
         headers: Headers::Map(&req_header.headers),
-        route: Some(route),
-        cluster: Some(cluster),
+        route,
+        cluster,
         started,
     };
     let Some((al, sink)) = log.observe(done) else {
