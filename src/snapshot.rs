@@ -27,7 +27,8 @@ pub struct Snapshot {
     pub dns_names: Vec<Arc<crate::egress::dns::DnsName>>,
     pub settings: Settings,
     pub summary: Summary,
-    /// Rate limits and access lists, by route (see `policy::Policies::route`).
+    /// Access lists (for the refresher) and the Redis of global rate limits; each
+    /// route's policies are its listener's (`Listener::policies`).
     pub policies: crate::policy::Policies,
 }
 
@@ -48,6 +49,9 @@ pub struct Listener {
     /// TLS passthrough routes by SNI (with `tls`, the names its HTTPS servers claim are
     /// terminated and served by `table`), or the port's TCP route.
     pub l4: Option<crate::l4::L4Table>,
+    /// Rate limits and access lists of this listener's routes (`request::plan` looks a
+    /// routed request's up here).
+    pub policies: crate::policy::RoutePolicies,
 }
 
 /// The shape of a listener: what needs a new socket when it changes.

@@ -429,7 +429,7 @@ pub fn compile_cached(
             .collect(),
     };
     let hosts = tables.values().map(|t| t.len()).sum();
-    let listeners_out: Vec<Listener> = listeners
+    let mut listeners_out: Vec<Listener> = listeners
         .iter()
         .map(|(port, b)| Listener {
             addr: b.addr,
@@ -445,9 +445,10 @@ pub fn compile_cached(
                 L4Kind::Passthrough => L4Table::Passthrough((*b.sni).clone()),
                 L4Kind::Tcp => L4Table::Tcp(b.tcp.clone()),
             }),
+            policies: Default::default(),
         })
         .collect();
-    let (policies, carried) = policies.bind(doc, &listeners_out);
+    let (policies, carried) = policies.bind(doc, &mut listeners_out);
     cache.policies = carried;
     let mut watched = cx.watched;
     watched.sort();

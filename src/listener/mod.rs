@@ -25,6 +25,12 @@ pub struct ConnectionLimit {
     clients: ClientTable,
 }
 
+/// The peer's IP address of an accepted connection (none for a Unix socket).
+pub fn peer_ip(io: &pingora::protocols::Stream) -> Option<IpAddr> {
+    io.get_socket_digest()
+        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
+}
+
 /// Connections per client address, in shards of their own lock.
 struct ClientTable {
     shards: [Mutex<HashMap<IpAddr, u32>>; CLIENT_SHARDS],

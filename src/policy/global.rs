@@ -165,7 +165,7 @@ impl RedisLimiter {
     /// Runs `pipe` on a pooled connection, loading the GCRA script once if Redis does not
     /// know it; at most `timeout` in all.
     pub async fn query(&self, pipe: &redis::Pipeline) -> Result<Vec<redis::Value>, Failure> {
-        let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
+        let slot = self.slot();
         let call = async {
             let mut conn = self.connection(slot).await?;
             let mut loaded = false;
@@ -211,6 +211,22 @@ impl RedisLimiter {
             Err(f) => self.errors[f as usize].inc(),
         }
         out
+    }
+
+    /// The next slot round the pool; but when that one has no connection and waits
+    /// before trying again, one that has a connection (so that once Redis is back, the
+    /// first connection made serves every request while the others are made again).
+    fn slot(&self) -> &Slot {
+        let n = self.slots.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let usable = |s: &Slot| {
+            lock(&s.conn).is_some()
+                || lock(&s.failed_at).is_none_or(|t| t.elapsed() >= RECONNECT_PAUSE)
+        };
+        (0..n)
+            .map(|k| &self.slots[(first + k) % n])
+            .find(|s| usable(s))
+            .unwrap_or(&self.slots[first])
     }
 
     /// At most one line a second, saying how many failures it stands for.

@@ -5,15 +5,17 @@
 //! client, and never answers a request itself: it returns a [`Decision`] that the request
 //! core turns into a reply (or lets through), the same for every codec.
 //!
-//! The request core calls, per request, after routing:
-//! 1. [`Policies::route`] with the routed virtual host and route (a hash lookup on two
-//!    pointers; `None` when no policy targets the route — the usual case costs one branch);
-//! 2. [`RoutePolicy::access`], then [`RoutePolicy::local`] (`Limits::check`: synchronous,
-//!    no allocation for a key already seen), and, when the route has global rules,
-//!    [`RoutePolicy::global`] (`GlobalLimits::check`: one pipelined Redis round trip);
-//! 3. answers the first refusal with [`Decision::status`], [`Decision::body`] and
-//!    [`Decision::response_fields`], or adds the fields of the allowed decision to the
-//!    upstream's response.
+//! The request core (`proxy::request`) calls, per request, after routing:
+//! 1. [`RoutePolicies::route`] of the listener with the routed virtual host and route (a
+//!    hash lookup on two pointers; `None` when no policy targets the route — the usual
+//!    case costs one branch);
+//! 2. [`RoutePolicy::decide`]: the access lists, then the local rules (`Limits::check`:
+//!    synchronous, no allocation for a key already seen), and, when those let the request
+//!    through and the route has global rules, `GlobalLimits::check` (one pipelined Redis
+//!    round trip, awaited; no lock is held across it);
+//! 3. answers a refusal with [`Decision::status`], [`Decision::body`] and
+//!    [`Decision::fields`], or adds the fields of the allowed decision to the answer or
+//!    the upstream's response.
 
 pub mod access;
 pub mod global;
@@ -43,7 +45,7 @@ pub struct RequestKeys<'a> {
     /// `iss/sub` of the request's verified JWT, if any.
     pub principal: Option<&'a str>,
     /// The claims of the request's verified JWT, if any.
-    pub claims: Option<&'a dyn Claims>,
+    pub claims: Option<&'a (dyn Claims + Sync)>,
 }
 
 /// A verified JWT's claims, by name (string claims only).
@@ -175,11 +177,60 @@ impl<'p> Decision<'p> {
         }
     }
 
-    /// The response fields this decision adds, as `(name, value)`: `x-envoy-ratelimited:
-    /// true` on a rate-limit refusal, and the RateLimit fields when on. Formats into a
-    /// stack buffer: no allocation.
-    pub fn response_fields(&self, mut field: impl FnMut(&'static str, &[u8])) {
-        if matches!(self.outcome, Outcome::LocalLimited | Outcome::GlobalLimited) {
+    /// The response fields this decision adds (owned: they outlive the borrow of the
+    /// Snapshot's rules, as the response comes later).
+    pub fn fields(&self) -> Fields {
+        Fields {
+            limited: matches!(self.outcome, Outcome::LocalLimited | Outcome::GlobalLimited),
+            headers: self.headers,
+        }
+    }
+
+    /// `Fields::write` of [`Decision::fields`].
+    pub fn response_fields(&self, field: impl FnMut(&'static str, &[u8])) {
+        self.fields().write(field)
+    }
+}
+
+/// The response fields of a decision: `x-envoy-ratelimited: true` on a rate-limit
+/// refusal, and the RateLimit fields when the policy has them on. Every codec writes them
+/// the same way (`proxy::request`), replacing an upstream's fields of the same names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fields {
+    pub limited: bool,
+    pub headers: Option<RateLimitHeaders>,
+}
+
+impl Fields {
+    /// Nothing to add.
+    pub const NONE: Fields = Fields {
+        limited: false,
+        headers: None,
+    };
+
+    pub fn is_empty(&self) -> bool {
+        !self.limited && self.headers.is_none()
+    }
+
+    /// Whether these fields write field `name` (any case).
+    pub fn writes(&self, name: &[u8]) -> bool {
+        if self.limited && name.eq_ignore_ascii_case(b"x-envoy-ratelimited") {
+            return true;
+        }
+        self.headers.is_some()
+            && [
+                &b"ratelimit-limit"[..],
+                b"ratelimit-remaining",
+                b"ratelimit-reset",
+                b"ratelimit-policy",
+            ]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+    }
+
+    /// The fields, as `(name, value)`. Formats into a stack buffer: no allocation.
+    pub fn write(&self, mut field: impl FnMut(&'static str, &[u8])) {
+        if self.limited {
             field("x-envoy-ratelimited", b"true");
         }
         let Some(h) = self.headers else { return };
@@ -232,41 +283,39 @@ impl RoutePolicy {
     pub fn global(&self) -> Option<&GlobalLimits> {
         self.global.as_ref()
     }
-}
 
-/// The compiled policies of one Snapshot.
-#[derive(Default)]
-pub struct Policies {
-    /// By the addresses of the virtual host and the route (both held by the Snapshot's
-    /// route tables, so the addresses stay theirs while this lives).
-    routes: foldhash::HashMap<(usize, usize), Arc<RoutePolicy>>,
-    /// Every access list by `namespace/name`, targeted or not (for AuthorizationPolicy-
-    /// style rules that name one, and for the refresher).
-    lists: std::collections::BTreeMap<String, Arc<AccessList>>,
-    /// Every global rule's Redis, when `mesh.redis` is set.
-    pub redis: Option<Arc<RedisLimiter>>,
-}
-
-impl std::fmt::Debug for Policies {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Policies")
-            .field("routes", &self.routes.len())
-            .field("lists", &self.lists.keys().collect::<Vec<_>>())
-            .finish()
+    /// The policies' decision for a request, counting it: the access lists first (a
+    /// refused request is not counted against any limit, as Envoy's RBAC filter runs before
+    /// its rate limit filters), then the local rules, then — only when those let it through
+    /// — the global rules in one Redis round trip. The wait for Redis borrows nothing but
+    /// `self` and `keys`, and no lock is held across it.
+    pub async fn decide(&self, keys: &RequestKeys<'_>) -> Decision<'_> {
+        let d = self.access(keys);
+        if !d.allowed() {
+            return d;
+        }
+        let d = d.and(self.local(keys));
+        if !d.allowed() {
+            return d;
+        }
+        match &self.global {
+            Some(g) => d.and(g.check(keys).await),
+            None => d,
+        }
     }
 }
 
-impl Policies {
-    pub fn new(
-        routes: foldhash::HashMap<(usize, usize), Arc<RoutePolicy>>,
-        lists: std::collections::BTreeMap<String, Arc<AccessList>>,
-        redis: Option<Arc<RedisLimiter>>,
-    ) -> Policies {
-        Policies {
-            routes,
-            lists,
-            redis,
-        }
+/// The policies of one listener's routes, by the addresses of the virtual host and the
+/// route (both held by the listener's route table, so the addresses stay theirs while
+/// this lives).
+#[derive(Default)]
+pub struct RoutePolicies {
+    routes: foldhash::HashMap<(usize, usize), Arc<RoutePolicy>>,
+}
+
+impl RoutePolicies {
+    pub fn new(routes: foldhash::HashMap<(usize, usize), Arc<RoutePolicy>>) -> RoutePolicies {
+        RoutePolicies { routes }
     }
 
     /// The policies of the route `route` of virtual host `vhost`, as routing decided them
@@ -280,6 +329,49 @@ impl Policies {
             .map(|p| p.as_ref())
     }
 
+    /// Routes with a policy.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+impl std::fmt::Debug for RoutePolicies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RoutePolicies({} routes)", self.routes.len())
+    }
+}
+
+/// The compiled policies of one Snapshot that are not a route's (those are each
+/// listener's, `snapshot::Listener::policies`).
+#[derive(Default)]
+pub struct Policies {
+    /// Every access list by `namespace/name`, targeted or not (for AuthorizationPolicy-
+    /// style rules that name one, and for the refresher).
+    lists: std::collections::BTreeMap<String, Arc<AccessList>>,
+    /// Every global rule's Redis, when `mesh.redis` is set.
+    pub redis: Option<Arc<RedisLimiter>>,
+}
+
+impl std::fmt::Debug for Policies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policies")
+            .field("lists", &self.lists.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Policies {
+    pub fn new(
+        lists: std::collections::BTreeMap<String, Arc<AccessList>>,
+        redis: Option<Arc<RedisLimiter>>,
+    ) -> Policies {
+        Policies { lists, redis }
+    }
+
     /// An access list by `namespace/name`.
     pub fn access_list(&self, key: &str) -> Option<&Arc<AccessList>> {
         self.lists.get(key)
@@ -290,13 +382,8 @@ impl Policies {
         self.lists.values()
     }
 
-    /// Routes with a policy.
-    pub fn len(&self) -> usize {
-        self.routes.len()
-    }
-
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty() && self.lists.is_empty()
+        self.lists.is_empty() && self.redis.is_none()
     }
 }
 

@@ -18,8 +18,12 @@ use crate::policy::selector::{
     Condition, Override, PathMatch, PathTemplate, Rate, Selector, SourceMatch, ValueMatch,
     ValueTest,
 };
-use crate::policy::{GlobalLimits, Policies, RoutePolicy};
+use crate::policy::{GlobalLimits, Policies, RoutePolicies, RoutePolicy};
 use crate::snapshot::Listener;
+
+/// Why JWT claims and principals are refused: nothing would ever fill them in.
+const NO_JWT: &str =
+    "Portico does not verify JWTs yet: a request has no claims or principal for this to look at";
 
 /// Keys a local rule remembers unless `maxKeys` says otherwise.
 pub const DEFAULT_MAX_KEYS: u32 = 100_000;
@@ -91,7 +95,6 @@ impl Cx {
     /// caller keeps `Compiled::next` when the whole compile succeeds).
     pub(super) fn policies(&mut self, doc: &Document, cache: &PolicyCache) -> Compiled {
         let mut next = PolicyCache::default();
-        self.not_enforced_yet(doc);
         let redis = self.redis(doc, cache, &mut next);
         let mut policies = Vec::new();
         for item in &doc.rate_limits {
@@ -126,31 +129,6 @@ impl Cx {
             list_targets,
             redis,
             next,
-        }
-    }
-
-    /// The request path does not consult the policy engine yet: say so rather than let a
-    /// policy look enforced.
-    fn not_enforced_yet(&mut self, doc: &Document) {
-        const WHY: &str = "compiled and checked, but not enforced yet: the request path does not consult rate limits, access lists or per-client connection caps in this version";
-        if let Some(p) = doc.rate_limits.first() {
-            self.warn(&p.origin, "", WHY);
-        }
-        if let Some(l) = doc
-            .access_lists
-            .iter()
-            .find(|l| !l.spec.target_refs.is_empty())
-        {
-            self.warn(&l.origin, ".targetRefs", WHY);
-        }
-        let per_client = doc
-            .mesh
-            .spec
-            .downstream
-            .as_ref()
-            .and_then(|d| d.max_connections_per_client);
-        if per_client.is_some() {
-            self.warn(&doc.mesh.origin, ".downstream.maxConnectionsPerClient", WHY);
         }
     }
 
@@ -521,6 +499,9 @@ impl Cx {
                     }
                 },
             };
+            if !ov.jwt_claims.is_empty() || ov.request_principal.is_some() {
+                self.err(o, &here, NO_JWT);
+            }
             if ov.headers.is_empty()
                 && source.is_none()
                 && ov.jwt_claims.is_empty()
@@ -573,6 +554,12 @@ impl Cx {
             if let Some(m) = self.value_match(o, &here, &sel) {
                 out.headers.push((h.name.to_ascii_lowercase(), m));
             }
+        }
+        if !c.jwt_claims.is_empty() {
+            self.err(o, &format!("{at}.jwtClaims"), NO_JWT);
+        }
+        if c.request_principal.is_some() {
+            self.err(o, &format!("{at}.requestPrincipal"), NO_JWT);
         }
         for (i, h) in c.jwt_claims.iter().enumerate() {
             let here = format!("{at}.jwtClaims[{i}]");
@@ -692,6 +679,10 @@ impl Cx {
             }
         };
         let list_key = match ListKey::parse(l.key.as_deref().unwrap_or("source.ip")) {
+            Ok(k @ (ListKey::Claim(_) | ListKey::Principal)) => {
+                self.err(o, ".key", NO_JWT);
+                k
+            }
             Ok(k) => k,
             Err(e) => {
                 self.err(o, ".key", e);
@@ -814,12 +805,12 @@ fn instance(port: u16, host: &str, vs: &str, index: usize) -> u64 {
 }
 
 impl Compiled {
-    /// Binds the policies to the routes they target and makes the Snapshot's `Policies`;
-    /// returns the state the next compile carries.
-    pub fn bind(self, doc: &Document, listeners: &[Listener]) -> (Policies, PolicyCache) {
-        let mut routes = foldhash::HashMap::default();
+    /// Binds the policies to the routes they target (each listener's
+    /// `RoutePolicies`) and makes the Snapshot's `Policies`; returns the state the next
+    /// compile carries.
+    pub fn bind(self, doc: &Document, listeners: &mut [Listener]) -> (Policies, PolicyCache) {
         if self.policies.is_empty() && self.list_targets.is_empty() {
-            return (Policies::new(routes, self.lists, self.redis), self.next);
+            return (Policies::new(self.lists, self.redis), self.next);
         }
         // The gateways each VirtualService binds, and those with servers on each port.
         let mut vs_gateways: HashMap<String, Vec<String>> = HashMap::new();
@@ -840,7 +831,8 @@ impl Compiled {
             }
         }
         let empty = Vec::new();
-        for l in listeners {
+        for l in listeners.iter_mut() {
+            let mut routes = foldhash::HashMap::default();
             let port = l.addr.port();
             let on_port = port_gateways.get(&port).unwrap_or(&empty);
             for (domain, vhost) in l.table.vhosts.entries() {
@@ -889,7 +881,8 @@ impl Compiled {
                     routes.insert(crate::policy::route_key(vhost, route), Arc::new(policy));
                 }
             }
+            l.policies = RoutePolicies::new(routes);
         }
-        (Policies::new(routes, self.lists, self.redis), self.next)
+        (Policies::new(self.lists, self.redis), self.next)
     }
 }
