@@ -571,7 +571,7 @@ fn access_lists_follow_their_file_and_url_without_a_reload() {
     let url = format!("http://127.0.0.1:{http}/x");
     let get = |from: &str, key: &str| {
         let h = format!("x-api-key: {key}");
-        curl(from, &["-H", h.as_str()], &[url.clone()])
+        curl(from, &["-H", h.as_str()], std::slice::from_ref(&url))
             .remove(0)
             .status
     };
@@ -668,7 +668,10 @@ gateways = ["gw"]
     // Its third is closed at once; another address is served.
     let mut third = BufReader::new(connect_from("127.0.0.2", http));
     assert!(get_on(&mut third).is_err(), "the third is closed");
-    assert_eq!(count(&curl("127.0.0.3", &[], &[url.clone()]), 200), 1);
+    assert_eq!(
+        count(&curl("127.0.0.3", &[], std::slice::from_ref(&url)), 200),
+        1
+    );
     let refused = metric_sum(
         &g.metrics(),
         "portico_listener_client_connections_refused_total",

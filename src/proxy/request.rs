@@ -176,6 +176,9 @@ impl HeaderSink for Vec<u8> {
 }
 
 /// What the request core decided for a request: answer it here, or forward it.
+// An answer is the larger (its CORS fields inline): a plan lives on the stack of one
+// request and moves once or twice, where a box would be an allocation per answer.
+#[allow(clippy::large_enum_variant)]
 pub enum Plan<'s> {
     Answer(Answer<'s>),
     Forward(Forwarded<'s>),

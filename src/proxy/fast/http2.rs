@@ -489,10 +489,11 @@ async fn answer_h2(
     request::answer_fields(a, &mut head);
     let head_only = a.body.is_empty() || s.req_header().method == http::Method::HEAD;
     let mut sent = 0;
-    if s.write_response_header(Box::new(head.0), head_only).is_ok() && !head_only {
-        if s.write_body(a.body.clone(), true).await.is_ok() {
-            sent = a.body.len();
-        }
+    if s.write_response_header(Box::new(head.0), head_only).is_ok()
+        && !head_only
+        && s.write_body(a.body.clone(), true).await.is_ok()
+    {
+        sent = a.body.len();
     }
     let done = Done {
         status: a.status,
