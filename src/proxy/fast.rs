@@ -804,7 +804,7 @@ impl FastH1 {
         let (route, forward) = (f.route, f.forward);
         let destination = &forward.destinations[f.destination];
         let cluster = &destination.cluster;
-        let cors = f.response_additions();
+        let added = f.response_additions();
         let log = Log {
             route: Some(route),
             cluster: Some(cluster),
@@ -886,7 +886,7 @@ impl FastH1 {
                 pooled,
                 head_only,
                 ops: response_ops,
-                cors: &cors,
+                added: &added,
                 client_close,
                 stream_idle,
             };
@@ -1158,7 +1158,7 @@ struct Exchange<'a> {
     head_only: bool,
     ops: [&'a HeaderOps; 2],
     /// CORS and policy fields for the response.
-    cors: &'a request::ResponseAdditions,
+    added: &'a request::ResponseAdditions,
     client_close: bool,
     /// The response head must come within this.
     stream_idle: Duration,
@@ -1219,11 +1219,11 @@ async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
     let up = c.up.insert(up);
     c.ubuf.clear();
     let (out, ubuf, resp) = (&c.out, &mut c.ubuf, &mut c.resp);
-    let (head_only, client_close, ops, cors) = (ex.head_only, ex.client_close, ex.ops, ex.cors);
+    let (head_only, client_close, ops, added) = (ex.head_only, ex.client_close, ex.ops, ex.added);
     let io = async {
         up.io.write_all(out).await?;
         read_response(&mut up.io, ubuf, head_only, client_close, |r, _, close| {
-            write_response_head(resp, r, close, ops, cors)
+            write_response_head(resp, r, close, ops, added)
         })
         .await
     };

@@ -204,11 +204,6 @@ impl<'s> Planned<'s> {
         &self.plan
     }
 
-    /// Whether a policy applies (and `police` may wait for Redis).
-    pub fn policed(&self) -> bool {
-        self.policy.is_some()
-    }
-
     /// Asks the route's policies and counts the request; the plan to carry out. A
     /// refusal is an answer (429 `RL`, or a list's 403, or `statusOnError` `RLSE` when
     /// Redis is down and the policy fails closed); an allowed request carries the

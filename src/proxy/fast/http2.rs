@@ -249,7 +249,7 @@ impl FastH1 {
         let (route, forward) = (f.route, f.forward);
         let destination = &forward.destinations[f.destination];
         let cluster = &destination.cluster;
-        let cors = f.response_additions();
+        let added = f.response_additions();
         if let Some(d) = f.delay {
             tokio::time::sleep(d).await;
         }
@@ -343,7 +343,7 @@ impl FastH1 {
             tries.made += 1;
             let inflight = InFlight::new(cluster.clone(), i);
             let emit = |r: &httparse::Response<'_, '_>, raw: &[u8], _close: bool| {
-                head = response_head(r, raw, ops, &cors);
+                head = response_head(r, raw, ops, &added);
             };
             let ex = Exchange {
                 cluster,
@@ -351,7 +351,7 @@ impl FastH1 {
                 pooled,
                 head_only,
                 ops,
-                cors: &cors,
+                added: &added,
                 client_close: false,
                 stream_idle,
             };
