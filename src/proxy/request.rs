@@ -12,6 +12,8 @@ use http::{header, HeaderName, HeaderValue};
 
 use crate::routing::{chance, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route};
 use crate::snapshot::Listener;
+use crate::telemetry::outcome::Flag;
+use crate::telemetry::trace::SpanContext;
 
 /// Fields about one hop, never passed upstream: RFC 9110 7.6.1's (`Connection` and what it
 /// names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Upgrade`), the client's
@@ -59,6 +61,9 @@ pub struct Forwarding<'a> {
     pub ops: [&'a HeaderOps; 2],
     /// The request asks for an upgrade: `Upgrade` and `Connection` go upstream.
     pub upgrade: bool,
+    /// The request's span (tracing on): its propagation fields replace the client's and
+    /// any route's, written last.
+    pub span: Option<&'a SpanContext>,
 }
 
 impl Forwarding<'_> {
@@ -73,6 +78,10 @@ impl Forwarding<'_> {
     }
 
     /// Whether a `set` in the operations writes field `name`.
+    fn traced(&self, name: &[u8]) -> bool {
+        self.span.is_some_and(|s| s.replaces(name))
+    }
+
     fn set_by_ops(&self, name: &[u8]) -> bool {
         self.ops
             .iter()
@@ -121,6 +130,7 @@ pub fn upstream_request_headers<'h, I>(
             || name.eq_ignore_ascii_case("x-forwarded-for")
             || name.eq_ignore_ascii_case("x-forwarded-proto")
             || f.replaced_in(0, name.as_bytes())
+            || f.traced(name.as_bytes())
             || (has_connection && named_by_connection(client(), name))
         {
             continue;
@@ -139,7 +149,7 @@ pub fn upstream_request_headers<'h, I>(
     }
     for (i, o) in f.ops.iter().enumerate() {
         for (name, value) in o.set.iter().chain(&o.add) {
-            if !f.replaced_in(i + 1, name) {
+            if !f.replaced_in(i + 1, name) && !f.traced(name) {
                 out.field(name, value.as_bytes());
             }
         }
@@ -155,6 +165,9 @@ pub fn upstream_request_headers<'h, I>(
                 .map(|(_, v)| v);
             out.forwarded_for(&mut prev, ip);
         }
+    }
+    if let Some(span) = f.span {
+        span.fields(|n, v| out.field(n, v));
     }
 }
 
@@ -176,7 +189,8 @@ impl HeaderSink for Vec<u8> {
 
 /// What the request core decided for a request: answer it here, or forward it.
 pub enum Plan<'s> {
-    Answer(Answer<'s>),
+    /// Boxed: an answer carries its CORS fields, and the forward plan is the hot one.
+    Answer(Box<Answer<'s>>),
     Forward(Forwarded<'s>),
 }
 
@@ -193,7 +207,7 @@ pub struct Answer<'s> {
     /// Wait this long first (a fault delay).
     pub delay: Option<Duration>,
     /// Envoy's response flag and details for the log.
-    pub flag: &'static str,
+    pub flag: Flag,
     pub details: &'static str,
     pub route: Option<&'s Arc<Route>>,
 }
@@ -308,7 +322,7 @@ pub fn not_found<'s>() -> Answer<'s> {
         cors: CorsFields::default(),
         ops: None,
         delay: None,
-        flag: "NR",
+        flag: Flag::NoRoute,
         details: "route_not_found",
         route: None,
     }
@@ -328,19 +342,19 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 location.push('?');
                 location.push_str(q);
             }
-            return Plan::Answer(Answer {
+            return Plan::Answer(Box::new(Answer {
                 status: 301,
                 body: Bytes::new(),
                 location: Some(location),
                 cors: CorsFields::default(),
                 ops: None,
                 delay: None,
-                flag: "",
+                flag: Flag::None,
                 details: "direct_response",
                 route: None,
-            });
+            }));
         }
-        Decision::NoHost | Decision::NoRoute(_) => return Plan::Answer(not_found()),
+        Decision::NoHost | Decision::NoRoute(_) => return Plan::Answer(Box::new(not_found())),
         Decision::Route {
             route, match_index, ..
         } => (route, match_index),
@@ -348,17 +362,17 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
     let (route, match_index) = route;
     if let Some(cors) = &route.cors {
         if let Some(fields) = CorsFields::preflight(cors, view) {
-            return Plan::Answer(Answer {
+            return Plan::Answer(Box::new(Answer {
                 status: 200,
                 body: Bytes::new(),
                 location: None,
                 cors: fields,
                 ops: None,
                 delay: None,
-                flag: "",
+                flag: Flag::None,
                 details: "cors_response",
                 route: Some(route),
-            });
+            }));
         }
     }
     let cors_origin = route.cors.as_ref().and_then(|c| allowed_origin(c, view));
@@ -367,17 +381,17 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
         if let Some(origin) = cors_origin.clone() {
             cors.push(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
         }
-        Plan::Answer(Answer {
+        Plan::Answer(Box::new(Answer {
             status,
             body,
             location,
             cors,
             ops: Some(&route.headers.response),
             delay: None,
-            flag: "",
+            flag: Flag::None,
             details: "direct_response",
             route: Some(route),
-        })
+        }))
     };
     let forward = match &route.action {
         Action::Direct(d) => return answer(d.status, d.body.clone(), None),
@@ -396,17 +410,17 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
         }
         if let Some((status, pct)) = fault.abort {
             if chance(pct) {
-                return Plan::Answer(Answer {
+                return Plan::Answer(Box::new(Answer {
                     status,
                     body: Bytes::from_static(b"fault filter abort"),
                     location: None,
                     cors: CorsFields::default(),
                     ops: Some(&route.headers.response),
                     delay,
-                    flag: "FI",
+                    flag: Flag::FaultInjected,
                     details: "fault_filter_abort",
                     route: Some(route),
-                });
+                }));
             }
         }
     }
@@ -545,6 +559,7 @@ mod tests {
             host: None,
             ops: [route, dest],
             upgrade: false,
+            span: None,
         };
         let mut out = Vec::new();
         upstream_request_headers(
