@@ -418,4 +418,12 @@ mod tests {
         );
         assert_eq!(request_end(&[b'a'; 100], 50), Err(check::HEAD_TOO_LARGE));
     }
+
+    /// Found by the h1_differential fuzz target: HTTP/1.0 with `Transfer-Encoding` was
+    /// framed as chunked; a 1.0 hop frames it by its length or as bodiless.
+    #[test]
+    fn fuzz_http_1_0_with_transfer_encoding_is_refused() {
+        let req = b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(request_end(req, 1024), Err(check::CODING_IN_HTTP_1_0));
+    }
 }
