@@ -51,8 +51,8 @@ enum Command {
         /// on the thread that accepted it, which costs less CPU per request.
         #[arg(long)]
         work_stealing: bool,
-        /// Serve plain HTTP/1.1 listeners with pingora's request cycle only, without
-        /// Portico's HTTP/1.1 fast path (README: "The HTTP/1.1 fast path").
+        /// Serve every request with pingora's request cycle, without Portico's fast path
+        /// (README: "The HTTP/1.1 front and the fast path").
         #[arg(long, env = "PORTICO_NO_FAST_PATH")]
         no_fast_path: bool,
     },

@@ -636,7 +636,12 @@ fn h2_streams_take_the_fast_path_and_share_upstream_connections() {
         let r = h2.get("fast.test", "/again").expect("GET over h2");
         assert_eq!(r.status, 200, "request {i}");
     }
-    assert_eq!(s.echo.connections(), opened, "no new upstream connection");
+    if fast_path_on() {
+        // The fast path's pool gives a connection back before the response's last frame
+        // goes out; pingora's after it, and a stream that arrives in between
+        // may open another (seen under load).
+        assert_eq!(s.echo.connections(), opened, "no new upstream connection");
+    }
     expect_fast(&s.portico, 25.0, 25);
     assert!(
         wait_until(Duration::from_secs(5), || s

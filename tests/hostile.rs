@@ -105,11 +105,12 @@ fn start_full(codec: Codec, extra_mesh: &str, destination_rule: &str) -> Gw {
             ("UP", up.port().to_string()),
         ],
     );
-    let args: &[&str] = match codec {
-        Codec::Fast => &[],
-        Codec::Pingora => &["--no-fast-path"],
+    // Each codec for sure, whatever PORTICO_NO_FAST_PATH the suite runs under.
+    let env = match codec {
+        Codec::Fast => ("PORTICO_NO_FAST_PATH", "false"),
+        Codec::Pingora => ("PORTICO_NO_FAST_PATH", "true"),
     };
-    let portico = Portico::start_with_args(tmp.path(), &config, args);
+    let portico = Portico::start_with_env(tmp.path(), &config, &[env]);
     Gw {
         portico,
         http,
@@ -427,6 +428,84 @@ fn idle_keep_alive_connections_are_closed_after_the_idle_timeout() {
             closed_within(&mut s, Duration::from_secs(5)),
             "{codec:?}: silent connection"
         );
+    }
+}
+
+#[test]
+fn idle_and_old_h2_connections_are_shut_down() {
+    for codec in BOTH {
+        let gw = start_with(codec, SHORT);
+        let mut h2 = H2Client::connect(gw.https, "gw.test").expect("h2");
+        assert_eq!(h2.get("gw.test", "/ok/h2idle").expect("answer").status, 200);
+        let t = Instant::now();
+        assert!(
+            h2.ended_within(Duration::from_secs(5)),
+            "{codec:?}: an idle h2 connection was not shut down"
+        );
+        assert!(
+            t.elapsed() >= Duration::from_millis(500),
+            "{codec:?}: too early"
+        );
+        // One that never opens a stream.
+        let mut quiet = H2Client::connect(gw.https, "gw.test").expect("h2");
+        assert!(
+            quiet.ended_within(Duration::from_secs(5)),
+            "{codec:?}: silent h2"
+        );
+    }
+    // A busy one past maxConnectionDuration (the fast path's h2; pingora's has no such
+    // setting).
+    let gw = start_with(
+        Codec::Fast,
+        "[mesh.downstream]\nmaxConnectionDuration = \"1s\"\n",
+    );
+    let mut h2 = H2Client::connect(gw.https, "gw.test").expect("h2");
+    let t = Instant::now();
+    let mut answered = 0;
+    while t.elapsed() < Duration::from_secs(5) {
+        match h2.get("gw.test", "/ok/busy") {
+            Ok(r) if r.status == 200 => answered += 1,
+            _ => break,
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(answered >= 3, "it served while young");
+    assert!(
+        h2.ended_within(Duration::from_secs(5)),
+        "an old h2 connection goes away"
+    );
+}
+
+#[test]
+fn an_http1_connection_past_its_maximum_age_closes_after_its_request() {
+    for codec in BOTH {
+        let gw = start_with(codec, "[mesh.downstream]\nmaxConnectionDuration = \"1s\"\n");
+        let mut s = raw(gw.http);
+        let t = Instant::now();
+        let mut last = None;
+        while t.elapsed() < Duration::from_secs(5) {
+            match exchange(&mut s, &get("t", "/ok/age"), "GET") {
+                Ok(r) => {
+                    assert_eq!(r.status, 200, "{codec:?}");
+                    let close = r
+                        .header("connection")
+                        .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                    last = Some((t.elapsed(), close));
+                    if close {
+                        break;
+                    }
+                }
+                Err(e) => panic!("{codec:?}: a request got no answer: {e}"),
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        let (at, close) = last.expect("answers");
+        assert!(close, "{codec:?}: never told to close");
+        assert!(
+            at >= Duration::from_millis(900),
+            "{codec:?}: closed at {at:?}"
+        );
+        assert!(closed_within(&mut s, Duration::from_secs(2)), "{codec:?}");
     }
 }
 

@@ -97,9 +97,18 @@ endpoints = [{{ address = "127.0.0.1", ports = {{ http = {dead} }} }}]
     assert_eq!(grpc.status, 200);
 
     let mut text = String::new();
+    // Each request's metrics are observed one after another: wait until every one of
+    // them has counted the 13th request (a scrape may land between two of them).
     assert!(wait_until(Duration::from_secs(3), || {
         text = portico.metrics();
-        metric_sum(&text, "istio_requests_total", "").unwrap_or(0.0) >= 13.0
+        [
+            "istio_requests_total",
+            "istio_request_duration_milliseconds_count",
+            "istio_request_bytes_count",
+            "istio_response_bytes_count",
+        ]
+        .iter()
+        .all(|m| metric_sum(&text, m, "").unwrap_or(0.0) >= 13.0)
     }));
     let (code, out) = promtool(&text);
     // promtool's only complaint may be the unit in Istio's own metric name, kept as Istio

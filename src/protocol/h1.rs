@@ -59,13 +59,6 @@ pub fn dropped_response_header_or_length(name: &str) -> bool {
     dropped_response_header(name) || name.eq_ignore_ascii_case("content-length")
 }
 
-/// Hop-by-hop headers, and those the proxy writes itself.
-pub fn dropped_request_header(name: &str) -> bool {
-    dropped_response_header(name)
-        || name.eq_ignore_ascii_case("x-forwarded-for")
-        || name.eq_ignore_ascii_case("x-forwarded-proto")
-}
-
 /// Writes `headers` less those `ops` (route's, then destination's) remove or set, then the
 /// operations' own.
 pub fn write_headers<'a>(
@@ -100,7 +93,9 @@ pub fn write_headers<'a>(
 }
 
 /// httparse's headers as name-value pairs.
-pub fn raw<'a>(headers: &'a [httparse::Header<'a>]) -> impl Iterator<Item = (&'a str, &'a [u8])> {
+pub fn raw<'a>(
+    headers: &'a [httparse::Header<'a>],
+) -> impl Iterator<Item = (&'a str, &'a [u8])> + Clone {
     headers.iter().map(|h| (h.name, h.value))
 }
 

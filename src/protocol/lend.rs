@@ -31,6 +31,16 @@ pub struct Lent {
     pub left: Left,
     /// The body's framing was broken: the connection is not reused.
     pub spoiled: bool,
+    /// The connection closes after this request (`maxConnectionDuration`): pingora's cycle
+    /// answers with `Connection: close`.
+    pub close_after: bool,
+}
+
+impl Lent {
+    /// The lent connection under pingora's session `stream`, if it is one.
+    pub fn of(stream: &Stream) -> Option<&Lent> {
+        stream.as_any().downcast_ref::<Lent>()
+    }
 }
 
 #[derive(Debug)]

@@ -13,7 +13,7 @@
 //! an upstream with TLS, h2c, TCP keepalive or `maxRequestsPerConnection`; tracing on; no
 //! route (404). A connection stays with pingora once handed over.
 
-use std::io::{self, Write as _};
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,16 +32,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::check::{self, Refusal};
-use super::{request_id, write_forwarded_for, Gateway};
+use super::request;
+use super::{request_id, Gateway};
 use crate::protocol::h1::{
-    self, dropped_request_header, dropped_response_header, dropped_response_header_or_length,
-    has_two_framings, head_end, put, raw, uri_char, write_headers, ChunkScan, Framing, MAX_HEADERS,
-    MAX_RESPONSE_HEAD,
+    self, dropped_response_header, dropped_response_header_or_length, has_two_framings, head_end,
+    raw, uri_char, write_headers, ChunkScan, Framing, MAX_HEADERS, MAX_RESPONSE_HEAD,
 };
 use crate::protocol::lend::{Left, Lent};
-use crate::routing::{
-    normalize_host, Action, Decision, Forward, HeaderOps, Headers, RequestView, Route,
-};
+use crate::routing::{normalize_host, Forward, HeaderOps, Headers, RequestView, Route};
 use crate::snapshot::AccessLogSettings;
 use crate::snapshot::Snapshot;
 use crate::telemetry::access_log::Sink;
@@ -366,15 +364,16 @@ impl FastH1 {
                     Rest::All => Left::All,
                 },
                 spoiled: false,
+                close_after: limits
+                    .max_connection_duration
+                    .is_some_and(|m| born.elapsed() >= m),
             };
             if matches!(lent.left, Left::All) {
                 // An h2c connection or an upgrade: pingora keeps it to the end.
                 return self.http.process_new(Box::new(lent), shutdown).await;
             }
+            let old = lent.close_after;
             let mut session = ServerSession::new_http1(Box::new(lent));
-            let old = limits
-                .max_connection_duration
-                .is_some_and(|m| born.elapsed() >= m);
             session.set_keepalive((!old).then(|| whole_seconds(limits.idle_timeout)));
             session.set_read_timeout(Some(limits.request_body_timeout));
             session.set_write_timeout(Some(limits.stream_idle_timeout));
@@ -476,17 +475,15 @@ struct RefusedRequest<'a> {
 /// Writes refusal `r`'s local reply and closes; logs it (with what is known of the
 /// request: `req` when the head parsed).
 async fn refuse(c: &mut Conn, r: Refusal, req: Option<&RefusedRequest<'_>>, snapshot: &Snapshot) {
-    let reason = http::StatusCode::from_u16(r.status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("");
-    let body_len = r.what.len() + 1;
+    let reply = request::LocalReply {
+        status: r.status,
+        what: r.what,
+        close: true,
+    };
+    let head = req.is_some_and(|q| q.method == "HEAD");
+    let body_len = if head { 0 } else { reply.body_len() };
     c.resp.clear();
-    let _ = write!(
-        c.resp,
-        "HTTP/1.1 {} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {body_len}\r\nconnection: close\r\n\r\n{}\n",
-        r.status, r.what
-    );
+    reply.write_h1(&mut c.resp, head);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = c.io.write_all(&c.resp).await;
         let _ = c.io.flush().await;
@@ -600,12 +597,13 @@ fn eligible<'h>(
     Some(r)
 }
 
-/// A route the fast path can forward on: no policy it leaves to pingora.
+/// A forward the fast path can carry (the request core's plan decided faults, CORS and
+/// the rewrite already): no mirror, no timeout, no retry on a response status, a
+/// destination it speaks to (plain HTTP/1.1, no keepalive probes, no per-connection
+/// request cap, no consistent hashing).
 fn plain(forward: &Forward) -> bool {
     let on = &forward.retries.on;
-    forward.fault.is_none()
-        && forward.mirrors.is_empty()
-        && forward.rewrite.is_none()
+    forward.mirrors.is_empty()
         && forward.timeout.is_none()
         && forward.retries.per_try_timeout.is_none()
         && !on.five_xx
@@ -738,33 +736,18 @@ impl FastH1 {
             port: listener.addr.port(),
             client_ip: c.client_ip,
         };
-        let host = normalize_host(req.host);
-        let (route, forward) = match listener.table.decide(&host, &view) {
-            Decision::Route { route, .. } => match &route.action {
-                Action::Forward(f) if route.cors.is_none() && plain(f) => (route, f),
-                _ => return Outcome::Lend(Lending { head, rest }, "route"),
-            },
-            _ => return Outcome::Lend(Lending { head, rest }, "route"),
-        };
-        let destination = &forward.destinations[forward.pick()];
-        let cluster = &destination.cluster;
-        // No waiting here (and no pending slot taken): pingora's path waits for a full pool,
-        // as long as the route allows.
-        let Some(_admission) = cluster.try_admit() else {
-            return Outcome::Lend(Lending { head, rest }, "admission");
-        };
-
-        let log = Log {
+        // The body, whole, after the head; each read within `requestBodyTimeout`. (It
+        // stays in `c.buf` until it is forwarded: a request lent to pingora below gets
+        // it with the head.)
+        let body_timeout = settings.downstream.request_body_timeout;
+        let unrouted = || Log {
             snapshot: &snapshot,
             req: &req,
             headers: Headers::Raw(parsed.headers, added),
-            route: Some(route),
-            cluster: Some(cluster),
+            route: None,
+            cluster: None,
             started,
         };
-
-        // The body, whole, after the head; each read within `requestBodyTimeout`.
-        let body_timeout = settings.downstream.request_body_timeout;
         while c.buf.len() < req.body {
             c.buf.reserve(req.body - c.buf.len());
             let n = timed(&mut c.wait, body_timeout, c.io.read_buf(&mut c.buf)).await;
@@ -772,15 +755,61 @@ impl FastH1 {
                 Some(Ok(n)) if n > 0 => {}
                 Some(_) => {
                     // The client went away mid-body: nothing was sent upstream.
-                    log.finish(c, &Done::local(0, "DC", None, 0));
+                    unrouted().finish(c, &Done::local(0, "DC", None, 0));
                     return Outcome::Close;
                 }
                 None => {
                     let done = Done::local(408, "", None, 0);
-                    return local(c, &log, done, check::BODY_TIMEOUT.what).await;
+                    return local(c, &unrouted(), done, check::BODY_TIMEOUT.what).await;
                 }
             }
         }
+
+        let host = normalize_host(req.host);
+        let client_close = req.close || old || *shutdown.borrow();
+        let f = match request::plan(listener, &host, &view) {
+            request::Plan::Answer(a) => {
+                c.buf.advance(req.body);
+                let log = Log {
+                    route: a.route.map(|r| &**r),
+                    cluster: a.cluster(),
+                    ..unrouted()
+                };
+                return answer(c, &log, &a, client_close).await;
+            }
+            request::Plan::Forward(f) if plain(f.forward) => f,
+            request::Plan::Forward(_) => return Outcome::Lend(Lending { head, rest }, "route"),
+        };
+        let (route, forward) = (f.route, f.forward);
+        let destination = &forward.destinations[f.destination];
+        let cluster = &destination.cluster;
+        // No waiting here (and no pending slot taken): pingora's path waits for a full pool,
+        // as long as the route allows.
+        let Some(_admission) = cluster.try_admit() else {
+            return Outcome::Lend(Lending { head, rest }, "admission");
+        };
+        let cors = match (f.cors_origin, route.cors.as_ref()) {
+            (Some(origin), Some(policy)) => request::CorsFields::for_response(policy, origin),
+            _ => request::CorsFields::default(),
+        };
+        let log = Log {
+            route: Some(route),
+            cluster: Some(cluster),
+            ..unrouted()
+        };
+        if let Some(d) = f.delay {
+            tokio::time::sleep(d).await;
+        }
+        // A rewrite: the path (with the query) and the authority the upstream sees.
+        let rewrite = forward.rewrite.as_ref();
+        let rewritten = rewrite.and_then(|rw| {
+            let prefix = route
+                .matches
+                .get(f.match_index)
+                .and_then(|m| m.matched_prefix());
+            rw.path(req.path, query, prefix)
+        });
+        let authority = rewrite.and_then(|rw| rw.authority.as_ref());
 
         // The upstream request head.
         let out = &mut c.out;
@@ -788,39 +817,35 @@ impl FastH1 {
         out.reserve(head_len + 256 + req.body);
         out.extend_from_slice(req.method.as_bytes());
         out.push(b' ');
-        out.extend_from_slice(req.path.as_bytes());
-        if let Some(q) = query {
-            out.push(b'?');
-            out.extend_from_slice(q.as_bytes());
+        match &rewritten {
+            Some(target) => out.extend_from_slice(target.as_bytes()),
+            None => {
+                out.extend_from_slice(req.path.as_bytes());
+                if let Some(q) = query {
+                    out.push(b'?');
+                    out.extend_from_slice(q.as_bytes());
+                }
+            }
         }
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        write_headers(
-            out,
-            raw(parsed.headers),
-            [&route.headers.request, &destination.headers.request],
-            dropped_request_header,
-        );
-        if let Some(id) = &id {
-            put(out, b"x-request-id", id);
-        }
-        let proto: &[u8] = if self.tls { b"https" } else { b"http" };
-        put(out, b"x-forwarded-proto", proto);
-        if let Some(ip) = c.client_ip {
-            out.extend_from_slice(b"x-forwarded-for: ");
-            let sent = parsed
-                .headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
-                .map(|h| h.value);
-            write_forwarded_for(out, sent, ip);
-            out.extend_from_slice(b"\r\n");
-        }
+        let forwarding = request::Forwarding {
+            scheme: if self.tls {
+                &b"https"[..]
+            } else {
+                &b"http"[..]
+            },
+            client_ip: c.client_ip,
+            request_id: id.as_ref().map(|id| &id[..]),
+            host: authority.map(|a| a.as_bytes()),
+            ops: [&route.headers.request, &destination.headers.request],
+            upgrade: false,
+        };
+        request::upstream_request_headers(|| raw(parsed.headers), &forwarding, out);
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&c.buf[..req.body]);
         c.buf.advance(req.body);
         let head_only = req.method == "HEAD";
 
-        let client_close = req.close || old || *shutdown.borrow();
         let response_ops = [&route.headers.response, &destination.headers.response];
 
         // Tries: as the route's retries and the shared resend rule allow.
@@ -848,6 +873,7 @@ impl FastH1 {
                 pooled,
                 head_only,
                 ops: response_ops,
+                cors: &cors,
                 client_close,
                 stream_idle,
             };
@@ -1118,6 +1144,8 @@ struct Exchange<'a> {
     pooled: bool,
     head_only: bool,
     ops: [&'a HeaderOps; 2],
+    /// CORS fields for the response.
+    cors: &'a request::CorsFields,
     client_close: bool,
     /// The response head must come within this.
     stream_idle: Duration,
@@ -1178,11 +1206,11 @@ async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
     let up = c.up.insert(up);
     c.ubuf.clear();
     let (out, ubuf, resp) = (&c.out, &mut c.ubuf, &mut c.resp);
-    let (head_only, client_close, ops) = (ex.head_only, ex.client_close, ex.ops);
+    let (head_only, client_close, ops, cors) = (ex.head_only, ex.client_close, ex.ops, ex.cors);
     let io = async {
         up.io.write_all(out).await?;
         read_response(&mut up.io, ubuf, head_only, client_close, |r, _, close| {
-            write_response_head(resp, r, close, ops)
+            write_response_head(resp, r, close, ops, cors)
         })
         .await
     };
@@ -1258,25 +1286,23 @@ fn write_response_head(
     r: &httparse::Response<'_, '_>,
     close: bool,
     ops: [&HeaderOps; 2],
+    cors: &request::CorsFields,
 ) {
-    let status = r.code.unwrap_or(0);
     out.clear();
     out.reserve(1024 + 4096);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(&[
-        b'0' + (status / 100) as u8,
-        b'0' + (status / 10 % 10) as u8,
-        b'0' + (status % 10) as u8,
-        b' ',
-    ]);
-    out.extend_from_slice(r.reason.unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    status_line(out, r.code.unwrap_or(0), Some(r.reason.unwrap_or("")));
     let drop = if has_two_framings(r.headers) {
         dropped_response_header_or_length
     } else {
         dropped_response_header
     };
-    write_headers(out, raw(r.headers), ops, drop);
+    // The route's CORS fields replace the upstream's (as pingora's path inserts them).
+    let upstream = raw(r.headers)
+        .filter(|(n, _)| !cors.iter().any(|(c, _)| n.eq_ignore_ascii_case(c.as_str())));
+    write_headers(out, upstream, ops, drop);
+    for (n, v) in cors.iter() {
+        request::HeaderSink::field(out, n.as_str().as_bytes(), v.as_bytes());
+    }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -1331,13 +1357,20 @@ async fn forward_body(
     let mut first = true;
     let mut reads = BodyReads::new();
     loop {
-        // What of ubuf belongs to this body.
+        // What of ubuf belongs to this body, and how much of it is body data (the log's
+        // bytes_sent: a chunked body's data, without its framing).
+        let mut data = 0usize;
         let take = match framing {
             Framing::Empty => 0,
             Framing::Length(_) => (c.ubuf.len() as u64).min(remaining) as usize,
-            Framing::Chunked => chunks.scan(&c.ubuf).unwrap_or(c.ubuf.len()),
+            Framing::Chunked => chunks
+                .decode(&c.ubuf, |r| data += r.len())
+                .unwrap_or(c.ubuf.len()),
             Framing::Close => c.ubuf.len(),
         };
+        if framing != Framing::Chunked {
+            data = take;
+        }
         let done = match framing {
             Framing::Empty => true,
             Framing::Length(_) => {
@@ -1375,7 +1408,7 @@ async fn forward_body(
                 .ok_or(DOWN_IDLE)?
                 .map_err(|_| DOWN)?;
         }
-        sent += take;
+        sent += data;
         c.ubuf.advance(take);
         if done {
             timed(&mut c.wait, idle, c.io.flush())
@@ -1409,6 +1442,65 @@ async fn forward_body(
     }
 }
 
+/// Writes the request core's answer `a` (a direct response, a redirect, no route, a CORS
+/// preflight, a fault abort) and logs it; the connection goes on unless `close`.
+async fn answer(c: &mut Conn, log: &Log<'_>, a: &request::Answer<'_>, close: bool) -> Outcome {
+    if let Some(d) = a.delay {
+        tokio::time::sleep(d).await;
+    }
+    let head = log.req.method == "HEAD";
+    c.resp.clear();
+    status_line(&mut c.resp, a.status, None);
+    request::answer_fields(a, &mut c.resp);
+    if close {
+        c.resp.extend_from_slice(b"connection: close\r\n");
+    }
+    c.resp.extend_from_slice(b"\r\n");
+    if !head {
+        c.resp.extend_from_slice(&a.body);
+    }
+    let idle = log.snapshot.settings.downstream.stream_idle_timeout;
+    let written = timed(&mut c.wait, idle, async {
+        c.io.write_all(&c.resp).await?;
+        c.io.flush().await
+    })
+    .await;
+    let done = Done {
+        status: a.status,
+        flags: a.flag,
+        details: a.details,
+        sent: if head { 0 } else { a.body.len() },
+        upstream_time: None,
+        upstream_host: None,
+        attempts: 0,
+    };
+    log.finish(c, &done);
+    match written {
+        Some(Ok(())) if !close => Outcome::KeepAlive,
+        _ => Outcome::Close,
+    }
+}
+
+/// `HTTP/1.1 <status> <reason>` and its line end; the reason the upstream gave, else the
+/// standard one.
+fn status_line(out: &mut Vec<u8>, status: u16, reason: Option<&str>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&[
+        b'0' + (status / 100 % 10) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+        b' ',
+    ]);
+    let standard = || {
+        http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("")
+    };
+    out.extend_from_slice(reason.unwrap_or_else(standard).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// A local reply after failed tries: status, body, log line, metrics and access log as
 /// pingora's path makes them; the connection is closed after it, as there.
 async fn local(c: &mut Conn, log: &Log<'_>, mut done: Done, what: &str) -> Outcome {
@@ -1422,76 +1514,18 @@ async fn local(c: &mut Conn, log: &Log<'_>, mut done: Done, what: &str) -> Outco
         tries = done.attempts.max(1),
         "{what}"
     );
-    let reason = http::StatusCode::from_u16(done.status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("");
-    let body_len = what.len() + 1;
+    let reply = request::LocalReply {
+        status: done.status,
+        what,
+        close: true,
+    };
+    let head = log.req.method == "HEAD";
+    let body_len = if head { 0 } else { reply.body_len() };
     c.resp.clear();
-    c.resp.reserve(256);
-    let _ = write!(
-        c.resp,
-        "HTTP/1.1 {} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {body_len}\r\nconnection: close\r\n\r\n{what}\n",
-        done.status
-    );
+    reply.write_h1(&mut c.resp, head);
     let _ = c.io.write_all(&c.resp).await;
     let _ = c.io.flush().await;
     done.sent = body_len;
     log.finish(c, &done);
     Outcome::Close
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_operations_replace_remove_and_add_in_route_then_destination_order() {
-        let ops = |set: &[(&str, &str)], add: &[(&str, &str)], remove: &[&str]| HeaderOps {
-            set: set
-                .iter()
-                .map(|(n, v)| (Bytes::copy_from_slice(n.as_bytes()), v.parse().unwrap()))
-                .collect(),
-            add: add
-                .iter()
-                .map(|(n, v)| (Bytes::copy_from_slice(n.as_bytes()), v.parse().unwrap()))
-                .collect(),
-            remove: remove.iter().map(|n| n.parse().unwrap()).collect(),
-        };
-        let route = ops(
-            &[("x-a", "route"), ("x-b", "route")],
-            &[("x-c", "1")],
-            &["x-gone"],
-        );
-        let dest = ops(&[("x-b", "dest")], &[], &["x-c"]);
-        let client = [
-            httparse::Header {
-                name: "Host",
-                value: b"h",
-            },
-            httparse::Header {
-                name: "X-A",
-                value: b"client",
-            },
-            httparse::Header {
-                name: "x-gone",
-                value: b"1",
-            },
-            httparse::Header {
-                name: "Connection",
-                value: b"keep-alive",
-            },
-        ];
-        let mut out = Vec::new();
-        write_headers(
-            &mut out,
-            raw(&client),
-            [&route, &dest],
-            dropped_request_header,
-        );
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "Host: h\r\nx-a: route\r\nx-b: dest\r\n"
-        );
-    }
 }

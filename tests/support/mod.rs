@@ -1132,6 +1132,8 @@ pub fn tls_connect_alpn(port: u16, sni: Option<&str>, alpn: &[&str]) -> Result<T
 pub struct H2Client {
     rt: tokio::runtime::Runtime,
     send: h2::client::SendRequest<bytes::Bytes>,
+    /// Set when the connection has ended (closed or shut down by the server).
+    ended: Arc<AtomicBool>,
 }
 
 /// One request for [`H2Client::send_all`]: method, authority, path, extra headers, body.
@@ -1144,6 +1146,8 @@ impl H2Client {
             .build()
             .map_err(|e| format!("runtime: {e}"))?;
         let name = ServerName::try_from(sni.to_string()).map_err(|e| format!("{sni}: {e}"))?;
+        let ended = Arc::new(AtomicBool::new(false));
+        let ended_by_conn = ended.clone();
         let send = rt.block_on(async {
             let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
@@ -1160,10 +1164,26 @@ impl H2Client {
                 .map_err(|e| format!("h2 handshake: {e}"))?;
             tokio::spawn(async move {
                 let _ = conn.await;
+                ended_by_conn.store(true, Ordering::SeqCst);
             });
             Ok::<_, String>(send)
         })?;
-        Ok(H2Client { rt, send })
+        Ok(H2Client { rt, send, ended })
+    }
+
+    /// Whether the connection ends (the server shuts it down) within `within`.
+    pub fn ended_within(&mut self, within: Duration) -> bool {
+        let ended = self.ended.clone();
+        self.rt.block_on(async move {
+            let deadline = tokio::time::Instant::now() + within;
+            while !ended.load(Ordering::SeqCst) {
+                if tokio::time::Instant::now() >= deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            true
+        })
     }
 
     pub fn get(&mut self, host: &str, path: &str) -> Result<Response, String> {

@@ -21,6 +21,51 @@ use super::*;
 /// accept loop does.
 const MAX_MALFORMED_STREAMS: usize = 32;
 
+/// The streams of an h2 connection in progress, and when the last one ended (or the
+/// connection started).
+struct StreamCount {
+    active: std::sync::atomic::AtomicUsize,
+    last_end: std::sync::Mutex<Instant>,
+}
+
+impl StreamCount {
+    fn new() -> StreamCount {
+        StreamCount {
+            active: std::sync::atomic::AtomicUsize::new(0),
+            last_end: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Since when the connection has had no stream in progress; `None` while one is.
+    fn idle_since(&self) -> Option<Instant> {
+        if self.active.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(*self.last_end.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// A stream in progress; dropping it ends it.
+struct StreamOpen(Arc<StreamCount>);
+
+impl StreamOpen {
+    fn new(count: &Arc<StreamCount>) -> StreamOpen {
+        count
+            .active
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        StreamOpen(count.clone())
+    }
+}
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        *self.0.last_end.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 impl FastH1 {
     /// Serves an h2 connection until the client is done with it.
     pub(crate) async fn serve_h2(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) {
@@ -43,6 +88,14 @@ impl FastH1 {
         let mut watch = shutdown.clone();
         let mut closing = false;
         let mut malformed = 0;
+        // A connection with no stream for `idleTimeout`, or older than
+        // `maxConnectionDuration`, is sent a GOAWAY (its streams in progress finish).
+        let limits = self.snapshots.load().settings.downstream.clone();
+        let born = tokio::time::Instant::now();
+        let streams = Arc::new(StreamCount::new());
+        let mut idle = Box::pin(tokio::time::sleep(limits.idle_timeout));
+        let old_at = limits.max_connection_duration.map(|d| born + d);
+        let mut old = Box::pin(tokio::time::sleep_until(old_at.unwrap_or(born)));
         loop {
             let accepted = if closing {
                 HttpSession::from_h2_conn(&mut conn, digest.clone()).await
@@ -56,16 +109,38 @@ impl FastH1 {
                         continue;
                     }
                     a = HttpSession::from_h2_conn(&mut conn, digest.clone()) => a,
+                    _ = idle.as_mut() => {
+                        match streams.idle_since() {
+                            Some(since) if since.elapsed() >= limits.idle_timeout => {
+                                conn.graceful_shutdown();
+                                closing = true;
+                            }
+                            Some(since) => idle.as_mut().reset((since + limits.idle_timeout).into()),
+                            None => idle
+                                .as_mut()
+                                .reset(tokio::time::Instant::now() + limits.idle_timeout),
+                        }
+                        continue;
+                    }
+                    _ = old.as_mut(), if old_at.is_some() => {
+                        conn.graceful_shutdown();
+                        closing = true;
+                        continue;
+                    }
                 }
             };
             match accepted {
                 Ok(Some(H2Accept::Session(session))) => {
                     let app = self.clone();
                     let shutdown = shutdown.clone();
+                    let open = StreamOpen::new(&streams);
                     // Boxed: the stream's future is a few KiB, and tokio moves a future it
                     // spawns (and the task's stage when it ends) by value, a copy each time;
                     // behind a box those moves are of a pointer.
-                    let stream = async move { app.h2_stream(session, client_ip, shutdown).await };
+                    let stream = async move {
+                        app.h2_stream(session, client_ip, shutdown).await;
+                        drop(open);
+                    };
                     tokio::spawn(Box::pin(stream));
                 }
                 Ok(Some(H2Accept::Rejected)) => {
@@ -147,28 +222,64 @@ impl FastH1 {
             client_ip,
         };
         let host = normalize_host(q.host);
-        let (route, forward) = match listener.table.decide(&host, &view) {
-            Decision::Route { route, .. } => match &route.action {
-                Action::Forward(f) if route.cors.is_none() && plain(f) => (route, f),
-                _ => return Some("route"),
-            },
-            _ => return Some("route"),
+        let f = match request::plan(listener, &host, &view) {
+            request::Plan::Answer(a) => {
+                if q.body > 0 || !s.is_body_empty() {
+                    // A body to read first: pingora's cycle answers it.
+                    return Some("route");
+                }
+                answer_h2(s, &snapshot, &a, started).await;
+                return None;
+            }
+            request::Plan::Forward(f) if plain(f.forward) => f,
+            request::Plan::Forward(_) => return Some("route"),
         };
-        let destination = &forward.destinations[forward.pick()];
+        let (route, forward) = (f.route, f.forward);
+        let destination = &forward.destinations[f.destination];
         let cluster = &destination.cluster;
         let Some(_admission) = cluster.try_admit() else {
             return Some("admission");
         };
+        let cors = match (f.cors_origin, route.cors.as_ref()) {
+            (Some(origin), Some(policy)) => request::CorsFields::for_response(policy, origin),
+            _ => request::CorsFields::default(),
+        };
+        if let Some(d) = f.delay {
+            tokio::time::sleep(d).await;
+        }
+        let rewrite = forward.rewrite.as_ref();
+        let rewritten = rewrite.and_then(|rw| {
+            let prefix = route
+                .matches
+                .get(f.match_index)
+                .and_then(|m| m.matched_prefix());
+            rw.path(q.path, q.query, prefix)
+        });
+        let authority = rewrite.and_then(|rw| rw.authority.as_ref());
         let head_only = req.method == http::Method::HEAD;
         let idempotent = retry::idempotent(q.method);
         let body_len = q.body;
+        let target = match &rewritten {
+            Some(t) => Target::Whole(t),
+            None => Target::Parts(q.path, q.query),
+        };
         let mut out = upstream_head(
             req,
-            q.path,
-            q.query,
+            target,
+            authority.map(http::HeaderValue::as_bytes),
             [&route.headers.request, &destination.headers.request],
             client_ip,
         );
+        // A path normalization changed: the log shows the normalized one, as elsewhere.
+        let normalized = match &path {
+            std::borrow::Cow::Owned(_) => q
+                .query
+                .map_or_else(|| path.to_string(), |query| format!("{path}?{query}")),
+            std::borrow::Cow::Borrowed(_) => String::new(),
+        };
+        if let Ok(uri) = normalized.parse::<http::Uri>() {
+            s.req_header_mut().set_uri(uri);
+        }
         let body_timeout = settings.downstream.request_body_timeout;
         if body_len > 0 {
             // Read whole (the h2 crate holds the stream to its content-length), then sent
@@ -226,7 +337,7 @@ impl FastH1 {
             tries.made += 1;
             let inflight = InFlight::new(cluster.clone(), i);
             let emit = |r: &httparse::Response<'_, '_>, raw: &[u8], _close: bool| {
-                head = response_head(r, raw, ops);
+                head = response_head(r, raw, ops, &cors);
             };
             let ex = Exchange {
                 cluster,
@@ -234,6 +345,7 @@ impl FastH1 {
                 pooled,
                 head_only,
                 ops,
+                cors: &cors,
                 client_close: false,
                 stream_idle,
             };
@@ -294,7 +406,7 @@ impl FastH1 {
                 done.sent = s.body_bytes_sent();
             }
         }
-        log_h2(s, &snapshot, route, cluster, started, &done);
+        log_h2(s, &snapshot, Some(route), Some(cluster), started, &done);
         None
     }
 }
@@ -348,19 +460,51 @@ fn eligible_h2<'r>(req: &'r RequestHeader, path: &'r str) -> Option<Req<'r>> {
     Some(r)
 }
 
-/// Whether `ops` set or remove header `name`.
-fn touched(ops: [&HeaderOps; 2], name: &str) -> bool {
-    ops.iter().any(|o| {
-        o.set
-            .iter()
-            .any(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            || o.remove.iter().any(|n| n.as_str() == name)
-    })
+/// The request target the upstream gets: the (normalized) path and query, or a rewrite's.
+enum Target<'a> {
+    Parts(&'a str, Option<&'a str>),
+    Whole(&'a str),
 }
 
-/// Hop-by-hop headers, those the proxy writes itself, and cookies (joined into one line).
-fn dropped_h2_request_header(name: &str) -> bool {
-    dropped_request_header(name) || name == "cookie"
+/// Answers the stream with the request core's answer `a` and logs it.
+async fn answer_h2(
+    s: &mut HttpSession,
+    snapshot: &Snapshot,
+    a: &request::Answer<'_>,
+    started: Instant,
+) {
+    if let Some(d) = a.delay {
+        tokio::time::sleep(d).await;
+    }
+    let Ok(head) = ResponseHeader::build_no_case(a.status, Some(6)) else {
+        return;
+    };
+    let mut head = super::super::ResponseFields(head);
+    request::answer_fields(a, &mut head);
+    let head_only = a.body.is_empty() || s.req_header().method == http::Method::HEAD;
+    let mut sent = 0;
+    if s.write_response_header(Box::new(head.0), head_only).is_ok() && !head_only {
+        if s.write_body(a.body.clone(), true).await.is_ok() {
+            sent = a.body.len();
+        }
+    }
+    let done = Done {
+        status: a.status,
+        flags: a.flag,
+        details: a.details,
+        sent,
+        upstream_time: None,
+        upstream_host: None,
+        attempts: 0,
+    };
+    log_h2(
+        s,
+        snapshot,
+        a.route.map(|r| &**r),
+        a.cluster(),
+        started,
+        &done,
+    );
 }
 
 /// The HTTP/1.1 request head for the upstream, as pingora's path would write it: `Host`
@@ -368,46 +512,70 @@ fn dropped_h2_request_header(name: &str) -> bool {
 /// is the normalized path.
 fn upstream_head(
     req: &RequestHeader,
-    path: &str,
-    query: Option<&str>,
+    target: Target<'_>,
+    host: Option<&[u8]>,
     ops: [&HeaderOps; 2],
     client_ip: Option<IpAddr>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
-    if let Some(q) = query {
-        out.push(b'?');
-        out.extend_from_slice(q.as_bytes());
+    match target {
+        Target::Whole(t) => out.extend_from_slice(t.as_bytes()),
+        Target::Parts(path, query) => {
+            out.extend_from_slice(path.as_bytes());
+            if let Some(q) = query {
+                out.push(b'?');
+                out.extend_from_slice(q.as_bytes());
+            }
+        }
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !req.headers.contains_key(header::HOST) && !touched(ops, "host") {
-        if let Some(a) = req.uri.authority() {
-            put(&mut out, b"host", a.as_str().as_bytes());
-        }
-    }
-    let headers = req.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
-    write_headers(&mut out, headers, ops, dropped_h2_request_header);
-    if !touched(ops, "cookie") {
-        let mut cookies = req.headers.get_all(header::COOKIE).iter();
-        if let Some(first) = cookies.next() {
-            out.extend_from_slice(b"cookie: ");
-            out.extend_from_slice(first.as_bytes());
-            for c in cookies {
-                out.extend_from_slice(b"; ");
-                out.extend_from_slice(c.as_bytes());
+    // The client's fields as an HTTP/1.1 request carries them: Host from `:authority`
+    // (first), cookie fields on one line, joined with "; " (RFC 9113 8.2.3).
+    let from_authority = (!req.headers.contains_key(header::HOST))
+        .then(|| req.uri.authority())
+        .flatten()
+        .map(|a| ("host", a.as_str().as_bytes()));
+    let mut cookies = req.headers.get_all(header::COOKIE).iter();
+    let first = cookies.next();
+    let joined: Option<Vec<u8>> = match (first, cookies.next()) {
+        (Some(a), Some(b)) => {
+            let mut j = a.as_bytes().to_vec();
+            for c in std::iter::once(b).chain(cookies) {
+                j.extend_from_slice(b"; ");
+                j.extend_from_slice(c.as_bytes());
             }
-            out.extend_from_slice(b"\r\n");
+            Some(j)
         }
-    }
-    put(&mut out, b"x-forwarded-proto", b"https");
-    if let Some(ip) = client_ip {
-        let prev = req.headers.get_all("x-forwarded-for");
-        out.extend_from_slice(b"x-forwarded-for: ");
-        write_forwarded_for(&mut out, prev.iter().map(http::HeaderValue::as_bytes), ip);
-        out.extend_from_slice(b"\r\n");
-    }
+        _ => None,
+    };
+    let cookie = match (&joined, first) {
+        (Some(j), _) => Some(("cookie", j.as_slice())),
+        (None, Some(c)) => Some(("cookie", c.as_bytes())),
+        (None, None) => None,
+    };
+    let client = || {
+        from_authority
+            .into_iter()
+            .chain(
+                req.headers
+                    .iter()
+                    .filter(|(n, _)| **n != header::COOKIE)
+                    .map(|(n, v)| (n.as_str(), v.as_bytes())),
+            )
+            .chain(cookie)
+    };
+    let forwarding = request::Forwarding {
+        scheme: b"https",
+        client_ip,
+        // Already among the fields (made before routing).
+        request_id: None,
+        host,
+        ops,
+        upgrade: false,
+    };
+    request::upstream_request_headers(client, &forwarding, &mut out);
     out.extend_from_slice(b"\r\n");
     out
 }
@@ -419,6 +587,7 @@ fn response_head(
     r: &httparse::Response<'_, '_>,
     raw: &[u8],
     ops: [&HeaderOps; 2],
+    cors: &request::CorsFields,
 ) -> Option<ResponseHeader> {
     let status = r.code?;
     if status < 200 {
@@ -454,6 +623,9 @@ fn response_head(
     }
     for o in ops {
         o.apply_response(&mut h);
+    }
+    for (n, v) in cors.iter() {
+        h.insert_header(n.clone(), v.clone()).ok()?;
     }
     Some(h)
 }
@@ -620,14 +792,14 @@ async fn local_h2(
             done.sent = n;
         }
     }
-    log_h2(s, snapshot, route, cluster, started, &done);
+    log_h2(s, snapshot, Some(route), Some(cluster), started, &done);
 }
 
 fn log_h2(
     s: &HttpSession,
     snapshot: &Snapshot,
-    route: &Route,
-    cluster: &Cluster,
+    route: Option<&Route>,
+    cluster: Option<&Cluster>,
     started: Instant,
     done: &Done,
 ) {
@@ -646,8 +818,8 @@ fn log_h2(
         snapshot,
         req: &req,
         headers: Headers::Map(&req_header.headers),
-        route: Some(route),
-        cluster: Some(cluster),
+        route,
+        cluster,
         started,
     };
     let Some((al, sink)) = log.observe(done) else {

@@ -1,0 +1,668 @@
+//! The request core: what a request becomes on its way upstream and what a local reply
+//! says, decided once for every codec (Portico's HTTP/1.1 and h2 fast codecs, and
+//! pingora's request cycle). Codecs only move bytes: each feeds the client's header fields
+//! in and writes out what comes back, in its own form. Never touches sockets.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderName, HeaderValue};
+
+use crate::routing::{chance, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route};
+use crate::snapshot::Listener;
+
+/// Fields about one hop, never passed upstream: RFC 9110 7.6.1's (`Connection` and what it
+/// names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Upgrade`), the client's
+/// credentials for this proxy (`Proxy-Authorization`), and h2c's `HTTP2-Settings`.
+/// `Transfer-Encoding` is the codec's: it frames the body it writes.
+const HOP_BY_HOP_REQUEST: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+    "http2-settings",
+];
+
+/// Whether request field `name` is about the hop to this proxy (an upgrade keeps
+/// `Upgrade` and `Connection`, which ask the upstream for it).
+pub fn hop_by_hop_request(name: &str, upgrade: bool) -> bool {
+    HOP_BY_HOP_REQUEST
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
+        && !(upgrade
+            && (name.eq_ignore_ascii_case("upgrade") || name.eq_ignore_ascii_case("connection")))
+}
+
+/// Where the upstream head's fields go: a codec's buffer or header map.
+pub trait HeaderSink {
+    fn field(&mut self, name: &[u8], value: &[u8]);
+    /// `X-Forwarded-For`: the values `prev` (each a list), then `ip`, as one field.
+    fn forwarded_for(&mut self, prev: &mut dyn Iterator<Item = &[u8]>, ip: IpAddr);
+}
+
+/// What the upstream head adds to the client's fields.
+pub struct Forwarding<'a> {
+    /// `http` or `https`: how the client reached the gateway.
+    pub scheme: &'static [u8],
+    pub client_ip: Option<IpAddr>,
+    /// The id made for a request that came without one: a field of the request from then
+    /// on (routes match on it), written as if the client had sent it last.
+    pub request_id: Option<&'a [u8]>,
+    /// A rewrite's authority: the `Host` the upstream gets instead of the client's.
+    pub host: Option<&'a [u8]>,
+    /// The route's header operations, then the destination's (a later one wins).
+    pub ops: [&'a HeaderOps; 2],
+    /// The request asks for an upgrade: `Upgrade` and `Connection` go upstream.
+    pub upgrade: bool,
+}
+
+impl Forwarding<'_> {
+    /// Whether a `set` or `remove` in `ops[from..]` replaces field `name`.
+    fn replaced_in(&self, from: usize, name: &[u8]) -> bool {
+        self.ops[from..].iter().any(|o| {
+            o.set.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+                || o.remove
+                    .iter()
+                    .any(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
+        })
+    }
+
+    /// Whether a `set` in the operations writes field `name`.
+    fn set_by_ops(&self, name: &[u8]) -> bool {
+        self.ops
+            .iter()
+            .any(|o| o.set.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)))
+    }
+}
+
+/// Whether a `Connection` field of `client` names field `name` (RFC 9110 7.6.1: a proxy
+/// removes the fields the client's `Connection` names).
+fn named_by_connection<'h>(client: impl Iterator<Item = (&'h str, &'h [u8])>, name: &str) -> bool {
+    client
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| v.split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+}
+
+/// The upstream request's header fields, after the request line: the client's fields
+/// less those about the hop (and those its `Connection` names), less those the operations
+/// replace; a generated request id; the operations' own fields (route's, then
+/// destination's); then `X-Forwarded-Proto` (unless an operation sets it) and
+/// `X-Forwarded-For`: the client's values that no operation removed, then the client's
+/// address (unless an operation sets it). So a route's `remove: [x-forwarded-for]` drops
+/// what a client claimed and keeps the address Portico saw, and a `set` of any of these
+/// fields gives one field with the route's value.
+///
+/// `client` gives the client's fields afresh on each call (they are looked at more than
+/// once: for what `Connection` names, and for `X-Forwarded-For`).
+pub fn upstream_request_headers<'h, I>(
+    client: impl Fn() -> I,
+    f: &Forwarding<'_>,
+    out: &mut impl HeaderSink,
+) where
+    I: Iterator<Item = (&'h str, &'h [u8])>,
+{
+    let has_connection = client().any(|(n, _)| n.eq_ignore_ascii_case("connection"));
+    let mut host_written = f.host.is_none();
+    for (name, value) in client() {
+        if let (Some(host), true) = (f.host, name.eq_ignore_ascii_case("host")) {
+            if !host_written && !f.replaced_in(0, b"host") {
+                out.field(name.as_bytes(), host);
+            }
+            host_written = true;
+            continue;
+        }
+        if hop_by_hop_request(name, f.upgrade)
+            || name.eq_ignore_ascii_case("x-forwarded-for")
+            || name.eq_ignore_ascii_case("x-forwarded-proto")
+            || f.replaced_in(0, name.as_bytes())
+            || (has_connection && named_by_connection(client(), name))
+        {
+            continue;
+        }
+        out.field(name.as_bytes(), value);
+    }
+    if let (Some(host), false) = (f.host, host_written) {
+        if !f.replaced_in(0, b"host") {
+            out.field(b"host", host);
+        }
+    }
+    if let Some(id) = f.request_id {
+        if !f.replaced_in(0, b"x-request-id") {
+            out.field(b"x-request-id", id);
+        }
+    }
+    for (i, o) in f.ops.iter().enumerate() {
+        for (name, value) in o.set.iter().chain(&o.add) {
+            if !f.replaced_in(i + 1, name) {
+                out.field(name, value.as_bytes());
+            }
+        }
+    }
+    if !f.set_by_ops(b"x-forwarded-proto") {
+        out.field(b"x-forwarded-proto", f.scheme);
+    }
+    if let Some(ip) = f.client_ip {
+        if !f.set_by_ops(b"x-forwarded-for") {
+            let kept = !f.replaced_in(0, b"x-forwarded-for");
+            let mut prev = client()
+                .filter(|(n, _)| kept && n.eq_ignore_ascii_case("x-forwarded-for"))
+                .map(|(_, v)| v);
+            out.forwarded_for(&mut prev, ip);
+        }
+    }
+}
+
+/// An HTTP/1.1 head being written: each field as a line.
+impl HeaderSink for Vec<u8> {
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        self.extend_from_slice(name);
+        self.extend_from_slice(b": ");
+        self.extend_from_slice(value);
+        self.extend_from_slice(b"\r\n");
+    }
+
+    fn forwarded_for(&mut self, prev: &mut dyn Iterator<Item = &[u8]>, ip: IpAddr) {
+        self.extend_from_slice(b"x-forwarded-for: ");
+        super::write_forwarded_for(self, prev, ip);
+        self.extend_from_slice(b"\r\n");
+    }
+}
+
+/// What the request core decided for a request: answer it here, or forward it.
+pub enum Plan<'s> {
+    Answer(Answer<'s>),
+    Forward(Forwarded<'s>),
+}
+
+/// An answer the gateway makes without an upstream: a direct response, a redirect, no
+/// route (404), a CORS preflight, a fault abort.
+pub struct Answer<'s> {
+    pub status: u16,
+    pub body: Bytes,
+    pub location: Option<String>,
+    /// CORS fields (an allowed preflight's, or `access-control-allow-origin`).
+    pub cors: CorsFields,
+    /// The route's response operations (none for a preflight).
+    pub ops: Option<&'s HeaderOps>,
+    /// Wait this long first (a fault delay).
+    pub delay: Option<Duration>,
+    /// Envoy's response flag and details for the log.
+    pub flag: &'static str,
+    pub details: &'static str,
+    pub route: Option<&'s Arc<Route>>,
+}
+
+impl<'s> Answer<'s> {
+    /// The cluster an answer on a forwarding route (a fault abort, a preflight) is counted
+    /// for: the route's first destination, as Istio reports such requests.
+    pub fn cluster(&self) -> Option<&'s crate::upstream::Cluster> {
+        match &self.route?.action {
+            Action::Forward(f) => f.destinations.first().map(|d| &*d.cluster),
+            _ => None,
+        }
+    }
+}
+
+/// A request to forward.
+pub struct Forwarded<'s> {
+    pub route: &'s Arc<Route>,
+    pub forward: &'s Forward,
+    /// The match block that held (a prefix rewrite replaces its prefix).
+    pub match_index: usize,
+    /// The weighted destination chosen.
+    pub destination: usize,
+    /// Wait this long first (a fault delay, flag `DI`).
+    pub delay: Option<Duration>,
+    /// The request's `Origin` when the route's CORS policy allows it: the response
+    /// carries `access-control-allow-origin` (and the policy's expose/credentials).
+    pub cors_origin: Option<HeaderValue>,
+}
+
+/// CORS response fields, at most five.
+#[derive(Default)]
+pub struct CorsFields {
+    fields: [Option<(HeaderName, HeaderValue)>; 5],
+}
+
+impl CorsFields {
+    fn push(&mut self, name: HeaderName, value: HeaderValue) {
+        if let Some(slot) = self.fields.iter_mut().find(|f| f.is_none()) {
+            *slot = Some((name, value));
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.fields.iter().flatten().map(|(n, v)| (n, v))
+    }
+
+    /// The fields of an allowed preflight (`OPTIONS` with
+    /// `access-control-request-method` from an origin the policy allows), or `None`.
+    fn preflight(cors: &Cors, view: &RequestView<'_>) -> Option<CorsFields> {
+        if view.method != "OPTIONS" || view.headers.get("access-control-request-method").is_none() {
+            return None;
+        }
+        let origin = view.headers.get("origin")?;
+        if !cors.allows(origin) {
+            return None;
+        }
+        let mut f = CorsFields::default();
+        f.push(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_str(origin).ok()?,
+        );
+        if let Some(v) = &cors.allow_methods {
+            f.push(header::ACCESS_CONTROL_ALLOW_METHODS, v.clone());
+        }
+        if let Some(v) = &cors.allow_headers {
+            f.push(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
+        }
+        if let Some(v) = &cors.max_age {
+            f.push(header::ACCESS_CONTROL_MAX_AGE, v.clone());
+        }
+        if cors.allow_credentials {
+            f.push(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+        }
+        Some(f)
+    }
+
+    /// The fields a forwarded response gets for allowed origin `origin`.
+    pub fn for_response(cors: &Cors, origin: HeaderValue) -> CorsFields {
+        let mut f = CorsFields::default();
+        f.push(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        if let Some(v) = &cors.expose_headers {
+            f.push(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
+        }
+        if cors.allow_credentials {
+            f.push(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+        }
+        f
+    }
+}
+
+/// The origin of the request when `cors` allows it.
+fn allowed_origin(cors: &Cors, view: &RequestView<'_>) -> Option<HeaderValue> {
+    let origin = view.headers.get("origin")?;
+    cors.allows(origin)
+        .then(|| HeaderValue::from_str(origin).ok())
+        .flatten()
+}
+
+/// The answer to a request no route takes: 404, `NR`.
+pub fn not_found<'s>() -> Answer<'s> {
+    Answer {
+        status: 404,
+        body: Bytes::new(),
+        location: None,
+        cors: CorsFields::default(),
+        ops: None,
+        delay: None,
+        flag: "NR",
+        details: "route_not_found",
+        route: None,
+    }
+}
+
+/// Decides what becomes of a request on `listener` for (normalized) host `host`: the
+/// route table's choice, then the route's policies in Envoy's order (CORS preflight,
+/// fault delay, fault abort). Random draws (weights, fault percentages) happen here, once.
+pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> Plan<'s> {
+    let route = match listener.table.decide(host, view) {
+        Decision::HttpsRedirect(_) => {
+            let mut location = String::with_capacity(host.len() + view.path.len() + 16);
+            location.push_str("https://");
+            location.push_str(host);
+            location.push_str(view.path);
+            if let Some(q) = view.query {
+                location.push('?');
+                location.push_str(q);
+            }
+            return Plan::Answer(Answer {
+                status: 301,
+                body: Bytes::new(),
+                location: Some(location),
+                cors: CorsFields::default(),
+                ops: None,
+                delay: None,
+                flag: "",
+                details: "direct_response",
+                route: None,
+            });
+        }
+        Decision::NoHost | Decision::NoRoute(_) => return Plan::Answer(not_found()),
+        Decision::Route {
+            route, match_index, ..
+        } => (route, match_index),
+    };
+    let (route, match_index) = route;
+    if let Some(cors) = &route.cors {
+        if let Some(fields) = CorsFields::preflight(cors, view) {
+            return Plan::Answer(Answer {
+                status: 200,
+                body: Bytes::new(),
+                location: None,
+                cors: fields,
+                ops: None,
+                delay: None,
+                flag: "",
+                details: "cors_response",
+                route: Some(route),
+            });
+        }
+    }
+    let cors_origin = route.cors.as_ref().and_then(|c| allowed_origin(c, view));
+    let answer = |status: u16, body: Bytes, location: Option<String>| {
+        let mut cors = CorsFields::default();
+        if let Some(origin) = cors_origin.clone() {
+            cors.push(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        }
+        Plan::Answer(Answer {
+            status,
+            body,
+            location,
+            cors,
+            ops: Some(&route.headers.response),
+            delay: None,
+            flag: "",
+            details: "direct_response",
+            route: Some(route),
+        })
+    };
+    let forward = match &route.action {
+        Action::Direct(d) => return answer(d.status, d.body.clone(), None),
+        Action::Redirect(r) => {
+            let location = r.location(view.scheme, view.authority, view.path, view.query);
+            return answer(r.code, Bytes::new(), Some(location));
+        }
+        Action::Forward(f) => f,
+    };
+    let mut delay = None;
+    if let Some(fault) = &forward.fault {
+        if let Some((d, pct)) = fault.delay {
+            if chance(pct) {
+                delay = Some(d);
+            }
+        }
+        if let Some((status, pct)) = fault.abort {
+            if chance(pct) {
+                return Plan::Answer(Answer {
+                    status,
+                    body: Bytes::from_static(b"fault filter abort"),
+                    location: None,
+                    cors: CorsFields::default(),
+                    ops: Some(&route.headers.response),
+                    delay,
+                    flag: "FI",
+                    details: "fault_filter_abort",
+                    route: Some(route),
+                });
+            }
+        }
+    }
+    Plan::Forward(Forwarded {
+        route,
+        forward,
+        match_index,
+        destination: forward.pick(),
+        delay,
+        cors_origin,
+    })
+}
+
+/// The fields of answer `a`'s head, as every codec writes them: content type and length
+/// (the body's, for HEAD too), `location`, the CORS fields, then the route's response
+/// operations (which may replace any of them).
+pub fn answer_fields(a: &Answer<'_>, out: &mut impl HeaderSink) {
+    let none = HeaderOps::default();
+    let ops = a.ops.unwrap_or(&none);
+    let replaced = |name: &[u8]| {
+        ops.set.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+            || ops
+                .remove
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
+    };
+    let mut digits = [0u8; 20];
+    if !a.body.is_empty() && !replaced(b"content-type") {
+        out.field(b"content-type", b"text/plain");
+    }
+    if !replaced(b"content-length") {
+        out.field(b"content-length", decimal(a.body.len(), &mut digits));
+    }
+    if let Some(l) = &a.location {
+        if !replaced(b"location") {
+            out.field(b"location", l.as_bytes());
+        }
+    }
+    for (n, v) in a.cors.iter() {
+        if !replaced(n.as_str().as_bytes()) {
+            out.field(n.as_str().as_bytes(), v.as_bytes());
+        }
+    }
+    for (name, value) in ops.set.iter().chain(&ops.add) {
+        out.field(name, value.as_bytes());
+    }
+}
+
+/// `n` in decimal, written into `buf`.
+fn decimal(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
+/// A reply the gateway makes itself (a refusal, no route, a failure upstream): the same
+/// status line, fields and body from every codec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalReply<'a> {
+    pub status: u16,
+    /// One line of text (the body is it and a newline); empty for no body.
+    pub what: &'a str,
+    /// The client's connection closes after it (HTTP/1.1: `connection: close`).
+    pub close: bool,
+}
+
+impl LocalReply<'_> {
+    /// The body's length.
+    pub fn body_len(&self) -> usize {
+        if self.what.is_empty() {
+            0
+        } else {
+            self.what.len() + 1
+        }
+    }
+
+    /// The reply as HTTP/1.1 bytes into `out` (no body for a HEAD request).
+    pub fn write_h1(&self, out: &mut Vec<u8>, head: bool) {
+        use std::io::Write as _;
+        let reason = http::StatusCode::from_u16(self.status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        let _ = write!(out, "HTTP/1.1 {} {reason}\r\n", self.status);
+        let len = self.body_len();
+        if len > 0 {
+            out.extend_from_slice(b"content-type: text/plain\r\n");
+        }
+        let _ = write!(out, "content-length: {len}\r\n");
+        if self.close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if len > 0 && !head {
+            out.extend_from_slice(self.what.as_bytes());
+            out.push(b'\n');
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn ops(set: &[(&str, &str)], add: &[(&str, &str)], remove: &[&str]) -> HeaderOps {
+        HeaderOps {
+            set: set
+                .iter()
+                .map(|(n, v)| (Bytes::copy_from_slice(n.as_bytes()), v.parse().unwrap()))
+                .collect(),
+            add: add
+                .iter()
+                .map(|(n, v)| (Bytes::copy_from_slice(n.as_bytes()), v.parse().unwrap()))
+                .collect(),
+            remove: remove.iter().map(|n| n.parse().unwrap()).collect(),
+        }
+    }
+
+    fn run(
+        client: &[(&str, &str)],
+        route: &HeaderOps,
+        dest: &HeaderOps,
+        id: Option<&str>,
+    ) -> String {
+        let f = Forwarding {
+            scheme: b"https",
+            client_ip: Some("10.0.0.1".parse().unwrap()),
+            request_id: id.map(str::as_bytes),
+            host: None,
+            ops: [route, dest],
+            upgrade: false,
+        };
+        let mut out = Vec::new();
+        upstream_request_headers(
+            || client.iter().map(|(n, v)| (*n, v.as_bytes())),
+            &f,
+            &mut out,
+        );
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn operations_replace_remove_and_add_in_route_then_destination_order() {
+        let route = ops(
+            &[("x-a", "route"), ("x-b", "route")],
+            &[("x-c", "1")],
+            &["x-gone"],
+        );
+        let dest = ops(&[("x-b", "dest")], &[], &["x-c"]);
+        let got = run(
+            &[
+                ("Host", "h"),
+                ("X-A", "client"),
+                ("x-gone", "1"),
+                ("Connection", "keep-alive"),
+            ],
+            &route,
+            &dest,
+            None,
+        );
+        assert_eq!(
+            got,
+            "Host: h\r\nx-a: route\r\nx-b: dest\r\nx-forwarded-proto: https\r\nx-forwarded-for: 10.0.0.1\r\n"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_fields_stay_behind() {
+        let none = HeaderOps::default();
+        let got = run(
+            &[
+                ("Host", "h"),
+                ("Connection", "keep-alive, X-Private"),
+                ("x-private", "1"),
+                ("Proxy-Authorization", "Basic eDp5"),
+                ("Proxy-Connection", "keep-alive"),
+                ("TE", "trailers"),
+                ("HTTP2-Settings", "AAMA"),
+                ("Keep-Alive", "timeout=5"),
+                ("x-kept", "1"),
+            ],
+            &none,
+            &none,
+            None,
+        );
+        assert_eq!(
+            got,
+            "Host: h\r\nx-kept: 1\r\nx-forwarded-proto: https\r\nx-forwarded-for: 10.0.0.1\r\n"
+        );
+    }
+
+    #[test]
+    fn forwarded_fields_the_request_id_and_what_routes_do_to_them() {
+        let none = HeaderOps::default();
+        let client = [
+            ("Host", "h"),
+            ("X-Forwarded-For", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+            ("X-Forwarded-Proto", "spoofed"),
+        ];
+        assert_eq!(
+            run(&client, &none, &none, Some("id-1")),
+            "Host: h\r\nx-request-id: id-1\r\nx-forwarded-proto: https\r\nx-forwarded-for: 1.1.1.1, 2.2.2.2, 10.0.0.1\r\n"
+        );
+        let remove = ops(&[], &[], &["x-forwarded-for", "x-request-id"]);
+        assert_eq!(
+            run(&client, &remove, &none, Some("id-1")),
+            "Host: h\r\nx-forwarded-proto: https\r\nx-forwarded-for: 10.0.0.1\r\n",
+            "remove drops what the client claimed, not the address Portico saw"
+        );
+        let set = ops(
+            &[
+                ("x-forwarded-for", "set"),
+                ("x-forwarded-proto", "p"),
+                ("x-request-id", "r"),
+            ],
+            &[],
+            &[],
+        );
+        assert_eq!(
+            run(&client, &set, &none, Some("id-1")),
+            "Host: h\r\nx-forwarded-for: set\r\nx-forwarded-proto: p\r\nx-request-id: r\r\n",
+            "a set gives one field with the route's value"
+        );
+    }
+
+    #[test]
+    fn local_replies_read_the_same_everywhere() {
+        let mut out = Vec::new();
+        LocalReply {
+            status: 503,
+            what: "no healthy upstream",
+            close: true,
+        }
+        .write_h1(&mut out, false);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 20\r\nconnection: close\r\n\r\nno healthy upstream\n"
+        );
+        let mut out = Vec::new();
+        LocalReply {
+            status: 404,
+            what: "",
+            close: false,
+        }
+        .write_h1(&mut out, true);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+        );
+    }
+}
