@@ -1263,26 +1263,7 @@ async fn timed<F: std::future::Future>(
 async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
     let addr = ex.cluster.endpoints[ex.i].addr;
     c.up = None;
-    let pooled = if ex.pooled {
-        upstream::pool::take(addr, Instant::now())
-    } else {
-        None
-    };
-    let up = match pooled {
-        Some(io) => Upstream {
-            addr,
-            io,
-            pooled: true,
-        },
-        None => Upstream {
-            addr,
-            io: connect(addr, ex.cluster.settings.connect_timeout)
-                .await
-                .ok_or(TryFailure::Connect)?,
-            pooled: false,
-        },
-    };
-    let up = c.up.insert(up);
+    let up = c.up.insert(Upstream::open(addr, &ex).await?);
     c.ubuf.clear();
     let (out, ubuf, resp) = (&c.out, &mut c.ubuf, &mut c.resp);
     let (head_only, client_close, ops, cors) = (ex.head_only, ex.client_close, ex.ops, ex.cors);
@@ -1295,17 +1276,47 @@ async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
     };
     let result = timed(&mut c.wait, ex.wait, io).await;
     let stale = up.pooled && c.ubuf.is_empty();
+    let result = exchanged(result, stale);
+    if result.is_err() {
+        c.up = None;
+    }
+    result
+}
+
+impl Upstream {
+    /// A connection to endpoint `addr` for a try: a clean pooled one when the try may
+    /// take one, else a new one within the cluster's connect timeout.
+    async fn open(addr: SocketAddr, ex: &Exchange<'_>) -> Result<Upstream, TryFailure> {
+        if ex.pooled {
+            if let Some(io) = upstream::pool::take(addr, Instant::now()) {
+                return Ok(Upstream {
+                    addr,
+                    io,
+                    pooled: true,
+                });
+            }
+        }
+        let io = connect(addr, ex.cluster.settings.connect_timeout)
+            .await
+            .ok_or(TryFailure::Connect)?;
+        Ok(Upstream {
+            addr,
+            io,
+            pooled: false,
+        })
+    }
+}
+
+/// How a try's exchange ended, as the retry rules read it: `None` when its time ran out,
+/// `Ok(None)` for a response head that does not parse; `stale` when the request went out
+/// on a pooled connection and not a byte came back.
+fn exchanged<T>(result: Option<io::Result<Option<T>>>, stale: bool) -> Result<T, TryFailure> {
     match result {
         Some(Ok(Some(resp))) => Ok(resp),
-        other => {
-            c.up = None;
-            Err(match other {
-                None => TryFailure::Timeout,
-                Some(Ok(None)) => TryFailure::BadResponse,
-                _ if stale => TryFailure::StaleConnection,
-                _ => TryFailure::Reset,
-            })
-        }
+        None => Err(TryFailure::Timeout),
+        Some(Ok(None)) => Err(TryFailure::BadResponse),
+        Some(Err(_)) if stale => Err(TryFailure::StaleConnection),
+        Some(Err(_)) => Err(TryFailure::Reset),
     }
 }
 

@@ -651,25 +651,7 @@ async fn exchange_h2(
     mut emit: impl FnMut(&httparse::Response<'_, '_>, &[u8], bool),
 ) -> Result<(Upstream, Resp), TryFailure> {
     let addr = ex.cluster.endpoints[ex.i].addr;
-    let pooled = if ex.pooled {
-        upstream::pool::take(addr, Instant::now())
-    } else {
-        None
-    };
-    let mut up = match pooled {
-        Some(io) => Upstream {
-            addr,
-            io,
-            pooled: true,
-        },
-        None => Upstream {
-            addr,
-            io: connect(addr, ex.cluster.settings.connect_timeout)
-                .await
-                .ok_or(TryFailure::Connect)?,
-            pooled: false,
-        },
-    };
+    let mut up = Upstream::open(addr, ex).await?;
     ubuf.clear();
     let head_only = ex.head_only;
     let io = async {
@@ -678,13 +660,7 @@ async fn exchange_h2(
     };
     let result = timed(wait, ex.wait, io).await;
     let stale = up.pooled && ubuf.is_empty();
-    match result {
-        Some(Ok(Some(resp))) => Ok((up, resp)),
-        None => Err(TryFailure::Timeout),
-        Some(Ok(None)) => Err(TryFailure::BadResponse),
-        Some(Err(_)) if stale => Err(TryFailure::StaleConnection),
-        Some(Err(_)) => Err(TryFailure::Reset),
-    }
+    exchanged(result, stale).map(|resp| (up, resp))
 }
 
 /// Passes the body (what is in `ubuf`, then what the upstream sends) to the stream, as
