@@ -77,6 +77,17 @@ name = "limited"
 match = [{ uri = { prefix = "/limited/" } }]
 route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
 [[virtualServices.http]]
+name = "timeout"
+match = [{ uri = { prefix = "/slow/" } }]
+timeout = "200ms"
+route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
+[[virtualServices.http]]
+name = "per-try"
+match = [{ uri = { prefix = "/never/" } }]
+timeout = "5s"
+retries = { attempts = 1, perTryTimeout = "150ms", retryOn = "gateway-error" }
+route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
+[[virtualServices.http]]
 name = "default"
 match = [{ uri = { prefix = "/" } }]
 route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
@@ -391,6 +402,10 @@ fn corpus() -> Vec<Case> {
             vec![("x-blocked", "yes")],
             b"",
         ),
+        // The route's timeout runs out before the upstream answers: 504 `UT`.
+        ("route timeout", "GET", "/slow/1000/m29".into(), vec![], b""),
+        // Each try runs out of its time; one retry, then 504.
+        ("per-try timeout", "GET", "/never/m30".into(), vec![], b""),
     ]
 }
 
@@ -411,6 +426,8 @@ fn both_codecs_send_the_same_upstream_and_answer_the_same() {
     let fast = start(false);
     let pingora = start(true);
     let mut differences = Vec::new();
+    // The cases the fast path lent to pingora's cycle.
+    let mut lent = Vec::new();
     for (name, method, target, headers, body) in corpus() {
         let marker = target
             .rsplit('-')
@@ -436,7 +453,11 @@ fn both_codecs_send_the_same_upstream_and_answer_the_same() {
         let mut req = req.into_bytes();
         req.extend_from_slice(body);
         let req = String::from_utf8(req).unwrap();
+        let before = handed_over(&fast);
         let a = response_of(&fast, &req, method);
+        if handed_over(&fast) != before {
+            lent.push(name);
+        }
         let b = response_of(&pingora, &req, method);
         expected_status(name, a.0);
         if a != b {
@@ -493,6 +514,24 @@ fn both_codecs_send_the_same_upstream_and_answer_the_same() {
         differences.len(),
         differences.join("\n\n")
     );
+    // Everything a route decides itself (answers, redirects, faults, CORS, rewrites,
+    // timeouts) stays on the fast path; retries on a response status are pingora's.
+    // (The fast gateway is started with the fast path on whatever the environment says.)
+    assert_eq!(
+        lent,
+        ["per-try timeout"],
+        "cases the fast path lent to pingora"
+    );
+}
+
+/// Requests (or h2 streams) the fast path lent to pingora's request cycle so far.
+fn handed_over(side: &Side) -> f64 {
+    metric_sum(
+        &side.portico.metrics(),
+        "portico_fast_path_handoffs_total",
+        "",
+    )
+    .unwrap_or(0.0)
 }
 
 /// Fields HTTP/2 does not carry (RFC 9113 8.2.2): cases with them are HTTP/1.1's alone.

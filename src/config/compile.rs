@@ -299,11 +299,12 @@ pub fn compile_cached(
         dns_servers: Vec::new(),
         dns_names: Vec::new(),
     };
+    // `mesh.dnsServers` first: the mesh settings resolve the tracing collector's name.
+    let egress = super::egress::registry(doc, &mut cx.errors);
+    cx.dns_servers = egress.resolver.servers().to_vec();
     let settings = cx.mesh(doc);
     cx.settings = Some(settings.clone());
     cx.registry = cx.build_registry(doc);
-    let egress = super::egress::registry(doc, &mut cx.errors);
-    cx.dns_servers = egress.resolver.servers().to_vec();
     let started = std::time::Instant::now();
     let cached_gateways = cache.gateways.take().filter(|g| g.holds(doc, &cx));
     let gateways_reused = cached_gateways.is_some();
@@ -3291,5 +3292,71 @@ fn load_balancer(
         Some("RANDOM") => Policy::Random,
         Some("PEAK_EWMA") => Policy::PeakEwma,
         _ => Policy::LeastRequest,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A nameserver on loopback that answers every query NXDOMAIN, and counts them.
+    fn stub_nameserver() -> (SocketAddr, Arc<AtomicUsize>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let queries = Arc::new(AtomicUsize::new(0));
+        let counted = queries.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                if n < 12 {
+                    continue;
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut reply = buf[..n].to_vec();
+                reply[2] |= 0x80; // a response
+                reply[3] = 0x80 | 3; // NXDOMAIN
+                let _ = socket.send_to(&reply, from);
+            }
+        });
+        (addr, queries)
+    }
+
+    /// Found while making the config fuzz target hermetic: the tracing collector's name was
+    /// resolved while the mesh settings compiled, before `mesh.dnsServers` was read, so
+    /// through the system resolver; the configured nameserver was never asked.
+    #[test]
+    fn the_tracing_collector_is_resolved_with_the_mesh_dns_servers() {
+        let (dns, queries) = stub_nameserver();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portico.toml");
+        std::fs::write(
+            &path,
+            format!(
+                r#"[mesh]
+dnsServers = ["{dns}"]
+extensionProviders = [{{ name = "otel", opentelemetry = {{ service = "otel.example.net", port = 4318, http = {{ path = "/v1/traces" }} }} }}]
+"#
+            ),
+        )
+        .unwrap();
+        let opts = Options {
+            generation: 1,
+            generate_missing_certs: false,
+        };
+        let Err(errors) = crate::config::build(&path, &opts) else {
+            panic!("otel.example.net was resolved, though the nameserver knows no name");
+        };
+        assert!(
+            queries.load(Ordering::SeqCst) > 0,
+            "the nameserver was not asked"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.message == "cannot resolve otel.example.net"),
+            "{errors:?}"
+        );
     }
 }

@@ -26,6 +26,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::routing::{Headers, Route, VirtualHost};
+use crate::telemetry::outcome::Flag;
 
 pub use access::AccessList;
 pub use global::{GlobalLimits, GlobalRule, RedisLimiter};
@@ -92,11 +93,11 @@ impl Outcome {
     }
 
     /// Envoy's response flag for the access log.
-    pub fn response_flag(self) -> Option<&'static str> {
+    pub fn response_flag(self) -> Flag {
         match self {
-            Outcome::LocalLimited | Outcome::GlobalLimited => Some("RL"),
-            Outcome::FailedClosed => Some("RLSE"),
-            _ => None,
+            Outcome::LocalLimited | Outcome::GlobalLimited => Flag::RateLimited,
+            Outcome::FailedClosed => Flag::RateLimitServiceError,
+            _ => Flag::None,
         }
     }
 

@@ -13,6 +13,8 @@ use http::{header, HeaderName, HeaderValue};
 use crate::policy::{self, RequestKeys, RoutePolicy};
 use crate::routing::{chance, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route};
 use crate::snapshot::Listener;
+use crate::telemetry::outcome::Flag;
+use crate::telemetry::trace::SpanContext;
 
 /// Fields about one hop, never passed upstream: RFC 9110 7.6.1's (`Connection` and what it
 /// names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Upgrade`), the client's
@@ -60,6 +62,9 @@ pub struct Forwarding<'a> {
     pub ops: [&'a HeaderOps; 2],
     /// The request asks for an upgrade: `Upgrade` and `Connection` go upstream.
     pub upgrade: bool,
+    /// The request's span (tracing on): its propagation fields replace the client's and
+    /// any route's, written last.
+    pub span: Option<&'a SpanContext>,
 }
 
 impl Forwarding<'_> {
@@ -74,6 +79,10 @@ impl Forwarding<'_> {
     }
 
     /// Whether a `set` in the operations writes field `name`.
+    fn traced(&self, name: &[u8]) -> bool {
+        self.span.is_some_and(|s| s.replaces(name))
+    }
+
     fn set_by_ops(&self, name: &[u8]) -> bool {
         self.ops
             .iter()
@@ -122,6 +131,7 @@ pub fn upstream_request_headers<'h, I>(
             || name.eq_ignore_ascii_case("x-forwarded-for")
             || name.eq_ignore_ascii_case("x-forwarded-proto")
             || f.replaced_in(0, name.as_bytes())
+            || f.traced(name.as_bytes())
             || (has_connection && named_by_connection(client(), name))
         {
             continue;
@@ -140,7 +150,7 @@ pub fn upstream_request_headers<'h, I>(
     }
     for (i, o) in f.ops.iter().enumerate() {
         for (name, value) in o.set.iter().chain(&o.add) {
-            if !f.replaced_in(i + 1, name) {
+            if !f.replaced_in(i + 1, name) && !f.traced(name) {
                 out.field(name, value.as_bytes());
             }
         }
@@ -156,6 +166,9 @@ pub fn upstream_request_headers<'h, I>(
                 .map(|(_, v)| v);
             out.forwarded_for(&mut prev, ip);
         }
+    }
+    if let Some(span) = f.span {
+        span.fields(|n, v| out.field(n, v));
     }
 }
 
@@ -176,11 +189,9 @@ impl HeaderSink for Vec<u8> {
 }
 
 /// What the request core decided for a request: answer it here, or forward it.
-// An answer is the larger (its CORS fields inline): a plan lives on the stack of one
-// request and moves once or twice, where a box would be an allocation per answer.
-#[allow(clippy::large_enum_variant)]
 pub enum Plan<'s> {
-    Answer(Answer<'s>),
+    /// Boxed: an answer carries its CORS fields, and the forward plan is the hot one.
+    Answer(Box<Answer<'s>>),
     Forward(Forwarded<'s>),
 }
 
@@ -233,7 +244,7 @@ impl<'s> Planned<'s> {
             Plan::Answer(a) => a.route,
             Plan::Forward(f) => Some(f.route),
         };
-        Plan::Answer(refusal(&d, route))
+        Plan::Answer(Box::new(refusal(&d, route)))
     }
 }
 
@@ -253,7 +264,7 @@ fn refusal<'s>(d: &policy::Decision<'_>, route: Option<&'s Arc<Route>>) -> Answe
         cors: CorsFields::default(),
         ops: route.map(|r| &r.headers.response),
         delay: None,
-        flag: d.outcome.response_flag().unwrap_or(""),
+        flag: d.outcome.response_flag(),
         details,
         route,
         policy: d.fields(),
@@ -273,7 +284,7 @@ pub struct Answer<'s> {
     /// Wait this long first (a fault delay).
     pub delay: Option<Duration>,
     /// Envoy's response flag and details for the log.
-    pub flag: &'static str,
+    pub flag: Flag,
     pub details: &'static str,
     pub route: Option<&'s Arc<Route>>,
     /// The policies' fields (`x-envoy-ratelimited`, RateLimit).
@@ -438,7 +449,7 @@ pub fn not_found<'s>() -> Answer<'s> {
         cors: CorsFields::default(),
         ops: None,
         delay: None,
-        flag: "NR",
+        flag: Flag::NoRoute,
         details: "route_not_found",
         route: None,
         policy: policy::Fields::NONE,
@@ -461,20 +472,22 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 location.push('?');
                 location.push_str(q);
             }
-            return unpoliced(Plan::Answer(Answer {
+            return unpoliced(Plan::Answer(Box::new(Answer {
                 status: 301,
                 body: Bytes::new(),
                 location: Some(location),
                 cors: CorsFields::default(),
                 ops: None,
                 delay: None,
-                flag: "",
+                flag: Flag::None,
                 details: "direct_response",
                 route: None,
                 policy: policy::Fields::NONE,
-            }));
+            })));
         }
-        Decision::NoHost | Decision::NoRoute(_) => return unpoliced(Plan::Answer(not_found())),
+        Decision::NoHost | Decision::NoRoute(_) => {
+            return unpoliced(Plan::Answer(Box::new(not_found())))
+        }
         Decision::Route {
             vhost,
             route,
@@ -483,18 +496,18 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
     };
     if let Some(cors) = &route.cors {
         if let Some(fields) = CorsFields::preflight(cors, view) {
-            return unpoliced(Plan::Answer(Answer {
+            return unpoliced(Plan::Answer(Box::new(Answer {
                 status: 200,
                 body: Bytes::new(),
                 location: None,
                 cors: fields,
                 ops: None,
                 delay: None,
-                flag: "",
+                flag: Flag::None,
                 details: "cors_response",
                 route: Some(route),
                 policy: policy::Fields::NONE,
-            }));
+            })));
         }
     }
     let policed = |plan| Planned {
@@ -507,18 +520,18 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
         if let Some(origin) = cors_origin.clone() {
             cors.push(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
         }
-        Plan::Answer(Answer {
+        Plan::Answer(Box::new(Answer {
             status,
             body,
             location,
             cors,
             ops: Some(&route.headers.response),
             delay: None,
-            flag: "",
+            flag: Flag::None,
             details: "direct_response",
             route: Some(route),
             policy: policy::Fields::NONE,
-        })
+        }))
     };
     let forward = match &route.action {
         Action::Direct(d) => return policed(answer(d.status, d.body.clone(), None)),
@@ -537,18 +550,18 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
         }
         if let Some((status, pct)) = fault.abort {
             if chance(pct) {
-                return unpoliced(Plan::Answer(Answer {
+                return unpoliced(Plan::Answer(Box::new(Answer {
                     status,
                     body: Bytes::from_static(b"fault filter abort"),
                     location: None,
                     cors: CorsFields::default(),
                     ops: Some(&route.headers.response),
                     delay,
-                    flag: "FI",
+                    flag: Flag::FaultInjected,
                     details: "fault_filter_abort",
                     route: Some(route),
                     policy: policy::Fields::NONE,
-                }));
+                })));
             }
         }
     }
@@ -694,6 +707,7 @@ mod tests {
             host: None,
             ops: [route, dest],
             upgrade: false,
+            span: None,
         };
         let mut out = Vec::new();
         upstream_request_headers(

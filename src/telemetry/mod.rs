@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod istio;
+pub mod outcome;
 pub mod trace;
 
 use std::sync::OnceLock;
