@@ -300,6 +300,13 @@ pub fn run(
         },
     );
     server.add_service(acme);
+    let lists = background_service(
+        "access lists",
+        crate::policy::access::Refresher {
+            snapshots: reloader.snapshots.clone(),
+        },
+    );
+    server.add_service(lists);
 
     let watcher = background_service("config watcher", Watcher { reloader });
     server.add_service(watcher);

@@ -73,9 +73,37 @@ name = "down"
 match = [{ uri = { prefix = "/down" } }]
 route = [{ destination = { host = "down.internal", port = { number = 80 } } }]
 [[virtualServices.http]]
+name = "limited"
+match = [{ uri = { prefix = "/limited/" } }]
+route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
+[[virtualServices.http]]
+name = "timeout"
+match = [{ uri = { prefix = "/slow/" } }]
+timeout = "200ms"
+route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
+[[virtualServices.http]]
+name = "per-try"
+match = [{ uri = { prefix = "/never/" } }]
+timeout = "5s"
+retries = { attempts = 1, perTryTimeout = "150ms", retryOn = "gateway-error" }
+route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
+[[virtualServices.http]]
 name = "default"
 match = [{ uri = { prefix = "/" } }]
 route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
+
+[[rateLimits]]
+name = "parity"
+targetRefs = [{ kind = "VirtualService", name = "parity", sectionName = "limited" }]
+[[rateLimits.local.rules]]
+limit = { requests = 1, unit = "Hour" }
+
+[[accessLists]]
+name = "blocked"
+targetRefs = [{ kind = "VirtualService", name = "parity" }]
+key = "request.headers[x-blocked]"
+overrides = ["yes"]
+denyResponse = { status = 403, body = "blocked\n" }
 
 [[serviceEntries]]
 name = "up"
@@ -351,7 +379,46 @@ fn corpus() -> Vec<Case> {
             vec![],
             b"",
         ),
+        // One request an hour on this route: the first passes with the RateLimit
+        // fields, the second is refused (429, RL) and reaches no upstream.
+        (
+            "rate limit allows",
+            "GET",
+            "/limited/m26".into(),
+            vec![],
+            b"",
+        ),
+        (
+            "rate limit refuses",
+            "GET",
+            "/limited/m27".into(),
+            vec![],
+            b"",
+        ),
+        (
+            "access list denies",
+            "GET",
+            "/ok/blocked-m28".into(),
+            vec![("x-blocked", "yes")],
+            b"",
+        ),
+        // The route's timeout runs out before the upstream answers: 504 `UT`.
+        ("route timeout", "GET", "/slow/1000/m29".into(), vec![], b""),
+        // Each try runs out of its time; one retry, then 504.
+        ("per-try timeout", "GET", "/never/m30".into(), vec![], b""),
     ]
+}
+
+/// Cases whose status is known, so that parity is not two codecs agreeing on nothing
+/// happening: the policies' refusals.
+fn expected_status(name: &str, status: u16) {
+    let want = match name {
+        "rate limit allows" => 200,
+        "rate limit refuses" => 429,
+        "access list denies" => 403,
+        _ => return,
+    };
+    assert_eq!(status, want, "{name}");
 }
 
 #[test]
@@ -359,6 +426,8 @@ fn both_codecs_send_the_same_upstream_and_answer_the_same() {
     let fast = start(false);
     let pingora = start(true);
     let mut differences = Vec::new();
+    // The cases the fast path lent to pingora's cycle.
+    let mut lent = Vec::new();
     for (name, method, target, headers, body) in corpus() {
         let marker = target
             .rsplit('-')
@@ -384,8 +453,13 @@ fn both_codecs_send_the_same_upstream_and_answer_the_same() {
         let mut req = req.into_bytes();
         req.extend_from_slice(body);
         let req = String::from_utf8(req).unwrap();
+        let before = handed_over(&fast);
         let a = response_of(&fast, &req, method);
+        if handed_over(&fast) != before {
+            lent.push(name);
+        }
         let b = response_of(&pingora, &req, method);
+        expected_status(name, a.0);
         if a != b {
             differences.push(format!(
                 "{name}: client gets\n  fast:    {a:?}\n  pingora: {b:?}"
@@ -440,6 +514,24 @@ fn both_codecs_send_the_same_upstream_and_answer_the_same() {
         differences.len(),
         differences.join("\n\n")
     );
+    // Everything a route decides itself (answers, redirects, faults, CORS, rewrites,
+    // timeouts) stays on the fast path; retries on a response status are pingora's.
+    // (The fast gateway is started with the fast path on whatever the environment says.)
+    assert_eq!(
+        lent,
+        ["per-try timeout"],
+        "cases the fast path lent to pingora"
+    );
+}
+
+/// Requests (or h2 streams) the fast path lent to pingora's request cycle so far.
+fn handed_over(side: &Side) -> f64 {
+    metric_sum(
+        &side.portico.metrics(),
+        "portico_fast_path_handoffs_total",
+        "",
+    )
+    .unwrap_or(0.0)
 }
 
 /// Fields HTTP/2 does not carry (RFC 9113 8.2.2): cases with them are HTTP/1.1's alone.
@@ -492,6 +584,7 @@ fn both_codecs_answer_h2_streams_the_same() {
         match (ra, rb) {
             (Ok(ra), Ok(rb)) => {
                 let (sa, sb) = (seen_h2(ra), seen_h2(rb));
+                expected_status(name, sa.0);
                 if sa != sb {
                     differences.push(format!(
                         "{name}: client gets\n  fast:    {sa:?}\n  pingora: {sb:?}"

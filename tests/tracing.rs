@@ -102,7 +102,7 @@ gateways = ["edge"]
 fn w3c_context_is_continued_and_exported() {
     let (otlp, got) = receiver();
     let echo = Echo::start("v1");
-    let (_portico, http, _tmp) = start(0.0, otlp, echo.port());
+    let (portico, http, _tmp) = start(0.0, otlp, echo.port());
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent = "00f067aa0ba902b7";
     let resp = http_request(
@@ -166,6 +166,21 @@ fn w3c_context_is_continued_and_exported() {
         attr("upstream_cluster").unwrap()["stringValue"],
         "outbound|80|v1|svc.internal"
     );
+    assert_eq!(attr("http.protocol").unwrap()["stringValue"], "HTTP/1.1");
+    assert_eq!(attr("response_flags").unwrap()["stringValue"], "-");
+    assert!(attr("guid:x-request-id").is_some());
+    // Tracing costs no hand-over: both requests were served by the fast path (unless the
+    // suite runs with it off).
+    let metrics = portico.metrics();
+    let fast = metric_sum(&metrics, "portico_fast_path_requests_total", "").unwrap_or(0.0);
+    let lent = metric_sum(&metrics, "portico_fast_path_handoffs_total", "").unwrap_or(0.0);
+    let fast_path_on = std::env::var("PORTICO_NO_FAST_PATH")
+        .map(|v| {
+            ["", "0", "false", "f", "no", "n", "off"].contains(&v.to_ascii_lowercase().as_str())
+        })
+        .unwrap_or(true);
+    let want = if fast_path_on { 2.0 } else { 0.0 };
+    assert_eq!((fast, lent), (want, 0.0), "fast path requests, hand-overs");
 }
 
 #[test]

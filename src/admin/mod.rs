@@ -4,7 +4,7 @@
 
 mod access;
 
-pub use access::AdminToken;
+pub use access::{AdminToken, LogLimit};
 
 use std::sync::Arc;
 
@@ -17,7 +17,7 @@ use crate::reload::Reloader;
 use crate::routing::Action;
 use crate::snapshot::Snapshot;
 use crate::telemetry::Metrics;
-use access::{LogLimit, Refusal};
+use access::Refusal;
 use std::sync::atomic::Ordering;
 
 pub struct Admin {

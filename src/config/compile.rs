@@ -5,6 +5,7 @@
 
 mod acme;
 mod l4;
+mod policy;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -77,6 +78,8 @@ pub struct Cache {
     certs: HashMap<(PathBuf, PathBuf), CachedCert>,
     gateways: Option<CachedGateways>,
     bound: Option<BoundState>,
+    /// Rate-limit buckets, access lists and the Redis client, carried while unchanged.
+    policies: policy::PolicyCache,
 }
 
 /// The gateways and the listener tables built from them (server hosts, certificates by
@@ -302,12 +305,13 @@ pub fn compile_cached(
         acme: Vec::new(),
         acme_http01_servers: Vec::new(),
     };
+    // `mesh.dnsServers` first: the mesh settings resolve the tracing collector's name.
+    let egress = super::egress::registry(doc, &mut cx.errors);
+    cx.dns_servers = egress.resolver.servers().to_vec();
     let settings = cx.mesh(doc);
     cx.settings = Some(settings.clone());
     cx.registry = cx.build_registry(doc);
     cx.acme_named = cx.acme_issuers(doc);
-    let egress = super::egress::registry(doc, &mut cx.errors);
-    cx.dns_servers = egress.resolver.servers().to_vec();
     let started = std::time::Instant::now();
     let cached_gateways = cache.gateways.take().filter(|g| g.holds(doc, &cx));
     let gateways_reused = cached_gateways.is_some();
@@ -394,6 +398,7 @@ pub fn compile_cached(
         "compile phases"
     );
 
+    let policies = cx.policies(doc, &cache.policies);
     // Pairs are checked by content, whatever else changed: keep what this compile read.
     cache.certs = std::mem::take(&mut cx.certs_next);
     if !cx.errors.is_empty() {
@@ -435,7 +440,7 @@ pub fn compile_cached(
             .collect(),
     };
     let hosts = tables.values().map(|t| t.len()).sum();
-    let listeners_out: Vec<Listener> = listeners
+    let mut listeners_out: Vec<Listener> = listeners
         .iter()
         .map(|(port, b)| Listener {
             addr: b.addr,
@@ -452,8 +457,11 @@ pub fn compile_cached(
                 L4Kind::Tcp => L4Table::Tcp(b.tcp.clone()),
             }),
             acme: acme_hosts.clone(),
+            policies: Default::default(),
         })
         .collect();
+    let (policies, carried) = policies.bind(doc, &mut listeners_out);
+    cache.policies = carried;
     let mut watched = cx.watched;
     watched.sort();
     watched.dedup();
@@ -496,6 +504,7 @@ pub fn compile_cached(
             acme: cx.acme,
             settings,
             summary,
+            policies,
         },
         warnings: cx.warnings,
         reused: cx.reused,
@@ -947,6 +956,10 @@ impl Cx {
             .map(|v| v.get())
             .filter(|v| !v.is_zero());
         out.max_connections = d.max_connections.filter(|&n| n > 0).map(|n| n as usize);
+        out.max_connections_per_client = d
+            .max_connections_per_client
+            .filter(|&n| n > 0)
+            .map(|n| n as usize);
         if let Some(kb) = d.max_request_headers_kb {
             if !(1..=8192).contains(&kb) {
                 self.err(o, ".downstream.maxRequestHeadersKb", "must be 1-8192");
@@ -3302,5 +3315,71 @@ fn load_balancer(
         Some("RANDOM") => Policy::Random,
         Some("PEAK_EWMA") => Policy::PeakEwma,
         _ => Policy::LeastRequest,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A nameserver on loopback that answers every query NXDOMAIN, and counts them.
+    fn stub_nameserver() -> (SocketAddr, Arc<AtomicUsize>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let queries = Arc::new(AtomicUsize::new(0));
+        let counted = queries.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                if n < 12 {
+                    continue;
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut reply = buf[..n].to_vec();
+                reply[2] |= 0x80; // a response
+                reply[3] = 0x80 | 3; // NXDOMAIN
+                let _ = socket.send_to(&reply, from);
+            }
+        });
+        (addr, queries)
+    }
+
+    /// Found while making the config fuzz target hermetic: the tracing collector's name was
+    /// resolved while the mesh settings compiled, before `mesh.dnsServers` was read, so
+    /// through the system resolver; the configured nameserver was never asked.
+    #[test]
+    fn the_tracing_collector_is_resolved_with_the_mesh_dns_servers() {
+        let (dns, queries) = stub_nameserver();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portico.toml");
+        std::fs::write(
+            &path,
+            format!(
+                r#"[mesh]
+dnsServers = ["{dns}"]
+extensionProviders = [{{ name = "otel", opentelemetry = {{ service = "otel.example.net", port = 4318, http = {{ path = "/v1/traces" }} }} }}]
+"#
+            ),
+        )
+        .unwrap();
+        let opts = Options {
+            generation: 1,
+            generate_missing_certs: false,
+        };
+        let Err(errors) = crate::config::build(&path, &opts) else {
+            panic!("otel.example.net was resolved, though the nameserver knows no name");
+        };
+        assert!(
+            queries.load(Ordering::SeqCst) > 0,
+            "the nameserver was not asked"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.message == "cannot resolve otel.example.net"),
+            "{errors:?}"
+        );
     }
 }

@@ -29,6 +29,7 @@ use super::Kind;
 use crate::proxy::Gateway;
 use crate::snapshot::Snapshot;
 use crate::telemetry::access_log;
+use crate::telemetry::outcome::Flag;
 
 /// How long a kept-alive connection may sit idle before its next request.
 const IDLE: Duration = Duration::from_secs(60);
@@ -244,7 +245,7 @@ struct TunnelOutcome {
     authority: String,
     status: u16,
     details: &'static str,
-    flags: &'static str,
+    flags: Flag,
     upstream: Option<SocketAddr>,
     cluster: Option<String>,
     /// Client to upstream, upstream to client.
@@ -280,7 +281,7 @@ impl ForwardProxy {
             query: None,
             protocol: "HTTP/1.1",
             status: out.status,
-            flags: out.flags,
+            flags: out.flags.as_str(),
             details: out.details,
             bytes_received: out.bytes.0 as usize,
             bytes_sent: out.bytes.1 as usize,
@@ -313,7 +314,8 @@ impl ForwardProxy {
                     error = e,
                     "bad CONNECT request"
                 );
-                (out.status, out.flags, out.details) = (400, "DPE", "bad_request");
+                (out.status, out.flags, out.details) =
+                    (400, Flag::DownstreamProtocolError, "bad_request");
                 reply(io, "400 Bad Request", &format!("{e}\n")).await;
                 return;
             }
@@ -335,7 +337,8 @@ impl ForwardProxy {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(host, port, kind = "connect", cluster = target.cluster(), error = %e, "egress upstream unresolved");
-                (out.status, out.flags, out.details) = (503, "UH", "no_healthy_upstream");
+                (out.status, out.flags, out.details) =
+                    (503, Flag::NoHealthyUpstream, "no_healthy_upstream");
                 reply(io, "503 Service Unavailable", &format!("{e}\n")).await;
                 return;
             }
@@ -355,7 +358,11 @@ impl ForwardProxy {
                     _ => "connect timeout".to_string(),
                 };
                 tracing::warn!(host, port, upstream = %addr, error, "egress tunnel: upstream connect failed");
-                (out.status, out.flags, out.details) = (503, "UF", "upstream_connect_failure");
+                (out.status, out.flags, out.details) = (
+                    503,
+                    Flag::UpstreamConnectFailure,
+                    "upstream_connect_failure",
+                );
                 reply(io, "503 Service Unavailable", "upstream connect error\n").await;
                 return;
             }
@@ -369,11 +376,11 @@ impl ForwardProxy {
             .is_err()
             || io.flush().await.is_err()
         {
-            out.flags = "DC";
+            out.flags = Flag::DownstreamConnectionTermination;
             return;
         }
         if !head.rest.is_empty() && upstream.write_all(&head.rest).await.is_err() {
-            out.flags = "UC";
+            out.flags = Flag::UpstreamConnectionTermination;
             return;
         }
         let early = head.rest.len() as u64;

@@ -212,7 +212,7 @@ fn host_name(raw: &[u8]) -> Result<String, &'static str> {
     {
         return Err("server name is not a DNS name");
     }
-    if raw.starts_with(b".") || raw.windows(2).any(|w| w == b"..") {
+    if raw.starts_with(b".") || raw.ends_with(b".") || raw.windows(2).any(|w| w == b"..") {
         return Err("server name has an empty label");
     }
     Ok(raw
@@ -393,6 +393,28 @@ mod tests {
         ext.extend(sni_extension(b"b.test"));
         let wire = records(&hello_message(Some(ext)), MAX_RECORD);
         assert_eq!(parse(&wire), Parsed::Invalid("two server_name extensions"));
+    }
+
+    /// Found by the client_hello fuzz target: `split.example.co..` was read as
+    /// `split.example.co.`, a name with an empty label and a trailing dot (only one
+    /// trailing dot, the root's, is dropped).
+    #[test]
+    fn two_trailing_dots_are_an_empty_label() {
+        for bad in [&b"split.example.co.."[..], b"a..", b".."] {
+            let wire = records(&hello_message(Some(sni_extension(bad))), 16);
+            assert_eq!(
+                parse(&wire),
+                Parsed::Invalid("server name has an empty label"),
+                "{bad:?}"
+            );
+        }
+        let wire = records(&hello_message(Some(sni_extension(b"a.test."))), 16);
+        assert_eq!(
+            parse(&wire),
+            Parsed::Hello {
+                sni: Some("a.test".into())
+            }
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use super::client_hello::{self, Parsed};
 use super::{L4Route, L4Table, SniRoute};
 use crate::snapshot::Snapshot;
+use crate::telemetry::outcome::Flag;
 use crate::telemetry::{access_log, Metrics};
 use crate::upstream::balancer::hash_bytes;
 use crate::upstream::{Cluster, HashSource, InFlight};
@@ -59,13 +60,13 @@ enum Decision {
 
 /// Why a connection was closed without being forwarded.
 struct Refusal {
-    flag: &'static str,
+    flag: Flag,
     details: &'static str,
     reason: String,
 }
 
 impl Refusal {
-    fn new(flag: &'static str, details: &'static str, reason: impl Into<String>) -> Self {
+    fn new(flag: Flag, details: &'static str, reason: impl Into<String>) -> Self {
         Refusal {
             flag,
             details,
@@ -98,9 +99,12 @@ impl ServerApp for L4Service {
         // Open connections are not cut on shutdown: pingora stops accepting, waits
         // `drainDuration`, then stops the runtime, which closes whatever is still open.
         let snapshot = self.snapshots.load_full();
-        let _slot = self
-            .connections
-            .admit(snapshot.settings.downstream.max_connections)?;
+        let d = &snapshot.settings.downstream;
+        let _slot = self.connections.admit_client(
+            d.max_connections,
+            d.max_connections_per_client,
+            crate::listener::peer_ip(&io),
+        )?;
         let (downstream_local, downstream_remote) =
             access_log::addresses(io.get_socket_digest().as_deref());
         let mut rec = Record {
@@ -122,7 +126,7 @@ impl ServerApp for L4Service {
             Err(r) => Err(r),
         };
         match result {
-            Ok(()) => finish(&snapshot, &rec, "", ""),
+            Ok(()) => finish(&snapshot, &rec, Flag::None, ""),
             Err(r) => {
                 tracing::warn!(
                     listener = self.listener_name(&snapshot),
@@ -130,7 +134,7 @@ impl ServerApp for L4Service {
                     sni = rec.sni.as_deref().unwrap_or("-"),
                     route = rec.route.as_ref().map(|r| r.origin.as_str()).unwrap_or("-"),
                     cluster = rec.cluster.as_ref().map(|c| c.name.as_str()).unwrap_or("-"),
-                    flag = r.flag,
+                    flag = %r.flag,
                     reason = %r.reason,
                     "connection closed"
                 );
@@ -160,13 +164,14 @@ impl L4Service {
             .listeners
             .get(self.listener)
             .and_then(|l| l.l4.as_ref())
-            .ok_or_else(|| Refusal::new("NR", "filter_chain_not_found", "no L4 routes here"))?;
+            .ok_or_else(|| {
+                Refusal::new(Flag::NoRoute, "filter_chain_not_found", "no L4 routes here")
+            })?;
         let routes = match table {
             L4Table::Tcp(route) => {
-                return route
-                    .clone()
-                    .map(Decision::Forward)
-                    .ok_or_else(|| Refusal::new("NR", "filter_chain_not_found", "no tcp route"))
+                return route.clone().map(Decision::Forward).ok_or_else(|| {
+                    Refusal::new(Flag::NoRoute, "filter_chain_not_found", "no tcp route")
+                })
             }
             L4Table::Passthrough(routes) => routes,
         };
@@ -179,12 +184,12 @@ impl L4Service {
             // when the port has them: their certificate store decides, as on any HTTPS port.
             (Some(SniRoute::Terminate), Some(_)) | (None, Some(_)) => Ok(Decision::Terminate),
             (_, None) if rec.sni.is_none() => Err(Refusal::new(
-                "NR",
+                Flag::NoRoute,
                 "filter_chain_not_found",
                 "the ClientHello has no SNI",
             )),
             (_, None) => Err(Refusal::new(
-                "NR",
+                Flag::NoRoute,
                 "filter_chain_not_found",
                 "no tls route for this SNI",
             )),
@@ -222,12 +227,14 @@ async fn forward(route: Arc<L4Route>, io: Stream, rec: &mut Record) -> Result<()
     let _admission = cluster
         .admit(Duration::ZERO)
         .await
-        .ok_or_else(|| Refusal::new("UO", "overflow", "connection pool full"))?;
+        .ok_or_else(|| Refusal::new(Flag::UpstreamOverflow, "overflow", "connection pool full"))?;
     let (index, upstream) = connect(&cluster, rec.downstream_remote).await?;
     rec.upstream = Some(cluster.endpoints[index].addr);
     let _in_flight = InFlight::new(cluster.clone(), index);
 
-    let series = Metrics::global().istio.tcp(Some(&cluster.metrics_dest), "");
+    let series = Metrics::global()
+        .istio
+        .tcp(Some(&cluster.metrics_dest), Flag::None);
     series.opened.inc();
     let base = Instant::now();
     let activity = AtomicU64::new(0);
@@ -285,7 +292,7 @@ async fn read_sni(io: &mut Stream, timeout: Duration) -> Result<Option<String>, 
                 Parsed::Hello { sni } => return Ok(sni),
                 Parsed::Invalid(why) => {
                     return Err(Refusal::new(
-                        "NR",
+                        Flag::NoRoute,
                         "invalid_client_hello",
                         format!("not a usable ClientHello: {why}"),
                     ))
@@ -298,14 +305,14 @@ async fn read_sni(io: &mut Stream, timeout: Duration) -> Result<Option<String>, 
                         Ok(true) => {}
                         Ok(false) => {
                             return Err(Refusal::new(
-                                "NR",
+                                Flag::NoRoute,
                                 "invalid_client_hello",
                                 "this stream cannot be peeked",
                             ))
                         }
                         Err(e) => {
                             return Err(Refusal::new(
-                                "DC",
+                                Flag::DownstreamConnectionTermination,
                                 "downstream_closed",
                                 format!("client closed before its ClientHello was complete: {e}"),
                             ))
@@ -319,7 +326,7 @@ async fn read_sni(io: &mut Stream, timeout: Duration) -> Result<Option<String>, 
         .await
         .unwrap_or_else(|_| {
             Err(Refusal::new(
-                "DC",
+                Flag::DownstreamConnectionTermination,
                 "client_hello_timeout",
                 format!("no complete ClientHello within {timeout:?}"),
             ))
@@ -371,13 +378,13 @@ async fn connect(
     }
     if tried.is_empty() {
         return Err(Refusal::new(
-            "UH",
+            Flag::NoHealthyUpstream,
             "no_healthy_upstream",
             "the destination has no healthy endpoints",
         ));
     }
     Err(Refusal::new(
-        "UF",
+        Flag::UpstreamConnectFailure,
         "upstream_connect_failure",
         format!("could not connect to the destination ({last_error})"),
     ))
@@ -385,8 +392,8 @@ async fn connect(
 
 /// Metrics for refused connections (forwarded ones counted as they went) and the access
 /// log line for every connection.
-fn finish(snapshot: &Snapshot, rec: &Record, flag: &'static str, details: &'static str) {
-    if !flag.is_empty() {
+fn finish(snapshot: &Snapshot, rec: &Record, flag: Flag, details: &'static str) {
+    if !flag.is_none() {
         let series = Metrics::global()
             .istio
             .tcp(rec.cluster.as_ref().map(|c| &c.metrics_dest), flag);
@@ -407,7 +414,7 @@ fn finish(snapshot: &Snapshot, rec: &Record, flag: &'static str, details: &'stat
         query: None,
         protocol: "-",
         status: 0,
-        flags: flag,
+        flags: flag.as_str(),
         details,
         bytes_received: rec.received as usize,
         bytes_sent: rec.sent as usize,

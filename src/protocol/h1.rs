@@ -180,6 +180,8 @@ pub fn response_framing(
 pub struct ChunkScan {
     pub state: ChunkState,
     size: u64,
+    /// Hex digits of the size line so far.
+    digits: u8,
     pub done: bool,
     /// The framing was broken (`done` too): the body cannot be told whole.
     pub bad: bool,
@@ -189,6 +191,8 @@ pub struct ChunkScan {
 pub enum ChunkState {
     #[default]
     Size,
+    /// Whitespace after the size: more of it, extensions or the end of the line follow.
+    SizeWs,
     /// Chunk extensions up to the end of the size line.
     Ext,
     SizeLf,
@@ -220,15 +224,26 @@ impl ChunkScan {
         while i < buf.len() {
             let b = buf[i];
             match self.state {
+                // `chunk-size = 1*HEXDIG`, at most 16 digits as httparse (and so pingora)
+                // reads them; then whitespace, `;` and extensions, or the line's end.
                 Size => match b {
                     b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        if self.digits == 16 {
+                            return self.broken(i);
+                        }
+                        self.digits += 1;
                         let d = (b as char).to_digit(16).unwrap_or(0) as u64;
-                        self.size = match self.size.checked_mul(16) {
-                            Some(s) => s + d,
-                            None => return self.broken(i),
-                        };
+                        self.size = self.size << 4 | d;
                     }
-                    b';' | b' ' | b'\t' => self.state = Ext,
+                    _ if self.digits == 0 => return self.broken(i),
+                    b';' => self.state = Ext,
+                    b' ' | b'\t' => self.state = SizeWs,
+                    b'\r' => self.state = SizeLf,
+                    _ => return self.broken(i),
+                },
+                SizeWs => match b {
+                    b' ' | b'\t' => {}
+                    b';' => self.state = Ext,
                     b'\r' => self.state = SizeLf,
                     _ => return self.broken(i),
                 },
@@ -264,18 +279,25 @@ impl ChunkScan {
                         return self.broken(i);
                     }
                     self.state = Size;
+                    self.digits = 0;
                 }
-                TrailerStart => {
-                    self.state = if b == b'\r' { EndLf } else { Trailer };
-                }
-                Trailer => {
-                    if b == b'\r' {
-                        self.state = TrailerLf;
-                    }
-                }
-                TrailerLf => {
-                    self.state = if b == b'\n' { TrailerStart } else { Trailer };
-                }
+                // Trailer lines end with CRLF: a bare LF is refused, as in a head (a
+                // reader that takes it for a line's end finds another end of the body).
+                TrailerStart => match b {
+                    b'\r' => self.state = EndLf,
+                    b'\n' => return self.broken(i),
+                    _ => self.state = Trailer,
+                },
+                Trailer => match b {
+                    b'\r' => self.state = TrailerLf,
+                    b'\n' => return self.broken(i),
+                    _ => {}
+                },
+                TrailerLf => match b {
+                    b'\n' => self.state = TrailerStart,
+                    b'\r' => {}
+                    _ => self.state = Trailer,
+                },
                 EndLf => {
                     if b != b'\n' {
                         return self.broken(i);
@@ -412,5 +434,61 @@ mod tests {
             Err(check::BAD_HEAD)
         );
         assert_eq!(request_end(&[b'a'; 100], 50), Err(check::HEAD_TOO_LARGE));
+    }
+
+    /// Found by the h1_differential fuzz target: HTTP/1.0 with `Transfer-Encoding` was
+    /// framed as chunked; a 1.0 hop frames it by its length or as bodiless.
+    #[test]
+    fn fuzz_http_1_0_with_transfer_encoding_is_refused() {
+        let req = b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(request_end(req, 1024), Err(check::CODING_IN_HTTP_1_0));
+    }
+
+    /// Found by the h1_differential fuzz target: the scanner read a size line without
+    /// digits as the last chunk (`4\r\nWiki\r\n\r\npedia...`: the body ended at the
+    /// empty line, `pedia` and the rest were taken for trailers), where RFC 9112 has
+    /// `chunk-size = 1*HEXDIG`; and it was laxer than httparse, which pingora reads the
+    /// lent body with, on the rest of the size line and on trailers.
+    #[test]
+    fn fuzz_chunk_size_lines_and_trailers_are_read_strictly() {
+        let bad: &[(&[u8], usize)] = &[
+            (b"\r\n\r\n", 0),
+            (b";x\r\n", 0),
+            (b" 5\r\nhello\r\n0\r\n\r\n", 0),
+            (b"4\r\nWiki\r\n\r\npedia\r\n0\r\n\r\n", 9),
+            (b"5 x\r\nhello\r\n", 2),
+            (b"5 6\r\nhello\r\n", 2),
+            (b"00000000000000005\r\nhello\r\n0\r\n\r\n", 16),
+            (b"0\r\n\n", 3),
+            (b"0\r\nX: y\n\r\n", 7),
+        ];
+        for (body, at) in bad {
+            let mut s = ChunkScan::default();
+            assert_eq!(
+                s.scan(body),
+                Some(*at),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+            assert!(s.done && s.bad, "{:?}", String::from_utf8_lossy(body));
+        }
+        let good: &[&[u8]] = &[
+            b"5 \t;x=\"y z\"\r\nhello\r\n0\r\n\r\n",
+            b"0000000000000005\r\nhello\r\n0\r\n\r\n",
+            b"0\r\nX: a\rb\r\n\r\n",
+            b"0\r\nX: a\r\r\n\r\n",
+        ];
+        for body in good {
+            let mut s = ChunkScan::default();
+            assert_eq!(
+                s.scan(body),
+                Some(body.len()),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+            assert!(s.done && !s.bad);
+        }
+        let req = b"POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nWiki\r\n\r\npedia\r\n0\r\nTrailer: a\r\n\r\nNEXT";
+        assert_eq!(request_end(req, 1024), Err(check::BAD_HEAD));
     }
 }

@@ -5,7 +5,8 @@
 //! The rules are NGINX's and Envoy's defaults for an edge: an HTTP/1.1 request names
 //! exactly one valid host; a body has one unambiguous framing (one `Content-Length`, or
 //! `Transfer-Encoding: chunked` alone, never both, as request smuggling needs two readings
-//! of one message); transfer codings other than `chunked` are not implemented (501).
+//! of one message); transfer codings other than `chunked` are not implemented (501), and
+//! an HTTP/1.0 request has none.
 
 /// A request refused before routing: the local reply it gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +48,14 @@ pub const CODING: Refusal = Refusal::new(
     501,
     "unsupported_transfer_encoding",
     "transfer coding not implemented",
+);
+/// `Transfer-Encoding` in an HTTP/1.0 request: RFC 9112 section 6.1 has the framing of such
+/// a message treated as faulty (1.0 has no transfer codings, so a 1.0 hop reads the
+/// `Content-Length` or no body at all); 400, as NGINX answers it.
+pub const CODING_IN_HTTP_1_0: Refusal = Refusal::new(
+    400,
+    "http1.invalid_transfer_encoding",
+    "Transfer-Encoding in an HTTP/1.0 request",
 );
 pub const HEAD_TOO_LARGE: Refusal = Refusal::new(
     431,
@@ -112,6 +121,9 @@ pub fn check_h1<'h>(
             }
             length = Some(parse_length(value)?);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if minor == 0 {
+                return Err(CODING_IN_HTTP_1_0);
+            }
             if chunked || !value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
                 return Err(CODING);
             }
@@ -326,6 +338,26 @@ mod tests {
                 ])
             ),
             Err(CODING)
+        );
+    }
+
+    /// Found by the h1_differential fuzz target: an HTTP/1.0 request with
+    /// `Transfer-Encoding: chunked` was framed as chunked, where RFC 9112 section 6.1 has
+    /// the framing treated as faulty (a 1.0 hop knows no transfer codings).
+    #[test]
+    fn http_1_0_has_no_transfer_codings() {
+        for coding in ["chunked", "gzip"] {
+            assert_eq!(
+                check_h1(0, false, h(&[("Transfer-Encoding", coding)])),
+                Err(CODING_IN_HTTP_1_0),
+                "{coding}"
+            );
+        }
+        assert_eq!(
+            check_h1(0, false, h(&[("Content-Length", "3")]))
+                .unwrap()
+                .body,
+            BodyFraming::Length(3)
         );
     }
 }

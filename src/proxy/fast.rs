@@ -1,17 +1,18 @@
 //! The HTTP/1.1 fast path (h2 streams: [`http2`]). HTTP/1.1 requests without a body or
-//! with a short `Content-Length` one, on routes that only forward, on plain-text listeners
-//! and HTTPS connections that did not choose h2, are served by a per-connection loop of
-//! Portico's own instead of pingora's request cycle, which costs ~5x the user-space CPU per
-//! request (bench/RESULTS.md). The loop reads a request head (and body), decides with the
-//! same route table, writes the upstream head, and passes the response through after
-//! parsing its head.
+//! with a short `Content-Length` one, on plain-text listeners and HTTPS connections that
+//! did not choose h2, are served by a per-connection loop of Portico's own instead of
+//! pingora's request cycle, which costs ~5x the user-space CPU per request
+//! (bench/RESULTS.md). The loop reads a request head (and body), asks the request core
+//! (`request::plan`) what to do, and writes what it decided: an answer (direct response,
+//! redirect, 404, fault abort, CORS preflight), or the upstream head with the core's
+//! header edits, then the response after parsing its head, under the route's timeouts and
+//! retry rules (`upstream::retry`), with the request's span when tracing is on.
 //!
-//! Anything else is handed to pingora with the connection, the bytes already read
-//! replayed first, before anything went upstream: a chunked or long body, an upgrade,
-//! `Expect`, HTTP/1.0, a head httparse rejects; a route that redirects, responds itself or
-//! has faults, mirrors, CORS, a rewrite, a timeout, consistent hashing, retries on status;
-//! an upstream with TLS, h2c, TCP keepalive or `maxRequestsPerConnection`; tracing on; no
-//! route (404). A connection stays with pingora once handed over.
+//! Anything else is lent to pingora's cycle for that one request, the bytes already read
+//! replayed first, before anything went upstream, and the connection comes back after it:
+//! a chunked or long body, an upgrade, `Expect`, HTTP/1.0, a head httparse rejects; a
+//! route with mirrors, consistent hashing or retries on status; an upstream with TLS, h2c,
+//! TCP keepalive or `maxRequestsPerConnection`; a full connection pool.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -44,6 +45,8 @@ use crate::snapshot::AccessLogSettings;
 use crate::snapshot::Snapshot;
 use crate::telemetry::access_log::Sink;
 use crate::telemetry::istio::Observation;
+use crate::telemetry::outcome::Flag;
+use crate::telemetry::trace::{self, SpanContext};
 use crate::telemetry::{access_log, Metrics};
 use crate::upstream::retry::{self, Again, TryFailure};
 use crate::upstream::{self, Cluster, InFlight, RetryPermit};
@@ -283,8 +286,13 @@ impl Conn {
 #[async_trait]
 impl ServerApp for FastH1 {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let max = self.snapshots.load().settings.downstream.max_connections;
-        let _slot = self.connections.admit(max)?;
+        let (max, per_client) = {
+            let d = &self.snapshots.load().settings.downstream;
+            (d.max_connections, d.max_connections_per_client)
+        };
+        let _slot =
+            self.connections
+                .admit_client(max, per_client, crate::listener::peer_ip(&io))?;
         self.serve_connection(io, shutdown).await
     }
 
@@ -516,8 +524,12 @@ async fn refuse(c: &mut Conn, r: Refusal, req: Option<&RefusedRequest<'_>>, snap
         route: None,
         cluster: None,
         started,
+        span: None,
+        request_id: None,
+        tls: false,
+        client_ip: c.client_ip,
     };
-    let mut done = Done::local(r.status, "DPE", None, 0);
+    let mut done = Done::local(r.status, Flag::DownstreamProtocolError, None, 0);
     done.details = r.details;
     done.sent = body_len;
     log.finish(c, &done);
@@ -583,9 +595,11 @@ fn eligible<'h>(
                 let t = token.trim_ascii();
                 if t.eq_ignore_ascii_case(b"close") {
                     r.close = true;
-                } else if !t.eq_ignore_ascii_case(b"keep-alive") {
+                } else if t.eq_ignore_ascii_case(b"upgrade") {
+                    // The connection would become a tunnel: pingora's to carry.
                     return None;
                 }
+                // Other tokens name fields that stay behind (the request core drops them).
             }
         } else if n.eq_ignore_ascii_case("x-request-id") {
             r.has_request_id = true;
@@ -598,14 +612,12 @@ fn eligible<'h>(
 }
 
 /// A forward the fast path can carry (the request core's plan decided faults, CORS and
-/// the rewrite already): no mirror, no timeout, no retry on a response status, a
+/// the rewrite already): no mirror, no retry on a response status, a
 /// destination it speaks to (plain HTTP/1.1, no keepalive probes, no per-connection
 /// request cap, no consistent hashing).
 fn plain(forward: &Forward) -> bool {
     let on = &forward.retries.on;
     forward.mirrors.is_empty()
-        && forward.timeout.is_none()
-        && forward.retries.per_try_timeout.is_none()
         && !on.five_xx
         && !on.gateway_error
         && !on.retriable_4xx
@@ -716,14 +728,19 @@ impl FastH1 {
         else {
             return Outcome::Lend(Lending { head, rest }, "request");
         };
-        if settings.tracing.is_some() {
-            return Outcome::Lend(Lending { head, rest }, "tracing");
-        }
         let Some(listener) = snapshot.listeners.get(self.listener) else {
             return Outcome::Lend(Lending { head, rest }, "route");
         };
         // The request id before routing: a route may match on it, on every codec.
         let id = (!req.has_request_id).then(request_id);
+        let span = settings.tracing.as_ref().map(|t| {
+            let get = |name: &str| {
+                raw(parsed.headers)
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            };
+            trace::start_with(get, t.sampling)
+        });
         let added = [("x-request-id", id.as_ref().map_or(&b""[..], |id| &id[..]))];
         let added: &[(&str, &[u8])] = if id.is_some() { &added } else { &[] };
         let view = RequestView {
@@ -747,6 +764,10 @@ impl FastH1 {
             route: None,
             cluster: None,
             started,
+            span: span.as_ref(),
+            request_id: id.as_ref().map(|id| &id[..]),
+            tls: self.tls,
+            client_ip: c.client_ip,
         };
         while c.buf.len() < req.body {
             c.buf.reserve(req.body - c.buf.len());
@@ -755,11 +776,14 @@ impl FastH1 {
                 Some(Ok(n)) if n > 0 => {}
                 Some(_) => {
                     // The client went away mid-body: nothing was sent upstream.
-                    unrouted().finish(c, &Done::local(0, "DC", None, 0));
+                    unrouted().finish(
+                        c,
+                        &Done::local(0, Flag::DownstreamConnectionTermination, None, 0),
+                    );
                     return Outcome::Close;
                 }
                 None => {
-                    let done = Done::local(408, "", None, 0);
+                    let done = Done::local(408, Flag::None, None, 0);
                     return local(c, &unrouted(), done, check::BODY_TIMEOUT.what).await;
                 }
             }
@@ -767,7 +791,24 @@ impl FastH1 {
 
         let host = normalize_host(req.host);
         let client_close = req.close || old || *shutdown.borrow();
-        let f = match request::plan(listener, &host, &view) {
+        let planned = request::plan(listener, &host, &view);
+        // What this codec cannot carry goes to pingora before the policies count it
+        // (pingora's cycle polices it then, once).
+        let _admission = match planned.plan() {
+            request::Plan::Forward(f) if !plain(f.forward) => {
+                return Outcome::Lend(Lending { head, rest }, "route")
+            }
+            // No waiting here (and no pending slot taken): pingora's path waits for a full
+            // pool, as long as the route allows.
+            request::Plan::Forward(f) => {
+                match f.forward.destinations[f.destination].cluster.try_admit() {
+                    Some(a) => Some(a),
+                    None => return Outcome::Lend(Lending { head, rest }, "admission"),
+                }
+            }
+            request::Plan::Answer(_) => None,
+        };
+        let f = match planned.police(&view).await {
             request::Plan::Answer(a) => {
                 c.buf.advance(req.body);
                 let log = Log {
@@ -777,21 +818,12 @@ impl FastH1 {
                 };
                 return answer(c, &log, &a, client_close).await;
             }
-            request::Plan::Forward(f) if plain(f.forward) => f,
-            request::Plan::Forward(_) => return Outcome::Lend(Lending { head, rest }, "route"),
+            request::Plan::Forward(f) => f,
         };
         let (route, forward) = (f.route, f.forward);
         let destination = &forward.destinations[f.destination];
         let cluster = &destination.cluster;
-        // No waiting here (and no pending slot taken): pingora's path waits for a full pool,
-        // as long as the route allows.
-        let Some(_admission) = cluster.try_admit() else {
-            return Outcome::Lend(Lending { head, rest }, "admission");
-        };
-        let cors = match (f.cors_origin, route.cors.as_ref()) {
-            (Some(origin), Some(policy)) => request::CorsFields::for_response(policy, origin),
-            _ => request::CorsFields::default(),
-        };
+        let added = f.response_additions();
         let log = Log {
             route: Some(route),
             cluster: Some(cluster),
@@ -839,6 +871,7 @@ impl FastH1 {
             host: authority.map(|a| a.as_bytes()),
             ops: [&route.headers.request, &destination.headers.request],
             upgrade: false,
+            span: span.as_ref(),
         };
         request::upstream_request_headers(|| raw(parsed.headers), &forwarding, out);
         out.extend_from_slice(b"\r\n");
@@ -848,19 +881,27 @@ impl FastH1 {
 
         let response_ops = [&route.headers.response, &destination.headers.response];
 
-        // Tries: as the route's retries and the shared resend rule allow.
+        // Tries: as the route's retries and the shared resend rule allow, within its
+        // timeouts.
         c.tried.clear();
-        let mut tries = Tries::default();
+        let mut tries = Tries::new(forward);
         let idempotent = retry::idempotent(req.method);
         let stream_idle = snapshot.settings.downstream.stream_idle_timeout;
+        let mut wait;
         let (resp, i, inflight) = loop {
+            let Some(w) = tries.wait(stream_idle) else {
+                let done = Done::local(504, Flag::UpstreamRequestTimeout, None, tries.made);
+                let what = Flag::UpstreamRequestTimeout.reply_text();
+                return local(c, &log, done, what).await;
+            };
+            wait = w;
             let (i, pooled) = match tries.resend_to.take() {
                 Some(i) => (i, false),
                 None => match cluster.select(None, &c.tried) {
                     Some(i) => (i, true),
                     None => {
-                        let done = Done::local(503, "UH", None, tries.made);
-                        return local(c, &log, done, "no healthy upstream").await;
+                        let done = Done::local(503, Flag::NoHealthyUpstream, None, tries.made);
+                        return local(c, &log, done, Flag::NoHealthyUpstream.reply_text()).await;
                     }
                 },
             };
@@ -873,9 +914,9 @@ impl FastH1 {
                 pooled,
                 head_only,
                 ops: response_ops,
-                cors: &cors,
+                added: &added,
                 client_close,
-                stream_idle,
+                wait,
             };
             match exchange(c, ex).await {
                 Ok(resp) => break (resp, i, inflight),
@@ -895,15 +936,19 @@ impl FastH1 {
             upstream_time,
             tries.made,
         );
-        let result =
-            forward_body(c, resp.framing, stream_idle, (cluster, resp.upstream_close)).await;
+        let result = forward_body(c, resp.framing, wait, (cluster, resp.upstream_close)).await;
         drop(inflight);
         match result {
             Ok(n) => done.sent = n,
             Err(Side::Unsent) => {
                 c.up = None;
                 cluster.record(i, None, None);
-                let done = Done::local(502, "UPE", done.upstream_host, tries.made);
+                let done = Done::local(
+                    502,
+                    Flag::UpstreamProtocolError,
+                    done.upstream_host,
+                    tries.made,
+                );
                 return local(c, &log, done, "upstream sent an invalid response").await;
             }
             Err(side) => {
@@ -913,7 +958,7 @@ impl FastH1 {
                     // The endpoint failed mid-response: never tried again, but counted.
                     cluster.record(i, None, None);
                 }
-                done.flags = side.flag();
+                done.flags = tries.flag(&side);
                 log.finish(c, &done);
                 return Outcome::Close;
             }
@@ -942,9 +987,36 @@ struct Tries {
     resend_to: Option<usize>,
     /// Holds the cluster's `maxRetries` budget while a retry is under way.
     permit: Option<RetryPermit>,
+    /// The route's `timeout`, from the moment the request was read whole.
+    deadline: Option<Instant>,
+    per_try: Option<Duration>,
 }
 
 impl Tries {
+    fn new(forward: &Forward) -> Tries {
+        Tries {
+            deadline: forward.timeout.map(|t| Instant::now() + t),
+            per_try: forward.retries.per_try_timeout,
+            ..Tries::default()
+        }
+    }
+
+    /// The time the next try may take (`retry::try_wait`); `None` once the route's time
+    /// is up.
+    fn wait(&self, idle: Duration) -> Option<Duration> {
+        retry::try_wait(self.per_try, self.deadline, idle)
+    }
+
+    /// The flag of a response cut short on `side`: an upstream that went quiet for the
+    /// route's timeout is `UT`, as on pingora's path, not the stream idle timeout.
+    fn flag(&self, side: &Side) -> Flag {
+        let timed = self.deadline.is_some() || self.per_try.is_some();
+        match side {
+            Side::Upstream { idle: true } if timed => Flag::UpstreamRequestTimeout,
+            _ => side.flag(),
+        }
+    }
+
     /// After try `fail` on endpoint `i`: `None` when another try follows (after the
     /// backoff, already waited), else the local reply to make and what it says.
     async fn after(
@@ -968,30 +1040,17 @@ impl Tries {
                 if let Some(p) = cluster.start_retry() {
                     self.permit = Some(p);
                     self.retries += 1;
-                    tokio::time::sleep(forward.retries.backoff_for(self.retries)).await;
+                    let pause = forward.retries.backoff_for(self.retries);
+                    let left = self
+                        .deadline
+                        .map(|d| d.saturating_duration_since(Instant::now()));
+                    tokio::time::sleep(left.map_or(pause, |l| l.min(pause))).await;
                     return None;
                 }
             }
             _ => {}
         }
-        let retried = self.retries > 0;
-        let (status, flag, what) = match fail {
-            TryFailure::Connect => (
-                503,
-                if retried { "URX" } else { "UF" },
-                "upstream connect error",
-            ),
-            TryFailure::Timeout => (504, "UT", "upstream request timeout"),
-            TryFailure::BadResponse => (502, "UPE", "upstream sent an invalid response"),
-            TryFailure::StaleConnection
-            | TryFailure::Reset
-            | TryFailure::Refused
-            | TryFailure::AfterResponse => (
-                503,
-                if retried { "URX" } else { "UC" },
-                "upstream reset before response",
-            ),
-        };
+        let (status, flag, what) = fail.answer(self.retries > 0);
         let addr = Some(cluster.endpoints[i].addr);
         Some((Done::local(status, flag, addr, self.made), what))
     }
@@ -1000,7 +1059,7 @@ impl Tries {
 /// How a request ended, for metrics and the access log.
 struct Done {
     status: u16,
-    flags: &'static str,
+    flags: Flag,
     details: &'static str,
     sent: usize,
     upstream_time: Option<Duration>,
@@ -1013,7 +1072,7 @@ impl Done {
     fn via_upstream(status: u16, addr: SocketAddr, upstream_time: Duration, tries: u32) -> Done {
         Done {
             status,
-            flags: "",
+            flags: Flag::None,
             details: "via_upstream",
             sent: 0,
             upstream_time: Some(upstream_time),
@@ -1024,12 +1083,7 @@ impl Done {
 
     /// A reply the gateway makes after failed tries; as on pingora's path, its details
     /// are left empty.
-    fn local(
-        status: u16,
-        flags: &'static str,
-        upstream_host: Option<SocketAddr>,
-        tries: u32,
-    ) -> Done {
+    fn local(status: u16, flags: Flag, upstream_host: Option<SocketAddr>, tries: u32) -> Done {
         Done {
             status,
             flags,
@@ -1051,10 +1105,17 @@ struct Log<'r> {
     route: Option<&'r Route>,
     cluster: Option<&'r Cluster>,
     started: Instant,
+    /// The request's span when tracing is on; exported when sampled.
+    span: Option<&'r SpanContext>,
+    /// The id made for the request, when it came without one.
+    request_id: Option<&'r [u8]>,
+    tls: bool,
+    client_ip: Option<IpAddr>,
 }
 
 impl Log<'_> {
     fn finish(&self, c: &Conn, done: &Done) {
+        self.export_span(done, "HTTP/1.1");
         let Some((al, sink)) = self.observe(done) else {
             return;
         };
@@ -1072,6 +1133,37 @@ impl Log<'_> {
             c.io.get_ssl_digest().as_deref(),
             response_headers,
         );
+    }
+
+    /// The request's server span, when it is sampled (as pingora's path exports it).
+    fn export_span(&self, done: &Done, protocol: &str) {
+        let Some(span) = self.span.filter(|s| s.sampled) else {
+            return;
+        };
+        let field = |name| self.headers.get(name);
+        let request_id = match self.request_id {
+            Some(id) => std::str::from_utf8(id).ok(),
+            None => field("x-request-id"),
+        };
+        trace::ServerSpan {
+            scheme: if self.tls { "https" } else { "http" },
+            authority: self.req.host,
+            path: self.req.path,
+            query: self.req.query,
+            method: self.req.method,
+            protocol,
+            user_agent: field("user-agent"),
+            request_id,
+            request_size: self.req.body,
+            response_size: done.sent,
+            flag: done.flags,
+            cluster: self.cluster.map(|c| (&*c.host, c.port, c.name.as_str())),
+            upstream: done.upstream_host,
+            client_ip: self.client_ip,
+            start: std::time::SystemTime::now() - self.started.elapsed(),
+            status: done.status,
+        }
+        .export(span.clone());
     }
 
     /// Counts the request in the metrics; the access log's settings and sink when a line
@@ -1113,7 +1205,7 @@ impl Log<'_> {
             query: self.req.query,
             protocol,
             status: done.status,
-            flags: done.flags,
+            flags: done.flags.as_str(),
             details: done.details,
             bytes_received: self.req.body,
             bytes_sent: done.sent,
@@ -1144,11 +1236,11 @@ struct Exchange<'a> {
     pooled: bool,
     head_only: bool,
     ops: [&'a HeaderOps; 2],
-    /// CORS fields for the response.
-    cors: &'a request::CorsFields,
+    /// CORS and policy fields for the response.
+    added: &'a request::ResponseAdditions,
     client_close: bool,
-    /// The response head must come within this.
-    stream_idle: Duration,
+    /// The response head must come within this (`retry::try_wait`).
+    wait: Duration,
 }
 
 /// A new connection to `addr` within `timeout`.
@@ -1184,49 +1276,60 @@ async fn timed<F: std::future::Future>(
 async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
     let addr = ex.cluster.endpoints[ex.i].addr;
     c.up = None;
-    let pooled = if ex.pooled {
-        upstream::pool::take(addr, Instant::now())
-    } else {
-        None
-    };
-    let up = match pooled {
-        Some(io) => Upstream {
-            addr,
-            io,
-            pooled: true,
-        },
-        None => Upstream {
-            addr,
-            io: connect(addr, ex.cluster.settings.connect_timeout)
-                .await
-                .ok_or(TryFailure::Connect)?,
-            pooled: false,
-        },
-    };
-    let up = c.up.insert(up);
+    let up = c.up.insert(Upstream::open(addr, &ex).await?);
     c.ubuf.clear();
     let (out, ubuf, resp) = (&c.out, &mut c.ubuf, &mut c.resp);
-    let (head_only, client_close, ops, cors) = (ex.head_only, ex.client_close, ex.ops, ex.cors);
+    let (head_only, client_close, ops, added) = (ex.head_only, ex.client_close, ex.ops, ex.added);
     let io = async {
         up.io.write_all(out).await?;
         read_response(&mut up.io, ubuf, head_only, client_close, |r, _, close| {
-            write_response_head(resp, r, close, ops, cors)
+            write_response_head(resp, r, close, ops, added)
         })
         .await
     };
-    let result = timed(&mut c.wait, ex.stream_idle, io).await;
+    let result = timed(&mut c.wait, ex.wait, io).await;
     let stale = up.pooled && c.ubuf.is_empty();
+    let result = exchanged(result, stale);
+    if result.is_err() {
+        c.up = None;
+    }
+    result
+}
+
+impl Upstream {
+    /// A connection to endpoint `addr` for a try: a clean pooled one when the try may
+    /// take one, else a new one within the cluster's connect timeout.
+    async fn open(addr: SocketAddr, ex: &Exchange<'_>) -> Result<Upstream, TryFailure> {
+        if ex.pooled {
+            if let Some(io) = upstream::pool::take(addr, Instant::now()) {
+                return Ok(Upstream {
+                    addr,
+                    io,
+                    pooled: true,
+                });
+            }
+        }
+        let io = connect(addr, ex.cluster.settings.connect_timeout)
+            .await
+            .ok_or(TryFailure::Connect)?;
+        Ok(Upstream {
+            addr,
+            io,
+            pooled: false,
+        })
+    }
+}
+
+/// How a try's exchange ended, as the retry rules read it: `None` when its time ran out,
+/// `Ok(None)` for a response head that does not parse; `stale` when the request went out
+/// on a pooled connection and not a byte came back.
+fn exchanged<T>(result: Option<io::Result<Option<T>>>, stale: bool) -> Result<T, TryFailure> {
     match result {
         Some(Ok(Some(resp))) => Ok(resp),
-        other => {
-            c.up = None;
-            Err(match other {
-                None => TryFailure::Timeout,
-                Some(Ok(None)) => TryFailure::BadResponse,
-                _ if stale => TryFailure::StaleConnection,
-                _ => TryFailure::Reset,
-            })
-        }
+        None => Err(TryFailure::Timeout),
+        Some(Ok(None)) => Err(TryFailure::BadResponse),
+        Some(Err(_)) if stale => Err(TryFailure::StaleConnection),
+        Some(Err(_)) => Err(TryFailure::Reset),
     }
 }
 
@@ -1286,7 +1389,7 @@ fn write_response_head(
     r: &httparse::Response<'_, '_>,
     close: bool,
     ops: [&HeaderOps; 2],
-    cors: &request::CorsFields,
+    added: &request::ResponseAdditions,
 ) {
     out.clear();
     out.reserve(1024 + 4096);
@@ -1296,13 +1399,11 @@ fn write_response_head(
     } else {
         dropped_response_header
     };
-    // The route's CORS fields replace the upstream's (as pingora's path inserts them).
-    let upstream = raw(r.headers)
-        .filter(|(n, _)| !cors.iter().any(|(c, _)| n.eq_ignore_ascii_case(c.as_str())));
+    // The core's CORS and policy fields replace the upstream's (as pingora's path
+    // inserts them).
+    let upstream = raw(r.headers).filter(|(n, _)| !added.replaces(n.as_bytes()));
     write_headers(out, upstream, ops, drop);
-    for (n, v) in cors.iter() {
-        request::HeaderSink::field(out, n.as_str().as_bytes(), v.as_bytes());
-    }
+    added.write(out);
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -1324,12 +1425,14 @@ enum Side {
 
 impl Side {
     /// Envoy's response flag: `SI` for a stream idle timeout, else who closed.
-    fn flag(&self) -> &'static str {
+    fn flag(&self) -> Flag {
         match self {
-            Side::Upstream { idle: true } | Side::Downstream { idle: true } => "SI",
-            Side::Upstream { idle: false } => "UC",
-            Side::Downstream { idle: false } => "DC",
-            Side::Unsent => "UPE",
+            Side::Upstream { idle: true } | Side::Downstream { idle: true } => {
+                Flag::StreamIdleTimeout
+            }
+            Side::Upstream { idle: false } => Flag::UpstreamConnectionTermination,
+            Side::Downstream { idle: false } => Flag::DownstreamConnectionTermination,
+            Side::Unsent => Flag::UpstreamProtocolError,
         }
     }
 }
@@ -1506,7 +1609,7 @@ fn status_line(out: &mut Vec<u8>, status: u16, reason: Option<&str>) {
 async fn local(c: &mut Conn, log: &Log<'_>, mut done: Done, what: &str) -> Outcome {
     tracing::warn!(
         status = done.status,
-        flag = done.flags,
+        flag = %done.flags,
         method = log.req.method,
         path = log.req.path,
         route = log.route.map(|r| r.origin.to_string()).unwrap_or_default(),

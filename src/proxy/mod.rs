@@ -24,6 +24,7 @@ use crate::egress::{self, forward as egress_forward};
 use crate::protocol::h1;
 use crate::routing::{chance, normalize_host, Action, Forward, HeaderOps, RequestView, Route};
 use crate::snapshot::Snapshot;
+use crate::telemetry::outcome::Flag;
 use crate::telemetry::{access_log, trace, Metrics};
 use crate::upstream::balancer::hash_bytes;
 use crate::upstream::retry::{self, Again, TryFailure};
@@ -77,7 +78,8 @@ pub struct RequestCtx {
     deadline: Option<Instant>,
     hash: Option<u64>,
     set_cookie: Option<String>,
-    cors_origin: Option<HeaderValue>,
+    /// CORS and policy fields for the response (`request::Forwarded::response_additions`).
+    response_additions: Option<request::ResponseAdditions>,
     /// The response was refused for a retry by `upstream_response_filter`.
     retry_on_status: bool,
     /// An upstream response head was taken (and is being passed on): from here on no
@@ -95,7 +97,7 @@ pub struct RequestCtx {
     /// Where a forward-proxied (absolute-form) request goes; no route is used then.
     egress: Option<egress::Target>,
     /// Envoy-style response flag for logs: NR, UH, UF, UO, UT, URX, DI, FI, DC, UC.
-    pub flag: &'static str,
+    pub flag: Flag,
 }
 
 impl Default for RequestCtx {
@@ -118,7 +120,7 @@ impl Default for RequestCtx {
             deadline: None,
             hash: None,
             set_cookie: None,
-            cors_origin: None,
+            response_additions: None,
             retry_on_status: false,
             upstream_responded: false,
             resent: false,
@@ -127,7 +129,7 @@ impl Default for RequestCtx {
             span: None,
             mirror_pending: None,
             egress: None,
-            flag: "",
+            flag: Flag::None,
         }
     }
 }
@@ -163,15 +165,13 @@ impl Gateway {
     ) -> Result<Box<HttpPeer>> {
         ctx.upstream_host = Some(cluster.endpoints[i].addr);
         ctx.in_flight = Some(InFlight::new(cluster.clone(), i));
-        let per_try = match (forward.retries.per_try_timeout, ctx.remaining()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let idle = ctx
-            .snapshot
-            .as_ref()
-            .map(|s| s.settings.downstream.stream_idle_timeout);
-        Ok(Box::new(cluster.peer(i, per_try.or(idle))))
+        let idle = ctx.snapshot.as_ref().map_or(Duration::from_secs(300), |s| {
+            s.settings.downstream.stream_idle_timeout
+        });
+        // Checked before the endpoint was chosen; a deadline passed since gets the least.
+        let wait = retry::try_wait(forward.retries.per_try_timeout, ctx.deadline, idle)
+            .unwrap_or(Duration::from_millis(1));
+        Ok(Box::new(cluster.peer(i, Some(wait))))
     }
 
     /// The checks every request passes before routing (`proxy::check`; an HTTP/1.1 head
@@ -339,6 +339,18 @@ impl request::HeaderSink for ResponseFields {
     fn forwarded_for(&mut self, _: &mut dyn Iterator<Item = &[u8]>, _: IpAddr) {}
 }
 
+/// A response head whose fields the request core's replace (`insert`, not `append`).
+struct ReplaceFields<'a>(&'a mut ResponseHeader);
+
+impl request::HeaderSink for ReplaceFields<'_> {
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            let _ = self.0.insert_header(Bytes::copy_from_slice(name), v);
+        }
+    }
+    fn forwarded_for(&mut self, _: &mut dyn Iterator<Item = &[u8]>, _: IpAddr) {}
+}
+
 /// Writes answer `a` (the request core's, `request::answer_fields`).
 async fn answer(session: &mut Session, a: &request::Answer<'_>) -> Result<()> {
     let mut head = ResponseFields(ResponseHeader::build(a.status, Some(6))?);
@@ -457,7 +469,7 @@ impl ProxyHttp for Gateway {
         }
         if let Err(r) = self.check(&snapshot, session) {
             ctx.snapshot = Some(snapshot);
-            ctx.flag = "DPE";
+            ctx.flag = Flag::DownstreamProtocolError;
             ctx.details = r.details;
             tracing::debug!(
                 status = r.status,
@@ -485,9 +497,9 @@ impl ProxyHttp for Gateway {
                     port: listener.addr.port(),
                     client_ip: client_ip(session),
                 };
-                request::plan(listener, &host, &view)
+                request::plan(listener, &host, &view).police(&view).await
             }
-            None => request::Plan::Answer(request::not_found()),
+            None => request::Plan::Answer(Box::new(request::not_found())),
         };
         let forwarded = match plan {
             request::Plan::Answer(a) => {
@@ -503,10 +515,11 @@ impl ProxyHttp for Gateway {
             }
             request::Plan::Forward(f) => {
                 if let Some(d) = f.delay {
-                    ctx.flag = "DI";
+                    ctx.flag = Flag::DelayInjected;
                     tokio::time::sleep(d).await;
                 }
-                ctx.cors_origin = f.cors_origin.clone();
+                let added = f.response_additions();
+                ctx.response_additions = (!added.is_empty()).then_some(added);
                 (f.route.clone(), f.destination, f.match_index)
             }
         };
@@ -588,7 +601,7 @@ impl ProxyHttp for Gateway {
             match cluster.admit(wait).await {
                 Some(a) => ctx.admission = Some(a),
                 None => {
-                    ctx.flag = "UO";
+                    ctx.flag = Flag::UpstreamOverflow;
                     Metrics::global()
                         .upstream_overflow
                         .with_label_values(&[cluster.name.as_str()])
@@ -616,14 +629,14 @@ impl ProxyHttp for Gateway {
             tokio::time::sleep(ctx.remaining().map_or(pause, |r| r.min(pause))).await;
         }
         if ctx.remaining().is_some_and(|r| r.is_zero()) {
-            ctx.flag = "UT";
+            ctx.flag = Flag::UpstreamRequestTimeout;
             return Err(Error::explain(
                 ErrorType::HTTPStatus(504),
                 "upstream request timeout",
             ));
         }
         let Some(i) = cluster.select(ctx.hash, &ctx.tried) else {
-            ctx.flag = "UH";
+            ctx.flag = Flag::NoHealthyUpstream;
             return Err(Error::explain(
                 ErrorType::HTTPStatus(503),
                 format!("no healthy upstream for {}", cluster.name),
@@ -696,14 +709,12 @@ impl ProxyHttp for Gateway {
                     .map(HeaderValue::as_bytes),
                 ops: [&route.headers.request, &dest.headers.request],
                 upgrade: session.is_upgrade_req(),
+                span: ctx.span.as_ref(),
             };
             rebuild_upstream_headers(upstream, &forwarding)?;
             if ctx.close_upstream {
                 upstream.insert_header(header::CONNECTION, "close")?;
             }
-        }
-        if let Some(span) = &ctx.span {
-            span.inject(upstream);
         }
         Ok(())
     }
@@ -776,11 +787,10 @@ impl ProxyHttp for Gateway {
                     .response
                     .apply_response(upstream_response);
             }
-            if let (Some(origin), Some(cors)) = (ctx.cors_origin.take(), route.cors.as_ref()) {
-                for (n, v) in request::CorsFields::for_response(cors, origin).iter() {
-                    upstream_response.insert_header(n.clone(), v.clone())?;
-                }
-            }
+        }
+        if let Some(added) = ctx.response_additions.take() {
+            // Over the upstream's fields of the same names, as every codec writes them.
+            added.write(&mut ReplaceFields(upstream_response));
         }
         if let Some(c) = ctx.set_cookie.take() {
             upstream_response.append_header(header::SET_COOKIE, c)?;
@@ -801,7 +811,11 @@ impl ProxyHttp for Gateway {
             e.set_retry(true);
         } else {
             e.set_retry(false);
-            ctx.flag = if ctx.retries > 0 { "URX" } else { "UF" };
+            ctx.flag = if ctx.retries > 0 {
+                Flag::UpstreamRetryLimitExceeded
+            } else {
+                Flag::UpstreamConnectFailure
+            };
         }
         e
     }
@@ -858,43 +872,47 @@ impl ProxyHttp for Gateway {
     ) -> FailToProxy {
         use ErrorType::*;
         let retried = ctx.retries > 0;
-        let (code, flag, what) = match (e.etype(), e.esource()) {
-            (HTTPStatus(code), _) => (*code, ctx.flag, "local reply"),
-            // One wording for every connect failure, as the fast codecs say it (the log
-            // line carries the error itself).
+        // Upstream failures read as the try failure the fast codecs see, so both answer
+        // from one table (`TryFailure::answer`).
+        let failure = match (e.etype(), e.esource()) {
+            (HTTPStatus(_), _) => None,
             (
                 ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError
                 | TLSHandshakeFailure | SocketError | BindError,
                 _,
-            ) => (503, "UF", "upstream connect error"),
-            (ReadTimedout | WriteTimedout, ErrorSource::Upstream) => {
-                (504, "UT", "upstream request timeout")
+            ) => Some(TryFailure::Connect),
+            (ReadTimedout | WriteTimedout, ErrorSource::Upstream) => Some(TryFailure::Timeout),
+            (_, ErrorSource::Upstream) if ctx.upstream_responded => Some(TryFailure::AfterResponse),
+            (InvalidHTTPHeader | H1Error, ErrorSource::Upstream) => Some(TryFailure::BadResponse),
+            (_, ErrorSource::Upstream) => Some(TryFailure::Reset),
+            _ => None,
+        };
+        let (code, flag, what) = match (failure, e.etype(), e.esource()) {
+            (Some(f), _, _) => f.answer(retried),
+            (None, HTTPStatus(code), _) => (*code, ctx.flag, ctx.flag.reply_text()),
+            (None, ReadTimedout, ErrorSource::Downstream) => {
+                (408, Flag::None, check::BODY_TIMEOUT.what)
             }
-            (_, ErrorSource::Upstream) if ctx.upstream_responded => {
-                (502, "UC", "upstream reset after the response started")
-            }
-            (InvalidHTTPHeader | H1Error, ErrorSource::Upstream) => {
-                (502, "UPE", "upstream sent an invalid response")
-            }
-            (_, ErrorSource::Upstream) => (503, "UC", "upstream reset before response"),
-            (ReadTimedout, ErrorSource::Downstream) => (408, "", check::BODY_TIMEOUT.what),
             (
+                None,
                 ReadError | WriteError | WriteTimedout | ConnectionClosed,
                 ErrorSource::Downstream,
-            ) => (0, "DC", "downstream closed"),
-            (_, ErrorSource::Downstream) => (400, "DPE", "bad request"),
-            _ => (500, "", "internal error"),
+            ) => (
+                0,
+                Flag::DownstreamConnectionTermination,
+                "downstream closed",
+            ),
+            (None, _, ErrorSource::Downstream) => {
+                (400, Flag::DownstreamProtocolError, "bad request")
+            }
+            _ => (500, Flag::None, "internal error"),
         };
-        ctx.flag = if retried && matches!(flag, "UF" | "UC") {
-            "URX"
-        } else {
-            flag
-        };
+        ctx.flag = flag;
         if code > 0 {
             let req = session.req_header();
             tracing::warn!(
                 status = code,
-                flag = ctx.flag,
+                flag = %ctx.flag,
                 method = %req.method,
                 path = req.uri.path(),
                 route = ctx.route.as_ref().map(|r| r.origin.to_string()).unwrap_or_default(),
@@ -970,7 +988,7 @@ impl ProxyHttp for Gateway {
                 "HTTP/1.1"
             },
             status,
-            flags: ctx.flag,
+            flags: ctx.flag.as_str(),
             details: ctx.details,
             bytes_received: session.body_bytes_read(),
             bytes_sent: session.body_bytes_sent(),
@@ -1057,7 +1075,7 @@ impl Gateway {
         let addr = match addr {
             Ok(a) => a,
             Err(e) => {
-                ctx.flag = "UH";
+                ctx.flag = Flag::NoHealthyUpstream;
                 return Err(Error::explain(ErrorType::HTTPStatus(503), e));
             }
         };
@@ -1078,74 +1096,33 @@ impl Gateway {
         status: u16,
     ) {
         let req = session.req_header();
-        let h = |n: &str| {
-            req.headers
-                .get(n)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .to_string()
-        };
-        let authority = match authority(req) {
-            "" => "-",
-            a => a,
-        };
-        let scheme = if self.tls { "https" } else { "http" };
+        let h = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
         let cluster = ctx
             .forward()
-            .map(|f| f.destinations[ctx.destination].cluster.clone());
-        let name = match &cluster {
-            Some(c) => format!("{}:{}/*", c.host, c.port),
-            None => format!("{authority}/*"),
-        };
-        let mut attributes = vec![
-            (
-                "http.url",
-                format!(
-                    "{scheme}://{authority}{}",
-                    req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
-                ),
-            ),
-            ("http.method", req.method.to_string()),
-            (
-                "http.protocol",
-                if session.is_http2() {
-                    "HTTP/2"
-                } else {
-                    "HTTP/1.1"
-                }
-                .to_string(),
-            ),
-            ("user_agent", h("user-agent")),
-            ("guid:x-request-id", h("x-request-id")),
-            ("request_size", session.body_bytes_read().to_string()),
-            ("response_size", session.body_bytes_sent().to_string()),
-            (
-                "response_flags",
-                if ctx.flag.is_empty() { "-" } else { ctx.flag }.to_string(),
-            ),
-            ("node_id", "portico".to_string()),
-            ("component", "proxy".to_string()),
-            ("istio.canonical_service", "portico".to_string()),
-        ];
-        if let Some(c) = &cluster {
-            attributes.push(("upstream_cluster", c.name.clone()));
-            attributes.push(("upstream_cluster.name", c.name.clone()));
-        }
-        if let Some(a) = ctx.upstream_host {
-            attributes.push(("upstream_address", a.to_string()));
-        }
-        if let Some(ip) = client_ip(session) {
-            attributes.push(("peer.address", ip.to_string()));
-        }
-        let end = std::time::SystemTime::now();
-        trace::Exporter::send(trace::Span {
-            ctx: span,
-            name,
+            .map(|f| &*f.destinations[ctx.destination].cluster);
+        trace::ServerSpan {
+            scheme: if self.tls { "https" } else { "http" },
+            authority: authority(req),
+            path: req.uri.path(),
+            query: req.uri.query(),
+            method: req.method.as_str(),
+            protocol: if session.is_http2() {
+                "HTTP/2"
+            } else {
+                "HTTP/1.1"
+            },
+            user_agent: h("user-agent"),
+            request_id: h("x-request-id"),
+            request_size: session.body_bytes_read(),
+            response_size: session.body_bytes_sent(),
+            flag: ctx.flag,
+            cluster: cluster.map(|c| (&*c.host, c.port, c.name.as_str())),
+            upstream: ctx.upstream_host,
+            client_ip: client_ip(session),
             start: ctx.started_at,
-            end,
             status,
-            attributes,
-        });
+        }
+        .export(span);
     }
 }
 

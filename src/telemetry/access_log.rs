@@ -108,7 +108,8 @@ impl Format {
                 continue;
             }
             let end = rest.find('%').ok_or_else(|| {
-                format!("unterminated operator at {:?}", &rest[..rest.len().min(20)])
+                let quoted: String = rest.chars().take(20).collect();
+                format!("unterminated operator at {quoted:?}")
             })?;
             let op = &rest[..end];
             rest = &rest[end + 1..];
@@ -506,6 +507,16 @@ mod tests {
         assert!(Format::text(ISTIO_TEXT_FORMAT).is_ok());
         assert!(Format::text("%NOPE%").unwrap_err().contains("NOPE"));
         assert!(Format::text("%START_TIME").is_err());
+    }
+
+    /// Found by the log_format fuzz target: the message about an unterminated operator
+    /// quoted its first 20 bytes, and panicked when byte 20 was inside a character.
+    #[test]
+    fn an_unterminated_operator_is_quoted_by_characters() {
+        let err = Format::text("\u{5}REQ(X-A?ME%P ROETE_AD*DRESS_WI\u{283}").unwrap_err();
+        assert!(err.contains("P ROETE_AD*DRESS_WI\u{283}"), "{err}");
+        let err = Format::text(&format!("%{}", "\u{e9}".repeat(30))).unwrap_err();
+        assert!(err.contains(&"\u{e9}".repeat(20)), "{err}");
     }
 
     #[test]

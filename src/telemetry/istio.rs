@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, RwLock};
 
+use super::outcome::Flag;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
@@ -57,7 +58,7 @@ pub struct Destination {
 struct Key {
     dest: Option<Destination>,
     status: u16,
-    flags: &'static str,
+    flags: Flag,
     grpc: bool,
 }
 
@@ -72,7 +73,7 @@ struct Series {
 pub struct Observation<'a> {
     pub dest: Option<&'a Destination>,
     pub status: u16,
-    pub flags: &'static str,
+    pub flags: Flag,
     pub grpc: bool,
     pub duration_ms: f64,
     pub request_bytes: usize,
@@ -200,7 +201,11 @@ impl IstioMetrics {
             protocol,
             code,
             "",
-            if key.flags.is_empty() { "-" } else { key.flags },
+            if key.flags.is_none() {
+                "-"
+            } else {
+                key.flags.as_str()
+            },
             "unknown",
         ]
     }
@@ -245,9 +250,9 @@ impl IstioMetrics {
     }
 
     /// The TCP counters for a connection to `dest` (`None`: refused before a destination
-    /// was chosen) that ended with response flag `flags` (`""` for none). Labelled
+    /// was chosen) that ended with response flag `flags`. Labelled
     /// `request_protocol="tcp"` and `response_code="0"`, as Istio labels TCP.
-    pub fn tcp(&self, dest: Option<&Destination>, flags: &'static str) -> Arc<TcpSeries> {
+    pub fn tcp(&self, dest: Option<&Destination>, flags: Flag) -> Arc<TcpSeries> {
         let key = Key {
             dest: dest.cloned(),
             status: 0,

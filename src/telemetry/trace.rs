@@ -49,7 +49,12 @@ fn random_nonzero_u64() -> u64 {
 
 /// Reads the incoming context (W3C first, then B3) and starts this request's span.
 pub fn start(headers: &HeaderMap, sampling: f64) -> SpanContext {
-    let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    start_with(|n| headers.get(n).and_then(|v| v.to_str().ok()), sampling)
+}
+
+/// `start`, reading the request's fields through `get` (a lower-case name in, the first
+/// value out), so every codec starts spans the same way from its own header form.
+pub fn start_with<'h>(get: impl Fn(&str) -> Option<&'h str>, sampling: f64) -> SpanContext {
     let span_id = random_nonzero_u64();
     if let Some((trace, parent, flags)) = get("traceparent").and_then(parse_traceparent) {
         return SpanContext {
@@ -109,24 +114,135 @@ pub fn parse_traceparent(v: &str) -> Option<(u128, u64, u8)> {
 }
 
 impl SpanContext {
-    /// Headers for the upstream request: this span becomes the parent.
-    pub fn inject(&self, req: &mut pingora_http::RequestHeader) {
+    /// Whether the upstream request's field `name` is this span's to write (the client's
+    /// and any route's value of it stay behind).
+    pub fn replaces(&self, name: &[u8]) -> bool {
+        name.eq_ignore_ascii_case(b"traceparent")
+            || (self.tracestate.is_some() && name.eq_ignore_ascii_case(b"tracestate"))
+            || (self.b3
+                && [
+                    &b"x-b3-traceid"[..],
+                    b"x-b3-spanid",
+                    b"x-b3-parentspanid",
+                    b"x-b3-sampled",
+                ]
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n)))
+    }
+
+    /// The upstream request's propagation fields: this span becomes the parent.
+    pub fn fields(&self, mut field: impl FnMut(&[u8], &[u8])) {
+        let mut buf = [0u8; 55];
         let flags = if self.sampled { "01" } else { "00" };
-        let _ = req.insert_header(
-            "traceparent",
-            format!("00-{:032x}-{:016x}-{flags}", self.trace_id, self.span_id),
+        let tp = format_into(
+            &mut buf,
+            format_args!("00-{:032x}-{:016x}-{flags}", self.trace_id, self.span_id),
         );
+        field(b"traceparent", tp);
         if let Some(ts) = &self.tracestate {
-            let _ = req.insert_header("tracestate", ts.clone());
+            field(b"tracestate", ts.as_bytes());
         }
         if self.b3 {
-            let _ = req.insert_header("x-b3-traceid", format!("{:032x}", self.trace_id));
-            let _ = req.insert_header("x-b3-spanid", format!("{:016x}", self.span_id));
+            let mut buf = [0u8; 32];
+            field(
+                b"x-b3-traceid",
+                format_into(&mut buf, format_args!("{:032x}", self.trace_id)),
+            );
+            field(
+                b"x-b3-spanid",
+                format_into(&mut buf, format_args!("{:016x}", self.span_id)),
+            );
             if let Some(p) = self.parent_id {
-                let _ = req.insert_header("x-b3-parentspanid", format!("{p:016x}"));
+                field(
+                    b"x-b3-parentspanid",
+                    format_into(&mut buf, format_args!("{p:016x}")),
+                );
             }
-            let _ = req.insert_header("x-b3-sampled", if self.sampled { "1" } else { "0" });
+            field(b"x-b3-sampled", if self.sampled { b"1" } else { b"0" });
         }
+    }
+}
+
+/// Writes `args` into `buf` (sized for it) and returns the bytes written.
+fn format_into<'b>(buf: &'b mut [u8], args: std::fmt::Arguments<'_>) -> &'b [u8] {
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let _ = cursor.write_fmt(args);
+    let n = cursor.position() as usize;
+    &buf[..n]
+}
+
+/// What a server span records of a request, gathered by whichever codec served it.
+pub struct ServerSpan<'a> {
+    pub scheme: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub method: &'a str,
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub protocol: &'a str,
+    pub user_agent: Option<&'a str>,
+    pub request_id: Option<&'a str>,
+    pub request_size: usize,
+    pub response_size: usize,
+    pub flag: crate::telemetry::outcome::Flag,
+    /// The destination's host, port and cluster name.
+    pub cluster: Option<(&'a str, u16, &'a str)>,
+    pub upstream: Option<SocketAddr>,
+    pub client_ip: Option<std::net::IpAddr>,
+    pub start: SystemTime,
+    pub status: u16,
+}
+
+impl ServerSpan<'_> {
+    /// Exports the span of a sampled request (Envoy's name and Istio's attributes).
+    pub fn export(self, ctx: SpanContext) {
+        let authority = if self.authority.is_empty() {
+            "-"
+        } else {
+            self.authority
+        };
+        let name = match self.cluster {
+            Some((host, port, _)) => format!("{host}:{port}/*"),
+            None => format!("{authority}/*"),
+        };
+        let url = match self.query {
+            Some(q) => format!("{}://{authority}{}?{q}", self.scheme, self.path),
+            None => format!("{}://{authority}{}", self.scheme, self.path),
+        };
+        let mut attributes = vec![
+            ("http.url", url),
+            ("http.method", self.method.to_string()),
+            ("http.protocol", self.protocol.to_string()),
+            ("user_agent", self.user_agent.unwrap_or("-").to_string()),
+            (
+                "guid:x-request-id",
+                self.request_id.unwrap_or("-").to_string(),
+            ),
+            ("request_size", self.request_size.to_string()),
+            ("response_size", self.response_size.to_string()),
+            ("response_flags", self.flag.to_string()),
+            ("node_id", "portico".to_string()),
+            ("component", "proxy".to_string()),
+            ("istio.canonical_service", "portico".to_string()),
+        ];
+        if let Some((_, _, cluster)) = self.cluster {
+            attributes.push(("upstream_cluster", cluster.to_string()));
+            attributes.push(("upstream_cluster.name", cluster.to_string()));
+        }
+        if let Some(a) = self.upstream {
+            attributes.push(("upstream_address", a.to_string()));
+        }
+        if let Some(ip) = self.client_ip {
+            attributes.push(("peer.address", ip.to_string()));
+        }
+        Exporter::send(Span {
+            ctx,
+            name,
+            start: self.start,
+            end: SystemTime::now(),
+            status: self.status,
+            attributes,
+        });
     }
 }
 
@@ -293,15 +409,19 @@ mod tests {
         assert_eq!(c.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
         assert_eq!(c.parent_id, Some(0x00f067aa0ba902b7));
         assert!(c.sampled, "the caller's decision wins over sampling = 0");
-        let mut req = pingora_http::RequestHeader::build("GET", b"/", None).unwrap();
-        c.inject(&mut req);
-        let tp = req.headers.get("traceparent").unwrap().to_str().unwrap();
+        let mut fields = Vec::new();
+        c.fields(|n, v| fields.push((n.to_vec(), String::from_utf8(v.to_vec()).unwrap())));
+        assert_eq!(fields.len(), 1, "traceparent alone: no tracestate, no B3");
+        assert_eq!(fields[0].0, b"traceparent");
+        let tp = &fields[0].1;
+        assert_eq!(tp.len(), 55);
         assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(tp.ends_with("-01"));
         assert!(
             !tp.contains("00f067aa0ba902b7"),
             "the parent is now this span"
         );
+        assert!(c.replaces(b"TraceParent") && !c.replaces(b"tracestate"));
         assert!(!start(&HeaderMap::new(), 0.0).sampled);
         assert!(start(&HeaderMap::new(), 100.0).sampled);
     }

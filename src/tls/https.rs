@@ -116,14 +116,18 @@ impl Https {
 #[async_trait]
 impl ServerApp for Https {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let (timeout, max) = {
+        let (timeout, max, per_client) = {
             let s = self.snapshots.load();
             (
                 s.settings.tls_handshake_timeout,
                 s.settings.downstream.max_connections,
+                s.settings.downstream.max_connections_per_client,
             )
         };
-        let _slot = self.front.connections.admit(max)?;
+        let _slot =
+            self.front
+                .connections
+                .admit_client(max, per_client, crate::listener::peer_ip(&io))?;
         self.serve(io, timeout, shutdown).await
     }
 

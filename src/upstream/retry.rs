@@ -9,6 +9,9 @@
 //! `REFUSED_STREAM`, `GOAWAY`) is safe to send again.
 
 use super::super::routing::RetryOn;
+use std::time::{Duration, Instant};
+
+use crate::telemetry::outcome::Flag;
 
 /// How a try failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +68,56 @@ impl TryFailure {
     pub fn counts_against_endpoint(self) -> bool {
         !matches!(self, TryFailure::StaleConnection | TryFailure::Refused)
     }
+}
+
+impl TryFailure {
+    /// The reply after the last try failed this way: status, response flag and the local
+    /// reply's text. One table for every codec; `retried` says whether a retry was made.
+    pub fn answer(self, retried: bool) -> (u16, Flag, &'static str) {
+        let (status, flag, what) = match self {
+            TryFailure::Connect => (503, Flag::UpstreamConnectFailure, "upstream connect error"),
+            TryFailure::Timeout => (
+                504,
+                Flag::UpstreamRequestTimeout,
+                "upstream request timeout",
+            ),
+            TryFailure::BadResponse => (
+                502,
+                Flag::UpstreamProtocolError,
+                "upstream sent an invalid response",
+            ),
+            TryFailure::AfterResponse => (
+                502,
+                Flag::UpstreamConnectionTermination,
+                "upstream reset after the response started",
+            ),
+            TryFailure::StaleConnection | TryFailure::Reset | TryFailure::Refused => (
+                503,
+                Flag::UpstreamConnectionTermination,
+                "upstream reset before response",
+            ),
+        };
+        (status, flag.after_retries(retried), what)
+    }
+}
+
+/// The time the next try may take: the route's `perTryTimeout`, what is left of its
+/// `timeout` (from `deadline`), the shorter of the two, else `idle` (the stream idle
+/// timeout: no wait on an upstream is unbounded). `None` once the route's time is up:
+/// the request ends with 504 `UT` and no further try.
+pub fn try_wait(
+    per_try: Option<Duration>,
+    deadline: Option<Instant>,
+    idle: Duration,
+) -> Option<Duration> {
+    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+    if left.is_some_and(|l| l.is_zero()) {
+        return None;
+    }
+    Some(match (per_try, left) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b).unwrap_or(idle),
+    })
 }
 
 /// RFC 9110 9.2.2: methods a client may repeat without a different effect.

@@ -186,9 +186,6 @@ impl FastH1 {
     ) -> Option<&'static str> {
         let started = Instant::now();
         let snapshot = self.snapshots.load_full();
-        if snapshot.settings.tracing.is_some() {
-            return Some("tracing");
-        }
         let Some(listener) = snapshot.listeners.get(self.listener) else {
             return Some("route");
         };
@@ -199,6 +196,16 @@ impl FastH1 {
         }
         let req = s.req_header();
         let settings = &snapshot.settings;
+        let span = settings
+            .tracing
+            .as_ref()
+            .map(|t| trace::start(&req.headers, t.sampling));
+        let sl = StreamLog {
+            snapshot: &snapshot,
+            started,
+            span: span.as_ref(),
+            client_ip,
+        };
         // A path that does not normalize gets pingora's reply (the same check there).
         // (`?` would be wrong in here: `None` means served.)
         let Ok(path) = settings.path_normalization.apply(req.uri.path()) else {
@@ -222,28 +229,34 @@ impl FastH1 {
             client_ip,
         };
         let host = normalize_host(q.host);
-        let f = match request::plan(listener, &host, &view) {
-            request::Plan::Answer(a) => {
-                if q.body > 0 || !s.is_body_empty() {
-                    // A body to read first: pingora's cycle answers it.
-                    return Some("route");
+        let planned = request::plan(listener, &host, &view);
+        // What this codec cannot carry goes to pingora before the policies count it
+        // (pingora's cycle polices it then, once).
+        let _admission = match planned.plan() {
+            // A body to read first: pingora's cycle answers it.
+            request::Plan::Answer(_) if q.body > 0 || !s.is_body_empty() => return Some("route"),
+            request::Plan::Answer(_) => None,
+            request::Plan::Forward(f) if !plain(f.forward) => return Some("route"),
+            request::Plan::Forward(f) => {
+                match f.forward.destinations[f.destination].cluster.try_admit() {
+                    Some(a) => Some(a),
+                    None => return Some("admission"),
                 }
-                answer_h2(s, &snapshot, &a, started).await;
+            }
+        };
+        let f = match planned.police(&view).await {
+            request::Plan::Answer(a) => {
+                // (A refused forward with a body unread: the answer ends the stream, and
+                // the client stops sending it, RFC 9113 8.1.)
+                answer_h2(s, &sl, &a).await;
                 return None;
             }
-            request::Plan::Forward(f) if plain(f.forward) => f,
-            request::Plan::Forward(_) => return Some("route"),
+            request::Plan::Forward(f) => f,
         };
         let (route, forward) = (f.route, f.forward);
         let destination = &forward.destinations[f.destination];
         let cluster = &destination.cluster;
-        let Some(_admission) = cluster.try_admit() else {
-            return Some("admission");
-        };
-        let cors = match (f.cors_origin, route.cors.as_ref()) {
-            (Some(origin), Some(policy)) => request::CorsFields::for_response(policy, origin),
-            _ => request::CorsFields::default(),
-        };
+        let added = f.response_additions();
         if let Some(d) = f.delay {
             tokio::time::sleep(d).await;
         }
@@ -269,6 +282,7 @@ impl FastH1 {
             authority.map(http::HeaderValue::as_bytes),
             [&route.headers.request, &destination.headers.request],
             client_ip,
+            span.as_ref(),
         );
         // A path normalization changed: the log shows the normalized one, as elsewhere.
         let normalized = match &path {
@@ -304,29 +318,36 @@ impl FastH1 {
 
         // Tries: as the route's retries and the shared resend rule allow.
         let mut tried = Vec::new();
-        let mut tries = Tries::default();
+        let mut tries = Tries::new(forward);
         let stream_idle = snapshot.settings.downstream.stream_idle_timeout;
         let mut wait = Box::pin(tokio::time::sleep(stream_idle));
+        let mut wait_for;
         // What `read_response` reserves before its first read: less would make that reserve
         // reallocate, copying the whole old block, once per stream.
         let mut ubuf = BytesMut::with_capacity(HEAD_READ);
         let ops = [&route.headers.response, &destination.headers.response];
         let mut head = None;
         let (up, resp, i, inflight) = loop {
+            let Some(w) = tries.wait(stream_idle) else {
+                let done = Done::local(504, Flag::UpstreamRequestTimeout, None, tries.made);
+                let what = Flag::UpstreamRequestTimeout.reply_text();
+                local_h2(s, &sl, route, cluster, done, what).await;
+                return None;
+            };
+            wait_for = w;
             let (i, pooled) = match tries.resend_to.take() {
                 Some(i) => (i, false),
                 None => match cluster.select(None, &tried) {
                     Some(i) => (i, true),
                     None => {
-                        let done = Done::local(503, "UH", None, tries.made);
+                        let done = Done::local(503, Flag::NoHealthyUpstream, None, tries.made);
                         local_h2(
                             s,
-                            &snapshot,
+                            &sl,
                             route,
                             cluster,
-                            started,
                             done,
-                            "no healthy upstream",
+                            Flag::NoHealthyUpstream.reply_text(),
                         )
                         .await;
                         return None;
@@ -337,7 +358,7 @@ impl FastH1 {
             tries.made += 1;
             let inflight = InFlight::new(cluster.clone(), i);
             let emit = |r: &httparse::Response<'_, '_>, raw: &[u8], _close: bool| {
-                head = response_head(r, raw, ops, &cors);
+                head = response_head(r, raw, ops, &added);
             };
             let ex = Exchange {
                 cluster,
@@ -345,16 +366,16 @@ impl FastH1 {
                 pooled,
                 head_only,
                 ops,
-                cors: &cors,
+                added: &added,
                 client_close: false,
-                stream_idle,
+                wait: wait_for,
             };
             match exchange_h2(&out, &mut ubuf, &ex, &mut wait, emit).await {
                 Ok((up, resp)) => break (up, resp, i, inflight),
                 Err(fail) => match tries.after(fail, forward, cluster, i, idempotent).await {
                     None => continue,
                     Some((done, what)) => {
-                        local_h2(s, &snapshot, route, cluster, started, done, what).await;
+                        local_h2(s, &sl, route, cluster, done, what).await;
                         return None;
                     }
                 },
@@ -370,9 +391,14 @@ impl FastH1 {
         );
         let Some(head) = head else {
             // A 101, or a field HTTP/2 cannot carry: nothing went to the client yet.
-            let done = Done::local(502, "UPE", done.upstream_host, tries.made);
+            let done = Done::local(
+                502,
+                Flag::UpstreamProtocolError,
+                done.upstream_host,
+                tries.made,
+            );
             let what = "upstream sent a response HTTP/2 cannot carry";
-            local_h2(s, &snapshot, route, cluster, started, done, what).await;
+            local_h2(s, &sl, route, cluster, done, what).await;
             return None;
         };
         let end = resp.framing == Framing::Empty;
@@ -385,7 +411,7 @@ impl FastH1 {
                     &mut up,
                     &mut ubuf,
                     resp.framing,
-                    (&mut wait, stream_idle),
+                    (&mut wait, wait_for),
                     release,
                 )
                 .await
@@ -402,11 +428,11 @@ impl FastH1 {
                 // Part of a response may have gone out: the client must not take it as
                 // whole, so the stream is reset (an h2 stream has no other way to say it).
                 s.shutdown();
-                done.flags = side.flag();
+                done.flags = tries.flag(&side);
                 done.sent = s.body_bytes_sent();
             }
         }
-        log_h2(s, &snapshot, Some(route), Some(cluster), started, &done);
+        log_h2(s, &sl, Some(route), Some(cluster), &done);
         None
     }
 }
@@ -467,12 +493,7 @@ enum Target<'a> {
 }
 
 /// Answers the stream with the request core's answer `a` and logs it.
-async fn answer_h2(
-    s: &mut HttpSession,
-    snapshot: &Snapshot,
-    a: &request::Answer<'_>,
-    started: Instant,
-) {
+async fn answer_h2(s: &mut HttpSession, sl: &StreamLog<'_>, a: &request::Answer<'_>) {
     if let Some(d) = a.delay {
         tokio::time::sleep(d).await;
     }
@@ -498,14 +519,7 @@ async fn answer_h2(
         upstream_host: None,
         attempts: 0,
     };
-    log_h2(
-        s,
-        snapshot,
-        a.route.map(|r| &**r),
-        a.cluster(),
-        started,
-        &done,
-    );
+    log_h2(s, sl, a.route.map(|r| &**r), a.cluster(), &done);
 }
 
 /// The HTTP/1.1 request head for the upstream, as pingora's path would write it: `Host`
@@ -517,6 +531,7 @@ fn upstream_head(
     host: Option<&[u8]>,
     ops: [&HeaderOps; 2],
     client_ip: Option<IpAddr>,
+    span: Option<&SpanContext>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method.as_str().as_bytes());
@@ -575,6 +590,7 @@ fn upstream_head(
         host,
         ops,
         upgrade: false,
+        span,
     };
     request::upstream_request_headers(client, &forwarding, &mut out);
     out.extend_from_slice(b"\r\n");
@@ -588,7 +604,7 @@ fn response_head(
     r: &httparse::Response<'_, '_>,
     raw: &[u8],
     ops: [&HeaderOps; 2],
-    cors: &request::CorsFields,
+    added: &request::ResponseAdditions,
 ) -> Option<ResponseHeader> {
     let status = r.code?;
     if status < 200 {
@@ -625,8 +641,8 @@ fn response_head(
     for o in ops {
         o.apply_response(&mut h);
     }
-    for (n, v) in cors.iter() {
-        h.insert_header(n.clone(), v.clone()).ok()?;
+    if !added.is_empty() {
+        added.write(&mut super::super::ReplaceFields(&mut h));
     }
     Some(h)
 }
@@ -641,40 +657,16 @@ async fn exchange_h2(
     mut emit: impl FnMut(&httparse::Response<'_, '_>, &[u8], bool),
 ) -> Result<(Upstream, Resp), TryFailure> {
     let addr = ex.cluster.endpoints[ex.i].addr;
-    let pooled = if ex.pooled {
-        upstream::pool::take(addr, Instant::now())
-    } else {
-        None
-    };
-    let mut up = match pooled {
-        Some(io) => Upstream {
-            addr,
-            io,
-            pooled: true,
-        },
-        None => Upstream {
-            addr,
-            io: connect(addr, ex.cluster.settings.connect_timeout)
-                .await
-                .ok_or(TryFailure::Connect)?,
-            pooled: false,
-        },
-    };
+    let mut up = Upstream::open(addr, ex).await?;
     ubuf.clear();
     let head_only = ex.head_only;
     let io = async {
         up.io.write_all(out).await?;
         read_response(&mut up.io, ubuf, head_only, false, &mut emit).await
     };
-    let result = timed(wait, ex.stream_idle, io).await;
+    let result = timed(wait, ex.wait, io).await;
     let stale = up.pooled && ubuf.is_empty();
-    match result {
-        Some(Ok(Some(resp))) => Ok((up, resp)),
-        None => Err(TryFailure::Timeout),
-        Some(Ok(None)) => Err(TryFailure::BadResponse),
-        Some(Err(_)) if stale => Err(TryFailure::StaleConnection),
-        Some(Err(_)) => Err(TryFailure::Reset),
-    }
+    exchanged(result, stale).map(|resp| (up, resp))
 }
 
 /// Passes the body (what is in `ubuf`, then what the upstream sends) to the stream, as
@@ -760,10 +752,9 @@ async fn body_h2(
 /// A local reply after failed tries, as on HTTP/1.1 (the stream, not the connection, ends).
 async fn local_h2(
     s: &mut HttpSession,
-    snapshot: &Snapshot,
+    sl: &StreamLog<'_>,
     route: &Route,
     cluster: &Cluster,
-    started: Instant,
     mut done: Done,
     what: &str,
 ) {
@@ -771,7 +762,7 @@ async fn local_h2(
         let req = s.req_header();
         tracing::warn!(
             status = done.status,
-            flag = done.flags,
+            flag = %done.flags,
             method = req.method.as_str(),
             path = req.uri.path(),
             route = %route.origin,
@@ -793,15 +784,22 @@ async fn local_h2(
             done.sent = n;
         }
     }
-    log_h2(s, snapshot, Some(route), Some(cluster), started, &done);
+    log_h2(s, sl, Some(route), Some(cluster), &done);
+}
+
+/// What an h2 stream's log line, metrics and span need besides the session.
+struct StreamLog<'a> {
+    snapshot: &'a Snapshot,
+    started: Instant,
+    span: Option<&'a SpanContext>,
+    client_ip: Option<IpAddr>,
 }
 
 fn log_h2(
     s: &HttpSession,
-    snapshot: &Snapshot,
+    sl: &StreamLog<'_>,
     route: Option<&Route>,
     cluster: Option<&Cluster>,
-    started: Instant,
     done: &Done,
 ) {
     // What the log reads of the request, without going through its headers again.
@@ -816,13 +814,18 @@ fn log_h2(
         body: s.body_bytes_read(),
     };
     let log = Log {
-        snapshot,
+        snapshot: sl.snapshot,
         req: &req,
         headers: Headers::Map(&req_header.headers),
         route,
         cluster,
-        started,
+        started: sl.started,
+        span: sl.span,
+        request_id: None,
+        tls: true,
+        client_ip: sl.client_ip,
     };
+    log.export_span(done, "HTTP/2");
     let Some((al, sink)) = log.observe(done) else {
         return;
     };
