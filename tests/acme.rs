@@ -821,3 +821,25 @@ spec:
         "{out}"
     );
 }
+
+#[test]
+fn rsa_2048_keys_are_ordered_when_asked_for() {
+    let s = Setup::new();
+    let pebble = s.pebble(None);
+    let config = s.config(pebble.port, "TLS-ALPN-01", false, "keyType = \"RSA_2048\"");
+    let p = Portico::start(s.path(), &config);
+    wait_valid(&p, "shop", Duration::from_secs(60));
+    let leaf = wait_for_leaf(s.https, A, &pebble.root());
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).expect("leaf parses");
+    match cert.public_key().parsed() {
+        Ok(x509_parser::public_key::PublicKey::RSA(rsa)) => {
+            assert_eq!(rsa.key_size(), 2048, "an RSA 2048 key")
+        }
+        other => panic!("not an RSA key: {other:?}"),
+    }
+    // The stored key is the certificate's, and serves ordinary clients.
+    let key = std::fs::read_to_string(s.path().join("creds/shop/tls.key")).unwrap();
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8");
+    let mut conn = tls_connect(s.https, Some(A)).unwrap();
+    assert_eq!(conn.get(A, "/").unwrap().text(), "shop");
+}

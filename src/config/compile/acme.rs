@@ -128,19 +128,12 @@ impl Cx {
             Some((k, o2, at2)) => match k.as_str() {
                 "ECDSA_P256" => KeyType::EcdsaP256,
                 "ECDSA_P384" => KeyType::EcdsaP384,
-                "RSA_2048" => {
-                    self.err(
-                        &o2,
-                        &format!("{at2}.keyType"),
-                        "RSA_2048 is not supported yet (ring, Portico's crypto, cannot generate RSA keys); use ECDSA_P256",
-                    );
-                    KeyType::EcdsaP256
-                }
+                "RSA_2048" => KeyType::Rsa2048,
                 other => {
                     self.err(
                         &o2,
                         &format!("{at2}.keyType"),
-                        format!("unknown keyType {other:?}; ECDSA_P256 or ECDSA_P384"),
+                        format!("unknown keyType {other:?}; ECDSA_P256, ECDSA_P384 or RSA_2048"),
                     );
                     KeyType::EcdsaP256
                 }

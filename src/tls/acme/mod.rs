@@ -36,6 +36,7 @@ pub const STATE_DIR: &str = ".acme";
 pub enum KeyType {
     EcdsaP256,
     EcdsaP384,
+    Rsa2048,
 }
 
 impl KeyType {
@@ -43,6 +44,7 @@ impl KeyType {
         match self {
             KeyType::EcdsaP256 => "ECDSA_P256",
             KeyType::EcdsaP384 => "ECDSA_P384",
+            KeyType::Rsa2048 => "RSA_2048",
         }
     }
 }

@@ -181,13 +181,29 @@ fn tls_alpn01_cert(host: &str, digest: &[u8]) -> Result<(String, String), String
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// A fresh key of `kind` for the certificate.
+/// A fresh key of `kind` for the certificate. (An RSA key takes a noticeable fraction of
+/// a second: the caller makes it off the async threads.)
 fn new_key(kind: KeyType) -> Result<rcgen::KeyPair, String> {
     let alg = match kind {
         KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
         KeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+        KeyType::Rsa2048 => return new_rsa_key(2048),
     };
     rcgen::KeyPair::generate_for(alg).map_err(|e| format!("cannot make a key: {e}"))
+}
+
+/// An RSA key of `bits`, made by RustCrypto's `rsa` (ring cannot make RSA keys) and
+/// handed to rcgen as PKCS#8 to sign the CSR with RSASSA-PKCS1-v1_5 SHA-256.
+fn new_rsa_key(bits: usize) -> Result<rcgen::KeyPair, String> {
+    use rsa::pkcs8::EncodePrivateKey;
+    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, bits)
+        .map_err(|e| format!("cannot make an RSA key: {e}"))?;
+    let der = key
+        .to_pkcs8_der()
+        .map_err(|e| format!("cannot encode the RSA key: {e}"))?;
+    let pkcs8 = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_bytes());
+    rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_RSA_SHA256)
+        .map_err(|e| format!("cannot use the RSA key: {e}"))
 }
 
 /// Orders a certificate for `cert.hosts` (one certificate, every host a SAN) and waits
@@ -258,7 +274,11 @@ pub async fn issue(cert: &ManagedCert, account: &Account) -> Result<Issued, Fail
         return Err(validation_failure(&mut order).await);
     }
     drop(published);
-    let key = new_key(cert.issuer.key_type).map_err(|e| Failure::new("finalize", e))?;
+    let kind = cert.issuer.key_type;
+    let key = tokio::task::spawn_blocking(move || new_key(kind))
+        .await
+        .map_err(|e| Failure::new("finalize", format!("key task failed: {e}")))?
+        .map_err(|e| Failure::new("finalize", e))?;
     let mut params = rcgen::CertificateParams::new(cert.hosts.clone())
         .map_err(|e| Failure::new("finalize", format!("cannot make the CSR: {e}")))?;
     params.distinguished_name = rcgen::DistinguishedName::new();
