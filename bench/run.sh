@@ -5,6 +5,7 @@
 #   bench/run.sh scale      Portico with 10 / 1 000 / 10 000 virtual hosts, reload under load
 #   bench/run.sh idle       only Portico's idle RSS on conf/portico.toml
 #   bench/run.sh instructions  h1-1k with each proxy (and bench/floor) under callgrind: instructions per request
+#   bench/run.sh policy     Portico alone: CPU per request of a plain route, a local limit, a Redis limit
 #   bench/run.sh all        compare, then scale
 #
 # Environment: ROUNDS (3), DURATION (10 s), WARMUP (1 s), SCENARIOS
@@ -20,9 +21,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
 what="${1:-compare}"
 case "$what" in
-  compare|scale|idle|instructions|all) ;;
-  -h|--help|help) sed -n '2,16p' "$0"; exit 0 ;;
-  *) echo "usage: bench/run.sh [compare|scale|idle|instructions|all]" >&2; exit 2 ;;
+  compare|scale|idle|instructions|policy|all) ;;
+  -h|--help|help) sed -n '2,17p' "$0"; exit 0 ;;
+  *) echo "usage: bench/run.sh [compare|scale|idle|instructions|policy|all]" >&2; exit 2 ;;
 esac
 
 need=()
@@ -36,6 +37,9 @@ command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 if [ "$what" = instructions ]; then
   command -v callgrind_control >/dev/null 2>&1 || need+=(valgrind)
+fi
+if [ "$what" = policy ]; then
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 fi
 if [ "${#need[@]}" -gt 0 ]; then
   echo "[bench] installing: ${need[*]}" >&2

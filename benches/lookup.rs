@@ -84,6 +84,7 @@ fn sni_lookup(c: &mut Criterion) {
         cert_path: crt,
         not_after,
         subject,
+        stand_in: false,
     });
     for n in [3usize, 1000] {
         let mut store = CertStore::default();

@@ -9,6 +9,7 @@ pub mod egress;
 pub mod l4;
 pub mod lifecycle;
 pub mod listener;
+pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod reload;

@@ -212,6 +212,13 @@ impl Reloader {
         }
     }
 
+    /// Runs `f` with reloads held off (one that starts meanwhile waits for it): for
+    /// writing files that must be read together, such as a new key and its certificate.
+    pub fn while_paused<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _paused = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        f()
+    }
+
     pub fn status(&self) -> Status {
         let st = self.lock();
         Status {

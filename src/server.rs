@@ -293,6 +293,21 @@ pub fn run(
     );
     server.add_service(dns);
 
+    let acme = background_service(
+        "acme",
+        crate::tls::acme::manager::Manager {
+            reloader: reloader.clone(),
+        },
+    );
+    server.add_service(acme);
+    let lists = background_service(
+        "access lists",
+        crate::policy::access::Refresher {
+            snapshots: reloader.snapshots.clone(),
+        },
+    );
+    server.add_service(lists);
+
     let watcher = background_service("config watcher", Watcher { reloader });
     server.add_service(watcher);
 

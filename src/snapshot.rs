@@ -25,8 +25,13 @@ pub struct Snapshot {
     /// The DNS names clusters were compiled from: holding them keeps the refresher asking,
     /// and a changed answer recompiles (`egress::dns::take_cluster_change`).
     pub dns_names: Vec<Arc<crate::egress::dns::DnsName>>,
+    /// Certificates Portico orders and renews over ACME (`tls.acme`).
+    pub acme: Vec<Arc<crate::tls::acme::ManagedCert>>,
     pub settings: Settings,
     pub summary: Summary,
+    /// Access lists (for the refresher) and the Redis of global rate limits; each
+    /// route's policies are its listener's (`Listener::policies`).
+    pub policies: crate::policy::Policies,
 }
 
 #[derive(Debug)]
@@ -46,6 +51,12 @@ pub struct Listener {
     /// TLS passthrough routes by SNI (with `tls`, the names its HTTPS servers claim are
     /// terminated and served by `table`), or the port's TCP route.
     pub l4: Option<crate::l4::L4Table>,
+    /// The hosts ACME challenges are answered for: HTTP-01 on a plain-HTTP listener
+    /// (before routing), TLS-ALPN-01 on a TLS one (by the certificate resolver).
+    pub acme: Option<Arc<crate::tls::acme::AcmeHosts>>,
+    /// Rate limits and access lists of this listener's routes (`request::plan` looks a
+    /// routed request's up here).
+    pub policies: crate::policy::RoutePolicies,
 }
 
 /// The shape of a listener: what needs a new socket when it changes.
@@ -119,6 +130,8 @@ pub struct Downstream {
     pub stream_idle_timeout: Duration,
     pub max_connection_duration: Option<Duration>,
     pub max_connections: Option<usize>,
+    /// Connections one client address may hold on a listener.
+    pub max_connections_per_client: Option<usize>,
     /// Bytes.
     pub max_request_headers: usize,
     /// Bytes of the request target.
@@ -134,6 +147,7 @@ impl Default for Downstream {
             stream_idle_timeout: Duration::from_secs(300),
             max_connection_duration: None,
             max_connections: None,
+            max_connections_per_client: None,
             max_request_headers: 60 * 1024,
             max_uri_length: 8192,
         }

@@ -73,6 +73,10 @@ name = "down"
 match = [{ uri = { prefix = "/down" } }]
 route = [{ destination = { host = "down.internal", port = { number = 80 } } }]
 [[virtualServices.http]]
+name = "limited"
+match = [{ uri = { prefix = "/limited/" } }]
+route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
+[[virtualServices.http]]
 name = "timeout"
 match = [{ uri = { prefix = "/slow/" } }]
 timeout = "200ms"
@@ -87,6 +91,19 @@ route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
 name = "default"
 match = [{ uri = { prefix = "/" } }]
 route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
+
+[[rateLimits]]
+name = "parity"
+targetRefs = [{ kind = "VirtualService", name = "parity", sectionName = "limited" }]
+[[rateLimits.local.rules]]
+limit = { requests = 1, unit = "Hour" }
+
+[[accessLists]]
+name = "blocked"
+targetRefs = [{ kind = "VirtualService", name = "parity" }]
+key = "request.headers[x-blocked]"
+overrides = ["yes"]
+denyResponse = { status = 403, body = "blocked\n" }
 
 [[serviceEntries]]
 name = "up"
@@ -362,11 +379,46 @@ fn corpus() -> Vec<Case> {
             vec![],
             b"",
         ),
+        // One request an hour on this route: the first passes with the RateLimit
+        // fields, the second is refused (429, RL) and reaches no upstream.
+        (
+            "rate limit allows",
+            "GET",
+            "/limited/m26".into(),
+            vec![],
+            b"",
+        ),
+        (
+            "rate limit refuses",
+            "GET",
+            "/limited/m27".into(),
+            vec![],
+            b"",
+        ),
+        (
+            "access list denies",
+            "GET",
+            "/ok/blocked-m28".into(),
+            vec![("x-blocked", "yes")],
+            b"",
+        ),
         // The route's timeout runs out before the upstream answers: 504 `UT`.
-        ("route timeout", "GET", "/slow/1000/m26".into(), vec![], b""),
+        ("route timeout", "GET", "/slow/1000/m29".into(), vec![], b""),
         // Each try runs out of its time; one retry, then 504.
-        ("per-try timeout", "GET", "/never/m27".into(), vec![], b""),
+        ("per-try timeout", "GET", "/never/m30".into(), vec![], b""),
     ]
+}
+
+/// Cases whose status is known, so that parity is not two codecs agreeing on nothing
+/// happening: the policies' refusals.
+fn expected_status(name: &str, status: u16) {
+    let want = match name {
+        "rate limit allows" => 200,
+        "rate limit refuses" => 429,
+        "access list denies" => 403,
+        _ => return,
+    };
+    assert_eq!(status, want, "{name}");
 }
 
 #[test]
@@ -407,6 +459,7 @@ fn both_codecs_send_the_same_upstream_and_answer_the_same() {
             lent.push(name);
         }
         let b = response_of(&pingora, &req, method);
+        expected_status(name, a.0);
         if a != b {
             differences.push(format!(
                 "{name}: client gets\n  fast:    {a:?}\n  pingora: {b:?}"
@@ -531,6 +584,7 @@ fn both_codecs_answer_h2_streams_the_same() {
         match (ra, rb) {
             (Ok(ra), Ok(rb)) => {
                 let (sa, sb) = (seen_h2(ra), seen_h2(rb));
+                expected_status(name, sa.0);
                 if sa != sb {
                     differences.push(format!(
                         "{name}: client gets\n  fast:    {sa:?}\n  pingora: {sb:?}"

@@ -231,6 +231,12 @@ pub struct LogLimit {
     skipped: AtomicU64,
 }
 
+impl Default for LogLimit {
+    fn default() -> Self {
+        LogLimit::new()
+    }
+}
+
 impl LogLimit {
     pub const fn new() -> LogLimit {
         LogLimit {

@@ -4,7 +4,7 @@
 
 mod access;
 
-pub use access::AdminToken;
+pub use access::{AdminToken, LogLimit};
 
 use std::sync::Arc;
 
@@ -17,7 +17,7 @@ use crate::reload::Reloader;
 use crate::routing::Action;
 use crate::snapshot::Snapshot;
 use crate::telemetry::Metrics;
-use access::{LogLimit, Refusal};
+use access::Refusal;
 use std::sync::atomic::Ordering;
 
 pub struct Admin {
@@ -113,6 +113,7 @@ impl Admin {
             "listeners": listeners,
             "clusters": clusters,
             "egress": snapshot.egress.describe(),
+            "acme": crate::tls::acme::status(&snapshot.acme),
         })
     }
 
@@ -161,6 +162,7 @@ fn listener_json(l: &crate::snapshot::Listener) -> serde_json::Value {
                     "file": s.cert_path,
                     "subject": s.subject,
                     "notAfter": s.not_after,
+                    "standIn": s.stand_in,
                 })
             })
             .collect();
@@ -295,12 +297,32 @@ impl ServeHttp for Admin {
                     ),
                 }
             }
-            (_, "/healthz" | "/ready" | "/metrics" | "/config" | "/reload") => {
+            (Method::POST, "/acme/renew") => {
+                // `?name=CREDENTIAL` for one certificate; every managed one without it.
+                let name = req.uri.query().and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix("name="))
+                        .map(str::to_string)
+                });
+                let names = crate::tls::acme::manager::request_renewal(name.as_deref());
+                if names.is_empty() {
+                    text(
+                        StatusCode::NOT_FOUND,
+                        "no ACME-managed certificate by that name\n",
+                    )
+                } else {
+                    json(
+                        StatusCode::ACCEPTED,
+                        serde_json::json!({ "renewing": names }),
+                    )
+                }
+            }
+            (_, "/healthz" | "/ready" | "/metrics" | "/config" | "/reload" | "/acme/renew") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /, /healthz, /ready, /metrics, /config, /stats or POST /reload\n",
+                "not found: try /, /healthz, /ready, /metrics, /config, /stats, POST /reload or POST /acme/renew\n",
             ),
         }
     }

@@ -3,7 +3,9 @@
 //! stopping at the first. May read certificate files and resolve DNS names; never opens a
 //! listening socket.
 
+mod acme;
 mod l4;
+mod policy;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -76,6 +78,8 @@ pub struct Cache {
     certs: HashMap<(PathBuf, PathBuf), CachedCert>,
     gateways: Option<CachedGateways>,
     bound: Option<BoundState>,
+    /// Rate-limit buckets, access lists and the Redis client, carried while unchanged.
+    policies: policy::PolicyCache,
 }
 
 /// The gateways and the listener tables built from them (server hosts, certificates by
@@ -90,6 +94,8 @@ struct CachedGateways {
     /// The certificate pairs loaded, and the files to watch.
     pairs: Vec<(PathBuf, PathBuf)>,
     watched: Vec<PathBuf>,
+    /// The certificates the gateways order over ACME.
+    acme: Vec<Arc<crate::tls::acme::ManagedCert>>,
     gateways: Arc<HashMap<String, GatewayInfo>>,
     listeners: BTreeMap<u16, ListenerBuild>,
 }
@@ -295,6 +301,9 @@ pub fn compile_cached(
         credentials_dir: Cx::credentials_dir(doc),
         dns_servers: Vec::new(),
         dns_names: Vec::new(),
+        acme_named: HashMap::new(),
+        acme: Vec::new(),
+        acme_http01_servers: Vec::new(),
     };
     // `mesh.dnsServers` first: the mesh settings resolve the tracing collector's name.
     let egress = super::egress::registry(doc, &mut cx.errors);
@@ -302,6 +311,7 @@ pub fn compile_cached(
     let settings = cx.mesh(doc);
     cx.settings = Some(settings.clone());
     cx.registry = cx.build_registry(doc);
+    cx.acme_named = cx.acme_issuers(doc);
     let started = std::time::Instant::now();
     let cached_gateways = cache.gateways.take().filter(|g| g.holds(doc, &cx));
     let gateways_reused = cached_gateways.is_some();
@@ -313,6 +323,7 @@ pub fn compile_cached(
                 }
             }
             cx.watched.extend(g.watched.iter().cloned());
+            cx.acme = g.acme.clone();
             let out = (g.gateways.clone(), g.listeners.clone());
             cache.gateways = Some(g);
             out
@@ -330,6 +341,7 @@ pub fn compile_cached(
                     generate_missing_certs: cx.opts.generate_missing_certs,
                     pairs: cx.pairs_used.clone(),
                     watched: cx.watched[watched..].to_vec(),
+                    acme: cx.acme.clone(),
                     gateways: gateways.clone(),
                     listeners: listeners.clone(),
                 });
@@ -337,6 +349,7 @@ pub fn compile_cached(
             (gateways, listeners)
         }
     };
+    let acme_hosts = cx.acme_hosts(&listeners);
     let gateways_at = started.elapsed();
     // Caught here rather than at `portico run`, where the two would race for the port.
     if let Some(l) = listeners.get(&settings.admin.port()) {
@@ -385,6 +398,7 @@ pub fn compile_cached(
         "compile phases"
     );
 
+    let policies = cx.policies(doc, &cache.policies);
     // Pairs are checked by content, whatever else changed: keep what this compile read.
     cache.certs = std::mem::take(&mut cx.certs_next);
     if !cx.errors.is_empty() {
@@ -426,7 +440,7 @@ pub fn compile_cached(
             .collect(),
     };
     let hosts = tables.values().map(|t| t.len()).sum();
-    let listeners_out: Vec<Listener> = listeners
+    let mut listeners_out: Vec<Listener> = listeners
         .iter()
         .map(|(port, b)| Listener {
             addr: b.addr,
@@ -442,8 +456,12 @@ pub fn compile_cached(
                 L4Kind::Passthrough => L4Table::Passthrough((*b.sni).clone()),
                 L4Kind::Tcp => L4Table::Tcp(b.tcp.clone()),
             }),
+            acme: acme_hosts.clone(),
+            policies: Default::default(),
         })
         .collect();
+    let (policies, carried) = policies.bind(doc, &mut listeners_out);
+    cache.policies = carried;
     let mut watched = cx.watched;
     watched.sort();
     watched.dedup();
@@ -483,8 +501,10 @@ pub fn compile_cached(
             clusters,
             egress,
             dns_names: cx.dns_names,
+            acme: cx.acme,
             settings,
             summary,
+            policies,
         },
         warnings: cx.warnings,
         reused: cx.reused,
@@ -625,6 +645,12 @@ struct Cx {
     dns_servers: Vec<SocketAddr>,
     /// The names clusters were compiled from; the Snapshot keeps them followed.
     dns_names: Vec<Arc<crate::egress::dns::DnsName>>,
+    /// `mesh.acmeIssuers` by name.
+    acme_named: HashMap<String, acme::NamedIssuer>,
+    /// Certificates the servers order over ACME, and where those answering HTTP-01 were
+    /// written (`.tls.acme.challenge`), for the error when no listener can answer it.
+    acme: Vec<Arc<crate::tls::acme::ManagedCert>>,
+    acme_http01_servers: Vec<(Origin, String)>,
 }
 
 #[derive(Default)]
@@ -930,6 +956,10 @@ impl Cx {
             .map(|v| v.get())
             .filter(|v| !v.is_zero());
         out.max_connections = d.max_connections.filter(|&n| n > 0).map(|n| n as usize);
+        out.max_connections_per_client = d
+            .max_connections_per_client
+            .filter(|&n| n > 0)
+            .map(|n| n as usize);
         if let Some(kb) = d.max_request_headers_kb {
             if !(1..=8192).contains(&kb) {
                 self.err(o, ".downstream.maxRequestHeadersKb", "must be 1-8192");
@@ -1423,7 +1453,8 @@ impl Cx {
                 let only_redirect = t.mode.is_none()
                     && t.server_certificate.is_none()
                     && t.private_key.is_none()
-                    && t.credential_name.is_none();
+                    && t.credential_name.is_none()
+                    && t.acme.is_none();
                 if !only_redirect || !t.https_redirect {
                     self.err(
                         o,
@@ -1519,6 +1550,9 @@ impl Cx {
                 "client certificates (MUTUAL) are not supported yet",
             );
         }
+        if t.acme.is_some() {
+            return self.acme_server_cert(o, at, t, hosts, creds, require_tls13);
+        }
         let (cert_path, key_path, field) =
             match (&t.credential_name, &t.server_certificate, &t.private_key) {
                 (Some(name), None, None) => {
@@ -1598,6 +1632,7 @@ impl Cx {
                 cert_path,
                 not_after,
                 subject,
+                stand_in: false,
             })),
             Err(e) => {
                 self.err(o, &format!("{at}{field}"), e);

@@ -30,6 +30,8 @@ pub fn to_toml(doc: &Document) -> Result<String, String> {
             .iter()
             .map(|i| (*i.spec).clone())
             .collect(),
+        rate_limits: doc.rate_limits.iter().map(|i| (*i.spec).clone()).collect(),
+        access_lists: doc.access_lists.iter().map(|i| (*i.spec).clone()).collect(),
     };
     let mut value = toml::Value::try_from(&file).map_err(|e| format!("cannot write TOML: {e}"))?;
     prune(&mut value);
@@ -56,7 +58,12 @@ const MAPS: [&str; 8] = [
 ];
 
 /// Booleans whose absence means false.
-const FALSE_BY_DEFAULT: [&str; 3] = ["ignoreUriCase", "httpsRedirect", "defaultCertificate"];
+const FALSE_BY_DEFAULT: [&str; 4] = [
+    "ignoreUriCase",
+    "httpsRedirect",
+    "defaultCertificate",
+    "invert",
+];
 
 /// Drops what the schema fills in when absent (empty lists, empty maps, default falses), so
 /// the output reads like a hand-written config. An empty struct is kept: its presence can

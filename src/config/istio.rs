@@ -1,8 +1,9 @@
 //! Istio YAML manifests: Kubernetes documents (`apiVersion`, `kind`, `metadata`, `spec`)
 //! read into the same schema structs as TOML, with what Istio implies for a manifest:
 //! short host names resolved against its namespace, `mesh`-only rules skipped (Portico is
-//! a gateway), fields Portico does not implement reported by path. Reads the text it is
-//! given; never opens files or sockets.
+//! a gateway), fields Portico does not implement reported by path. Portico's own kinds
+//! (`portico.dev/v1alpha1` RateLimitPolicy and AccessList) are read here too, with unknown
+//! fields as errors, as in TOML. Reads the text it is given; never opens files or sockets.
 
 use std::net::IpAddr;
 
@@ -11,13 +12,19 @@ use serde_yaml::Value;
 
 use super::error::ConfigError;
 use super::load::{ignored_path, SourceFile};
-use super::schema::{DestinationRule, Gateway, ServiceEntry, VirtualService};
+use super::schema::{
+    AccessList, DestinationRule, Gateway, RateLimitPolicy, ServiceEntry, VirtualService,
+};
 
 /// Kubernetes' cluster domain, as Istio appends it to short names.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// The API versions of `networking.istio.io` whose resources Portico reads.
 const NETWORKING_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+
+/// The API group and version of Portico's own kinds.
+pub const PORTICO_GROUP: &str = "portico.dev";
+pub const PORTICO_VERSION: &str = "v1alpha1";
 
 /// The resources of one YAML file, each with its field path there (`documents[2].spec`).
 #[derive(Default)]
@@ -26,6 +33,8 @@ pub struct Resources {
     pub virtual_services: Vec<(String, VirtualService)>,
     pub destination_rules: Vec<(String, DestinationRule)>,
     pub service_entries: Vec<(String, ServiceEntry)>,
+    pub rate_limits: Vec<(String, RateLimitPolicy)>,
+    pub access_lists: Vec<(String, AccessList)>,
     pub warnings: Vec<ConfigError>,
     pub errors: Vec<ConfigError>,
 }
@@ -118,6 +127,14 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
             )
         }
         ("networking.istio.io", "Gateway" | "VirtualService" | "DestinationRule" | "ServiceEntry") => {}
+        (PORTICO_GROUP, "RateLimitPolicy" | "AccessList") => {}
+        (PORTICO_GROUP, other) => {
+            out.errors.push(file.error(
+                &format!("{doc}.kind"),
+                format!("{other} is not a {PORTICO_GROUP} kind (RateLimitPolicy, AccessList)"),
+            ));
+            return;
+        }
         ("networking.istio.io", other) => {
             return skip(
                 out,
@@ -137,7 +154,14 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
             )
         }
     }
-    if !NETWORKING_VERSIONS.contains(&version) {
+    if group == PORTICO_GROUP && version != PORTICO_VERSION {
+        out.errors.push(file.error(
+            &format!("{doc}.apiVersion"),
+            format!("{api_version} is not supported: use {PORTICO_GROUP}/{PORTICO_VERSION}"),
+        ));
+        return;
+    }
+    if group != PORTICO_GROUP && !NETWORKING_VERSIONS.contains(&version) {
         out.errors.push(file.error(
             &format!("{doc}.apiVersion"),
             format!(
@@ -248,7 +272,29 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
                 out.service_entries.push((at, se));
             }
         }
+        "RateLimitPolicy" => {
+            if let Some((p, unknown)) = parse::<RateLimitPolicy>(file, &at, spec, out) {
+                unknown_are_errors(file, &at, &unknown, out);
+                out.rate_limits.push((at, p));
+            }
+        }
+        "AccessList" => {
+            if let Some((l, unknown)) = parse::<AccessList>(file, &at, spec, out) {
+                unknown_are_errors(file, &at, &unknown, out);
+                out.access_lists.push((at, l));
+            }
+        }
         _ => {}
+    }
+}
+
+/// Portico's own kinds have no field Portico does not read: an unknown one is a mistake.
+fn unknown_are_errors(file: &SourceFile, at: &str, unknown: &[String], out: &mut Resources) {
+    for path in unknown {
+        let field = path.rsplit('.').next().unwrap_or(path);
+        let field = field.split('[').next().unwrap_or(field);
+        out.errors
+            .push(file.error(&format!("{at}.{path}"), format!("unknown field `{field}`")));
     }
 }
 

@@ -11,7 +11,9 @@ use serde::de::DeserializeOwned;
 
 use super::error::{at, line_col, ConfigError};
 use super::istio;
-use super::schema::{self, DestinationRule, Gateway, Mesh, ServiceEntry, VirtualService};
+use super::schema::{
+    self, AccessList, DestinationRule, Gateway, Mesh, RateLimitPolicy, ServiceEntry, VirtualService,
+};
 
 /// How a file is written: Portico's TOML, or Istio YAML manifests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +108,8 @@ pub struct Document {
     pub virtual_services: Vec<Item<VirtualService>>,
     pub destination_rules: Vec<Item<DestinationRule>>,
     pub service_entries: Vec<Item<ServiceEntry>>,
+    pub rate_limits: Vec<Item<RateLimitPolicy>>,
+    pub access_lists: Vec<Item<AccessList>>,
     /// Notes found while reading: skipped manifests, unsupported fields in YAML.
     pub warnings: Vec<ConfigError>,
 }
@@ -202,6 +206,8 @@ struct Parsed {
     virtual_services: Vec<Item<VirtualService>>,
     destination_rules: Vec<Item<DestinationRule>>,
     service_entries: Vec<Item<ServiceEntry>>,
+    rate_limits: Vec<Item<RateLimitPolicy>>,
+    access_lists: Vec<Item<AccessList>>,
     /// TOML `include` patterns.
     includes: Vec<String>,
     warnings: Vec<ConfigError>,
@@ -231,6 +237,8 @@ impl Parsed {
             virtual_services: items(&file, "virtualServices", content.virtual_services),
             destination_rules: items(&file, "destinationRules", content.destination_rules),
             service_entries: items(&file, "serviceEntries", content.service_entries),
+            rate_limits: items(&file, "rateLimits", content.rate_limits),
+            access_lists: items(&file, "accessLists", content.access_lists),
             includes: content.include,
             warnings: Vec::new(),
             errors: Vec::new(),
@@ -259,6 +267,8 @@ impl Parsed {
             virtual_services: items(&file, r.virtual_services),
             destination_rules: items(&file, r.destination_rules),
             service_entries: items(&file, r.service_entries),
+            rate_limits: items(&file, r.rate_limits),
+            access_lists: items(&file, r.access_lists),
             includes: Vec::new(),
             warnings: r.warnings,
             errors: r.errors,
@@ -372,6 +382,8 @@ impl Reader<'_> {
             virtual_services: Vec::new(),
             destination_rules: Vec::new(),
             service_entries: Vec::new(),
+            rate_limits: Vec::new(),
+            access_lists: Vec::new(),
             warnings: Vec::new(),
         };
         for (i, p) in self.parsed.iter().enumerate() {
@@ -394,6 +406,8 @@ impl Reader<'_> {
                 .extend(p.destination_rules.iter().cloned());
             doc.service_entries
                 .extend(p.service_entries.iter().cloned());
+            doc.rate_limits.extend(p.rate_limits.iter().cloned());
+            doc.access_lists.extend(p.access_lists.iter().cloned());
             doc.warnings.extend(p.warnings.iter().cloned());
             errors.extend(p.errors.iter().cloned());
             doc.files.push(p.file.clone());

@@ -26,6 +26,12 @@ pub struct File {
     pub destination_rules: Vec<DestinationRule>,
     #[serde(default)]
     pub service_entries: Vec<ServiceEntry>,
+    /// Portico's RateLimitPolicy: local and global (Redis) rate limits.
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitPolicy>,
+    /// Portico's AccessList: allow or deny lists of addresses or values.
+    #[serde(default)]
+    pub access_lists: Vec<AccessList>,
 }
 
 /// Portico's own settings, named as Istio's MeshConfig names them where one exists.
@@ -78,6 +84,52 @@ pub struct Mesh {
     /// Portico extension: timeouts and limits of client connections and requests, with
     /// Envoy's names where it has one (README, Hardening).
     pub downstream: Option<Downstream>,
+    /// Portico extension: ACME accounts that Gateway servers name in `tls.acme.issuer`
+    /// (README, Certificates from ACME).
+    #[serde(default)]
+    pub acme_issuers: Vec<Acme>,
+    /// Portico extension: the Redis that global rate limits count in.
+    pub redis: Option<Redis>,
+}
+
+/// Portico extension: where a server's certificate comes from when Portico orders it
+/// itself over ACME (RFC 8555). As `mesh.acmeIssuers[]`, a named issuer; as a server's
+/// `tls.acme`, either `issuer = "NAME"` (with any field here overriding the issuer's) or
+/// the issuer written inline.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Acme {
+    /// The issuer's name (`mesh.acmeIssuers` only).
+    pub name: Option<String>,
+    /// A `mesh.acmeIssuers` entry to take the unset fields from (`tls.acme` only).
+    pub issuer: Option<String>,
+    /// The CA's ACME directory URL (https).
+    pub directory: Option<String>,
+    /// Contact address the CA may write to (expiry and policy notices).
+    pub email: Option<String>,
+    /// Must be true: the CA's terms of service are agreed to when the account is made.
+    pub terms_of_service_agreed: Option<bool>,
+    /// External account binding, for CAs that require one (ZeroSSL, Google, ...).
+    pub external_account_binding: Option<ExternalAccountBinding>,
+    /// `ECDSA_P256` (default) or `ECDSA_P384`: the certificate's key.
+    pub key_type: Option<String>,
+    /// `HTTP-01` (default) or `TLS-ALPN-01`.
+    pub challenge: Option<String>,
+    /// PEM CA certificates that sign the ACME server's own HTTPS certificate (a private or
+    /// test CA). Default: the system's roots.
+    pub ca_certificates: Option<String>,
+    /// While the first certificate is pending: `SELF_SIGNED` (default: a stand-in
+    /// certificate) or `REFUSE` (handshakes for the hosts fail).
+    pub while_pending: Option<String>,
+}
+
+/// ACME external account binding (RFC 8555 7.3.4).
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalAccountBinding {
+    pub key_id: String,
+    /// A file holding the CA's HMAC key, base64url as the CA hands it out.
+    pub hmac_key_file: String,
 }
 
 /// MeshConfig `pathNormalization`.
@@ -111,6 +163,9 @@ pub struct Downstream {
     /// Connections each listener holds at once; more are closed as they come. Default:
     /// none.
     pub max_connections: Option<u32>,
+    /// Connections one client address may hold on a listener at once; more are closed as
+    /// they come (NGINX's `limit_conn` on `$binary_remote_addr`). Default: none.
+    pub max_connections_per_client: Option<u32>,
     /// The largest request head, in KiB: more gets 431. Default 60.
     pub max_request_headers_kb: Option<u32>,
     /// The longest request target (path and query), in bytes: more gets 414. Default 8192.
@@ -208,6 +263,9 @@ pub struct ServerTls {
     /// or a name no server claims. A server with host `*` is the default implicitly.
     #[serde(default)]
     pub default_certificate: bool,
+    /// Portico extension: order and renew this server's certificate over ACME, stored as
+    /// `credentialName` (README, Certificates from ACME).
+    pub acme: Option<Acme>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -687,4 +745,232 @@ pub struct WorkloadEntry {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub weight: Option<u32>,
+}
+
+/// `mesh.redis`: where global rate limits are counted. Envoy Gateway's
+/// `rateLimit.backend.redis` and Mixer's `redisquota` names where they have one.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Redis {
+    /// `redis://host:port/db` or `rediss://` for TLS (Envoy Gateway `url`, as a URL).
+    pub url: String,
+    /// A file holding the password (`AUTH`); relative to the main config file.
+    pub password_file: Option<String>,
+    /// The user of Redis 6 ACLs, with `passwordFile`.
+    pub username: Option<String>,
+    /// TLS settings for `rediss://`, with Istio's ClientTLSSettings names.
+    pub tls: Option<RedisTls>,
+    /// Connections kept to Redis (Mixer's `connectionPoolSize`). Default 4.
+    pub connection_pool_size: Option<u32>,
+    /// How long one decision may wait for Redis (Envoy Gateway `rateLimit.timeout`).
+    /// Default 50ms.
+    pub timeout: Option<Duration>,
+    /// Prefix of every key Portico writes. Default `portico`.
+    pub key_prefix: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisTls {
+    /// CA bundle that signs the server's certificate; system roots when absent.
+    pub ca_certificates: Option<String>,
+    /// A client certificate and key, for Redis' `tls-auth-clients`.
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+}
+
+/// What a policy applies to: Envoy Gateway's `targetRefs` entries, with Portico's kinds.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRef {
+    /// Accepted for Kubernetes' sake; not checked.
+    pub group: Option<String>,
+    /// `Gateway`, `VirtualService` or `Host` (a host of a VirtualService, as written).
+    pub kind: String,
+    pub name: String,
+    pub namespace: Option<String>,
+    /// With `VirtualService`: the `name` of one of its http routes.
+    pub section_name: Option<String>,
+}
+
+/// Portico's RateLimitPolicy, Envoy Gateway's `BackendTrafficPolicy.rateLimit` with its
+/// targets.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitPolicy {
+    pub name: String,
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub target_refs: Vec<TargetRef>,
+    /// Counted in this process.
+    pub local: Option<RateLimitRules>,
+    /// Counted in `mesh.redis`, shared by every replica.
+    pub global: Option<RateLimitRules>,
+    /// When Redis does not answer in time: let the request through (default) or refuse it
+    /// with `statusOnError`.
+    pub fail_open: Option<bool>,
+    /// The status of a request refused because Redis did not answer (Envoy's
+    /// `status_on_error`). Default 503.
+    pub status_on_error: Option<u32>,
+    /// `RateLimit-Limit`, `-Remaining`, `-Reset` and `-Policy` on answers. Default true.
+    pub response_headers: Option<bool>,
+    /// Client keys each local rule remembers at most; the least recently seen go first.
+    /// Default 100000.
+    pub max_keys: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitRules {
+    #[serde(default)]
+    pub rules: Vec<RateLimitRule>,
+}
+
+/// Envoy Gateway's `RateLimitRule`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitRule {
+    /// Portico extension: the rule's name in metrics and logs. Default
+    /// `<policy>/local/<index>` (or `global`).
+    pub name: Option<String>,
+    /// All must hold for the rule to count a request; `Distinct` parts make a bucket per
+    /// value.
+    #[serde(default)]
+    pub client_selectors: Vec<RateLimitSelectCondition>,
+    pub limit: RateLimitValue,
+    /// Portico extension: requests allowed at once (the bucket's size). Default
+    /// `limit.requests`.
+    pub burst: Option<u32>,
+    /// Envoy Gateway's `shared`: one bucket for every route the policy targets, instead of
+    /// one per route.
+    pub shared: Option<bool>,
+    /// Mixer's `overrides`: other limits for some keys.
+    #[serde(default)]
+    pub overrides: Vec<RateLimitOverride>,
+    /// Mixer's `rateLimitAlgorithm` for global rules: `FIXED_WINDOW` (default, as Envoy's
+    /// rate limit service counts) or `GCRA` (a token bucket, as local rules count).
+    pub rate_limit_algorithm: Option<String>,
+}
+
+/// Envoy Gateway's `RateLimitSelectCondition`, with Portico's JWT and path parts.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitSelectCondition {
+    #[serde(default)]
+    pub headers: Vec<HeaderSelector>,
+    #[serde(rename = "sourceCIDR")]
+    pub source_cidr: Option<SourceSelector>,
+    /// Portico extension: claims of the request's verified JWT.
+    #[serde(default)]
+    pub jwt_claims: Vec<HeaderSelector>,
+    /// Portico extension: the request's principal (`iss/sub` of its JWT).
+    pub request_principal: Option<ValueSelector>,
+    /// Portico extension: a path template (`/users/{id}/**`); `Distinct` counts each
+    /// value of its `{named}` segments apart.
+    pub path: Option<PathSelector>,
+}
+
+/// Envoy Gateway's `HeaderMatch`: `Exact` (default), `RegularExpression` or `Distinct`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderSelector {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub value: Option<String>,
+    #[serde(default)]
+    pub invert: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ValueSelector {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub value: Option<String>,
+    #[serde(default)]
+    pub invert: bool,
+}
+
+/// Envoy Gateway's `SourceMatch`: `Exact` (default: the range as one client) or
+/// `Distinct` (each address in it apart).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceSelector {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathSelector {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub template: String,
+}
+
+/// Envoy Gateway's `RateLimitValue`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitValue {
+    pub requests: u32,
+    /// `Second`, `Minute`, `Hour` or `Day`.
+    pub unit: String,
+}
+
+/// Mixer's quota override: a limit for the keys whose values these are.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitOverride {
+    /// Header name to value, for the rule's `Distinct` headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// A client address or range, for a `Distinct` sourceCIDR.
+    #[serde(rename = "sourceCIDR")]
+    pub source_cidr: Option<String>,
+    #[serde(default)]
+    pub jwt_claims: BTreeMap<String, String>,
+    pub request_principal: Option<String>,
+    pub limit: RateLimitValue,
+    pub burst: Option<u32>,
+}
+
+/// Portico's AccessList: Mixer's `listchecker` (and `denier`) as a policy.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessList {
+    pub name: String,
+    pub namespace: Option<String>,
+    /// Where the list is enforced; without any, it is only a list others name.
+    #[serde(default)]
+    pub target_refs: Vec<TargetRef>,
+    /// AuthorizationPolicy's `action`: `DENY` (default: listed requests are refused) or
+    /// `ALLOW` (only listed requests pass).
+    pub action: Option<String>,
+    /// What is looked up, in Istio's attribute names: `source.ip` (default),
+    /// `request.headers[name]`, `request.auth.claims[name]`, `request.auth.principal`.
+    pub key: Option<String>,
+    /// listchecker's `entryType`: `IP_ADDRESSES` (default for `source.ip`), `STRINGS`
+    /// (default otherwise) or `CASE_INSENSITIVE_STRINGS`.
+    pub entry_type: Option<String>,
+    /// listchecker's `overrides`: entries written here.
+    #[serde(default)]
+    pub overrides: Vec<String>,
+    /// A file of entries, one a line (`#` starts a comment); re-read when it changes.
+    pub file: Option<String>,
+    /// listchecker's `providerUrl`: an `http://` URL answering entries, one a line.
+    pub provider_url: Option<String>,
+    /// listchecker's `refreshInterval`: how often `providerUrl` is fetched. Default 60s.
+    /// (A file is checked for changes every second.)
+    pub refresh_interval: Option<Duration>,
+    /// The answer to a refused request (denier's `status`). Default 403.
+    pub deny_response: Option<DenyResponse>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DenyResponse {
+    pub status: Option<u32>,
+    pub body: Option<String>,
 }

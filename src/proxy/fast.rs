@@ -286,8 +286,13 @@ impl Conn {
 #[async_trait]
 impl ServerApp for FastH1 {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let max = self.snapshots.load().settings.downstream.max_connections;
-        let _slot = self.connections.admit(max)?;
+        let (max, per_client) = {
+            let d = &self.snapshots.load().settings.downstream;
+            (d.max_connections, d.max_connections_per_client)
+        };
+        let _slot =
+            self.connections
+                .admit_client(max, per_client, crate::listener::peer_ip(&io))?;
         self.serve_connection(io, shutdown).await
     }
 
@@ -786,7 +791,24 @@ impl FastH1 {
 
         let host = normalize_host(req.host);
         let client_close = req.close || old || *shutdown.borrow();
-        let f = match request::plan(listener, &host, &view) {
+        let planned = request::plan(listener, &host, &view);
+        // What this codec cannot carry goes to pingora before the policies count it
+        // (pingora's cycle polices it then, once).
+        let _admission = match planned.plan() {
+            request::Plan::Forward(f) if !plain(f.forward) => {
+                return Outcome::Lend(Lending { head, rest }, "route")
+            }
+            // No waiting here (and no pending slot taken): pingora's path waits for a full
+            // pool, as long as the route allows.
+            request::Plan::Forward(f) => {
+                match f.forward.destinations[f.destination].cluster.try_admit() {
+                    Some(a) => Some(a),
+                    None => return Outcome::Lend(Lending { head, rest }, "admission"),
+                }
+            }
+            request::Plan::Answer(_) => None,
+        };
+        let f = match planned.police(&view).await {
             request::Plan::Answer(a) => {
                 c.buf.advance(req.body);
                 let log = Log {
@@ -796,21 +818,12 @@ impl FastH1 {
                 };
                 return answer(c, &log, &a, client_close).await;
             }
-            request::Plan::Forward(f) if plain(f.forward) => f,
-            request::Plan::Forward(_) => return Outcome::Lend(Lending { head, rest }, "route"),
+            request::Plan::Forward(f) => f,
         };
         let (route, forward) = (f.route, f.forward);
         let destination = &forward.destinations[f.destination];
         let cluster = &destination.cluster;
-        // No waiting here (and no pending slot taken): pingora's path waits for a full pool,
-        // as long as the route allows.
-        let Some(_admission) = cluster.try_admit() else {
-            return Outcome::Lend(Lending { head, rest }, "admission");
-        };
-        let cors = match (f.cors_origin, route.cors.as_ref()) {
-            (Some(origin), Some(policy)) => request::CorsFields::for_response(policy, origin),
-            _ => request::CorsFields::default(),
-        };
+        let added = f.response_additions();
         let log = Log {
             route: Some(route),
             cluster: Some(cluster),
@@ -901,7 +914,7 @@ impl FastH1 {
                 pooled,
                 head_only,
                 ops: response_ops,
-                cors: &cors,
+                added: &added,
                 client_close,
                 wait,
             };
@@ -1223,8 +1236,8 @@ struct Exchange<'a> {
     pooled: bool,
     head_only: bool,
     ops: [&'a HeaderOps; 2],
-    /// CORS fields for the response.
-    cors: &'a request::CorsFields,
+    /// CORS and policy fields for the response.
+    added: &'a request::ResponseAdditions,
     client_close: bool,
     /// The response head must come within this (`retry::try_wait`).
     wait: Duration,
@@ -1266,11 +1279,11 @@ async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
     let up = c.up.insert(Upstream::open(addr, &ex).await?);
     c.ubuf.clear();
     let (out, ubuf, resp) = (&c.out, &mut c.ubuf, &mut c.resp);
-    let (head_only, client_close, ops, cors) = (ex.head_only, ex.client_close, ex.ops, ex.cors);
+    let (head_only, client_close, ops, added) = (ex.head_only, ex.client_close, ex.ops, ex.added);
     let io = async {
         up.io.write_all(out).await?;
         read_response(&mut up.io, ubuf, head_only, client_close, |r, _, close| {
-            write_response_head(resp, r, close, ops, cors)
+            write_response_head(resp, r, close, ops, added)
         })
         .await
     };
@@ -1376,7 +1389,7 @@ fn write_response_head(
     r: &httparse::Response<'_, '_>,
     close: bool,
     ops: [&HeaderOps; 2],
-    cors: &request::CorsFields,
+    added: &request::ResponseAdditions,
 ) {
     out.clear();
     out.reserve(1024 + 4096);
@@ -1386,13 +1399,11 @@ fn write_response_head(
     } else {
         dropped_response_header
     };
-    // The route's CORS fields replace the upstream's (as pingora's path inserts them).
-    let upstream = raw(r.headers)
-        .filter(|(n, _)| !cors.iter().any(|(c, _)| n.eq_ignore_ascii_case(c.as_str())));
+    // The core's CORS and policy fields replace the upstream's (as pingora's path
+    // inserts them).
+    let upstream = raw(r.headers).filter(|(n, _)| !added.replaces(n.as_bytes()));
     write_headers(out, upstream, ops, drop);
-    for (n, v) in cors.iter() {
-        request::HeaderSink::field(out, n.as_str().as_bytes(), v.as_bytes());
-    }
+    added.write(out);
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }

@@ -78,7 +78,8 @@ pub struct RequestCtx {
     deadline: Option<Instant>,
     hash: Option<u64>,
     set_cookie: Option<String>,
-    cors_origin: Option<HeaderValue>,
+    /// CORS and policy fields for the response (`request::Forwarded::response_additions`).
+    response_additions: Option<request::ResponseAdditions>,
     /// The response was refused for a retry by `upstream_response_filter`.
     retry_on_status: bool,
     /// An upstream response head was taken (and is being passed on): from here on no
@@ -119,7 +120,7 @@ impl Default for RequestCtx {
             deadline: None,
             hash: None,
             set_cookie: None,
-            cors_origin: None,
+            response_additions: None,
             retry_on_status: false,
             upstream_responded: false,
             resent: false,
@@ -338,6 +339,18 @@ impl request::HeaderSink for ResponseFields {
     fn forwarded_for(&mut self, _: &mut dyn Iterator<Item = &[u8]>, _: IpAddr) {}
 }
 
+/// A response head whose fields the request core's replace (`insert`, not `append`).
+struct ReplaceFields<'a>(&'a mut ResponseHeader);
+
+impl request::HeaderSink for ReplaceFields<'_> {
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            let _ = self.0.insert_header(Bytes::copy_from_slice(name), v);
+        }
+    }
+    fn forwarded_for(&mut self, _: &mut dyn Iterator<Item = &[u8]>, _: IpAddr) {}
+}
+
 /// Writes answer `a` (the request core's, `request::answer_fields`).
 async fn answer(session: &mut Session, a: &request::Answer<'_>) -> Result<()> {
     let mut head = ResponseFields(ResponseHeader::build(a.status, Some(6))?);
@@ -484,7 +497,7 @@ impl ProxyHttp for Gateway {
                     port: listener.addr.port(),
                     client_ip: client_ip(session),
                 };
-                request::plan(listener, &host, &view)
+                request::plan(listener, &host, &view).police(&view).await
             }
             None => request::Plan::Answer(Box::new(request::not_found())),
         };
@@ -505,7 +518,8 @@ impl ProxyHttp for Gateway {
                     ctx.flag = Flag::DelayInjected;
                     tokio::time::sleep(d).await;
                 }
-                ctx.cors_origin = f.cors_origin.clone();
+                let added = f.response_additions();
+                ctx.response_additions = (!added.is_empty()).then_some(added);
                 (f.route.clone(), f.destination, f.match_index)
             }
         };
@@ -773,11 +787,10 @@ impl ProxyHttp for Gateway {
                     .response
                     .apply_response(upstream_response);
             }
-            if let (Some(origin), Some(cors)) = (ctx.cors_origin.take(), route.cors.as_ref()) {
-                for (n, v) in request::CorsFields::for_response(cors, origin).iter() {
-                    upstream_response.insert_header(n.clone(), v.clone())?;
-                }
-            }
+        }
+        if let Some(added) = ctx.response_additions.take() {
+            // Over the upstream's fields of the same names, as every codec writes them.
+            added.write(&mut ReplaceFields(upstream_response));
         }
         if let Some(c) = ctx.set_cookie.take() {
             upstream_response.append_header(header::SET_COOKIE, c)?;

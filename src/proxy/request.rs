@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue};
 
+use crate::policy::{self, RequestKeys, RoutePolicy};
 use crate::routing::{chance, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route};
 use crate::snapshot::Listener;
 use crate::telemetry::outcome::Flag;
@@ -194,6 +195,82 @@ pub enum Plan<'s> {
     Forward(Forwarded<'s>),
 }
 
+/// A plan whose route's policies (access lists, rate limits) have not been asked yet.
+/// A codec looks at [`Planned::plan`] to see whether it can serve the request itself; if
+/// it can, [`Planned::police`] counts the request and gives the plan to carry out (a
+/// refusal turns it into an answer). A codec that hands the request to pingora's cycle
+/// drops it uncounted: pingora's `request_filter` plans and polices it again, so every
+/// request is counted once, by whichever codec serves it.
+pub struct Planned<'s> {
+    plan: Plan<'s>,
+    /// The route's policies, when the plan is one they apply to (a direct response, a
+    /// redirect or a forward; not a CORS preflight or a fault abort, which Envoy's
+    /// filters answer before its RBAC and rate-limit filters run).
+    policy: Option<&'s RoutePolicy>,
+}
+
+impl<'s> Planned<'s> {
+    /// The plan before the policies are asked.
+    pub fn plan(&self) -> &Plan<'s> {
+        &self.plan
+    }
+
+    /// Asks the route's policies and counts the request; the plan to carry out. A
+    /// refusal is an answer (429 `RL`, or a list's 403, or `statusOnError` `RLSE` when
+    /// Redis is down and the policy fails closed); an allowed request carries the
+    /// RateLimit fields to its answer or response. Waits for Redis only when the route
+    /// has global rules; nothing is locked while it waits.
+    pub async fn police(self, view: &RequestView<'_>) -> Plan<'s> {
+        let Some(policy) = self.policy else {
+            return self.plan;
+        };
+        let keys = RequestKeys {
+            client_ip: view.client_ip.map(|ip| ip.to_canonical()),
+            headers: view.headers,
+            path: view.path,
+            principal: None,
+            claims: None,
+        };
+        let d = policy.decide(&keys).await;
+        let mut plan = self.plan;
+        if d.allowed() {
+            match &mut plan {
+                Plan::Answer(a) => a.policy = d.fields(),
+                Plan::Forward(f) => f.policy = d.fields(),
+            }
+            return plan;
+        }
+        let route = match &plan {
+            Plan::Answer(a) => a.route,
+            Plan::Forward(f) => Some(f.route),
+        };
+        Plan::Answer(Box::new(refusal(&d, route)))
+    }
+}
+
+/// The answer to a request the policies refused.
+fn refusal<'s>(d: &policy::Decision<'_>, route: Option<&'s Arc<Route>>) -> Answer<'s> {
+    let details = d.outcome.details().unwrap_or("");
+    let body = match d.outcome {
+        policy::Outcome::Denied => Bytes::copy_from_slice(d.body.as_bytes()),
+        policy::Outcome::LocalLimited => Bytes::from_static(b"local_rate_limited\n"),
+        policy::Outcome::GlobalLimited => Bytes::from_static(b"request_rate_limited\n"),
+        _ => Bytes::from_static(b"rate limit service unavailable\n"),
+    };
+    Answer {
+        status: d.status,
+        body,
+        location: None,
+        cors: CorsFields::default(),
+        ops: route.map(|r| &r.headers.response),
+        delay: None,
+        flag: d.outcome.response_flag(),
+        details,
+        route,
+        policy: d.fields(),
+    }
+}
+
 /// An answer the gateway makes without an upstream: a direct response, a redirect, no
 /// route (404), a CORS preflight, a fault abort.
 pub struct Answer<'s> {
@@ -210,6 +287,8 @@ pub struct Answer<'s> {
     pub flag: Flag,
     pub details: &'static str,
     pub route: Option<&'s Arc<Route>>,
+    /// The policies' fields (`x-envoy-ratelimited`, RateLimit).
+    pub policy: policy::Fields,
 }
 
 impl<'s> Answer<'s> {
@@ -236,6 +315,54 @@ pub struct Forwarded<'s> {
     /// The request's `Origin` when the route's CORS policy allows it: the response
     /// carries `access-control-allow-origin` (and the policy's expose/credentials).
     pub cors_origin: Option<HeaderValue>,
+    /// The policies' fields for the response (RateLimit), set by [`Planned::police`].
+    pub policy: policy::Fields,
+}
+
+impl Forwarded<'_> {
+    /// What the response gets besides the upstream's fields and the route's operations:
+    /// the CORS fields for an allowed origin, and the policies' fields. Every codec writes
+    /// these over the upstream's fields of the same names.
+    pub fn response_additions(&self) -> ResponseAdditions {
+        let cors = match (&self.cors_origin, self.route.cors.as_ref()) {
+            (Some(origin), Some(policy)) => CorsFields::for_response(policy, origin.clone()),
+            _ => CorsFields::default(),
+        };
+        ResponseAdditions {
+            cors,
+            policy: self.policy,
+        }
+    }
+}
+
+/// The fields the core adds to a forwarded request's response, replacing the upstream's
+/// of the same names: CORS, then the policies' (RateLimit).
+#[derive(Default)]
+pub struct ResponseAdditions {
+    pub cors: CorsFields,
+    pub policy: policy::Fields,
+}
+
+impl ResponseAdditions {
+    /// Whether the additions replace a field `name` of the upstream's.
+    pub fn replaces(&self, name: &[u8]) -> bool {
+        self.cors
+            .iter()
+            .any(|(n, _)| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
+            || self.policy.writes(name)
+    }
+
+    /// The fields, in order.
+    pub fn write(&self, out: &mut impl HeaderSink) {
+        for (n, v) in self.cors.iter() {
+            out.field(n.as_str().as_bytes(), v.as_bytes());
+        }
+        self.policy.write(|n, v| out.field(n.as_bytes(), v));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cors.iter().next().is_none() && self.policy.is_empty()
+    }
 }
 
 /// CORS response fields, at most five.
@@ -325,14 +452,40 @@ pub fn not_found<'s>() -> Answer<'s> {
         flag: Flag::NoRoute,
         details: "route_not_found",
         route: None,
+        policy: policy::Fields::NONE,
     }
 }
 
 /// Decides what becomes of a request on `listener` for (normalized) host `host`: the
 /// route table's choice, then the route's policies in Envoy's order (CORS preflight,
-/// fault delay, fault abort). Random draws (weights, fault percentages) happen here, once.
-pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> Plan<'s> {
-    let route = match listener.table.decide(host, view) {
+/// fault delay, fault abort; access lists and rate limits in [`Planned::police`]). Random
+/// draws (weights, fault percentages) happen here, once. Counts nothing.
+pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> Planned<'s> {
+    let unpoliced = |plan| Planned { plan, policy: None };
+    // A CA validating HTTP-01 for a name Portico orders a certificate for: answered
+    // before routing and before httpsRedirect (the CA asks over plain HTTP), and never
+    // counted by a rate limit.
+    if let (false, Some(acme)) = (listener.tls, &listener.acme) {
+        if let Some(found) = acme.http01_answer(host, view.path) {
+            let (status, body) = match found {
+                Some(key_authorization) => (200, Bytes::from(key_authorization)),
+                None => (404, Bytes::new()),
+            };
+            return unpoliced(Plan::Answer(Box::new(Answer {
+                status,
+                body,
+                location: None,
+                cors: CorsFields::default(),
+                ops: None,
+                delay: None,
+                flag: Flag::None,
+                details: "acme_http01_challenge",
+                route: None,
+                policy: policy::Fields::NONE,
+            })));
+        }
+    }
+    let (vhost, route, match_index) = match listener.table.decide(host, view) {
         Decision::HttpsRedirect(_) => {
             let mut location = String::with_capacity(host.len() + view.path.len() + 16);
             location.push_str("https://");
@@ -342,7 +495,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 location.push('?');
                 location.push_str(q);
             }
-            return Plan::Answer(Box::new(Answer {
+            return unpoliced(Plan::Answer(Box::new(Answer {
                 status: 301,
                 body: Bytes::new(),
                 location: Some(location),
@@ -352,17 +505,21 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 flag: Flag::None,
                 details: "direct_response",
                 route: None,
-            }));
+                policy: policy::Fields::NONE,
+            })));
         }
-        Decision::NoHost | Decision::NoRoute(_) => return Plan::Answer(Box::new(not_found())),
+        Decision::NoHost | Decision::NoRoute(_) => {
+            return unpoliced(Plan::Answer(Box::new(not_found())))
+        }
         Decision::Route {
-            route, match_index, ..
-        } => (route, match_index),
+            vhost,
+            route,
+            match_index,
+        } => (vhost, route, match_index),
     };
-    let (route, match_index) = route;
     if let Some(cors) = &route.cors {
         if let Some(fields) = CorsFields::preflight(cors, view) {
-            return Plan::Answer(Box::new(Answer {
+            return unpoliced(Plan::Answer(Box::new(Answer {
                 status: 200,
                 body: Bytes::new(),
                 location: None,
@@ -372,9 +529,14 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 flag: Flag::None,
                 details: "cors_response",
                 route: Some(route),
-            }));
+                policy: policy::Fields::NONE,
+            })));
         }
     }
+    let policed = |plan| Planned {
+        plan,
+        policy: listener.policies.route(vhost, route),
+    };
     let cors_origin = route.cors.as_ref().and_then(|c| allowed_origin(c, view));
     let answer = |status: u16, body: Bytes, location: Option<String>| {
         let mut cors = CorsFields::default();
@@ -391,13 +553,14 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
             flag: Flag::None,
             details: "direct_response",
             route: Some(route),
+            policy: policy::Fields::NONE,
         }))
     };
     let forward = match &route.action {
-        Action::Direct(d) => return answer(d.status, d.body.clone(), None),
+        Action::Direct(d) => return policed(answer(d.status, d.body.clone(), None)),
         Action::Redirect(r) => {
             let location = r.location(view.scheme, view.authority, view.path, view.query);
-            return answer(r.code, Bytes::new(), Some(location));
+            return policed(answer(r.code, Bytes::new(), Some(location)));
         }
         Action::Forward(f) => f,
     };
@@ -410,7 +573,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
         }
         if let Some((status, pct)) = fault.abort {
             if chance(pct) {
-                return Plan::Answer(Box::new(Answer {
+                return unpoliced(Plan::Answer(Box::new(Answer {
                     status,
                     body: Bytes::from_static(b"fault filter abort"),
                     location: None,
@@ -420,23 +583,26 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                     flag: Flag::FaultInjected,
                     details: "fault_filter_abort",
                     route: Some(route),
-                }));
+                    policy: policy::Fields::NONE,
+                })));
             }
         }
     }
-    Plan::Forward(Forwarded {
+    policed(Plan::Forward(Forwarded {
         route,
         forward,
         match_index,
         destination: forward.pick(),
         delay,
         cors_origin,
-    })
+        policy: policy::Fields::NONE,
+    }))
 }
 
 /// The fields of answer `a`'s head, as every codec writes them: content type and length
-/// (the body's, for HEAD too), `location`, the CORS fields, then the route's response
-/// operations (which may replace any of them).
+/// (the body's, for HEAD too), `location`, the CORS fields, the policies' fields
+/// (`x-envoy-ratelimited`, RateLimit), then the route's response operations (which may
+/// replace any of them).
 pub fn answer_fields(a: &Answer<'_>, out: &mut impl HeaderSink) {
     let none = HeaderOps::default();
     let ops = a.ops.unwrap_or(&none);
@@ -464,6 +630,11 @@ pub fn answer_fields(a: &Answer<'_>, out: &mut impl HeaderSink) {
             out.field(n.as_str().as_bytes(), v.as_bytes());
         }
     }
+    a.policy.write(|n, v| {
+        if !replaced(n.as_bytes()) {
+            out.field(n.as_bytes(), v);
+        }
+    });
     for (name, value) in ops.set.iter().chain(&ops.add) {
         out.field(name, value.as_bytes());
     }

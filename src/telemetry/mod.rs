@@ -34,6 +34,22 @@ pub struct Metrics {
     /// Connections each listener holds, and those it closed at its `maxConnections`.
     pub listener_connections: IntGaugeVec,
     pub listener_refused: IntCounterVec,
+    /// ACME orders by result (`success`, `failure`).
+    acme_orders: IntCounterVec,
+    /// Connections closed on arrival because their client address held
+    /// `maxConnectionsPerClient` on the listener already.
+    pub listener_client_refused: IntCounterVec,
+    /// Rate-limit decisions by rule (`rule`) and `decision`: allowed, limited,
+    /// failed_open, failed_closed.
+    pub ratelimit_decisions: IntCounterVec,
+    /// Redis calls of global rate limits that failed, by `reason`: timeout, connect,
+    /// command.
+    pub ratelimit_redis_errors: IntCounterVec,
+    /// Access-list decisions by `list` and `decision` (allowed, denied); refreshes of
+    /// their sources by `source` (file, url) and `result`; entries in force.
+    pub access_list_decisions: IntCounterVec,
+    pub access_list_refreshes: IntCounterVec,
+    pub access_list_entries: IntGaugeVec,
     certificate_expiry: IntGaugeVec,
     endpoint_healthy: IntGaugeVec,
     upstream_active: IntGaugeVec,
@@ -136,6 +152,47 @@ impl Metrics {
             &["listener"],
         )
         .expect("static metric definition");
+        let acme_orders = IntCounterVec::new(
+            Opts::new(
+                "portico_acme_orders_total",
+                "ACME certificate orders by result: success (a certificate was issued and installed) or failure (see the log line for the CA's problem document).",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition");
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition")
+        };
+        let listener_client_refused = counter(
+            "portico_listener_client_connections_refused_total",
+            "Client connections closed on arrival because their address held mesh.downstream.maxConnectionsPerClient on the listener already.",
+            &["listener"],
+        );
+        let ratelimit_decisions = counter(
+            "portico_ratelimit_decisions_total",
+            "Rate-limit decisions by rule: allowed, limited (429), failed_open (Redis did not answer; allowed), failed_closed (Redis did not answer; refused).",
+            &["rule", "decision"],
+        );
+        let ratelimit_redis_errors = counter(
+            "portico_ratelimit_redis_errors_total",
+            "Redis calls of global rate limits that failed: timeout, connect, command.",
+            &["reason"],
+        );
+        let access_list_decisions = counter(
+            "portico_access_list_decisions_total",
+            "Requests an access list let through (allowed) or refused (denied).",
+            &["list", "decision"],
+        );
+        let access_list_refreshes = counter(
+            "portico_access_list_refreshes_total",
+            "Reads of an access list's file and fetches of its URL, by result (a failure keeps the last good entries).",
+            &["list", "source", "result"],
+        );
+        let access_list_entries = gauge(
+            "portico_access_list_entries",
+            "Entries (addresses, ranges or values) an access list holds now.",
+            &["list"],
+        );
         let istio = istio::IstioMetrics::new(&registry);
         for c in [
             Box::new(config_generation.clone()) as Box<dyn prometheus::core::Collector>,
@@ -152,6 +209,13 @@ impl Metrics {
             Box::new(egress_decisions.clone()),
             Box::new(listener_connections.clone()),
             Box::new(listener_refused.clone()),
+            Box::new(acme_orders.clone()),
+            Box::new(listener_client_refused.clone()),
+            Box::new(ratelimit_decisions.clone()),
+            Box::new(ratelimit_redis_errors.clone()),
+            Box::new(access_list_decisions.clone()),
+            Box::new(access_list_refreshes.clone()),
+            Box::new(access_list_entries.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -171,6 +235,13 @@ impl Metrics {
             egress_decisions,
             listener_connections,
             listener_refused,
+            acme_orders,
+            listener_client_refused,
+            ratelimit_decisions,
+            ratelimit_redis_errors,
+            access_list_decisions,
+            access_list_refreshes,
+            access_list_entries,
             certificate_expiry,
             endpoint_healthy,
             upstream_active,
@@ -186,6 +257,10 @@ impl Metrics {
     pub fn reload_succeeded(&self, generation: u64) {
         self.reload_success.inc();
         self.config_generation.set(generation as i64);
+    }
+
+    pub fn acme_order(&self, result: &str) {
+        self.acme_orders.with_label_values(&[result]).inc();
     }
 
     pub fn reload_failed(&self) {
@@ -230,9 +305,18 @@ impl Metrics {
             for l in &snapshot.listeners {
                 let listener = l.addr.to_string();
                 for (host, cert) in l.certs.iter().flat_map(|c| c.hosts.entries()) {
+                    if cert.stand_in {
+                        // Not a certificate anyone should alert on: ACME is ordering one.
+                        continue;
+                    }
                     self.certificate_expiry
                         .with_label_values(&[listener.as_str(), host.as_str()])
                         .set(cert.not_after);
+                }
+            }
+            if !snapshot.acme.is_empty() {
+                for result in ["success", "failure"] {
+                    self.acme_orders.with_label_values(&[result]);
                 }
             }
             for c in &snapshot.clusters {

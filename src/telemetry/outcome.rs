@@ -38,6 +38,8 @@ pub enum Flag {
     StreamIdleTimeout,
     /// `RL`: a rate limit refused the request.
     RateLimited,
+    /// `RLSE`: the rate limit service (Redis) failed and the policy fails closed.
+    RateLimitServiceError,
 }
 
 impl Flag {
@@ -59,6 +61,7 @@ impl Flag {
             Flag::FaultInjected => "FI",
             Flag::StreamIdleTimeout => "SI",
             Flag::RateLimited => "RL",
+            Flag::RateLimitServiceError => "RLSE",
         }
     }
 

@@ -43,6 +43,11 @@ pub fn tune(acceptor: &mut Acceptor) -> Result<(), String> {
     config.ticketer = rustls::crypto::ring::Ticketer::new()
         .map_err(|e| format!("cannot make a TLS session ticket key: {e}"))?;
     config.send_tls13_tickets = TLS13_TICKETS;
+    // Offered last, so only a client that asks for nothing else (a CA validating
+    // TLS-ALPN-01) gets it; the resolver then serves the challenge certificate.
+    config
+        .alpn_protocols
+        .push(crate::tls::acme::ACME_TLS_ALPN.to_vec());
     acceptor.acceptor = pingora::tls::TlsAcceptor::from(Arc::new(config));
     Ok(())
 }
@@ -86,6 +91,11 @@ impl Https {
                 return None;
             }
         };
+        if let Some(pingora::protocols::ALPN::Custom(_)) = tls.selected_alpn_proto() {
+            // `acme-tls/1`: the handshake was the validation; nothing more is said.
+            tracing::debug!("TLS-ALPN-01 validation handshake answered");
+            return None;
+        }
         if tls.selected_alpn_proto() == Some(pingora::protocols::ALPN::H2) {
             if self.fast_h2 {
                 self.front.serve_h2(Box::new(tls), shutdown).await;
@@ -106,14 +116,18 @@ impl Https {
 #[async_trait]
 impl ServerApp for Https {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let (timeout, max) = {
+        let (timeout, max, per_client) = {
             let s = self.snapshots.load();
             (
                 s.settings.tls_handshake_timeout,
                 s.settings.downstream.max_connections,
+                s.settings.downstream.max_connections_per_client,
             )
         };
-        let _slot = self.front.connections.admit(max)?;
+        let _slot =
+            self.front
+                .connections
+                .admit_client(max, per_client, crate::listener::peer_ip(&io))?;
         self.serve(io, timeout, shutdown).await
     }
 

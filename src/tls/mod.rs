@@ -15,6 +15,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::routing::HostMatcher;
 
+pub mod acme;
 pub mod https;
 use crate::snapshot::Snapshot;
 
@@ -28,6 +29,8 @@ pub struct ServerCert {
     /// Expiry of the leaf, seconds since the Unix epoch.
     pub not_after: i64,
     pub subject: String,
+    /// A self-signed stand-in served while ACME orders the real certificate.
+    pub stand_in: bool,
 }
 
 impl fmt::Debug for ServerCert {
@@ -36,6 +39,7 @@ impl fmt::Debug for ServerCert {
             .field("cert_path", &self.cert_path)
             .field("subject", &self.subject)
             .field("not_after", &self.not_after)
+            .field("stand_in", &self.stand_in)
             .finish_non_exhaustive()
     }
 }
@@ -90,7 +94,23 @@ impl fmt::Debug for SniResolver {
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let snapshot = self.snapshots.load();
-        let store = snapshot.listeners.get(self.listener)?.certs.as_ref()?;
+        let listener = snapshot.listeners.get(self.listener)?;
+        // A CA's TLS-ALPN-01 validation (RFC 8737): only the challenge certificate will do.
+        if hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == acme::ACME_TLS_ALPN))
+        {
+            let sni = hello.server_name()?;
+            let key = listener.acme.as_ref()?.tls_alpn01_cert(sni);
+            if key.is_none() {
+                tracing::info!(
+                    sni,
+                    "TLS-ALPN-01 handshake refused: no ACME validation under way for this name"
+                );
+            }
+            return key;
+        }
+        let store = listener.certs.as_ref()?;
         let offers_tls13 = hello.cipher_suites().iter().any(|s| {
             matches!(
                 s,
@@ -168,7 +188,7 @@ pub fn pair_from_pem(
     Ok((certified, not_after, subject))
 }
 
-fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("cannot read certificate {}: {e}", path.display()))?
         .collect::<Result<_, _>>()
@@ -308,6 +328,7 @@ mod tests {
                 cert_path: c,
                 not_after,
                 subject,
+                stand_in: false,
             })
         };
         let a = mk("a.test", false);

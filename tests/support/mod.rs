@@ -18,6 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub mod dns;
+pub mod redis_server;
 pub mod scripted;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};

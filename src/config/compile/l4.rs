@@ -57,6 +57,7 @@ impl Cx {
                 ("maxProtocolVersion", t.max_protocol_version.is_some()),
                 ("httpsRedirect", t.https_redirect),
                 ("defaultCertificate", t.default_certificate),
+                ("acme", t.acme.is_some()),
             ]
             .into_iter()
             .filter_map(|(name, on)| on.then_some(name))

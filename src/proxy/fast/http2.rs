@@ -229,28 +229,34 @@ impl FastH1 {
             client_ip,
         };
         let host = normalize_host(q.host);
-        let f = match request::plan(listener, &host, &view) {
-            request::Plan::Answer(a) => {
-                if q.body > 0 || !s.is_body_empty() {
-                    // A body to read first: pingora's cycle answers it.
-                    return Some("route");
+        let planned = request::plan(listener, &host, &view);
+        // What this codec cannot carry goes to pingora before the policies count it
+        // (pingora's cycle polices it then, once).
+        let _admission = match planned.plan() {
+            // A body to read first: pingora's cycle answers it.
+            request::Plan::Answer(_) if q.body > 0 || !s.is_body_empty() => return Some("route"),
+            request::Plan::Answer(_) => None,
+            request::Plan::Forward(f) if !plain(f.forward) => return Some("route"),
+            request::Plan::Forward(f) => {
+                match f.forward.destinations[f.destination].cluster.try_admit() {
+                    Some(a) => Some(a),
+                    None => return Some("admission"),
                 }
+            }
+        };
+        let f = match planned.police(&view).await {
+            request::Plan::Answer(a) => {
+                // (A refused forward with a body unread: the answer ends the stream, and
+                // the client stops sending it, RFC 9113 8.1.)
                 answer_h2(s, &sl, &a).await;
                 return None;
             }
-            request::Plan::Forward(f) if plain(f.forward) => f,
-            request::Plan::Forward(_) => return Some("route"),
+            request::Plan::Forward(f) => f,
         };
         let (route, forward) = (f.route, f.forward);
         let destination = &forward.destinations[f.destination];
         let cluster = &destination.cluster;
-        let Some(_admission) = cluster.try_admit() else {
-            return Some("admission");
-        };
-        let cors = match (f.cors_origin, route.cors.as_ref()) {
-            (Some(origin), Some(policy)) => request::CorsFields::for_response(policy, origin),
-            _ => request::CorsFields::default(),
-        };
+        let added = f.response_additions();
         if let Some(d) = f.delay {
             tokio::time::sleep(d).await;
         }
@@ -352,7 +358,7 @@ impl FastH1 {
             tries.made += 1;
             let inflight = InFlight::new(cluster.clone(), i);
             let emit = |r: &httparse::Response<'_, '_>, raw: &[u8], _close: bool| {
-                head = response_head(r, raw, ops, &cors);
+                head = response_head(r, raw, ops, &added);
             };
             let ex = Exchange {
                 cluster,
@@ -360,7 +366,7 @@ impl FastH1 {
                 pooled,
                 head_only,
                 ops,
-                cors: &cors,
+                added: &added,
                 client_close: false,
                 wait: wait_for,
             };
@@ -598,7 +604,7 @@ fn response_head(
     r: &httparse::Response<'_, '_>,
     raw: &[u8],
     ops: [&HeaderOps; 2],
-    cors: &request::CorsFields,
+    added: &request::ResponseAdditions,
 ) -> Option<ResponseHeader> {
     let status = r.code?;
     if status < 200 {
@@ -635,8 +641,8 @@ fn response_head(
     for o in ops {
         o.apply_response(&mut h);
     }
-    for (n, v) in cors.iter() {
-        h.insert_header(n.clone(), v.clone()).ok()?;
+    if !added.is_empty() {
+        added.write(&mut super::super::ReplaceFields(&mut h));
     }
     Some(h)
 }
