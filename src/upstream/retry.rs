@@ -75,12 +75,8 @@ impl TryFailure {
     /// reply's text. One table for every codec; `retried` says whether a retry was made.
     pub fn answer(self, retried: bool) -> (u16, Flag, &'static str) {
         let (status, flag, what) = match self {
-            TryFailure::Connect => (503, Flag::UpstreamConnectFailure, "upstream connect error"),
-            TryFailure::Timeout => (
-                504,
-                Flag::UpstreamRequestTimeout,
-                "upstream request timeout",
-            ),
+            TryFailure::Connect => (503, Flag::UpstreamConnectFailure, ""),
+            TryFailure::Timeout => (504, Flag::UpstreamRequestTimeout, ""),
             TryFailure::BadResponse => (
                 502,
                 Flag::UpstreamProtocolError,
@@ -96,6 +92,12 @@ impl TryFailure {
                 Flag::UpstreamConnectionTermination,
                 "upstream reset before response",
             ),
+        };
+        // Connect failures and timeouts say what the gateway says of them elsewhere.
+        let what = if what.is_empty() {
+            flag.reply_text()
+        } else {
+            what
         };
         (status, flag.after_retries(retried), what)
     }
