@@ -716,3 +716,128 @@ fn connect_from(from: &str, port: u16) -> TcpStream {
     })
     .unwrap_or_else(|e: std::io::Error| panic!("connect from {from}: {e}"))
 }
+
+/// A CA and a certificate it signed for `names`, as PEM: (ca cert, leaf cert, leaf key).
+fn signed_by_new_ca(names: &[&str]) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "portico test CA");
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    (ca.pem(), leaf.pem(), key.serialize_pem())
+}
+
+const GLOBAL_TLS: &str = r#"
+@MESH@
+[mesh.redis]
+url = "@REDIS@"
+passwordFile = "redis.password"
+timeout = "500ms"
+tls = { caCertificates = "@CA@", clientCertificate = "client.crt", privateKey = "client.key" }
+
+[[gateways]]
+name = "gw"
+[[gateways.servers]]
+port = { number = @HTTP@, name = "http", protocol = "HTTP" }
+bind = "127.0.0.1"
+hosts = ["*"]
+
+[[virtualServices]]
+name = "shop"
+hosts = ["*"]
+gateways = ["gw"]
+[[virtualServices.http]]
+@to(v1)@
+
+[[rateLimits]]
+name = "all"
+targetRefs = [{ kind = "Gateway", name = "gw" }]
+failOpen = false
+statusOnError = 503
+[[rateLimits.global.rules]]
+name = "all"
+limit = { requests = 5, unit = "Hour" }
+"#;
+
+#[test]
+fn a_global_limit_counts_in_redis_over_tls_with_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Redis' server certificate from one CA, Portico's client certificate from another.
+    let (server_ca, server_cert, server_key) = signed_by_new_ca(&["127.0.0.1"]);
+    let (client_ca, client_cert, client_key) = signed_by_new_ca(&["portico.test"]);
+    let (other_ca, _, _) = signed_by_new_ca(&["127.0.0.1"]);
+    for (name, pem) in [
+        ("server-ca.crt", &server_ca),
+        ("server.crt", &server_cert),
+        ("server.key", &server_key),
+        ("client-ca.crt", &client_ca),
+        ("client.crt", &client_cert),
+        ("client.key", &client_key),
+        ("other-ca.crt", &other_ca),
+    ] {
+        std::fs::write(d.join(name), pem).unwrap();
+    }
+    std::fs::write(d.join("redis.password"), "s3cret\n").unwrap();
+    let redis = RedisServer::start_tls(
+        Some("s3cret"),
+        support::redis_server::RedisTls {
+            cert: d.join("server.crt"),
+            key: d.join("server.key"),
+            client_ca: d.join("client-ca.crt"),
+        },
+    );
+    let echo = Echo::start("v1");
+    let start = |ca: &str| {
+        let port = free_port();
+        let config = render(
+            &format!("{GLOBAL_TLS}{}", upstreams_config(&[("v1", echo.port())])),
+            &[
+                ("MESH", mesh_config(free_port())),
+                ("REDIS", redis.url()),
+                ("CA", d.join(ca).display().to_string()),
+                ("HTTP", port.to_string()),
+            ],
+        );
+        (Portico::start(d, &config), port)
+    };
+
+    // Trusting Redis' CA: the handshake verifies, AUTH passes, and Redis counts (5 of 8;
+    // a failed check would answer 503, as this rule fails closed).
+    let (trusting, port) = start("server-ca.crt");
+    let seen = curl(
+        "127.0.0.1",
+        &[],
+        &vec![format!("http://127.0.0.1:{port}/"); 8],
+    );
+    assert_eq!(count(&seen, 200), 5, "{seen:?}");
+    assert_eq!(count(&seen, 429), 3, "{seen:?}");
+    drop(trusting);
+
+    // Trusting another CA: Redis' certificate is refused, so every check fails (closed).
+    let (doubting, port) = start("other-ca.crt");
+    let seen = curl(
+        "127.0.0.1",
+        &[],
+        &vec![format!("http://127.0.0.1:{port}/"); 3],
+    );
+    assert_eq!(count(&seen, 503), 3, "{seen:?}");
+    let m = doubting.metrics();
+    assert!(
+        metric_sum(
+            &m,
+            "portico_ratelimit_decisions_total",
+            "decision=\"failed_closed\""
+        )
+        .unwrap_or(0.0)
+            >= 3.0,
+        "{m}"
+    );
+}

@@ -10,7 +10,17 @@ use std::time::Duration;
 pub struct RedisServer {
     pub port: u16,
     password: Option<String>,
+    /// TLS only (`--port 0 --tls-port`): certificate, key and the CA that client
+    /// certificates must chain to, which Redis then requires.
+    tls: Option<RedisTls>,
     child: Option<Child>,
+}
+
+/// The PEM files a TLS `redis-server` serves with.
+pub struct RedisTls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: std::path::PathBuf,
 }
 
 impl RedisServer {
@@ -19,6 +29,19 @@ impl RedisServer {
         let mut r = RedisServer {
             port: super::free_port(),
             password: password.map(str::to_string),
+            tls: None,
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    /// Starts one that speaks only TLS and requires a client certificate from `tls.client_ca`.
+    pub fn start_tls(password: Option<&str>, tls: RedisTls) -> RedisServer {
+        let mut r = RedisServer {
+            port: super::free_port(),
+            password: password.map(str::to_string),
+            tls: Some(tls),
             child: None,
         };
         r.restart();
@@ -33,8 +56,19 @@ impl RedisServer {
             .find(|p| Path::new(p).exists())
             .unwrap_or("redis-server");
         let mut cmd = Command::new(binary);
-        cmd.args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1"])
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some(t) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&t.cert)
+                .arg("--tls-key-file")
+                .arg(&t.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&t.client_ca)
+                .args(["--tls-auth-clients", "yes"]),
+        };
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--protected-mode", "no", "--daemonize", "no"])
             .args(["--loglevel", "warning"]);
@@ -62,7 +96,12 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 }
 
