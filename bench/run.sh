@@ -6,6 +6,8 @@
 #   bench/run.sh idle       only Portico's idle RSS on conf/portico.toml
 #   bench/run.sh instructions  h1-1k with each proxy (and bench/floor) under callgrind: instructions per request
 #   bench/run.sh policy     Portico alone: CPU per request of a plain route, a local limit, a Redis limit
+#   bench/run.sh conns      memory per idle connection (plain, TLS, h2) for each proxy, and a fresh
+#                           request's latency while they are held (CONNS_PLAIN, CONNS_TLS, CONNS_H2, PROBES)
 #   bench/run.sh all        compare, then scale
 #
 # Environment: ROUNDS (3), DURATION (10 s), WARMUP (1 s), SCENARIOS
@@ -21,9 +23,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
 what="${1:-compare}"
 case "$what" in
-  compare|scale|idle|instructions|policy|all) ;;
-  -h|--help|help) sed -n '2,17p' "$0"; exit 0 ;;
-  *) echo "usage: bench/run.sh [compare|scale|idle|instructions|policy|all]" >&2; exit 2 ;;
+  compare|scale|idle|instructions|policy|conns|all) ;;
+  -h|--help|help) sed -n '2,19p' "$0"; exit 0 ;;
+  *) echo "usage: bench/run.sh [compare|scale|idle|instructions|policy|conns|all]" >&2; exit 2 ;;
 esac
 
 need=()

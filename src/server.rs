@@ -135,6 +135,7 @@ pub fn run(
     fast_path: bool,
 ) -> Result<(), RunError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    raise_open_files_limit();
     let reloader = Arc::new(Reloader::start(sources).map_err(RunError::Config)?);
     let snapshot = reloader.snapshots.load_full();
 
@@ -367,5 +368,30 @@ mod tests {
         assert_eq!(whole_seconds_up(Duration::from_secs(1)), 1);
         assert_eq!(whole_seconds_up(Duration::from_millis(1001)), 2);
         assert_eq!(whole_seconds_up(Duration::from_secs(5)), 5);
+    }
+}
+
+/// Raises the soft limit on open files to the hard one, as Go programs and NGINX's
+/// `worker_rlimit_nofile` do: every client connection is a descriptor (two when proxied),
+/// and the common soft default of 1024 would cap a gateway at a few hundred clients
+/// whatever the hard limit allows. Under the packaged systemd unit both are
+/// `LimitNOFILE` already (and its seccomp filter refuses the call), so nothing changes.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= hard {
+        tracing::debug!(open_files = soft, "open files limit");
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => tracing::info!(from = soft, to = hard, "raised the open files limit"),
+        Err(e) => tracing::warn!(
+            limit = soft,
+            hard_limit = hard,
+            error = %e,
+            "could not raise the open files limit: at most this many connections"
+        ),
     }
 }

@@ -132,6 +132,9 @@ pub struct Downstream {
     pub max_connections: Option<usize>,
     /// Connections one client address may hold on a listener.
     pub max_connections_per_client: Option<usize>,
+    /// Connections the process holds over all listeners (`globalMaxConnections`, or what
+    /// the cgroup's memory limit allows).
+    pub global_max_connections: Option<usize>,
     /// Bytes.
     pub max_request_headers: usize,
     /// Bytes of the request target.
@@ -148,6 +151,7 @@ impl Default for Downstream {
             max_connection_duration: None,
             max_connections: None,
             max_connections_per_client: None,
+            global_max_connections: None,
             max_request_headers: 60 * 1024,
             max_uri_length: 8192,
         }

@@ -8,6 +8,7 @@ Run through bench/run.sh, which installs the tools first. See bench/README.md.
     bench.py idle        only the idle RSS of Portico on conf/portico.toml
     bench.py instructions  h1-1k under callgrind: instructions per request, and Portico's by component
     bench.py policy      Portico alone: a plain route, one with a local rate limit, one with a Redis limit
+    bench.py conns       memory per idle connection (plain, TLS, h2) and a fresh request's latency meanwhile
 
 Everything listens on 127.0.0.1; every process started here is stopped by its PID on exit.
 """
@@ -83,6 +84,9 @@ PORTS = {
 }
 
 CLOSE_FLAG = ' -H "Connection: close"'
+# Connections a proxy is configured to hold (NGINX worker_connections, HAProxy maxconn):
+# raised by `conns`.
+MAX_CONNS = 8000
 LABEL = {"nginx": "NGINX", "haproxy": "HAProxy", "portico": "Portico", "floor": "floor (tokio + httparse)"}
 
 
@@ -528,7 +532,7 @@ master_process {"off" if PROXY_WRAP else "on"};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 worker_rlimit_nofile 65536;
-events {{ worker_connections 16384; }}
+events {{ worker_connections {max(16384, MAX_CONNS)}; }}
 """
 
 
@@ -638,6 +642,13 @@ def start_nginx(env):
     return p
 
 
+def haproxy_maxconn():
+    """HAProxy refuses to start when its maxconn needs more descriptors than the hard limit
+    (two per connection: client and server side)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return min(max(8000, MAX_CONNS), (hard - 200) // 2)
+
+
 def start_haproxy(env):
     prefix = env.path("haproxy")
     os.makedirs(prefix, exist_ok=True)
@@ -645,7 +656,7 @@ def start_haproxy(env):
     crts = " ".join(f"crt {env.certs}/{s}.pem" for s in SNIS)
     conf = f"""global
   nbthread 1
-  maxconn 8000
+  maxconn {haproxy_maxconn()}
   ssl-default-bind-options ssl-min-ver TLSv1.3
 
 defaults
@@ -2041,6 +2052,9 @@ def main():
             instructions(command)
         elif what == "policy":
             policy(command)
+        elif what == "conns":
+            import conns
+            conns.conns(command)
         elif what == "idle":
             env = Env()
             try:
@@ -2049,7 +2063,7 @@ def main():
                 env.close()
             print(f"Portico idle on conf/portico.toml: VmRSS {r['rss_mib']:.1f} MiB, {r['threads']} threads ({r['note']})")
         else:
-            raise SystemExit(f"unknown command {what!r}: compare, scale, idle, instructions or policy")
+            raise SystemExit(f"unknown command {what!r}: compare, scale, idle, instructions, policy or conns")
     finally:
         cleanup()
         if snapshot:

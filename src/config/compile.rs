@@ -921,7 +921,10 @@ impl Cx {
 
     fn downstream(&mut self, doc: &Document) -> crate::snapshot::Downstream {
         let o = &doc.mesh.origin;
-        let mut out = crate::snapshot::Downstream::default();
+        let mut out = crate::snapshot::Downstream {
+            global_max_connections: crate::listener::memory_cap().map(|m| m.connections),
+            ..Default::default()
+        };
         let Some(d) = &doc.mesh.spec.downstream else {
             return out;
         };
@@ -960,6 +963,11 @@ impl Cx {
             .max_connections_per_client
             .filter(|&n| n > 0)
             .map(|n| n as usize);
+        out.global_max_connections = match d.global_max_connections {
+            Some(0) => None,
+            Some(n) => Some(n as usize),
+            None => out.global_max_connections,
+        };
         if let Some(kb) = d.max_request_headers_kb {
             if !(1..=8192).contains(&kb) {
                 self.err(o, ".downstream.maxRequestHeadersKb", "must be 1-8192");

@@ -166,6 +166,11 @@ pub struct Downstream {
     /// Connections one client address may hold on a listener at once; more are closed as
     /// they come (NGINX's `limit_conn` on `$binary_remote_addr`). Default: none.
     pub max_connections_per_client: Option<u32>,
+    /// Connections the whole process holds at once, over all listeners (Envoy's overload
+    /// manager `global_downstream_max_connections`): at the cap a new connection takes the
+    /// place of the longest-idle keep-alive one, or is closed when none is idle. Default:
+    /// derived from the cgroup's memory limit when there is one, else none; 0: none.
+    pub global_max_connections: Option<u32>,
     /// The largest request head, in KiB: more gets 431. Default 60.
     pub max_request_headers_kb: Option<u32>,
     /// The longest request target (path and query), in bytes: more gets 414. Default 8192.

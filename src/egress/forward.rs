@@ -133,8 +133,12 @@ impl ServerApp for ForwardProxy {
         mut io: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let max = self.snapshots.load().settings.downstream.max_connections;
-        let _slot = self.front.connections.admit(max)?;
+        let _slot = {
+            let d = &self.snapshots.load().settings.downstream;
+            self.front
+                .connections
+                .admit(d.max_connections, d.global_max_connections)?
+        };
         // Peeked bytes stay in the stream for whoever reads next. A connection that opens
         // with a CONNECT is a tunnel; any other is HTTP, whose later requests the front
         // reads (a CONNECT among them gets pingora's 405).

@@ -100,11 +100,9 @@ impl ServerApp for L4Service {
         // `drainDuration`, then stops the runtime, which closes whatever is still open.
         let snapshot = self.snapshots.load_full();
         let d = &snapshot.settings.downstream;
-        let _slot = self.connections.admit_client(
-            d.max_connections,
-            d.max_connections_per_client,
-            crate::listener::peer_ip(&io),
-        )?;
+        let _slot = self
+            .connections
+            .admit_client(d, crate::listener::peer_ip(&io))?;
         let (downstream_local, downstream_remote) =
             access_log::addresses(io.get_socket_digest().as_deref());
         let mut rec = Record {

@@ -96,6 +96,8 @@ pub struct Slot {
     limit: Arc<ConnectionLimit>,
     /// Counted against its address's cap.
     client: Option<IpAddr>,
+    /// Its place in the process-wide count.
+    _place: GlobalPlace,
 }
 
 impl Drop for Slot {
@@ -139,11 +141,11 @@ impl ConnectionLimit {
     /// at most once a second. Without an address (a Unix socket) only `max` applies.
     pub fn admit_client(
         self: &Arc<Self>,
-        max: Option<usize>,
-        per_client: Option<usize>,
+        limits: &crate::snapshot::Downstream,
         client: Option<IpAddr>,
     ) -> Option<Slot> {
-        let mut slot = self.admit(max)?;
+        let (max, per_client) = (limits.max_connections, limits.max_connections_per_client);
+        let mut slot = self.admit(max, limits.global_max_connections)?;
         let (Some(cap), Some(ip)) = (per_client, client) else {
             return Some(slot);
         };
@@ -179,8 +181,10 @@ impl ConnectionLimit {
 
     /// A place for a new connection, or `None` when `max` are held already: the caller
     /// closes the connection at once (as Envoy's listener `max_connections` does), and it
-    /// is counted in `portico_listener_connections_refused_total`.
-    pub fn admit(self: &Arc<Self>, max: Option<usize>) -> Option<Slot> {
+    /// is counted in `portico_listener_connections_refused_total`. The process-wide cap
+    /// (`global`, see [`Overload`]) applies after it.
+    pub fn admit(self: &Arc<Self>, max: Option<usize>, global: Option<usize>) -> Option<Slot> {
+        let place = Overload::get().admit(global)?;
         let held = self.active.fetch_add(1, Ordering::AcqRel);
         if max.is_some_and(|m| held >= m) {
             self.active.fetch_sub(1, Ordering::AcqRel);
@@ -205,6 +209,7 @@ impl ConnectionLimit {
         Some(Slot {
             limit: self.clone(),
             client: None,
+            _place: place,
         })
     }
 
@@ -214,9 +219,191 @@ impl ConnectionLimit {
     }
 }
 
+/// The process-wide connection count and its cap (Envoy's overload manager with
+/// `global_downstream_max_connections`; NGINX's `worker_connections`, which also closes
+/// idle keep-alive connections when it runs out): at the cap a new connection takes the
+/// place of the longest-idle keep-alive connection of the thread that accepted it, and is
+/// closed at once only when that thread has none idle. So a flood of new connections,
+/// or a memory limit, never closes a connection that is in the middle of a request.
+pub struct Overload {
+    held: AtomicUsize,
+    last_log_ms: AtomicU64,
+    epoch: std::time::Instant,
+}
+
+static OVERLOAD: std::sync::LazyLock<Overload> = std::sync::LazyLock::new(|| Overload {
+    held: AtomicUsize::new(0),
+    last_log_ms: AtomicU64::new(0),
+    epoch: std::time::Instant::now(),
+});
+
+/// A place in the process-wide count; dropping it frees it.
+struct GlobalPlace(());
+
+impl Drop for GlobalPlace {
+    fn drop(&mut self) {
+        OVERLOAD.held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Overload {
+    pub fn get() -> &'static Overload {
+        &OVERLOAD
+    }
+
+    /// Connections held by every listener now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
+    fn admit(&self, cap: Option<usize>) -> Option<GlobalPlace> {
+        let held = self.held.fetch_add(1, Ordering::AcqRel);
+        let place = GlobalPlace(());
+        let Some(cap) = cap else {
+            return Some(place);
+        };
+        if held < cap {
+            return Some(place);
+        }
+        let idle = IdleConnections::here();
+        let action = if idle.close_one() {
+            "idle_closed"
+        } else {
+            "refused"
+        };
+        Metrics::global()
+            .overload_connections
+            .with_label_values(&[action])
+            .inc();
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.last_log_ms.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 1000)
+            && self
+                .last_log_ms
+                .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                global_max_connections = cap,
+                "process at its connection limit: idle keep-alive connections are closed to make room, new ones closed when none is idle"
+            );
+        }
+        (action == "idle_closed").then_some(place)
+    }
+}
+
+/// The keep-alive connections of one worker thread that are waiting for a request, and
+/// the signal that closes the longest-waiting one. Per thread (each worker runs its own
+/// connections) so that going idle and back, twice per request, touches no lock or
+/// counter another thread writes.
+pub struct IdleConnections {
+    idle: AtomicUsize,
+    close: tokio::sync::Notify,
+}
+
+thread_local! {
+    // Leaked once per thread (worker threads live as long as the process), so a
+    // connection can hold a `&'static` to it in a `Send` future.
+    static IDLE: &'static IdleConnections = Box::leak(Box::new(IdleConnections {
+        idle: AtomicUsize::new(0),
+        close: tokio::sync::Notify::new(),
+    }));
+}
+
+/// A connection counted as idle; dropping it (a request came) uncounts it.
+pub struct Idle(&'static IdleConnections);
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        self.0.idle.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl IdleConnections {
+    /// This thread's.
+    pub fn here() -> &'static IdleConnections {
+        IDLE.with(|i| *i)
+    }
+
+    /// Counts a connection as idle until the guard is dropped.
+    pub fn enter(&'static self) -> Idle {
+        self.idle.fetch_add(1, Ordering::AcqRel);
+        Idle(self)
+    }
+
+    /// Completes when this idle connection is the one to close (waiters are woken
+    /// longest-waiting first).
+    pub fn closing(&self) -> tokio::sync::futures::Notified<'_> {
+        self.close.notified()
+    }
+
+    /// Asks the longest-idle connection to close; false when none is idle.
+    fn close_one(&self) -> bool {
+        if self.idle.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        self.close.notify_one();
+        true
+    }
+}
+
+/// Memory a client connection is budgeted when the cap comes from a memory limit: an
+/// active HTTP/1.1 connection with its upstream exchange in progress (an idle one costs a
+/// fraction of it; `bench/run.sh conns`), so the cap holds with every connection busy.
+pub const CONNECTION_BUDGET: u64 = 32 * 1024;
+/// Memory kept out of the connection budget: the process itself, its config and caches.
+pub const MEMORY_RESERVE: u64 = 64 * 1024 * 1024;
+
+/// A connection cap derived from the cgroup's memory limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryCap {
+    pub limit: u64,
+    pub connections: usize,
+}
+
+/// The cgroup's memory limit (v2 `memory.max`, else v1 `memory.limit_in_bytes`) and the
+/// connections it allows, read once; `None` without a limit.
+pub fn memory_cap() -> Option<MemoryCap> {
+    static CAP: std::sync::OnceLock<Option<MemoryCap>> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| {
+        let cap = memory_cap_from(std::path::Path::new("/sys/fs/cgroup"));
+        if let Some(c) = cap {
+            tracing::info!(
+                memory_limit = c.limit,
+                global_max_connections = c.connections,
+                "connection cap from the cgroup memory limit (mesh.downstream.globalMaxConnections sets another)"
+            );
+        }
+        cap
+    })
+}
+
+/// [`memory_cap`] under `root` (a cgroup mount).
+pub fn memory_cap_from(root: &std::path::Path) -> Option<MemoryCap> {
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).ok();
+    let limit = read("memory.max")
+        .or_else(|| read("memory/memory.limit_in_bytes"))?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        // cgroup v1 says "no limit" with a number near 2^63.
+        .filter(|&l| l < 1 << 60)?;
+    let connections = (limit.saturating_sub(MEMORY_RESERVE) / CONNECTION_BUDGET).max(64) as usize;
+    Some(MemoryCap { limit, connections })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caps(max: usize, per_client: usize) -> crate::snapshot::Downstream {
+        crate::snapshot::Downstream {
+            max_connections: Some(max),
+            max_connections_per_client: Some(per_client),
+            ..Default::default()
+        }
+    }
 
     #[test]
     fn a_client_holds_at_most_its_cap_and_places_come_back() {
@@ -224,11 +411,11 @@ mod tests {
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "::ffff:192.0.2.2".parse().unwrap();
         let held: Vec<Slot> = (0..3)
-            .filter_map(|_| limit.admit_client(Some(100), Some(2), Some(a)))
+            .filter_map(|_| limit.admit_client(&caps(100, 2), Some(a)))
             .collect();
         assert_eq!(held.len(), 2);
         assert_eq!(limit.held_by(a), 2);
-        assert!(limit.admit_client(Some(100), Some(2), Some(b)).is_some());
+        assert!(limit.admit_client(&caps(100, 2), Some(b)).is_some());
         assert_eq!(
             limit.active(),
             2,
@@ -243,8 +430,35 @@ mod tests {
         );
         assert_eq!(limit.active(), 0);
         // The listener's cap still holds, and no address is no per-client cap.
-        let _one = limit.admit_client(Some(1), Some(5), None).unwrap();
-        assert!(limit.admit_client(Some(1), Some(5), Some(a)).is_none());
+        let _one = limit.admit_client(&caps(1, 5), None).unwrap();
+        assert!(limit.admit_client(&caps(1, 5), Some(a)).is_none());
         assert_eq!(limit.held_by(a), 0);
+    }
+
+    #[test]
+    fn the_memory_cap_comes_from_cgroup_v2_or_v1_and_max_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(memory_cap_from(dir.path()), None, "no cgroup files");
+        std::fs::write(dir.path().join("memory.max"), "max\n").unwrap();
+        assert_eq!(memory_cap_from(dir.path()), None, "v2 without a limit");
+        std::fs::write(dir.path().join("memory.max"), "268435456\n").unwrap();
+        let cap = memory_cap_from(dir.path()).unwrap();
+        // 256 MiB less the 64 MiB reserve, 32 KiB a connection.
+        assert_eq!(cap.connections, 6144);
+        assert_eq!(cap.limit, 256 << 20);
+        let v1 = tempfile::tempdir().unwrap();
+        std::fs::create_dir(v1.path().join("memory")).unwrap();
+        std::fs::write(
+            v1.path().join("memory/memory.limit_in_bytes"),
+            "9223372036854771712\n",
+        )
+        .unwrap();
+        assert_eq!(memory_cap_from(v1.path()), None, "v1 without a limit");
+        std::fs::write(v1.path().join("memory/memory.limit_in_bytes"), "67108864").unwrap();
+        assert_eq!(
+            memory_cap_from(v1.path()).unwrap().connections,
+            64,
+            "a tiny limit still admits a few"
+        );
     }
 }

@@ -185,6 +185,64 @@ thread_local! {
     static SPARE: std::cell::RefCell<Vec<Spare>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// The read buffer of a request head: what one read asks for.
+const HEAD_BUF: usize = 4096;
+/// Read buffers at most kept per thread for connections waiting for a request.
+const MAX_HEAD_BUFS: usize = 256;
+
+thread_local! {
+    // Read buffers lent to the connection that has bytes to read at this moment.
+    static HEAD_BUFS: std::cell::RefCell<Vec<BytesMut>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Reads more of a request head into `buf`. A connection waiting for its next request
+/// holds no buffer: each poll takes one from the thread's pool and gives it back when
+/// nothing was there (tokio, as epoll, only says when bytes may be read; the bytes then
+/// land in whatever buffer that poll holds). So an idle keep-alive connection costs no
+/// read buffer, as NGINX frees its `client_header_buffer` between requests, and a busy
+/// thread reuses a few warm buffers instead of one per connection.
+fn pooled_read<'a, S>(
+    io: &'a mut S,
+    buf: &'a mut BytesMut,
+) -> impl std::future::Future<Output = io::Result<usize>> + 'a
+where
+    S: tokio::io::AsyncRead + Unpin + ?Sized,
+{
+    std::future::poll_fn(move |cx| {
+        if buf.capacity() == 0 {
+            if let Some(pooled) = HEAD_BUFS.with_borrow_mut(Vec::pop) {
+                *buf = pooled;
+            }
+        }
+        buf.reserve(HEAD_BUF);
+        let polled = tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf);
+        if polled.is_pending() && buf.is_empty() {
+            park_head_buf(std::mem::take(buf));
+        }
+        polled
+    })
+}
+
+/// Gives an empty read buffer back to the thread's pool (or frees it).
+fn park_head_buf(mut buf: BytesMut) {
+    if buf.capacity() == 0 || buf.capacity() > MAX_SPARE_BYTES {
+        return;
+    }
+    buf.clear();
+    // A request head split off this buffer shared its memory; with the head gone, this
+    // takes the whole allocation back rather than making a new one.
+    buf.reserve(HEAD_BUF);
+    if buf.capacity() > MAX_SPARE_BYTES {
+        return;
+    }
+    HEAD_BUFS.with_borrow_mut(|v| {
+        if v.len() < MAX_HEAD_BUFS {
+            v.push(buf);
+        }
+    });
+}
+
 impl Conn {
     /// Between requests a connection keeps only its read buffer, as pingora's do (an edge
     /// proxy holds many idle keep-alive connections); the others go to the thread's spares
@@ -286,13 +344,10 @@ impl Conn {
 #[async_trait]
 impl ServerApp for FastH1 {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let (max, per_client) = {
-            let d = &self.snapshots.load().settings.downstream;
-            (d.max_connections, d.max_connections_per_client)
-        };
-        let _slot =
-            self.connections
-                .admit_client(max, per_client, crate::listener::peer_ip(&io))?;
+        let _slot = self.connections.admit_client(
+            &self.snapshots.load().settings.downstream,
+            crate::listener::peer_ip(&io),
+        )?;
         self.serve_connection(io, shutdown).await
     }
 
@@ -338,7 +393,10 @@ impl FastH1 {
                     let old = limits
                         .max_connection_duration
                         .is_some_and(|m| born.elapsed() >= m);
-                    self.serve(&mut c, n, shutdown, old).await
+                    // Boxed: the request's state (its parsed head, the upstream exchange,
+                    // the log record) is several KiB that only a request in progress
+                    // needs; inline, every idle keep-alive connection would hold it too.
+                    Box::pin(self.serve(&mut c, n, shutdown, old)).await
                 }
             };
             let (lending, reason) = match outcome {
@@ -445,16 +503,20 @@ async fn read_head(
             started = Some(at);
             c.wait.as_mut().reset(at + limits.request_headers_timeout);
         }
-        c.buf.reserve(4096);
-        let read = c.io.read_buf(&mut c.buf);
+        let read = pooled_read(&mut c.io, &mut c.buf);
         let timer = c.wait.as_mut();
-        // Bytes already sent win over shutdown and the timer (biased, as in pingora): a
-        // request the client sent is answered rather than dropped.
+        // Waiting for a request, the connection is one the process-wide cap may close to
+        // make room for a new one (`listener::Overload`).
+        let idle_here = crate::listener::IdleConnections::here();
+        let _idle = idle.then(|| idle_here.enter());
+        // Bytes already sent win over shutdown, the timer and the cap (biased, as in
+        // pingora): a request the client sent is answered rather than dropped.
         let result = tokio::select! {
             biased;
             r = read => Some(r),
             _ = timer => None,
             _ = watch.changed(), if idle => return Head::Closed,
+            _ = idle_here.closing(), if idle => return Head::Closed,
         };
         match result {
             Some(Ok(0)) | Some(Err(_)) => return Head::Closed,

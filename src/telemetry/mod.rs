@@ -39,6 +39,10 @@ pub struct Metrics {
     /// Connections closed on arrival because their client address held
     /// `maxConnectionsPerClient` on the listener already.
     pub listener_client_refused: IntCounterVec,
+    /// Connections the process-wide cap (`globalMaxConnections`) acted on, by `action`:
+    /// `idle_closed` (an idle keep-alive connection closed to make room for a new one) or
+    /// `refused` (a new one closed on arrival: nothing idle to close).
+    pub overload_connections: IntCounterVec,
     /// Rate-limit decisions by rule (`rule`) and `decision`: allowed, limited,
     /// failed_open, failed_closed.
     pub ratelimit_decisions: IntCounterVec,
@@ -168,6 +172,11 @@ impl Metrics {
             "Client connections closed on arrival because their address held mesh.downstream.maxConnectionsPerClient on the listener already.",
             &["listener"],
         );
+        let overload_connections = counter(
+            "portico_overload_connections_total",
+            "Connections the process-wide cap (mesh.downstream.globalMaxConnections) acted on: idle_closed (an idle keep-alive connection closed to make room for a new one), refused (a new one closed on arrival, none being idle).",
+            &["action"],
+        );
         let ratelimit_decisions = counter(
             "portico_ratelimit_decisions_total",
             "Rate-limit decisions by rule: allowed, limited (429), failed_open (Redis did not answer; allowed), failed_closed (Redis did not answer; refused).",
@@ -211,6 +220,7 @@ impl Metrics {
             Box::new(listener_refused.clone()),
             Box::new(acme_orders.clone()),
             Box::new(listener_client_refused.clone()),
+            Box::new(overload_connections.clone()),
             Box::new(ratelimit_decisions.clone()),
             Box::new(ratelimit_redis_errors.clone()),
             Box::new(access_list_decisions.clone()),
@@ -237,6 +247,7 @@ impl Metrics {
             listener_refused,
             acme_orders,
             listener_client_refused,
+            overload_connections,
             ratelimit_decisions,
             ratelimit_redis_errors,
             access_list_decisions,

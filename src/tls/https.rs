@@ -80,7 +80,11 @@ impl Https {
                 return None;
             }
         };
-        let tls = match tokio::time::timeout(timeout, self.acceptor.tls_handshake(*l4)).await {
+        // The handshake's and h2's states are boxed: held inline, their size would stay
+        // with every HTTP/1.1 connection for its whole life (a future is as large as its
+        // largest state), idle keep-alive ones included.
+        let handshake = Box::pin(self.acceptor.tls_handshake(*l4));
+        let tls = match tokio::time::timeout(timeout, handshake).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "TLS handshake failed");
@@ -98,7 +102,7 @@ impl Https {
         }
         if tls.selected_alpn_proto() == Some(pingora::protocols::ALPN::H2) {
             if self.fast_h2 {
-                self.front.serve_h2(Box::new(tls), shutdown).await;
+                Box::pin(self.front.serve_h2(Box::new(tls), shutdown)).await;
                 return None;
             }
             return self.proxy.process_new(Box::new(tls), shutdown).await;
@@ -116,18 +120,14 @@ impl Https {
 #[async_trait]
 impl ServerApp for Https {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let (timeout, max, per_client) = {
+        let (timeout, _slot) = {
             let s = self.snapshots.load();
-            (
-                s.settings.tls_handshake_timeout,
-                s.settings.downstream.max_connections,
-                s.settings.downstream.max_connections_per_client,
-            )
-        };
-        let _slot =
-            self.front
+            let slot = self
+                .front
                 .connections
-                .admit_client(max, per_client, crate::listener::peer_ip(&io))?;
+                .admit_client(&s.settings.downstream, crate::listener::peer_ip(&io))?;
+            (s.settings.tls_handshake_timeout, slot)
+        };
         self.serve(io, timeout, shutdown).await
     }
 
