@@ -76,7 +76,7 @@ fi
 export PORTICO_BIN="$bin"
 
 cmd="bench/run.sh $*"
-for v in ROUNDS DURATION SCENARIOS PROXIES SCALE_HOSTS; do
+for v in ROUNDS DURATION SCENARIOS PROXIES SCALE_HOSTS CONNS_PLAIN CONNS_TLS CONNS_H2 PROBES; do
   [ -n "${!v:-}" ] && cmd="$v=\"${!v}\" $cmd"
 done
 export BENCH_COMMAND="${cmd% }"

@@ -300,7 +300,9 @@ def conns(command):
         "- fresh request: a new connection (and handshake) and one request while the others are "
         f"held, {b.env_int('PROBES', 200)} times",
     ]
-    text = ("## Idle connections (conns)\n\n" + b.header(command, start_load, vers, mach, extra)
+    noise = ("- **noise:** the machine is shared with engineers who compile at the same time: the "
+             "memory figures (RSS) do not depend on it, the latencies do")
+    text = ("## Idle connections (conns)\n\n" + b.header(command, start_load, vers, mach, extra, noise=noise)
             + "\n\n" + "\n".join(table))
     print(text)
     b.write_section("conns", text)
