@@ -1393,7 +1393,7 @@ def log_complete(env, key, p):
     before = access_log_lines(env, key)
     out = subprocess.run(
         ["h2load", "--h1", "-t1", "-c16", "-m1", "-n", str(LOG_CHECK_REQUESTS),
-         "-H", f"Host: {HOST}", f"http://127.0.0.1:{PORTS[key][0]}/api/1k"],
+         "-H", f":authority: {HOST}", f"http://127.0.0.1:{PORTS[key][0]}/api/1k"],
         capture_output=True, text=True, timeout=600).stdout
     m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
     done = int(m.group(2)) if m else None

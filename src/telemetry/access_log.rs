@@ -296,20 +296,9 @@ fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
     }
 }
 
-/// `a.b.c.d`, and `:port` when given, composed on the stack and appended at once.
+/// `a.b.c.d`, and `:port` when given, composed on the stack and appended at once
+/// (divisions by constants only).
 fn push_ipv4(out: &mut Vec<u8>, ip: std::net::Ipv4Addr, port: Option<u16>) {
-    fn digits(buf: &mut [u8; 21], mut n: usize, v: u32) -> usize {
-        let mut d = 1;
-        while d * 10 <= v {
-            d *= 10;
-        }
-        while d > 0 {
-            buf[n] = b'0' + (v / d % 10) as u8;
-            n += 1;
-            d /= 10;
-        }
-        n
-    }
     let mut buf = [0u8; 21]; // 255.255.255.255:65535
     let mut n = 0;
     for (i, o) in ip.octets().into_iter().enumerate() {
@@ -317,11 +306,33 @@ fn push_ipv4(out: &mut Vec<u8>, ip: std::net::Ipv4Addr, port: Option<u16>) {
             buf[n] = b'.';
             n += 1;
         }
-        n = digits(&mut buf, n, u32::from(o));
+        if o >= 100 {
+            buf[n] = b'0' + o / 100;
+            n += 1;
+        }
+        if o >= 10 {
+            buf[n] = b'0' + o / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + o % 10;
+        n += 1;
     }
-    if let Some(p) = port {
+    if let Some(mut p) = port {
         buf[n] = b':';
-        n = digits(&mut buf, n + 1, u32::from(p));
+        n += 1;
+        let mut digits = [0u8; 5];
+        let mut d = 5;
+        loop {
+            d -= 1;
+            digits[d] = b'0' + (p % 10) as u8;
+            p /= 10;
+            if p == 0 {
+                break;
+            }
+        }
+        let len = 5 - d;
+        buf[n..n + len].copy_from_slice(&digits[d..]);
+        n += len;
     }
     out.extend_from_slice(&buf[..n]);
 }
@@ -1332,6 +1343,29 @@ mod tests {
                     assert_eq!(needs_escape(&long), ESCAPE[b as usize] != 0, "{long:?}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for a in [
+            "0.0.0.0:0",
+            "1.2.3.4:5",
+            "9.10.99.100:9",
+            "100.199.200.255:10",
+            "255.255.255.255:65535",
+            "127.0.0.1:1000",
+            "10.20.30.40:10000",
+            "[::1]:443",
+            "[2001:db8::1]:80",
+        ] {
+            let a: SocketAddr = a.parse().unwrap();
+            let mut out = Vec::new();
+            push_addr(&mut out, a);
+            assert_eq!(String::from_utf8(out).unwrap(), a.to_string());
+            let mut out = Vec::new();
+            push_ip(&mut out, a.ip());
+            assert_eq!(String::from_utf8(out).unwrap(), a.ip().to_string());
         }
     }
 
