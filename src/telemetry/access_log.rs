@@ -698,6 +698,8 @@ pub struct Sink {
     slots: Mutex<Vec<Arc<Slot>>>,
     /// The writer sleeps without a timer: the next line must wake it.
     idle: AtomicBool,
+    /// The file is to be reopened (after the buffers are written to the current one).
+    reopen: AtomicBool,
     pool: Mutex<Vec<Vec<u8>>>,
 }
 
@@ -706,7 +708,7 @@ enum Msg {
     Lines(Vec<u8>),
     /// Lines are waiting in a buffer: sweep now, then every `FLUSH` while lines come.
     Wake,
-    /// Sweep, write, then open the (new) path.
+    /// `reopen` is set: sweep, write, then open the (new) path.
     Reopen,
     /// Sweep and write everything, then answer.
     Flush(SyncSender<()>),
@@ -770,6 +772,7 @@ impl Sink {
             path: Mutex::new(path),
             slots: Mutex::new(Vec::new()),
             idle: AtomicBool::new(true),
+            reopen: AtomicBool::new(false),
             pool: Mutex::new(Vec::new()),
         }
     }
@@ -786,15 +789,31 @@ impl Sink {
     /// Writes what the buffers hold to the current file, then reopens it (SIGUSR1, after
     /// logrotate moved it away; a reload that changed the path).
     pub fn reopen(&self) {
-        // Blocking: the writer is draining the queue; this is never a request's thread.
-        let _ = self.tx.send(Msg::Reopen);
+        // Never blocks (the caller is an async task): when the queue is full, the writer
+        // sees the flag after the message it is on.
+        self.reopen.store(true, Ordering::SeqCst);
+        let _ = self.tx.try_send(Msg::Reopen);
     }
 
     /// Writes every line logged so far and waits (up to `timeout`) until it is in the file.
     /// Called at shutdown, once the workers have stopped.
     pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
         let (ack, done) = sync_channel(1);
-        self.tx.send(Msg::Flush(ack)).is_ok() && done.recv_timeout(timeout).is_ok()
+        let mut msg = Msg::Flush(ack);
+        // A writer stuck on its file (a pipe nobody reads) must not hold the exit forever.
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return false,
+            }
+        }
+        done.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
     }
 
     /// Logs one request: its line is formatted into this thread's buffer.
@@ -944,20 +963,15 @@ fn writer(sink: &'static Sink, rx: Receiver<Msg>) {
                 sink.sweep(|b| write(&mut out, b));
                 next_sweep = Some(Instant::now() + FLUSH);
             }
-            Some(Msg::Reopen) => {
-                sink.sweep(|b| write(&mut out, b));
-                tracing::info!(path = %current().display(), "access log reopened");
-                out = open(&current());
-            }
+            Some(Msg::Reopen) => {}
             Some(Msg::Flush(ack)) => {
                 sink.sweep(|b| write(&mut out, b));
                 let _ = ack.try_send(());
             }
+            None if sink.sweep(|b| write(&mut out, b)) > 0 => {
+                next_sweep = Some(Instant::now() + FLUSH);
+            }
             None => {
-                if sink.sweep(|b| write(&mut out, b)) > 0 {
-                    next_sweep = Some(Instant::now() + FLUSH);
-                    continue;
-                }
                 // Nothing came for FLUSH: sleep until a line wakes us. A line logged
                 // after the sweep above but before `idle` was set saw `idle` false and
                 // sent no wake, so sweep once more after setting it.
@@ -973,6 +987,11 @@ fn writer(sink: &'static Sink, rx: Receiver<Msg>) {
                     next_sweep = None;
                 }
             }
+        }
+        if sink.reopen.swap(false, Ordering::SeqCst) {
+            sink.sweep(|b| write(&mut out, b));
+            tracing::info!(path = %current().display(), "access log reopened");
+            out = open(&current());
         }
     }
 }
