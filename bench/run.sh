@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side load benchmark of Portico, NGINX and HAProxy on loopback. See bench/README.md.
 #
-#   bench/run.sh            the six scenarios (ROUNDS x A B C, order rotating), then Portico's idle RSS
+#   bench/run.sh            every scenario (ROUNDS x A B C, order rotating), then Portico's idle RSS
 #   bench/run.sh scale      Portico with 10 / 1 000 / 10 000 virtual hosts, reload under load
 #   bench/run.sh idle       only Portico's idle RSS on conf/portico.toml
 #   bench/run.sh instructions  h1-1k with each proxy (and bench/floor) under callgrind: instructions per request
@@ -11,9 +11,10 @@
 #   bench/run.sh all        compare, then scale
 #
 # Environment: ROUNDS (3), DURATION (10 s), WARMUP (1 s), SCENARIOS
-# (h1-1k,h1-capped,h1-100k,https-ka,tls-new,tls-capped,h2,h2-100k), PROXIES (nginx,haproxy,portico), PIN (1),
+# (h1-1k,h1-capped,h1-100k,https-ka,tls-new,tls-capped,h2,h2-100k,h1-1k-logged), PROXIES (nginx,haproxy,portico), PIN (1),
 # CAP_CORES (0.5: CPU of the proxy in tls-capped), IR_CONNS (16: connections for instructions),
-# IR_SCENARIO (h1-1k, or h2: what instructions loads), IR_H2_REQUESTS (40000),
+# IR_SCENARIO (h1-1k, h1-1k-logged or h2: what instructions loads), IR_H2_REQUESTS (40000),
+# LOG_CHECK_REQUESTS (20000: the line-count check after h1-1k-logged),
 # CERT_KEY (ec|rsa), SCALE_HOSTS ("10 1000 10000"), SCALE_CERTS (1000), RELOADS (3),
 # PORT_BASE (27000), PORTICO_BIN (target/release/portico), BUILD (1: cargo build --release
 # when the binary is missing), KEEP_TMP (keep the temp dir), RESULTS_FILE (bench/RESULTS.md).

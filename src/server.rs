@@ -318,7 +318,15 @@ pub fn run(
         "portico started"
     );
     drop(snapshot);
-    server.run_forever()
+    server.run(pingora::server::RunArgs::default());
+    // pingora has stopped the services (after the grace period, or at once on SIGINT):
+    // the lines logged last wait in the workers' buffers; write them before exiting.
+    if let Some(sink) = crate::telemetry::access_log::Sink::get() {
+        if !sink.flush(std::time::Duration::from_secs(5)) {
+            tracing::warn!("the access log writer did not finish within 5 s");
+        }
+    }
+    std::process::exit(0)
 }
 
 /// `d` in whole seconds, rounded up.

@@ -248,3 +248,44 @@ fn sigusr1_reopens_the_file_without_losing_lines() {
     );
     assert!(new.lines().filter(|l| l.contains("/after/")).count() == 50);
 }
+
+/// Lines wait in the workers' buffers for up to a second before they are written: a
+/// graceful shutdown (SIGTERM) or a fast one (SIGINT) right after the last response still
+/// writes every line, each once.
+#[test]
+fn every_line_is_written_at_shutdown() {
+    for signal in ["TERM", "INT"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let echo = Echo::start("e");
+        let (http, dead) = (free_port(), free_port());
+        let log = tmp.path().join("access.log");
+        let mesh = format!("accessLogFile = \"{}\"\n", log.display());
+        let mut portico = Portico::start(tmp.path(), &config(&mesh, http, echo.port(), dead));
+        const N: usize = 300;
+        let mut clients: Vec<HttpClient> = (0..3).map(|_| HttpClient::new(http)).collect();
+        for i in 0..N {
+            let r = clients[i % 3]
+                .get("app.test", &format!("/n/{i}"))
+                .unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(r.status, 200);
+        }
+        drop(clients);
+        portico.send_signal(signal);
+        assert!(
+            portico.wait_exit(Duration::from_secs(20)).is_some(),
+            "portico exits on SIG{signal}"
+        );
+        let lines = json_lines(&std::fs::read_to_string(&log).unwrap_or_default());
+        let mut paths: Vec<String> = lines
+            .iter()
+            .map(|l| l["path"].as_str().unwrap_or_default().to_string())
+            .collect();
+        paths.sort();
+        paths.dedup();
+        assert_eq!(
+            (lines.len(), paths.len()),
+            (N, N),
+            "SIG{signal}: one line per request"
+        );
+    }
+}

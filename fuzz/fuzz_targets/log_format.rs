@@ -1,7 +1,9 @@
 //! Envoy access log format strings (`portico::telemetry::access_log::Format::text`) from
 //! arbitrary text: compiling never panics, and a format that compiles renders entries
 //! without panicking: one line, ending in a newline, for an entry with every field set and
-//! for one with none, with request and response headers taken from the input too.
+//! for one with none, with request and response headers taken from the input too. And
+//! JSON lines (written by hand, not by serde_json) with the input in every string field
+//! parse back, with serde_json, to the input: escaping is right for any text.
 
 #![no_main]
 
@@ -13,6 +15,7 @@ use libfuzzer_sys::fuzz_target;
 use portico::telemetry::access_log::{Entry, Format, Headers};
 
 fuzz_target!(|input: &[u8]| {
+    json_round_trip(input);
     let Ok(text) = std::str::from_utf8(input) else {
         return;
     };
@@ -99,4 +102,56 @@ fn bare(h: &HeaderMap) -> Entry<'_> {
         route_name: None,
         attempts: 0,
     }
+}
+
+fn json_round_trip(input: &[u8]) {
+    let text = String::from_utf8_lossy(input);
+    let s: &str = &text;
+    let head = [httparse::Header {
+        name: "user-agent",
+        value: input,
+    }];
+    let added: [(&str, &[u8]); 1] = [("x-request-id", s.as_bytes())];
+    let empty = HeaderMap::new();
+    let mut e = full(&empty, Headers::Raw(&head, &added));
+    e.method = s;
+    e.path = s;
+    e.query = Some(s);
+    e.protocol = s;
+    e.flags = s;
+    e.details = s;
+    e.authority = s;
+    e.upstream_cluster = Some(s);
+    e.sni = Some(s);
+    e.route_name = Some(s);
+    let line = Format::Json.render(&e);
+    assert!(line.ends_with("}\n"));
+    assert!(!line[..line.len() - 1].contains('\n'), "one line: {line:?}");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("the line is JSON");
+    for key in [
+        "method",
+        "protocol",
+        "authority",
+        "upstream_cluster",
+        "requested_server_name",
+        "route_name",
+    ] {
+        assert_eq!(v[key].as_str(), Some(s), "{key}: {line}");
+    }
+    let or_dash = if s.is_empty() { "-" } else { s };
+    assert_eq!(v["response_flags"].as_str(), Some(or_dash));
+    assert_eq!(v["response_code_details"].as_str(), Some(or_dash));
+    assert_eq!(v["path"].as_str(), Some(format!("{s}?{s}").as_str()));
+    // Header values are logged when they are text (visible ASCII and tab), else null.
+    let visible = input.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+    let want = |v: &str| {
+        if visible {
+            serde_json::Value::from(v)
+        } else {
+            serde_json::Value::Null
+        }
+    };
+    assert_eq!(v["user_agent"], want(s));
+    assert_eq!(v["request_id"], want(s));
+    assert!(v["x_forwarded_for"].is_null());
 }

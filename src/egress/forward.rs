@@ -278,30 +278,33 @@ impl ForwardProxy {
             return;
         };
         let no_headers = http::HeaderMap::new();
-        sink.write(format.render(&access_log::Entry {
-            start,
-            method: "CONNECT",
-            path: &out.authority,
-            query: None,
-            protocol: "HTTP/1.1",
-            status: out.status,
-            flags: out.flags.as_str(),
-            details: out.details,
-            bytes_received: out.bytes.0 as usize,
-            bytes_sent: out.bytes.1 as usize,
-            duration: started.elapsed(),
-            upstream_time: None,
-            request_headers: access_log::Headers::Map(&no_headers),
-            response_headers: None,
-            authority: &out.authority,
-            upstream_host: out.upstream,
-            upstream_cluster: out.cluster.as_deref(),
-            downstream_local: local,
-            downstream_remote: client,
-            sni: None,
-            route_name: None,
-            attempts: u32::from(out.upstream.is_some()),
-        }));
+        sink.log(
+            &format,
+            &access_log::Entry {
+                start,
+                method: "CONNECT",
+                path: &out.authority,
+                query: None,
+                protocol: "HTTP/1.1",
+                status: out.status,
+                flags: out.flags.as_str(),
+                details: out.details,
+                bytes_received: out.bytes.0 as usize,
+                bytes_sent: out.bytes.1 as usize,
+                duration: started.elapsed(),
+                upstream_time: None,
+                request_headers: access_log::Headers::Map(&no_headers),
+                response_headers: None,
+                authority: &out.authority,
+                upstream_host: out.upstream,
+                upstream_cluster: out.cluster.as_deref(),
+                downstream_local: local,
+                downstream_remote: client,
+                sni: None,
+                route_name: None,
+                attempts: u32::from(out.upstream.is_some()),
+            },
+        );
     }
 
     async fn tunnel(&self, io: &mut Stream, client: Option<SocketAddr>, out: &mut TunnelOutcome) {

@@ -429,7 +429,7 @@ fn finish(snapshot: &Snapshot, rec: &Record, flag: Flag, details: &'static str) 
         route_name: None,
         attempts: u32::from(rec.upstream.is_some()),
     };
-    sink.write(al.format.render(&entry));
+    sink.log(&al.format, &entry);
 }
 
 /// Counts the bytes read from and written to the client while passing them on, in the

@@ -1286,7 +1286,7 @@ impl Log<'_> {
             route_name: self.route.and_then(|r| r.name.as_deref()),
             attempts: done.attempts,
         };
-        sink.write(al.format.render(&entry));
+        sink.log(&al.format, &entry);
     }
 }
 

@@ -1012,7 +1012,7 @@ impl ProxyHttp for Gateway {
                 0
             },
         };
-        sink.write(al.format.render(&entry));
+        sink.log(&al.format, &entry);
     }
 }
 
