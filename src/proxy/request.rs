@@ -905,6 +905,37 @@ mod tests {
     }
 
     #[test]
+    fn the_client_address_is_the_entry_the_trusted_proxies_name() {
+        let mut h = http::HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            "198.51.100.1, 198.51.100.2".parse().unwrap(),
+        );
+        h.append("x-forwarded-for", " 198.51.100.3".parse().unwrap());
+        let peer = Some("10.0.0.7".parse().unwrap());
+        let at = |h: &http::HeaderMap, n| {
+            remote_address(n, peer, crate::routing::Headers::Map(h)).map(|ip| ip.to_string())
+        };
+        assert_eq!(at(&h, 0).as_deref(), Some("10.0.0.7"));
+        assert_eq!(at(&h, 1).as_deref(), Some("198.51.100.3"));
+        assert_eq!(at(&h, 2).as_deref(), Some("198.51.100.2"));
+        assert_eq!(at(&h, 3).as_deref(), Some("198.51.100.1"));
+        assert_eq!(
+            at(&h, 4).as_deref(),
+            Some("10.0.0.7"),
+            "fewer entries: the peer"
+        );
+        h.insert("x-forwarded-for", "unknown".parse().unwrap());
+        assert_eq!(
+            at(&h, 1).as_deref(),
+            Some("10.0.0.7"),
+            "not an address: the peer"
+        );
+        h.insert("x-forwarded-for", "::ffff:192.0.2.9".parse().unwrap());
+        assert_eq!(at(&h, 1).as_deref(), Some("192.0.2.9"));
+    }
+
+    #[test]
     fn local_replies_read_the_same_everywhere() {
         let mut out = Vec::new();
         LocalReply {
