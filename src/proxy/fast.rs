@@ -1198,6 +1198,7 @@ impl Log<'_> {
     ) {
         let duration = self.started.elapsed();
         let (downstream_local, downstream_remote) = access_log::addresses(socket);
+        let conn = crate::tls::client_auth::TlsConn::of(ssl);
         let entry = access_log::Entry {
             start: std::time::SystemTime::now() - duration,
             method: self.req.method,
@@ -1218,9 +1219,8 @@ impl Log<'_> {
             upstream_cluster: self.cluster.map(|c| c.name.as_str()),
             downstream_local,
             downstream_remote,
-            sni: ssl
-                .and_then(|t| t.extension.get::<super::Sni>())
-                .map(|s| s.0.as_str()),
+            sni: conn.and_then(|c| c.sni.as_deref()),
+            peer: conn.and_then(|c| c.peer.as_deref()),
             route_name: self.route.and_then(|r| r.name.as_deref()),
             attempts: done.attempts,
         };

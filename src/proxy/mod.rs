@@ -53,9 +53,6 @@ impl Gateway {
     }
 }
 
-/// The SNI a TLS client sent, kept from the handshake for the log line.
-pub struct Sni(pub String);
-
 /// Per-request state. The Snapshot is loaded once, in the first phase, and kept to the end.
 pub struct RequestCtx {
     started: Instant,
@@ -970,10 +967,9 @@ impl ProxyHttp for Gateway {
         };
         let req = session.req_header();
         let digest = session.digest();
-        let sni = digest
-            .and_then(|d| d.ssl_digest.as_ref())
-            .and_then(|t| t.extension.get::<Sni>())
-            .map(|s| s.0.as_str());
+        let conn = crate::tls::client_auth::TlsConn::of(
+            digest.and_then(|d| d.ssl_digest.as_deref()),
+        );
         let (downstream_local, downstream_remote) =
             access_log::addresses(digest.and_then(|d| d.socket_digest.as_deref()));
         let authority = authority(req);
@@ -1004,7 +1000,8 @@ impl ProxyHttp for Gateway {
                 .or_else(|| ctx.egress.as_ref().map(|t| t.cluster())),
             downstream_local,
             downstream_remote,
-            sni,
+            sni: conn.and_then(|c| c.sni.as_deref()),
+            peer: conn.and_then(|c| c.peer.as_deref()),
             route_name: ctx.route.as_ref().and_then(|r| r.name.as_deref()),
             attempts: if ctx.upstream_host.is_some() {
                 ctx.retries + 1

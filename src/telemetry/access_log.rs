@@ -46,6 +46,8 @@ pub struct Entry<'a> {
     pub downstream_local: Option<SocketAddr>,
     pub downstream_remote: Option<SocketAddr>,
     pub sni: Option<&'a str>,
+    /// The client's verified certificate (mutual TLS).
+    pub peer: Option<&'a crate::tls::client_auth::PeerCert>,
     pub route_name: Option<&'a str>,
     pub attempts: u32,
 }
@@ -74,6 +76,12 @@ pub enum Piece {
     DownstreamRemote,
     DownstreamRemoteNoPort,
     RequestedServerName,
+    DownstreamPeerUriSan,
+    DownstreamPeerDnsSan,
+    DownstreamPeerSubject,
+    DownstreamPeerIssuer,
+    DownstreamPeerFingerprint256,
+    DownstreamPeerSerial,
     RouteName,
     UpstreamRequestAttemptCount,
     /// Operators Portico knows but has no value for (written `-`).
@@ -192,6 +200,12 @@ fn operator(op: &str) -> Result<Piece, String> {
         "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT"
         | "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT" => Piece::DownstreamRemoteNoPort,
         "REQUESTED_SERVER_NAME" => Piece::RequestedServerName,
+        "DOWNSTREAM_PEER_URI_SAN" => Piece::DownstreamPeerUriSan,
+        "DOWNSTREAM_PEER_DNS_SAN" => Piece::DownstreamPeerDnsSan,
+        "DOWNSTREAM_PEER_SUBJECT" => Piece::DownstreamPeerSubject,
+        "DOWNSTREAM_PEER_ISSUER" => Piece::DownstreamPeerIssuer,
+        "DOWNSTREAM_PEER_FINGERPRINT_256" => Piece::DownstreamPeerFingerprint256,
+        "DOWNSTREAM_PEER_SERIAL" => Piece::DownstreamPeerSerial,
         "ROUTE_NAME" => Piece::RouteName,
         "UPSTREAM_REQUEST_ATTEMPT_COUNT" => Piece::UpstreamRequestAttemptCount,
         "CONNECTION_TERMINATION_DETAILS"
@@ -317,6 +331,18 @@ fn render_piece(out: &mut String, p: &Piece, e: &Entry<'_>) {
             None => write!(out, "-"),
         },
         Piece::RequestedServerName => write!(out, "{}", or_dash(e.sni)),
+        Piece::DownstreamPeerUriSan => {
+            write!(out, "{}", or_dash(e.peer.map(|p| p.uri_sans.join(",")).as_deref()))
+        }
+        Piece::DownstreamPeerDnsSan => {
+            write!(out, "{}", or_dash(e.peer.map(|p| p.dns_sans.join(",")).as_deref()))
+        }
+        Piece::DownstreamPeerSubject => write!(out, "{}", or_dash(e.peer.map(|p| &*p.subject))),
+        Piece::DownstreamPeerIssuer => write!(out, "{}", or_dash(e.peer.map(|p| &*p.issuer))),
+        Piece::DownstreamPeerFingerprint256 => {
+            write!(out, "{}", or_dash(e.peer.map(|p| &*p.hash)))
+        }
+        Piece::DownstreamPeerSerial => write!(out, "{}", or_dash(e.peer.map(|p| &*p.serial))),
         Piece::RouteName => write!(out, "{}", or_dash(e.route_name)),
         Piece::UpstreamRequestAttemptCount => write!(out, "{}", e.attempts),
         Piece::Dash => write!(out, "-"),
@@ -334,7 +360,7 @@ fn render_json(e: &Entry<'_>) -> String {
         Some(q) => format!("{}?{q}", e.path),
         None => e.path.to_string(),
     };
-    let mut line = serde_json::to_string(&serde_json::json!({
+    let mut value = serde_json::json!({
         "start_time": rfc3339(e.start),
         "route_name": e.route_name,
         "method": e.method,
@@ -357,8 +383,16 @@ fn render_json(e: &Entry<'_>) -> String {
         "downstream_remote_address": e.downstream_remote.map(|a| a.to_string()),
         "requested_server_name": e.sni,
         "upstream_request_attempt_count": e.attempts,
-    }))
-    .unwrap_or_default();
+    });
+    // A mutual-TLS client: Envoy's DOWNSTREAM_PEER_* values, under their snake-case names.
+    if let (Some(p), Some(map)) = (e.peer, value.as_object_mut()) {
+        map.insert("downstream_peer_uri_san".into(), p.uri_sans.join(",").into());
+        map.insert("downstream_peer_dns_san".into(), p.dns_sans.join(",").into());
+        map.insert("downstream_peer_subject".into(), p.subject.clone().into());
+        map.insert("downstream_peer_issuer".into(), p.issuer.clone().into());
+        map.insert("downstream_peer_fingerprint_256".into(), p.hash.clone().into());
+    }
+    let mut line = serde_json::to_string(&value).unwrap_or_default();
     line.push('\n');
     line
 }
@@ -481,6 +515,7 @@ mod tests {
             downstream_local: None,
             downstream_remote: Some("127.0.0.1:5555".parse().unwrap()),
             sni: None,
+            peer: None,
             route_name: Some("r1"),
             attempts: 3,
         }
