@@ -62,6 +62,7 @@ fn route_lookup(c: &mut Criterion) {
                         headers: portico::routing::Headers::Map(&headers),
                         port: 8080,
                         client_ip: None,
+                        peer: None,
                     };
                     match table.decide(&normalized, &view) {
                         Decision::Route { match_index, .. } => match_index,

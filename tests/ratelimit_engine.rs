@@ -79,6 +79,7 @@ fn route_policy<'s>(s: &'s Snapshot, path: &str) -> &'s portico::policy::RoutePo
         headers: Headers::Raw(&[], &[]),
         port: 8080,
         client_ip: None,
+        peer: None,
     };
     match s.listeners[0].table.decide("shop.example.com", &view) {
         Routed::Route { vhost, route, .. } => s.listeners[0]

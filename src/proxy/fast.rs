@@ -121,6 +121,8 @@ struct Conn {
     /// Endpoints tried for the request being served (kept to reuse its allocation).
     tried: Vec<usize>,
     client_ip: Option<IpAddr>,
+    /// The verified client certificate (mutual TLS).
+    peer: Option<Arc<crate::tls::client_auth::PeerCert>>,
     /// The wait for a request head: one timer for the connection, moved on at every read.
     /// Moving a registered timer later is an atomic store; a `timeout` around each read
     /// would add and remove a timer-wheel entry per request, a lock each way.
@@ -269,8 +271,11 @@ impl Conn {
         let client_ip = io
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let peer = crate::tls::client_auth::TlsConn::of(io.get_ssl_digest().as_deref())
+            .and_then(|t| t.peer.clone());
         Conn {
             io,
+            peer,
             buf: BytesMut::new(),
             up: None,
             ubuf: BytesMut::new(),
@@ -752,6 +757,7 @@ impl FastH1 {
             headers: Headers::Raw(parsed.headers, added),
             port: listener.addr.port(),
             client_ip: c.client_ip,
+            peer: c.peer.as_deref(),
         };
         // The body, whole, after the head; each read within `requestBodyTimeout`. (It
         // stays in `c.buf` until it is forwarded: a request lent to pingora below gets
@@ -872,6 +878,10 @@ impl FastH1 {
             ops: [&route.headers.request, &destination.headers.request],
             upgrade: false,
             span: span.as_ref(),
+            client_cert: request::ClientCert {
+                mode: settings.forward_client_cert,
+                peer: c.peer.as_deref(),
+            },
         };
         request::upstream_request_headers(|| raw(parsed.headers), &forwarding, out);
         out.extend_from_slice(b"\r\n");

@@ -142,6 +142,12 @@ impl RequestCtx {
     }
 }
 
+/// The verified client certificate of the session's connection (mutual TLS).
+fn peer_cert(session: &Session) -> Option<&crate::tls::client_auth::PeerCert> {
+    let ssl = session.digest()?.ssl_digest.as_deref();
+    crate::tls::client_auth::TlsConn::of(ssl)?.peer.as_deref()
+}
+
 fn client_ip(session: &Session) -> Option<IpAddr> {
     session
         .client_addr()
@@ -493,6 +499,7 @@ impl ProxyHttp for Gateway {
                     headers: crate::routing::Headers::Map(&req.headers),
                     port: listener.addr.port(),
                     client_ip: client_ip(session),
+                    peer: peer_cert(session),
                 };
                 request::plan(listener, &host, &view).police(&view).await
             }
@@ -707,6 +714,14 @@ impl ProxyHttp for Gateway {
                 ops: [&route.headers.request, &dest.headers.request],
                 upgrade: session.is_upgrade_req(),
                 span: ctx.span.as_ref(),
+                client_cert: request::ClientCert {
+                    mode: ctx
+                        .snapshot
+                        .as_ref()
+                        .map(|s| s.settings.forward_client_cert)
+                        .unwrap_or_default(),
+                    peer: peer_cert(session),
+                },
             };
             rebuild_upstream_headers(upstream, &forwarding)?;
             if ctx.close_upstream {

@@ -99,6 +99,8 @@ pub struct RequestView<'a> {
     /// Port of the listener the request arrived on.
     pub port: u16,
     pub client_ip: Option<std::net::IpAddr>,
+    /// The verified client certificate of a mutual-TLS connection.
+    pub peer: Option<&'a crate::tls::client_auth::PeerCert>,
 }
 
 /// One `match` block: every condition must hold.
@@ -290,6 +292,7 @@ mod tests {
             headers: Headers::Map(headers),
             port: 80,
             client_ip: None,
+            peer: None,
         }
     }
 

@@ -522,6 +522,7 @@ mod tests {
         params.subject_alt_names.push(rcgen::SanType::URI(
             rcgen::Ia5String::try_from("spiffe://cluster.local/ns/foo/sa/bar").unwrap(),
         ));
+        params.distinguished_name = rcgen::DistinguishedName::new();
         params
             .distinguished_name
             .push(rcgen::DnType::OrganizationName, "Example, Inc");

@@ -194,6 +194,10 @@ impl FastH1 {
             let id = request_id();
             let _ = s.req_header_mut().insert_header("x-request-id", &id[..]);
         }
+        let peer = crate::tls::client_auth::TlsConn::of(
+            s.digest().and_then(|d| d.ssl_digest.as_deref()),
+        )
+        .and_then(|t| t.peer.clone());
         let req = s.req_header();
         let settings = &snapshot.settings;
         let span = settings
@@ -227,6 +231,7 @@ impl FastH1 {
             headers: Headers::Map(&req.headers),
             port: listener.addr.port(),
             client_ip,
+            peer: peer.as_deref(),
         };
         let host = normalize_host(q.host);
         let planned = request::plan(listener, &host, &view);
@@ -283,6 +288,10 @@ impl FastH1 {
             [&route.headers.request, &destination.headers.request],
             client_ip,
             span.as_ref(),
+            request::ClientCert {
+                mode: settings.forward_client_cert,
+                peer: peer.as_deref(),
+            },
         );
         // A path normalization changed: the log shows the normalized one, as elsewhere.
         let normalized = match &path {
@@ -532,6 +541,7 @@ fn upstream_head(
     ops: [&HeaderOps; 2],
     client_ip: Option<IpAddr>,
     span: Option<&SpanContext>,
+    client_cert: request::ClientCert<'_>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method.as_str().as_bytes());
@@ -591,6 +601,7 @@ fn upstream_head(
         ops,
         upgrade: false,
         span,
+        client_cert,
     };
     request::upstream_request_headers(client, &forwarding, &mut out);
     out.extend_from_slice(b"\r\n");
