@@ -1785,7 +1785,28 @@ impl Cx {
             });
         let (ca_path, ca_field) = match (&t.ca_certificates, &ca_credential) {
             (Some(ca), _) => (o.file.resolve(ca), ".caCertificates"),
-            (None, Some((dir, field))) => (dir.join("ca.crt"), *field),
+            (None, Some((dir, field))) => {
+                let ca = dir.join("ca.crt");
+                if self.stamps.of(&ca).is_none() {
+                    self.watched.push(ca.clone());
+                    self.client_files.push(ClientFile {
+                        path: ca.clone(),
+                        stamp: None,
+                        read_at: std::time::SystemTime::now(),
+                    });
+                    self.err(
+                        o,
+                        &format!("{at}{field}"),
+                        format!(
+                            "tls.mode {} needs the client CA: {} does not exist (set caCertificates, or put the CA there)",
+                            t.mode.as_deref().unwrap_or(""),
+                            ca.display()
+                        ),
+                    );
+                    return None;
+                }
+                (ca, *field)
+            }
             (None, None) => {
                 self.err(
                     o,
