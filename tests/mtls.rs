@@ -67,7 +67,8 @@ impl Ca {
                 .push(SanType::URI(rcgen::Ia5String::try_from(*u).unwrap()));
         }
         p.distinguished_name = rcgen::DistinguishedName::new();
-        p.distinguished_name.push(DnType::OrganizationName, "Test Org");
+        p.distinguished_name
+            .push(DnType::OrganizationName, "Test Org");
         p.distinguished_name.push(DnType::CommonName, cn);
         p.serial_number = Some(SerialNumber::from(serial));
         let now = time::OffsetDateTime::now_utc();
@@ -112,7 +113,11 @@ impl Ca {
                 .collect(),
             key_identifier_method: KeyIdMethod::Sha256,
         };
-        params.signed_by(&self.cert, &self.key).unwrap().pem().unwrap()
+        params
+            .signed_by(&self.cert, &self.key)
+            .unwrap()
+            .pem()
+            .unwrap()
     }
 }
 
@@ -267,7 +272,13 @@ fn mutual_admits_a_good_certificate_and_refuses_the_rest() {
         )
     );
     refused(
-        mtls_get(port, "m.test", Some(&ca.issue("old", &["client.test"], &[], 2, (-30, -1))), "/", &[]),
+        mtls_get(
+            port,
+            "m.test",
+            Some(&ca.issue("old", &["client.test"], &[], 2, (-30, -1))),
+            "/",
+            &[],
+        ),
         "expired",
     );
     refused(
@@ -296,7 +307,10 @@ fn mutual_admits_a_good_certificate_and_refuses_the_rest() {
     );
     assert_eq!(line["downstream_peer_subject"], "CN=alice,O=Test Org");
     assert_eq!(line["downstream_peer_dns_san"], "client.test");
-    assert_eq!(line["downstream_peer_fingerprint_256"], sha256_hex(&good.der));
+    assert_eq!(
+        line["downstream_peer_fingerprint_256"],
+        sha256_hex(&good.der)
+    );
     assert_eq!(line["requested_server_name"], "m.test");
     drop(gw);
 }
@@ -323,18 +337,30 @@ fn subject_alt_names_and_pins_narrow_what_the_ca_signed() {
         ),
     );
     let _gw = gateway(dir.path(), port, &servers, &echo, "");
-    ok(mtls_get(port, "san.test", Some(&ca.good("a", 11)), "/", &[]), "SAN listed");
+    ok(
+        mtls_get(port, "san.test", Some(&ca.good("a", 11)), "/", &[]),
+        "SAN listed",
+    );
     refused(
         mtls_get(
             port,
             "san.test",
-            Some(&ca.issue("b", &["client.test"], &["spiffe://cluster.local/ns/x/sa/y"], 12, (-1, 30))),
+            Some(&ca.issue(
+                "b",
+                &["client.test"],
+                &["spiffe://cluster.local/ns/x/sa/y"],
+                12,
+                (-1, 30),
+            )),
             "/",
             &[],
         ),
         "SAN mismatch",
     );
-    ok(mtls_get(port, "pin.test", Some(&pinned), "/", &[]), "pinned certificate");
+    ok(
+        mtls_get(port, "pin.test", Some(&pinned), "/", &[]),
+        "pinned certificate",
+    );
     refused(
         mtls_get(port, "pin.test", Some(&ca.good("c", 13)), "/", &[]),
         "same CA, not pinned",
@@ -351,9 +377,15 @@ fn per_sni_servers_on_one_port_ask_for_different_cas() {
     write_cert(dir.path(), "srv", &["a.test", "b.test", "c.test", "o.test"]);
     let echo = Echo::start("v1");
     let port = free_port();
-    let servers = server("a.test", "srv", r#"mode = "MUTUAL", caCertificates = "a-ca.crt""#)
-        + &server("b.test", "srv", r#"mode = "MUTUAL", caCertificates = "b-ca.crt""#)
-        + &server("c.test", "srv", r#"mode = "SIMPLE""#)
+    let servers = server(
+        "a.test",
+        "srv",
+        r#"mode = "MUTUAL", caCertificates = "a-ca.crt""#,
+    ) + &server(
+        "b.test",
+        "srv",
+        r#"mode = "MUTUAL", caCertificates = "b-ca.crt""#,
+    ) + &server("c.test", "srv", r#"mode = "SIMPLE""#)
         + &server(
             "o.test",
             "srv",
@@ -361,26 +393,50 @@ fn per_sni_servers_on_one_port_ask_for_different_cas() {
         );
     let _gw = gateway(dir.path(), port, &servers, &echo, "");
     let (a, b) = (ca_a.good("a", 1), ca_b.good("b", 1));
-    ok(mtls_get(port, "a.test", Some(&a), "/", &[]), "A's cert on a");
-    refused(mtls_get(port, "a.test", Some(&b), "/", &[]), "B's cert on a");
-    ok(mtls_get(port, "b.test", Some(&b), "/", &[]), "B's cert on b");
-    refused(mtls_get(port, "b.test", Some(&a), "/", &[]), "A's cert on b");
+    ok(
+        mtls_get(port, "a.test", Some(&a), "/", &[]),
+        "A's cert on a",
+    );
+    refused(
+        mtls_get(port, "a.test", Some(&b), "/", &[]),
+        "B's cert on a",
+    );
+    ok(
+        mtls_get(port, "b.test", Some(&b), "/", &[]),
+        "B's cert on b",
+    );
+    refused(
+        mtls_get(port, "b.test", Some(&a), "/", &[]),
+        "A's cert on b",
+    );
     refused(mtls_get(port, "b.test", None, "/", &[]), "no cert on b");
     // SIMPLE asks for nothing: a client without a certificate is served, and what it
     // claims in XFCC is dropped.
     let r = ok(
-        mtls_get(port, "c.test", None, "/", &[("x-forwarded-client-cert", "Hash=forged")]),
+        mtls_get(
+            port,
+            "c.test",
+            None,
+            "/",
+            &[("x-forwarded-client-cert", "Hash=forged")],
+        ),
         "SIMPLE",
     );
     assert_eq!(r.echoed_header("x-forwarded-client-cert"), None);
     // OPTIONAL_MUTUAL: without a certificate, served; with one, verified.
     let r = ok(mtls_get(port, "o.test", None, "/", &[]), "optional, none");
     assert_eq!(r.echoed_header("x-forwarded-client-cert"), None);
-    let r = ok(mtls_get(port, "o.test", Some(&a), "/", &[]), "optional, good");
+    let r = ok(
+        mtls_get(port, "o.test", Some(&a), "/", &[]),
+        "optional, good",
+    );
     assert!(r
         .echoed_header("x-forwarded-client-cert")
         .is_some_and(|x| x.contains(&sha256_hex(&a.der))));
-    refused(mtls_get(port, "o.test", Some(&b), "/", &[]), "optional, wrong CA");
+    refused(
+        mtls_get(port, "o.test", Some(&b), "/", &[]),
+        "optional, wrong CA",
+    );
 }
 
 /// `forwardClientCertDetails`, each mode, on a connection with and without a client
@@ -416,7 +472,11 @@ fn forward_client_cert_details_modes() {
         ("FORWARD_ONLY", Some(sent.to_string()), None),
         ("APPEND_FORWARD", Some(format!("{sent},{own}")), None),
         ("SANITIZE_SET", Some(own.clone()), None),
-        ("ALWAYS_FORWARD_ONLY", Some(sent.to_string()), Some(sent.to_string())),
+        (
+            "ALWAYS_FORWARD_ONLY",
+            Some(sent.to_string()),
+            Some(sent.to_string()),
+        ),
     ];
     for (i, (mode, with, without)) in cases.iter().enumerate() {
         if i > 0 {
@@ -428,9 +488,17 @@ fn forward_client_cert_details_modes() {
         }
         let h = [("x-forwarded-client-cert", sent)];
         let r = ok(mtls_get(port, "o.test", Some(&leaf), "/", &h), mode);
-        assert_eq!(r.echoed_header("x-forwarded-client-cert").as_ref(), with.as_ref(), "{mode}, h1, cert");
+        assert_eq!(
+            r.echoed_header("x-forwarded-client-cert").as_ref(),
+            with.as_ref(),
+            "{mode}, h1, cert"
+        );
         let r = ok(mtls_get(port, "o.test", None, "/", &h), mode);
-        assert_eq!(r.echoed_header("x-forwarded-client-cert").as_ref(), without.as_ref(), "{mode}, h1, none");
+        assert_eq!(
+            r.echoed_header("x-forwarded-client-cert").as_ref(),
+            without.as_ref(),
+            "{mode}, h1, none"
+        );
         // h2 (Portico's h2 codec with the fast path, pingora's without).
         let seen = curl_h2_xfcc(dir.path(), port, true, sent);
         assert_eq!(seen.as_ref(), with.as_ref(), "{mode}, h2, cert");
@@ -451,7 +519,11 @@ fn curl_h2_xfcc(dir: &Path, port: u16, cert: bool, sent: &str) -> Option<String>
             .arg("--key")
             .arg(dir.join("client.key"));
     }
-    cmd.args(["-w", "\n%{http_version}", &format!("https://o.test:{port}/")]);
+    cmd.args([
+        "-w",
+        "\n%{http_version}",
+        &format!("https://o.test:{port}/"),
+    ]);
     let out = cmd.output().expect("curl");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let (body, version) = text.rsplit_once('\n').expect("curl output");
@@ -503,7 +575,10 @@ fn client_ca_and_crl_rotate_without_restart() {
     assert!(gw.generation() > before, "a reload happened");
     ok(mtls_get(port, "r.test", Some(&b), "/", &[]), "B after");
     refused(mtls_get(port, "r.test", Some(&a), "/", &[]), "A after");
-    refused(mtls_get(port, "r.test", Some(&b2), "/", &[]), "B2 revoked after");
+    refused(
+        mtls_get(port, "r.test", Some(&b2), "/", &[]),
+        "B2 revoked after",
+    );
     assert_eq!(gw.pid(), pid, "same process");
 }
 
@@ -514,9 +589,21 @@ fn bad_client_tls_settings_are_config_errors() {
     std::fs::write(dir.path().join("junk.crt"), "not a certificate").unwrap();
     let port = free_port();
     let cases = [
-        (r#"mode = "MUTUAL""#, "tls.mode", "requires a client CA bundle"),
-        (r#"mode = "MUTUAL", caCertificates = "missing.crt""#, "tls.caCertificates", "missing.crt"),
-        (r#"mode = "MUTUAL", caCertificates = "junk.crt""#, "tls.caCertificates", "junk.crt"),
+        (
+            r#"mode = "MUTUAL""#,
+            "tls.mode",
+            "requires a client CA bundle",
+        ),
+        (
+            r#"mode = "MUTUAL", caCertificates = "missing.crt""#,
+            "tls.caCertificates",
+            "missing.crt",
+        ),
+        (
+            r#"mode = "MUTUAL", caCertificates = "junk.crt""#,
+            "tls.caCertificates",
+            "junk.crt",
+        ),
         (
             r#"mode = "MUTUAL", caCertificates = "e.crt", caCrl = "junk.crt""#,
             "tls.caCrl",
@@ -536,10 +623,15 @@ fn bad_client_tls_settings_are_config_errors() {
             server("e.test", "e", tls).replace("@PORT@", &port.to_string())
         );
         std::fs::write(dir.path().join("portico.toml"), config).unwrap();
-        let (code, out) = run_cli(&["validate", "-c", dir.path().join("portico.toml").to_str().unwrap()]);
+        let (code, out) = run_cli(&[
+            "validate",
+            "-c",
+            dir.path().join("portico.toml").to_str().unwrap(),
+        ]);
         assert_ne!(code, 0, "{tls}: {out}");
         assert!(
-            out.lines().any(|l| l.contains(field) && l.contains(message)),
+            out.lines()
+                .any(|l| l.contains(field) && l.contains(message)),
             "{tls}: want {field} / {message}:\n{out}"
         );
     }
@@ -581,7 +673,13 @@ spec:
     );
     let ca = Ca::new("example.com");
     let creds = dir.path().join("certs/httpbin-credential");
-    let server = ca.issue("httpbin.example.com", &["httpbin.example.com"], &[], 100, (-1, 30));
+    let server = ca.issue(
+        "httpbin.example.com",
+        &["httpbin.example.com"],
+        &[],
+        100,
+        (-1, 30),
+    );
     write_atomic(&creds.join("tls.crt"), &server.cert_pem);
     write_atomic(&creds.join("tls.key"), &server.key_pem);
     write_atomic(&creds.join("ca.crt"), ca.pem());
@@ -590,8 +688,21 @@ spec:
         mesh_config(free_port())
     );
     let _gw = Portico::start(dir.path(), &config);
-    let client = ca.issue("client.example.com", &["client.example.com"], &[], 101, (-1, 30));
-    let r = mtls_get(port, "httpbin.example.com", Some(&client), "/status/418", &[]).unwrap();
+    let client = ca.issue(
+        "client.example.com",
+        &["client.example.com"],
+        &[],
+        101,
+        (-1, 30),
+    );
+    let r = mtls_get(
+        port,
+        "httpbin.example.com",
+        Some(&client),
+        "/status/418",
+        &[],
+    )
+    .unwrap();
     assert_eq!(r.status, 418, "{}", r.text());
     refused(
         mtls_get(port, "httpbin.example.com", None, "/status/418", &[]),

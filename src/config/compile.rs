@@ -1717,8 +1717,14 @@ impl Cx {
                     ("caCrl", t.ca_crl.is_some()),
                     ("caCertCredentialName", t.ca_cert_credential_name.is_some()),
                     ("subjectAltNames", !t.subject_alt_names.is_empty()),
-                    ("verifyCertificateSpki", !t.verify_certificate_spki.is_empty()),
-                    ("verifyCertificateHash", !t.verify_certificate_hash.is_empty()),
+                    (
+                        "verifyCertificateSpki",
+                        !t.verify_certificate_spki.is_empty(),
+                    ),
+                    (
+                        "verifyCertificateHash",
+                        !t.verify_certificate_hash.is_empty(),
+                    ),
                 ];
                 for (field, _) in set.iter().filter(|(_, on)| *on) {
                     self.warn(
@@ -1858,7 +1864,11 @@ impl Cx {
         match built {
             Ok(auth) => Some(Arc::new(auth)),
             Err(e) => {
-                let field = if e.contains("CRL") { crl_field } else { ca_field };
+                let field = if e.contains("CRL") {
+                    crl_field
+                } else {
+                    ca_field
+                };
                 self.err(o, &format!("{at}{field}"), e);
                 None
             }

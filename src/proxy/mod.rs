@@ -982,9 +982,8 @@ impl ProxyHttp for Gateway {
         };
         let req = session.req_header();
         let digest = session.digest();
-        let conn = crate::tls::client_auth::TlsConn::of(
-            digest.and_then(|d| d.ssl_digest.as_deref()),
-        );
+        let conn =
+            crate::tls::client_auth::TlsConn::of(digest.and_then(|d| d.ssl_digest.as_deref()));
         let (downstream_local, downstream_remote) =
             access_log::addresses(digest.and_then(|d| d.socket_digest.as_deref()));
         let authority = authority(req);

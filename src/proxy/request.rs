@@ -212,11 +212,9 @@ fn forwarded_client_cert<'h, I>(
         (None, Some(p)) => out.field(XFCC.as_bytes(), p.xfcc.as_bytes()),
         (Some(v), own) => {
             let mut value = v.to_vec();
-            for v in prev.map(Some).chain(std::iter::once(own.map(|p| p.xfcc.as_bytes()))) {
-                if let Some(v) = v {
-                    value.push(b',');
-                    value.extend_from_slice(v);
-                }
+            for v in prev.chain(own.map(|p| p.xfcc.as_bytes())) {
+                value.push(b',');
+                value.extend_from_slice(v);
             }
             out.field(XFCC.as_bytes(), &value);
         }

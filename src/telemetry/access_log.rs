@@ -332,10 +332,18 @@ fn render_piece(out: &mut String, p: &Piece, e: &Entry<'_>) {
         },
         Piece::RequestedServerName => write!(out, "{}", or_dash(e.sni)),
         Piece::DownstreamPeerUriSan => {
-            write!(out, "{}", or_dash(e.peer.map(|p| p.uri_sans.join(",")).as_deref()))
+            write!(
+                out,
+                "{}",
+                or_dash(e.peer.map(|p| p.uri_sans.join(",")).as_deref())
+            )
         }
         Piece::DownstreamPeerDnsSan => {
-            write!(out, "{}", or_dash(e.peer.map(|p| p.dns_sans.join(",")).as_deref()))
+            write!(
+                out,
+                "{}",
+                or_dash(e.peer.map(|p| p.dns_sans.join(",")).as_deref())
+            )
         }
         Piece::DownstreamPeerSubject => write!(out, "{}", or_dash(e.peer.map(|p| &*p.subject))),
         Piece::DownstreamPeerIssuer => write!(out, "{}", or_dash(e.peer.map(|p| &*p.issuer))),
@@ -386,11 +394,20 @@ fn render_json(e: &Entry<'_>) -> String {
     });
     // A mutual-TLS client: Envoy's DOWNSTREAM_PEER_* values, under their snake-case names.
     if let (Some(p), Some(map)) = (e.peer, value.as_object_mut()) {
-        map.insert("downstream_peer_uri_san".into(), p.uri_sans.join(",").into());
-        map.insert("downstream_peer_dns_san".into(), p.dns_sans.join(",").into());
+        map.insert(
+            "downstream_peer_uri_san".into(),
+            p.uri_sans.join(",").into(),
+        );
+        map.insert(
+            "downstream_peer_dns_san".into(),
+            p.dns_sans.join(",").into(),
+        );
         map.insert("downstream_peer_subject".into(), p.subject.clone().into());
         map.insert("downstream_peer_issuer".into(), p.issuer.clone().into());
-        map.insert("downstream_peer_fingerprint_256".into(), p.hash.clone().into());
+        map.insert(
+            "downstream_peer_fingerprint_256".into(),
+            p.hash.clone().into(),
+        );
     }
     let mut line = serde_json::to_string(&value).unwrap_or_default();
     line.push('\n');

@@ -429,10 +429,8 @@ pub fn build(
 ) -> Result<ClientAuth, String> {
     let roots = roots(ca_path)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider,
-    );
+    let mut builder =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
     if let Some(p) = crl_path {
         // The leaf's status must be known (its issuer's CRL given), as Envoy with a CRL;
         // intermediates are not checked.
@@ -443,9 +441,12 @@ pub fn build(
     if !mandatory {
         builder = builder.allow_unauthenticated();
     }
-    let inner = builder
-        .build()
-        .map_err(|e| format!("cannot verify client certificates with {}: {e}", ca_path.display()))?;
+    let inner = builder.build().map_err(|e| {
+        format!(
+            "cannot verify client certificates with {}: {e}",
+            ca_path.display()
+        )
+    })?;
     let by: Vec<String> = match x509_parser::parse_x509_certificate(server_cert) {
         Ok((_, c)) => match c.subject_alternative_name() {
             Ok(Some(san)) => san

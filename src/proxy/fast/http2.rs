@@ -194,10 +194,9 @@ impl FastH1 {
             let id = request_id();
             let _ = s.req_header_mut().insert_header("x-request-id", &id[..]);
         }
-        let peer = crate::tls::client_auth::TlsConn::of(
-            s.digest().and_then(|d| d.ssl_digest.as_deref()),
-        )
-        .and_then(|t| t.peer.clone());
+        let peer =
+            crate::tls::client_auth::TlsConn::of(s.digest().and_then(|d| d.ssl_digest.as_deref()))
+                .and_then(|t| t.peer.clone());
         let req = s.req_header();
         let settings = &snapshot.settings;
         let span = settings
