@@ -345,6 +345,9 @@ fn routes(sources: &config::Sources, q: &RouteQuery<'_>) -> ExitCode {
             port: l.addr.port(),
             client_ip: source_ip,
             peer: None,
+            peer_ip: source_ip,
+            sni: None,
+            peer_principal: None,
         };
         let head = format!("listener {}", l.shape());
         match l.table.decide(&normalized, &view) {

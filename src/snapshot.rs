@@ -60,6 +60,9 @@ pub struct Listener {
     /// Rate limits and access lists of this listener's routes (`request::plan` looks a
     /// routed request's up here).
     pub policies: crate::policy::RoutePolicies,
+    /// The AuthorizationPolicies of the gateways on this listener's port, decided for
+    /// every request before routing's answer (`request::Planned::police`).
+    pub authz: Option<Arc<crate::policy::authz::Authorization>>,
 }
 
 /// The shape of a listener: what needs a new socket when it changes.
@@ -124,6 +127,9 @@ pub struct Settings {
     pub downstream: Downstream,
     /// What becomes of `x-forwarded-client-cert` (`gatewayTopology`).
     pub forward_client_cert: crate::tls::client_auth::ForwardClientCert,
+    /// `defaultConfig.gatewayTopology.numTrustedProxies`: which `X-Forwarded-For` entry
+    /// is the client (`request::remote_address`). 0: the peer.
+    pub num_trusted_proxies: u32,
 }
 
 /// Timeouts and limits of client connections and requests (`mesh.downstream`).

@@ -710,3 +710,60 @@ spec:
     );
     let _ = ca.name;
 }
+
+/// AuthorizationPolicy `principals` and `source.principal` read the verified client
+/// certificate's SPIFFE id (without `spiffe://`), as Istio does.
+#[test]
+fn authorization_policy_principals_come_from_the_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Test CA");
+    write_atomic(&dir.path().join("ca.crt"), ca.pem());
+    write_cert(dir.path(), "z", &["z.test"]);
+    let echo = Echo::start("v1");
+    let port = free_port();
+    let policies = r#"
+[[authorizationPolicies]]
+name = "allow-foo"
+[[authorizationPolicies.rules]]
+from = [{ source = { principals = ["cluster.local/ns/foo/sa/*"] } }]
+[[authorizationPolicies.rules]]
+to = [{ operation = { paths = ["/public"] } }]
+
+[[authorizationPolicies]]
+name = "deny-evil"
+action = "DENY"
+rules = [{ when = [{ key = "source.principal", values = ["cluster.local/ns/foo/sa/evil"] }] }]
+"#;
+    let _gw = gateway(
+        dir.path(),
+        port,
+        &server(
+            "z.test",
+            "z",
+            r#"mode = "OPTIONAL_MUTUAL", caCertificates = "ca.crt""#,
+        ),
+        &echo,
+        policies,
+    );
+    let with_uri = |uri: &str, serial| ca.issue("c", &["client.test"], &[uri], serial, (-1, 30));
+    let bar = with_uri("spiffe://cluster.local/ns/foo/sa/bar", 1);
+    let evil = with_uri("spiffe://cluster.local/ns/foo/sa/evil", 2);
+    let other = with_uri("spiffe://cluster.local/ns/other/sa/bar", 3);
+    ok(
+        mtls_get(port, "z.test", Some(&bar), "/", &[]),
+        "foo/sa/bar allowed",
+    );
+    for (what, client, path) in [
+        ("foo/sa/evil denied", Some(&evil), "/"),
+        ("another namespace matches no ALLOW rule", Some(&other), "/"),
+        ("no certificate, no principal", None, "/"),
+    ] {
+        let r = mtls_get(port, "z.test", client, path, &[]).unwrap();
+        assert_eq!(r.status, 403, "{what}: {}", r.text());
+        assert_eq!(r.text(), "RBAC: access denied", "{what}");
+    }
+    ok(
+        mtls_get(port, "z.test", None, "/public", &[]),
+        "public path, no certificate",
+    );
+}

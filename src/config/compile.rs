@@ -4,6 +4,7 @@
 //! listening socket.
 
 mod acme;
+mod authz;
 mod l4;
 mod policy;
 
@@ -420,6 +421,7 @@ pub fn compile_cached(
     );
 
     let policies = cx.policies(doc, &cache.policies);
+    let authorization = cx.authorization(doc);
     // Pairs are checked by content, whatever else changed: keep what this compile read.
     cache.certs = std::mem::take(&mut cx.certs_next);
     if !cx.errors.is_empty() {
@@ -480,9 +482,11 @@ pub fn compile_cached(
             }),
             acme: acme_hosts.clone(),
             policies: Default::default(),
+            authz: None,
         })
         .collect();
     let (policies, carried) = policies.bind(doc, &mut listeners_out);
+    authorization.bind(doc, &mut listeners_out);
     cache.policies = carried;
     let mut watched = cx.watched;
     watched.sort();
@@ -876,8 +880,15 @@ impl Cx {
         let downstream = self.downstream(doc);
         let admin_token = self.admin_token(doc);
         let forward_client_cert = self.forward_client_cert(doc);
+        let num_trusted_proxies = m
+            .default_config
+            .as_ref()
+            .and_then(|d| d.gateway_topology.as_ref())
+            .and_then(|t| t.num_trusted_proxies)
+            .unwrap_or(0);
         Settings {
             forward_client_cert,
+            num_trusted_proxies,
             path_normalization,
             downstream,
             upgrade_socket: match &m.upgrade_socket {

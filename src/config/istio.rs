@@ -13,7 +13,8 @@ use serde_yaml::Value;
 use super::error::ConfigError;
 use super::load::{ignored_path, SourceFile};
 use super::schema::{
-    AccessList, DestinationRule, Gateway, RateLimitPolicy, ServiceEntry, VirtualService,
+    AccessList, AuthorizationPolicy, DestinationRule, Gateway, RateLimitPolicy, ServiceEntry,
+    VirtualService,
 };
 
 /// Kubernetes' cluster domain, as Istio appends it to short names.
@@ -21,6 +22,9 @@ pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// The API versions of `networking.istio.io` whose resources Portico reads.
 const NETWORKING_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+
+/// The API versions of `security.istio.io` whose resources Portico reads.
+const SECURITY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 
 /// The API group and version of Portico's own kinds.
 pub const PORTICO_GROUP: &str = "portico.dev";
@@ -35,6 +39,7 @@ pub struct Resources {
     pub service_entries: Vec<(String, ServiceEntry)>,
     pub rate_limits: Vec<(String, RateLimitPolicy)>,
     pub access_lists: Vec<(String, AccessList)>,
+    pub authorization_policies: Vec<(String, AuthorizationPolicy)>,
     pub warnings: Vec<ConfigError>,
     pub errors: Vec<ConfigError>,
 }
@@ -141,6 +146,7 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
                 format!("{other} is not a resource Portico reads (it configures sidecars or Envoy): skipped"),
             )
         }
+        ("security.istio.io", "AuthorizationPolicy") => {}
         ("security.istio.io", other) => {
             return skip(
                 out,
@@ -161,7 +167,14 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
         ));
         return;
     }
-    if group != PORTICO_GROUP && !NETWORKING_VERSIONS.contains(&version) {
+    if group == "security.istio.io" && !SECURITY_VERSIONS.contains(&version) {
+        out.errors.push(file.error(
+            &format!("{doc}.apiVersion"),
+            format!("{api_version} is not supported: use security.istio.io/v1 or v1beta1"),
+        ));
+        return;
+    }
+    if group == "networking.istio.io" && !NETWORKING_VERSIONS.contains(&version) {
         out.errors.push(file.error(
             &format!("{doc}.apiVersion"),
             format!(
@@ -198,6 +211,26 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
         }
     }
     spec.insert("name".into(), name.into());
+    // Istio's dry-run annotation is Portico's `dryRun` field.
+    if kind == "AuthorizationPolicy" {
+        let annotation = value
+            .get("metadata")
+            .and_then(|m| m.get("annotations"))
+            .and_then(|a| a.get("istio.io/dry-run"));
+        match annotation {
+            None => {}
+            Some(Value::String(v)) if v == "true" || v == "false" => {
+                spec.insert("dryRun".into(), Value::Bool(v == "true"));
+            }
+            Some(_) => {
+                out.errors.push(file.error(
+                    &format!("{doc}.metadata.annotations.istio.io/dry-run"),
+                    "must be \"true\" or \"false\"",
+                ));
+                return;
+            }
+        }
+    }
     if let Some(n) = &namespace {
         spec.insert("namespace".into(), n.as_str().into());
     }
@@ -282,6 +315,14 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
             if let Some((l, unknown)) = parse::<AccessList>(file, &at, spec, out) {
                 unknown_are_errors(file, &at, &unknown, out);
                 out.access_lists.push((at, l));
+            }
+        }
+        "AuthorizationPolicy" => {
+            // An ignored field would widen or narrow who gets in: every unknown one is an
+            // error.
+            if let Some((p, unknown)) = parse::<AuthorizationPolicy>(file, &at, spec, out) {
+                unknown_are_errors(file, &at, &unknown, out);
+                out.authorization_policies.push((at, p));
             }
         }
         _ => {}

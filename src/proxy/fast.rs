@@ -748,15 +748,21 @@ impl FastH1 {
         });
         let added = [("x-request-id", id.as_ref().map_or(&b""[..], |id| &id[..]))];
         let added: &[(&str, &[u8])] = if id.is_some() { &added } else { &[] };
+        let ssl = c.io.get_ssl_digest();
+        let headers = Headers::Raw(parsed.headers, added);
         let view = RequestView {
             method: req.method,
             path: req.path,
             query,
             authority: req.host,
             scheme: if self.tls { "https" } else { "http" },
-            headers: Headers::Raw(parsed.headers, added),
+            headers,
             port: listener.addr.port(),
-            client_ip: c.client_ip,
+            client_ip: request::remote_address(settings.num_trusted_proxies, c.client_ip, headers),
+            peer_ip: c.client_ip,
+            sni: crate::tls::client_auth::TlsConn::of(ssl.as_deref())
+                .and_then(|t| t.sni.as_deref()),
+            peer_principal: c.peer.as_deref().and_then(|p| p.principal()),
             peer: c.peer.as_deref(),
         };
         // The body, whole, after the head; each read within `requestBodyTimeout`. (It

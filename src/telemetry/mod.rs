@@ -50,6 +50,7 @@ pub struct Metrics {
     pub access_list_decisions: IntCounterVec,
     pub access_list_refreshes: IntCounterVec,
     pub access_list_entries: IntGaugeVec,
+    pub authz_decisions: IntCounterVec,
     certificate_expiry: IntGaugeVec,
     endpoint_healthy: IntGaugeVec,
     upstream_active: IntGaugeVec,
@@ -193,6 +194,11 @@ impl Metrics {
             "Entries (addresses, ranges or values) an access list holds now.",
             &["list"],
         );
+        let authz_decisions = counter(
+            "portico_authz_decisions_total",
+            "AuthorizationPolicy decisions: the policy that decided (none: no ALLOW policy matched), its action, the result (allowed, denied, audited), and whether the policy is a dry run (evaluated, not enforced).",
+            &["policy", "action", "result", "dry_run"],
+        );
         let istio = istio::IstioMetrics::new(&registry);
         for c in [
             Box::new(config_generation.clone()) as Box<dyn prometheus::core::Collector>,
@@ -216,6 +222,7 @@ impl Metrics {
             Box::new(access_list_decisions.clone()),
             Box::new(access_list_refreshes.clone()),
             Box::new(access_list_entries.clone()),
+            Box::new(authz_decisions.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -242,6 +249,7 @@ impl Metrics {
             access_list_decisions,
             access_list_refreshes,
             access_list_entries,
+            authz_decisions,
             certificate_expiry,
             endpoint_healthy,
             upstream_active,

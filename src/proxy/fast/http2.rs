@@ -221,15 +221,21 @@ impl FastH1 {
             // A body without a length.
             return Some("request");
         }
+        let digest = s.digest();
+        let headers = Headers::Map(&req.headers);
         let view = RequestView {
             method: q.method,
             path: q.path,
             query: q.query,
             authority: q.host,
             scheme: "https",
-            headers: Headers::Map(&req.headers),
+            headers,
             port: listener.addr.port(),
-            client_ip,
+            client_ip: request::remote_address(settings.num_trusted_proxies, client_ip, headers),
+            peer_ip: client_ip,
+            sni: crate::tls::client_auth::TlsConn::of(digest.and_then(|d| d.ssl_digest.as_deref()))
+                .and_then(|t| t.sni.as_deref()),
+            peer_principal: peer.as_deref().and_then(|p| p.principal()),
             peer: peer.as_deref(),
         };
         let host = normalize_host(q.host);
