@@ -62,6 +62,7 @@ fn route_lookup(c: &mut Criterion) {
                         headers: portico::routing::Headers::Map(&headers),
                         port: 8080,
                         client_ip: None,
+                        peer: None,
                         peer_ip: None,
                         sni: None,
                         peer_principal: None,

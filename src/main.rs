@@ -344,6 +344,7 @@ fn routes(sources: &config::Sources, q: &RouteQuery<'_>) -> ExitCode {
             headers: portico::routing::Headers::Map(&map),
             port: l.addr.port(),
             client_ip: source_ip,
+            peer: None,
             peer_ip: source_ip,
             sni: None,
             peer_principal: None,

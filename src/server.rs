@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
-use pingora::listeners::tls::{Acceptor, TlsSettings};
+use pingora::listeners::tls::Acceptor;
 use pingora::listeners::{L4BufferSettings, ListenerConfig, TlsAccept};
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
@@ -16,19 +16,31 @@ use crate::admin::Admin;
 use crate::config::ConfigErrors;
 use crate::proxy::Gateway;
 use crate::reload::{Reloader, Watcher};
-use crate::tls::SniResolver;
 
-/// Keeps the SNI of each TLS connection for the request's log line.
-struct KeepSni;
+/// Keeps the SNI of each TLS connection (for the request's log line) and, on a
+/// mutual-TLS server, the verified client certificate (`tls::client_auth::TlsConn`).
+pub(crate) struct KeepTls {
+    /// The URI SANs of the server's certificate (XFCC's `By`), on a mutual-TLS server.
+    pub by: Arc<[String]>,
+}
 
 #[async_trait::async_trait]
-impl TlsAccept for KeepSni {
+impl TlsAccept for KeepTls {
     async fn handshake_complete_callback(
         &self,
         tls: &pingora::protocols::tls::TlsRef,
     ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
-        tls.server_name()
-            .map(|s| Arc::new(crate::proxy::Sni(s.to_string())) as _)
+        use crate::tls::client_auth::{PeerCert, TlsConn};
+        // rustls verified the chain (the server's verifier) before the handshake ended.
+        let peer = tls
+            .peer_certificate_der()
+            .and_then(|der| PeerCert::from_der(der, &self.by))
+            .map(Arc::new);
+        let sni = tls.server_name().map(str::to_string);
+        if sni.is_none() && peer.is_none() {
+            return None;
+        }
+        Some(Arc::new(TlsConn { sni, peer }) as _)
     }
 }
 
@@ -109,16 +121,8 @@ impl std::fmt::Display for RunError {
 /// TLS for listener `i`: certificates chosen by SNI from the current Snapshot, h2 by ALPN,
 /// session resumption by stateless tickets (see `tls::https`).
 fn tls_acceptor(i: usize, reloader: &Arc<Reloader>, name: &str) -> Result<Acceptor, RunError> {
-    let mut tls = TlsSettings::with_callbacks(Box::new(KeepSni))
-        .map_err(|e| RunError::Tls(format!("{name}: {e}")))?;
-    tls.set_cert_resolver(Arc::new(SniResolver {
-        listener: i,
-        snapshots: reloader.snapshots.clone(),
-    }));
-    tls.enable_h2();
-    let mut acceptor = tls.build();
-    crate::tls::https::tune(&mut acceptor).map_err(|e| RunError::Tls(format!("{name}: {e}")))?;
-    Ok(acceptor)
+    crate::tls::https::acceptor(i, &reloader.snapshots, None)
+        .map_err(|e| RunError::Tls(format!("{name}: {e}")))
 }
 
 /// Loads the config and serves it. Returns only on a start-up error; after start the

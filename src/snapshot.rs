@@ -48,6 +48,9 @@ pub struct Listener {
     /// Shared with the compile cache: rebuilt only when the Gateways or their
     /// certificates change.
     pub certs: Option<Arc<CertStore>>,
+    /// Client-certificate policies by SNI, when a server here is MUTUAL or
+    /// OPTIONAL_MUTUAL (`tls::https` then picks each connection's by its ClientHello).
+    pub client_auth: Option<Arc<crate::tls::client_auth::ClientAuthStore>>,
     /// TLS passthrough routes by SNI (with `tls`, the names its HTTPS servers claim are
     /// terminated and served by `table`), or the port's TCP route.
     pub l4: Option<crate::l4::L4Table>,
@@ -122,6 +125,8 @@ pub struct Settings {
     /// How request paths are normalized before routing.
     pub path_normalization: crate::routing::path::PathNormalization,
     pub downstream: Downstream,
+    /// What becomes of `x-forwarded-client-cert` (`gatewayTopology`).
+    pub forward_client_cert: crate::tls::client_auth::ForwardClientCert,
     /// `defaultConfig.gatewayTopology.numTrustedProxies`: which `X-Forwarded-For` entry
     /// is the client (`request::remote_address`). 0: the peer.
     pub num_trusted_proxies: u32,

@@ -79,6 +79,7 @@ fn route_policy<'s>(s: &'s Snapshot, path: &str) -> &'s portico::policy::RoutePo
         headers: Headers::Raw(&[], &[]),
         port: 8080,
         client_ip: None,
+        peer: None,
         peer_ip: None,
         sni: None,
         peer_principal: None,

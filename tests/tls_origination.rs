@@ -118,3 +118,76 @@ fn an_untrusted_or_misnamed_upstream_is_refused() {
     );
     assert_eq!(http_get(http3, "client.test", "/").text(), "from origin");
 }
+
+/// DestinationRule `tls.mode = MUTUAL`: the edge presents its client certificate to an
+/// origin (a second Portico, Gateway `MUTUAL`) that refuses connections without one.
+#[test]
+fn mutual_tls_to_an_origin_that_requires_a_client_certificate() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let origin_dir = tempfile::tempdir().unwrap();
+    let edge_dir = tempfile::tempdir().unwrap();
+    // The client CA the origin trusts, and the edge's certificate from it.
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    write_atomic(&origin_dir.path().join("client-ca.crt"), ca.pem());
+    let edge_key = KeyPair::generate().unwrap();
+    let edge_cert = CertificateParams::new(vec!["edge.test".to_string()])
+        .unwrap()
+        .signed_by(&edge_key, &ca, &ca_key)
+        .unwrap();
+    write_atomic(&edge_dir.path().join("edge.crt"), edge_cert.pem());
+    write_atomic(&edge_dir.path().join("edge.key"), edge_key.serialize_pem());
+
+    write_cert(origin_dir.path(), "origin", &["origin.test"]);
+    let https = free_port();
+    let origin_config = format!(
+        r#"{mesh}
+[[gateways]]
+name = "origin"
+[[gateways.servers]]
+port = {{ number = {https}, name = "https", protocol = "HTTPS" }}
+bind = "127.0.0.1"
+hosts = ["*"]
+tls = {{ mode = "MUTUAL", serverCertificate = "origin.crt", privateKey = "origin.key", caCertificates = "client-ca.crt" }}
+
+[[virtualServices]]
+name = "origin"
+hosts = ["*"]
+gateways = ["origin"]
+[[virtualServices.http]]
+directResponse = {{ status = 200, body = {{ string = "from origin" }} }}
+headers = {{ response = {{ set = {{ x-origin-saw-tls = "yes" }} }} }}
+"#,
+        mesh = mesh_config(free_port()),
+    );
+    let _origin = Portico::start(origin_dir.path(), &origin_config);
+    std::fs::copy(
+        origin_dir.path().join("origin.crt"),
+        edge_dir.path().join("ca.crt"),
+    )
+    .unwrap();
+    let (_edge, http) = edge(
+        edge_dir.path(),
+        https,
+        r#"{ mode = "MUTUAL", caCertificates = "ca.crt", clientCertificate = "edge.crt", privateKey = "edge.key" }"#,
+    );
+    let resp = http_get(http, "client.test", "/");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.text(), "from origin");
+
+    // Without the client certificate the origin refuses the handshake: 503 at the edge.
+    let dir2 = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        origin_dir.path().join("origin.crt"),
+        dir2.path().join("ca.crt"),
+    )
+    .unwrap();
+    let (_edge2, http2) = edge(
+        dir2.path(),
+        https,
+        r#"{ mode = "SIMPLE", caCertificates = "ca.crt" }"#,
+    );
+    assert_eq!(http_get(http2, "client.test", "/").status, 503);
+}

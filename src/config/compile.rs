@@ -33,6 +33,7 @@ use crate::routing::{
 };
 use crate::snapshot::{AccessLogSettings, Listener, Settings, Snapshot, Summary};
 use crate::telemetry::access_log::{self, Format as AccessLogFormat};
+use crate::tls::client_auth::{self, ClientAuth, ClientAuthStore};
 use crate::tls::{self, CertStore, ServerCert};
 use crate::upstream::{
     cluster_name, Cluster, ClusterSettings, HashSource, HashTable, Limits, OutlierPolicy, Policy,
@@ -94,6 +95,8 @@ struct CachedGateways {
     generate_missing_certs: bool,
     /// The certificate pairs loaded, and the files to watch.
     pairs: Vec<(PathBuf, PathBuf)>,
+    /// Client CA and CRL files (and the credential files looked for), as they were.
+    client_files: Vec<ClientFile>,
     watched: Vec<PathBuf>,
     /// The certificates the gateways order over ACME.
     acme: Vec<Arc<crate::tls::acme::ManagedCert>>,
@@ -113,6 +116,22 @@ impl CachedGateways {
             && self.credentials_dir == cx.credentials_dir
             && self.generate_missing_certs == cx.opts.generate_missing_certs
             && self.pairs.iter().all(|(c, k)| cx.pair_unchanged(c, k))
+            && self.client_files.iter().all(|f| f.unchanged(&cx.stamps))
+    }
+}
+
+/// A file a client-certificate policy was built from (or looked for and not found).
+#[derive(Clone)]
+struct ClientFile {
+    path: PathBuf,
+    stamp: Option<FileStamp>,
+    read_at: std::time::SystemTime,
+}
+
+impl ClientFile {
+    fn unchanged(&self, stamps: &Stamps) -> bool {
+        stamps.of(&self.path) == self.stamp
+            && (self.stamp.is_none() || settled(&self.stamp, self.read_at))
     }
 }
 
@@ -272,6 +291,7 @@ pub fn compile_cached(
     let mut cx = Cx {
         stamps,
         pairs_used: Vec::new(),
+        client_files: Vec::new(),
         hits: Vec::new(),
         dirty: None,
         rebound: 0,
@@ -341,6 +361,7 @@ pub fn compile_cached(
                     credentials_dir: cx.credentials_dir.clone(),
                     generate_missing_certs: cx.opts.generate_missing_certs,
                     pairs: cx.pairs_used.clone(),
+                    client_files: cx.client_files.clone(),
                     watched: cx.watched[watched..].to_vec(),
                     acme: cx.acme.clone(),
                     gateways: gateways.clone(),
@@ -454,6 +475,7 @@ pub fn compile_cached(
                 vhosts: tables[port].clone(),
             },
             certs: b.tls.then(|| b.certs.clone()),
+            client_auth: (b.tls && b.mutual).then(|| b.client_auth.clone()),
             l4: b.l4.map(|kind| match kind {
                 L4Kind::Passthrough => L4Table::Passthrough((*b.sni).clone()),
                 L4Kind::Tcp => L4Table::Tcp(b.tcp.clone()),
@@ -617,6 +639,8 @@ struct Cx {
     stamps: Stamps,
     /// Certificate pairs `load_pair` was asked for.
     pairs_used: Vec<(PathBuf, PathBuf)>,
+    /// Client CA and CRL files read (or looked for).
+    client_files: Vec<ClientFile>,
     /// Scratch space of `bind`, kept between VirtualServices.
     hits: Vec<(usize, usize, usize)>,
     /// When patching the last compile's tables: the (port, domain) pairs bindings changed.
@@ -733,6 +757,8 @@ struct ServerInfo {
     hosts: Vec<String>,
     https_redirect: bool,
     cert: Option<Arc<ServerCert>>,
+    /// MUTUAL / OPTIONAL_MUTUAL: the client-certificate policy.
+    client_auth: Option<Arc<ClientAuth>>,
     default_cert: bool,
     origin: Origin,
     path: String,
@@ -752,6 +778,9 @@ struct ListenerBuild {
     tcp: Option<Arc<L4Route>>,
     servers: Arc<HostMatcher<ServerPolicy>>,
     certs: Arc<CertStore>,
+    /// Client-certificate policies by host, when a server on the port asks for one.
+    client_auth: Arc<ClientAuthStore>,
+    mutual: bool,
     default_from: Option<String>,
     /// Hashed: a reload of a 10 000-host config inserts every domain again.
     vhosts: foldhash::HashMap<String, VhostBuild>,
@@ -850,6 +879,7 @@ impl Cx {
         let path_normalization = self.path_normalization(doc);
         let downstream = self.downstream(doc);
         let admin_token = self.admin_token(doc);
+        let forward_client_cert = self.forward_client_cert(doc);
         let num_trusted_proxies = m
             .default_config
             .as_ref()
@@ -857,6 +887,7 @@ impl Cx {
             .and_then(|t| t.num_trusted_proxies)
             .unwrap_or(0);
         Settings {
+            forward_client_cert,
             num_trusted_proxies,
             path_normalization,
             downstream,
@@ -884,6 +915,29 @@ impl Cx {
                 .drain_duration
                 .map(|d| d.get())
                 .unwrap_or(Duration::from_secs(5)),
+        }
+    }
+
+    /// `defaultConfig.gatewayTopology.forwardClientCertDetails` (default SANITIZE_SET, as
+    /// for Istio's gateways).
+    fn forward_client_cert(&mut self, doc: &Document) -> client_auth::ForwardClientCert {
+        let set = doc
+            .mesh
+            .spec
+            .default_config
+            .as_ref()
+            .and_then(|d| d.gateway_topology.as_ref())
+            .and_then(|g| g.forward_client_cert_details.as_deref());
+        match set {
+            None => client_auth::ForwardClientCert::default(),
+            Some(s) => client_auth::ForwardClientCert::parse(s).unwrap_or_else(|| {
+                self.err(
+                    &doc.mesh.origin,
+                    ".defaultConfig.gatewayTopology.forwardClientCertDetails",
+                    format!("{s:?} is not SANITIZE, FORWARD_ONLY, APPEND_FORWARD, SANITIZE_SET or ALWAYS_FORWARD_ONLY"),
+                );
+                client_auth::ForwardClientCert::default()
+            }),
         }
     }
 
@@ -1455,6 +1509,7 @@ impl Cx {
             hosts,
             https_redirect: false,
             cert: None,
+            client_auth: None,
             default_cert: false,
             origin: o.clone(),
             path: format!("{}{at}", o.path),
@@ -1494,6 +1549,8 @@ impl Cx {
                 info.default_cert = t.default_certificate || info.hosts.iter().any(|h| h == "*");
                 info.cert =
                     self.server_cert(o, &format!("{at}.tls"), t, &info.hosts, creds, self_signed);
+                info.client_auth =
+                    self.client_auth(o, &format!("{at}.tls"), t, creds, info.cert.as_deref());
             }
         }
         Some(info)
@@ -1509,7 +1566,7 @@ impl Cx {
         self_signed: bool,
     ) -> Option<Arc<ServerCert>> {
         match t.mode.as_deref() {
-            Some("SIMPLE") => {}
+            Some("SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL") => {}
             None => {
                 self.err(
                     o,
@@ -1518,14 +1575,19 @@ impl Cx {
                 );
                 return None;
             }
-            Some(
-                m @ ("PASSTHROUGH" | "MUTUAL" | "OPTIONAL_MUTUAL" | "ISTIO_MUTUAL"
-                | "AUTO_PASSTHROUGH"),
-            ) => {
+            Some(m @ ("PASSTHROUGH" | "AUTO_PASSTHROUGH")) => {
                 self.err(
                     o,
                     &format!("{at}.mode"),
                     format!("tls.mode {m} is not supported yet; use SIMPLE"),
+                );
+                return None;
+            }
+            Some("ISTIO_MUTUAL") => {
+                self.err(
+                    o,
+                    &format!("{at}.mode"),
+                    "tls.mode ISTIO_MUTUAL needs istiod's workload certificates; use MUTUAL with caCertificates or a credential's ca.crt",
                 );
                 return None;
             }
@@ -1561,13 +1623,6 @@ impl Cx {
                 &format!("{at}.maxProtocolVersion"),
                 format!("{v} is not supported: the maximum is always TLS 1.3"),
             ),
-        }
-        if t.ca_certificates.is_some() {
-            self.err(
-                o,
-                &format!("{at}.caCertificates"),
-                "client certificates (MUTUAL) are not supported yet",
-            );
         }
         if t.acme.is_some() {
             return self.acme_server_cert(o, at, t, hosts, creds, require_tls13);
@@ -1660,6 +1715,185 @@ impl Cx {
         }
     }
 
+    /// MUTUAL / OPTIONAL_MUTUAL: the client CA (`caCertificates`, else the CA credential's
+    /// `ca.crt`: `caCertCredentialName`, `credentialName`'s own, or
+    /// `<credentialName>-cacert`), the CRL (`caCrl`, else the credential's `ca.crl`), the
+    /// names and pins. SIMPLE with client settings: a warning, they are not used.
+    fn client_auth(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        t: &schema::ServerTls,
+        creds: &Path,
+        cert: Option<&ServerCert>,
+    ) -> Option<Arc<ClientAuth>> {
+        let mandatory = match t.mode.as_deref() {
+            Some("MUTUAL") => true,
+            Some("OPTIONAL_MUTUAL") => false,
+            _ => {
+                let set = [
+                    ("caCertificates", t.ca_certificates.is_some()),
+                    ("caCrl", t.ca_crl.is_some()),
+                    ("caCertCredentialName", t.ca_cert_credential_name.is_some()),
+                    ("subjectAltNames", !t.subject_alt_names.is_empty()),
+                    (
+                        "verifyCertificateSpki",
+                        !t.verify_certificate_spki.is_empty(),
+                    ),
+                    (
+                        "verifyCertificateHash",
+                        !t.verify_certificate_hash.is_empty(),
+                    ),
+                ];
+                for (field, _) in set.iter().filter(|(_, on)| *on) {
+                    self.warn(
+                        o,
+                        &format!("{at}.{field}"),
+                        "ignored: only tls.mode MUTUAL or OPTIONAL_MUTUAL asks for a client certificate",
+                    );
+                }
+                return None;
+            }
+        };
+        let mut checks = client_auth::Checks {
+            sans: t.subject_alt_names.clone(),
+            ..Default::default()
+        };
+        let mut bad = false;
+        for (i, h) in t.verify_certificate_hash.iter().enumerate() {
+            match client_auth::parse_hash(h) {
+                Some(pin) => checks.hashes.push(pin),
+                None => {
+                    bad = true;
+                    self.err(
+                        o,
+                        &format!("{at}.verifyCertificateHash[{i}]"),
+                        "not a hex SHA-256 (64 hex digits, colons allowed)",
+                    )
+                }
+            }
+        }
+        for (i, h) in t.verify_certificate_spki.iter().enumerate() {
+            match client_auth::parse_spki(h) {
+                Some(pin) => checks.spki.push(pin),
+                None => {
+                    bad = true;
+                    self.err(
+                        o,
+                        &format!("{at}.verifyCertificateSpki[{i}]"),
+                        "not a base64 SHA-256 of a SubjectPublicKeyInfo",
+                    )
+                }
+            }
+        }
+        // Where the CA (and the CRL) come from, and the field to blame.
+        let ca_credential = t
+            .ca_cert_credential_name
+            .as_ref()
+            .map(|n| (creds.join(n), ".caCertCredentialName"))
+            .or_else(|| {
+                let name = t.credential_name.as_ref()?;
+                let own = creds.join(name);
+                let separate = creds.join(format!("{name}-cacert"));
+                let own_stamp = self.stamps.of(&own.join("ca.crt"));
+                self.client_files.push(ClientFile {
+                    path: own.join("ca.crt"),
+                    stamp: own_stamp,
+                    read_at: std::time::SystemTime::now(),
+                });
+                self.watched.push(own.join("ca.crt"));
+                Some(if own_stamp.is_some() {
+                    (own, ".credentialName")
+                } else {
+                    (separate, ".credentialName")
+                })
+            });
+        let (ca_path, ca_field) = match (&t.ca_certificates, &ca_credential) {
+            (Some(ca), _) => (o.file.resolve(ca), ".caCertificates"),
+            (None, Some((dir, field))) => {
+                let ca = dir.join("ca.crt");
+                if self.stamps.of(&ca).is_none() {
+                    self.watched.push(ca.clone());
+                    self.client_files.push(ClientFile {
+                        path: ca.clone(),
+                        stamp: None,
+                        read_at: std::time::SystemTime::now(),
+                    });
+                    self.err(
+                        o,
+                        &format!("{at}{field}"),
+                        format!(
+                            "tls.mode {} needs the client CA: {} does not exist (set caCertificates, or put the CA there)",
+                            t.mode.as_deref().unwrap_or(""),
+                            ca.display()
+                        ),
+                    );
+                    return None;
+                }
+                (ca, *field)
+            }
+            (None, None) => {
+                self.err(
+                    o,
+                    &format!("{at}.mode"),
+                    format!(
+                        "tls.mode {} requires a client CA bundle: set caCertificates, or credentialName with a ca.crt",
+                        t.mode.as_deref().unwrap_or("")
+                    ),
+                );
+                return None;
+            }
+        };
+        let (crl_path, crl_field) = match (&t.ca_crl, &ca_credential) {
+            (Some(crl), _) => (Some(o.file.resolve(crl)), ".caCrl"),
+            (None, Some((dir, field))) if t.ca_certificates.is_none() => {
+                let p = dir.join("ca.crl");
+                let stamp = self.stamps.of(&p);
+                self.client_files.push(ClientFile {
+                    path: p.clone(),
+                    stamp,
+                    read_at: std::time::SystemTime::now(),
+                });
+                self.watched.push(p.clone());
+                (stamp.is_some().then_some(p), *field)
+            }
+            _ => (None, ".caCrl"),
+        };
+        for p in std::iter::once(&ca_path).chain(&crl_path) {
+            let stamp = self.stamps.of(p);
+            self.client_files.push(ClientFile {
+                path: p.clone(),
+                stamp,
+                read_at: std::time::SystemTime::now(),
+            });
+            self.watched.push(p.clone());
+        }
+        if bad {
+            return None;
+        }
+        let server_cert = cert.and_then(|c| c.key.cert.first());
+        let empty = rustls_pki_types::CertificateDer::from(Vec::new());
+        let built = client_auth::build(
+            &ca_path,
+            crl_path.as_deref(),
+            checks,
+            mandatory,
+            server_cert.unwrap_or(&empty),
+        );
+        match built {
+            Ok(auth) => Some(Arc::new(auth)),
+            Err(e) => {
+                let field = if e.contains("CRL") {
+                    crl_field
+                } else {
+                    ca_field
+                };
+                self.err(o, &format!("{at}{field}"), e);
+                None
+            }
+        }
+    }
+
     /// Whether `load_pair` would take this pair from the last compile without reading it.
     fn pair_unchanged(&self, cert_path: &Path, key_path: &Path) -> bool {
         let paths = (cert_path.to_path_buf(), key_path.to_path_buf());
@@ -1739,6 +1973,8 @@ impl Cx {
                 tcp: None,
                 servers: Arc::default(),
                 certs: Arc::default(),
+                client_auth: Arc::default(),
+                mutual: false,
                 default_from: None,
                 vhosts: foldhash::HashMap::default(),
             });
@@ -1803,6 +2039,12 @@ impl Cx {
                     Arc::make_mut(&mut l.certs).hosts.insert(h, cert.clone());
                 }
                 if s.tls {
+                    Arc::make_mut(&mut l.client_auth)
+                        .hosts
+                        .insert(h, s.client_auth.clone());
+                    l.mutual |= s.client_auth.is_some();
+                }
+                if s.tls {
                     Arc::make_mut(&mut l.sni).insert(h, SniRoute::Terminate);
                 }
             }
@@ -1819,6 +2061,7 @@ impl Cx {
                 } else {
                     l.default_from = Some(s.path.clone());
                     Arc::make_mut(&mut l.certs).default = Some(cert.clone());
+                    Arc::make_mut(&mut l.client_auth).default = s.client_auth.clone();
                 }
             }
         }

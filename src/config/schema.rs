@@ -199,6 +199,10 @@ pub struct GatewayTopology {
     /// Proxies in front of the gateway that append to `X-Forwarded-For`: the client
     /// address (`remote.ip`) is the entry this many from the right. Default 0 (the peer).
     pub num_trusted_proxies: Option<u32>,
+    /// What becomes of `x-forwarded-client-cert`: SANITIZE, FORWARD_ONLY,
+    /// APPEND_FORWARD, SANITIZE_SET (the default, as for Istio's gateways) or
+    /// ALWAYS_FORWARD_ONLY.
+    pub forward_client_cert_details: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
@@ -277,8 +281,24 @@ pub struct ServerTls {
     pub mode: Option<String>,
     pub server_certificate: Option<String>,
     pub private_key: Option<String>,
+    /// MUTUAL / OPTIONAL_MUTUAL: the CA bundle client certificates must chain to.
     pub ca_certificates: Option<String>,
+    /// MUTUAL / OPTIONAL_MUTUAL: a PEM (or DER) certificate revocation list for the
+    /// client CA.
+    pub ca_crl: Option<String>,
     pub credential_name: Option<String>,
+    /// The credential whose `ca.crt` (and `ca.crl`) verifies client certificates, instead
+    /// of `credentialName`'s own or `<credentialName>-cacert`.
+    pub ca_cert_credential_name: Option<String>,
+    /// A client certificate must carry one of these SANs (DNS, URI, IP or e-mail).
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    /// Pins: base64 SHA-256 of the client certificate's SubjectPublicKeyInfo.
+    #[serde(default)]
+    pub verify_certificate_spki: Vec<String>,
+    /// Pins: hex SHA-256 of the client certificate (colons allowed).
+    #[serde(default)]
+    pub verify_certificate_hash: Vec<String>,
     pub min_protocol_version: Option<String>,
     pub max_protocol_version: Option<String>,
     /// Portico extension: serve this server's certificate to clients that send no SNI

@@ -301,6 +301,7 @@ impl ForwardProxy {
                 downstream_local: local,
                 downstream_remote: client,
                 sni: None,
+                peer: None,
                 route_name: None,
                 attempts: u32::from(out.upstream.is_some()),
             },

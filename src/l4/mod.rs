@@ -5,7 +5,7 @@
 //! connects and splices bytes. It never parses config.
 
 pub mod client_hello;
-mod service;
+pub(crate) mod service;
 
 use std::sync::Arc;
 

@@ -284,41 +284,23 @@ async fn forward(route: Arc<L4Route>, io: Stream, rec: &mut Record) -> Result<()
 /// size and time.
 async fn read_sni(io: &mut Stream, timeout: Duration) -> Result<Option<String>, Refusal> {
     let peek = async {
-        let mut buf = Vec::with_capacity(512);
-        loop {
-            match client_hello::parse(&buf) {
-                Parsed::Hello { sni } => return Ok(sni),
-                Parsed::Invalid(why) => {
-                    return Err(Refusal::new(
-                        Flag::NoRoute,
-                        "invalid_client_hello",
-                        format!("not a usable ClientHello: {why}"),
-                    ))
-                }
-                Parsed::NeedBytes(n) => {
-                    // `try_peek` reads exactly `buf.len()` bytes and rewinds them, so the
-                    // buffer is grown to what the parser asks for, never beyond MAX_PEEK.
-                    buf.resize(n, 0);
-                    match io.try_peek(&mut buf).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            return Err(Refusal::new(
-                                Flag::NoRoute,
-                                "invalid_client_hello",
-                                "this stream cannot be peeked",
-                            ))
-                        }
-                        Err(e) => {
-                            return Err(Refusal::new(
-                                Flag::DownstreamConnectionTermination,
-                                "downstream_closed",
-                                format!("client closed before its ClientHello was complete: {e}"),
-                            ))
-                        }
-                    }
-                }
-            }
-        }
+        peek_hello(io.as_mut()).await.map_err(|e| match e {
+            PeekError::Invalid(why) => Refusal::new(
+                Flag::NoRoute,
+                "invalid_client_hello",
+                format!("not a usable ClientHello: {why}"),
+            ),
+            PeekError::CannotPeek => Refusal::new(
+                Flag::NoRoute,
+                "invalid_client_hello",
+                "this stream cannot be peeked",
+            ),
+            PeekError::Closed(e) => Refusal::new(
+                Flag::DownstreamConnectionTermination,
+                "downstream_closed",
+                format!("client closed before its ClientHello was complete: {e}"),
+            ),
+        })
     };
     tokio::time::timeout(timeout, peek)
         .await
@@ -329,6 +311,50 @@ async fn read_sni(io: &mut Stream, timeout: Duration) -> Result<Option<String>, 
                 format!("no complete ClientHello within {timeout:?}"),
             ))
         })
+}
+
+/// Why a ClientHello could not be peeked.
+pub(crate) enum PeekError {
+    Invalid(&'static str),
+    CannotPeek,
+    Closed(std::io::Error),
+}
+
+/// Peeks (never consumes) the ClientHello and returns its SNI, if it has one; bounded in
+/// size (not in time: the caller's timeout).
+pub(crate) async fn peek_hello<S>(io: &mut S) -> Result<Option<String>, PeekError>
+where
+    S: pingora::protocols::Peek + Send + ?Sized,
+{
+    let mut buf = Vec::with_capacity(512);
+    loop {
+        match client_hello::parse(&buf) {
+            Parsed::Hello { sni } => return Ok(sni),
+            Parsed::Invalid(why) => return Err(PeekError::Invalid(why)),
+            Parsed::NeedBytes(n) => {
+                // `try_peek` reads exactly `buf.len()` bytes and rewinds them, so the
+                // buffer is grown to what the parser asks for, never beyond MAX_PEEK.
+                buf.resize(n, 0);
+                match io.try_peek(&mut buf).await {
+                    Ok(true) => {}
+                    Ok(false) => return Err(PeekError::CannotPeek),
+                    Err(e) => return Err(PeekError::Closed(e)),
+                }
+            }
+        }
+    }
+}
+
+/// [`peek_hello`] for the TLS accept path: the error as a message.
+pub(crate) async fn peek_sni<S>(io: &mut S) -> Result<Option<String>, String>
+where
+    S: pingora::protocols::Peek + Send + ?Sized,
+{
+    peek_hello(io).await.map_err(|e| match e {
+        PeekError::Invalid(why) => format!("not a usable ClientHello: {why}"),
+        PeekError::CannotPeek => "this stream cannot be peeked".to_string(),
+        PeekError::Closed(e) => format!("client closed before its ClientHello was complete: {e}"),
+    })
 }
 
 /// Connects to an endpoint the cluster's balancer picks, trying others when one fails.
@@ -426,6 +452,7 @@ fn finish(snapshot: &Snapshot, rec: &Record, flag: Flag, details: &'static str) 
         downstream_local: rec.downstream_local,
         downstream_remote: rec.downstream_remote,
         sni: rec.sni.as_deref(),
+        peer: None,
         route_name: None,
         attempts: u32::from(rec.upstream.is_some()),
     };

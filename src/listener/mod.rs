@@ -396,7 +396,6 @@ pub fn memory_cap_from(root: &std::path::Path) -> Option<MemoryCap> {
 mod tests {
     use super::*;
 
-    #[test]
     fn caps(max: usize, per_client: usize) -> crate::snapshot::Downstream {
         crate::snapshot::Downstream {
             max_connections: Some(max),

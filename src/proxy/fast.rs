@@ -121,6 +121,8 @@ struct Conn {
     /// Endpoints tried for the request being served (kept to reuse its allocation).
     tried: Vec<usize>,
     client_ip: Option<IpAddr>,
+    /// The verified client certificate (mutual TLS).
+    peer: Option<Arc<crate::tls::client_auth::PeerCert>>,
     /// The wait for a request head: one timer for the connection, moved on at every read.
     /// Moving a registered timer later is an atomic store; a `timeout` around each read
     /// would add and remove a timer-wheel entry per request, a lock each way.
@@ -327,8 +329,11 @@ impl Conn {
         let client_ip = io
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let peer = crate::tls::client_auth::TlsConn::of(io.get_ssl_digest().as_deref())
+            .and_then(|t| t.peer.clone());
         Conn {
             io,
+            peer,
             buf: BytesMut::new(),
             up: None,
             ubuf: BytesMut::new(),
@@ -817,11 +822,10 @@ impl FastH1 {
             port: listener.addr.port(),
             client_ip: request::remote_address(settings.num_trusted_proxies, c.client_ip, headers),
             peer_ip: c.client_ip,
-            sni: ssl
-                .as_deref()
-                .and_then(|t| t.extension.get::<super::Sni>())
-                .map(|s| s.0.as_str()),
-            peer_principal: None,
+            sni: crate::tls::client_auth::TlsConn::of(ssl.as_deref())
+                .and_then(|t| t.sni.as_deref()),
+            peer_principal: c.peer.as_deref().and_then(|p| p.principal()),
+            peer: c.peer.as_deref(),
         };
         // The body, whole, after the head; each read within `requestBodyTimeout`. (It
         // stays in `c.buf` until it is forwarded: a request lent to pingora below gets
@@ -942,6 +946,10 @@ impl FastH1 {
             ops: [&route.headers.request, &destination.headers.request],
             upgrade: false,
             span: span.as_ref(),
+            client_cert: request::ClientCert {
+                mode: settings.forward_client_cert,
+                peer: c.peer.as_deref(),
+            },
         };
         request::upstream_request_headers(|| raw(parsed.headers), &forwarding, out);
         out.extend_from_slice(b"\r\n");
@@ -1268,6 +1276,7 @@ impl Log<'_> {
     ) {
         let duration = self.started.elapsed();
         let (downstream_local, downstream_remote) = access_log::addresses(socket);
+        let conn = crate::tls::client_auth::TlsConn::of(ssl);
         let entry = access_log::Entry {
             start: std::time::SystemTime::now() - duration,
             method: self.req.method,
@@ -1288,9 +1297,8 @@ impl Log<'_> {
             upstream_cluster: self.cluster.map(|c| c.name.as_str()),
             downstream_local,
             downstream_remote,
-            sni: ssl
-                .and_then(|t| t.extension.get::<super::Sni>())
-                .map(|s| s.0.as_str()),
+            sni: conn.and_then(|c| c.sni.as_deref()),
+            peer: conn.and_then(|c| c.peer.as_deref()),
             route_name: self.route.and_then(|r| r.name.as_deref()),
             attempts: done.attempts,
         };

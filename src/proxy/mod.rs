@@ -53,9 +53,6 @@ impl Gateway {
     }
 }
 
-/// The SNI a TLS client sent, kept from the handshake for the log line.
-pub struct Sni(pub String);
-
 /// Per-request state. The Snapshot is loaded once, in the first phase, and kept to the end.
 pub struct RequestCtx {
     started: Instant,
@@ -143,6 +140,12 @@ impl RequestCtx {
         self.deadline
             .map(|d| d.saturating_duration_since(Instant::now()))
     }
+}
+
+/// The verified client certificate of the session's connection (mutual TLS).
+fn peer_cert(session: &Session) -> Option<&crate::tls::client_auth::PeerCert> {
+    let ssl = session.digest()?.ssl_digest.as_deref();
+    crate::tls::client_auth::TlsConn::of(ssl)?.peer.as_deref()
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
@@ -503,12 +506,12 @@ impl ProxyHttp for Gateway {
                         headers,
                     ),
                     peer_ip: peer,
-                    sni: session
-                        .digest()
-                        .and_then(|d| d.ssl_digest.as_ref())
-                        .and_then(|t| t.extension.get::<Sni>())
-                        .map(|s| s.0.as_str()),
-                    peer_principal: None,
+                    sni: crate::tls::client_auth::TlsConn::of(
+                        session.digest().and_then(|d| d.ssl_digest.as_deref()),
+                    )
+                    .and_then(|t| t.sni.as_deref()),
+                    peer_principal: peer_cert(session).and_then(|p| p.principal()),
+                    peer: peer_cert(session),
                 };
                 request::plan(listener, &host, &view).police(&view).await
             }
@@ -723,6 +726,14 @@ impl ProxyHttp for Gateway {
                 ops: [&route.headers.request, &dest.headers.request],
                 upgrade: session.is_upgrade_req(),
                 span: ctx.span.as_ref(),
+                client_cert: request::ClientCert {
+                    mode: ctx
+                        .snapshot
+                        .as_ref()
+                        .map(|s| s.settings.forward_client_cert)
+                        .unwrap_or_default(),
+                    peer: peer_cert(session),
+                },
             };
             rebuild_upstream_headers(upstream, &forwarding)?;
             if ctx.close_upstream {
@@ -983,10 +994,8 @@ impl ProxyHttp for Gateway {
         };
         let req = session.req_header();
         let digest = session.digest();
-        let sni = digest
-            .and_then(|d| d.ssl_digest.as_ref())
-            .and_then(|t| t.extension.get::<Sni>())
-            .map(|s| s.0.as_str());
+        let conn =
+            crate::tls::client_auth::TlsConn::of(digest.and_then(|d| d.ssl_digest.as_deref()));
         let (downstream_local, downstream_remote) =
             access_log::addresses(digest.and_then(|d| d.socket_digest.as_deref()));
         let authority = authority(req);
@@ -1017,7 +1026,8 @@ impl ProxyHttp for Gateway {
                 .or_else(|| ctx.egress.as_ref().map(|t| t.cluster())),
             downstream_local,
             downstream_remote,
-            sni,
+            sni: conn.and_then(|c| c.sni.as_deref()),
+            peer: conn.and_then(|c| c.peer.as_deref()),
             route_name: ctx.route.as_ref().and_then(|r| r.name.as_deref()),
             attempts: if ctx.upstream_host.is_some() {
                 ctx.retries + 1

@@ -16,6 +16,7 @@ use crate::routing::{chance, Action, Cors, Decision, Forward, HeaderOps, Request
 use crate::snapshot::Listener;
 use crate::telemetry::outcome::Flag;
 use crate::telemetry::trace::SpanContext;
+use crate::tls::client_auth::{ForwardClientCert, PeerCert};
 
 /// Fields about one hop, never passed upstream: RFC 9110 7.6.1's (`Connection` and what it
 /// names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Upgrade`), the client's
@@ -66,7 +67,19 @@ pub struct Forwarding<'a> {
     /// The request's span (tracing on): its propagation fields replace the client's and
     /// any route's, written last.
     pub span: Option<&'a SpanContext>,
+    /// `x-forwarded-client-cert`: the mode and the connection's verified certificate.
+    pub client_cert: ClientCert<'a>,
 }
+
+/// What `x-forwarded-client-cert` becomes (Envoy's `forward_client_cert_details`).
+#[derive(Clone, Copy, Default)]
+pub struct ClientCert<'a> {
+    pub mode: ForwardClientCert,
+    /// The verified client certificate of a mutual-TLS connection.
+    pub peer: Option<&'a PeerCert>,
+}
+
+const XFCC: &str = "x-forwarded-client-cert";
 
 impl Forwarding<'_> {
     /// Whether a `set` or `remove` in `ops[from..]` replaces field `name`.
@@ -107,7 +120,9 @@ fn named_by_connection<'h>(client: impl Iterator<Item = (&'h str, &'h [u8])>, na
 /// `X-Forwarded-For`: the client's values that no operation removed, then the client's
 /// address (unless an operation sets it). So a route's `remove: [x-forwarded-for]` drops
 /// what a client claimed and keeps the address Portico saw, and a `set` of any of these
-/// fields gives one field with the route's value.
+/// fields gives one field with the route's value. `X-Forwarded-Client-Cert` likewise, last:
+/// the client's values when the mode keeps them (never by default), then this hop's
+/// element for a verified client certificate (SANITIZE_SET, APPEND_FORWARD), one field.
 ///
 /// `client` gives the client's fields afresh on each call (they are looked at more than
 /// once: for what `Connection` names, and for `X-Forwarded-For`).
@@ -129,6 +144,7 @@ pub fn upstream_request_headers<'h, I>(
             continue;
         }
         if hop_by_hop_request(name, f.upgrade)
+            || name.eq_ignore_ascii_case(XFCC)
             || name.eq_ignore_ascii_case("x-forwarded-for")
             || name.eq_ignore_ascii_case("x-forwarded-proto")
             || f.replaced_in(0, name.as_bytes())
@@ -168,8 +184,41 @@ pub fn upstream_request_headers<'h, I>(
             out.forwarded_for(&mut prev, ip);
         }
     }
+    forwarded_client_cert(&client, f, out);
     if let Some(span) = f.span {
         span.fields(|n, v| out.field(n, v));
+    }
+}
+
+/// `x-forwarded-client-cert` as the mode says (see [`upstream_request_headers`]).
+fn forwarded_client_cert<'h, I>(
+    client: &impl Fn() -> I,
+    f: &Forwarding<'_>,
+    out: &mut impl HeaderSink,
+) where
+    I: Iterator<Item = (&'h str, &'h [u8])>,
+{
+    let c = f.client_cert;
+    if f.set_by_ops(XFCC.as_bytes()) {
+        return;
+    }
+    let keep = c.mode.keeps_client_field(c.peer.is_some()) && !f.replaced_in(0, XFCC.as_bytes());
+    let own = c.peer.filter(|_| c.mode.adds_element());
+    let mut prev = client()
+        .filter(|(n, _)| keep && n.eq_ignore_ascii_case(XFCC))
+        .map(|(_, v)| v);
+    let first = prev.next();
+    match (first, own) {
+        (None, None) => {}
+        (None, Some(p)) => out.field(XFCC.as_bytes(), p.xfcc.as_bytes()),
+        (Some(v), own) => {
+            let mut value = v.to_vec();
+            for v in prev.chain(own.map(|p| p.xfcc.as_bytes())) {
+                value.push(b',');
+                value.extend_from_slice(v);
+            }
+            out.field(XFCC.as_bytes(), &value);
+        }
     }
 }
 
@@ -809,6 +858,7 @@ mod tests {
             ops: [route, dest],
             upgrade: false,
             span: None,
+            client_cert: ClientCert::default(),
         };
         let mut out = Vec::new();
         upstream_request_headers(

@@ -101,6 +101,8 @@ pub struct RequestView<'a> {
     /// The client's address as the core trusts it (Istio's `remote.ip`): the peer, or the
     /// `X-Forwarded-For` entry `numTrustedProxies` names (`request::remote_address`).
     pub client_ip: Option<std::net::IpAddr>,
+    /// The verified client certificate of a mutual-TLS connection.
+    pub peer: Option<&'a crate::tls::client_auth::PeerCert>,
     /// The connection's peer (Istio's `source.ip`).
     pub peer_ip: Option<std::net::IpAddr>,
     /// The TLS server name the client sent.
@@ -298,6 +300,7 @@ mod tests {
             headers: Headers::Map(headers),
             port: 80,
             client_ip: None,
+            peer: None,
             peer_ip: None,
             sni: None,
             peer_principal: None,

@@ -45,6 +45,8 @@ pub struct Entry<'a> {
     pub downstream_local: Option<SocketAddr>,
     pub downstream_remote: Option<SocketAddr>,
     pub sni: Option<&'a str>,
+    /// The client's verified certificate (mutual TLS).
+    pub peer: Option<&'a crate::tls::client_auth::PeerCert>,
     pub route_name: Option<&'a str>,
     pub attempts: u32,
 }
@@ -73,6 +75,12 @@ pub enum Piece {
     DownstreamRemote,
     DownstreamRemoteNoPort,
     RequestedServerName,
+    DownstreamPeerUriSan,
+    DownstreamPeerDnsSan,
+    DownstreamPeerSubject,
+    DownstreamPeerIssuer,
+    DownstreamPeerFingerprint256,
+    DownstreamPeerSerial,
     RouteName,
     UpstreamRequestAttemptCount,
     /// Operators Portico knows but has no value for (written `-`).
@@ -191,6 +199,12 @@ fn operator(op: &str) -> Result<Piece, String> {
         "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT"
         | "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT" => Piece::DownstreamRemoteNoPort,
         "REQUESTED_SERVER_NAME" => Piece::RequestedServerName,
+        "DOWNSTREAM_PEER_URI_SAN" => Piece::DownstreamPeerUriSan,
+        "DOWNSTREAM_PEER_DNS_SAN" => Piece::DownstreamPeerDnsSan,
+        "DOWNSTREAM_PEER_SUBJECT" => Piece::DownstreamPeerSubject,
+        "DOWNSTREAM_PEER_ISSUER" => Piece::DownstreamPeerIssuer,
+        "DOWNSTREAM_PEER_FINGERPRINT_256" => Piece::DownstreamPeerFingerprint256,
+        "DOWNSTREAM_PEER_SERIAL" => Piece::DownstreamPeerSerial,
         "ROUTE_NAME" => Piece::RouteName,
         "UPSTREAM_REQUEST_ATTEMPT_COUNT" => Piece::UpstreamRequestAttemptCount,
         "CONNECTION_TERMINATION_DETAILS"
@@ -417,9 +431,29 @@ fn render_piece(out: &mut Vec<u8>, p: &Piece, e: &Entry<'_>) {
             None => text("-"),
         },
         Piece::RequestedServerName => text(or_dash(e.sni)),
+        Piece::DownstreamPeerUriSan => {
+            text(or_dash(e.peer.map(|p| p.uri_sans.join(",")).as_deref()))
+        }
+        Piece::DownstreamPeerDnsSan => {
+            text(or_dash(e.peer.map(|p| p.dns_sans.join(",")).as_deref()))
+        }
+        Piece::DownstreamPeerSubject => text(or_dash(e.peer.map(|p| &*p.subject))),
+        Piece::DownstreamPeerIssuer => text(or_dash(e.peer.map(|p| &*p.issuer))),
+        Piece::DownstreamPeerFingerprint256 => text(or_dash(e.peer.map(|p| &*p.hash))),
+        Piece::DownstreamPeerSerial => text(or_dash(e.peer.map(|p| &*p.serial))),
         Piece::RouteName => text(or_dash(e.route_name)),
         Piece::UpstreamRequestAttemptCount => push_num(out, e.attempts),
         Piece::Dash => text("-"),
+    }
+}
+
+/// `items` joined by commas (a certificate's SANs).
+fn push_joined(out: &mut Vec<u8>, items: &[String]) {
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(item.as_bytes());
     }
 }
 
@@ -440,6 +474,16 @@ fn render_json(e: &Entry<'_>, out: &mut Vec<u8>) {
     j.num(key!("bytes_received"), e.bytes_received as u64);
     j.num(key!("bytes_sent"), e.bytes_sent as u64);
     j.addr(key!("downstream_local_address"), e.downstream_local);
+    // A mutual-TLS client: Envoy's DOWNSTREAM_PEER_* values, under their snake-case names.
+    if let Some(p) = e.peer {
+        j.key(key!("downstream_peer_dns_san"));
+        j.string_with(|o| push_joined(o, &p.dns_sans));
+        j.str(key!("downstream_peer_fingerprint_256"), &p.hash);
+        j.str(key!("downstream_peer_issuer"), &p.issuer);
+        j.str(key!("downstream_peer_subject"), &p.subject);
+        j.key(key!("downstream_peer_uri_san"));
+        j.string_with(|o| push_joined(o, &p.uri_sans));
+    }
     j.addr(key!("downstream_remote_address"), e.downstream_remote);
     j.num(key!("duration"), e.duration.as_millis() as u64);
     j.str(key!("method"), e.method);
@@ -1023,6 +1067,7 @@ mod tests {
             downstream_local: None,
             downstream_remote: Some("127.0.0.1:5555".parse().unwrap()),
             sni: None,
+            peer: None,
             route_name: Some("r1"),
             attempts: 3,
         }
@@ -1152,6 +1197,28 @@ mod tests {
                     or_dash(e.response_headers.and_then(|h| header_str(h, name)))
                 ),
                 Piece::Authority => write!(out, "{}", or_dash(Some(e.authority))),
+                Piece::DownstreamPeerUriSan => write!(
+                    out,
+                    "{}",
+                    or_dash(e.peer.map(|p| p.uri_sans.join(",")).as_deref())
+                ),
+                Piece::DownstreamPeerDnsSan => write!(
+                    out,
+                    "{}",
+                    or_dash(e.peer.map(|p| p.dns_sans.join(",")).as_deref())
+                ),
+                Piece::DownstreamPeerSubject => {
+                    write!(out, "{}", or_dash(e.peer.map(|p| &*p.subject)))
+                }
+                Piece::DownstreamPeerIssuer => {
+                    write!(out, "{}", or_dash(e.peer.map(|p| &*p.issuer)))
+                }
+                Piece::DownstreamPeerFingerprint256 => {
+                    write!(out, "{}", or_dash(e.peer.map(|p| &*p.hash)))
+                }
+                Piece::DownstreamPeerSerial => {
+                    write!(out, "{}", or_dash(e.peer.map(|p| &*p.serial)))
+                }
                 Piece::UpstreamHost => match e.upstream_host {
                     Some(a) => write!(out, "{a}"),
                     None => write!(out, "-"),
@@ -1262,6 +1329,7 @@ mod tests {
             downstream_local: Some(addr),
             downstream_remote: Some(addr),
             sni: Some(s),
+            peer: None,
             route_name: Some(s),
             attempts: u32::MAX,
         }

@@ -16,6 +16,10 @@
 //!   12 hours) has no such limit and needs no cache. Resumption still does a full
 //!   (EC)DHE exchange (PSK_DHE_KE; rustls never accepts PSK-only), and 0-RTT stays off.
 //!   Keys are per listener and per process: a restart or an upgrade means full handshakes.
+//!
+//! A listener with a mutual-TLS server (`tls::client_auth`) peeks each ClientHello's SNI
+//! first (within the same handshake timeout) and hands the connection to that server's
+//! acceptor: the same resolver, ALPN and tuning, its own client verifier and ticket key.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +27,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
-use pingora::listeners::tls::Acceptor;
+use pingora::listeners::tls::{Acceptor, TlsSettings};
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Ssl, Stream};
 use pingora::server::ShutdownWatch;
@@ -36,6 +40,30 @@ use crate::snapshot::Snapshot;
 /// TLS 1.3 tickets sent after a handshake (rustls' default, and OpenSSL's after a full
 /// handshake): a client can open two connections at once and resume both.
 pub const TLS13_TICKETS: usize = 2;
+
+/// The acceptor of listener `listener`: certificates chosen by SNI from the current
+/// Snapshot, h2 by ALPN, stateless tickets ([`tune`]); with `auth`, client certificates
+/// asked for and verified by that server's policy.
+pub fn acceptor(
+    listener: usize,
+    snapshots: &Arc<ArcSwap<Snapshot>>,
+    auth: Option<&crate::tls::client_auth::ClientAuth>,
+) -> Result<Acceptor, String> {
+    let by = auth.map(|a| a.by.clone()).unwrap_or_else(|| Arc::from([]));
+    let mut tls = TlsSettings::with_callbacks(Box::new(crate::server::KeepTls { by }))
+        .map_err(|e| e.to_string())?;
+    tls.set_cert_resolver(Arc::new(crate::tls::SniResolver {
+        listener,
+        snapshots: snapshots.clone(),
+    }));
+    if let Some(a) = auth {
+        tls.set_client_cert_verifier(a.verifier.clone());
+    }
+    tls.enable_h2();
+    let mut acceptor = tls.build();
+    tune(&mut acceptor)?;
+    Ok(acceptor)
+}
 
 /// Switches the acceptor's `ServerConfig` to stateless session tickets (see the module doc).
 pub fn tune(acceptor: &mut Acceptor) -> Result<(), String> {
@@ -83,7 +111,15 @@ impl Https {
         // The handshake's and h2's states are boxed: held inline, their size would stay
         // with every HTTP/1.1 connection for its whole life (a future is as large as its
         // largest state), idle keep-alive ones included.
-        let handshake = Box::pin(self.acceptor.tls_handshake(*l4));
+        let handshake = Box::pin(async {
+            let mut l4 = l4;
+            let auth = self.client_auth(&mut l4).await?;
+            let acceptor = match &auth {
+                None => &self.acceptor,
+                Some(a) => self.mutual_acceptor(a)?,
+            };
+            acceptor.tls_handshake(*l4).await.map_err(|e| e.to_string())
+        });
         let tls = match tokio::time::timeout(timeout, handshake).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
@@ -108,6 +144,43 @@ impl Https {
             return self.proxy.process_new(Box::new(tls), shutdown).await;
         }
         self.front.serve_connection(Box::new(tls), shutdown).await
+    }
+
+    /// The client-certificate policy of the server the ClientHello names, on a listener
+    /// that has a mutual-TLS server (the SNI is peeked, never consumed).
+    async fn client_auth(
+        &self,
+        l4: &mut Box<L4Stream>,
+    ) -> Result<Option<Arc<crate::tls::client_auth::ClientAuth>>, String> {
+        let store = {
+            let snapshot = self.snapshots.load();
+            match snapshot
+                .listeners
+                .get(self.front.listener)
+                .and_then(|l| l.client_auth.clone())
+            {
+                Some(store) => store,
+                None => return Ok(None),
+            }
+        };
+        let sni = crate::l4::service::peek_sni(l4.as_mut()).await?;
+        Ok(store.resolve(sni.as_deref()).cloned())
+    }
+
+    /// The acceptor of a mutual-TLS server, built on its first handshake.
+    fn mutual_acceptor<'a>(
+        &self,
+        auth: &'a crate::tls::client_auth::ClientAuth,
+    ) -> Result<&'a Acceptor, String> {
+        if let Some(a) = auth.acceptor.get() {
+            return Ok(a);
+        }
+        let built = acceptor(self.front.listener, &self.snapshots, Some(auth))?;
+        // Another handshake may have built it meanwhile; either is as good.
+        let _ = auth.acceptor.set(built);
+        auth.acceptor
+            .get()
+            .ok_or_else(|| "no acceptor for the mutual-TLS server".to_string())
     }
 
     /// Tells open keep-alive connections to stop at shutdown, as pingora does for its own

@@ -16,6 +16,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::routing::HostMatcher;
 
 pub mod acme;
+pub mod client_auth;
 pub mod https;
 use crate::snapshot::Snapshot;
 

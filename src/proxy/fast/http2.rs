@@ -194,6 +194,9 @@ impl FastH1 {
             let id = request_id();
             let _ = s.req_header_mut().insert_header("x-request-id", &id[..]);
         }
+        let peer =
+            crate::tls::client_auth::TlsConn::of(s.digest().and_then(|d| d.ssl_digest.as_deref()))
+                .and_then(|t| t.peer.clone());
         let req = s.req_header();
         let settings = &snapshot.settings;
         let span = settings
@@ -230,11 +233,10 @@ impl FastH1 {
             port: listener.addr.port(),
             client_ip: request::remote_address(settings.num_trusted_proxies, client_ip, headers),
             peer_ip: client_ip,
-            sni: digest
-                .and_then(|d| d.ssl_digest.as_deref())
-                .and_then(|t| t.extension.get::<crate::proxy::Sni>())
-                .map(|s| s.0.as_str()),
-            peer_principal: None,
+            sni: crate::tls::client_auth::TlsConn::of(digest.and_then(|d| d.ssl_digest.as_deref()))
+                .and_then(|t| t.sni.as_deref()),
+            peer_principal: peer.as_deref().and_then(|p| p.principal()),
+            peer: peer.as_deref(),
         };
         let host = normalize_host(q.host);
         let planned = request::plan(listener, &host, &view);
@@ -291,6 +293,10 @@ impl FastH1 {
             [&route.headers.request, &destination.headers.request],
             client_ip,
             span.as_ref(),
+            request::ClientCert {
+                mode: settings.forward_client_cert,
+                peer: peer.as_deref(),
+            },
         );
         // A path normalization changed: the log shows the normalized one, as elsewhere.
         let normalized = match &path {
@@ -540,6 +546,7 @@ fn upstream_head(
     ops: [&HeaderOps; 2],
     client_ip: Option<IpAddr>,
     span: Option<&SpanContext>,
+    client_cert: request::ClientCert<'_>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method.as_str().as_bytes());
@@ -599,6 +606,7 @@ fn upstream_head(
         ops,
         upgrade: false,
         span,
+        client_cert,
     };
     request::upstream_request_headers(client, &forwarding, &mut out);
     out.extend_from_slice(b"\r\n");
