@@ -13,7 +13,8 @@ use serde_yaml::Value;
 use super::error::ConfigError;
 use super::load::{ignored_path, SourceFile};
 use super::schema::{
-    AccessList, DestinationRule, Gateway, RateLimitPolicy, ServiceEntry, VirtualService,
+    AccessList, DestinationRule, Gateway, RateLimitPolicy, RequestAuthentication, ServiceEntry,
+    VirtualService,
 };
 
 /// Kubernetes' cluster domain, as Istio appends it to short names.
@@ -21,6 +22,9 @@ pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// The API versions of `networking.istio.io` whose resources Portico reads.
 const NETWORKING_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+
+/// The API versions of `security.istio.io` whose resources Portico reads.
+const SECURITY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 
 /// The API group and version of Portico's own kinds.
 pub const PORTICO_GROUP: &str = "portico.dev";
@@ -35,6 +39,7 @@ pub struct Resources {
     pub service_entries: Vec<(String, ServiceEntry)>,
     pub rate_limits: Vec<(String, RateLimitPolicy)>,
     pub access_lists: Vec<(String, AccessList)>,
+    pub request_authentications: Vec<(String, RequestAuthentication)>,
     pub warnings: Vec<ConfigError>,
     pub errors: Vec<ConfigError>,
 }
@@ -128,6 +133,7 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
         }
         ("networking.istio.io", "Gateway" | "VirtualService" | "DestinationRule" | "ServiceEntry") => {}
         (PORTICO_GROUP, "RateLimitPolicy" | "AccessList") => {}
+        ("security.istio.io", "RequestAuthentication") => {}
         (PORTICO_GROUP, other) => {
             out.errors.push(file.error(
                 &format!("{doc}.kind"),
@@ -161,7 +167,14 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
         ));
         return;
     }
-    if group != PORTICO_GROUP && !NETWORKING_VERSIONS.contains(&version) {
+    if group == "security.istio.io" && !SECURITY_VERSIONS.contains(&version) {
+        out.errors.push(file.error(
+            &format!("{doc}.apiVersion"),
+            format!("{api_version} is not supported: use security.istio.io/v1 or v1beta1"),
+        ));
+        return;
+    }
+    if group == "networking.istio.io" && !NETWORKING_VERSIONS.contains(&version) {
         out.errors.push(file.error(
             &format!("{doc}.apiVersion"),
             format!(
@@ -282,6 +295,27 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
             if let Some((l, unknown)) = parse::<AccessList>(file, &at, spec, out) {
                 unknown_are_errors(file, &at, &unknown, out);
                 out.access_lists.push((at, l));
+            }
+        }
+        "RequestAuthentication" => {
+            let spec = match spec {
+                Value::Mapping(mut m) => {
+                    // `targetRef` (singular) is the older form of `targetRefs`.
+                    if let Some(one) = m.remove("targetRef") {
+                        let refs = m
+                            .entry("targetRefs".into())
+                            .or_insert_with(|| Value::Sequence(Vec::new()));
+                        if let Value::Sequence(refs) = refs {
+                            refs.push(one);
+                        }
+                    }
+                    Value::Mapping(m)
+                }
+                other => other,
+            };
+            if let Some((r, unknown)) = parse::<RequestAuthentication>(file, &at, spec, out) {
+                report_unknown(file, &at, &unknown, |_| false, out);
+                out.request_authentications.push((at, r));
             }
         }
         _ => {}

@@ -12,7 +12,8 @@ use serde::de::DeserializeOwned;
 use super::error::{at, line_col, ConfigError};
 use super::istio;
 use super::schema::{
-    self, AccessList, DestinationRule, Gateway, Mesh, RateLimitPolicy, ServiceEntry, VirtualService,
+    self, AccessList, DestinationRule, Gateway, Mesh, RateLimitPolicy, RequestAuthentication,
+    ServiceEntry, VirtualService,
 };
 
 /// How a file is written: Portico's TOML, or Istio YAML manifests.
@@ -110,6 +111,7 @@ pub struct Document {
     pub service_entries: Vec<Item<ServiceEntry>>,
     pub rate_limits: Vec<Item<RateLimitPolicy>>,
     pub access_lists: Vec<Item<AccessList>>,
+    pub request_authentications: Vec<Item<RequestAuthentication>>,
     /// Notes found while reading: skipped manifests, unsupported fields in YAML.
     pub warnings: Vec<ConfigError>,
 }
@@ -208,6 +210,7 @@ struct Parsed {
     service_entries: Vec<Item<ServiceEntry>>,
     rate_limits: Vec<Item<RateLimitPolicy>>,
     access_lists: Vec<Item<AccessList>>,
+    request_authentications: Vec<Item<RequestAuthentication>>,
     /// TOML `include` patterns.
     includes: Vec<String>,
     warnings: Vec<ConfigError>,
@@ -239,6 +242,11 @@ impl Parsed {
             service_entries: items(&file, "serviceEntries", content.service_entries),
             rate_limits: items(&file, "rateLimits", content.rate_limits),
             access_lists: items(&file, "accessLists", content.access_lists),
+            request_authentications: items(
+                &file,
+                "requestAuthentications",
+                content.request_authentications,
+            ),
             includes: content.include,
             warnings: Vec::new(),
             errors: Vec::new(),
@@ -269,6 +277,7 @@ impl Parsed {
             service_entries: items(&file, r.service_entries),
             rate_limits: items(&file, r.rate_limits),
             access_lists: items(&file, r.access_lists),
+            request_authentications: items(&file, r.request_authentications),
             includes: Vec::new(),
             warnings: r.warnings,
             errors: r.errors,
@@ -384,6 +393,7 @@ impl Reader<'_> {
             service_entries: Vec::new(),
             rate_limits: Vec::new(),
             access_lists: Vec::new(),
+            request_authentications: Vec::new(),
             warnings: Vec::new(),
         };
         for (i, p) in self.parsed.iter().enumerate() {
@@ -408,6 +418,8 @@ impl Reader<'_> {
                 .extend(p.service_entries.iter().cloned());
             doc.rate_limits.extend(p.rate_limits.iter().cloned());
             doc.access_lists.extend(p.access_lists.iter().cloned());
+            doc.request_authentications
+                .extend(p.request_authentications.iter().cloned());
             doc.warnings.extend(p.warnings.iter().cloned());
             errors.extend(p.errors.iter().cloned());
             doc.files.push(p.file.clone());

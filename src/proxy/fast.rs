@@ -872,6 +872,7 @@ impl FastH1 {
             ops: [&route.headers.request, &destination.headers.request],
             upgrade: false,
             span: span.as_ref(),
+            auth: f.auth.as_deref(),
         };
         request::upstream_request_headers(|| raw(parsed.headers), &forwarding, out);
         out.extend_from_slice(b"\r\n");

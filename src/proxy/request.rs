@@ -10,7 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue};
 
-use crate::policy::{self, RequestKeys, RoutePolicy};
+use crate::policy::jwt::UpstreamEdits;
+use crate::policy::{self, Claims, RequestKeys, RoutePolicy};
 use crate::routing::{chance, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route};
 use crate::snapshot::Listener;
 use crate::telemetry::outcome::Flag;
@@ -65,6 +66,9 @@ pub struct Forwarding<'a> {
     /// The request's span (tracing on): its propagation fields replace the client's and
     /// any route's, written last.
     pub span: Option<&'a SpanContext>,
+    /// Request authentication's edits (the token's header removed, a verified token's
+    /// outputs added): made before the route's operations, which may replace them.
+    pub auth: Option<&'a UpstreamEdits>,
 }
 
 impl Forwarding<'_> {
@@ -132,6 +136,7 @@ pub fn upstream_request_headers<'h, I>(
             || name.eq_ignore_ascii_case("x-forwarded-proto")
             || f.replaced_in(0, name.as_bytes())
             || f.traced(name.as_bytes())
+            || f.auth.is_some_and(|a| a.removes(name.as_bytes()))
             || (has_connection && named_by_connection(client(), name))
         {
             continue;
@@ -146,6 +151,11 @@ pub fn upstream_request_headers<'h, I>(
     if let Some(id) = f.request_id {
         if !f.replaced_in(0, b"x-request-id") {
             out.field(b"x-request-id", id);
+        }
+    }
+    for (name, value) in f.auth.iter().flat_map(|a| &a.add) {
+        if !f.replaced_in(0, name.as_bytes()) && !f.traced(name.as_bytes()) {
+            out.field(name.as_bytes(), value);
         }
     }
     for (i, o) in f.ops.iter().enumerate() {
@@ -224,27 +234,68 @@ impl<'s> Planned<'s> {
         let Some(policy) = self.policy else {
             return self.plan;
         };
-        let keys = RequestKeys {
-            client_ip: view.client_ip.map(|ip| ip.to_canonical()),
-            headers: view.headers,
-            path: view.path,
-            principal: None,
-            claims: None,
-        };
-        let d = policy.decide(&keys).await;
         let mut plan = self.plan;
-        if d.allowed() {
-            match &mut plan {
-                Plan::Answer(a) => a.policy = d.fields(),
-                Plan::Forward(f) => f.policy = d.fields(),
-            }
-            return plan;
-        }
         let route = match &plan {
             Plan::Answer(a) => a.route,
             Plan::Forward(f) => Some(f.route),
         };
+        // Request authentication first (Envoy's jwt_authn filter runs before RBAC and
+        // rate limits): a bad token is refused; a good one is who the request is.
+        let mut verified = None;
+        let mut edits = None;
+        if let Some(authn) = &policy.authn {
+            match authn.authenticate(view).await {
+                Err(refused) => return Plan::Answer(Box::new(jwt_refusal(refused, route))),
+                Ok(Some(v)) => verified = Some(v),
+                Ok(None) => edits = authn.anonymous_edits(),
+            }
+        }
+        let keys = RequestKeys {
+            client_ip: view.client_ip.map(|ip| ip.to_canonical()),
+            headers: view.headers,
+            path: view.path,
+            principal: verified.as_ref().map(|v| v.principal.as_str()),
+            claims: verified.as_ref().map(|v| v as &(dyn Claims + Sync)),
+        };
+        let d = policy.decide(&keys).await;
+        if d.allowed() {
+            let principal = verified.as_ref().map(|v| Box::from(v.principal.as_str()));
+            match &mut plan {
+                Plan::Answer(a) => {
+                    a.policy = d.fields();
+                    a.principal = principal;
+                }
+                Plan::Forward(f) => {
+                    f.policy = d.fields();
+                    f.principal = principal;
+                    let edits = verified.map(|v| v.edits).or(edits);
+                    f.auth = edits
+                        .filter(|e| *e != UpstreamEdits::default())
+                        .map(Box::new);
+                }
+            }
+            return plan;
+        }
         Plan::Answer(Box::new(refusal(&d, route)))
+    }
+}
+
+/// The answer to a request whose token was refused: Envoy's status, words and
+/// `WWW-Authenticate`.
+fn jwt_refusal<'s>(r: policy::jwt::Refused, route: Option<&'s Arc<Route>>) -> Answer<'s> {
+    Answer {
+        status: r.failure.status(),
+        body: Bytes::from_static(r.failure.text().as_bytes()),
+        location: None,
+        cors: CorsFields::default(),
+        ops: route.map(|r| &r.headers.response),
+        delay: None,
+        flag: Flag::None,
+        details: r.failure.details(),
+        route,
+        policy: policy::Fields::NONE,
+        www_authenticate: HeaderValue::try_from(r.challenge).ok(),
+        principal: None,
     }
 }
 
@@ -268,6 +319,8 @@ fn refusal<'s>(d: &policy::Decision<'_>, route: Option<&'s Arc<Route>>) -> Answe
         details,
         route,
         policy: d.fields(),
+        www_authenticate: None,
+        principal: None,
     }
 }
 
@@ -289,6 +342,10 @@ pub struct Answer<'s> {
     pub route: Option<&'s Arc<Route>>,
     /// The policies' fields (`x-envoy-ratelimited`, RateLimit).
     pub policy: policy::Fields,
+    /// A refused token's `WWW-Authenticate`.
+    pub www_authenticate: Option<HeaderValue>,
+    /// The verified JWT's principal (`iss/sub`), for the log.
+    pub principal: Option<Box<str>>,
 }
 
 impl<'s> Answer<'s> {
@@ -317,6 +374,10 @@ pub struct Forwarded<'s> {
     pub cors_origin: Option<HeaderValue>,
     /// The policies' fields for the response (RateLimit), set by [`Planned::police`].
     pub policy: policy::Fields,
+    /// Request authentication's edits of the upstream request (`Forwarding::auth`).
+    pub auth: Option<Box<UpstreamEdits>>,
+    /// The verified JWT's principal (`iss/sub`), for the log.
+    pub principal: Option<Box<str>>,
 }
 
 impl Forwarded<'_> {
@@ -453,6 +514,8 @@ pub fn not_found<'s>() -> Answer<'s> {
         details: "route_not_found",
         route: None,
         policy: policy::Fields::NONE,
+        www_authenticate: None,
+        principal: None,
     }
 }
 
@@ -482,6 +545,8 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 details: "acme_http01_challenge",
                 route: None,
                 policy: policy::Fields::NONE,
+                www_authenticate: None,
+                principal: None,
             })));
         }
     }
@@ -506,6 +571,8 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 details: "direct_response",
                 route: None,
                 policy: policy::Fields::NONE,
+                www_authenticate: None,
+                principal: None,
             })));
         }
         Decision::NoHost | Decision::NoRoute(_) => {
@@ -530,6 +597,8 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 details: "cors_response",
                 route: Some(route),
                 policy: policy::Fields::NONE,
+                www_authenticate: None,
+                principal: None,
             })));
         }
     }
@@ -554,6 +623,8 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
             details: "direct_response",
             route: Some(route),
             policy: policy::Fields::NONE,
+            www_authenticate: None,
+            principal: None,
         }))
     };
     let forward = match &route.action {
@@ -584,6 +655,8 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                     details: "fault_filter_abort",
                     route: Some(route),
                     policy: policy::Fields::NONE,
+                    www_authenticate: None,
+                    principal: None,
                 })));
             }
         }
@@ -596,6 +669,8 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
         delay,
         cors_origin,
         policy: policy::Fields::NONE,
+        auth: None,
+        principal: None,
     }))
 }
 
@@ -635,6 +710,11 @@ pub fn answer_fields(a: &Answer<'_>, out: &mut impl HeaderSink) {
             out.field(n.as_bytes(), v);
         }
     });
+    if let Some(v) = &a.www_authenticate {
+        if !replaced(b"www-authenticate") {
+            out.field(b"www-authenticate", v.as_bytes());
+        }
+    }
     for (name, value) in ops.set.iter().chain(&ops.add) {
         out.field(name, value.as_bytes());
     }
@@ -731,6 +811,7 @@ mod tests {
             ops: [route, dest],
             upgrade: false,
             span: None,
+            auth: None,
         };
         let mut out = Vec::new();
         upstream_request_headers(

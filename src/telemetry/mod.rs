@@ -50,6 +50,11 @@ pub struct Metrics {
     pub access_list_decisions: IntCounterVec,
     pub access_list_refreshes: IntCounterVec,
     pub access_list_entries: IntGaugeVec,
+    /// JWKS fetches of a `jwksUri`, by `result` (a failure keeps the last good set).
+    pub jwks_fetches: IntCounterVec,
+    /// Requests a RequestAuthentication applied to, by `result`: `verified`, `denied`
+    /// (a bad token: 401/403) or `no_token`.
+    pub jwt_requests: IntCounterVec,
     certificate_expiry: IntGaugeVec,
     endpoint_healthy: IntGaugeVec,
     upstream_active: IntGaugeVec,
@@ -193,6 +198,16 @@ impl Metrics {
             "Entries (addresses, ranges or values) an access list holds now.",
             &["list"],
         );
+        let jwks_fetches = counter(
+            "portico_jwks_fetches_total",
+            "Fetches of a RequestAuthentication jwksUri, by result (a failure keeps the last good key set).",
+            &["result"],
+        );
+        let jwt_requests = counter(
+            "portico_jwt_requests_total",
+            "Requests a RequestAuthentication applied to, by result: verified, denied (a bad token) or no_token.",
+            &["result"],
+        );
         let istio = istio::IstioMetrics::new(&registry);
         for c in [
             Box::new(config_generation.clone()) as Box<dyn prometheus::core::Collector>,
@@ -216,6 +231,8 @@ impl Metrics {
             Box::new(access_list_decisions.clone()),
             Box::new(access_list_refreshes.clone()),
             Box::new(access_list_entries.clone()),
+            Box::new(jwks_fetches.clone()),
+            Box::new(jwt_requests.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -242,6 +259,8 @@ impl Metrics {
             access_list_decisions,
             access_list_refreshes,
             access_list_entries,
+            jwks_fetches,
+            jwt_requests,
             certificate_expiry,
             endpoint_healthy,
             upstream_active,

@@ -283,6 +283,7 @@ impl FastH1 {
             [&route.headers.request, &destination.headers.request],
             client_ip,
             span.as_ref(),
+            f.auth.as_deref(),
         );
         // A path normalization changed: the log shows the normalized one, as elsewhere.
         let normalized = match &path {
@@ -532,6 +533,7 @@ fn upstream_head(
     ops: [&HeaderOps; 2],
     client_ip: Option<IpAddr>,
     span: Option<&SpanContext>,
+    auth: Option<&crate::policy::jwt::UpstreamEdits>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method.as_str().as_bytes());
@@ -591,6 +593,7 @@ fn upstream_head(
         ops,
         upgrade: false,
         span,
+        auth,
     };
     request::upstream_request_headers(client, &forwarding, &mut out);
     out.extend_from_slice(b"\r\n");
