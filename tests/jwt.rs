@@ -188,7 +188,7 @@ fn config(http: u16, https: u16, echo: u16, rules: &str, log: &std::path::Path) 
     format!(
         r#"{mesh}accessLogFile = "{log}"
 accessLogEncoding = "TEXT"
-accessLogFormat = "%RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %REQ(:PATH)%\n"
+accessLogFormat = "%RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %REQ(:PATH)% %DYNAMIC_METADATA(istio_authn:request.auth.principal)%\n"
 
 [[gateways]]
 name = "gw"
@@ -307,6 +307,19 @@ audiences = ["https://portico/"]
 jwksUri = "{uri}"
 "#
     )
+}
+
+fn assert_logged(s: &Setup, line: &str) {
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            std::fs::read_to_string(&s.log)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l == line)
+        }),
+        "{line:?} in:\n{}",
+        std::fs::read_to_string(&s.log).unwrap_or_default()
+    );
 }
 
 #[test]
@@ -432,16 +445,10 @@ fn tokens_are_verified_as_envoy_verifies_them() {
         (401, "Jwt issuer is not configured")
     );
 
-    // The log says why, in Envoy's words.
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            std::fs::read_to_string(&s.log)
-                .unwrap_or_default()
-                .contains("401 jwt_authn_access_denied{Jwt_is_expired} /get?x=1")
-        }),
-        "{}",
-        std::fs::read_to_string(&s.log).unwrap_or_default()
-    );
+    // The log says why, in Envoy's words, and who a verified token is.
+    assert_logged(&s, "401 jwt_authn_access_denied{Jwt_is_expired} /get?x=1 -");
+    assert_logged(&s, "200 via_upstream /get https://issuer.test/alice");
+    assert_logged(&s, "200 via_upstream /get https://ec.test/carol");
     let metrics = http_get(s.portico.admin_port, "localhost", "/metrics").text();
     assert!(
         metric_sum(&metrics, "portico_jwt_requests_total", "result=\"denied\"").unwrap() >= 8.0
@@ -601,6 +608,8 @@ fn h2_requests_are_verified_by_the_same_core() {
         Some("Bearer realm=\"https://jwt.test/get\", error=\"invalid_token\"")
     );
     assert_eq!(answers[2].as_ref().unwrap().status, 200);
+    assert_logged(&s, "200 via_upstream /get https://ec.test/dana");
+    assert_logged(&s, "401 jwt_authn_access_denied{Jwt_is_expired} /get -");
 }
 
 #[test]

@@ -297,6 +297,7 @@ impl ForwardProxy {
             sni: None,
             route_name: None,
             attempts: u32::from(out.upstream.is_some()),
+            request_principal: None,
         }));
     }
 

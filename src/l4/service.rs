@@ -430,6 +430,7 @@ fn finish(snapshot: &Snapshot, rec: &Record, flag: Flag, details: &'static str) 
         sni: rec.sni.as_deref(),
         route_name: None,
         attempts: u32::from(rec.upstream.is_some()),
+        request_principal: None,
     };
     sink.write(al.format.render(&entry));
 }

@@ -528,6 +528,7 @@ async fn refuse(c: &mut Conn, r: Refusal, req: Option<&RefusedRequest<'_>>, snap
         request_id: None,
         tls: false,
         client_ip: c.client_ip,
+        principal: None,
     };
     let mut done = Done::local(r.status, Flag::DownstreamProtocolError, None, 0);
     done.details = r.details;
@@ -768,6 +769,7 @@ impl FastH1 {
             request_id: id.as_ref().map(|id| &id[..]),
             tls: self.tls,
             client_ip: c.client_ip,
+            principal: None,
         };
         while c.buf.len() < req.body {
             c.buf.reserve(req.body - c.buf.len());
@@ -814,6 +816,7 @@ impl FastH1 {
                 let log = Log {
                     route: a.route.map(|r| &**r),
                     cluster: a.cluster(),
+                    principal: a.principal.as_deref(),
                     ..unrouted()
                 };
                 return answer(c, &log, &a, client_close).await;
@@ -827,6 +830,7 @@ impl FastH1 {
         let log = Log {
             route: Some(route),
             cluster: Some(cluster),
+            principal: f.principal.as_deref(),
             ..unrouted()
         };
         if let Some(d) = f.delay {
@@ -1112,6 +1116,8 @@ struct Log<'r> {
     request_id: Option<&'r [u8]>,
     tls: bool,
     client_ip: Option<IpAddr>,
+    /// The verified JWT's principal.
+    principal: Option<&'r str>,
 }
 
 impl Log<'_> {
@@ -1224,6 +1230,7 @@ impl Log<'_> {
                 .map(|s| s.0.as_str()),
             route_name: self.route.and_then(|r| r.name.as_deref()),
             attempts: done.attempts,
+            request_principal: self.principal,
         };
         sink.write(al.format.render(&entry));
     }

@@ -1016,6 +1016,7 @@ impl ProxyHttp for Gateway {
             downstream_remote,
             sni,
             route_name: ctx.route.as_ref().and_then(|r| r.name.as_deref()),
+            request_principal: ctx.principal.as_deref(),
             attempts: if ctx.upstream_host.is_some() {
                 ctx.retries + 1
             } else {

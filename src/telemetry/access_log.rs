@@ -48,6 +48,8 @@ pub struct Entry<'a> {
     pub sni: Option<&'a str>,
     pub route_name: Option<&'a str>,
     pub attempts: u32,
+    /// The verified JWT's principal (`iss/sub`).
+    pub request_principal: Option<&'a str>,
 }
 
 /// One piece of a compiled format string.
@@ -76,6 +78,8 @@ pub enum Piece {
     RequestedServerName,
     RouteName,
     UpstreamRequestAttemptCount,
+    /// `%DYNAMIC_METADATA(istio_authn:request.auth.principal)%`: the JWT's `iss/sub`.
+    RequestPrincipal,
     /// Operators Portico knows but has no value for (written `-`).
     Dash,
 }
@@ -194,6 +198,7 @@ fn operator(op: &str) -> Result<Piece, String> {
         "REQUESTED_SERVER_NAME" => Piece::RequestedServerName,
         "ROUTE_NAME" => Piece::RouteName,
         "UPSTREAM_REQUEST_ATTEMPT_COUNT" => Piece::UpstreamRequestAttemptCount,
+        "DYNAMIC_METADATA(istio_authn:request.auth.principal)" => Piece::RequestPrincipal,
         "CONNECTION_TERMINATION_DETAILS"
         | "UPSTREAM_TRANSPORT_FAILURE_REASON"
         | "UPSTREAM_LOCAL_ADDRESS" => Piece::Dash,
@@ -319,6 +324,7 @@ fn render_piece(out: &mut String, p: &Piece, e: &Entry<'_>) {
         Piece::RequestedServerName => write!(out, "{}", or_dash(e.sni)),
         Piece::RouteName => write!(out, "{}", or_dash(e.route_name)),
         Piece::UpstreamRequestAttemptCount => write!(out, "{}", e.attempts),
+        Piece::RequestPrincipal => write!(out, "{}", or_dash(e.request_principal)),
         Piece::Dash => write!(out, "-"),
     };
 }
@@ -334,7 +340,7 @@ fn render_json(e: &Entry<'_>) -> String {
         Some(q) => format!("{}?{q}", e.path),
         None => e.path.to_string(),
     };
-    let mut line = serde_json::to_string(&serde_json::json!({
+    let mut value = serde_json::json!({
         "start_time": rfc3339(e.start),
         "route_name": e.route_name,
         "method": e.method,
@@ -357,8 +363,11 @@ fn render_json(e: &Entry<'_>) -> String {
         "downstream_remote_address": e.downstream_remote.map(|a| a.to_string()),
         "requested_server_name": e.sni,
         "upstream_request_attempt_count": e.attempts,
-    }))
-    .unwrap_or_default();
+    });
+    if let (Some(p), Some(o)) = (e.request_principal, value.as_object_mut()) {
+        o.insert("request_principal".into(), p.into());
+    }
+    let mut line = serde_json::to_string(&value).unwrap_or_default();
     line.push('\n');
     line
 }
@@ -483,6 +492,7 @@ mod tests {
             sni: None,
             route_name: Some("r1"),
             attempts: 3,
+            request_principal: None,
         }
     }
 

@@ -205,6 +205,7 @@ impl FastH1 {
             started,
             span: span.as_ref(),
             client_ip,
+            principal: None,
         };
         // A path that does not normalize gets pingora's reply (the same check there).
         // (`?` would be wrong in here: `None` means served.)
@@ -252,6 +253,10 @@ impl FastH1 {
                 return None;
             }
             request::Plan::Forward(f) => f,
+        };
+        let sl = StreamLog {
+            principal: f.principal.as_deref(),
+            ..sl
         };
         let (route, forward) = (f.route, f.forward);
         let destination = &forward.destinations[f.destination];
@@ -520,7 +525,11 @@ async fn answer_h2(s: &mut HttpSession, sl: &StreamLog<'_>, a: &request::Answer<
         upstream_host: None,
         attempts: 0,
     };
-    log_h2(s, sl, a.route.map(|r| &**r), a.cluster(), &done);
+    let sl = StreamLog {
+        principal: a.principal.as_deref(),
+        ..*sl
+    };
+    log_h2(s, &sl, a.route.map(|r| &**r), a.cluster(), &done);
 }
 
 /// The HTTP/1.1 request head for the upstream, as pingora's path would write it: `Host`
@@ -791,11 +800,14 @@ async fn local_h2(
 }
 
 /// What an h2 stream's log line, metrics and span need besides the session.
+#[derive(Clone, Copy)]
 struct StreamLog<'a> {
     snapshot: &'a Snapshot,
     started: Instant,
     span: Option<&'a SpanContext>,
     client_ip: Option<IpAddr>,
+    /// The verified JWT's principal.
+    principal: Option<&'a str>,
 }
 
 fn log_h2(
@@ -827,6 +839,7 @@ fn log_h2(
         request_id: None,
         tls: true,
         client_ip: sl.client_ip,
+        principal: sl.principal,
     };
     log.export_span(done, "HTTP/2");
     let Some((al, sink)) = log.observe(done) else {
