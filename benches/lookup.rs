@@ -62,6 +62,9 @@ fn route_lookup(c: &mut Criterion) {
                         headers: portico::routing::Headers::Map(&headers),
                         port: 8080,
                         client_ip: None,
+                        peer_ip: None,
+                        sni: None,
+                        peer_principal: None,
                     };
                     match table.decide(&normalized, &view) {
                         Decision::Route { match_index, .. } => match_index,

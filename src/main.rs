@@ -344,6 +344,9 @@ fn routes(sources: &config::Sources, q: &RouteQuery<'_>) -> ExitCode {
             headers: portico::routing::Headers::Map(&map),
             port: l.addr.port(),
             client_ip: source_ip,
+            peer_ip: source_ip,
+            sni: None,
+            peer_principal: None,
         };
         let head = format!("listener {}", l.shape());
         match l.table.decide(&normalized, &view) {

@@ -57,6 +57,9 @@ pub struct Listener {
     /// Rate limits and access lists of this listener's routes (`request::plan` looks a
     /// routed request's up here).
     pub policies: crate::policy::RoutePolicies,
+    /// The AuthorizationPolicies of the gateways on this listener's port, decided for
+    /// every request before routing's answer (`request::Planned::police`).
+    pub authz: Option<Arc<crate::policy::authz::Authorization>>,
 }
 
 /// The shape of a listener: what needs a new socket when it changes.
@@ -119,6 +122,9 @@ pub struct Settings {
     /// How request paths are normalized before routing.
     pub path_normalization: crate::routing::path::PathNormalization,
     pub downstream: Downstream,
+    /// `defaultConfig.gatewayTopology.numTrustedProxies`: which `X-Forwarded-For` entry
+    /// is the client (`request::remote_address`). 0: the peer.
+    pub num_trusted_proxies: u32,
 }
 
 /// Timeouts and limits of client connections and requests (`mesh.downstream`).

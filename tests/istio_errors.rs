@@ -134,7 +134,7 @@ fn other_kinds_and_lists_are_skipped_bad_versions_rejected() {
     let tmp = tempfile::tempdir().unwrap();
     let (code, out, _) = validate(
         tmp.path(),
-        "apiVersion: v1\nkind: List\nitems: []\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s}\nspec: {}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n",
+        "apiVersion: v1\nkind: List\nitems: []\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s}\nspec: {}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\n",
     );
     assert_eq!(code, 0, "{out}");
     assert!(
@@ -146,7 +146,7 @@ fn other_kinds_and_lists_are_skipped_bad_versions_rejected() {
         "{out}"
     );
     assert!(
-        out.contains("documents[3].kind: AuthorizationPolicy"),
+        out.contains("documents[3].kind: PeerAuthentication"),
         "{out}"
     );
     let (code, out, text) = validate(

@@ -715,3 +715,48 @@ issuer = ""
         assert!(out.contains(want), "{want:?} in:\n{out}");
     }
 }
+
+#[test]
+fn an_allow_policy_for_any_request_principal_requires_a_token() {
+    // Istio's "require a JWT" pattern: RequestAuthentication plus an ALLOW policy for
+    // `requestPrincipals: ["*"]`; and a DENY on a list claim (any element matches).
+    let (ec, ed) = (ec_key("ec1"), ed_key("ed1"));
+    let policies = r#"
+[[authorizationPolicies]]
+name = "require-jwt"
+namespace = "istio-system"
+action = "ALLOW"
+rules = [{ from = [{ source = { requestPrincipals = ["*"] } }] }]
+
+[[authorizationPolicies]]
+name = "no-banned"
+namespace = "istio-system"
+action = "DENY"
+rules = [{ when = [{ key = "request.auth.claims[groups]", values = ["banned"] }] }]
+"#;
+    let s = start(&format!("{}{policies}", inline_rule(&[&ec, &ed])));
+    let r = get(s.http, "/get", &[]);
+    assert_eq!((r.status, r.text().as_str()), (403, "RBAC: access denied"));
+    let good = ec.sign(&claims(EC_ISSUER, "frank"));
+    let r = get(s.http, "/get", &[("x-jwt", &good)]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.echoed_header("x-sub").as_deref(), Some("frank"));
+    let mut expired = claims(EC_ISSUER, "frank");
+    expired["exp"] = json!(now() - 3600);
+    let r = get(s.http, "/get", &[("x-jwt", &ec.sign(&expired))]);
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (401, "Jwt is expired"),
+        "authentication answers before authorization"
+    );
+    let mut banned = claims(EC_ISSUER, "gina");
+    banned["groups"] = json!(["dev", "banned"]);
+    let r = get(s.http, "/get", &[("x-jwt", &ed.sign(&banned))]);
+    assert_eq!((r.status, r.text().as_str()), (403, "RBAC: access denied"));
+    let mut fine = claims(EC_ISSUER, "gina");
+    fine["groups"] = json!(["dev"]);
+    assert_eq!(
+        get(s.http, "/get", &[("x-jwt", &ed.sign(&fine))]).status,
+        200
+    );
+}

@@ -79,6 +79,9 @@ fn route_policy<'s>(s: &'s Snapshot, path: &str) -> &'s portico::policy::RoutePo
         headers: Headers::Raw(&[], &[]),
         port: 8080,
         client_ip: None,
+        peer_ip: None,
+        sni: None,
+        peer_principal: None,
     };
     match s.listeners[0].table.decide("shop.example.com", &view) {
         Routed::Route { vhost, route, .. } => s.listeners[0]
@@ -92,8 +95,14 @@ fn route_policy<'s>(s: &'s Snapshot, path: &str) -> &'s portico::policy::RoutePo
 fn keys(ip: &str, path: &'static str) -> RequestKeys<'static> {
     RequestKeys {
         client_ip: ip.parse::<IpAddr>().ok(),
+        peer_ip: ip.parse::<IpAddr>().ok(),
         headers: Headers::Raw(&[], &[]),
         path,
+        method: "GET",
+        authority: "shop.example.com",
+        port: 8080,
+        sni: None,
+        peer_principal: None,
         principal: None,
         claims: None,
     }

@@ -4,6 +4,7 @@
 //! listening socket.
 
 mod acme;
+mod authz;
 mod l4;
 mod policy;
 
@@ -399,6 +400,7 @@ pub fn compile_cached(
     );
 
     let policies = cx.policies(doc, &cache.policies);
+    let authorization = cx.authorization(doc);
     // Pairs are checked by content, whatever else changed: keep what this compile read.
     cache.certs = std::mem::take(&mut cx.certs_next);
     if !cx.errors.is_empty() {
@@ -458,9 +460,11 @@ pub fn compile_cached(
             }),
             acme: acme_hosts.clone(),
             policies: Default::default(),
+            authz: None,
         })
         .collect();
     let (policies, carried) = policies.bind(doc, &mut listeners_out);
+    authorization.bind(doc, &mut listeners_out);
     cache.policies = carried;
     let mut watched = cx.watched;
     watched.sort();
@@ -846,7 +850,14 @@ impl Cx {
         let path_normalization = self.path_normalization(doc);
         let downstream = self.downstream(doc);
         let admin_token = self.admin_token(doc);
+        let num_trusted_proxies = m
+            .default_config
+            .as_ref()
+            .and_then(|d| d.gateway_topology.as_ref())
+            .and_then(|t| t.num_trusted_proxies)
+            .unwrap_or(0);
         Settings {
+            num_trusted_proxies,
             path_normalization,
             downstream,
             upgrade_socket: match &m.upgrade_socket {

@@ -37,6 +37,11 @@ pub fn to_toml(doc: &Document) -> Result<String, String> {
             .iter()
             .map(|i| (*i.spec).clone())
             .collect(),
+        authorization_policies: doc
+            .authorization_policies
+            .iter()
+            .map(|i| (*i.spec).clone())
+            .collect(),
     };
     let mut value = toml::Value::try_from(&file).map_err(|e| format!("cannot write TOML: {e}"))?;
     prune(&mut value);

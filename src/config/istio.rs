@@ -13,8 +13,8 @@ use serde_yaml::Value;
 use super::error::ConfigError;
 use super::load::{ignored_path, SourceFile};
 use super::schema::{
-    AccessList, DestinationRule, Gateway, RateLimitPolicy, RequestAuthentication, ServiceEntry,
-    VirtualService,
+    AccessList, AuthorizationPolicy, DestinationRule, Gateway, RateLimitPolicy,
+    RequestAuthentication, ServiceEntry, VirtualService,
 };
 
 /// Kubernetes' cluster domain, as Istio appends it to short names.
@@ -40,6 +40,7 @@ pub struct Resources {
     pub rate_limits: Vec<(String, RateLimitPolicy)>,
     pub access_lists: Vec<(String, AccessList)>,
     pub request_authentications: Vec<(String, RequestAuthentication)>,
+    pub authorization_policies: Vec<(String, AuthorizationPolicy)>,
     pub warnings: Vec<ConfigError>,
     pub errors: Vec<ConfigError>,
 }
@@ -147,6 +148,7 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
                 format!("{other} is not a resource Portico reads (it configures sidecars or Envoy): skipped"),
             )
         }
+        ("security.istio.io", "AuthorizationPolicy") => {}
         ("security.istio.io", other) => {
             return skip(
                 out,
@@ -211,6 +213,26 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
         }
     }
     spec.insert("name".into(), name.into());
+    // Istio's dry-run annotation is Portico's `dryRun` field.
+    if kind == "AuthorizationPolicy" {
+        let annotation = value
+            .get("metadata")
+            .and_then(|m| m.get("annotations"))
+            .and_then(|a| a.get("istio.io/dry-run"));
+        match annotation {
+            None => {}
+            Some(Value::String(v)) if v == "true" || v == "false" => {
+                spec.insert("dryRun".into(), Value::Bool(v == "true"));
+            }
+            Some(_) => {
+                out.errors.push(file.error(
+                    &format!("{doc}.metadata.annotations.istio.io/dry-run"),
+                    "must be \"true\" or \"false\"",
+                ));
+                return;
+            }
+        }
+    }
     if let Some(n) = &namespace {
         spec.insert("namespace".into(), n.as_str().into());
     }
@@ -316,6 +338,14 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
             if let Some((r, unknown)) = parse::<RequestAuthentication>(file, &at, spec, out) {
                 report_unknown(file, &at, &unknown, |_| false, out);
                 out.request_authentications.push((at, r));
+            }
+        }
+        "AuthorizationPolicy" => {
+            // An ignored field would widen or narrow who gets in: every unknown one is an
+            // error.
+            if let Some((p, unknown)) = parse::<AuthorizationPolicy>(file, &at, spec, out) {
+                unknown_are_errors(file, &at, &unknown, out);
+                out.authorization_policies.push((at, p));
             }
         }
         _ => {}

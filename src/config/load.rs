@@ -12,8 +12,8 @@ use serde::de::DeserializeOwned;
 use super::error::{at, line_col, ConfigError};
 use super::istio;
 use super::schema::{
-    self, AccessList, DestinationRule, Gateway, Mesh, RateLimitPolicy, RequestAuthentication,
-    ServiceEntry, VirtualService,
+    self, AccessList, AuthorizationPolicy, DestinationRule, Gateway, Mesh, RateLimitPolicy,
+    RequestAuthentication, ServiceEntry, VirtualService,
 };
 
 /// How a file is written: Portico's TOML, or Istio YAML manifests.
@@ -112,6 +112,7 @@ pub struct Document {
     pub rate_limits: Vec<Item<RateLimitPolicy>>,
     pub access_lists: Vec<Item<AccessList>>,
     pub request_authentications: Vec<Item<RequestAuthentication>>,
+    pub authorization_policies: Vec<Item<AuthorizationPolicy>>,
     /// Notes found while reading: skipped manifests, unsupported fields in YAML.
     pub warnings: Vec<ConfigError>,
 }
@@ -211,6 +212,7 @@ struct Parsed {
     rate_limits: Vec<Item<RateLimitPolicy>>,
     access_lists: Vec<Item<AccessList>>,
     request_authentications: Vec<Item<RequestAuthentication>>,
+    authorization_policies: Vec<Item<AuthorizationPolicy>>,
     /// TOML `include` patterns.
     includes: Vec<String>,
     warnings: Vec<ConfigError>,
@@ -247,6 +249,11 @@ impl Parsed {
                 "requestAuthentications",
                 content.request_authentications,
             ),
+            authorization_policies: items(
+                &file,
+                "authorizationPolicies",
+                content.authorization_policies,
+            ),
             includes: content.include,
             warnings: Vec::new(),
             errors: Vec::new(),
@@ -278,6 +285,7 @@ impl Parsed {
             rate_limits: items(&file, r.rate_limits),
             access_lists: items(&file, r.access_lists),
             request_authentications: items(&file, r.request_authentications),
+            authorization_policies: items(&file, r.authorization_policies),
             includes: Vec::new(),
             warnings: r.warnings,
             errors: r.errors,
@@ -394,6 +402,7 @@ impl Reader<'_> {
             rate_limits: Vec::new(),
             access_lists: Vec::new(),
             request_authentications: Vec::new(),
+            authorization_policies: Vec::new(),
             warnings: Vec::new(),
         };
         for (i, p) in self.parsed.iter().enumerate() {
@@ -420,6 +429,8 @@ impl Reader<'_> {
             doc.access_lists.extend(p.access_lists.iter().cloned());
             doc.request_authentications
                 .extend(p.request_authentications.iter().cloned());
+            doc.authorization_policies
+                .extend(p.authorization_policies.iter().cloned());
             doc.warnings.extend(p.warnings.iter().cloned());
             errors.extend(p.errors.iter().cloned());
             doc.files.push(p.file.clone());

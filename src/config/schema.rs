@@ -35,6 +35,9 @@ pub struct File {
     /// Istio's RequestAuthentication: JWTs verified at the gateway.
     #[serde(default)]
     pub request_authentications: Vec<RequestAuthentication>,
+    /// Istio's AuthorizationPolicy (security.istio.io/v1).
+    #[serde(default)]
+    pub authorization_policies: Vec<AuthorizationPolicy>,
 }
 
 /// Portico's own settings, named as Istio's MeshConfig names them where one exists.
@@ -93,6 +96,9 @@ pub struct Mesh {
     pub acme_issuers: Vec<Acme>,
     /// Portico extension: the Redis that global rate limits count in.
     pub redis: Option<Redis>,
+    /// Istio MeshConfig `rootNamespace`: an AuthorizationPolicy here applies to every
+    /// gateway. Default `istio-system`.
+    pub root_namespace: Option<String>,
 }
 
 /// Portico extension: where a server's certificate comes from when Portico orders it
@@ -180,6 +186,17 @@ pub struct Downstream {
 #[serde(rename_all = "camelCase")]
 pub struct ProxyConfig {
     pub tracing: Option<TracingConfig>,
+    /// Istio ProxyConfig `gatewayTopology`: where the gateway sits behind other proxies.
+    pub gateway_topology: Option<GatewayTopology>,
+}
+
+/// Istio ProxyConfig `gatewayTopology`.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayTopology {
+    /// Proxies in front of the gateway that append to `X-Forwarded-For`: the client
+    /// address (`remote.ip`) is the entry this many from the right. Default 0 (the peer).
+    pub num_trusted_proxies: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
@@ -996,6 +1013,29 @@ pub struct RequestAuthentication {
     pub jwt_rules: Vec<JwtRule>,
 }
 
+/// Istio's AuthorizationPolicy (`security.istio.io/v1`), as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicy {
+    pub name: String,
+    pub namespace: Option<String>,
+    /// The gateways (by their Gateway's `selector`) it applies to; without it (and without
+    /// targetRefs), every gateway of its namespace (of all namespaces in the root one).
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub target_refs: Vec<PolicyTargetRef>,
+    /// Deprecated single form of `targetRefs`.
+    pub target_ref: Option<PolicyTargetRef>,
+    /// `ALLOW` (default), `DENY`, `AUDIT` or `CUSTOM`.
+    pub action: Option<String>,
+    pub provider: Option<AuthzProvider>,
+    /// Absent or empty: the policy matches nothing.
+    pub rules: Option<Vec<AuthzRule>>,
+    /// The `istio.io/dry-run: "true"` annotation: evaluated, logged and counted, never
+    /// enforced.
+    pub dry_run: Option<bool>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadSelector {
@@ -1046,10 +1086,105 @@ pub struct JwtHeader {
     pub prefix: String,
 }
 
+/// Istio's PolicyTargetReference.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyTargetRef {
+    pub group: Option<String>,
+    pub kind: String,
+    pub name: String,
+    pub namespace: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClaimToHeader {
     pub header: String,
     /// A claim name; `a.b` for a nested one.
     pub claim: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzProvider {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzRule {
+    #[serde(default)]
+    pub from: Vec<AuthzFrom>,
+    #[serde(default)]
+    pub to: Vec<AuthzTo>,
+    #[serde(default)]
+    pub when: Vec<AuthzCondition>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzFrom {
+    pub source: Option<AuthzSource>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzSource {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzTo {
+    pub operation: Option<AuthzOperation>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzOperation {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub not_ports: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzCondition {
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
 }

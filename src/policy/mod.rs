@@ -18,6 +18,7 @@
 //!    the upstream's response.
 
 pub mod access;
+pub mod authz;
 pub mod global;
 pub mod jwks;
 pub mod jwt;
@@ -38,13 +39,25 @@ pub use local::{Limits, LocalRule};
 /// core from what it already has.
 #[derive(Clone, Copy)]
 pub struct RequestKeys<'a> {
-    /// The client's address as the core trusts it (the peer, or what trusted proxies
-    /// said). `None`: no sourceCIDR selector matches, and an IP access list does not list
-    /// the request.
+    /// The client's address as the core trusts it (Istio's `remote.ip`: the peer, or the
+    /// `X-Forwarded-For` entry `numTrustedProxies` points at). `None`: no sourceCIDR
+    /// selector matches, and an IP access list does not list the request.
     pub client_ip: Option<IpAddr>,
+    /// The connection's peer address (Istio's `source.ip`).
+    pub peer_ip: Option<IpAddr>,
     pub headers: Headers<'a>,
     /// The normalized path, without the query.
     pub path: &'a str,
+    pub method: &'a str,
+    /// The Host / `:authority` as sent (with its port, if any).
+    pub authority: &'a str,
+    /// The port of the listener the request arrived on (`destination.port`).
+    pub port: u16,
+    /// The TLS server name the client sent (`connection.sni`).
+    pub sni: Option<&'a str>,
+    /// The verified client certificate's identity (`source.principal`, such as
+    /// `cluster.local/ns/foo/sa/bar`), when the client presented one.
+    pub peer_principal: Option<&'a str>,
     /// `iss/sub` of the request's verified JWT, if any.
     pub principal: Option<&'a str>,
     /// The claims of the request's verified JWT, if any.

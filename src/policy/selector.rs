@@ -318,8 +318,14 @@ pub(crate) mod tests {
     ) -> RequestKeys<'a> {
         RequestKeys {
             client_ip: ip.parse().ok(),
+            peer_ip: ip.parse().ok(),
             headers: Headers::Raw(headers, &[]),
             path,
+            method: "GET",
+            authority: "example.com",
+            port: 80,
+            sni: None,
+            peer_principal: None,
             principal: None,
             claims: None,
         }

@@ -744,15 +744,23 @@ impl FastH1 {
         });
         let added = [("x-request-id", id.as_ref().map_or(&b""[..], |id| &id[..]))];
         let added: &[(&str, &[u8])] = if id.is_some() { &added } else { &[] };
+        let ssl = c.io.get_ssl_digest();
+        let headers = Headers::Raw(parsed.headers, added);
         let view = RequestView {
             method: req.method,
             path: req.path,
             query,
             authority: req.host,
             scheme: if self.tls { "https" } else { "http" },
-            headers: Headers::Raw(parsed.headers, added),
+            headers,
             port: listener.addr.port(),
-            client_ip: c.client_ip,
+            client_ip: request::remote_address(settings.num_trusted_proxies, c.client_ip, headers),
+            peer_ip: c.client_ip,
+            sni: ssl
+                .as_deref()
+                .and_then(|t| t.extension.get::<super::Sni>())
+                .map(|s| s.0.as_str()),
+            peer_principal: None,
         };
         // The body, whole, after the head; each read within `requestBodyTimeout`. (It
         // stays in `c.buf` until it is forwarded: a request lent to pingora below gets

@@ -493,15 +493,28 @@ impl ProxyHttp for Gateway {
                 let req = session.req_header();
                 let authority = authority(req);
                 let host = normalize_host(authority);
+                let headers = crate::routing::Headers::Map(&req.headers);
+                let peer = client_ip(session);
                 let view = RequestView {
                     method: req.method.as_str(),
                     path: req.uri.path(),
                     query: req.uri.query(),
                     authority,
                     scheme: if self.tls { "https" } else { "http" },
-                    headers: crate::routing::Headers::Map(&req.headers),
+                    headers,
                     port: listener.addr.port(),
-                    client_ip: client_ip(session),
+                    client_ip: request::remote_address(
+                        snapshot.settings.num_trusted_proxies,
+                        peer,
+                        headers,
+                    ),
+                    peer_ip: peer,
+                    sni: session
+                        .digest()
+                        .and_then(|d| d.ssl_digest.as_ref())
+                        .and_then(|t| t.extension.get::<Sni>())
+                        .map(|s| s.0.as_str()),
+                    peer_principal: None,
                 };
                 request::plan(listener, &host, &view).police(&view).await
             }

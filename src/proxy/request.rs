@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue};
 
+use crate::policy::authz::Authorization;
 use crate::policy::jwt::UpstreamEdits;
 use crate::policy::{self, Claims, RequestKeys, RoutePolicy};
 use crate::routing::{chance, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route};
@@ -198,6 +199,34 @@ impl HeaderSink for Vec<u8> {
     }
 }
 
+/// The client's address as Envoy's `xff_num_trusted_hops` decides it (Istio's
+/// `remote.ip`): with `trusted` proxies in front, the `X-Forwarded-For` entry `trusted`
+/// from the right (the last one a trusted proxy wrote), of every field line read as one
+/// list; the peer when `trusted` is 0, when the list is shorter, or when that entry is not
+/// an IP address. Two passes over the fields, no allocation.
+pub fn remote_address(
+    trusted: u32,
+    peer: Option<IpAddr>,
+    headers: crate::routing::Headers<'_>,
+) -> Option<IpAddr> {
+    if trusted == 0 {
+        return peer;
+    }
+    let entries = || {
+        headers
+            .values("x-forwarded-for")
+            .flat_map(|v| v.unwrap_or("").split(','))
+    };
+    let n = entries().count();
+    let Some(at) = n.checked_sub(trusted as usize) else {
+        return peer;
+    };
+    match entries().nth(at).map(str::trim).map(str::parse::<IpAddr>) {
+        Some(Ok(ip)) => Some(ip.to_canonical()),
+        _ => peer,
+    }
+}
+
 /// What the request core decided for a request: answer it here, or forward it.
 pub enum Plan<'s> {
     /// Boxed: an answer carries its CORS fields, and the forward plan is the hot one.
@@ -215,8 +244,12 @@ pub struct Planned<'s> {
     plan: Plan<'s>,
     /// The route's policies, when the plan is one they apply to (a direct response, a
     /// redirect or a forward; not a CORS preflight or a fault abort, which Envoy's
-    /// filters answer before its RBAC and rate-limit filters run).
+    /// filters answer before its rate-limit filters run).
     policy: Option<&'s RoutePolicy>,
+    /// The listener's AuthorizationPolicies: every request but an ACME challenge's is
+    /// decided by them first (Istio's RBAC filter runs before CORS, fault injection and
+    /// the router, so a refused request gets 403 whatever routing would have said).
+    authz: Option<&'s Authorization>,
 }
 
 impl<'s> Planned<'s> {
@@ -231,11 +264,10 @@ impl<'s> Planned<'s> {
     /// RateLimit fields to its answer or response. Waits for Redis only when the route
     /// has global rules; nothing is locked while it waits.
     pub async fn police(self, view: &RequestView<'_>) -> Plan<'s> {
-        let Some(policy) = self.policy else {
+        if self.policy.is_none() && self.authz.is_none() {
             return self.plan;
-        };
-        let mut plan = self.plan;
-        let route = match &plan {
+        }
+        let route = match &self.plan {
             Plan::Answer(a) => a.route,
             Plan::Forward(f) => Some(f.route),
         };
@@ -243,7 +275,7 @@ impl<'s> Planned<'s> {
         // rate limits): a bad token is refused; a good one is who the request is.
         let mut verified = None;
         let mut edits = None;
-        if let Some(authn) = &policy.authn {
+        if let Some(authn) = self.policy.and_then(|p| p.authn.as_ref()) {
             match authn.authenticate(view).await {
                 Err(refused) => return Plan::Answer(Box::new(jwt_refusal(refused, route))),
                 Ok(Some(v)) => verified = Some(v),
@@ -252,12 +284,28 @@ impl<'s> Planned<'s> {
         }
         let keys = RequestKeys {
             client_ip: view.client_ip.map(|ip| ip.to_canonical()),
+            peer_ip: view.peer_ip.map(|ip| ip.to_canonical()),
             headers: view.headers,
             path: view.path,
+            method: view.method,
+            authority: view.authority,
+            port: view.port,
+            sni: view.sni,
+            peer_principal: view.peer_principal,
             principal: verified.as_ref().map(|v| v.principal.as_str()),
             claims: verified.as_ref().map(|v| v as &(dyn Claims + Sync)),
         };
-        let d = policy.decide(&keys).await;
+        if let Some(authz) = self.authz {
+            let verdict = authz.check(&keys);
+            if !verdict.allowed {
+                return Plan::Answer(Box::new(rbac_denied(verdict.details, route)));
+            }
+        }
+        let mut plan = self.plan;
+        let d = match self.policy {
+            Some(policy) => policy.decide(&keys).await,
+            None => policy::Decision::UNLIMITED,
+        };
         if d.allowed() {
             let principal = verified.as_ref().map(|v| Box::from(v.principal.as_str()));
             match &mut plan {
@@ -295,6 +343,24 @@ fn jwt_refusal<'s>(r: policy::jwt::Refused, route: Option<&'s Arc<Route>>) -> An
         route,
         policy: policy::Fields::NONE,
         www_authenticate: HeaderValue::try_from(r.challenge).ok(),
+        principal: None,
+    }
+}
+
+/// The answer to a request an AuthorizationPolicy refused: Envoy's RBAC filter's 403.
+fn rbac_denied<'s>(details: &'static str, route: Option<&'s Arc<Route>>) -> Answer<'s> {
+    Answer {
+        status: 403,
+        body: Bytes::from_static(b"RBAC: access denied"),
+        location: None,
+        cors: CorsFields::default(),
+        ops: route.map(|r| &r.headers.response),
+        delay: None,
+        flag: Flag::None,
+        details,
+        route,
+        policy: policy::Fields::NONE,
+        www_authenticate: None,
         principal: None,
     }
 }
@@ -524,7 +590,12 @@ pub fn not_found<'s>() -> Answer<'s> {
 /// fault delay, fault abort; access lists and rate limits in [`Planned::police`]). Random
 /// draws (weights, fault percentages) happen here, once. Counts nothing.
 pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> Planned<'s> {
-    let unpoliced = |plan| Planned { plan, policy: None };
+    let authz = listener.authz.as_deref();
+    let unpoliced = |plan| Planned {
+        plan,
+        policy: None,
+        authz,
+    };
     // A CA validating HTTP-01 for a name Portico orders a certificate for: answered
     // before routing and before httpsRedirect (the CA asks over plain HTTP), and never
     // counted by a rate limit.
@@ -534,20 +605,24 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 Some(key_authorization) => (200, Bytes::from(key_authorization)),
                 None => (404, Bytes::new()),
             };
-            return unpoliced(Plan::Answer(Box::new(Answer {
-                status,
-                body,
-                location: None,
-                cors: CorsFields::default(),
-                ops: None,
-                delay: None,
-                flag: Flag::None,
-                details: "acme_http01_challenge",
-                route: None,
-                policy: policy::Fields::NONE,
-                www_authenticate: None,
-                principal: None,
-            })));
+            return Planned {
+                plan: Plan::Answer(Box::new(Answer {
+                    status,
+                    body,
+                    location: None,
+                    cors: CorsFields::default(),
+                    ops: None,
+                    delay: None,
+                    flag: Flag::None,
+                    details: "acme_http01_challenge",
+                    route: None,
+                    policy: policy::Fields::NONE,
+                    www_authenticate: None,
+                    principal: None,
+                })),
+                policy: None,
+                authz: None,
+            };
         }
     }
     let (vhost, route, match_index) = match listener.table.decide(host, view) {
@@ -605,6 +680,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
     let policed = |plan| Planned {
         plan,
         policy: listener.policies.route(vhost, route),
+        authz,
     };
     let cors_origin = route.cors.as_ref().and_then(|c| allowed_origin(c, view));
     let answer = |status: u16, body: Bytes, location: Option<String>| {

@@ -98,7 +98,15 @@ pub struct RequestView<'a> {
     pub headers: Headers<'a>,
     /// Port of the listener the request arrived on.
     pub port: u16,
+    /// The client's address as the core trusts it (Istio's `remote.ip`): the peer, or the
+    /// `X-Forwarded-For` entry `numTrustedProxies` names (`request::remote_address`).
     pub client_ip: Option<std::net::IpAddr>,
+    /// The connection's peer (Istio's `source.ip`).
+    pub peer_ip: Option<std::net::IpAddr>,
+    /// The TLS server name the client sent.
+    pub sni: Option<&'a str>,
+    /// The verified client certificate's identity (`source.principal`).
+    pub peer_principal: Option<&'a str>,
 }
 
 /// One `match` block: every condition must hold.
@@ -290,6 +298,9 @@ mod tests {
             headers: Headers::Map(headers),
             port: 80,
             client_ip: None,
+            peer_ip: None,
+            sni: None,
+            peer_principal: None,
         }
     }
 

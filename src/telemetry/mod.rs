@@ -55,6 +55,7 @@ pub struct Metrics {
     /// Requests a RequestAuthentication applied to, by `result`: `verified`, `denied`
     /// (a bad token: 401/403) or `no_token`.
     pub jwt_requests: IntCounterVec,
+    pub authz_decisions: IntCounterVec,
     certificate_expiry: IntGaugeVec,
     endpoint_healthy: IntGaugeVec,
     upstream_active: IntGaugeVec,
@@ -208,6 +209,11 @@ impl Metrics {
             "Requests a RequestAuthentication applied to, by result: verified, denied (a bad token) or no_token.",
             &["result"],
         );
+        let authz_decisions = counter(
+            "portico_authz_decisions_total",
+            "AuthorizationPolicy decisions: the policy that decided (none: no ALLOW policy matched), its action, the result (allowed, denied, audited), and whether the policy is a dry run (evaluated, not enforced).",
+            &["policy", "action", "result", "dry_run"],
+        );
         let istio = istio::IstioMetrics::new(&registry);
         for c in [
             Box::new(config_generation.clone()) as Box<dyn prometheus::core::Collector>,
@@ -233,6 +239,7 @@ impl Metrics {
             Box::new(access_list_entries.clone()),
             Box::new(jwks_fetches.clone()),
             Box::new(jwt_requests.clone()),
+            Box::new(authz_decisions.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -261,6 +268,7 @@ impl Metrics {
             access_list_entries,
             jwks_fetches,
             jwt_requests,
+            authz_decisions,
             certificate_expiry,
             endpoint_healthy,
             upstream_active,

@@ -219,15 +219,23 @@ impl FastH1 {
             // A body without a length.
             return Some("request");
         }
+        let digest = s.digest();
+        let headers = Headers::Map(&req.headers);
         let view = RequestView {
             method: q.method,
             path: q.path,
             query: q.query,
             authority: q.host,
             scheme: "https",
-            headers: Headers::Map(&req.headers),
+            headers,
             port: listener.addr.port(),
-            client_ip,
+            client_ip: request::remote_address(settings.num_trusted_proxies, client_ip, headers),
+            peer_ip: client_ip,
+            sni: digest
+                .and_then(|d| d.ssl_digest.as_deref())
+                .and_then(|t| t.extension.get::<crate::proxy::Sni>())
+                .map(|s| s.0.as_str()),
+            peer_principal: None,
         };
         let host = normalize_host(q.host);
         let planned = request::plan(listener, &host, &view);
