@@ -653,6 +653,9 @@ mod tests {
             headers: Headers::Map(headers),
             port: 443,
             client_ip: None,
+            peer_ip: None,
+            peer_principal: None,
+            sni: None,
         }
     }
 
