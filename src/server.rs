@@ -312,6 +312,13 @@ pub fn run(
         },
     );
     server.add_service(lists);
+    let jwks = background_service(
+        "jwks",
+        crate::policy::jwks::Refresher {
+            snapshots: reloader.snapshots.clone(),
+        },
+    );
+    server.add_service(jwks);
 
     let watcher = background_service("config watcher", Watcher { reloader });
     server.add_service(watcher);

@@ -32,6 +32,11 @@ pub fn to_toml(doc: &Document) -> Result<String, String> {
             .collect(),
         rate_limits: doc.rate_limits.iter().map(|i| (*i.spec).clone()).collect(),
         access_lists: doc.access_lists.iter().map(|i| (*i.spec).clone()).collect(),
+        request_authentications: doc
+            .request_authentications
+            .iter()
+            .map(|i| (*i.spec).clone())
+            .collect(),
         authorization_policies: doc
             .authorization_policies
             .iter()

@@ -13,8 +13,8 @@ use serde_yaml::Value;
 use super::error::ConfigError;
 use super::load::{ignored_path, SourceFile};
 use super::schema::{
-    AccessList, AuthorizationPolicy, DestinationRule, Gateway, RateLimitPolicy, ServiceEntry,
-    VirtualService,
+    AccessList, AuthorizationPolicy, DestinationRule, Gateway, RateLimitPolicy,
+    RequestAuthentication, ServiceEntry, VirtualService,
 };
 
 /// Kubernetes' cluster domain, as Istio appends it to short names.
@@ -39,6 +39,7 @@ pub struct Resources {
     pub service_entries: Vec<(String, ServiceEntry)>,
     pub rate_limits: Vec<(String, RateLimitPolicy)>,
     pub access_lists: Vec<(String, AccessList)>,
+    pub request_authentications: Vec<(String, RequestAuthentication)>,
     pub authorization_policies: Vec<(String, AuthorizationPolicy)>,
     pub warnings: Vec<ConfigError>,
     pub errors: Vec<ConfigError>,
@@ -133,6 +134,7 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
         }
         ("networking.istio.io", "Gateway" | "VirtualService" | "DestinationRule" | "ServiceEntry") => {}
         (PORTICO_GROUP, "RateLimitPolicy" | "AccessList") => {}
+        ("security.istio.io", "RequestAuthentication") => {}
         (PORTICO_GROUP, other) => {
             out.errors.push(file.error(
                 &format!("{doc}.kind"),
@@ -315,6 +317,27 @@ fn read_document(file: &SourceFile, doc: &str, value: Value, out: &mut Resources
             if let Some((l, unknown)) = parse::<AccessList>(file, &at, spec, out) {
                 unknown_are_errors(file, &at, &unknown, out);
                 out.access_lists.push((at, l));
+            }
+        }
+        "RequestAuthentication" => {
+            let spec = match spec {
+                Value::Mapping(mut m) => {
+                    // `targetRef` (singular) is the older form of `targetRefs`.
+                    if let Some(one) = m.remove("targetRef") {
+                        let refs = m
+                            .entry("targetRefs".into())
+                            .or_insert_with(|| Value::Sequence(Vec::new()));
+                        if let Value::Sequence(refs) = refs {
+                            refs.push(one);
+                        }
+                    }
+                    Value::Mapping(m)
+                }
+                other => other,
+            };
+            if let Some((r, unknown)) = parse::<RequestAuthentication>(file, &at, spec, out) {
+                report_unknown(file, &at, &unknown, |_| false, out);
+                out.request_authentications.push((at, r));
             }
         }
         "AuthorizationPolicy" => {

@@ -13,7 +13,7 @@ use super::error::{at, line_col, ConfigError};
 use super::istio;
 use super::schema::{
     self, AccessList, AuthorizationPolicy, DestinationRule, Gateway, Mesh, RateLimitPolicy,
-    ServiceEntry, VirtualService,
+    RequestAuthentication, ServiceEntry, VirtualService,
 };
 
 /// How a file is written: Portico's TOML, or Istio YAML manifests.
@@ -111,6 +111,7 @@ pub struct Document {
     pub service_entries: Vec<Item<ServiceEntry>>,
     pub rate_limits: Vec<Item<RateLimitPolicy>>,
     pub access_lists: Vec<Item<AccessList>>,
+    pub request_authentications: Vec<Item<RequestAuthentication>>,
     pub authorization_policies: Vec<Item<AuthorizationPolicy>>,
     /// Notes found while reading: skipped manifests, unsupported fields in YAML.
     pub warnings: Vec<ConfigError>,
@@ -210,6 +211,7 @@ struct Parsed {
     service_entries: Vec<Item<ServiceEntry>>,
     rate_limits: Vec<Item<RateLimitPolicy>>,
     access_lists: Vec<Item<AccessList>>,
+    request_authentications: Vec<Item<RequestAuthentication>>,
     authorization_policies: Vec<Item<AuthorizationPolicy>>,
     /// TOML `include` patterns.
     includes: Vec<String>,
@@ -242,6 +244,11 @@ impl Parsed {
             service_entries: items(&file, "serviceEntries", content.service_entries),
             rate_limits: items(&file, "rateLimits", content.rate_limits),
             access_lists: items(&file, "accessLists", content.access_lists),
+            request_authentications: items(
+                &file,
+                "requestAuthentications",
+                content.request_authentications,
+            ),
             authorization_policies: items(
                 &file,
                 "authorizationPolicies",
@@ -277,6 +284,7 @@ impl Parsed {
             service_entries: items(&file, r.service_entries),
             rate_limits: items(&file, r.rate_limits),
             access_lists: items(&file, r.access_lists),
+            request_authentications: items(&file, r.request_authentications),
             authorization_policies: items(&file, r.authorization_policies),
             includes: Vec::new(),
             warnings: r.warnings,
@@ -393,6 +401,7 @@ impl Reader<'_> {
             service_entries: Vec::new(),
             rate_limits: Vec::new(),
             access_lists: Vec::new(),
+            request_authentications: Vec::new(),
             authorization_policies: Vec::new(),
             warnings: Vec::new(),
         };
@@ -418,6 +427,8 @@ impl Reader<'_> {
                 .extend(p.service_entries.iter().cloned());
             doc.rate_limits.extend(p.rate_limits.iter().cloned());
             doc.access_lists.extend(p.access_lists.iter().cloned());
+            doc.request_authentications
+                .extend(p.request_authentications.iter().cloned());
             doc.authorization_policies
                 .extend(p.authorization_policies.iter().cloned());
             doc.warnings.extend(p.warnings.iter().cloned());

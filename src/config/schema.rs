@@ -32,6 +32,9 @@ pub struct File {
     /// Portico's AccessList: allow or deny lists of addresses or values.
     #[serde(default)]
     pub access_lists: Vec<AccessList>,
+    /// Istio's RequestAuthentication: JWTs verified at the gateway.
+    #[serde(default)]
+    pub request_authentications: Vec<RequestAuthentication>,
     /// Istio's AuthorizationPolicy (security.istio.io/v1).
     #[serde(default)]
     pub authorization_policies: Vec<AuthorizationPolicy>,
@@ -1017,6 +1020,24 @@ pub struct DenyResponse {
     pub body: Option<String>,
 }
 
+/// Istio's RequestAuthentication (security.istio.io/v1): how a request's JWT is found and
+/// verified. A bad token is refused (401); a request without one passes without identity.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestAuthentication {
+    pub name: String,
+    pub namespace: Option<String>,
+    /// Istio's workload selector: applies when its labels are among a Gateway's
+    /// `selector` (the gateway's pods); a selector of other workloads (sidecars) skips it.
+    pub selector: Option<WorkloadSelector>,
+    /// Gateways (or Portico's VirtualService / Host targets) it applies to; none: every
+    /// gateway.
+    #[serde(default)]
+    pub target_refs: Vec<TargetRef>,
+    #[serde(default)]
+    pub jwt_rules: Vec<JwtRule>,
+}
+
 /// Istio's AuthorizationPolicy (`security.istio.io/v1`), as written.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -1047,6 +1068,49 @@ pub struct WorkloadSelector {
     pub match_labels: BTreeMap<String, String>,
 }
 
+/// Istio's `JWTRule`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtRule {
+    /// The token's `iss`.
+    pub issuer: String,
+    /// Accepted `aud` values; empty: any.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Where the JSON Web Key Set is fetched (http or https); or `jwks`.
+    pub jwks_uri: Option<String>,
+    /// The JSON Web Key Set, inline.
+    pub jwks: Option<String>,
+    /// Default (no `fromHeaders`, `fromParams`, `fromCookies`): `Authorization: Bearer`
+    /// and the `access_token` query parameter.
+    #[serde(default)]
+    pub from_headers: Vec<JwtHeader>,
+    #[serde(default)]
+    pub from_params: Vec<String>,
+    #[serde(default)]
+    pub from_cookies: Vec<String>,
+    /// A header the upstream gets the verified token's payload in (base64url JSON).
+    pub output_payload_to_header: Option<String>,
+    #[serde(default)]
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+    /// Keep the token in the request upstream. Default false: its header is removed.
+    pub forward_original_token: Option<bool>,
+    /// How long a `jwksUri` fetch may take. Default 5s.
+    pub timeout: Option<Duration>,
+    /// Portico extension: how often a `jwksUri` is fetched again. Default 20m (istiod's
+    /// `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`).
+    pub jwks_refresh_interval: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtHeader {
+    pub name: String,
+    /// Stripped from the value before the token (e.g. `Bearer `).
+    #[serde(default)]
+    pub prefix: String,
+}
+
 /// Istio's PolicyTargetReference.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -1055,6 +1119,14 @@ pub struct PolicyTargetRef {
     pub kind: String,
     pub name: String,
     pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimToHeader {
+    pub header: String,
+    /// A claim name; `a.b` for a nested one.
+    pub claim: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]

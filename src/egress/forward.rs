@@ -302,6 +302,7 @@ impl ForwardProxy {
                 downstream_remote: client,
                 sni: None,
                 peer: None,
+                request_principal: None,
                 route_name: None,
                 attempts: u32::from(out.upstream.is_some()),
             },

@@ -20,6 +20,8 @@
 pub mod access;
 pub mod authz;
 pub mod global;
+pub mod jwks;
+pub mod jwt;
 pub mod local;
 pub mod selector;
 
@@ -62,13 +64,16 @@ pub struct RequestKeys<'a> {
     pub claims: Option<&'a (dyn Claims + Sync)>,
 }
 
-/// A verified JWT's claims, by name (string claims only).
+/// A verified JWT's claims (`jwt::Verified` is the one implementation).
 pub trait Claims {
+    /// A string claim's value by name; `a.b` names a nested claim when no claim is named
+    /// `a.b`. Lists, numbers and booleans are `None` here (see `any_value`).
     fn claim(&self, name: &str) -> Option<&str>;
 
-    /// Whether `f` holds for a value of the claim at `path` (`["realm", "role"]` for the
-    /// nested `realm.role`); a list claim offers each of its strings. By default, the
-    /// top-level string claims of [`Claims::claim`].
+    /// Whether `f` holds for a value of the claim at `path` (nested names outermost
+    /// first: `request.auth.claims[a][b]` is `["a", "b"]`): for each element of a list
+    /// claim, for a string claim (each word of a space-delimited `scope` or `permission`),
+    /// and for a number or boolean as JSON writes it. Stops at the first that holds.
     fn any_value(&self, path: &[&str], f: &mut dyn FnMut(&str) -> bool) -> bool {
         match path {
             [name] => self.claim(name).is_some_and(f),
@@ -278,6 +283,9 @@ impl Fields {
 /// The policies that apply to one route (on one virtual host of one listener).
 #[derive(Default)]
 pub struct RoutePolicy {
+    /// RequestAuthentication's JWT rules: checked first (`Planned::police`), and a
+    /// verified token's principal and claims are what the other policies see.
+    pub authn: Option<Arc<jwt::Authn>>,
     /// Access lists, in the order written: the first refusal answers.
     pub access: Vec<Arc<AccessList>>,
     pub local: Limits,
@@ -378,6 +386,8 @@ pub struct Policies {
     lists: std::collections::BTreeMap<String, Arc<AccessList>>,
     /// Every global rule's Redis, when `mesh.redis` is set.
     pub redis: Option<Arc<RedisLimiter>>,
+    /// Every `jwksUri` of the RequestAuthentications (the JWKS refresher fetches them).
+    pub jwks: Vec<Arc<jwks::RemoteJwks>>,
 }
 
 impl std::fmt::Debug for Policies {
@@ -393,7 +403,11 @@ impl Policies {
         lists: std::collections::BTreeMap<String, Arc<AccessList>>,
         redis: Option<Arc<RedisLimiter>>,
     ) -> Policies {
-        Policies { lists, redis }
+        Policies {
+            lists,
+            redis,
+            jwks: Vec::new(),
+        }
     }
 
     /// An access list by `namespace/name`.
@@ -407,7 +421,7 @@ impl Policies {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.lists.is_empty() && self.redis.is_none()
+        self.lists.is_empty() && self.redis.is_none() && self.jwks.is_empty()
     }
 }
 

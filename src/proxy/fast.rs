@@ -595,6 +595,7 @@ async fn refuse(c: &mut Conn, r: Refusal, req: Option<&RefusedRequest<'_>>, snap
         request_id: None,
         tls: false,
         client_ip: c.client_ip,
+        principal: None,
     };
     let mut done = Done::local(r.status, Flag::DownstreamProtocolError, None, 0);
     done.details = r.details;
@@ -842,6 +843,7 @@ impl FastH1 {
             request_id: id.as_ref().map(|id| &id[..]),
             tls: self.tls,
             client_ip: c.client_ip,
+            principal: None,
         };
         while c.buf.len() < req.body {
             c.buf.reserve(req.body - c.buf.len());
@@ -888,6 +890,7 @@ impl FastH1 {
                 let log = Log {
                     route: a.route.map(|r| &**r),
                     cluster: a.cluster(),
+                    principal: a.principal.as_deref(),
                     ..unrouted()
                 };
                 return answer(c, &log, &a, client_close).await;
@@ -901,6 +904,7 @@ impl FastH1 {
         let log = Log {
             route: Some(route),
             cluster: Some(cluster),
+            principal: f.principal.as_deref(),
             ..unrouted()
         };
         if let Some(d) = f.delay {
@@ -950,6 +954,7 @@ impl FastH1 {
                 mode: settings.forward_client_cert,
                 peer: c.peer.as_deref(),
             },
+            auth: f.auth.as_deref(),
         };
         request::upstream_request_headers(|| raw(parsed.headers), &forwarding, out);
         out.extend_from_slice(b"\r\n");
@@ -1189,6 +1194,8 @@ struct Log<'r> {
     request_id: Option<&'r [u8]>,
     tls: bool,
     client_ip: Option<IpAddr>,
+    /// The verified JWT's principal.
+    principal: Option<&'r str>,
 }
 
 impl Log<'_> {
@@ -1301,6 +1308,7 @@ impl Log<'_> {
             peer: conn.and_then(|c| c.peer.as_deref()),
             route_name: self.route.and_then(|r| r.name.as_deref()),
             attempts: done.attempts,
+            request_principal: self.principal,
         };
         sink.log(&al.format, &entry);
     }

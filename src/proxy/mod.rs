@@ -77,6 +77,10 @@ pub struct RequestCtx {
     set_cookie: Option<String>,
     /// CORS and policy fields for the response (`request::Forwarded::response_additions`).
     response_additions: Option<request::ResponseAdditions>,
+    /// Request authentication's edits of the upstream request (`request::Forwarding::auth`).
+    auth: Option<Box<crate::policy::jwt::UpstreamEdits>>,
+    /// The verified JWT's principal, for the log.
+    principal: Option<Box<str>>,
     /// The response was refused for a retry by `upstream_response_filter`.
     retry_on_status: bool,
     /// An upstream response head was taken (and is being passed on): from here on no
@@ -118,6 +122,8 @@ impl Default for RequestCtx {
             hash: None,
             set_cookie: None,
             response_additions: None,
+            auth: None,
+            principal: None,
             retry_on_status: false,
             upstream_responded: false,
             resent: false,
@@ -525,17 +531,20 @@ impl ProxyHttp for Gateway {
                 ctx.flag = a.flag;
                 ctx.details = a.details;
                 ctx.route = a.route.cloned();
+                ctx.principal = a.principal.clone();
                 answer(session, &a).await?;
                 ctx.snapshot = Some(snapshot);
                 return Ok(true);
             }
-            request::Plan::Forward(f) => {
+            request::Plan::Forward(mut f) => {
                 if let Some(d) = f.delay {
                     ctx.flag = Flag::DelayInjected;
                     tokio::time::sleep(d).await;
                 }
                 let added = f.response_additions();
                 ctx.response_additions = (!added.is_empty()).then_some(added);
+                ctx.auth = f.auth.take();
+                ctx.principal = f.principal.take();
                 (f.route.clone(), f.destination, f.match_index)
             }
         };
@@ -734,6 +743,7 @@ impl ProxyHttp for Gateway {
                         .unwrap_or_default(),
                     peer: peer_cert(session),
                 },
+                auth: ctx.auth.as_deref(),
             };
             rebuild_upstream_headers(upstream, &forwarding)?;
             if ctx.close_upstream {
@@ -1029,6 +1039,7 @@ impl ProxyHttp for Gateway {
             sni: conn.and_then(|c| c.sni.as_deref()),
             peer: conn.and_then(|c| c.peer.as_deref()),
             route_name: ctx.route.as_ref().and_then(|r| r.name.as_deref()),
+            request_principal: ctx.principal.as_deref(),
             attempts: if ctx.upstream_host.is_some() {
                 ctx.retries + 1
             } else {

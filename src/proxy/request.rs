@@ -11,7 +11,8 @@ use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue};
 
 use crate::policy::authz::Authorization;
-use crate::policy::{self, RequestKeys, RoutePolicy};
+use crate::policy::jwt::UpstreamEdits;
+use crate::policy::{self, Claims, RequestKeys, RoutePolicy};
 use crate::routing::{chance, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route};
 use crate::snapshot::Listener;
 use crate::telemetry::outcome::Flag;
@@ -69,6 +70,9 @@ pub struct Forwarding<'a> {
     pub span: Option<&'a SpanContext>,
     /// `x-forwarded-client-cert`: the mode and the connection's verified certificate.
     pub client_cert: ClientCert<'a>,
+    /// Request authentication's edits (the token's header removed, a verified token's
+    /// outputs added): made before the route's operations, which may replace them.
+    pub auth: Option<&'a UpstreamEdits>,
 }
 
 /// What `x-forwarded-client-cert` becomes (Envoy's `forward_client_cert_details`).
@@ -149,6 +153,7 @@ pub fn upstream_request_headers<'h, I>(
             || name.eq_ignore_ascii_case("x-forwarded-proto")
             || f.replaced_in(0, name.as_bytes())
             || f.traced(name.as_bytes())
+            || f.auth.is_some_and(|a| a.removes(name.as_bytes()))
             || (has_connection && named_by_connection(client(), name))
         {
             continue;
@@ -163,6 +168,11 @@ pub fn upstream_request_headers<'h, I>(
     if let Some(id) = f.request_id {
         if !f.replaced_in(0, b"x-request-id") {
             out.field(b"x-request-id", id);
+        }
+    }
+    for (name, value) in f.auth.iter().flat_map(|a| &a.add) {
+        if !f.replaced_in(0, name.as_bytes()) && !f.traced(name.as_bytes()) {
+            out.field(name.as_bytes(), value);
         }
     }
     for (i, o) in f.ops.iter().enumerate() {
@@ -306,6 +316,21 @@ impl<'s> Planned<'s> {
         if self.policy.is_none() && self.authz.is_none() {
             return self.plan;
         }
+        let route = match &self.plan {
+            Plan::Answer(a) => a.route,
+            Plan::Forward(f) => Some(f.route),
+        };
+        // Request authentication first (Envoy's jwt_authn filter runs before RBAC and
+        // rate limits): a bad token is refused; a good one is who the request is.
+        let mut verified = None;
+        let mut edits = None;
+        if let Some(authn) = self.policy.and_then(|p| p.authn.as_ref()) {
+            match authn.authenticate(view).await {
+                Err(refused) => return Plan::Answer(Box::new(jwt_refusal(refused, route))),
+                Ok(Some(v)) => verified = Some(v),
+                Ok(None) => edits = authn.anonymous_edits(),
+            }
+        }
         let keys = RequestKeys {
             client_ip: view.client_ip.map(|ip| ip.to_canonical()),
             peer_ip: view.peer_ip.map(|ip| ip.to_canonical()),
@@ -316,36 +341,58 @@ impl<'s> Planned<'s> {
             port: view.port,
             sni: view.sni,
             peer_principal: view.peer_principal,
-            principal: None,
-            claims: None,
-        };
-        let route = || match &self.plan {
-            Plan::Answer(a) => a.route,
-            Plan::Forward(f) => Some(f.route),
+            principal: verified.as_ref().map(|v| v.principal.as_str()),
+            claims: verified.as_ref().map(|v| v as &(dyn Claims + Sync)),
         };
         if let Some(authz) = self.authz {
             let verdict = authz.check(&keys);
             if !verdict.allowed {
-                return Plan::Answer(Box::new(rbac_denied(verdict.details, route())));
+                return Plan::Answer(Box::new(rbac_denied(verdict.details, route)));
             }
         }
-        let Some(policy) = self.policy else {
-            return self.plan;
-        };
-        let d = policy.decide(&keys).await;
         let mut plan = self.plan;
+        let d = match self.policy {
+            Some(policy) => policy.decide(&keys).await,
+            None => policy::Decision::UNLIMITED,
+        };
         if d.allowed() {
+            let principal = verified.as_ref().map(|v| Box::from(v.principal.as_str()));
             match &mut plan {
-                Plan::Answer(a) => a.policy = d.fields(),
-                Plan::Forward(f) => f.policy = d.fields(),
+                Plan::Answer(a) => {
+                    a.policy = d.fields();
+                    a.principal = principal;
+                }
+                Plan::Forward(f) => {
+                    f.policy = d.fields();
+                    f.principal = principal;
+                    let edits = verified.map(|v| v.edits).or(edits);
+                    f.auth = edits
+                        .filter(|e| *e != UpstreamEdits::default())
+                        .map(Box::new);
+                }
             }
             return plan;
         }
-        let route = match &plan {
-            Plan::Answer(a) => a.route,
-            Plan::Forward(f) => Some(f.route),
-        };
         Plan::Answer(Box::new(refusal(&d, route)))
+    }
+}
+
+/// The answer to a request whose token was refused: Envoy's status, words and
+/// `WWW-Authenticate`.
+fn jwt_refusal<'s>(r: policy::jwt::Refused, route: Option<&'s Arc<Route>>) -> Answer<'s> {
+    Answer {
+        status: r.failure.status(),
+        body: Bytes::from_static(r.failure.text().as_bytes()),
+        location: None,
+        cors: CorsFields::default(),
+        ops: route.map(|r| &r.headers.response),
+        delay: None,
+        flag: Flag::None,
+        details: r.failure.details(),
+        route,
+        policy: policy::Fields::NONE,
+        www_authenticate: HeaderValue::try_from(r.challenge).ok(),
+        principal: None,
     }
 }
 
@@ -362,6 +409,8 @@ fn rbac_denied<'s>(details: &'static str, route: Option<&'s Arc<Route>>) -> Answ
         details,
         route,
         policy: policy::Fields::NONE,
+        www_authenticate: None,
+        principal: None,
     }
 }
 
@@ -385,6 +434,8 @@ fn refusal<'s>(d: &policy::Decision<'_>, route: Option<&'s Arc<Route>>) -> Answe
         details,
         route,
         policy: d.fields(),
+        www_authenticate: None,
+        principal: None,
     }
 }
 
@@ -406,6 +457,10 @@ pub struct Answer<'s> {
     pub route: Option<&'s Arc<Route>>,
     /// The policies' fields (`x-envoy-ratelimited`, RateLimit).
     pub policy: policy::Fields,
+    /// A refused token's `WWW-Authenticate`.
+    pub www_authenticate: Option<HeaderValue>,
+    /// The verified JWT's principal (`iss/sub`), for the log.
+    pub principal: Option<Box<str>>,
 }
 
 impl<'s> Answer<'s> {
@@ -434,6 +489,10 @@ pub struct Forwarded<'s> {
     pub cors_origin: Option<HeaderValue>,
     /// The policies' fields for the response (RateLimit), set by [`Planned::police`].
     pub policy: policy::Fields,
+    /// Request authentication's edits of the upstream request (`Forwarding::auth`).
+    pub auth: Option<Box<UpstreamEdits>>,
+    /// The verified JWT's principal (`iss/sub`), for the log.
+    pub principal: Option<Box<str>>,
 }
 
 impl Forwarded<'_> {
@@ -570,6 +629,8 @@ pub fn not_found<'s>() -> Answer<'s> {
         details: "route_not_found",
         route: None,
         policy: policy::Fields::NONE,
+        www_authenticate: None,
+        principal: None,
     }
 }
 
@@ -605,6 +666,8 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                     details: "acme_http01_challenge",
                     route: None,
                     policy: policy::Fields::NONE,
+                    www_authenticate: None,
+                    principal: None,
                 })),
                 policy: None,
                 authz: None,
@@ -632,6 +695,8 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 details: "direct_response",
                 route: None,
                 policy: policy::Fields::NONE,
+                www_authenticate: None,
+                principal: None,
             })));
         }
         Decision::NoHost | Decision::NoRoute(_) => {
@@ -656,6 +721,8 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 details: "cors_response",
                 route: Some(route),
                 policy: policy::Fields::NONE,
+                www_authenticate: None,
+                principal: None,
             })));
         }
     }
@@ -681,6 +748,8 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
             details: "direct_response",
             route: Some(route),
             policy: policy::Fields::NONE,
+            www_authenticate: None,
+            principal: None,
         }))
     };
     let forward = match &route.action {
@@ -711,6 +780,8 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                     details: "fault_filter_abort",
                     route: Some(route),
                     policy: policy::Fields::NONE,
+                    www_authenticate: None,
+                    principal: None,
                 })));
             }
         }
@@ -723,6 +794,8 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
         delay,
         cors_origin,
         policy: policy::Fields::NONE,
+        auth: None,
+        principal: None,
     }))
 }
 
@@ -762,6 +835,11 @@ pub fn answer_fields(a: &Answer<'_>, out: &mut impl HeaderSink) {
             out.field(n.as_bytes(), v);
         }
     });
+    if let Some(v) = &a.www_authenticate {
+        if !replaced(b"www-authenticate") {
+            out.field(b"www-authenticate", v.as_bytes());
+        }
+    }
     for (name, value) in ops.set.iter().chain(&ops.add) {
         out.field(name, value.as_bytes());
     }
@@ -859,6 +937,7 @@ mod tests {
             upgrade: false,
             span: None,
             client_cert: ClientCert::default(),
+            auth: None,
         };
         let mut out = Vec::new();
         upstream_request_headers(

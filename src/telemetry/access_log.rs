@@ -49,6 +49,8 @@ pub struct Entry<'a> {
     pub peer: Option<&'a crate::tls::client_auth::PeerCert>,
     pub route_name: Option<&'a str>,
     pub attempts: u32,
+    /// The verified JWT's principal (`iss/sub`).
+    pub request_principal: Option<&'a str>,
 }
 
 /// One piece of a compiled format string.
@@ -83,6 +85,8 @@ pub enum Piece {
     DownstreamPeerSerial,
     RouteName,
     UpstreamRequestAttemptCount,
+    /// `%DYNAMIC_METADATA(istio_authn:request.auth.principal)%`: the JWT's `iss/sub`.
+    RequestPrincipal,
     /// Operators Portico knows but has no value for (written `-`).
     Dash,
 }
@@ -207,6 +211,7 @@ fn operator(op: &str) -> Result<Piece, String> {
         "DOWNSTREAM_PEER_SERIAL" => Piece::DownstreamPeerSerial,
         "ROUTE_NAME" => Piece::RouteName,
         "UPSTREAM_REQUEST_ATTEMPT_COUNT" => Piece::UpstreamRequestAttemptCount,
+        "DYNAMIC_METADATA(istio_authn:request.auth.principal)" => Piece::RequestPrincipal,
         "CONNECTION_TERMINATION_DETAILS"
         | "UPSTREAM_TRANSPORT_FAILURE_REASON"
         | "UPSTREAM_LOCAL_ADDRESS" => Piece::Dash,
@@ -443,6 +448,7 @@ fn render_piece(out: &mut Vec<u8>, p: &Piece, e: &Entry<'_>) {
         Piece::DownstreamPeerSerial => text(or_dash(e.peer.map(|p| &*p.serial))),
         Piece::RouteName => text(or_dash(e.route_name)),
         Piece::UpstreamRequestAttemptCount => push_num(out, e.attempts),
+        Piece::RequestPrincipal => text(or_dash(e.request_principal)),
         Piece::Dash => text("-"),
     }
 }
@@ -491,6 +497,10 @@ fn render_json(e: &Entry<'_>, out: &mut Vec<u8>) {
     j.string_with(|o| push_path(o, e));
     j.str(key!("protocol"), e.protocol);
     j.opt_str(key!("request_id"), request_id);
+    // Only when a verified JWT gave one (so other lines keep their keys).
+    if let Some(p) = e.request_principal {
+        j.str(key!("request_principal"), p);
+    }
     j.opt_str(key!("requested_server_name"), e.sni);
     j.num(key!("response_code"), u64::from(e.status));
     j.str(key!("response_code_details"), or_dash(Some(e.details)));
@@ -1070,6 +1080,7 @@ mod tests {
             peer: None,
             route_name: Some("r1"),
             attempts: 3,
+            request_principal: None,
         }
     }
 
@@ -1219,6 +1230,7 @@ mod tests {
                 Piece::DownstreamPeerSerial => {
                     write!(out, "{}", or_dash(e.peer.map(|p| &*p.serial)))
                 }
+                Piece::RequestPrincipal => write!(out, "{}", or_dash(e.request_principal)),
                 Piece::UpstreamHost => match e.upstream_host {
                     Some(a) => write!(out, "{a}"),
                     None => write!(out, "-"),
@@ -1331,6 +1343,7 @@ mod tests {
             sni: Some(s),
             peer: None,
             route_name: Some(s),
+            request_principal: None,
             attempts: u32::MAX,
         }
     }

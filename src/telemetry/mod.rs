@@ -54,6 +54,11 @@ pub struct Metrics {
     pub access_list_decisions: IntCounterVec,
     pub access_list_refreshes: IntCounterVec,
     pub access_list_entries: IntGaugeVec,
+    /// JWKS fetches of a `jwksUri`, by `result` (a failure keeps the last good set).
+    pub jwks_fetches: IntCounterVec,
+    /// Requests a RequestAuthentication applied to, by `result`: `verified`, `denied`
+    /// (a bad token: 401/403) or `no_token`.
+    pub jwt_requests: IntCounterVec,
     pub authz_decisions: IntCounterVec,
     certificate_expiry: IntGaugeVec,
     endpoint_healthy: IntGaugeVec,
@@ -203,6 +208,16 @@ impl Metrics {
             "Entries (addresses, ranges or values) an access list holds now.",
             &["list"],
         );
+        let jwks_fetches = counter(
+            "portico_jwks_fetches_total",
+            "Fetches of a RequestAuthentication jwksUri, by result (a failure keeps the last good key set).",
+            &["result"],
+        );
+        let jwt_requests = counter(
+            "portico_jwt_requests_total",
+            "Requests a RequestAuthentication applied to, by result: verified, denied (a bad token) or no_token.",
+            &["result"],
+        );
         let authz_decisions = counter(
             "portico_authz_decisions_total",
             "AuthorizationPolicy decisions: the policy that decided (none: no ALLOW policy matched), its action, the result (allowed, denied, audited), and whether the policy is a dry run (evaluated, not enforced).",
@@ -232,6 +247,8 @@ impl Metrics {
             Box::new(access_list_decisions.clone()),
             Box::new(access_list_refreshes.clone()),
             Box::new(access_list_entries.clone()),
+            Box::new(jwks_fetches.clone()),
+            Box::new(jwt_requests.clone()),
             Box::new(authz_decisions.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -260,6 +277,8 @@ impl Metrics {
             access_list_decisions,
             access_list_refreshes,
             access_list_entries,
+            jwks_fetches,
+            jwt_requests,
             authz_decisions,
             certificate_expiry,
             endpoint_healthy,

@@ -13,6 +13,8 @@ use crate::config::load::{Document, Origin};
 use crate::config::schema;
 use crate::policy::access::{self, AccessList, Entries, EntryType, ListKey, ProviderUrl};
 use crate::policy::global::{Algorithm, GlobalRule, RedisLimiter, RedisSettings};
+use crate::policy::jwks::{Jwks, KeySet, RemoteJwks, Target};
+use crate::policy::jwt::{Authn, JwtRule, Location, RuleParts};
 use crate::policy::local::{BucketTable, LocalRule};
 use crate::policy::selector::{
     Condition, Override, PathMatch, PathTemplate, Rate, Selector, SourceMatch, ValueMatch,
@@ -21,9 +23,11 @@ use crate::policy::selector::{
 use crate::policy::{GlobalLimits, Policies, RoutePolicies, RoutePolicy};
 use crate::snapshot::Listener;
 
-/// Why JWT claims and principals are refused: nothing would ever fill them in.
-const NO_JWT: &str =
-    "Portico does not verify JWTs yet: a request has no claims or principal for this to look at";
+/// How long a `jwksUri` fetch may take unless `timeout` says (Istio's default).
+pub const DEFAULT_JWKS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a `jwksUri` is fetched again unless `jwksRefreshInterval` says (istiod's
+/// `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`).
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(20 * 60);
 
 /// Keys a local rule remembers unless `maxKeys` says otherwise.
 pub const DEFAULT_MAX_KEYS: u32 = 100_000;
@@ -39,6 +43,8 @@ pub struct PolicyCache {
     lists: HashMap<String, (schema::AccessList, Arc<AccessList>)>,
     /// The settings and password it was made with.
     redis: Option<(schema::Redis, Option<String>, Arc<RedisLimiter>)>,
+    /// By `jwksUri`: the set fetched (kept while its timeout and interval stay).
+    jwks: HashMap<String, Arc<RemoteJwks>>,
 }
 
 /// The policies compiled from the Document, before they are bound to routes.
@@ -47,6 +53,8 @@ pub struct Compiled {
     lists: BTreeMap<String, Arc<AccessList>>,
     list_targets: Vec<(Targets, Arc<AccessList>)>,
     redis: Option<Arc<RedisLimiter>>,
+    /// Each RequestAuthentication's targets (`None`: every gateway) and JWT rules.
+    authn: Vec<(Option<Targets>, Vec<Arc<JwtRule>>)>,
     next: PolicyCache,
 }
 
@@ -123,13 +131,216 @@ impl Cx {
                 list_targets.push((targets, list));
             }
         }
+        let mut authn = Vec::new();
+        for item in &doc.request_authentications {
+            if let Some(a) = self.request_authentication(doc, item, cache, &mut next) {
+                authn.push(a);
+            }
+        }
         Compiled {
             policies,
             lists,
             list_targets,
             redis,
+            authn,
             next,
         }
+    }
+
+    /// A RequestAuthentication: where it applies (`None`: every gateway) and its rules.
+    /// `None` when it applies nowhere (a selector of other workloads) or is wrong.
+    fn request_authentication(
+        &mut self,
+        doc: &Document,
+        item: &crate::config::load::Item<schema::RequestAuthentication>,
+        cache: &PolicyCache,
+        next: &mut PolicyCache,
+    ) -> Option<(Option<Targets>, Vec<Arc<JwtRule>>)> {
+        let (ra, o) = (&*item.spec, &item.origin);
+        let labels = ra.selector.as_ref().map(|s| &s.match_labels);
+        let targets = match (labels.filter(|l| !l.is_empty()), ra.target_refs.is_empty()) {
+            (Some(_), false) => {
+                self.err(
+                    o,
+                    ".selector",
+                    "only one of selector and targetRefs may be set",
+                );
+                return None;
+            }
+            (None, true) => None,
+            (None, false) => Some(self.targets(doc, o, &ra.target_refs)),
+            (Some(labels), true) => {
+                // The gateways whose pods the selector picks: those whose own selector
+                // has every label it asks for.
+                let gateways: Vec<String> = doc
+                    .gateways
+                    .iter()
+                    .filter(|g| {
+                        labels
+                            .iter()
+                            .all(|(k, v)| g.spec.selector.get(k) == Some(v))
+                    })
+                    .map(|g| key(&g.spec.namespace, &g.spec.name))
+                    .collect();
+                if gateways.is_empty() {
+                    self.warn(
+                        o,
+                        ".selector",
+                        "selects no Gateway's workload (it is for other workloads, such as sidecars): skipped",
+                    );
+                    return None;
+                }
+                Some(Targets {
+                    gateways,
+                    ..Targets::default()
+                })
+            }
+        };
+        let errors = self.errors.len();
+        let mut rules = Vec::new();
+        for (i, r) in ra.jwt_rules.iter().enumerate() {
+            if let Some(rule) = self.jwt_rule(o, &format!(".jwtRules[{i}]"), r, cache, next) {
+                rules.push(Arc::new(rule));
+            }
+        }
+        if self.errors.len() > errors || rules.is_empty() {
+            return None;
+        }
+        Some((targets, rules))
+    }
+
+    fn jwt_rule(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        r: &schema::JwtRule,
+        cache: &PolicyCache,
+        next: &mut PolicyCache,
+    ) -> Option<JwtRule> {
+        let errors = self.errors.len();
+        if r.issuer.is_empty() {
+            self.err(o, &format!("{at}.issuer"), "is required");
+        }
+        let header_name = |cx: &mut Cx, here: String, name: &str| {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                cx.err(o, &here, format!("{name:?} is not a header name"));
+            }
+        };
+        let mut locations = Vec::new();
+        for (i, h) in r.from_headers.iter().enumerate() {
+            header_name(self, format!("{at}.fromHeaders[{i}].name"), &h.name);
+            locations.push(Location::Header {
+                name: h.name.to_ascii_lowercase(),
+                prefix: h.prefix.clone(),
+            });
+        }
+        for (i, p) in r.from_params.iter().enumerate() {
+            if p.is_empty() {
+                self.err(o, &format!("{at}.fromParams[{i}]"), "is empty");
+            }
+            locations.push(Location::Param(p.clone()));
+        }
+        for (i, c) in r.from_cookies.iter().enumerate() {
+            if c.is_empty() || c.contains([';', '=', ' ']) {
+                self.err(
+                    o,
+                    &format!("{at}.fromCookies[{i}]"),
+                    format!("{c:?} is not a cookie name"),
+                );
+            }
+            locations.push(Location::Cookie(c.clone()));
+        }
+        if let Some(h) = &r.output_payload_to_header {
+            header_name(self, format!("{at}.outputPayloadToHeader"), h);
+        }
+        let mut output_claims = Vec::new();
+        for (i, c) in r.output_claim_to_headers.iter().enumerate() {
+            header_name(
+                self,
+                format!("{at}.outputClaimToHeaders[{i}].header"),
+                &c.header,
+            );
+            if c.claim.is_empty() {
+                self.err(
+                    o,
+                    &format!("{at}.outputClaimToHeaders[{i}].claim"),
+                    "is required",
+                );
+            }
+            output_claims.push((c.header.clone(), c.claim.clone()));
+        }
+        let timeout = r.timeout.map(|d| d.get()).unwrap_or(DEFAULT_JWKS_TIMEOUT);
+        let refresh = r
+            .jwks_refresh_interval
+            .map(|d| d.get())
+            .unwrap_or(DEFAULT_JWKS_REFRESH);
+        if r.jwks_uri.is_none() && (r.timeout.is_some() || r.jwks_refresh_interval.is_some()) {
+            self.err(
+                o,
+                at,
+                "timeout and jwksRefreshInterval apply to jwksUri only",
+            );
+        }
+        if timeout.is_zero() {
+            self.err(o, &format!("{at}.timeout"), "must be more than 0s");
+        }
+        if refresh < Duration::from_secs(1) {
+            self.err(
+                o,
+                &format!("{at}.jwksRefreshInterval"),
+                "must be at least 1s",
+            );
+        }
+        let jwks = match (&r.jwks, &r.jwks_uri) {
+            (Some(_), Some(_)) => {
+                self.err(o, at, "only one of jwks and jwksUri may be set");
+                None
+            }
+            (None, None) => {
+                self.err(
+                    o,
+                    at,
+                    "needs jwks or jwksUri (Portico does not discover keys through the issuer's OpenID configuration)",
+                );
+                None
+            }
+            (Some(text), None) => match KeySet::parse(text) {
+                Ok(set) => Some(Jwks::Inline(Arc::new(set))),
+                Err(e) => {
+                    self.err(o, &format!("{at}.jwks"), e);
+                    None
+                }
+            },
+            (None, Some(uri)) => match Target::parse(uri) {
+                Ok(target) => {
+                    let remote = match cache.jwks.get(uri) {
+                        Some(j) if j.timeout == timeout && j.refresh == refresh => j.clone(),
+                        _ => match next.jwks.get(uri) {
+                            Some(j) if j.timeout == timeout && j.refresh == refresh => j.clone(),
+                            _ => Arc::new(RemoteJwks::new(uri.clone(), target, timeout, refresh)),
+                        },
+                    };
+                    next.jwks.insert(uri.clone(), remote.clone());
+                    Some(Jwks::Remote(remote))
+                }
+                Err(e) => {
+                    self.err(o, &format!("{at}.jwksUri"), e);
+                    None
+                }
+            },
+        };
+        if self.errors.len() > errors {
+            return None;
+        }
+        Some(JwtRule::new(RuleParts {
+            issuer: r.issuer.clone(),
+            audiences: r.audiences.clone(),
+            jwks: jwks?,
+            locations,
+            output_payload: r.output_payload_to_header.clone(),
+            output_claims,
+            forward: r.forward_original_token.unwrap_or(false),
+        }))
     }
 
     fn redis(
@@ -499,9 +710,6 @@ impl Cx {
                     }
                 },
             };
-            if !ov.jwt_claims.is_empty() || ov.request_principal.is_some() {
-                self.err(o, &here, NO_JWT);
-            }
             if ov.headers.is_empty()
                 && source.is_none()
                 && ov.jwt_claims.is_empty()
@@ -554,12 +762,6 @@ impl Cx {
             if let Some(m) = self.value_match(o, &here, &sel) {
                 out.headers.push((h.name.to_ascii_lowercase(), m));
             }
-        }
-        if !c.jwt_claims.is_empty() {
-            self.err(o, &format!("{at}.jwtClaims"), NO_JWT);
-        }
-        if c.request_principal.is_some() {
-            self.err(o, &format!("{at}.requestPrincipal"), NO_JWT);
         }
         for (i, h) in c.jwt_claims.iter().enumerate() {
             let here = format!("{at}.jwtClaims[{i}]");
@@ -679,10 +881,6 @@ impl Cx {
             }
         };
         let list_key = match ListKey::parse(l.key.as_deref().unwrap_or("source.ip")) {
-            Ok(k @ (ListKey::Claim(_) | ListKey::Principal)) => {
-                self.err(o, ".key", NO_JWT);
-                k
-            }
             Ok(k) => k,
             Err(e) => {
                 self.err(o, ".key", e);
@@ -809,8 +1007,10 @@ impl Compiled {
     /// `RoutePolicies`) and makes the Snapshot's `Policies`; returns the state the next
     /// compile carries.
     pub fn bind(self, doc: &Document, listeners: &mut [Listener]) -> (Policies, PolicyCache) {
-        if self.policies.is_empty() && self.list_targets.is_empty() {
-            return (Policies::new(self.lists, self.redis), self.next);
+        let mut policies = Policies::new(self.lists, self.redis.clone());
+        policies.jwks = self.next.jwks.values().cloned().collect();
+        if self.policies.is_empty() && self.list_targets.is_empty() && self.authn.is_empty() {
+            return (policies, self.next);
         }
         // The gateways each VirtualService binds, and those with servers on each port.
         let mut vs_gateways: HashMap<String, Vec<String>> = HashMap::new();
@@ -866,6 +1066,15 @@ impl Compiled {
                             policy.access.push(list.clone());
                         }
                     }
+                    let jwt_rules: Vec<_> = self
+                        .authn
+                        .iter()
+                        .filter(|(t, _)| t.as_ref().is_none_or(covers))
+                        .flat_map(|(_, rules)| rules.iter().cloned())
+                        .collect();
+                    if !jwt_rules.is_empty() {
+                        policy.authn = Some(Arc::new(Authn::new(jwt_rules)));
+                    }
                     if let (false, Some(redis)) = (global.is_empty(), &self.redis) {
                         policy.global = Some(GlobalLimits {
                             rules: global,
@@ -875,6 +1084,7 @@ impl Compiled {
                     if policy.access.is_empty()
                         && policy.local.is_empty()
                         && policy.global.is_none()
+                        && policy.authn.is_none()
                     {
                         continue;
                     }
@@ -883,6 +1093,6 @@ impl Compiled {
             }
             l.policies = RoutePolicies::new(routes);
         }
-        (Policies::new(self.lists, self.redis), self.next)
+        (policies, self.next)
     }
 }

@@ -208,6 +208,7 @@ impl FastH1 {
             started,
             span: span.as_ref(),
             client_ip,
+            principal: None,
         };
         // A path that does not normalize gets pingora's reply (the same check there).
         // (`?` would be wrong in here: `None` means served.)
@@ -263,6 +264,10 @@ impl FastH1 {
             }
             request::Plan::Forward(f) => f,
         };
+        let sl = StreamLog {
+            principal: f.principal.as_deref(),
+            ..sl
+        };
         let (route, forward) = (f.route, f.forward);
         let destination = &forward.destinations[f.destination];
         let cluster = &destination.cluster;
@@ -297,6 +302,7 @@ impl FastH1 {
                 mode: settings.forward_client_cert,
                 peer: peer.as_deref(),
             },
+            f.auth.as_deref(),
         );
         // A path normalization changed: the log shows the normalized one, as elsewhere.
         let normalized = match &path {
@@ -533,7 +539,11 @@ async fn answer_h2(s: &mut HttpSession, sl: &StreamLog<'_>, a: &request::Answer<
         upstream_host: None,
         attempts: 0,
     };
-    log_h2(s, sl, a.route.map(|r| &**r), a.cluster(), &done);
+    let sl = StreamLog {
+        principal: a.principal.as_deref(),
+        ..*sl
+    };
+    log_h2(s, &sl, a.route.map(|r| &**r), a.cluster(), &done);
 }
 
 /// The HTTP/1.1 request head for the upstream, as pingora's path would write it: `Host`
@@ -547,6 +557,7 @@ fn upstream_head(
     client_ip: Option<IpAddr>,
     span: Option<&SpanContext>,
     client_cert: request::ClientCert<'_>,
+    auth: Option<&crate::policy::jwt::UpstreamEdits>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method.as_str().as_bytes());
@@ -607,6 +618,7 @@ fn upstream_head(
         upgrade: false,
         span,
         client_cert,
+        auth,
     };
     request::upstream_request_headers(client, &forwarding, &mut out);
     out.extend_from_slice(b"\r\n");
@@ -804,11 +816,14 @@ async fn local_h2(
 }
 
 /// What an h2 stream's log line, metrics and span need besides the session.
+#[derive(Clone, Copy)]
 struct StreamLog<'a> {
     snapshot: &'a Snapshot,
     started: Instant,
     span: Option<&'a SpanContext>,
     client_ip: Option<IpAddr>,
+    /// The verified JWT's principal.
+    principal: Option<&'a str>,
 }
 
 fn log_h2(
@@ -840,6 +855,7 @@ fn log_h2(
         request_id: None,
         tls: true,
         client_ip: sl.client_ip,
+        principal: sl.principal,
     };
     log.export_span(done, "HTTP/2");
     let Some((al, sink)) = log.observe(done) else {
