@@ -487,6 +487,10 @@ fn keys_rotate_and_a_jwks_server_down_leaves_the_last_good_set() {
     std::thread::sleep(Duration::from_millis(1100));
     let r = ok(k2);
     assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        server.fetches.load(Ordering::SeqCst) >= 2,
+        "fetched again for the new key"
+    );
     // A kid no set has: fetched again, still unknown: 401.
     std::thread::sleep(Duration::from_millis(1100));
     let unknown = SigningKey {
