@@ -374,22 +374,6 @@ fn exit_when_a_listener_fails() {
     }));
 }
 
-#[cfg(test)]
-mod tests {
-    use super::whole_seconds_up;
-    use std::time::Duration;
-
-    #[test]
-    fn drain_seconds_round_up() {
-        assert_eq!(whole_seconds_up(Duration::ZERO), 0);
-        assert_eq!(whole_seconds_up(Duration::from_millis(1)), 1);
-        assert_eq!(whole_seconds_up(Duration::from_millis(500)), 1);
-        assert_eq!(whole_seconds_up(Duration::from_secs(1)), 1);
-        assert_eq!(whole_seconds_up(Duration::from_millis(1001)), 2);
-        assert_eq!(whole_seconds_up(Duration::from_secs(5)), 5);
-    }
-}
-
 /// Raises the soft limit on open files to the hard one, as Go programs and NGINX's
 /// `worker_rlimit_nofile` do: every client connection is a descriptor (two when proxied),
 /// and the common soft default of 1024 would cap a gateway at a few hundred clients
@@ -412,5 +396,21 @@ fn raise_open_files_limit() {
             error = %e,
             "could not raise the open files limit: at most this many connections"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_seconds_up;
+    use std::time::Duration;
+
+    #[test]
+    fn drain_seconds_round_up() {
+        assert_eq!(whole_seconds_up(Duration::ZERO), 0);
+        assert_eq!(whole_seconds_up(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds_up(Duration::from_millis(500)), 1);
+        assert_eq!(whole_seconds_up(Duration::from_secs(1)), 1);
+        assert_eq!(whole_seconds_up(Duration::from_millis(1001)), 2);
+        assert_eq!(whole_seconds_up(Duration::from_secs(5)), 5);
     }
 }

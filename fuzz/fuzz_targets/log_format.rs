@@ -71,6 +71,8 @@ fn full<'a>(response: &'a HeaderMap, request: Headers<'a>) -> Entry<'a> {
         downstream_local: Some(addr),
         downstream_remote: Some(addr),
         sni: Some("shop.example.com"),
+        peer: None,
+        request_principal: Some("https://issuer.example/alice"),
         route_name: Some("r1"),
         attempts: u32::MAX,
     }
@@ -99,6 +101,8 @@ fn bare(h: &HeaderMap) -> Entry<'_> {
         downstream_local: None,
         downstream_remote: None,
         sni: None,
+        peer: None,
+        request_principal: None,
         route_name: None,
         attempts: 0,
     }
@@ -124,6 +128,7 @@ fn json_round_trip(input: &[u8]) {
     e.upstream_cluster = Some(s);
     e.sni = Some(s);
     e.route_name = Some(s);
+    e.request_principal = Some(s);
     let line = Format::Json.render(&e);
     assert!(line.ends_with("}\n"));
     assert!(!line[..line.len() - 1].contains('\n'), "one line: {line:?}");
@@ -135,6 +140,7 @@ fn json_round_trip(input: &[u8]) {
         "upstream_cluster",
         "requested_server_name",
         "route_name",
+        "request_principal",
     ] {
         assert_eq!(v[key].as_str(), Some(s), "{key}: {line}");
     }

@@ -294,15 +294,21 @@ impl FastH1 {
         let mut out = upstream_head(
             req,
             target,
-            authority.map(http::HeaderValue::as_bytes),
-            [&route.headers.request, &destination.headers.request],
-            client_ip,
-            span.as_ref(),
-            request::ClientCert {
-                mode: settings.forward_client_cert,
-                peer: peer.as_deref(),
+            &request::Forwarding {
+                scheme: b"https",
+                client_ip,
+                // Already among the fields (made before routing).
+                request_id: None,
+                host: authority.map(http::HeaderValue::as_bytes),
+                ops: [&route.headers.request, &destination.headers.request],
+                upgrade: false,
+                span: span.as_ref(),
+                client_cert: request::ClientCert {
+                    mode: settings.forward_client_cert,
+                    peer: peer.as_deref(),
+                },
+                auth: f.auth.as_deref(),
             },
-            f.auth.as_deref(),
         );
         // A path normalization changed: the log shows the normalized one, as elsewhere.
         let normalized = match &path {
@@ -547,17 +553,12 @@ async fn answer_h2(s: &mut HttpSession, sl: &StreamLog<'_>, a: &request::Answer<
 }
 
 /// The HTTP/1.1 request head for the upstream, as pingora's path would write it: `Host`
-/// from `:authority`, cookies on one line (RFC 9113 8.2.3), then as on HTTP/1.1. `path`
-/// is the normalized path.
+/// from `:authority`, cookies on one line (RFC 9113 8.2.3), then as on HTTP/1.1, with the
+/// core's `forwarding` edits. `path` is the normalized path.
 fn upstream_head(
     req: &RequestHeader,
     target: Target<'_>,
-    host: Option<&[u8]>,
-    ops: [&HeaderOps; 2],
-    client_ip: Option<IpAddr>,
-    span: Option<&SpanContext>,
-    client_cert: request::ClientCert<'_>,
-    auth: Option<&crate::policy::jwt::UpstreamEdits>,
+    forwarding: &request::Forwarding<'_>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method.as_str().as_bytes());
@@ -608,19 +609,7 @@ fn upstream_head(
             )
             .chain(cookie)
     };
-    let forwarding = request::Forwarding {
-        scheme: b"https",
-        client_ip,
-        // Already among the fields (made before routing).
-        request_id: None,
-        host,
-        ops,
-        upgrade: false,
-        span,
-        client_cert,
-        auth,
-    };
-    request::upstream_request_headers(client, &forwarding, &mut out);
+    request::upstream_request_headers(client, forwarding, &mut out);
     out.extend_from_slice(b"\r\n");
     out
 }
