@@ -227,15 +227,14 @@ impl ConnectionLimit {
 /// or a memory limit, never closes a connection that is in the middle of a request.
 pub struct Overload {
     held: AtomicUsize,
-    last_log_ms: AtomicU64,
-    epoch: std::time::Instant,
+    /// One line a second at most while at the cap.
+    log: crate::admin::LogLimit,
 }
 
-static OVERLOAD: std::sync::LazyLock<Overload> = std::sync::LazyLock::new(|| Overload {
+static OVERLOAD: Overload = Overload {
     held: AtomicUsize::new(0),
-    last_log_ms: AtomicU64::new(0),
-    epoch: std::time::Instant::now(),
-});
+    log: crate::admin::LogLimit::new(),
+};
 
 /// A place in the process-wide count; dropping it frees it.
 struct GlobalPlace(());
@@ -265,30 +264,19 @@ impl Overload {
         if held < cap {
             return Some(place);
         }
-        let idle = IdleConnections::here();
-        let action = if idle.close_one() {
-            "idle_closed"
-        } else {
-            "refused"
-        };
+        let made_room = IdleConnections::here().close_one();
         Metrics::global()
             .overload_connections
-            .with_label_values(&[action])
+            .with_label_values(&[if made_room { "idle_closed" } else { "refused" }])
             .inc();
-        let now = self.epoch.elapsed().as_millis() as u64;
-        let last = self.last_log_ms.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= 1000)
-            && self
-                .last_log_ms
-                .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
+        if let Some(skipped) = self.log.admit(std::time::Instant::now()) {
             tracing::warn!(
                 global_max_connections = cap,
+                since_last_line = skipped,
                 "process at its connection limit: idle keep-alive connections are closed to make room, new ones closed when none is idle"
             );
         }
-        (action == "idle_closed").then_some(place)
+        made_room.then_some(place)
     }
 }
 
