@@ -240,6 +240,33 @@ def measure(name, proc, kind, n):
     }
 
 
+def active_conns(room):
+    """Connections for the active rows: `ACTIVE_CONNS` (10 000), fewer when a proxy's
+    descriptors would not hold the clients and as many upstream connections."""
+    return min(b.env_int("ACTIVE_CONNS", 10000), room // 2 - 500)
+
+
+def active(name, proc, kind, n, tmp):
+    """N connections all sending requests back to back for ACTIVE_SECS: req/s, p50/p99,
+    errors, and the serving process's peak RSS while they ran."""
+    pid = b.worker_pid(name, proc)
+    b.reset_hwm(pid)
+    before = rss_kib(pid)
+    secs = b.env_int("ACTIVE_SECS", 15)
+    ports = b.PORTS[name]
+    if kind == "plain":
+        r = b.run_wrk(ports[0], "/api/1k", b.HOST, n, secs)
+    else:
+        # h2load -c N over TLS 1.3, HTTP/1.1 keep-alive: N handshakes, then N requests
+        # back to back (its latency log gives p50/p99).
+        r = b.run_h2load(ports[1], b.SNIS[:1], "/api/1k", b.HOST, n, 1, secs, True, False, tmp,
+                         timeout=secs * 4 + 120)
+    r["before_kib"] = before
+    r["peak_kib"] = b.status_kib(pid, "VmHWM") or 0
+    r["conns"] = n
+    return r
+
+
 def conns(command):
     start_load = b.loadavg()
     mach = b.machine()
@@ -248,6 +275,7 @@ def conns(command):
     b.MAX_CONNS = room + 1000
     env = b.Env()
     rows = []
+    active_rows = []
     try:
         import subprocess
         subprocess.run([sys.executable, os.path.join(b.LIB, "certs.py"), env.certs, *b.SNIS], check=True)
@@ -275,6 +303,29 @@ def conns(command):
                       f"RSS {r['before_kib'] / 1024:.1f} -> {r['after_kib'] / 1024:.1f} MiB, "
                       f"fresh request p99 {r['p99_ms']:.2f} ms, still open {r['alive']}")
                 rows.append((name, kind, r, None))
+        n_active = active_conns(room)
+        if b.env_int("ACTIVE", 1):
+            for name in b.PROXIES:
+                if name == "floor":
+                    continue
+                for kind in ("plain", "tls"):
+                    proc = b.start_proxy(env, name)
+                    b.sanity(name, b.PORTS[name])
+                    n = min(n_active, b.haproxy_maxconn() - 100) if name == "haproxy" else n_active
+                    b.log(f"{name} {kind}: {n} active connections")
+                    try:
+                        r = active(name, proc, kind, n, env.tmp)
+                    except (RuntimeError, OSError) as e:
+                        b.log(f"{name} {kind} active: FAILED: {e}")
+                        active_rows.append((name, kind, None, str(e)))
+                        continue
+                    finally:
+                        b.stop(proc)
+                        b.STARTED.remove(proc)
+                    b.log(f"{name} {kind} active: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms, "
+                          f"errors {r['socket_errors']}, non-2xx {r['non2xx']}, "
+                          f"peak RSS {r['peak_kib'] / 1024:.1f} MiB")
+                    active_rows.append((name, kind, r, None))
     finally:
         env.close()
     table = ["| proxy | connections | held | RSS before | RSS with them | per connection | "
@@ -300,9 +351,25 @@ def conns(command):
         "- fresh request: a new connection (and handshake) and one request while the others are "
         f"held, {b.env_int('PROBES', 200)} times",
     ]
+    if active_rows:
+        table += ["", "Active connections: each sends `GET /api/1k` back to back "
+                  f"({b.env_int('ACTIVE_SECS', 15)} s; wrk for HTTP/1.1, h2load for TLS):", "",
+                  "| proxy | connections | held | req/s | p50 | p99 | errors / non-2xx | peak RSS |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for name, kind, r, err in active_rows:
+            if r is None:
+                table.append(f"| {b.LABEL[name]} | {what[kind]} | failed: {err} | | | | | |")
+                continue
+            table.append(
+                f"| {b.LABEL[name]} | {what[kind]} | {r['conns']:,} | {r['rps']:,.0f} | "
+                f"{r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | {r['socket_errors']} / {r['non2xx']} | "
+                f"{r['peak_kib'] / 1024:.1f} MiB |")
+        extra.append(f"- active: {active_conns(room):,} connections (ACTIVE_CONNS; at most half the "
+                     "descriptors less 500, as each may also hold an upstream connection), a fresh "
+                     "process per row, peak RSS is the process's VmHWM")
     noise = ("- **noise:** the machine is shared with engineers who compile at the same time: the "
              "memory figures (RSS) do not depend on it, the latencies do")
-    text = ("## Idle connections (conns)\n\n" + b.header(command, start_load, vers, mach, extra, noise=noise)
+    text = ("## Idle and active connections (conns)\n\n" + b.header(command, start_load, vers, mach, extra, noise=noise)
             + "\n\n" + "\n".join(table))
     print(text)
     b.write_section("conns", text)
