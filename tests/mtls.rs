@@ -614,7 +614,11 @@ fn bad_client_tls_settings_are_config_errors() {
             "tls.verifyCertificateHash[0]",
             "hex SHA-256",
         ),
-        (r#"mode = "ISTIO_MUTUAL""#, "tls.mode", "ISTIO_MUTUAL"),
+        (
+            r#"mode = "ISTIO_MUTUAL""#,
+            "tls.mode",
+            "mesh.workloadCertificates",
+        ),
     ];
     for (tls, field, message) in cases {
         let config = format!(

@@ -320,6 +320,7 @@ pub fn compile_cached(
         settings: None,
         opts: opts.clone(),
         credentials_dir: Cx::credentials_dir(doc),
+        workload: WorkloadFiles::of(doc),
         dns_servers: Vec::new(),
         dns_names: Vec::new(),
         acme_named: HashMap::new(),
@@ -669,6 +670,8 @@ struct Cx {
     settings: Option<Settings>,
     opts: Options,
     credentials_dir: PathBuf,
+    /// `mesh.workloadCertificates`, resolved: what `ISTIO_MUTUAL` presents and trusts.
+    workload: WorkloadFiles,
     /// `mesh.dnsServers`, for names resolved while compiling.
     dns_servers: Vec<SocketAddr>,
     /// The names clusters were compiled from; the Snapshot keeps them followed.
@@ -679,6 +682,80 @@ struct Cx {
     /// written (`.tls.acme.challenge`), for the error when no listener can answer it.
     acme: Vec<Arc<crate::tls::acme::ManagedCert>>,
     acme_http01_servers: Vec<(Origin, String)>,
+}
+
+/// `mesh.workloadCertificates` as absolute paths: the mesh identity `ISTIO_MUTUAL` uses
+/// on both sides (a Gateway server's certificate and client CA; a DestinationRule's client
+/// certificate and upstream CA). Istio's istiod issues these over SDS; here they are files,
+/// rotated as any other certificate file is (watched, reloaded on change).
+struct WorkloadFiles {
+    chain: PathBuf,
+    key: PathBuf,
+    root: PathBuf,
+}
+
+impl WorkloadFiles {
+    fn of(doc: &Document) -> WorkloadFiles {
+        let w = doc
+            .mesh
+            .spec
+            .workload_certificates
+            .clone()
+            .unwrap_or_default();
+        let at = |v: Option<String>, default: &str| match v {
+            Some(p) => doc.main.resolve(&p),
+            None => PathBuf::from(default),
+        };
+        WorkloadFiles {
+            chain: at(w.cert_chain, "/etc/certs/cert-chain.pem"),
+            key: at(w.private_key, "/etc/certs/key.pem"),
+            root: at(w.root_cert, "/etc/certs/root-cert.pem"),
+        }
+    }
+
+    /// The first of the three files that does not exist, with its field name.
+    fn missing(&self) -> Option<(&'static str, &Path)> {
+        [
+            ("certChain", &self.chain),
+            ("privateKey", &self.key),
+            ("rootCert", &self.root),
+        ]
+        .into_iter()
+        .find(|(_, p)| !p.exists())
+        .map(|(f, p)| (f, p.as_path()))
+    }
+
+    fn missing_error(&self) -> Option<String> {
+        self.missing().map(|(field, path)| {
+            format!(
+                "ISTIO_MUTUAL uses the workload certificate files of mesh.workloadCertificates; {field} {} does not exist",
+                path.display()
+            )
+        })
+    }
+
+    /// A Gateway server's `ISTIO_MUTUAL` as the `MUTUAL` it stands for: the workload
+    /// certificate as the server's, the mesh root as the client CA. The server's own
+    /// certificate fields are ignored (Istio ignores them too), with a warning.
+    fn server_tls(&self, t: &schema::ServerTls) -> (schema::ServerTls, Vec<&'static str>) {
+        let ignored = [
+            ("credentialName", t.credential_name.is_some()),
+            ("serverCertificate", t.server_certificate.is_some()),
+            ("privateKey", t.private_key.is_some()),
+            ("caCertificates", t.ca_certificates.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, on)| *on)
+        .map(|(f, _)| f)
+        .collect();
+        let mut out = t.clone();
+        out.mode = Some("MUTUAL".into());
+        out.credential_name = None;
+        out.server_certificate = Some(self.chain.to_string_lossy().into_owned());
+        out.private_key = Some(self.key.to_string_lossy().into_owned());
+        out.ca_certificates = Some(self.root.to_string_lossy().into_owned());
+        (out, ignored)
+    }
 }
 
 #[derive(Default)]
@@ -1547,6 +1624,25 @@ impl Cx {
                     );
                 }
                 info.default_cert = t.default_certificate || info.hosts.iter().any(|h| h == "*");
+                let istio_mutual;
+                let t = if t.mode.as_deref() == Some("ISTIO_MUTUAL") {
+                    if let Some(e) = self.workload.missing_error() {
+                        self.err(o, &format!("{at}.tls.mode"), e);
+                        return None;
+                    }
+                    let (tls, ignored) = self.workload.server_tls(t);
+                    for field in ignored {
+                        self.warn(
+                            o,
+                            &format!("{at}.tls.{field}"),
+                            "ignored with ISTIO_MUTUAL: the server presents the workload certificate (mesh.workloadCertificates)",
+                        );
+                    }
+                    istio_mutual = tls;
+                    &istio_mutual
+                } else {
+                    t
+                };
                 info.cert =
                     self.server_cert(o, &format!("{at}.tls"), t, &info.hosts, creds, self_signed);
                 info.client_auth =
@@ -1580,14 +1676,6 @@ impl Cx {
                     o,
                     &format!("{at}.mode"),
                     format!("tls.mode {m} is not supported yet; use SIMPLE"),
-                );
-                return None;
-            }
-            Some("ISTIO_MUTUAL") => {
-                self.err(
-                    o,
-                    &format!("{at}.mode"),
-                    "tls.mode ISTIO_MUTUAL needs istiod's workload certificates; use MUTUAL with caCertificates or a credential's ca.crt",
                 );
                 return None;
             }
@@ -3197,6 +3285,10 @@ impl Cx {
         // as requests in flight and ejections) rather than build a twin.
         if let Some(c) = self.reuse.as_ref().and_then(|r| r.clusters.get(&name)) {
             let c = c.clone();
+            // Its certificate files stay watched, or a later rotation would go unseen.
+            if let Some(t) = &c.settings.tls {
+                self.watched.extend(t.files.iter().cloned());
+            }
             self.clusters.insert(name, c.clone());
             return Some(c);
         }
@@ -3212,7 +3304,7 @@ impl Cx {
             ..ClusterSettings::default()
         };
         if let (Some(t), Some(r)) = (&eff.tls, &rule) {
-            match self.upstream_tls(&r.origin, t, &host) {
+            match self.upstream_tls(&r.origin, t, &host, port, subset) {
                 Ok(tls) => settings.tls = tls.map(Arc::new),
                 Err(e) => {
                     self.err(&r.origin, ".trafficPolicy.tls", e);
@@ -3294,18 +3386,19 @@ impl Cx {
         o: &Origin,
         t: &schema::ClientTlsSettings,
         host: &str,
+        port: u16,
+        subset: Option<&str>,
     ) -> Result<Option<crate::upstream::UpstreamTls>, String> {
         let mutual = match t.mode.as_deref() {
             None | Some("DISABLE") => return Ok(None),
             Some("SIMPLE") => false,
             Some("MUTUAL") => true,
-            Some("ISTIO_MUTUAL") => {
-                return Err(
-                    "mode ISTIO_MUTUAL needs Istio's workload certificates; use MUTUAL with files"
-                        .into(),
-                )
+            Some("ISTIO_MUTUAL") => return self.istio_mutual_upstream(t, host, port, subset),
+            Some(other) => {
+                return Err(format!(
+                    "unknown mode {other:?} (DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL)"
+                ))
             }
-            Some(other) => return Err(format!("unknown mode {other:?} (DISABLE, SIMPLE, MUTUAL)")),
         };
         if !t.subject_alt_names.is_empty() {
             return Err("subjectAltNames is not supported yet: the upstream certificate is verified against `sni`".into());
@@ -3322,8 +3415,10 @@ impl Cx {
             (None, Some(dir)) if dir.join("ca.crt").exists() => Some(dir.join("ca.crt")),
             _ => None,
         };
+        let mut files = Vec::new();
         let ca = match &ca_path {
             Some(p) => {
+                files.push(p.clone());
                 self.watched.push(p.clone());
                 Some(tls::load_ca(p)?)
             }
@@ -3339,8 +3434,9 @@ impl Cx {
                     )
                 }
             };
-            self.watched.push(cert.clone());
-            self.watched.push(key.clone());
+            files.push(cert.clone());
+            files.push(key.clone());
+            self.watched.extend([cert.clone(), key.clone()]);
             Some(tls::load_client_cert(&cert, &key)?)
         } else {
             None
@@ -3357,9 +3453,69 @@ impl Cx {
         Ok(Some(crate::upstream::UpstreamTls {
             sni,
             verify,
+            verify_name: verify,
             ca,
             client,
             group_key,
+            files,
+        }))
+    }
+
+    /// DestinationRule `ISTIO_MUTUAL`: mutual TLS with the mesh identity
+    /// (`mesh.workloadCertificates`), the SNI Istio sends between sidecars
+    /// (`outbound_.<port>_.<subset>_.<host>`, unless `sni` is set), and the upstream's chain
+    /// verified against the mesh root. Its name is not checked against the SNI: a workload
+    /// certificate names a SPIFFE identity, not a host, and without istiod there is no
+    /// list of the identities that may serve a host (Istio checks the chain alone too when
+    /// it knows none).
+    fn istio_mutual_upstream(
+        &mut self,
+        t: &schema::ClientTlsSettings,
+        host: &str,
+        port: u16,
+        subset: Option<&str>,
+    ) -> Result<Option<crate::upstream::UpstreamTls>, String> {
+        let set = [
+            ("clientCertificate", t.client_certificate.is_some()),
+            ("privateKey", t.private_key.is_some()),
+            ("caCertificates", t.ca_certificates.is_some()),
+            ("credentialName", t.credential_name.is_some()),
+            ("caCrl", t.ca_crl.is_some()),
+            ("subjectAltNames", !t.subject_alt_names.is_empty()),
+            ("insecureSkipVerify", t.insecure_skip_verify.is_some()),
+        ];
+        if let Some((field, _)) = set.iter().find(|(_, on)| *on) {
+            return Err(format!(
+                "{field} cannot be set with ISTIO_MUTUAL, which uses the workload certificate (mesh.workloadCertificates)"
+            ));
+        }
+        if let Some(e) = self.workload.missing_error() {
+            return Err(e);
+        }
+        let (chain, key, root) = (
+            self.workload.chain.clone(),
+            self.workload.key.clone(),
+            self.workload.root.clone(),
+        );
+        let files = vec![chain.clone(), key.clone(), root.clone()];
+        self.watched.extend(files.iter().cloned());
+        let ca = tls::load_ca(&root)?;
+        let client = tls::load_client_cert(&chain, &key)?;
+        let sni = t
+            .sni
+            .clone()
+            .unwrap_or_else(|| format!("outbound_.{port}_.{}_.{host}", subset.unwrap_or("")));
+        let group_key = crate::upstream::balancer::hash_bytes(
+            format!("istio-mutual|{}|{sni}", chain.display()).as_bytes(),
+        );
+        Ok(Some(crate::upstream::UpstreamTls {
+            sni,
+            verify: true,
+            verify_name: false,
+            ca: Some(ca),
+            client: Some(client),
+            group_key,
+            files,
         }))
     }
 

@@ -99,6 +99,23 @@ pub struct Mesh {
     /// Istio MeshConfig `rootNamespace`: an AuthorizationPolicy here applies to every
     /// gateway. Default `istio-system`.
     pub root_namespace: Option<String>,
+    /// Portico extension: the workload certificate that `tls.mode = ISTIO_MUTUAL` presents
+    /// and the mesh root it trusts, as files (what istiod would issue over SDS).
+    pub workload_certificates: Option<WorkloadCertificates>,
+}
+
+/// `mesh.workloadCertificates`: PEM files, relative to the main config file. The defaults
+/// are the paths of Istio's file-mounted workload certificates.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadCertificates {
+    /// The certificate chain, leaf first. Default `/etc/certs/cert-chain.pem`.
+    pub cert_chain: Option<String>,
+    /// Its private key. Default `/etc/certs/key.pem`.
+    pub private_key: Option<String>,
+    /// The mesh root(s) peers' certificates are verified against. Default
+    /// `/etc/certs/root-cert.pem`.
+    pub root_cert: Option<String>,
 }
 
 /// Portico extension: where a server's certificate comes from when Portico orders it

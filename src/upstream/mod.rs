@@ -143,6 +143,9 @@ pub struct UpstreamTls {
     pub sni: String,
     /// `insecureSkipVerify = false` (the default): verify the chain and the name.
     pub verify: bool,
+    /// Verify the certificate's name against `sni` too (`false` for `ISTIO_MUTUAL`: a
+    /// workload certificate names a SPIFFE identity, not the SNI it is reached by).
+    pub verify_name: bool,
     /// `caCertificates`; system roots when `None`.
     pub ca: Option<Arc<pingora::protocols::tls::CaType>>,
     /// `MUTUAL`: the client certificate and key.
@@ -150,6 +153,8 @@ pub struct UpstreamTls {
     /// Separates the connection pools of clusters that trust different CAs, since the CA is
     /// not part of pingora's pool key.
     pub group_key: u64,
+    /// The files it was read from: a compile that reuses the cluster watches them still.
+    pub files: Vec<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -157,6 +162,7 @@ impl std::fmt::Debug for UpstreamTls {
         f.debug_struct("UpstreamTls")
             .field("sni", &self.sni)
             .field("verify", &self.verify)
+            .field("verify_name", &self.verify_name)
             .field("custom_ca", &self.ca.is_some())
             .field("client_cert", &self.client.is_some())
             .finish()
@@ -404,7 +410,7 @@ impl Cluster {
                 p.group_key = tls.group_key;
                 p.options.ca = tls.ca.clone();
                 p.options.verify_cert = tls.verify;
-                p.options.verify_hostname = tls.verify;
+                p.options.verify_hostname = tls.verify && tls.verify_name;
                 p
             }
         };
