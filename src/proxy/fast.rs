@@ -684,12 +684,7 @@ fn eligible<'h>(
 /// destination it speaks to (plain HTTP/1.1, no keepalive probes, no per-connection
 /// request cap, no consistent hashing).
 fn plain(forward: &Forward) -> bool {
-    let on = &forward.retries.on;
     forward.mirrors.is_empty()
-        && !on.five_xx
-        && !on.gateway_error
-        && !on.retriable_4xx
-        && on.codes.is_empty()
         && forward.destinations.iter().all(|d| {
             let c = &d.cluster;
             c.settings.tls.is_none()
@@ -1002,7 +997,16 @@ impl FastH1 {
                 wait,
             };
             match exchange(c, ex).await {
-                Ok(resp) => break (resp, i, inflight),
+                Ok(resp) => {
+                    if tries.again_on(resp.status, forward, cluster).await {
+                        // Not a byte of this answer went to the client: its connection
+                        // (with the body unread) is closed, and the next try begins.
+                        c.up = None;
+                        cluster.record(i, Some(resp.status), Some(inflight.started.elapsed()));
+                        continue;
+                    }
+                    break (resp, i, inflight);
+                }
                 Err(fail) => match tries.after(fail, forward, cluster, i, idempotent).await {
                     None => continue,
                     Some((done, what)) => return local(c, &log, done, what).await,
@@ -1019,6 +1023,7 @@ impl FastH1 {
             upstream_time,
             tries.made,
         );
+        done.flags = f.upstream_flag(resp.status, tries.retries);
         let result = forward_body(c, resp.framing, wait, (cluster, resp.upstream_close)).await;
         drop(inflight);
         match result {
@@ -1098,6 +1103,30 @@ impl Tries {
             Side::Upstream { idle: true } if timed => Flag::UpstreamRequestTimeout,
             _ => side.flag(),
         }
+    }
+
+    /// After a response with `status`, none of it sent yet: whether to try again, as the
+    /// route's `retryOn` names the status (the rule pingora's path applies in
+    /// `upstream_response_filter`), attempts and the cluster's retry budget allow, and
+    /// the route's time is not up; the backoff is waited here.
+    async fn again_on(&mut self, status: u16, forward: &Forward, cluster: &Arc<Cluster>) -> bool {
+        if !forward.retries.on.status(status) || self.retries >= forward.retries.attempts {
+            return false;
+        }
+        let left = self
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        if left.is_some_and(|l| l.is_zero()) {
+            return false;
+        }
+        let Some(p) = cluster.start_retry() else {
+            return false;
+        };
+        self.permit = Some(p);
+        self.retries += 1;
+        let pause = forward.retries.backoff_for(self.retries);
+        tokio::time::sleep(left.map_or(pause, |l| l.min(pause))).await;
+        true
     }
 
     /// After try `fail` on endpoint `i`: `None` when another try follows (after the

@@ -803,6 +803,14 @@ impl ProxyHttp for Gateway {
             e.set_retry(true);
             return Err(e);
         }
+        // As the core's `Forwarded::upstream_flag`: an injected delay's `DI` stays.
+        if ctx.flag == Flag::None
+            && ctx
+                .forward()
+                .is_some_and(|f| f.retries.exhausted_on(status, ctx.retries))
+        {
+            ctx.flag = Flag::UpstreamRetryLimitExceeded;
+        }
         ctx.upstream_responded = true;
         Ok(())
     }

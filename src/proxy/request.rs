@@ -499,6 +499,19 @@ impl Forwarded<'_> {
     /// What the response gets besides the upstream's fields and the route's operations:
     /// the CORS fields for an allowed origin, and the policies' fields. Every codec writes
     /// these over the upstream's fields of the same names.
+    /// The flag of the upstream's answer to this request: `DI` when a delay was injected,
+    /// else `URX` when its status was one to retry and the retries ran out (Envoy's
+    /// `UpstreamRetryLimitExceeded` on a passed-on response).
+    pub fn upstream_flag(&self, status: u16, retries: u32) -> Flag {
+        if self.delay.is_some() {
+            Flag::DelayInjected
+        } else if self.forward.retries.exhausted_on(status, retries) {
+            Flag::UpstreamRetryLimitExceeded
+        } else {
+            Flag::None
+        }
+    }
+
     pub fn response_additions(&self) -> ResponseAdditions {
         let cors = match (&self.cors_origin, self.route.cors.as_ref()) {
             (Some(origin), Some(policy)) => CorsFields::for_response(policy, origin.clone()),

@@ -97,6 +97,12 @@ impl RetryPolicy {
         }
     }
 
+    /// A response with `status` after `retries` retries is passed on because the retries
+    /// ran out, not because its status was fine: Envoy flags it `URX`.
+    pub fn exhausted_on(&self, status: u16, retries: u32) -> bool {
+        self.attempts > 0 && retries >= self.attempts && self.on.status(status)
+    }
+
     /// The pause before retry number `retry` (1-based).
     pub fn backoff_for(&self, retry: u32) -> Duration {
         let cap = self.backoff * 10;

@@ -397,7 +397,16 @@ impl FastH1 {
                 wait: wait_for,
             };
             match exchange_h2(&out, &mut ubuf, &ex, &mut wait, emit).await {
-                Ok((up, resp)) => break (up, resp, i, inflight),
+                Ok((up, resp)) => {
+                    if tries.again_on(resp.status, forward, cluster).await {
+                        // Nothing of it went to the client: its upstream connection
+                        // closes with the body unread, and the next try begins.
+                        drop(up);
+                        cluster.record(i, Some(resp.status), Some(inflight.started.elapsed()));
+                        continue;
+                    }
+                    break (up, resp, i, inflight);
+                }
                 Err(fail) => match tries.after(fail, forward, cluster, i, idempotent).await {
                     None => continue,
                     Some((done, what)) => {
@@ -415,6 +424,7 @@ impl FastH1 {
             upstream_time,
             tries.made,
         );
+        done.flags = f.upstream_flag(resp.status, tries.retries);
         let Some(head) = head else {
             // A 101, or a field HTTP/2 cannot carry: nothing went to the client yet.
             let done = Done::local(
