@@ -88,6 +88,11 @@ timeout = "5s"
 retries = { attempts = 1, perTryTimeout = "150ms", retryOn = "gateway-error" }
 route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
 [[virtualServices.http]]
+name = "delay"
+match = [{ uri = { prefix = "/delayed/" } }]
+fault = { delay = { fixedDelay = "20ms", percentage = { value = 100 } } }
+route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
+[[virtualServices.http]]
 name = "retry-5xx"
 match = [{ uri = { prefix = "/fail/" } }]
 retries = { attempts = 2, retryOn = "5xx" }
@@ -414,6 +419,8 @@ fn corpus() -> Vec<Case> {
         // Every try answers 503 and `retryOn = 5xx`: three tries, the last 503 passed on,
         // flagged URX (the retries ran out).
         ("retry on 5xx", "GET", "/fail/m31".into(), vec![], b""),
+        // A fault's delay, then the upstream's answer: flagged DI.
+        ("fault delay", "GET", "/delayed/m32".into(), vec![], b""),
     ]
 }
 
@@ -520,6 +527,8 @@ fn both_codecs_send_the_same_upstream_and_answer_the_same() {
     let retried = &la[r#""GET" "/fail/m31""#];
     assert_eq!(retried["response_flags"], "URX", "{retried}");
     assert_eq!(retried["upstream_request_attempt_count"], 3, "{retried}");
+    let delayed = &la[r#""GET" "/delayed/m32""#];
+    assert_eq!(delayed["response_flags"], "DI", "{delayed}");
     assert!(
         differences.is_empty(),
         "{} differences between the codecs:\n\n{}",
