@@ -33,6 +33,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::check::{self, Refusal};
+use super::mirror::{self, MirrorClient};
 use super::request;
 use super::{request_id, Gateway};
 use crate::protocol::h1::{
@@ -684,15 +685,14 @@ fn eligible<'h>(
 /// destination it speaks to (plain HTTP/1.1, no keepalive probes, no per-connection
 /// request cap, no consistent hashing).
 fn plain(forward: &Forward) -> bool {
-    forward.mirrors.is_empty()
-        && forward.destinations.iter().all(|d| {
-            let c = &d.cluster;
-            c.settings.tls.is_none()
-                && c.settings.tcp_keepalive.is_none()
-                && !c.settings.h2c
-                && c.settings.max_requests_per_connection.is_none()
-                && c.policy.hash_source().is_none()
-        })
+    forward.destinations.iter().all(|d| {
+        let c = &d.cluster;
+        c.settings.tls.is_none()
+            && c.settings.tcp_keepalive.is_none()
+            && !c.settings.h2c
+            && c.settings.max_requests_per_connection.is_none()
+            && c.policy.hash_source().is_none()
+    })
 }
 
 /// An upstream response head, owned (the upstream buffer is reused for the body).
@@ -893,6 +893,18 @@ impl FastH1 {
             request::Plan::Forward(f) => f,
         };
         let (route, forward) = (f.route, f.forward);
+        let mut mirrors = f.mirrors().peekable();
+        if mirrors.peek().is_some() {
+            // The copies: the request as received with the id made for it (as pingora's
+            // cycle copies it), its whole body (read above).
+            let fields = raw(parsed.headers).chain(added.iter().copied());
+            if let Some(head) = mirror::request_head(method, target, fields) {
+                let body = (req.body > 0).then(|| Bytes::copy_from_slice(&c.buf[..req.body]));
+                for cluster in mirrors {
+                    MirrorClient::global().send(cluster.clone(), head.clone(), body.clone());
+                }
+            }
+        }
         let destination = &forward.destinations[f.destination];
         let cluster = &destination.cluster;
         let added = f.response_additions();

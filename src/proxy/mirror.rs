@@ -32,6 +32,30 @@ impl Default for MirrorClient {
     }
 }
 
+impl MirrorClient {
+    /// The process's mirror client, shared by every listener and codec: one connection
+    /// pool for the copies and one cap on those in flight.
+    pub fn global() -> &'static Arc<MirrorClient> {
+        static GLOBAL: std::sync::OnceLock<Arc<MirrorClient>> = std::sync::OnceLock::new();
+        GLOBAL.get_or_init(|| Arc::new(MirrorClient::default()))
+    }
+}
+
+/// The head of a copy made from a request's method, target and fields as received (the
+/// fast codecs' raw fields; pingora's cycle copies its parsed head). `None` when they do not
+/// make a valid head, which pingora's parser would have refused too.
+pub fn request_head<'a>(
+    method: &str,
+    target: &str,
+    fields: impl Iterator<Item = (&'a str, &'a [u8])>,
+) -> Option<RequestHeader> {
+    let mut head = RequestHeader::build(method, target.as_bytes(), None).ok()?;
+    for (name, value) in fields {
+        head.append_header(name.to_string(), value).ok()?;
+    }
+    Some(head)
+}
+
 /// `host:port` → `host-shadow:port`, as Envoy names shadow traffic.
 pub fn shadow_host(host: &str) -> String {
     match host.rsplit_once(':') {

@@ -22,7 +22,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::egress::{self, forward as egress_forward};
 use crate::protocol::h1;
-use crate::routing::{chance, normalize_host, Action, Forward, HeaderOps, RequestView, Route};
+use crate::routing::{normalize_host, Action, Forward, HeaderOps, RequestView, Route};
 use crate::snapshot::Snapshot;
 use crate::telemetry::outcome::Flag;
 use crate::telemetry::{access_log, trace, Metrics};
@@ -47,7 +47,7 @@ impl Gateway {
             listener,
             tls,
             snapshots,
-            mirror: Arc::new(MirrorClient::default()),
+            mirror: MirrorClient::global().clone(),
             forward_proxy: false,
         }
     }
@@ -545,18 +545,13 @@ impl ProxyHttp for Gateway {
                 ctx.response_additions = (!added.is_empty()).then_some(added);
                 ctx.auth = f.auth.take();
                 ctx.principal = f.principal.take();
-                (f.route.clone(), f.destination, f.match_index)
+                let mirrors: Vec<_> = f.mirrors().cloned().collect();
+                (f.route.clone(), f.destination, f.match_index, mirrors)
             }
         };
         ctx.snapshot = Some(snapshot);
-        let (route, destination, match_index) = forwarded;
+        let (route, destination, match_index, mirrors) = forwarded;
         let forward = forward_of(&route).expect("a forwarded plan's route forwards");
-        let mirrors: Vec<_> = forward
-            .mirrors
-            .iter()
-            .filter(|m| chance(m.percent))
-            .map(|m| m.cluster.clone())
-            .collect();
         if !mirrors.is_empty() {
             let req = session.req_header().clone();
             if request_has_body(&req) {

@@ -499,6 +499,16 @@ impl Forwarded<'_> {
     /// What the response gets besides the upstream's fields and the route's operations:
     /// the CORS fields for an allowed origin, and the policies' fields. Every codec writes
     /// these over the upstream's fields of the same names.
+    /// The clusters this request is copied to: each of the route's mirrors, sampled at its
+    /// percentage here, once, whichever codec sends the copies.
+    pub fn mirrors(&self) -> impl Iterator<Item = &Arc<crate::upstream::Cluster>> + '_ {
+        self.forward
+            .mirrors
+            .iter()
+            .filter(|m| crate::routing::route::chance(m.percent))
+            .map(|m| &m.cluster)
+    }
+
     /// The flag of the upstream's answer to this request: `DI` when a delay was injected,
     /// else `URX` when its status was one to retry and the retries ran out (Envoy's
     /// `UpstreamRetryLimitExceeded` on a passed-on response).

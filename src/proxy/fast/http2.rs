@@ -321,6 +321,8 @@ impl FastH1 {
             s.req_header_mut().set_uri(uri);
         }
         let body_timeout = settings.downstream.request_body_timeout;
+        let mut mirrors = f.mirrors().peekable();
+        let mirror_head = mirrors.peek().is_some().then(|| s.req_header().clone());
         if body_len > 0 {
             // Read whole (the h2 crate holds the stream to its content-length), then sent
             // after the head and replayed on a retry, as on HTTP/1.1.
@@ -339,6 +341,14 @@ impl FastH1 {
                 // The client reset the stream or stalled: nothing went upstream.
                 s.shutdown();
                 return None;
+            }
+        }
+        if let Some(head) = mirror_head {
+            // The copies: the request as received (its head as pingora parsed it, as on
+            // pingora's cycle), its whole body (read above).
+            let body = (body_len > 0).then(|| Bytes::copy_from_slice(&out[out.len() - body_len..]));
+            for cluster in mirrors {
+                MirrorClient::global().send(cluster.clone(), head.clone(), body.clone());
             }
         }
 
