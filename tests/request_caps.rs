@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use support::*;
 
-/// An HTTP/1.1 upstream: `/hold...` waits for the gate to open before its 200; anything
+/// An HTTP/1.1 upstream: a path with `/hold` waits for the gate to open before its 200; anything
 /// else is answered at once. Keep-alive, a thread per connection.
 struct Gate {
     port: u16,
@@ -86,7 +86,7 @@ fn serve(conn: TcpStream, st: &(Mutex<GateState>, Condvar)) {
         if r.read_exact(&mut body).is_err() {
             return;
         }
-        if path.starts_with("/hold") {
+        if path.contains("/hold") {
             let (m, cv) = st;
             let mut g = m.lock().unwrap();
             g.held += 1;
@@ -129,6 +129,12 @@ tls = { mode = "SIMPLE", serverCertificate = "gw.crt", privateKey = "gw.key" }
 name = "all"
 hosts = ["*"]
 gateways = ["gw"]
+[[virtualServices.http]]
+# Retries on 5xx: not for the fast codecs, which lend these to pingora's cycle.
+name = "lent"
+match = [{ uri = { prefix = "/lent/" } }]
+retries = { attempts = 1, retryOn = "5xx" }
+route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
 [[virtualServices.http]]
 name = "up"
 route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
@@ -475,4 +481,21 @@ fn requests_in_flight_stay_counted_across_reloads() {
     assert_eq!(statuses(more), [200]);
     g.wait_idle();
     assert_eq!(g.refused("listener"), 2.0);
+}
+
+#[test]
+fn a_request_the_fast_codec_lends_to_pingora_is_counted_once() {
+    let g = start(&format!("maxRequests = {N}"));
+    let held = g.hold(N, "/lent/hold", "198.51.100.1");
+    g.wait_held(N);
+    assert_eq!(g.active(), N as f64);
+    assert_eq!(g.get("/lent/x", "198.51.100.9").status, 503);
+    if std::env::var("PORTICO_NO_FAST_PATH").as_deref() != Ok("true") {
+        let lent = metric_sum(&g.portico.metrics(), "portico_fast_path_handoffs_total", "");
+        assert!(lent.unwrap_or(0.0) >= N as f64, "{}", g.portico.metrics());
+    }
+    g.gate.open();
+    assert_eq!(statuses(held), [200; N]);
+    g.wait_idle();
+    assert_eq!(g.get("/lent/x", "198.51.100.9").status, 200);
 }
