@@ -293,11 +293,16 @@ fn the_listener_cap_refuses_the_request_over_it_and_every_ending_gives_its_place
     assert_eq!(over.text(), "too many requests in flight\n");
     assert_eq!(g.refused("listener"), 1.0, "{}", g.portico.metrics());
     assert_eq!(g.refused("client"), 0.0);
-    assert!(wait_until(Duration::from_secs(5), || !g.om_lines().is_empty()));
+    assert!(wait_until(Duration::from_secs(5), || !g
+        .om_lines()
+        .is_empty()));
     let line = &g.om_lines()[0];
     assert_eq!(line["response_code"], 503, "{line}");
     assert_eq!(line["response_code_details"], "overload", "{line}");
-    assert!(g.portico.log().contains("listener at its limit of requests in flight"));
+    assert!(g
+        .portico
+        .log()
+        .contains("listener at its limit of requests in flight"));
 
     // The held ones finish: their places come back.
     g.gate.open();
@@ -358,7 +363,10 @@ fn each_client_address_has_its_own_cap() {
     assert_eq!(g.refused("listener"), 0.0);
     // The address is the trusted client address, not the peer (all come from 127.0.0.1).
     assert_eq!(g.get("/x", "198.51.100.3").status, 200);
-    assert!(g.portico.log().contains("client at its limit of requests in flight"));
+    assert!(g
+        .portico
+        .log()
+        .contains("client at its limit of requests in flight"));
     g.gate.open();
     assert_eq!(statuses(a), [200; PER]);
     assert_eq!(statuses(b), [200; PER]);
@@ -407,11 +415,7 @@ fn h2_streams_on_one_connection_count_one_request_each() {
         .collect();
     statuses.sort();
     assert_eq!(statuses, [200, 200, 200, 503], "{answers:?}");
-    let refused = answers
-        .iter()
-        .flatten()
-        .find(|r| r.status == 503)
-        .unwrap();
+    let refused = answers.iter().flatten().find(|r| r.status == 503).unwrap();
     assert_eq!(refused.text(), "too many requests in flight\n");
     assert!(wait_until(Duration::from_secs(5), || g
         .om_lines()
@@ -419,7 +423,9 @@ fn h2_streams_on_one_connection_count_one_request_each() {
         .any(|l| l["protocol"] == "HTTP/2")));
     // The places come back: N streams again, all served.
     let answers = h2.send_all(&vec![("GET", "gw.test", "/x", vec![], &b""[..]); N]);
-    assert!(answers.iter().all(|a| a.as_ref().is_ok_and(|r| r.status == 200)));
+    assert!(answers
+        .iter()
+        .all(|a| a.as_ref().is_ok_and(|r| r.status == 200)));
 
     // Streams the client resets: one mid-body, one while the upstream holds it. Each
     // holds its place until then, and gives it back.
@@ -447,7 +453,9 @@ fn h2_streams_on_one_connection_count_one_request_each() {
     );
     let answers = h2.send_all(&vec![("GET", "gw.test", "/x", vec![], &b""[..]); N]);
     assert!(
-        answers.iter().all(|a| a.as_ref().is_ok_and(|r| r.status == 200)),
+        answers
+            .iter()
+            .all(|a| a.as_ref().is_ok_and(|r| r.status == 200)),
         "{answers:?}"
     );
 }

@@ -608,7 +608,11 @@ mod tests {
         assert_eq!(caps.admit(Some(a)).unwrap_err(), CapScope::Client);
         assert_eq!(caps.counts.held_by(a), 2);
         let b1 = caps.admit(Some(b)).unwrap();
-        assert_eq!(caps.counts.held_by("192.0.2.2".parse().unwrap()), 1, "canonical");
+        assert_eq!(
+            caps.counts.held_by("192.0.2.2".parse().unwrap()),
+            1,
+            "canonical"
+        );
         assert_eq!(caps.admit(None).unwrap_err(), CapScope::Listener);
         assert_eq!(caps.counts.active(), 3, "refused ones are not counted");
         drop((a1, b1));
@@ -616,7 +620,11 @@ mod tests {
         let none = caps.admit(None).unwrap();
         drop((a2, none));
         assert_eq!(caps.counts.active(), 0);
-        assert_eq!(caps.counts.clients(), 0, "addresses with nothing in flight are forgotten");
+        assert_eq!(
+            caps.counts.clients(),
+            0,
+            "addresses with nothing in flight are forgotten"
+        );
         // New caps over the same counts (a reload that changes the numbers) and new
         // counts (one that turned them off and on): slots free what they took.
         let old = caps.admit(Some(a)).unwrap();
