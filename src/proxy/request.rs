@@ -287,8 +287,9 @@ pub enum Plan<'s> {
 /// A codec looks at [`Planned::plan`] to see whether it can serve the request itself; if
 /// it can, [`Planned::police`] counts the request and gives the plan to carry out (a
 /// refusal turns it into an answer). A codec that hands the request to pingora's cycle
-/// drops it uncounted: pingora's `request_filter` plans and polices it again, so every
-/// request is counted once, by whichever codec serves it.
+/// drops it uncounted (and not admitted by the request caps): pingora's `request_filter`
+/// plans and polices it again, so every request is counted, and holds a place under the
+/// caps, once, by whichever codec serves it.
 pub struct Planned<'s> {
     plan: Plan<'s>,
     /// The route's policies, when the plan is one they apply to (a direct response, a
