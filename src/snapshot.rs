@@ -63,6 +63,9 @@ pub struct Listener {
     /// The AuthorizationPolicies of the gateways on this listener's port, decided for
     /// every request before routing's answer (`request::Planned::police`).
     pub authz: Option<Arc<crate::policy::authz::Authorization>>,
+    /// The request caps (`mesh.downstream.maxRequests`, `maxRequestsPerClient`) and the
+    /// counts they read, when one is set (`request::Planned::police` admits each request).
+    pub requests: Option<crate::listener::RequestCaps>,
 }
 
 /// The shape of a listener: what needs a new socket when it changes.
@@ -146,6 +149,10 @@ pub struct Downstream {
     /// Connections the process holds over all listeners (`globalMaxConnections`, or what
     /// the cgroup's memory limit allows).
     pub global_max_connections: Option<usize>,
+    /// Requests in flight on a listener (an h2 stream is one); more get 503 `OM`.
+    pub max_requests: Option<usize>,
+    /// Requests in flight from one client address on a listener.
+    pub max_requests_per_client: Option<usize>,
     /// Bytes.
     pub max_request_headers: usize,
     /// Bytes of the request target.
@@ -163,6 +170,8 @@ impl Default for Downstream {
             max_connections: None,
             max_connections_per_client: None,
             global_max_connections: None,
+            max_requests: None,
+            max_requests_per_client: None,
             max_request_headers: 60 * 1024,
             max_uri_length: 8192,
         }

@@ -82,6 +82,8 @@ pub struct Cache {
     bound: Option<BoundState>,
     /// Rate-limit buckets, access lists and the Redis client, carried while unchanged.
     policies: policy::PolicyCache,
+    /// The request caps' counts of each listener, by address, carried while a cap is set.
+    request_counts: HashMap<SocketAddr, Arc<crate::listener::RequestCounts>>,
 }
 
 /// The gateways and the listener tables built from them (server hosts, certificates by
@@ -484,8 +486,14 @@ pub fn compile_cached(
             acme: acme_hosts.clone(),
             policies: Default::default(),
             authz: None,
+            requests: None,
         })
         .collect();
+    cache.request_counts = request_caps(
+        &settings.downstream,
+        &mut listeners_out,
+        std::mem::take(&mut cache.request_counts),
+    );
     let (policies, carried) = policies.bind(doc, &mut listeners_out);
     authorization.bind(doc, &mut listeners_out);
     cache.policies = carried;
@@ -537,6 +545,32 @@ pub fn compile_cached(
         reused: cx.reused,
         rebound: cx.rebound,
     })
+}
+
+/// The request caps of each listener (none when neither `maxRequests` nor
+/// `maxRequestsPerClient` is set), over the counts `prev` held for its address: requests
+/// in flight across a reload that keeps a cap set stay counted. The counts to carry.
+fn request_caps(
+    d: &crate::snapshot::Downstream,
+    listeners: &mut [Listener],
+    mut prev: HashMap<SocketAddr, Arc<crate::listener::RequestCounts>>,
+) -> HashMap<SocketAddr, Arc<crate::listener::RequestCounts>> {
+    let mut kept = HashMap::new();
+    if d.max_requests.is_none() && d.max_requests_per_client.is_none() {
+        return kept;
+    }
+    for l in listeners.iter_mut().filter(|l| l.l4.is_none() || l.tls) {
+        let counts = prev
+            .remove(&l.addr)
+            .unwrap_or_else(|| crate::listener::RequestCounts::new(l.shape().to_string()));
+        kept.insert(l.addr, counts.clone());
+        l.requests = Some(crate::listener::RequestCaps {
+            max: d.max_requests,
+            per_client: d.max_requests_per_client,
+            counts,
+        });
+    }
+    kept
 }
 
 /// The VirtualServices the last compile bound that this one does not reuse (changed,
@@ -1103,6 +1137,11 @@ impl Cx {
         out.max_connections = d.max_connections.filter(|&n| n > 0).map(|n| n as usize);
         out.max_connections_per_client = d
             .max_connections_per_client
+            .filter(|&n| n > 0)
+            .map(|n| n as usize);
+        out.max_requests = d.max_requests.filter(|&n| n > 0).map(|n| n as usize);
+        out.max_requests_per_client = d
+            .max_requests_per_client
             .filter(|&n| n > 0)
             .map(|n| n as usize);
         out.global_max_connections = match d.global_max_connections {

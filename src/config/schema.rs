@@ -197,6 +197,14 @@ pub struct Downstream {
     /// place of the longest-idle keep-alive one, or is closed when none is idle. Default:
     /// derived from the cgroup's memory limit when there is one, else none; 0: none.
     pub global_max_connections: Option<u32>,
+    /// Requests in flight on each listener at once, an HTTP/2 stream counting as one
+    /// request (NGINX's `limit_conn` on `$server_name`); more are answered 503 with flag
+    /// `OM`. Default: none; 0: none.
+    pub max_requests: Option<u32>,
+    /// Requests in flight from one client address on a listener at once (the trusted
+    /// client address, as rate limits see it: NGINX's `limit_conn` on
+    /// `$binary_remote_addr`); more are answered 503 `OM`. Default: none; 0: none.
+    pub max_requests_per_client: Option<u32>,
     /// The largest request head, in KiB: more gets 431. Default 60.
     pub max_request_headers_kb: Option<u32>,
     /// The longest request target (path and query), in bytes: more gets 414. Default 8192.

@@ -1,5 +1,6 @@
-//! Listeners: what a listener admits before any protocol runs. Owns the per-listener
-//! connection cap and the per-client-address one; never reads a request.
+//! Listeners: what a listener admits. Owns the per-listener connection cap and the
+//! per-client-address one (before any protocol runs), and the counts behind the request
+//! caps (`RequestCaps`, which the request core asks; this module never reads a request).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -31,7 +32,9 @@ pub fn peer_ip(io: &pingora::protocols::Stream) -> Option<IpAddr> {
         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
 }
 
-/// Connections per client address, in shards of their own lock.
+/// Connections (or requests in flight, for [`RequestCaps`]) per client address, in shards
+/// of their own lock. Only addresses that hold one are in it, so it is never larger than
+/// what is held: bounded by the connection caps, not by how many addresses come and go.
 struct ClientTable {
     shards: [Mutex<HashMap<IpAddr, u32>>; CLIENT_SHARDS],
 }
@@ -216,6 +219,174 @@ impl ConnectionLimit {
     /// Connections held now.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Acquire)
+    }
+}
+
+/// The requests in flight on one listener, as its request caps count them
+/// (`mesh.downstream.maxRequests`, `maxRequestsPerClient`): an HTTP/1.1 request or an h2
+/// stream from the moment the request core admits it to the end of its response. Kept
+/// while a cap is set; a reload that keeps one set (whatever its values) keeps the counts
+/// (`config::Cache` carries them by listener address).
+pub struct RequestCounts {
+    /// The listener, as the connection caps' metrics and log lines name it.
+    name: String,
+    active: AtomicUsize,
+    /// Requests in flight per client address (only addresses with one).
+    clients: ClientTable,
+    /// `portico_listener_requests_active{listener}`, looked up once.
+    gauge: prometheus::IntGauge,
+    refused_listener: prometheus::IntCounter,
+    refused_client: prometheus::IntCounter,
+    /// One line a second at most per cap: a flood of requests must not become a flood of
+    /// log lines.
+    log: crate::admin::LogLimit,
+    client_log: crate::admin::LogLimit,
+}
+
+impl std::fmt::Debug for RequestCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestCounts")
+            .field("listener", &self.name)
+            .field("active", &self.active())
+            .finish()
+    }
+}
+
+impl RequestCounts {
+    pub fn new(name: impl Into<String>) -> Arc<RequestCounts> {
+        let name = name.into();
+        let m = Metrics::global();
+        Arc::new(RequestCounts {
+            gauge: m.listener_requests_active.with_label_values(&[&name]),
+            refused_listener: m
+                .listener_requests_refused
+                .with_label_values(&[&name, CapScope::Listener.as_str()]),
+            refused_client: m
+                .listener_requests_refused
+                .with_label_values(&[&name, CapScope::Client.as_str()]),
+            name,
+            active: AtomicUsize::new(0),
+            clients: ClientTable::new(),
+            log: crate::admin::LogLimit::new(),
+            client_log: crate::admin::LogLimit::new(),
+        })
+    }
+
+    /// Requests in flight now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Requests in flight from `ip` now.
+    pub fn held_by(&self, ip: IpAddr) -> usize {
+        self.clients.held(ip.to_canonical())
+    }
+
+    /// Client addresses with a request in flight now.
+    pub fn clients(&self) -> usize {
+        self.clients.addresses()
+    }
+}
+
+/// A listener's request caps in force, compiled into its Snapshot listener (`None` there
+/// when neither is set: a request then pays one `Option` check).
+#[derive(Debug, Clone)]
+pub struct RequestCaps {
+    /// `maxRequests`: in flight on the listener.
+    pub max: Option<usize>,
+    /// `maxRequestsPerClient`: in flight from one client address on the listener.
+    pub per_client: Option<usize>,
+    pub counts: Arc<RequestCounts>,
+}
+
+/// Which request cap refused a request (the `scope` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapScope {
+    Listener,
+    Client,
+}
+
+impl CapScope {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CapScope::Listener => "listener",
+            CapScope::Client => "client",
+        }
+    }
+}
+
+/// A request in flight. Dropping it (the request ended, whichever way) frees its place
+/// and its client's in the counts it was taken from, so a reload that starts counting
+/// afresh never sees it and nothing is freed twice.
+pub struct RequestSlot {
+    counts: Arc<RequestCounts>,
+    client: Option<IpAddr>,
+}
+
+impl Drop for RequestSlot {
+    fn drop(&mut self) {
+        if let Some(ip) = self.client {
+            self.counts.clients.leave(ip);
+        }
+        self.counts.active.fetch_sub(1, Ordering::AcqRel);
+        self.counts.gauge.dec();
+    }
+}
+
+impl std::fmt::Debug for RequestSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestSlot")
+            .field("listener", &self.counts.name)
+            .field("client", &self.client)
+            .finish()
+    }
+}
+
+impl RequestCaps {
+    /// A place for a request from `client` (the trusted client address), or the cap it
+    /// would exceed: `max` in flight on the listener, or `per_client` from that address
+    /// (NGINX's `limit_conn`, which counts each h2 stream). A refusal is counted in
+    /// `portico_listener_requests_refused_total{listener,scope}` and logged at most once a
+    /// second per cap. Without an address only `max` applies.
+    pub fn admit(&self, client: Option<IpAddr>) -> Result<RequestSlot, CapScope> {
+        let c = &self.counts;
+        let held = c.active.fetch_add(1, Ordering::AcqRel);
+        c.gauge.inc();
+        // Counted from here: a refusal below drops it, which uncounts it.
+        let mut slot = RequestSlot {
+            counts: c.clone(),
+            client: None,
+        };
+        if let Some(max) = self.max.filter(|&m| held >= m) {
+            c.refused_listener.inc();
+            if let Some(skipped) = c.log.admit(std::time::Instant::now()) {
+                tracing::warn!(
+                    listener = %c.name,
+                    max_requests = max,
+                    since_last_line = skipped,
+                    "listener at its limit of requests in flight: new requests get 503"
+                );
+            }
+            return Err(CapScope::Listener);
+        }
+        if let (Some(cap), Some(ip)) = (self.per_client, client) {
+            let ip = ip.to_canonical();
+            if !c.clients.enter(ip, cap) {
+                c.refused_client.inc();
+                if let Some(skipped) = c.client_log.admit(std::time::Instant::now()) {
+                    tracing::warn!(
+                        listener = %c.name,
+                        client = %ip,
+                        max_requests_per_client = cap,
+                        since_last_line = skipped,
+                        "client at its limit of requests in flight: its new requests get 503"
+                    );
+                }
+                return Err(CapScope::Client);
+            }
+            slot.client = Some(ip);
+        }
+        Ok(slot)
     }
 }
 
@@ -421,6 +592,53 @@ mod tests {
         let _one = limit.admit_client(&caps(1, 5), None).unwrap();
         assert!(limit.admit_client(&caps(1, 5), Some(a)).is_none());
         assert_eq!(limit.held_by(a), 0);
+    }
+
+    #[test]
+    fn requests_in_flight_are_capped_per_listener_and_per_client_and_come_back() {
+        let caps = RequestCaps {
+            max: Some(3),
+            per_client: Some(2),
+            counts: RequestCounts::new("HTTP 127.0.0.1:1"),
+        };
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "::ffff:192.0.2.2".parse().unwrap();
+        let a1 = caps.admit(Some(a)).unwrap();
+        let a2 = caps.admit(Some(a)).unwrap();
+        assert_eq!(caps.admit(Some(a)).unwrap_err(), CapScope::Client);
+        assert_eq!(caps.counts.held_by(a), 2);
+        let b1 = caps.admit(Some(b)).unwrap();
+        assert_eq!(
+            caps.counts.held_by("192.0.2.2".parse().unwrap()),
+            1,
+            "canonical"
+        );
+        assert_eq!(caps.admit(None).unwrap_err(), CapScope::Listener);
+        assert_eq!(caps.counts.active(), 3, "refused ones are not counted");
+        drop((a1, b1));
+        assert_eq!(caps.counts.clients(), 1);
+        let none = caps.admit(None).unwrap();
+        drop((a2, none));
+        assert_eq!(caps.counts.active(), 0);
+        assert_eq!(
+            caps.counts.clients(),
+            0,
+            "addresses with nothing in flight are forgotten"
+        );
+        // New caps over the same counts (a reload that changes the numbers) and new
+        // counts (one that turned them off and on): slots free what they took.
+        let old = caps.admit(Some(a)).unwrap();
+        let fresh = RequestCaps {
+            max: Some(1),
+            per_client: None,
+            counts: RequestCounts::new("HTTP 127.0.0.1:1"),
+        };
+        let new = fresh.admit(Some(a)).unwrap();
+        drop(old);
+        assert_eq!(caps.counts.active(), 0);
+        assert_eq!(fresh.counts.active(), 1);
+        drop(new);
+        assert_eq!(fresh.counts.active(), 0);
     }
 
     #[test]

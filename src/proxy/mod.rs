@@ -81,6 +81,9 @@ pub struct RequestCtx {
     auth: Option<Box<crate::policy::jwt::UpstreamEdits>>,
     /// The verified JWT's principal, for the log.
     principal: Option<Box<str>>,
+    /// The request's place under the listener's request caps (`request::Forwarded::slot`),
+    /// freed when the request's context is dropped, whichever way it ended.
+    request_slot: Option<crate::listener::RequestSlot>,
     /// The response was refused for a retry by `upstream_response_filter`.
     retry_on_status: bool,
     /// An upstream response head was taken (and is being passed on): from here on no
@@ -124,6 +127,7 @@ impl Default for RequestCtx {
             response_additions: None,
             auth: None,
             principal: None,
+            request_slot: None,
             retry_on_status: false,
             upstream_responded: false,
             resent: false,
@@ -524,7 +528,7 @@ impl ProxyHttp for Gateway {
             None => request::Plan::Answer(Box::new(request::not_found())),
         };
         let forwarded = match plan {
-            request::Plan::Answer(a) => {
+            request::Plan::Answer(mut a) => {
                 if let Some(d) = a.delay {
                     tokio::time::sleep(d).await;
                 }
@@ -532,6 +536,7 @@ impl ProxyHttp for Gateway {
                 ctx.details = a.details;
                 ctx.route = a.route.cloned();
                 ctx.principal = a.principal.clone();
+                ctx.request_slot = a.slot.take();
                 answer(session, &a).await?;
                 ctx.snapshot = Some(snapshot);
                 return Ok(true);
@@ -545,6 +550,7 @@ impl ProxyHttp for Gateway {
                 ctx.response_additions = (!added.is_empty()).then_some(added);
                 ctx.auth = f.auth.take();
                 ctx.principal = f.principal.take();
+                ctx.request_slot = f.slot.take();
                 let mirrors: Vec<_> = f.mirrors().cloned().collect();
                 (f.route.clone(), f.destination, f.match_index, mirrors)
             }

@@ -287,8 +287,9 @@ pub enum Plan<'s> {
 /// A codec looks at [`Planned::plan`] to see whether it can serve the request itself; if
 /// it can, [`Planned::police`] counts the request and gives the plan to carry out (a
 /// refusal turns it into an answer). A codec that hands the request to pingora's cycle
-/// drops it uncounted: pingora's `request_filter` plans and polices it again, so every
-/// request is counted once, by whichever codec serves it.
+/// drops it uncounted (and not admitted by the request caps): pingora's `request_filter`
+/// plans and polices it again, so every request is counted, and holds a place under the
+/// caps, once, by whichever codec serves it.
 pub struct Planned<'s> {
     plan: Plan<'s>,
     /// The route's policies, when the plan is one they apply to (a direct response, a
@@ -299,6 +300,10 @@ pub struct Planned<'s> {
     /// decided by them first (Istio's RBAC filter runs before CORS, fault injection and
     /// the router, so a refused request gets 403 whatever routing would have said).
     authz: Option<&'s Authorization>,
+    /// The listener's request caps, when one is set: every request the core plans is
+    /// admitted by them first (Envoy's overload manager refuses a stream before any
+    /// filter runs), so one over a cap costs no policy a token.
+    caps: Option<&'s crate::listener::RequestCaps>,
 }
 
 impl<'s> Planned<'s> {
@@ -307,12 +312,39 @@ impl<'s> Planned<'s> {
         &self.plan
     }
 
-    /// Asks the route's policies and counts the request; the plan to carry out. A
-    /// refusal is an answer (429 `RL`, or a list's 403, or `statusOnError` `RLSE` when
-    /// Redis is down and the policy fails closed); an allowed request carries the
-    /// RateLimit fields to its answer or response. Waits for Redis only when the route
-    /// has global rules; nothing is locked while it waits.
+    /// Admits the request under the listener's request caps, asks the route's policies
+    /// and counts the request; the plan to carry out. A refusal is an answer (503 `OM` at
+    /// a request cap, 429 `RL`, or a list's 403, or `statusOnError` `RLSE` when Redis is
+    /// down and the policy fails closed); an allowed request carries the RateLimit fields
+    /// to its answer or response. The plan holds the request's place under the caps
+    /// (`Answer::slot`, `Forwarded::slot`) until the codec drops it with the request.
+    /// Waits for Redis only when the route has global rules; nothing is locked while it
+    /// waits.
     pub async fn police(self, view: &RequestView<'_>) -> Plan<'s> {
+        let Some(caps) = self.caps else {
+            return self.decide(view).await;
+        };
+        match caps.admit(view.client_ip) {
+            Ok(slot) => {
+                let mut plan = self.decide(view).await;
+                match &mut plan {
+                    Plan::Answer(a) => a.slot = Some(slot),
+                    Plan::Forward(f) => f.slot = Some(slot),
+                }
+                plan
+            }
+            Err(_) => {
+                let route = match &self.plan {
+                    Plan::Answer(a) => a.route,
+                    Plan::Forward(f) => Some(f.route),
+                };
+                Plan::Answer(Box::new(overloaded(route)))
+            }
+        }
+    }
+
+    /// [`Planned::police`] past the request caps.
+    async fn decide(self, view: &RequestView<'_>) -> Plan<'s> {
         if self.policy.is_none() && self.authz.is_none() {
             return self.plan;
         }
@@ -377,6 +409,26 @@ impl<'s> Planned<'s> {
     }
 }
 
+/// The answer to a request over a request cap: 503 with Envoy's overload manager's flag
+/// `OM` and details `overload` (NGINX's `limit_conn_status 503`).
+fn overloaded<'s>(route: Option<&'s Arc<Route>>) -> Answer<'s> {
+    Answer {
+        status: 503,
+        body: Bytes::from_static(b"too many requests in flight\n"),
+        location: None,
+        cors: CorsFields::default(),
+        ops: route.map(|r| &r.headers.response),
+        delay: None,
+        flag: Flag::OverloadManager,
+        details: "overload",
+        route,
+        policy: policy::Fields::NONE,
+        www_authenticate: None,
+        principal: None,
+        slot: None,
+    }
+}
+
 /// The answer to a request whose token was refused: Envoy's status, words and
 /// `WWW-Authenticate`.
 fn jwt_refusal<'s>(r: policy::jwt::Refused, route: Option<&'s Arc<Route>>) -> Answer<'s> {
@@ -393,6 +445,7 @@ fn jwt_refusal<'s>(r: policy::jwt::Refused, route: Option<&'s Arc<Route>>) -> An
         policy: policy::Fields::NONE,
         www_authenticate: HeaderValue::try_from(r.challenge).ok(),
         principal: None,
+        slot: None,
     }
 }
 
@@ -411,6 +464,7 @@ fn rbac_denied<'s>(details: &'static str, route: Option<&'s Arc<Route>>) -> Answ
         policy: policy::Fields::NONE,
         www_authenticate: None,
         principal: None,
+        slot: None,
     }
 }
 
@@ -436,6 +490,7 @@ fn refusal<'s>(d: &policy::Decision<'_>, route: Option<&'s Arc<Route>>) -> Answe
         policy: d.fields(),
         www_authenticate: None,
         principal: None,
+        slot: None,
     }
 }
 
@@ -461,6 +516,9 @@ pub struct Answer<'s> {
     pub www_authenticate: Option<HeaderValue>,
     /// The verified JWT's principal (`iss/sub`), for the log.
     pub principal: Option<Box<str>>,
+    /// The request's place under the listener's request caps: the codec keeps the answer
+    /// (or this) until the request is done.
+    pub slot: Option<crate::listener::RequestSlot>,
 }
 
 impl<'s> Answer<'s> {
@@ -493,6 +551,9 @@ pub struct Forwarded<'s> {
     pub auth: Option<Box<UpstreamEdits>>,
     /// The verified JWT's principal (`iss/sub`), for the log.
     pub principal: Option<Box<str>>,
+    /// The request's place under the listener's request caps: the codec keeps the plan
+    /// (or this) until the request's response is done or it fails, whichever way.
+    pub slot: Option<crate::listener::RequestSlot>,
 }
 
 impl Forwarded<'_> {
@@ -654,6 +715,7 @@ pub fn not_found<'s>() -> Answer<'s> {
         policy: policy::Fields::NONE,
         www_authenticate: None,
         principal: None,
+        slot: None,
     }
 }
 
@@ -663,10 +725,12 @@ pub fn not_found<'s>() -> Answer<'s> {
 /// draws (weights, fault percentages) happen here, once. Counts nothing.
 pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> Planned<'s> {
     let authz = listener.authz.as_deref();
+    let caps = listener.requests.as_ref();
     let unpoliced = |plan| Planned {
         plan,
         policy: None,
         authz,
+        caps,
     };
     // A CA validating HTTP-01 for a name Portico orders a certificate for: answered
     // before routing and before httpsRedirect (the CA asks over plain HTTP), and never
@@ -691,9 +755,11 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                     policy: policy::Fields::NONE,
                     www_authenticate: None,
                     principal: None,
+                    slot: None,
                 })),
                 policy: None,
                 authz: None,
+                caps,
             };
         }
     }
@@ -720,6 +786,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 policy: policy::Fields::NONE,
                 www_authenticate: None,
                 principal: None,
+                slot: None,
             })));
         }
         Decision::NoHost | Decision::NoRoute(_) => {
@@ -746,6 +813,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 policy: policy::Fields::NONE,
                 www_authenticate: None,
                 principal: None,
+                slot: None,
             })));
         }
     }
@@ -753,6 +821,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
         plan,
         policy: listener.policies.route(vhost, route),
         authz,
+        caps,
     };
     let cors_origin = route.cors.as_ref().and_then(|c| allowed_origin(c, view));
     let answer = |status: u16, body: Bytes, location: Option<String>| {
@@ -773,6 +842,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
             policy: policy::Fields::NONE,
             www_authenticate: None,
             principal: None,
+            slot: None,
         }))
     };
     let forward = match &route.action {
@@ -805,6 +875,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                     policy: policy::Fields::NONE,
                     www_authenticate: None,
                     principal: None,
+                    slot: None,
                 })));
             }
         }
@@ -819,6 +890,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
         policy: policy::Fields::NONE,
         auth: None,
         principal: None,
+        slot: None,
     }))
 }
 

@@ -43,6 +43,11 @@ pub struct Metrics {
     /// `idle_closed` (an idle keep-alive connection closed to make room for a new one) or
     /// `refused` (a new one closed on arrival: nothing idle to close).
     pub overload_connections: IntCounterVec,
+    /// Requests in flight on each listener (kept while a request cap is set), and those
+    /// answered 503 `OM` at a cap, by `scope`: `listener` (`maxRequests`) or `client`
+    /// (`maxRequestsPerClient`).
+    pub listener_requests_active: IntGaugeVec,
+    pub listener_requests_refused: IntCounterVec,
     /// Rate-limit decisions by rule (`rule`) and `decision`: allowed, limited,
     /// failed_open, failed_closed.
     pub ratelimit_decisions: IntCounterVec,
@@ -183,6 +188,16 @@ impl Metrics {
             "Connections the process-wide cap (mesh.downstream.globalMaxConnections) acted on: idle_closed (an idle keep-alive connection closed to make room for a new one), refused (a new one closed on arrival, none being idle).",
             &["action"],
         );
+        let listener_requests_active = gauge(
+            "portico_listener_requests_active",
+            "Requests in flight on each listener, counted while mesh.downstream.maxRequests or maxRequestsPerClient is set.",
+            &["listener"],
+        );
+        let listener_requests_refused = counter(
+            "portico_listener_requests_refused_total",
+            "Requests answered 503 (flag OM) because the listener had mesh.downstream.maxRequests in flight already (scope=listener), or their client address had maxRequestsPerClient (scope=client).",
+            &["listener", "scope"],
+        );
         let ratelimit_decisions = counter(
             "portico_ratelimit_decisions_total",
             "Rate-limit decisions by rule: allowed, limited (429), failed_open (Redis did not answer; allowed), failed_closed (Redis did not answer; refused).",
@@ -242,6 +257,8 @@ impl Metrics {
             Box::new(acme_orders.clone()),
             Box::new(listener_client_refused.clone()),
             Box::new(overload_connections.clone()),
+            Box::new(listener_requests_active.clone()),
+            Box::new(listener_requests_refused.clone()),
             Box::new(ratelimit_decisions.clone()),
             Box::new(ratelimit_redis_errors.clone()),
             Box::new(access_list_decisions.clone()),
@@ -272,6 +289,8 @@ impl Metrics {
             acme_orders,
             listener_client_refused,
             overload_connections,
+            listener_requests_active,
+            listener_requests_refused,
             ratelimit_decisions,
             ratelimit_redis_errors,
             access_list_decisions,

@@ -40,6 +40,9 @@ pub enum Flag {
     RateLimited,
     /// `RLSE`: the rate limit service (Redis) failed and the policy fails closed.
     RateLimitServiceError,
+    /// `OM`: the overload manager refused the request (Portico: a request cap,
+    /// `maxRequests` or `maxRequestsPerClient`, was reached).
+    OverloadManager,
 }
 
 impl Flag {
@@ -62,6 +65,7 @@ impl Flag {
             Flag::StreamIdleTimeout => "SI",
             Flag::RateLimited => "RL",
             Flag::RateLimitServiceError => "RLSE",
+            Flag::OverloadManager => "OM",
         }
     }
 
@@ -72,6 +76,7 @@ impl Flag {
             Flag::NoHealthyUpstream => "no healthy upstream",
             Flag::UpstreamRequestTimeout => "upstream request timeout",
             Flag::UpstreamOverflow => "upstream overflow",
+            Flag::OverloadManager => "too many requests in flight",
             Flag::UpstreamConnectFailure | Flag::UpstreamRetryLimitExceeded => {
                 "upstream connect error"
             }

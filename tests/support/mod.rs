@@ -1236,6 +1236,59 @@ impl H2Client {
     }
 }
 
+impl H2Client {
+    /// Opens a stream for each of `requests` and then gives them up: a request with a body
+    /// sends only its first `partial` bytes of it (the stream stays open), then, once
+    /// `until` holds (or 10 s passed), every stream is reset (`CANCEL`), as a client that
+    /// goes away mid-request does. Whether `until` held.
+    pub fn abandon(
+        &mut self,
+        requests: &[H2Request<'_>],
+        partial: usize,
+        until: impl Fn() -> bool,
+    ) -> bool {
+        let send = self.send.clone();
+        self.rt.block_on(async move {
+            let mut streams = Vec::new();
+            for (method, host, path, headers, body) in requests {
+                let mut b = http::Request::builder()
+                    .method(*method)
+                    .uri(format!("https://{host}{path}"));
+                for (k, v) in headers {
+                    b = b.header(*k, *v);
+                }
+                if !body.is_empty() {
+                    b = b.header("content-length", body.len());
+                }
+                let req = b.body(()).expect("request");
+                let mut send = send.clone().ready().await.expect("ready");
+                let (resp, mut stream) = send.send_request(req, body.is_empty()).expect("send");
+                if !body.is_empty() {
+                    let part = bytes::Bytes::copy_from_slice(&body[..partial.min(body.len())]);
+                    stream.send_data(part, false).expect("data");
+                }
+                streams.push((resp, stream));
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let held = loop {
+                if until() {
+                    break true;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            for (_, stream) in &mut streams {
+                stream.send_reset(h2::Reason::CANCEL);
+            }
+            // Let the connection task write the resets.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            held
+        })
+    }
+}
+
 async fn read_h2(resp: h2::client::ResponseFuture) -> Result<Response, String> {
     let resp = tokio::time::timeout(Duration::from_secs(10), resp)
         .await
