@@ -285,6 +285,24 @@ fn v1_and_v2_headers_name_the_client_for_http_tls_and_tcp() {
         );
     }
 
+    // h2 over TLS (ALPN h2) after a header.
+    let mut h2 = H2Client::connect_after(
+        g.https,
+        "shop.test",
+        &v2(Ipv4Addr::new(192, 0, 2, 22), 40008, false),
+    )
+    .unwrap();
+    let r = h2.get("shop.test", "/v2-h2").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.echoed_header("x-forwarded-for").as_deref(),
+        Some("192.0.2.22")
+    );
+    assert_eq!(
+        log_line(&g.log, "/v2-h2")["downstream_remote_address"],
+        "192.0.2.22:40008"
+    );
+
     // TCP (L4) route: the header is consumed, the bytes after it reach the upstream as
     // they were, and the connection's log line names the header's client.
     for (header, client) in [

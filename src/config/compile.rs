@@ -422,6 +422,23 @@ pub fn compile_cached(
 
     let policies = cx.policies(doc, &cache.policies);
     let authorization = cx.authorization(doc);
+    // A PROXY protocol port no server listens on is a typo: the balancer's headers would
+    // reach a listener that does not read them.
+    if let Some(ports) = settings
+        .proxy_protocol
+        .as_ref()
+        .and_then(|p| p.ports.as_ref())
+    {
+        for (i, port) in ports.iter().enumerate() {
+            if !listeners.contains_key(port) {
+                cx.err(
+                    &doc.mesh.origin,
+                    &format!(".defaultConfig.gatewayTopology.proxyProtocol.ports[{i}]"),
+                    format!("no Gateway server listens on port {port}"),
+                );
+            }
+        }
+    }
     // Pairs are checked by content, whatever else changed: keep what this compile read.
     cache.certs = std::mem::take(&mut cx.certs_next);
     if !cx.errors.is_empty() {

@@ -136,7 +136,7 @@ fn start_of(buf: &[u8]) -> Start {
 
 /// A parsed header: its length and the addresses it carries (`None`: LOCAL, UNKNOWN, or
 /// an address family without IP addresses, where the real peer stands).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
     pub len: usize,
     pub addresses: Option<(SocketAddr, SocketAddr)>,
