@@ -363,16 +363,22 @@ fn authorization_and_the_per_client_cap_use_the_header_address() {
 
     // maxConnectionsPerClient = 2 counts the header's client, not the balancer's address
     // (every connection here comes from 127.0.0.1).
+    // Each held connection has had a response (so it is admitted) and stays open.
     let hold = |ip: Ipv4Addr, port: u16| {
         let mut s = connect_from(TRUSTED, g.http);
         s.write_all(&v2(ip, port, false)).unwrap();
+        s.write_all(&build_request("GET", "shop.test", "/hold", &[], b"", false))
+            .unwrap();
+        let r = read_response(&mut BufReader::new(s.try_clone().unwrap()), "GET").unwrap();
+        assert_eq!(r.status, 200);
         s
     };
     let a = Ipv4Addr::new(192, 0, 2, 50);
     let _held = [hold(a, 1), hold(a, 2)];
-    thread::sleep(Duration::from_millis(300));
+    let mut third = connect_from(TRUSTED, g.http);
+    third.write_all(&v2(a, 3, false)).unwrap();
     assert!(
-        closed_silently(hold(a, 3)),
+        closed_silently(third),
         "a third connection of 192.0.2.50 is closed"
     );
     let r = get_with(
