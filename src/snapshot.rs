@@ -133,6 +133,9 @@ pub struct Settings {
     /// `defaultConfig.gatewayTopology.numTrustedProxies`: which `X-Forwarded-For` entry
     /// is the client (`request::remote_address`). 0: the peer.
     pub num_trusted_proxies: u32,
+    /// `defaultConfig.gatewayTopology.proxyProtocol`: the listeners that read a PROXY
+    /// header first, and from whom (`listener::accept`).
+    pub proxy_protocol: Option<Arc<crate::listener::proxy_protocol::ProxyProtocol>>,
 }
 
 /// Timeouts and limits of client connections and requests (`mesh.downstream`).

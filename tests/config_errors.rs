@@ -392,3 +392,40 @@ fn valid_file_prints_ok() {
         "ok: summary expected:\n{out}"
     );
 }
+
+#[test]
+fn proxy_protocol_settings() {
+    let with = |table: &str| {
+        mutate(
+            BASE,
+            "admin = \"127.0.0.1:15000\"\n",
+            &format!("admin = \"127.0.0.1:15000\"\n[mesh.defaultConfig.gatewayTopology.proxyProtocol]\n{table}\n"),
+        )
+    };
+    let field = "mesh.defaultConfig.gatewayTopology.proxyProtocol";
+    let text = with("timeout = \"1s\"");
+    let out = validate_fails(&text);
+    assert!(
+        out.contains(&format!("{field}.trustedCidrs")) && out.contains("is required"),
+        "{out}"
+    );
+    let text = with("trustedCidrs = [\"10.0.0.0/8\", \"10.0.0.300\"]");
+    let out = validate_fails(&text);
+    assert!(out.contains(&format!("{field}.trustedCidrs[1]")), "{out}");
+    let text = with("trustedCidrs = [\"10.0.0.0/8\"]\ndisallowedVersions = [\"V3\"]");
+    let out = validate_fails(&text);
+    assert!(
+        out.contains(&format!("{field}.disallowedVersions[0]")) && out.contains("V3"),
+        "{out}"
+    );
+    let text = with("trustedCidrs = [\"10.0.0.0/8\"]\nports = [8080, 9999]");
+    let out = validate_fails(&text);
+    assert!(
+        out.contains(&format!("{field}.ports[1]")) && out.contains("9999"),
+        "{out}"
+    );
+    let ok = with("trustedCidrs = [\"10.0.0.0/8\", \"2001:db8::/32\"]\nports = [8080]");
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, out) = validate_in(tmp.path(), &ok);
+    assert_eq!(code, 0, "{out}");
+}

@@ -425,6 +425,23 @@ pub fn compile_cached(
 
     let policies = cx.policies(doc, &cache.policies);
     let authorization = cx.authorization(doc);
+    // A PROXY protocol port no server listens on is a typo: the balancer's headers would
+    // reach a listener that does not read them.
+    if let Some(ports) = settings
+        .proxy_protocol
+        .as_ref()
+        .and_then(|p| p.ports.as_ref())
+    {
+        for (i, port) in ports.iter().enumerate() {
+            if !listeners.contains_key(port) {
+                cx.err(
+                    &doc.mesh.origin,
+                    &format!(".defaultConfig.gatewayTopology.proxyProtocol.ports[{i}]"),
+                    format!("no Gateway server listens on port {port}"),
+                );
+            }
+        }
+    }
     // Pairs are checked by content, whatever else changed: keep what this compile read.
     cache.certs = std::mem::take(&mut cx.certs_next);
     if !cx.errors.is_empty() {
@@ -997,9 +1014,11 @@ impl Cx {
             .and_then(|d| d.gateway_topology.as_ref())
             .and_then(|t| t.num_trusted_proxies)
             .unwrap_or(0);
+        let proxy_protocol = self.proxy_protocol(doc);
         Settings {
             forward_client_cert,
             num_trusted_proxies,
+            proxy_protocol,
             path_normalization,
             downstream,
             upgrade_socket: match &m.upgrade_socket {
@@ -1027,6 +1046,85 @@ impl Cx {
                 .map(|d| d.get())
                 .unwrap_or(Duration::from_secs(5)),
         }
+    }
+
+    /// `defaultConfig.gatewayTopology.proxyProtocol`.
+    fn proxy_protocol(
+        &mut self,
+        doc: &Document,
+    ) -> Option<Arc<crate::listener::proxy_protocol::ProxyProtocol>> {
+        let p = doc
+            .mesh
+            .spec
+            .default_config
+            .as_ref()
+            .and_then(|d| d.gateway_topology.as_ref())
+            .and_then(|g| g.proxy_protocol.as_ref())?;
+        let o = &doc.mesh.origin;
+        let at = ".defaultConfig.gatewayTopology.proxyProtocol";
+        let mut trusted = Vec::new();
+        for (i, c) in p.trusted_cidrs.iter().enumerate() {
+            match crate::policy::authz::parse_net(c) {
+                Ok(n) => trusted.push(n),
+                Err(e) => self.err(o, &format!("{at}.trustedCidrs[{i}]"), e),
+            }
+        }
+        if p.trusted_cidrs.is_empty() {
+            self.err(
+                o,
+                &format!("{at}.trustedCidrs"),
+                "is required: the load balancers' addresses (0.0.0.0/0 and ::/0 trust every source, so any client could claim any address)",
+            );
+        }
+        let (mut allow_v1, mut allow_v2) = (true, true);
+        for (i, v) in p.disallowed_versions.iter().enumerate() {
+            match v.as_str() {
+                "V1" => allow_v1 = false,
+                "V2" => allow_v2 = false,
+                other => self.err(
+                    o,
+                    &format!("{at}.disallowedVersions[{i}]"),
+                    format!("{other:?} is not V1 or V2"),
+                ),
+            }
+        }
+        if !allow_v1 && !allow_v2 {
+            self.err(
+                o,
+                &format!("{at}.disallowedVersions"),
+                "disallows both V1 and V2",
+            );
+        }
+        let timeout = match p.timeout.map(|t| t.get()) {
+            Some(t) if t.is_zero() => {
+                self.err(o, &format!("{at}.timeout"), "must be more than 0s");
+                Duration::from_secs(5)
+            }
+            Some(t) => t,
+            None => Duration::from_secs(5),
+        };
+        let ports = p.ports.as_ref().map(|ports| {
+            let mut out = Vec::new();
+            for (i, &n) in ports.iter().enumerate() {
+                match u16::try_from(n) {
+                    Ok(n) if n > 0 => out.push(n),
+                    _ => self.err(
+                        o,
+                        &format!("{at}.ports[{i}]"),
+                        format!("{n} is not a port number"),
+                    ),
+                }
+            }
+            out
+        });
+        Some(Arc::new(crate::listener::proxy_protocol::ProxyProtocol {
+            trusted,
+            allow_without: p.allow_requests_without_proxy_protocol.unwrap_or(false),
+            allow_v1,
+            allow_v2,
+            timeout,
+            ports,
+        }))
     }
 
     /// `defaultConfig.gatewayTopology.forwardClientCertDetails` (default SANITIZE_SET, as

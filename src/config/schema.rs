@@ -231,6 +231,30 @@ pub struct GatewayTopology {
     /// APPEND_FORWARD, SANITIZE_SET (the default, as for Istio's gateways) or
     /// ALWAYS_FORWARD_ONLY.
     pub forward_client_cert_details: Option<String>,
+    /// Istio's `proxyProtocol`: listeners expect a PROXY protocol header (v1 or v2) on
+    /// each connection, as a cloud load balancer sends. Portico requires `trustedCidrs`.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// `gatewayTopology.proxyProtocol`, with Portico's fields (named after Envoy's
+/// `proxy_protocol` listener filter where it has one).
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyProtocol {
+    /// Sources (IPs or CIDRs: the load balancers) whose header is read; a connection from
+    /// elsewhere that sends one is closed. Required.
+    #[serde(default)]
+    pub trusted_cidrs: Vec<String>,
+    /// A trusted source may also connect without a header (Envoy's
+    /// `allow_requests_without_proxy_protocol`). Default false.
+    pub allow_requests_without_proxy_protocol: Option<bool>,
+    /// `V1` and/or `V2`: versions refused (Envoy's `disallowed_versions`). Default none.
+    #[serde(default)]
+    pub disallowed_versions: Vec<String>,
+    /// How long a connection has to send its header. Default 5s.
+    pub timeout: Option<Duration>,
+    /// The listener ports that expect a header. Default: every listener.
+    pub ports: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -128,17 +128,14 @@ pub struct ForwardProxy {
 
 #[async_trait]
 impl ServerApp for ForwardProxy {
-    async fn process_new(
-        self: &Arc<Self>,
-        mut io: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let _slot = {
-            let d = &self.snapshots.load().settings.downstream;
-            self.front
-                .connections
-                .admit(d.max_connections, d.global_max_connections)?
-        };
+    async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let (_slot, mut io) = crate::listener::accept(
+            &self.front.connections,
+            &self.snapshots,
+            self.front.listener,
+            io,
+        )
+        .await?;
         // Peeked bytes stay in the stream for whoever reads next. A connection that opens
         // with a CONNECT is a tunnel; any other is HTTP, whose later requests the front
         // reads (a CONNECT among them gets pingora's 405).

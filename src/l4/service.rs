@@ -91,18 +91,12 @@ struct Record {
 
 #[async_trait]
 impl ServerApp for L4Service {
-    async fn process_new(
-        self: &Arc<Self>,
-        mut io: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
+    async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         // Open connections are not cut on shutdown: pingora stops accepting, waits
         // `drainDuration`, then stops the runtime, which closes whatever is still open.
+        let (_slot, mut io) =
+            crate::listener::accept(&self.connections, &self.snapshots, self.listener, io).await?;
         let snapshot = self.snapshots.load_full();
-        let d = &snapshot.settings.downstream;
-        let _slot = self
-            .connections
-            .admit_client(d, crate::listener::peer_ip(&io))?;
         let (downstream_local, downstream_remote) =
             access_log::addresses(io.get_socket_digest().as_deref());
         let mut rec = Record {

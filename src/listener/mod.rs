@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::telemetry::Metrics;
 
+pub mod proxy_protocol;
+
 /// The connections one listener holds, and its cap (`mesh.downstream.maxConnections`,
 /// read from the Snapshot in force as each connection arrives, so a reload changes it).
 pub struct ConnectionLimit {
@@ -20,16 +22,57 @@ pub struct ConnectionLimit {
     last_log_ms: AtomicU64,
     /// The same for the per-client cap.
     last_client_log_ms: AtomicU64,
+    /// The same for PROXY protocol refusals.
+    last_proxy_log_ms: AtomicU64,
     epoch: std::time::Instant,
     /// Connections held by each client address (only addresses that hold one: the table
     /// is as large as the connections held, never larger).
     clients: ClientTable,
 }
 
-/// The peer's IP address of an accepted connection (none for a Unix socket).
+/// The peer's IP address of an accepted connection (none for a Unix socket): after
+/// [`accept`], the PROXY header's source when the listener reads one.
 pub fn peer_ip(io: &pingora::protocols::Stream) -> Option<IpAddr> {
     io.get_socket_digest()
         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
+}
+
+/// Admits a new connection on listener `listener`, the one way every listener's app takes
+/// a connection: the listener's and the process's caps, then the PROXY header when the
+/// listener expects one (`proxy_protocol::read`, which makes the header's address the
+/// connection's peer), then the per-client cap by that peer. `None`: the connection is
+/// to be closed (each refusal is counted and logged where it is decided).
+pub async fn accept(
+    limit: &Arc<ConnectionLimit>,
+    snapshots: &arc_swap::ArcSwap<crate::snapshot::Snapshot>,
+    listener: usize,
+    io: pingora::protocols::Stream,
+) -> Option<(Slot, pingora::protocols::Stream)> {
+    let snapshot = snapshots.load_full();
+    let limits = &snapshot.settings.downstream;
+    let mut slot = limit.admit(limits.max_connections, limits.global_max_connections)?;
+    let expects = snapshot.settings.proxy_protocol.as_deref().filter(|pp| {
+        snapshot
+            .listeners
+            .get(listener)
+            .is_some_and(|l| pp.applies_to(l.addr.port()))
+    });
+    let io = match expects {
+        None => io,
+        Some(pp) => {
+            let peer = peer_ip(&io);
+            match proxy_protocol::read(io, pp).await {
+                Ok(io) => io,
+                Err(refused) => {
+                    limit.proxy_refused(peer, &refused);
+                    return None;
+                }
+            }
+        }
+    };
+    limit
+        .enter_client(&mut slot, limits, peer_ip(&io))
+        .then_some((slot, io))
 }
 
 /// Connections (or requests in flight, for [`RequestCaps`]) per client address, in shards
@@ -123,6 +166,7 @@ impl ConnectionLimit {
             active: AtomicUsize::new(0),
             last_log_ms: AtomicU64::new(0),
             last_client_log_ms: AtomicU64::new(0),
+            last_proxy_log_ms: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             clients: ClientTable::new(),
         })
@@ -147,10 +191,19 @@ impl ConnectionLimit {
         limits: &crate::snapshot::Downstream,
         client: Option<IpAddr>,
     ) -> Option<Slot> {
-        let (max, per_client) = (limits.max_connections, limits.max_connections_per_client);
-        let mut slot = self.admit(max, limits.global_max_connections)?;
-        let (Some(cap), Some(ip)) = (per_client, client) else {
-            return Some(slot);
+        let mut slot = self.admit(limits.max_connections, limits.global_max_connections)?;
+        self.enter_client(&mut slot, limits, client).then_some(slot)
+    }
+
+    /// Counts `slot` against `client`'s cap; false when it holds its cap already.
+    fn enter_client(
+        &self,
+        slot: &mut Slot,
+        limits: &crate::snapshot::Downstream,
+        client: Option<IpAddr>,
+    ) -> bool {
+        let (Some(cap), Some(ip)) = (limits.max_connections_per_client, client) else {
+            return true;
         };
         let ip = ip.to_canonical();
         if !self.clients.enter(ip, cap) {
@@ -166,10 +219,29 @@ impl ConnectionLimit {
                     "client at its connection limit: its new connections are closed"
                 );
             }
-            return None;
+            return false;
         }
         slot.client = Some(ip);
-        Some(slot)
+        true
+    }
+
+    /// Counts and logs (once a second at most) a connection the PROXY protocol check closed.
+    fn proxy_refused(&self, peer: Option<IpAddr>, refused: &proxy_protocol::Refused) {
+        Metrics::global()
+            .proxy_protocol_refused
+            .with_label_values(&[&self.name, refused.reason()])
+            .inc();
+        if *refused == proxy_protocol::Refused::Closed {
+            // A balancer's TCP health check opens and closes without a byte.
+            tracing::debug!(listener = %self.name, peer = ?peer, "closed before a PROXY header");
+        } else if self.may_log(&self.last_proxy_log_ms) {
+            tracing::warn!(
+                listener = %self.name,
+                peer = ?peer,
+                reason = %refused,
+                "connection closed by the PROXY protocol check"
+            );
+        }
     }
 
     /// Connections `ip` holds now.

@@ -327,9 +327,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl Conn {
     fn new(io: Stream, wait_for: Duration) -> Conn {
-        let client_ip = io
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let client_ip = crate::listener::peer_ip(&io);
         let peer = crate::tls::client_auth::TlsConn::of(io.get_ssl_digest().as_deref())
             .and_then(|t| t.peer.clone());
         Conn {
@@ -350,10 +348,8 @@ impl Conn {
 #[async_trait]
 impl ServerApp for FastH1 {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let _slot = self.connections.admit_client(
-            &self.snapshots.load().settings.downstream,
-            crate::listener::peer_ip(&io),
-        )?;
+        let (_slot, io) =
+            crate::listener::accept(&self.connections, &self.snapshots, self.listener, io).await?;
         self.serve_connection(io, shutdown).await
     }
 

@@ -39,6 +39,9 @@ pub struct Metrics {
     /// Connections closed on arrival because their client address held
     /// `maxConnectionsPerClient` on the listener already.
     pub listener_client_refused: IntCounterVec,
+    /// Connections closed on arrival by the PROXY protocol check, by `reason` (untrusted,
+    /// missing, invalid, disallowed_version, timeout, closed).
+    pub proxy_protocol_refused: IntCounterVec,
     /// Connections the process-wide cap (`globalMaxConnections`) acted on, by `action`:
     /// `idle_closed` (an idle keep-alive connection closed to make room for a new one) or
     /// `refused` (a new one closed on arrival: nothing idle to close).
@@ -183,6 +186,11 @@ impl Metrics {
             "Client connections closed on arrival because their address held mesh.downstream.maxConnectionsPerClient on the listener already.",
             &["listener"],
         );
+        let proxy_protocol_refused = counter(
+            "portico_proxy_protocol_refused_total",
+            "Connections closed on arrival by the PROXY protocol check (gatewayTopology.proxyProtocol): untrusted (a header from a source not in trustedCidrs), missing, invalid, disallowed_version, timeout, closed.",
+            &["listener", "reason"],
+        );
         let overload_connections = counter(
             "portico_overload_connections_total",
             "Connections the process-wide cap (mesh.downstream.globalMaxConnections) acted on: idle_closed (an idle keep-alive connection closed to make room for a new one), refused (a new one closed on arrival, none being idle).",
@@ -256,6 +264,7 @@ impl Metrics {
             Box::new(listener_refused.clone()),
             Box::new(acme_orders.clone()),
             Box::new(listener_client_refused.clone()),
+            Box::new(proxy_protocol_refused.clone()),
             Box::new(overload_connections.clone()),
             Box::new(listener_requests_active.clone()),
             Box::new(listener_requests_refused.clone()),
@@ -288,6 +297,7 @@ impl Metrics {
             listener_refused,
             acme_orders,
             listener_client_refused,
+            proxy_protocol_refused,
             overload_connections,
             listener_requests_active,
             listener_requests_refused,

@@ -193,14 +193,14 @@ impl Https {
 #[async_trait]
 impl ServerApp for Https {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let (timeout, _slot) = {
-            let s = self.snapshots.load();
-            let slot = self
-                .front
-                .connections
-                .admit_client(&s.settings.downstream, crate::listener::peer_ip(&io))?;
-            (s.settings.tls_handshake_timeout, slot)
-        };
+        let (_slot, io) = crate::listener::accept(
+            &self.front.connections,
+            &self.snapshots,
+            self.front.listener,
+            io,
+        )
+        .await?;
+        let timeout = self.snapshots.load().settings.tls_handshake_timeout;
         self.serve(io, timeout, shutdown).await
     }
 

@@ -1142,6 +1142,12 @@ pub type H2Request<'a> = (&'a str, &'a str, &'a str, Vec<(&'a str, &'a str)>, &'
 
 impl H2Client {
     pub fn connect(port: u16, sni: &str) -> Result<H2Client, String> {
+        Self::connect_after(port, sni, b"")
+    }
+
+    /// [`H2Client::connect`] that writes `first` (a PROXY protocol header) on the TCP
+    /// connection before the ClientHello.
+    pub fn connect_after(port: u16, sni: &str, first: &[u8]) -> Result<H2Client, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1150,9 +1156,12 @@ impl H2Client {
         let ended = Arc::new(AtomicBool::new(false));
         let ended_by_conn = ended.clone();
         let send = rt.block_on(async {
-            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
+            tokio::io::AsyncWriteExt::write_all(&mut tcp, first)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
             let tls = tokio_rustls::TlsConnector::from(tls_client_config(&["h2"]))
                 .connect(name, tcp)
                 .await

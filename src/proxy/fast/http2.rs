@@ -69,9 +69,7 @@ impl Drop for StreamOpen {
 impl FastH1 {
     /// Serves an h2 connection until the client is done with it.
     pub(crate) async fn serve_h2(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) {
-        let client_ip = io
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let client_ip = crate::listener::peer_ip(&io);
         let digest = Arc::new(Digest {
             ssl_digest: io.get_ssl_digest(),
             timing_digest: io.get_timing_digest(),
