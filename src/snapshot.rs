@@ -63,6 +63,12 @@ pub struct Listener {
     /// The AuthorizationPolicies of the gateways on this listener's port, decided for
     /// every request before routing's answer (`request::Planned::police`).
     pub authz: Option<Arc<crate::policy::authz::Authorization>>,
+    /// The JWT rules of the RequestAuthentications bound to the gateways on this
+    /// listener's port (no targets, a `selector`, Gateway `targetRefs`): checked for every
+    /// request before authorization, routed or not, as Envoy's `jwt_authn` filter runs on
+    /// the listener. A route a RequestAuthentication targets by VirtualService or Host
+    /// has its own set (`RoutePolicy::authn`: these rules and its own).
+    pub authn: Option<Arc<crate::policy::jwt::Authn>>,
 }
 
 /// The shape of a listener: what needs a new socket when it changes.

@@ -483,6 +483,7 @@ pub fn compile_cached(
             acme: acme_hosts.clone(),
             policies: Default::default(),
             authz: None,
+            authn: None,
         })
         .collect();
     let (policies, carried) = policies.bind(doc, &mut listeners_out);

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue};
 
 use crate::policy::authz::Authorization;
-use crate::policy::jwt::UpstreamEdits;
+use crate::policy::jwt::{Authn, UpstreamEdits};
 use crate::policy::{self, Claims, RequestKeys, RoutePolicy};
 use crate::routing::{chance, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route};
 use crate::snapshot::Listener;
@@ -299,6 +299,10 @@ pub struct Planned<'s> {
     /// decided by them first (Istio's RBAC filter runs before CORS, fault injection and
     /// the router, so a refused request gets 403 whatever routing would have said).
     authz: Option<&'s Authorization>,
+    /// The JWT rules that apply: the listener's RequestAuthentications for every request
+    /// but an ACME challenge's (Envoy's jwt_authn filter runs before RBAC, routed or not),
+    /// or a route's own set when one targets the route.
+    authn: Option<&'s Authn>,
 }
 
 impl<'s> Planned<'s> {
@@ -313,7 +317,7 @@ impl<'s> Planned<'s> {
     /// RateLimit fields to its answer or response. Waits for Redis only when the route
     /// has global rules; nothing is locked while it waits.
     pub async fn police(self, view: &RequestView<'_>) -> Plan<'s> {
-        if self.policy.is_none() && self.authz.is_none() {
+        if self.policy.is_none() && self.authz.is_none() && self.authn.is_none() {
             return self.plan;
         }
         let route = match &self.plan {
@@ -324,7 +328,7 @@ impl<'s> Planned<'s> {
         // rate limits): a bad token is refused; a good one is who the request is.
         let mut verified = None;
         let mut edits = None;
-        if let Some(authn) = self.policy.and_then(|p| p.authn.as_ref()) {
+        if let Some(authn) = self.authn {
             match authn.authenticate(view).await {
                 Err(refused) => return Plan::Answer(Box::new(jwt_refusal(refused, route))),
                 Ok(Some(v)) => verified = Some(v),
@@ -640,10 +644,12 @@ pub fn not_found<'s>() -> Answer<'s> {
 /// draws (weights, fault percentages) happen here, once. Counts nothing.
 pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> Planned<'s> {
     let authz = listener.authz.as_deref();
+    let authn = listener.authn.as_deref();
     let unpoliced = |plan| Planned {
         plan,
         policy: None,
         authz,
+        authn,
     };
     // A CA validating HTTP-01 for a name Portico orders a certificate for: answered
     // before routing and before httpsRedirect (the CA asks over plain HTTP), and never
@@ -671,6 +677,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 })),
                 policy: None,
                 authz: None,
+                authn: None,
             };
         }
     }
@@ -726,10 +733,12 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
             })));
         }
     }
+    let policy = listener.policies.route(vhost, route);
     let policed = |plan| Planned {
         plan,
-        policy: listener.policies.route(vhost, route),
+        policy,
         authz,
+        authn: policy.and_then(|p| p.authn.as_deref()).or(authn),
     };
     let cors_origin = route.cors.as_ref().and_then(|c| allowed_origin(c, view));
     let answer = |status: u16, body: Bytes, location: Option<String>| {
