@@ -40,6 +40,9 @@ pub enum Flag {
     RateLimited,
     /// `RLSE`: the rate limit service (Redis) failed and the policy fails closed.
     RateLimitServiceError,
+    /// `NC`: the cluster a connection names does not exist (an AUTO_PASSTHROUGH SNI of
+    /// no known service, port or subset).
+    NoClusterFound,
 }
 
 impl Flag {
@@ -62,6 +65,7 @@ impl Flag {
             Flag::StreamIdleTimeout => "SI",
             Flag::RateLimited => "RL",
             Flag::RateLimitServiceError => "RLSE",
+            Flag::NoClusterFound => "NC",
         }
     }
 
