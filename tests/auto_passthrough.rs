@@ -217,7 +217,7 @@ fn unknown_hosts_ports_and_subsets_are_closed() {
         format!("outbound_.9999_.v1_.{HOST}"),
         format!("outbound_.8443_.v3_.{HOST}"),
         "outbound_.8443_._.nope.ns.svc.cluster.local".to_string(),
-        format!("{HOST}"),
+        HOST.to_string(),
     ] {
         let r = tls_connect(s.port, Some(&sni));
         assert!(r.is_err(), "{sni}: closed, not passed through");

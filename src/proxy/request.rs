@@ -305,10 +305,40 @@ pub struct Planned<'s> {
     authn: Option<&'s Authn>,
 }
 
+/// What the policies see of a request: its fields, and the verified JWT's identity.
+pub fn request_keys<'a>(
+    view: &RequestView<'a>,
+    verified: Option<&'a policy::jwt::Verified>,
+) -> RequestKeys<'a> {
+    RequestKeys {
+        client_ip: view.client_ip.map(|ip| ip.to_canonical()),
+        peer_ip: view.peer_ip.map(|ip| ip.to_canonical()),
+        headers: view.headers,
+        path: view.path,
+        method: view.method,
+        authority: view.authority,
+        port: view.port,
+        sni: view.sni,
+        peer_principal: view.peer_principal,
+        principal: verified.map(|v| v.principal.as_str()),
+        claims: verified.map(|v| v as &(dyn Claims + Sync)),
+    }
+}
+
 impl<'s> Planned<'s> {
     /// The plan before the policies are asked.
     pub fn plan(&self) -> &Plan<'s> {
         &self.plan
+    }
+
+    /// The JWT rules [`Planned::police`] checks the request with (for `portico routes`).
+    pub fn authn(&self) -> Option<&'s Authn> {
+        self.authn
+    }
+
+    /// The AuthorizationPolicies [`Planned::police`] decides the request by.
+    pub fn authz(&self) -> Option<&'s Authorization> {
+        self.authz
     }
 
     /// Asks the route's policies and counts the request; the plan to carry out. A
@@ -335,19 +365,7 @@ impl<'s> Planned<'s> {
                 Ok(None) => edits = authn.anonymous_edits(),
             }
         }
-        let keys = RequestKeys {
-            client_ip: view.client_ip.map(|ip| ip.to_canonical()),
-            peer_ip: view.peer_ip.map(|ip| ip.to_canonical()),
-            headers: view.headers,
-            path: view.path,
-            method: view.method,
-            authority: view.authority,
-            port: view.port,
-            sni: view.sni,
-            peer_principal: view.peer_principal,
-            principal: verified.as_ref().map(|v| v.principal.as_str()),
-            claims: verified.as_ref().map(|v| v as &(dyn Claims + Sync)),
-        };
+        let keys = request_keys(view, verified.as_ref());
         if let Some(authz) = self.authz {
             let verdict = authz.check(&keys);
             if !verdict.allowed {
