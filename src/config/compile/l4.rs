@@ -143,7 +143,8 @@ impl Cx {
             self.cluster(&origin, &at, &d);
         }
         self.warnings.truncate(warnings);
-        let mut routes: Vec<(String, Arc<L4Route>)> = Vec::new();
+        // One route per cluster, shared by the servers that route its name.
+        let mut routes: HashMap<String, Arc<L4Route>> = HashMap::new();
         for (k, s) in servers {
             let entries = out.entry(s.port).or_default();
             for c in self.clusters.values() {
@@ -156,21 +157,19 @@ impl Cx {
                 if !s.hosts.iter().any(|h| host::covers(h, &name)) {
                     continue;
                 }
-                let route = match routes.iter().find(|(n, _)| *n == name) {
-                    Some((_, r)) => r.clone(),
-                    None => {
-                        let r = Arc::new(L4Route {
+                let route = routes
+                    .entry(name.clone())
+                    .or_insert_with(|| {
+                        Arc::new(L4Route {
                             origin: format!("{k} AUTO_PASSTHROUGH {}", c.name),
                             destinations: vec![L4Destination {
                                 cluster: c.clone(),
                                 weight: 1,
                             }],
                             total_weight: 1,
-                        });
-                        routes.push((name.clone(), r.clone()));
-                        r
-                    }
-                };
+                        })
+                    })
+                    .clone();
                 entries.push((name, SniRoute::Pass(route)));
             }
             for h in &s.hosts {
