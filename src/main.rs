@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use portico::config::{self, ConfigErrors};
+use portico::proxy::request;
 use portico::routing::{normalize_host, Action, Decision, RequestView};
 
 #[derive(Parser)]
@@ -71,7 +72,9 @@ enum Command {
         #[arg(required = true, value_name = "FILE_OR_DIR")]
         paths: Vec<PathBuf>,
     },
-    /// Explain which route would serve a request, and why.
+    /// Explain which route would serve a request, and why; whether a RequestAuthentication
+    /// checks it (a token in `--header authorization=...` is verified) and which
+    /// AuthorizationPolicies match, with the verdict.
     Routes {
         #[arg(short, long)]
         config: Option<PathBuf>,
@@ -89,8 +92,10 @@ enum Command {
         /// Request header, `name=value`; repeatable.
         #[arg(long = "header", value_name = "K=V")]
         headers: Vec<String>,
-        /// Client address, for `sourceIp` matches.
-        #[arg(long)]
+        /// Client address (the connection's peer): `sourceIp` matches, and an
+        /// AuthorizationPolicy's `ipBlocks` and `remoteIpBlocks` (with
+        /// `numTrustedProxies`, `remoteIpBlocks` reads `X-Forwarded-For` as the gateway does).
+        #[arg(long, visible_alias = "source-address")]
         source_ip: Option<std::net::IpAddr>,
     },
 }
@@ -330,6 +335,18 @@ fn routes(sources: &config::Sources, q: &RouteQuery<'_>) -> ExitCode {
     };
     let normalized = normalize_host(host);
     let mut matched = false;
+    // For a remote key set's fetch while a token is checked.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portico: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let trusted = compiled.snapshot.settings.num_trusted_proxies;
     for l in &compiled.snapshot.listeners {
         // TCP and pure passthrough ports serve no HTTP to explain.
         if port.is_some_and(|p| p != l.addr.port()) || (l.l4.is_some() && !l.tls) {
@@ -343,7 +360,11 @@ fn routes(sources: &config::Sources, q: &RouteQuery<'_>) -> ExitCode {
             scheme: if l.tls { "https" } else { "http" },
             headers: portico::routing::Headers::Map(&map),
             port: l.addr.port(),
-            client_ip: source_ip,
+            client_ip: request::remote_address(
+                trusted,
+                source_ip,
+                portico::routing::Headers::Map(&map),
+            ),
             peer: None,
             peer_ip: source_ip,
             sni: None,
@@ -406,11 +427,76 @@ fn routes(sources: &config::Sources, q: &RouteQuery<'_>) -> ExitCode {
                 }
             }
         }
+        explain_policies(&request::plan(l, &normalized, &view), &view, &rt);
     }
     if matched {
         ExitCode::SUCCESS
     } else {
         println!("no route");
         ExitCode::FAILURE
+    }
+}
+
+/// What the request core's policies make of the request: the RequestAuthentication that
+/// applies (its token checked by the same code as a request's), then each
+/// AuthorizationPolicy's match and the verdict, from the listener's `Authorization`.
+fn explain_policies(
+    planned: &request::Planned<'_>,
+    view: &RequestView<'_>,
+    rt: &tokio::runtime::Runtime,
+) {
+    if planned.authn().is_none() && planned.authz().is_none() {
+        return;
+    }
+    let mut verified = None;
+    match planned.authn() {
+        None => println!("  request authentication: none applies"),
+        Some(authn) => {
+            let issuers: Vec<&str> = authn.issuers().collect();
+            println!(
+                "  request authentication: applies (issuers {})",
+                issuers.join(", ")
+            );
+            match rt.block_on(authn.authenticate(view)) {
+                Ok(None) => println!("    no token: no identity (authorization decides)"),
+                Ok(Some(v)) => {
+                    println!("    token verified: principal {}", v.principal);
+                    verified = Some(v);
+                }
+                Err(r) => {
+                    println!(
+                        "    token refused: {} {:?}; authorization is not asked",
+                        r.failure.status(),
+                        r.failure.text()
+                    );
+                    println!("  answer: {} ({})", r.failure.status(), r.failure.details());
+                    return;
+                }
+            }
+        }
+    }
+    let Some(authz) = planned.authz() else {
+        println!("  authorization: no AuthorizationPolicy applies: allowed");
+        return;
+    };
+    let keys = request::request_keys(view, verified.as_ref());
+    println!("  authorization policies:");
+    for p in authz.policies() {
+        let dry = if p.dry_run { " (dry run)" } else { "" };
+        match p.matching_rule(&keys) {
+            Some(i) => println!(
+                "    {} {}{dry}: matches (rules[{i}])",
+                p.action.as_str(),
+                p.name
+            ),
+            None => println!("    {} {}{dry}: no match", p.action.as_str(), p.name),
+        }
+    }
+    let verdict = authz.check(&keys);
+    if verdict.allowed {
+        println!("  authorization: allowed");
+    } else {
+        println!("  authorization: denied");
+        println!("  answer: 403 ({})", verdict.details);
     }
 }

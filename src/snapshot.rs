@@ -66,6 +66,12 @@ pub struct Listener {
     /// The request caps (`mesh.downstream.maxRequests`, `maxRequestsPerClient`) and the
     /// counts they read, when one is set (`request::Planned::police` admits each request).
     pub requests: Option<crate::listener::RequestCaps>,
+    /// The JWT rules of the RequestAuthentications bound to the gateways on this
+    /// listener's port (no targets, a `selector`, Gateway `targetRefs`): checked for every
+    /// request before authorization, routed or not, as Envoy's `jwt_authn` filter runs on
+    /// the listener. A route a RequestAuthentication targets by VirtualService or Host
+    /// has its own set (`RoutePolicy::authn`: these rules and its own).
+    pub authn: Option<Arc<crate::policy::jwt::Authn>>,
 }
 
 /// The shape of a listener: what needs a new socket when it changes.

@@ -295,3 +295,171 @@ fn allocator_commits_lazily_unless_told_otherwise() {
     assert_eq!(option(None), "option 'arena_eager_commit': 0");
     assert_eq!(option(Some("2")), "option 'arena_eager_commit': 2");
 }
+
+/// An ES256 key made here: its signer and its public JWKS.
+fn es256_key() -> (jsonwebtoken::EncodingKey, String) {
+    use base64::Engine as _;
+    use ring::signature::KeyPair as _;
+    let rng = ring::rand::SystemRandom::new();
+    let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+    let pair = ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap();
+    let point = pair.public_key().as_ref();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = serde_json::json!({ "keys": [{
+        "kty": "EC", "crv": "P-256", "kid": "k1",
+        "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+    }]});
+    (
+        jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+        jwks.to_string(),
+    )
+}
+
+#[test]
+fn routes_explains_request_authentication_and_authorization() {
+    let (key, jwks) = es256_key();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sign = |exp: u64| {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some("k1".into());
+        let claims =
+            serde_json::json!({ "iss": "https://issuer.test", "sub": "frank", "exp": exp });
+        format!(
+            "authorization=Bearer {}",
+            jsonwebtoken::encode(&h, &claims, &key).unwrap()
+        )
+    };
+    let (good, expired) = (sign(now + 3600), sign(now - 3600));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("portico.toml");
+    write_atomic(
+        &config,
+        format!(
+            r#"[mesh]
+admin = "127.0.0.1:15000"
+
+[[gateways]]
+name = "gw"
+namespace = "istio-system"
+[[gateways.servers]]
+port = {{ number = 8080, name = "http", protocol = "HTTP" }}
+bind = "127.0.0.1"
+hosts = ["*"]
+
+[[virtualServices]]
+name = "app"
+namespace = "istio-system"
+hosts = ["*"]
+gateways = ["gw"]
+[[virtualServices.http]]
+match = [{{ uri = {{ prefix = "/api" }} }}]
+directResponse = {{ status = 200 }}
+
+[[requestAuthentications]]
+name = "jwt"
+namespace = "istio-system"
+[[requestAuthentications.jwtRules]]
+issuer = "https://issuer.test"
+jwks = '{jwks}'
+
+[[authorizationPolicies]]
+name = "deny-ten"
+namespace = "istio-system"
+action = "DENY"
+rules = [{{ from = [{{ source = {{ ipBlocks = ["10.0.0.0/8"] }} }}] }}]
+
+[[authorizationPolicies]]
+name = "require-jwt"
+namespace = "istio-system"
+action = "ALLOW"
+rules = [{{ from = [{{ source = {{ notIpBlocks = ["203.0.113.0/24"] }} }}] }}, {{ from = [{{ source = {{ requestPrincipals = ["*"] }} }}] }}]
+
+[[authorizationPolicies]]
+name = "audit-api"
+namespace = "istio-system"
+action = "AUDIT"
+rules = [{{ to = [{{ operation = {{ paths = ["/api/*"] }} }}] }}]
+"#
+        ),
+    );
+    let explain = |path: &str, source: &str, header: Option<&str>| {
+        let mut args = vec!["--host", "a.test", "--path", path, "--source-ip", source];
+        if let Some(h) = header {
+            args.extend(["--header", h]);
+        }
+        routes(&config, &args)
+    };
+    let has = |out: &str, line: &str| {
+        assert!(out.lines().any(|l| l == line), "{line:?} in:\n{out}");
+    };
+    let denied_none = "  answer: 403 (rbac_access_denied_matched_policy[none])";
+
+    // No token, from outside the ALLOW's first rule: no principal, no ALLOW matches.
+    let (code, out) = explain("/api/x", "203.0.113.9", None);
+    assert_eq!(code, 0, "{out}");
+    has(
+        &out,
+        "  request authentication: applies (issuers https://issuer.test)",
+    );
+    has(&out, "    no token: no identity (authorization decides)");
+    has(&out, "    DENY istio-system/deny-ten: no match");
+    has(&out, "    ALLOW istio-system/require-jwt: no match");
+    has(&out, "    AUDIT istio-system/audit-api: matches (rules[0])");
+    has(&out, "  authorization: denied");
+    has(&out, denied_none);
+
+    // The first ALLOW rule matches by address alone.
+    let (_, out) = explain("/api/x", "192.0.2.1", None);
+    has(
+        &out,
+        "    ALLOW istio-system/require-jwt: matches (rules[0])",
+    );
+    has(&out, "  authorization: allowed");
+
+    // A valid token: the principal, and the second ALLOW rule.
+    let (_, out) = explain("/api/x", "203.0.113.9", Some(&good));
+    has(
+        &out,
+        "    token verified: principal https://issuer.test/frank",
+    );
+    has(
+        &out,
+        "    ALLOW istio-system/require-jwt: matches (rules[1])",
+    );
+    has(&out, "  authorization: allowed");
+
+    // DENY first, whatever the token.
+    let (_, out) = explain("/api/x", "10.1.2.3", Some(&good));
+    has(&out, "    DENY istio-system/deny-ten: matches (rules[0])");
+    has(
+        &out,
+        "  answer: 403 (rbac_access_denied_matched_policy[ns[istio-system]-policy[deny-ten]-rule[0]])",
+    );
+
+    // A bad token is refused before authorization.
+    let (_, out) = explain("/api/x", "192.0.2.1", Some(&expired));
+    has(
+        &out,
+        "    token refused: 401 \"Jwt is expired\"; authorization is not asked",
+    );
+    has(
+        &out,
+        "  answer: 401 (jwt_authn_access_denied{Jwt_is_expired})",
+    );
+    assert!(!out.contains("authorization policies:"), "{out}");
+
+    // A path no route takes is still authenticated and authorized (the listener's).
+    let (code, out) = explain("/nowhere", "203.0.113.9", Some(&good));
+    assert_eq!(code, 1, "no route: {out}");
+    has(
+        &out,
+        "    token verified: principal https://issuer.test/frank",
+    );
+    has(&out, "  authorization: allowed");
+    let (_, out) = explain("/nowhere", "203.0.113.9", None);
+    has(&out, denied_none);
+}

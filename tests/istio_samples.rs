@@ -1,7 +1,7 @@
 //! Every manifest in `../shared/istio-samples/` (real YAML copied from Istio's samples and
 //! docs tasks) loads: what Portico does not implement is reported field by field, as a
-//! warning, or as an error where the feature is out of scope (AUTO_PASSTHROUGH) or a file
-//! the manifest needs is not there (a mutual-TLS client CA).
+//! warning, or as an error where a file the manifest needs is not there (a mutual-TLS
+//! client CA).
 
 use std::path::{Path, PathBuf};
 
@@ -52,8 +52,10 @@ const CASES: &[(&[&str], Expect)] = &[
     // a second route for port 31400, which is never reached: a warning.
     (&["12-tcp-echo-all-v1.yaml", "13-tcp-echo-20-v2.yaml"], Loads(&["13-tcp-echo-20-v2.yaml documents[0].spec.tcp[0]"])),
     (&["14-external-github-serviceentry.yaml"], Loads(&[])),
-    // AUTO_PASSTHROUGH (multi-cluster mTLS routing by SNI) is out of scope.
-    (&["15-multicluster-auto-passthrough-gateway.yaml"], Rejected(&["documents[0].spec.servers[0].tls.mode"])),
+    // AUTO_PASSTHROUGH: SNI `outbound_.<port>_.<subset>_.<host>` routed to that cluster
+    // with no VirtualService (served end to end in tests/auto_passthrough.rs).
+    (&["15-multicluster-auto-passthrough-gateway.yaml"], Loads(&[])),
+    (&["15-multicluster-auto-passthrough-gateway.yaml", "02-bookinfo-destination-rule-all.yaml", "14-external-github-serviceentry.yaml"], Loads(&[])),
     // The certificate files do not exist here: a warning with selfSignedWhenMissing.
     (&["16-testdata-gateway-all.yaml"], Loads(&["documents[0].spec.servers[1].tls.serverCertificate"])),
     // Subsets v1/v2 of service3 are defined by no DestinationRule in the samples: Portico

@@ -757,3 +757,116 @@ rules = [{ when = [{ key = "request.auth.claims[groups]", values = ["banned"] }]
         200
     );
 }
+
+#[test]
+fn tokens_are_checked_on_the_listener_routed_or_not() {
+    // Istio's "require a JWT" pattern on a gateway whose one VirtualService routes `/api`
+    // only. Envoy's jwt_authn filter runs for every request on the listener, before RBAC
+    // and before routing's answer: a valid token to a path no route takes is a 404 (not
+    // RBAC's 403), no token is RBAC's 403, and a bad token is 401 wherever it goes.
+    let tmp = tempfile::tempdir().unwrap();
+    let echo = Echo::start("v1");
+    let http = free_port();
+    let ec = ec_key("ec1");
+    let log = tmp.path().join("access.log");
+    let config = format!(
+        r#"{mesh}accessLogFile = "{log}"
+accessLogEncoding = "TEXT"
+accessLogFormat = "%RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %REQ(:PATH)% %DYNAMIC_METADATA(istio_authn:request.auth.principal)%\n"
+
+[[gateways]]
+name = "gw"
+namespace = "istio-system"
+selector = {{ istio = "ingressgateway" }}
+[[gateways.servers]]
+port = {{ number = {http}, name = "http", protocol = "HTTP" }}
+bind = "127.0.0.1"
+hosts = ["*"]
+
+[[virtualServices]]
+name = "app"
+namespace = "istio-system"
+hosts = ["*"]
+gateways = ["gw"]
+[[virtualServices.http]]
+match = [{{ uri = {{ prefix = "/api" }} }}]
+{to}
+
+{upstreams}
+
+[[requestAuthentications]]
+name = "jwt"
+namespace = "istio-system"
+selector = {{ matchLabels = {{ istio = "ingressgateway" }} }}
+[[requestAuthentications.jwtRules]]
+issuer = "{EC_ISSUER}"
+jwks = '{set}'
+
+[[authorizationPolicies]]
+name = "require-jwt"
+namespace = "istio-system"
+selector = {{ matchLabels = {{ istio = "ingressgateway" }} }}
+action = "ALLOW"
+rules = [{{ from = [{{ source = {{ requestPrincipals = ["*"] }} }}] }}]
+"#,
+        mesh = mesh_config(free_port()),
+        log = log.display(),
+        to = route_to("v1"),
+        upstreams = upstreams_config(&[("v1", echo.port())]),
+        set = jwks(&[&ec]),
+    );
+    let _portico = Portico::start(tmp.path(), &config);
+    let good = bearer(&ec.sign(&claims(EC_ISSUER, "frank")));
+    let mut expired = claims(EC_ISSUER, "frank");
+    expired["exp"] = json!(now() - 3600);
+    let bad = bearer(&ec.sign(&expired));
+    let auth = |v: &str| vec![("authorization", v.to_string())];
+    let req = |path: &str, h: &[(&str, String)]| {
+        let h: Vec<(&str, &str)> = h.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        get(http, path, &h)
+    };
+
+    let r = req("/api/x", &auth(&good));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = req("/nowhere", &auth(&good));
+    assert_eq!(
+        r.status,
+        404,
+        "a valid token to an unrouted path: the token was checked, so authorization lets it reach routing: {}",
+        r.text()
+    );
+    for path in ["/api/x", "/nowhere"] {
+        let r = req(path, &[]);
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (403, "RBAC: access denied"),
+            "{path}"
+        );
+        let r = req(path, &auth(&bad));
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (401, "Jwt is expired"),
+            "{path}"
+        );
+        assert!(
+            r.header("www-authenticate")
+                .is_some_and(|w| w.contains("invalid_token")),
+            "{path}: {:?}",
+            r.header("www-authenticate")
+        );
+        let r = req(path, &auth("Bearer not.a-token"));
+        assert_eq!(r.status, 401, "{path}: {}", r.text());
+    }
+    let wait_line = |line: &str| {
+        assert!(
+            wait_until(Duration::from_secs(5), || std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l == line)),
+            "{line:?} in:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    };
+    wait_line(&format!("404 route_not_found /nowhere {EC_ISSUER}/frank"));
+    wait_line("401 jwt_authn_access_denied{Jwt_is_expired} /nowhere -");
+}

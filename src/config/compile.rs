@@ -423,6 +423,7 @@ pub fn compile_cached(
         "compile phases"
     );
 
+    let auto = cx.auto_passthrough(&gateways);
     let policies = cx.policies(doc, &cache.policies);
     let authorization = cx.authorization(doc);
     // A PROXY protocol port no server listens on is a typo: the balancer's headers would
@@ -497,13 +498,22 @@ pub fn compile_cached(
             certs: b.tls.then(|| b.certs.clone()),
             client_auth: (b.tls && b.mutual).then(|| b.client_auth.clone()),
             l4: b.l4.map(|kind| match kind {
-                L4Kind::Passthrough => L4Table::Passthrough((*b.sni).clone()),
+                L4Kind::Passthrough => {
+                    let mut sni = (*b.sni).clone();
+                    for (name, route) in auto.get(port).into_iter().flatten() {
+                        if sni.get_pattern(name).is_none() {
+                            sni.insert(name, route.clone());
+                        }
+                    }
+                    L4Table::Passthrough(sni)
+                }
                 L4Kind::Tcp => L4Table::Tcp(b.tcp.clone()),
             }),
             acme: acme_hosts.clone(),
             policies: Default::default(),
             authz: None,
             requests: None,
+            authn: None,
         })
         .collect();
     cache.request_counts = request_caps(
@@ -882,6 +892,9 @@ struct ServerInfo {
     forward_proxy: bool,
     /// TLS passthrough or TCP: routed by `tls` / `tcp` routes, no HTTP.
     l4: Option<L4Kind>,
+    /// `tls.mode = AUTO_PASSTHROUGH`: names `outbound_.<port>_.<subset>_.<host>` are
+    /// routed to that cluster without a VirtualService (`Cx::auto_passthrough`).
+    auto_passthrough: bool,
     hosts: Vec<String>,
     https_redirect: bool,
     cert: Option<Arc<ServerCert>>,
@@ -1668,6 +1681,11 @@ impl Cx {
             .unwrap_or("HTTP")
             .to_ascii_uppercase();
         let l4 = self.l4_kind(o, at, &protocol, s.tls.as_ref());
+        let auto_passthrough = l4 == Some(L4Kind::Passthrough)
+            && s.tls
+                .as_ref()
+                .and_then(|t| t.mode.as_deref())
+                .is_some_and(|m| m.eq_ignore_ascii_case("AUTO_PASSTHROUGH"));
         let (tls, h2c) = match protocol.as_str() {
             _ if l4.is_some() => (false, false),
             "HTTP" | "GRPC-WEB" => (false, false),
@@ -1720,6 +1738,7 @@ impl Cx {
             h2c,
             forward_proxy: false,
             l4,
+            auto_passthrough,
             hosts,
             https_redirect: false,
             cert: None,

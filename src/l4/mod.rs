@@ -58,6 +58,9 @@ impl L4Table {
                 serde_json::json!({ "sni": name, "route": r.origin, "destinations": r.describe() })
             }
             SniRoute::Terminate => serde_json::json!({ "sni": name, "terminate": true }),
+            SniRoute::AutoUnknown => {
+                serde_json::json!({ "sni": name, "autoPassthrough": "no such cluster: closed" })
+            }
         };
         match self {
             L4Table::Passthrough(m) => {
@@ -80,6 +83,10 @@ pub enum SniRoute {
     Pass(Arc<L4Route>),
     /// An HTTPS server on the same port claims the name: terminate TLS and serve HTTP.
     Terminate,
+    /// A host of an AUTO_PASSTHROUGH server: the names it routes are exact entries
+    /// (`outbound_.<port>_.<subset>_.<host>`, one per known cluster, `Pass`); any other
+    /// name it covers is a cluster that does not exist, and the connection is closed.
+    AutoUnknown,
 }
 
 /// One `tls` or `tcp` route: weighted destinations.

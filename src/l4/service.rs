@@ -172,6 +172,11 @@ impl L4Service {
         let found = rec.sni.as_deref().and_then(|n| routes.lookup(n));
         match (found, &self.terminate) {
             (Some(SniRoute::Pass(route)), _) => Ok(Decision::Forward(route.clone())),
+            (Some(SniRoute::AutoUnknown), _) => Err(Refusal::new(
+                Flag::NoClusterFound,
+                "cluster_not_found",
+                "AUTO_PASSTHROUGH: the SNI names no known cluster (outbound_.<port>_.<subset>_.<host> of a registered service, one of its ports and a DestinationRule subset)",
+            )),
             // A name no passthrough route claims, or no name, goes to the HTTPS servers
             // when the port has them: their certificate store decides, as on any HTTPS port.
             (Some(SniRoute::Terminate), Some(_)) | (None, Some(_)) => Ok(Decision::Terminate),

@@ -556,6 +556,17 @@ impl Authorization {
         a
     }
 
+    /// Every policy, enforced ones in the order `check` asks them (DENY, ALLOW), then
+    /// dry-run and AUDIT ones (for `portico routes`, which asks each `matching_rule`).
+    pub fn policies(&self) -> impl Iterator<Item = &Arc<Policy>> {
+        self.deny
+            .iter()
+            .chain(&self.allow)
+            .chain(&self.dry_deny)
+            .chain(&self.dry_allow)
+            .chain(&self.audit)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.deny.is_empty()
             && self.allow.is_empty()

@@ -472,6 +472,11 @@ impl Authn {
         Authn { rules, outputs }
     }
 
+    /// The issuers of the rules, in order (for `portico routes`).
+    pub fn issuers(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| r.issuer.as_str())
+    }
+
     /// The request's token, where it was found, checked. `Ok(None)`: no token, so no
     /// identity (authorization decides). `Err`: refuse the request. Waits only when the
     /// issuer's remote key set lacks the token's key (a refetch, up to its timeout).

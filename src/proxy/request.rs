@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue};
 
 use crate::policy::authz::Authorization;
-use crate::policy::jwt::UpstreamEdits;
+use crate::policy::jwt::{Authn, UpstreamEdits};
 use crate::policy::{self, Claims, RequestKeys, RoutePolicy};
 use crate::routing::{chance, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route};
 use crate::snapshot::Listener;
@@ -304,12 +304,46 @@ pub struct Planned<'s> {
     /// admitted by them first (Envoy's overload manager refuses a stream before any
     /// filter runs), so one over a cap costs no policy a token.
     caps: Option<&'s crate::listener::RequestCaps>,
+    /// The JWT rules that apply: the listener's RequestAuthentications for every request
+    /// but an ACME challenge's (Envoy's jwt_authn filter runs before RBAC, routed or not),
+    /// or a route's own set when one targets the route.
+    authn: Option<&'s Authn>,
+}
+
+/// What the policies see of a request: its fields, and the verified JWT's identity.
+pub fn request_keys<'a>(
+    view: &RequestView<'a>,
+    verified: Option<&'a policy::jwt::Verified>,
+) -> RequestKeys<'a> {
+    RequestKeys {
+        client_ip: view.client_ip.map(|ip| ip.to_canonical()),
+        peer_ip: view.peer_ip.map(|ip| ip.to_canonical()),
+        headers: view.headers,
+        path: view.path,
+        method: view.method,
+        authority: view.authority,
+        port: view.port,
+        sni: view.sni,
+        peer_principal: view.peer_principal,
+        principal: verified.map(|v| v.principal.as_str()),
+        claims: verified.map(|v| v as &(dyn Claims + Sync)),
+    }
 }
 
 impl<'s> Planned<'s> {
     /// The plan before the policies are asked.
     pub fn plan(&self) -> &Plan<'s> {
         &self.plan
+    }
+
+    /// The JWT rules [`Planned::police`] checks the request with (for `portico routes`).
+    pub fn authn(&self) -> Option<&'s Authn> {
+        self.authn
+    }
+
+    /// The AuthorizationPolicies [`Planned::police`] decides the request by.
+    pub fn authz(&self) -> Option<&'s Authorization> {
+        self.authz
     }
 
     /// Admits the request under the listener's request caps, asks the route's policies
@@ -345,7 +379,7 @@ impl<'s> Planned<'s> {
 
     /// [`Planned::police`] past the request caps.
     async fn decide(self, view: &RequestView<'_>) -> Plan<'s> {
-        if self.policy.is_none() && self.authz.is_none() {
+        if self.policy.is_none() && self.authz.is_none() && self.authn.is_none() {
             return self.plan;
         }
         let route = match &self.plan {
@@ -356,26 +390,14 @@ impl<'s> Planned<'s> {
         // rate limits): a bad token is refused; a good one is who the request is.
         let mut verified = None;
         let mut edits = None;
-        if let Some(authn) = self.policy.and_then(|p| p.authn.as_ref()) {
+        if let Some(authn) = self.authn {
             match authn.authenticate(view).await {
                 Err(refused) => return Plan::Answer(Box::new(jwt_refusal(refused, route))),
                 Ok(Some(v)) => verified = Some(v),
                 Ok(None) => edits = authn.anonymous_edits(),
             }
         }
-        let keys = RequestKeys {
-            client_ip: view.client_ip.map(|ip| ip.to_canonical()),
-            peer_ip: view.peer_ip.map(|ip| ip.to_canonical()),
-            headers: view.headers,
-            path: view.path,
-            method: view.method,
-            authority: view.authority,
-            port: view.port,
-            sni: view.sni,
-            peer_principal: view.peer_principal,
-            principal: verified.as_ref().map(|v| v.principal.as_str()),
-            claims: verified.as_ref().map(|v| v as &(dyn Claims + Sync)),
-        };
+        let keys = request_keys(view, verified.as_ref());
         if let Some(authz) = self.authz {
             let verdict = authz.check(&keys);
             if !verdict.allowed {
@@ -726,11 +748,13 @@ pub fn not_found<'s>() -> Answer<'s> {
 pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> Planned<'s> {
     let authz = listener.authz.as_deref();
     let caps = listener.requests.as_ref();
+    let authn = listener.authn.as_deref();
     let unpoliced = |plan| Planned {
         plan,
         policy: None,
         authz,
         caps,
+        authn,
     };
     // A CA validating HTTP-01 for a name Portico orders a certificate for: answered
     // before routing and before httpsRedirect (the CA asks over plain HTTP), and never
@@ -760,6 +784,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 policy: None,
                 authz: None,
                 caps,
+                authn: None,
             };
         }
     }
@@ -817,11 +842,13 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
             })));
         }
     }
+    let policy = listener.policies.route(vhost, route);
     let policed = |plan| Planned {
         plan,
-        policy: listener.policies.route(vhost, route),
+        policy,
         authz,
         caps,
+        authn: policy.and_then(|p| p.authn.as_deref()).or(authn),
     };
     let cors_origin = route.cors.as_ref().and_then(|c| allowed_origin(c, view));
     let answer = |status: u16, body: Bytes, location: Option<String>| {

@@ -43,6 +43,9 @@ pub enum Flag {
     /// `OM`: the overload manager refused the request (Portico: a request cap,
     /// `maxRequests` or `maxRequestsPerClient`, was reached).
     OverloadManager,
+    /// `NC`: the cluster a connection names does not exist (an AUTO_PASSTHROUGH SNI of
+    /// no known service, port or subset).
+    NoClusterFound,
 }
 
 impl Flag {
@@ -66,6 +69,7 @@ impl Flag {
             Flag::RateLimited => "RL",
             Flag::RateLimitServiceError => "RLSE",
             Flag::OverloadManager => "OM",
+            Flag::NoClusterFound => "NC",
         }
     }
 

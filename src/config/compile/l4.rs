@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::{gateway_ref, Cx, GatewayInfo, ListenerBuild};
+use super::{gateway_ref, Cx, GatewayInfo, ListenerBuild, ServerInfo};
 use crate::config::load::Origin;
 use crate::config::schema;
 use crate::l4::{L4Destination, L4Kind, L4Route, SniRoute};
@@ -26,9 +26,8 @@ impl Cx {
         let kind = match (protocol, mode.as_deref()) {
             ("TCP", _) => L4Kind::Tcp,
             // Istio's default mode is PASSTHROUGH: a TLS server without one routes by SNI.
-            ("TLS", None | Some("PASSTHROUGH")) | ("HTTPS", Some("PASSTHROUGH")) => {
-                L4Kind::Passthrough
-            }
+            ("TLS", None | Some("PASSTHROUGH" | "AUTO_PASSTHROUGH"))
+            | ("HTTPS", Some("PASSTHROUGH" | "AUTO_PASSTHROUGH")) => L4Kind::Passthrough,
             ("TLS", Some(other)) => {
                 self.err(
                     o,
@@ -75,7 +74,8 @@ impl Cx {
                     o,
                     &format!("{at}.tls"),
                     format!(
-                        "mode PASSTHROUGH does not terminate TLS, so {} would be unused; remove it",
+                        "mode {} does not terminate TLS, so {} would be unused; remove it",
+                        mode.as_deref().unwrap_or("PASSTHROUGH"),
                         set.join(", ")
                     ),
                 );
@@ -83,6 +83,100 @@ impl Cx {
             }
         }
         Some(kind)
+    }
+
+    /// The names AUTO_PASSTHROUGH servers route, by port: for every known cluster (each
+    /// port of each ServiceEntry host, without and with each DestinationRule subset, and
+    /// the clusters routes name) the exact name `outbound_.<port>_.<subset>_.<host>`
+    /// (Istio's SNI-DNAT cluster names) when a host of the server covers it, passed
+    /// through to that cluster; and the server's hosts themselves, where any other name
+    /// is a cluster that does not exist (`SniRoute::AutoUnknown`). Built at load: a
+    /// connection is one lookup in the port's SNI table.
+    pub(super) fn auto_passthrough(
+        &mut self,
+        gateways: &HashMap<String, GatewayInfo>,
+    ) -> BTreeMap<u16, Vec<(String, SniRoute)>> {
+        let mut servers: Vec<(&String, &ServerInfo)> = gateways
+            .iter()
+            .flat_map(|(k, g)| g.servers.iter().map(move |s| (k, s)))
+            .filter(|(_, s)| s.auto_passthrough)
+            .collect();
+        let mut out: BTreeMap<u16, Vec<(String, SniRoute)>> = BTreeMap::new();
+        let Some(&(_, first)) = servers.first() else {
+            return out;
+        };
+        servers.sort_by(|a, b| a.1.path.cmp(&b.1.path));
+        let mut known: Vec<(String, u32, Option<String>)> = Vec::new();
+        for se in &self.registry.entries {
+            for h in se.spec.hosts.iter().map(|h| h.to_ascii_lowercase()) {
+                if h.starts_with('*') {
+                    continue;
+                }
+                let subsets: Vec<String> = self
+                    .registry
+                    .rules
+                    .get(&h)
+                    .map(|r| r.spec.subsets.iter().map(|s| s.name.clone()).collect())
+                    .unwrap_or_default();
+                for p in &se.spec.ports {
+                    known.push((h.clone(), p.number, None));
+                    for s in &subsets {
+                        known.push((h.clone(), p.number, Some(s.clone())));
+                    }
+                }
+            }
+        }
+        // Clusters of services no route names: their warnings (no endpoints) are not news.
+        let warnings = self.warnings.len();
+        let origin = first.origin.clone();
+        let at = first
+            .path
+            .strip_prefix(&origin.path)
+            .unwrap_or("")
+            .to_string();
+        for (host, number, subset) in known {
+            let d = schema::Destination {
+                host,
+                subset,
+                port: Some(schema::PortSelector { number }),
+            };
+            self.cluster(&origin, &at, &d);
+        }
+        self.warnings.truncate(warnings);
+        // One route per cluster, shared by the servers that route its name.
+        let mut routes: HashMap<String, Arc<L4Route>> = HashMap::new();
+        for (k, s) in servers {
+            let entries = out.entry(s.port).or_default();
+            for c in self.clusters.values() {
+                let name = format!(
+                    "outbound_.{}_.{}_.{}",
+                    c.port,
+                    c.subset.as_deref().unwrap_or(""),
+                    c.host
+                );
+                if !s.hosts.iter().any(|h| host::covers(h, &name)) {
+                    continue;
+                }
+                let route = routes
+                    .entry(name.clone())
+                    .or_insert_with(|| {
+                        Arc::new(L4Route {
+                            origin: format!("{k} AUTO_PASSTHROUGH {}", c.name),
+                            destinations: vec![L4Destination {
+                                cluster: c.clone(),
+                                weight: 1,
+                            }],
+                            total_weight: 1,
+                        })
+                    })
+                    .clone();
+                entries.push((name, SniRoute::Pass(route)));
+            }
+            for h in &s.hosts {
+                entries.push((h.clone(), SniRoute::AutoUnknown));
+            }
+        }
+        out
     }
 
     /// Binds the `tls` and `tcp` routes of one VirtualService to the L4 listeners of its
@@ -180,6 +274,8 @@ impl Cx {
                                         format!("SNI {name} on port {} is already routed by {first}, which comes first; this route never sees it", s.port),
                                     );
                                 }
+                                // Only the Snapshot's tables hold these, not a build's.
+                                Some(SniRoute::AutoUnknown) => {}
                                 Some(SniRoute::Terminate) => self.err(
                                     o,
                                     &at,

@@ -1035,6 +1035,25 @@ impl Compiled {
             let mut routes = foldhash::HashMap::default();
             let port = l.addr.port();
             let on_port = port_gateways.get(&port).unwrap_or(&empty);
+            // RequestAuthentications of the listener (every gateway, or a gateway on this
+            // port): checked for every request on it, as Envoy's jwt_authn filter is.
+            let on_listener: Vec<bool> = self
+                .authn
+                .iter()
+                .map(|(t, _)| {
+                    t.as_ref()
+                        .is_none_or(|t| t.gateways.iter().any(|g| on_port.contains(g)))
+                })
+                .collect();
+            let listener_rules: Vec<Arc<JwtRule>> = self
+                .authn
+                .iter()
+                .zip(&on_listener)
+                .filter(|(_, on)| **on)
+                .flat_map(|((_, rules), _)| rules.iter().cloned())
+                .collect();
+            l.authn =
+                (!listener_rules.is_empty()).then(|| Arc::new(Authn::new(listener_rules.clone())));
             for (domain, vhost) in l.table.vhosts.entries() {
                 for route in vhost.routes.iter() {
                     let vs = route.origin.virtual_service.as_str();
@@ -1066,14 +1085,21 @@ impl Compiled {
                             policy.access.push(list.clone());
                         }
                     }
-                    let jwt_rules: Vec<_> = self
+                    // A RequestAuthentication that targets this route (by VirtualService
+                    // or Host) and not the listener: the route's rules are the listener's
+                    // and its own.
+                    let own: Vec<Arc<JwtRule>> = self
                         .authn
                         .iter()
-                        .filter(|(t, _)| t.as_ref().is_none_or(covers))
-                        .flat_map(|(_, rules)| rules.iter().cloned())
+                        .zip(&on_listener)
+                        .filter(|((t, _), on)| {
+                            !**on && t.as_ref().is_some_and(|t| t.covers(&[], vs, name, &domain))
+                        })
+                        .flat_map(|((_, rules), _)| rules.iter().cloned())
                         .collect();
-                    if !jwt_rules.is_empty() {
-                        policy.authn = Some(Arc::new(Authn::new(jwt_rules)));
+                    if !own.is_empty() {
+                        let rules = listener_rules.iter().cloned().chain(own).collect();
+                        policy.authn = Some(Arc::new(Authn::new(rules)));
                     }
                     if let (false, Some(redis)) = (global.is_empty(), &self.redis) {
                         policy.global = Some(GlobalLimits {
