@@ -40,6 +40,9 @@ pub enum Flag {
     RateLimited,
     /// `RLSE`: the rate limit service (Redis) failed and the policy fails closed.
     RateLimitServiceError,
+    /// `UAEX`: the external authorizer (AuthorizationPolicy CUSTOM) denied the request,
+    /// or could not be asked and the provider fails closed.
+    UnauthorizedExternalService,
 }
 
 impl Flag {
@@ -62,6 +65,7 @@ impl Flag {
             Flag::StreamIdleTimeout => "SI",
             Flag::RateLimited => "RL",
             Flag::RateLimitServiceError => "RLSE",
+            Flag::UnauthorizedExternalService => "UAEX",
         }
     }
 
