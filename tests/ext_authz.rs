@@ -129,10 +129,7 @@ fn serve(stream: TcpStream, checks: &Mutex<Vec<Check>>) {
         } else {
             (
                 403,
-                vec![
-                    ("x-deny-reason", "no-user"),
-                    ("content-type", "text/html"),
-                ],
+                vec![("x-deny-reason", "no-user"), ("content-type", "text/html")],
                 "denied by authorizer",
             )
         };
@@ -346,8 +343,18 @@ impl Gw {
             Proto::H2 => ("https", self.https, "--http2"),
         };
         let mut cmd = Command::new("curl");
-        cmd.args(["-s", "-k", "--max-time", "20", extra, "-D", "-", "-X", method])
-            .args(["--resolve", &format!("shop.test:{port}:127.0.0.1")]);
+        cmd.args([
+            "-s",
+            "-k",
+            "--max-time",
+            "20",
+            extra,
+            "-D",
+            "-",
+            "-X",
+            method,
+        ])
+        .args(["--resolve", &format!("shop.test:{port}:127.0.0.1")]);
         for h in headers {
             cmd.args(["-H", h]);
         }
@@ -403,7 +410,10 @@ fn an_allow_edits_the_upstream_request_and_the_response_over_both_protocols() {
         // The upstream: the authorizer's x-auth-* over the client's, x-drop-me removed, the
         // fields the provider does not pass on left out.
         assert_eq!(got.upstream_saw("x-auth-user").as_deref(), Some("alice"));
-        assert_eq!(got.upstream_saw("x-auth-groups").as_deref(), Some("dev,ops"));
+        assert_eq!(
+            got.upstream_saw("x-auth-groups").as_deref(),
+            Some("dev,ops")
+        );
         assert_eq!(got.upstream_saw("x-unlisted"), None, "{proto:?}");
         assert_eq!(got.upstream_saw("x-drop-me"), None, "{proto:?}");
         assert_eq!(got.upstream_saw("x-user").as_deref(), Some("alice"));
@@ -436,7 +446,8 @@ fn an_allow_edits_the_upstream_request_and_the_response_over_both_protocols() {
     let before = g.authz.checks().len();
     for _ in 0..12 {
         assert_eq!(
-            g.curl(Proto::H1, "GET", "/app/x", &["x-user: alice"]).status,
+            g.curl(Proto::H1, "GET", "/app/x", &["x-user: alice"])
+                .status,
             200
         );
     }
@@ -513,15 +524,24 @@ fn custom_comes_before_deny_and_allow() {
     for proto in [Proto::H1, Proto::H2] {
         // The authorizer refuses first: its answer, not RBAC's.
         let got = g.curl(proto, "GET", "/app/denied-by-rbac", &[]);
-        assert_eq!((got.status, got.body.as_str()), (403, "denied by authorizer"));
+        assert_eq!(
+            (got.status, got.body.as_str()),
+            (403, "denied by authorizer")
+        );
         // It allows; then DENY refuses.
         let n = g.authz.checks_for("/check/app/denied-by-rbac").len();
         let got = g.curl(proto, "GET", "/app/denied-by-rbac", &["x-user: alice"]);
-        assert_eq!((got.status, got.body.as_str()), (403, "RBAC: access denied"));
+        assert_eq!(
+            (got.status, got.body.as_str()),
+            (403, "RBAC: access denied")
+        );
         assert_eq!(g.authz.checks_for("/check/app/denied-by-rbac").len(), n + 1);
         // It allows; then no ALLOW policy matches.
         let got = g.curl(proto, "GET", "/app/not-allowed", &["x-user: alice"]);
-        assert_eq!((got.status, got.body.as_str()), (403, "RBAC: access denied"));
+        assert_eq!(
+            (got.status, got.body.as_str()),
+            (403, "RBAC: access denied")
+        );
         assert!(!g.authz.checks_for("/check/app/not-allowed").is_empty());
     }
 }
@@ -545,7 +565,10 @@ fn a_failed_check_refuses_unless_the_provider_fails_open() {
         let got = g.curl(proto, "GET", "/slow/x", &[]);
         let took = t.elapsed();
         assert_eq!(got.status, 403, "{proto:?}");
-        assert!(took < Duration::from_millis(1500), "{proto:?}: took {took:?}");
+        assert!(
+            took < Duration::from_millis(1500),
+            "{proto:?}: took {took:?}"
+        );
     }
     assert!(
         wait_until(Duration::from_secs(5), || g.log_lines().iter().any(|v| v
@@ -558,8 +581,16 @@ fn a_failed_check_refuses_unless_the_provider_fails_open() {
     );
     let m = g.portico.metrics();
     let n = |labels: &str| metric_sum(&m, "portico_authz_decisions_total", labels).unwrap_or(0.0);
-    assert_eq!(n("policy=\"default/ext-down\",result=\"error\""), 2.0, "{m}");
-    assert_eq!(n("policy=\"default/ext-slow\",result=\"error\""), 2.0, "{m}");
+    assert_eq!(
+        n("policy=\"default/ext-down\",result=\"error\""),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        n("policy=\"default/ext-slow\",result=\"error\""),
+        2.0,
+        "{m}"
+    );
     assert_eq!(
         n("policy=\"default/ext-open\",result=\"failed_open\""),
         2.0,

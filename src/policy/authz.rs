@@ -638,7 +638,11 @@ impl Authorization {
                     let Some(provider) = p.provider.clone() else {
                         continue;
                     };
-                    let groups = if dry { &mut a.dry_custom } else { &mut a.custom };
+                    let groups = if dry {
+                        &mut a.dry_custom
+                    } else {
+                        &mut a.custom
+                    };
                     match groups.iter_mut().find(|(g, _)| g.name == provider.name) {
                         Some((_, list)) => list.push(p),
                         None => groups.push((provider, vec![p])),

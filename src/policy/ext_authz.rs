@@ -275,8 +275,7 @@ impl Provider {
             if framing_or_hop(name) || name.eq_ignore_ascii_case("x-forwarded-proto") {
                 return;
             }
-            let wanted =
-                name.eq_ignore_ascii_case("authorization") || self.include.matches(name);
+            let wanted = name.eq_ignore_ascii_case("authorization") || self.include.matches(name);
             if !wanted {
                 return;
             }
@@ -323,10 +322,7 @@ impl Provider {
         let started = Instant::now();
         let client = client(self.cluster.settings.connect_timeout);
         let exchange = async {
-            let resp = client
-                .request(p.req)
-                .await
-                .map_err(|e| error_chain(&e))?;
+            let resp = client.request(p.req).await.map_err(|e| error_chain(&e))?;
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, MAX_ANSWER_BYTES)
                 .collect()
@@ -355,7 +351,7 @@ impl Provider {
     /// Envoy's reading of an answer.
     fn decide(&self, status: u16, headers: &http::HeaderMap, body: Bytes) -> Outcome {
         // A 1xx cannot be a final answer to the client: an error, as a 5xx is.
-        if status >= 500 || status < 200 {
+        if !(200..500).contains(&status) {
             return Outcome::Failed(format!("the authorizer answered {status}"));
         }
         let copy = |pats: &NamePatterns, always: &[&str]| -> Vec<(HeaderName, HeaderValue)> {
@@ -400,7 +396,10 @@ impl Provider {
                 .map(|(n, v)| (n.clone(), v.clone()))
                 .collect()
         } else {
-            copy(&self.to_downstream_on_deny, &["www-authenticate", "location"])
+            copy(
+                &self.to_downstream_on_deny,
+                &["www-authenticate", "location"],
+            )
         };
         Outcome::Denied(Denied {
             status,
@@ -525,7 +524,10 @@ mod tests {
             p.decide(204, &h, Bytes::new()),
             Outcome::Denied(_)
         ));
-        assert!(matches!(p.decide(503, &h, Bytes::new()), Outcome::Failed(_)));
+        assert!(matches!(
+            p.decide(503, &h, Bytes::new()),
+            Outcome::Failed(_)
+        ));
         let mut h = http::HeaderMap::new();
         h.insert("location", "/login".parse().unwrap());
         h.insert("x-reason", "no".parse().unwrap());

@@ -233,10 +233,13 @@ impl Cx {
                 );
             }
             let named = match (&e.envoy_ext_authz_http, &e.envoy_ext_authz_grpc) {
-                (Some(h), _) => match self.ext_authz_provider(o, &format!("{at}.envoyExtAuthzHttp"), &e.name, h) {
-                    Some(p) => Named::Http(Arc::new(p)),
-                    None => Named::Broken,
-                },
+                (Some(h), _) => {
+                    match self.ext_authz_provider(o, &format!("{at}.envoyExtAuthzHttp"), &e.name, h)
+                    {
+                        Some(p) => Named::Http(Arc::new(p)),
+                        None => Named::Broken,
+                    }
+                }
                 (None, Some(_)) => Named::Grpc,
                 (None, None) => Named::Other,
             };
@@ -328,9 +331,16 @@ impl Cx {
                 &h.include_request_headers_in_check,
             )
         };
-        let to_upstream_on_allow = patterns("headersToUpstreamOnAllow", &h.headers_to_upstream_on_allow);
-        let to_downstream_on_deny = patterns("headersToDownstreamOnDeny", &h.headers_to_downstream_on_deny);
-        let to_downstream_on_allow = patterns("headersToDownstreamOnAllow", &h.headers_to_downstream_on_allow);
+        let to_upstream_on_allow =
+            patterns("headersToUpstreamOnAllow", &h.headers_to_upstream_on_allow);
+        let to_downstream_on_deny = patterns(
+            "headersToDownstreamOnDeny",
+            &h.headers_to_downstream_on_deny,
+        );
+        let to_downstream_on_allow = patterns(
+            "headersToDownstreamOnAllow",
+            &h.headers_to_downstream_on_allow,
+        );
         let mut additional = Vec::new();
         for (n, v) in &h.include_additional_headers_in_check {
             let field = format!("{at}.includeAdditionalHeadersInCheck.{n}");
