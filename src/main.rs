@@ -481,16 +481,24 @@ fn explain_policies(
     };
     let keys = request::request_keys(view, verified.as_ref());
     println!("  authorization policies:");
+    let mut asks_authorizer = false;
     for p in authz.policies() {
         let dry = if p.dry_run { " (dry run)" } else { "" };
         match p.matching_rule(&keys) {
-            Some(i) => println!(
-                "    {} {}{dry}: matches (rules[{i}])",
-                p.action.as_str(),
-                p.name
-            ),
+            Some(i) => {
+                asks_authorizer |= p.action == portico::policy::authz::Action::Custom;
+                println!(
+                    "    {} {}{dry}: matches (rules[{i}])",
+                    p.action.as_str(),
+                    p.name
+                )
+            }
             None => println!("    {} {}{dry}: no match", p.action.as_str(), p.name),
         }
+    }
+    if asks_authorizer {
+        // The explain command does not call out: the authorizer's answer is not known here.
+        println!("  external authorization: the CUSTOM provider is asked first, at request time (not by this command)");
     }
     let verdict = authz.check(&keys);
     if verdict.allowed {

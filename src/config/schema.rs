@@ -264,12 +264,51 @@ pub struct TracingConfig {
     pub sampling: Option<f64>,
 }
 
-/// MeshConfig `extensionProviders[]`: Portico uses the first `opentelemetry` one.
+/// MeshConfig `extensionProviders[]`: Portico uses the first `opentelemetry` one for
+/// tracing, and `envoyExtAuthzHttp` ones for AuthorizationPolicies of action CUSTOM.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExtensionProvider {
     pub name: String,
     pub opentelemetry: Option<OpenTelemetryProvider>,
+    pub envoy_ext_authz_http: Option<ExtAuthzHttpProvider>,
+    /// Read only to say that it is not supported (gRPC ext_authz).
+    pub envoy_ext_authz_grpc: Option<serde_json::Value>,
+}
+
+/// MeshConfig `EnvoyExternalAuthorizationHttpProvider`: an HTTP service that decides
+/// requests (Envoy's ext_authz HTTP API; NGINX's `auth_request`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtAuthzHttpProvider {
+    /// `[<namespace>/]<host>`: a ServiceEntry host, or a name resolved with DNS.
+    pub service: String,
+    pub port: u32,
+    /// How long a check may take. Default 600s (Istio's).
+    pub timeout: Option<Duration>,
+    /// Put before the request's path in the check (`/check` + `/admin`).
+    pub path_prefix: Option<String>,
+    /// Allow the request when the authorizer cannot be reached, times out or answers 5xx.
+    pub fail_open: Option<bool>,
+    /// The status a request gets when the check fails (default 403).
+    pub status_on_error: Option<String>,
+    /// Deprecated name of `includeRequestHeadersInCheck`.
+    #[serde(default)]
+    pub include_headers_in_check: Vec<String>,
+    #[serde(default)]
+    pub include_request_headers_in_check: Vec<String>,
+    #[serde(default)]
+    pub include_additional_headers_in_check: BTreeMap<String, String>,
+    /// Read only to say that it is not supported.
+    pub include_request_body_in_check: Option<serde_json::Value>,
+    #[serde(default)]
+    pub headers_to_upstream_on_allow: Vec<String>,
+    #[serde(default)]
+    pub headers_to_downstream_on_deny: Vec<String>,
+    #[serde(default)]
+    pub headers_to_downstream_on_allow: Vec<String>,
+    /// Read only to say that it is not supported.
+    pub clear_route_cache: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

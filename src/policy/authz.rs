@@ -6,6 +6,10 @@
 //! way (Envoy's shadow rules), counted and logged, never enforced. Looks at a request's
 //! borrowed attributes only ([`RequestKeys`]): no parsing, no allocation but for a
 //! header sent more than once.
+//!
+//! CUSTOM policies come first ([`Authorization::custom`]): for each external authorizer
+//! (`policy::ext_authz`) whose policies match the request, the authorizer is asked, and
+//! a denial or a failed check refuses the request before DENY and ALLOW are looked at.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -13,7 +17,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use ipnet::IpNet;
 use prometheus::IntCounter;
 
+use super::ext_authz::{self, Provider};
 use super::RequestKeys;
+use crate::routing::RequestView;
 use crate::telemetry::Metrics;
 
 /// Istio's string match: exact, `abc*` prefix, `*abc` suffix, `*` presence (non-empty).
@@ -58,7 +64,7 @@ impl StrPat {
     }
 
     /// Against a lower-cased pattern, ignoring the case of `v`.
-    fn matches_ignore_case(&self, v: &str) -> bool {
+    pub fn matches_ignore_case(&self, v: &str) -> bool {
         let (v, n) = (v.as_bytes(), |p: &str| p.len());
         match self {
             StrPat::Exact(e) => v.eq_ignore_ascii_case(e.as_bytes()),
@@ -437,6 +443,8 @@ pub enum Action {
     Allow,
     Deny,
     Audit,
+    /// An external authorizer decides the requests the policy matches.
+    Custom,
 }
 
 impl Action {
@@ -445,8 +453,19 @@ impl Action {
             Action::Allow => "ALLOW",
             Action::Deny => "DENY",
             Action::Audit => "AUDIT",
+            Action::Custom => "CUSTOM",
         }
     }
+}
+
+/// A CUSTOM policy's counters besides `matched` (which counts its allowed checks).
+#[derive(Debug)]
+struct CustomCounters {
+    denied: IntCounter,
+    /// A failed check that refused the request (`statusOnError`).
+    error: IntCounter,
+    /// A failed check that let the request through (`failOpen`).
+    failed_open: IntCounter,
 }
 
 /// One compiled AuthorizationPolicy.
@@ -462,8 +481,12 @@ pub struct Policy {
     details: Vec<&'static str>,
     /// Per rule: its Envoy policy id (`ns[NS]-policy[NAME]-rule[I]`), for logs.
     ids: Vec<&'static str>,
-    /// Counted when a rule matches (the policy's own result: denied, allowed, audited).
+    /// Counted when a rule matches (the policy's own result: denied, allowed, audited);
+    /// for CUSTOM, when the authorizer allowed.
     matched: IntCounter,
+    /// CUSTOM: the external authorizer, and the other results of its checks.
+    provider: Option<Arc<Provider>>,
+    custom: Option<CustomCounters>,
 }
 
 impl Policy {
@@ -483,16 +506,24 @@ impl Policy {
             .collect();
         let full = format!("{namespace}/{name}");
         let result = match action {
-            Action::Allow => "allowed",
+            Action::Allow | Action::Custom => "allowed",
             Action::Deny => "denied",
             Action::Audit => "audited",
         };
-        let matched = Metrics::global().authz_decisions.with_label_values(&[
-            full.as_str(),
-            action.as_str(),
-            result,
-            if dry_run { "true" } else { "false" },
-        ]);
+        let counter = |result: &str| {
+            Metrics::global().authz_decisions.with_label_values(&[
+                full.as_str(),
+                action.as_str(),
+                result,
+                if dry_run { "true" } else { "false" },
+            ])
+        };
+        let matched = counter(result);
+        let custom = (action == Action::Custom).then(|| CustomCounters {
+            denied: counter("denied"),
+            error: counter("error"),
+            failed_open: counter("failed_open"),
+        });
         Policy {
             name: full,
             action,
@@ -501,21 +532,81 @@ impl Policy {
             details,
             ids,
             matched,
+            provider: None,
+            custom,
         }
+    }
+
+    /// A CUSTOM policy's external authorizer.
+    pub fn with_provider(mut self, provider: Arc<Provider>) -> Policy {
+        self.provider = Some(provider);
+        self
     }
 
     /// The index of the first rule that matches.
     pub fn matching_rule(&self, k: &RequestKeys<'_>) -> Option<usize> {
         self.rules.iter().position(|r| r.matches(k))
     }
+
+    /// Counts (and, for a failure or a dry run, logs) what a CUSTOM check of this
+    /// policy's came to.
+    fn count_custom(&self, provider: &Provider, outcome: &ext_authz::Outcome, path: &str) {
+        let Some(c) = &self.custom else {
+            return;
+        };
+        let result = match outcome {
+            ext_authz::Outcome::Allowed(_) => {
+                self.matched.inc();
+                "allowed"
+            }
+            ext_authz::Outcome::Denied(_) => {
+                c.denied.inc();
+                "denied"
+            }
+            ext_authz::Outcome::Failed(e) => {
+                provider.log_failure(e, path);
+                if provider.fail_open {
+                    c.failed_open.inc();
+                    "failed_open"
+                } else {
+                    c.error.inc();
+                    "error"
+                }
+            }
+        };
+        if self.dry_run {
+            tracing::info!(
+                policy = %self.name,
+                provider = %provider.name,
+                result,
+                path,
+                "authorization dry run: the external authorizer was asked, its answer not enforced"
+            );
+        }
+    }
 }
 
 /// Envoy's details for a request no ALLOW policy matched.
 pub const DENIED_NONE: &str = "rbac_access_denied_matched_policy[none]";
 
+/// CUSTOM policies of one external authorizer.
+type CustomGroup = (Arc<Provider>, Vec<Arc<Policy>>);
+
+/// Why a CUSTOM check refused a request.
+#[derive(Debug)]
+pub enum CustomRefusal {
+    /// The authorizer's answer, for the client.
+    Denied(ext_authz::Denied),
+    /// The check failed and the provider fails closed: `statusOnError`.
+    Failed(u16),
+}
+
 /// The policies that apply to one listener, by action; enforced and dry-run apart.
 #[derive(Debug, Default)]
 pub struct Authorization {
+    /// By provider name (the order Istio chains several providers' filters in).
+    custom: Vec<CustomGroup>,
+    dry_custom: Vec<CustomGroup>,
     deny: Vec<Arc<Policy>>,
     allow: Vec<Arc<Policy>>,
     audit: Vec<Arc<Policy>>,
@@ -543,8 +634,24 @@ impl Authorization {
                 (Action::Allow, false) => a.allow.push(p),
                 (Action::Allow, true) => a.dry_allow.push(p),
                 (Action::Audit, _) => a.audit.push(p),
+                (Action::Custom, dry) => {
+                    let Some(provider) = p.provider.clone() else {
+                        continue;
+                    };
+                    let groups = if dry {
+                        &mut a.dry_custom
+                    } else {
+                        &mut a.custom
+                    };
+                    match groups.iter_mut().find(|(g, _)| g.name == provider.name) {
+                        Some((_, list)) => list.push(p),
+                        None => groups.push((provider, vec![p])),
+                    }
+                }
             }
         }
+        a.custom.sort_by(|x, y| x.0.name.cmp(&y.0.name));
+        a.dry_custom.sort_by(|x, y| x.0.name.cmp(&y.0.name));
         if !a.allow.is_empty() || !a.dry_allow.is_empty() {
             let c = |dry: &str| {
                 Metrics::global()
@@ -556,23 +663,92 @@ impl Authorization {
         a
     }
 
-    /// Every policy, enforced ones in the order `check` asks them (DENY, ALLOW), then
-    /// dry-run and AUDIT ones (for `portico routes`, which asks each `matching_rule`).
+    /// Every policy, enforced ones in the order the request core asks them (CUSTOM, DENY,
+    /// ALLOW), then dry-run and AUDIT ones (for `portico routes`, which asks each
+    /// `matching_rule`).
     pub fn policies(&self) -> impl Iterator<Item = &Arc<Policy>> {
-        self.deny
-            .iter()
+        fn custom(groups: &[CustomGroup]) -> impl Iterator<Item = &Arc<Policy>> {
+            groups.iter().flat_map(|(_, policies)| policies.iter())
+        }
+        custom(&self.custom)
+            .chain(&self.deny)
             .chain(&self.allow)
+            .chain(custom(&self.dry_custom))
             .chain(&self.dry_deny)
             .chain(&self.dry_allow)
             .chain(&self.audit)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.deny.is_empty()
+        self.custom.is_empty()
+            && self.dry_custom.is_empty()
+            && self.deny.is_empty()
             && self.allow.is_empty()
             && self.audit.is_empty()
             && self.dry_deny.is_empty()
             && self.dry_allow.is_empty()
+    }
+
+    /// Whether CUSTOM policies (enforced or dry-run) apply here.
+    pub fn has_custom(&self) -> bool {
+        !self.custom.is_empty() || !self.dry_custom.is_empty()
+    }
+
+    /// The CUSTOM policies' decision, counted: each external authorizer one of whose
+    /// policies matches the request is asked, in the order of their names; a denial or a
+    /// failed check (unless the provider fails open) refuses the request. The edits of the
+    /// allows, merged (a later provider's over an earlier's). Dry-run policies that match
+    /// have their authorizer asked in a task of its own: the answer is counted and logged,
+    /// never waited for or enforced.
+    pub async fn custom(
+        &self,
+        k: &RequestKeys<'_>,
+        view: &RequestView<'_>,
+    ) -> Result<Option<ext_authz::Allowed>, CustomRefusal> {
+        for (provider, policies) in &self.dry_custom {
+            let Some(p) = policies.iter().find(|p| p.matching_rule(k).is_some()) else {
+                continue;
+            };
+            match provider.prepare(view) {
+                Ok(prepared) => {
+                    let (provider, p) = (provider.clone(), p.clone());
+                    let path = view.path.to_string();
+                    tokio::spawn(async move {
+                        let outcome = provider.send(prepared).await;
+                        p.count_custom(&provider, &outcome, &path);
+                    });
+                }
+                Err(e) => p.count_custom(provider, &ext_authz::Outcome::Failed(e), view.path),
+            }
+        }
+        let mut edits: Option<ext_authz::Allowed> = None;
+        for (provider, policies) in &self.custom {
+            let Some(p) = policies.iter().find(|p| p.matching_rule(k).is_some()) else {
+                continue;
+            };
+            let outcome = provider.check(view).await;
+            p.count_custom(provider, &outcome, view.path);
+            match outcome {
+                ext_authz::Outcome::Allowed(a) => match &mut edits {
+                    None => edits = Some(a),
+                    Some(e) => {
+                        e.upstream
+                            .retain(|(n, _)| !a.upstream.iter().any(|(m, _)| m == n));
+                        e.upstream.extend(a.upstream);
+                        e.remove.extend(a.remove);
+                        e.downstream
+                            .retain(|(n, _)| !a.downstream.iter().any(|(m, _)| m == n));
+                        e.downstream.extend(a.downstream);
+                    }
+                },
+                ext_authz::Outcome::Denied(d) => return Err(CustomRefusal::Denied(d)),
+                ext_authz::Outcome::Failed(_) if provider.fail_open => {}
+                ext_authz::Outcome::Failed(_) => {
+                    return Err(CustomRefusal::Failed(provider.status_on_error))
+                }
+            }
+        }
+        Ok(edits)
     }
 
     /// Decides a request, counting it: DENY first, then ALLOW. Dry-run policies are

@@ -19,6 +19,7 @@
 
 pub mod access;
 pub mod authz;
+pub mod ext_authz;
 pub mod global;
 pub mod jwks;
 pub mod jwt;

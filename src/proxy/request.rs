@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue};
 
-use crate::policy::authz::Authorization;
+use crate::policy::authz::{Authorization, CustomRefusal};
 use crate::policy::jwt::{Authn, UpstreamEdits};
 use crate::policy::{self, Claims, RequestKeys, RoutePolicy};
 use crate::routing::{chance, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route};
@@ -398,7 +398,18 @@ impl<'s> Planned<'s> {
             }
         }
         let keys = request_keys(view, verified.as_ref());
+        // AuthorizationPolicy: CUSTOM (the external authorizers) first, then DENY and
+        // ALLOW, as Istio orders them.
+        let mut custom = None;
         if let Some(authz) = self.authz {
+            if authz.has_custom() {
+                match authz.custom(&keys, view).await {
+                    Ok(allowed) => custom = allowed,
+                    Err(refused) => {
+                        return Plan::Answer(Box::new(ext_authz_refusal(refused, route)))
+                    }
+                }
+            }
             let verdict = authz.check(&keys);
             if !verdict.allowed {
                 return Plan::Answer(Box::new(rbac_denied(verdict.details, route)));
@@ -415,11 +426,18 @@ impl<'s> Planned<'s> {
                 Plan::Answer(a) => {
                     a.policy = d.fields();
                     a.principal = principal;
+                    if let Some(c) = custom {
+                        a.authz_fields = c.downstream;
+                    }
                 }
                 Plan::Forward(f) => {
                     f.policy = d.fields();
                     f.principal = principal;
-                    let edits = verified.map(|v| v.edits).or(edits);
+                    let mut edits = verified.map(|v| v.edits).or(edits);
+                    if let Some(c) = custom {
+                        apply_authz_edits(edits.get_or_insert_with(Default::default), &c);
+                        f.authz_fields = c.downstream;
+                    }
                     f.auth = edits
                         .filter(|e| *e != UpstreamEdits::default())
                         .map(Box::new);
@@ -448,6 +466,7 @@ fn overloaded<'s>(route: Option<&'s Arc<Route>>) -> Answer<'s> {
         www_authenticate: None,
         principal: None,
         slot: None,
+        authz_fields: Vec::new(),
     }
 }
 
@@ -466,6 +485,55 @@ fn jwt_refusal<'s>(r: policy::jwt::Refused, route: Option<&'s Arc<Route>>) -> An
         route,
         policy: policy::Fields::NONE,
         www_authenticate: HeaderValue::try_from(r.challenge).ok(),
+        authz_fields: Vec::new(),
+        principal: None,
+        slot: None,
+    }
+}
+
+/// An external authorizer's allow, made edits of the upstream request: its
+/// `headersToUpstreamOnAllow` fields replace any of the same names (the client's, or
+/// request authentication's), then `x-envoy-auth-headers-to-remove` removes fields.
+fn apply_authz_edits(e: &mut UpstreamEdits, a: &crate::policy::ext_authz::Allowed) {
+    for (name, value) in &a.upstream {
+        let name = name.as_str();
+        e.add.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+        if !e.removes(name.as_bytes()) {
+            e.remove.push(name.to_string());
+        }
+        e.add
+            .push((name.to_string(), Bytes::copy_from_slice(value.as_bytes())));
+    }
+    for name in &a.remove {
+        let name = name.as_str();
+        e.add.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+        if !e.removes(name.as_bytes()) {
+            e.remove.push(name.to_string());
+        }
+    }
+}
+
+/// The answer to a request a CUSTOM AuthorizationPolicy refused: the external
+/// authorizer's denial (its status, body and fields), or `statusOnError` with no body
+/// when the check failed; flag `UAEX` either way, as Envoy's ext_authz filter answers.
+fn ext_authz_refusal<'s>(r: CustomRefusal, route: Option<&'s Arc<Route>>) -> Answer<'s> {
+    let (status, body, fields, details) = match r {
+        CustomRefusal::Denied(d) => (d.status, d.body, d.fields, "ext_authz_denied"),
+        CustomRefusal::Failed(status) => (status, Bytes::new(), Vec::new(), "ext_authz_error"),
+    };
+    Answer {
+        status,
+        body,
+        location: None,
+        cors: CorsFields::default(),
+        ops: route.map(|r| &r.headers.response),
+        delay: None,
+        flag: Flag::UnauthorizedExternalService,
+        details,
+        route,
+        policy: policy::Fields::NONE,
+        www_authenticate: None,
+        authz_fields: fields,
         principal: None,
         slot: None,
     }
@@ -485,6 +553,7 @@ fn rbac_denied<'s>(details: &'static str, route: Option<&'s Arc<Route>>) -> Answ
         route,
         policy: policy::Fields::NONE,
         www_authenticate: None,
+        authz_fields: Vec::new(),
         principal: None,
         slot: None,
     }
@@ -511,6 +580,7 @@ fn refusal<'s>(d: &policy::Decision<'_>, route: Option<&'s Arc<Route>>) -> Answe
         route,
         policy: d.fields(),
         www_authenticate: None,
+        authz_fields: Vec::new(),
         principal: None,
         slot: None,
     }
@@ -536,6 +606,9 @@ pub struct Answer<'s> {
     pub policy: policy::Fields,
     /// A refused token's `WWW-Authenticate`.
     pub www_authenticate: Option<HeaderValue>,
+    /// The external authorizer's fields: a denial's, or an allow's
+    /// `headersToDownstreamOnAllow`. They replace the answer's own of the same names.
+    pub authz_fields: Vec<(HeaderName, HeaderValue)>,
     /// The verified JWT's principal (`iss/sub`), for the log.
     pub principal: Option<Box<str>>,
     /// The request's place under the listener's request caps: the codec keeps the answer
@@ -569,13 +642,16 @@ pub struct Forwarded<'s> {
     pub cors_origin: Option<HeaderValue>,
     /// The policies' fields for the response (RateLimit), set by [`Planned::police`].
     pub policy: policy::Fields,
-    /// Request authentication's edits of the upstream request (`Forwarding::auth`).
+    /// Request authentication's and the external authorizer's edits of the upstream
+    /// request (`Forwarding::auth`).
     pub auth: Option<Box<UpstreamEdits>>,
     /// The verified JWT's principal (`iss/sub`), for the log.
     pub principal: Option<Box<str>>,
     /// The request's place under the listener's request caps: the codec keeps the plan
     /// (or this) until the request's response is done or it fails, whichever way.
     pub slot: Option<crate::listener::RequestSlot>,
+    /// The external authorizer's `headersToDownstreamOnAllow` fields for the response.
+    pub authz_fields: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Forwarded<'_> {
@@ -613,16 +689,19 @@ impl Forwarded<'_> {
         ResponseAdditions {
             cors,
             policy: self.policy,
+            authz: self.authz_fields.clone(),
         }
     }
 }
 
 /// The fields the core adds to a forwarded request's response, replacing the upstream's
-/// of the same names: CORS, then the policies' (RateLimit).
+/// of the same names: CORS, then the policies' (RateLimit), then the external
+/// authorizer's (`headersToDownstreamOnAllow`).
 #[derive(Default)]
 pub struct ResponseAdditions {
     pub cors: CorsFields,
     pub policy: policy::Fields,
+    pub authz: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl ResponseAdditions {
@@ -632,6 +711,10 @@ impl ResponseAdditions {
             .iter()
             .any(|(n, _)| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
             || self.policy.writes(name)
+            || self
+                .authz
+                .iter()
+                .any(|(n, _)| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
     }
 
     /// The fields, in order.
@@ -640,10 +723,13 @@ impl ResponseAdditions {
             out.field(n.as_str().as_bytes(), v.as_bytes());
         }
         self.policy.write(|n, v| out.field(n.as_bytes(), v));
+        for (n, v) in &self.authz {
+            out.field(n.as_str().as_bytes(), v.as_bytes());
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cors.iter().next().is_none() && self.policy.is_empty()
+        self.cors.iter().next().is_none() && self.policy.is_empty() && self.authz.is_empty()
     }
 }
 
@@ -736,6 +822,7 @@ pub fn not_found<'s>() -> Answer<'s> {
         route: None,
         policy: policy::Fields::NONE,
         www_authenticate: None,
+        authz_fields: Vec::new(),
         principal: None,
         slot: None,
     }
@@ -778,6 +865,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                     route: None,
                     policy: policy::Fields::NONE,
                     www_authenticate: None,
+                    authz_fields: Vec::new(),
                     principal: None,
                     slot: None,
                 })),
@@ -810,6 +898,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 route: None,
                 policy: policy::Fields::NONE,
                 www_authenticate: None,
+                authz_fields: Vec::new(),
                 principal: None,
                 slot: None,
             })));
@@ -837,6 +926,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 route: Some(route),
                 policy: policy::Fields::NONE,
                 www_authenticate: None,
+                authz_fields: Vec::new(),
                 principal: None,
                 slot: None,
             })));
@@ -868,6 +958,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
             route: Some(route),
             policy: policy::Fields::NONE,
             www_authenticate: None,
+            authz_fields: Vec::new(),
             principal: None,
             slot: None,
         }))
@@ -901,6 +992,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                     route: Some(route),
                     policy: policy::Fields::NONE,
                     www_authenticate: None,
+                    authz_fields: Vec::new(),
                     principal: None,
                     slot: None,
                 })));
@@ -918,6 +1010,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
         auth: None,
         principal: None,
         slot: None,
+        authz_fields: Vec::new(),
     }))
 }
 
@@ -928,12 +1021,18 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
 pub fn answer_fields(a: &Answer<'_>, out: &mut impl HeaderSink) {
     let none = HeaderOps::default();
     let ops = a.ops.unwrap_or(&none);
-    let replaced = |name: &[u8]| {
+    let by_ops = |name: &[u8]| {
         ops.set.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
             || ops
                 .remove
                 .iter()
                 .any(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
+    };
+    let replaced = |name: &[u8]| {
+        by_ops(name)
+            || a.authz_fields
+                .iter()
+                .any(|(n, _)| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
     };
     let mut digits = [0u8; 20];
     if !a.body.is_empty() && !replaced(b"content-type") {
@@ -960,6 +1059,11 @@ pub fn answer_fields(a: &Answer<'_>, out: &mut impl HeaderSink) {
     if let Some(v) = &a.www_authenticate {
         if !replaced(b"www-authenticate") {
             out.field(b"www-authenticate", v.as_bytes());
+        }
+    }
+    for (n, v) in &a.authz_fields {
+        if !by_ops(n.as_str().as_bytes()) {
+            out.field(n.as_str().as_bytes(), v.as_bytes());
         }
     }
     for (name, value) in ops.set.iter().chain(&ops.add) {

@@ -77,6 +77,25 @@ impl<'a> Headers<'a> {
     pub fn get(self, name: &'a str) -> Option<&'a str> {
         self.values(name).next().flatten()
     }
+
+    /// Calls `f` with each field's name and raw value, in order.
+    pub fn each(self, mut f: impl FnMut(&'a str, &'a [u8])) {
+        match self {
+            Headers::Map(m) => {
+                for (n, v) in m {
+                    f(n.as_str(), v.as_bytes());
+                }
+            }
+            Headers::Raw(head, added) => {
+                for h in head.iter() {
+                    f(h.name, h.value);
+                }
+                for (n, v) in added {
+                    f(n, v);
+                }
+            }
+        }
+    }
 }
 
 /// `HeaderValue::to_str`'s rule: visible ASCII and tab only.

@@ -243,7 +243,7 @@ impl Metrics {
         );
         let authz_decisions = counter(
             "portico_authz_decisions_total",
-            "AuthorizationPolicy decisions: the policy that decided (none: no ALLOW policy matched), its action, the result (allowed, denied, audited), and whether the policy is a dry run (evaluated, not enforced).",
+            "AuthorizationPolicy decisions: the policy that decided (none: no ALLOW policy matched), its action, the result (allowed, denied, audited; for CUSTOM also error and failed_open: the external authorizer could not be asked), and whether the policy is a dry run (evaluated, not enforced).",
             &["policy", "action", "result", "dry_run"],
         );
         let istio = istio::IstioMetrics::new(&registry);

@@ -46,6 +46,9 @@ pub enum Flag {
     /// `NC`: the cluster a connection names does not exist (an AUTO_PASSTHROUGH SNI of
     /// no known service, port or subset).
     NoClusterFound,
+    /// `UAEX`: the external authorizer (AuthorizationPolicy CUSTOM) denied the request,
+    /// or could not be asked and the provider fails closed.
+    UnauthorizedExternalService,
 }
 
 impl Flag {
@@ -70,6 +73,7 @@ impl Flag {
             Flag::RateLimitServiceError => "RLSE",
             Flag::OverloadManager => "OM",
             Flag::NoClusterFound => "NC",
+            Flag::UnauthorizedExternalService => "UAEX",
         }
     }
 

@@ -4,7 +4,13 @@
 //! `selector` has those labels: the workload the Gateway runs on), or, with neither, every
 //! gateway of its namespace (of every namespace when it is in the root namespace). Istio's
 //! validation errors are config errors naming the field.
+//!
+//! Also compiles the mesh's `envoyExtAuthzHttp` extension providers, the external
+//! authorizers CUSTOM policies name: the service resolves as a destination host does (a
+//! ServiceEntry's endpoints, or the name's DNS answer, followed), here, never at request
+//! time.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{gateway_ref, key, Cx};
@@ -14,6 +20,7 @@ use crate::policy::authz::{
     parse_net, parse_port, Action, Authorization, Condition, Field, Operation, PathPat, Policy,
     Rule, Source, StrPat,
 };
+use crate::policy::ext_authz::{self, NamePatterns, Provider};
 use crate::snapshot::Listener;
 
 /// Istio's default `rootNamespace`.
@@ -25,6 +32,15 @@ pub struct Binding {
     /// `namespace/name` of Gateways (targetRefs).
     gateways: Vec<String>,
     selector: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// What `mesh.extensionProviders` entry a CUSTOM policy may name.
+enum Named {
+    Http(Arc<Provider>),
+    /// An `envoyExtAuthzHttp` entry with errors (reported where it is).
+    Broken,
+    Grpc,
+    Other,
 }
 
 /// The compiled policies, before they are bound to listeners.
@@ -41,6 +57,7 @@ impl Cx {
             .root_namespace
             .clone()
             .unwrap_or_else(|| DEFAULT_ROOT_NAMESPACE.to_string());
+        let providers = self.ext_authz_providers(doc);
         let mut policies = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for item in &doc.authorization_policies {
@@ -54,7 +71,7 @@ impl Cx {
                 );
                 continue;
             }
-            if let Some(c) = self.authorization_policy(doc, o, p) {
+            if let Some(c) = self.authorization_policy(doc, &providers, o, p) {
                 policies.push(c);
             }
         }
@@ -64,6 +81,7 @@ impl Cx {
     fn authorization_policy(
         &mut self,
         doc: &Document,
+        providers: &HashMap<String, Named>,
         o: &Origin,
         p: &schema::AuthorizationPolicy,
     ) -> Option<(Binding, Arc<Policy>)> {
@@ -73,14 +91,7 @@ impl Cx {
             None | Some("ALLOW") => Action::Allow,
             Some("DENY") => Action::Deny,
             Some("AUDIT") => Action::Audit,
-            Some("CUSTOM") => {
-                self.err(
-                    o,
-                    ".action",
-                    "CUSTOM (an external authorizer) is not supported by Portico yet",
-                );
-                Action::Deny
-            }
+            Some("CUSTOM") => Action::Custom,
             Some(other) => {
                 self.err(
                     o,
@@ -90,8 +101,47 @@ impl Cx {
                 Action::Deny
             }
         };
-        if p.provider.is_some() {
-            self.err(o, ".provider", "provider is only for action CUSTOM");
+        let mut provider = None;
+        match (action, &p.provider) {
+            (Action::Custom, None) => {
+                self.err(o, ".provider", "action CUSTOM needs provider.name");
+            }
+            (Action::Custom, Some(named)) => match providers.get(&named.name) {
+                Some(Named::Http(p)) => provider = Some(p.clone()),
+                Some(Named::Broken) => {}
+                Some(Named::Grpc) => self.err(
+                    o,
+                    ".provider.name",
+                    format!(
+                        "{:?} is an envoyExtAuthzGrpc provider: gRPC external authorization is not supported by Portico (use envoyExtAuthzHttp)",
+                        named.name
+                    ),
+                ),
+                Some(Named::Other) => self.err(
+                    o,
+                    ".provider.name",
+                    format!("{:?} is not an external authorizer (envoyExtAuthzHttp)", named.name),
+                ),
+                None => {
+                    let mut known: Vec<&str> = providers
+                        .iter()
+                        .filter(|(_, n)| matches!(n, Named::Http(_) | Named::Broken))
+                        .map(|(k, _)| k.as_str())
+                        .collect();
+                    known.sort();
+                    self.err(
+                        o,
+                        ".provider.name",
+                        format!(
+                            "no mesh.extensionProviders entry named {:?} (envoyExtAuthzHttp ones: {})",
+                            named.name,
+                            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                        ),
+                    );
+                }
+            },
+            (_, Some(_)) => self.err(o, ".provider", "provider is only for action CUSTOM"),
+            (_, None) => {}
         }
         let refs: Vec<&schema::PolicyTargetRef> =
             p.target_refs.iter().chain(p.target_ref.as_ref()).collect();
@@ -152,8 +202,205 @@ impl Cx {
             gateways,
             selector: p.selector.as_ref().map(|s| s.match_labels.clone()),
         };
-        let policy = Policy::new(ns, &p.name, action, p.dry_run.unwrap_or(false), rules);
+        let mut policy = Policy::new(ns, &p.name, action, p.dry_run.unwrap_or(false), rules);
+        if let Some(provider) = provider {
+            policy = policy.with_provider(provider);
+        }
         Some((binding, Arc::new(policy)))
+    }
+
+    /// `mesh.extensionProviders`, by name, as CUSTOM policies may name them; each
+    /// `envoyExtAuthzHttp` one compiled (errors name its fields).
+    fn ext_authz_providers(&mut self, doc: &Document) -> HashMap<String, Named> {
+        let o = &doc.mesh.origin;
+        let mut out = HashMap::new();
+        for (i, e) in doc.mesh.spec.extension_providers.iter().enumerate() {
+            let at = format!(".extensionProviders[{i}]");
+            if e.name.is_empty() {
+                self.err(o, &format!("{at}.name"), "a provider needs a name");
+                continue;
+            }
+            let kinds = [
+                e.opentelemetry.is_some(),
+                e.envoy_ext_authz_http.is_some(),
+                e.envoy_ext_authz_grpc.is_some(),
+            ];
+            if kinds.iter().filter(|k| **k).count() > 1 {
+                self.err(
+                    o,
+                    &at,
+                    "set one of opentelemetry, envoyExtAuthzHttp, envoyExtAuthzGrpc",
+                );
+            }
+            let named = match (&e.envoy_ext_authz_http, &e.envoy_ext_authz_grpc) {
+                (Some(h), _) => {
+                    match self.ext_authz_provider(o, &format!("{at}.envoyExtAuthzHttp"), &e.name, h)
+                    {
+                        Some(p) => Named::Http(Arc::new(p)),
+                        None => Named::Broken,
+                    }
+                }
+                (None, Some(_)) => Named::Grpc,
+                (None, None) => Named::Other,
+            };
+            if out.insert(e.name.clone(), named).is_some() {
+                self.err(
+                    o,
+                    &format!("{at}.name"),
+                    format!("a second extension provider named {:?}", e.name),
+                );
+            }
+        }
+        out
+    }
+
+    fn ext_authz_provider(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        name: &str,
+        h: &schema::ExtAuthzHttpProvider,
+    ) -> Option<Provider> {
+        let errors = self.errors.len();
+        let port = match u16::try_from(h.port) {
+            Ok(p) if p > 0 => p,
+            _ => {
+                self.err(o, &format!("{at}.port"), "port must be 1-65535");
+                0
+            }
+        };
+        // `[<namespace>/]<host>`: the namespace only disambiguates Kubernetes services.
+        let host = h.service.rsplit('/').next().unwrap_or("").trim();
+        if host.is_empty() {
+            self.err(o, &format!("{at}.service"), "service must name a host");
+        }
+        let timeout = match h.timeout.map(|t| t.get()) {
+            None => ext_authz::DEFAULT_TIMEOUT,
+            Some(t) if t.is_zero() => {
+                self.err(o, &format!("{at}.timeout"), "timeout must be above 0");
+                ext_authz::DEFAULT_TIMEOUT
+            }
+            Some(t) => t,
+        };
+        let path_prefix = h.path_prefix.clone().unwrap_or_default();
+        if !path_prefix.is_empty()
+            && (!path_prefix.starts_with('/')
+                || path_prefix.parse::<http::uri::PathAndQuery>().is_err()
+                || path_prefix.contains(['?', '#']))
+        {
+            self.err(
+                o,
+                &format!("{at}.pathPrefix"),
+                format!("{path_prefix:?} is not a path (it must begin with /)"),
+            );
+        }
+        let status_on_error = match h.status_on_error.as_deref() {
+            None | Some("") => 403,
+            Some(text) => match text.parse::<u16>() {
+                Ok(code)
+                    if (200..=599).contains(&code)
+                        && http::StatusCode::from_u16(code)
+                            .ok()
+                            .and_then(|c| c.canonical_reason())
+                            .is_some() =>
+                {
+                    code
+                }
+                _ => {
+                    self.err(
+                        o,
+                        &format!("{at}.statusOnError"),
+                        format!("{text:?} is not an HTTP status code (200-599)"),
+                    );
+                    403
+                }
+            },
+        };
+        let mut patterns = |field: &str, list: &[String]| match NamePatterns::parse(list) {
+            Ok(p) => p,
+            Err((i, e)) => {
+                self.err(o, &format!("{at}.{field}[{i}]"), e);
+                NamePatterns::default()
+            }
+        };
+        let include = if h.include_request_headers_in_check.is_empty() {
+            patterns("includeHeadersInCheck", &h.include_headers_in_check)
+        } else {
+            patterns(
+                "includeRequestHeadersInCheck",
+                &h.include_request_headers_in_check,
+            )
+        };
+        let to_upstream_on_allow =
+            patterns("headersToUpstreamOnAllow", &h.headers_to_upstream_on_allow);
+        let to_downstream_on_deny = patterns(
+            "headersToDownstreamOnDeny",
+            &h.headers_to_downstream_on_deny,
+        );
+        let to_downstream_on_allow = patterns(
+            "headersToDownstreamOnAllow",
+            &h.headers_to_downstream_on_allow,
+        );
+        let mut additional = Vec::new();
+        for (n, v) in &h.include_additional_headers_in_check {
+            let field = format!("{at}.includeAdditionalHeadersInCheck.{n}");
+            match (
+                http::HeaderName::from_bytes(n.as_bytes()),
+                http::HeaderValue::from_str(v),
+            ) {
+                (Ok(n), Ok(v)) => additional.push((n, v)),
+                (Err(_), _) => self.err(o, &field, format!("{n:?} is not a header name")),
+                (_, Err(_)) => self.err(o, &field, "the value is not a header value"),
+            }
+        }
+        if h.include_request_body_in_check.is_some() {
+            self.err(
+                o,
+                &format!("{at}.includeRequestBodyInCheck"),
+                "sending the request body to the authorizer is not supported by Portico",
+            );
+        }
+        if h.clear_route_cache == Some(true) {
+            self.warn(
+                o,
+                &format!("{at}.clearRouteCache"),
+                "ignored: Portico routes a request before it is authorized; the authorizer's fields do not change the route",
+            );
+        }
+        if self.errors.len() > errors {
+            return None;
+        }
+        let destination = schema::Destination {
+            host: host.to_string(),
+            subset: None,
+            port: Some(schema::PortSelector {
+                number: u32::from(port),
+            }),
+        };
+        let cluster = self.cluster(o, at, &destination)?;
+        if cluster.settings.tls.is_some() {
+            self.err(
+                o,
+                &format!("{at}.service"),
+                format!(
+                    "a DestinationRule gives {host} TLS: Portico speaks plain HTTP/1.1 to an external authorizer"
+                ),
+            );
+            return None;
+        }
+        Some(Provider::new(
+            name.to_string(),
+            cluster,
+            timeout,
+            path_prefix,
+            h.fail_open.unwrap_or(false),
+            status_on_error,
+            include,
+            additional,
+            to_upstream_on_allow,
+            to_downstream_on_deny,
+            to_downstream_on_allow,
+        ))
     }
 
     fn authz_rule(&mut self, o: &Origin, at: &str, r: &schema::AuthzRule) -> Rule {
