@@ -8,7 +8,7 @@
 #   bench/run.sh policy     Portico alone: CPU per request of a plain route, a local limit, a Redis limit
 #   bench/run.sh conns      memory per idle connection (plain, TLS, h2) for each proxy, and a fresh
 #                           request's latency while they are held (CONNS_PLAIN, CONNS_TLS, CONNS_H2, PROBES)
-#                           then ACTIVE_CONNS (10 000) busy connections per proxy: req/s, p99 (ACTIVE_SECS, ACTIVE=0 skips)
+#                           then ACTIVE_CONNS (10 000) busy connections per proxy: req/s, p99 (ACTIVE_SECS; ACTIVE=0 or IDLE=0 skips a part)
 #   bench/run.sh all        compare, then scale
 #
 # Environment: ROUNDS (3), DURATION (10 s), WARMUP (1 s), SCENARIOS

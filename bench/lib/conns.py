@@ -280,7 +280,7 @@ def conns(command):
         import subprocess
         subprocess.run([sys.executable, os.path.join(b.LIB, "certs.py"), env.certs, *b.SNIS], check=True)
         b.start_upstream(env)
-        for name in b.PROXIES:
+        for name in b.PROXIES if b.env_int("IDLE", 1) else ():
             if name == "floor":
                 continue
             for kind in KINDS:
@@ -351,6 +351,10 @@ def conns(command):
         "- fresh request: a new connection (and handshake) and one request while the others are "
         f"held, {b.env_int('PROBES', 200)} times",
     ]
+    if not rows:
+        # No idle part: its table and the lines about it go.
+        table = []
+        extra = [e for e in extra if not e.startswith(("- each connection", "- fresh request"))]
     if active_rows:
         table += ["", "Active connections: each sends `GET /api/1k` back to back "
                   f"({b.env_int('ACTIVE_SECS', 15)} s; wrk for HTTP/1.1, h2load for TLS):", "",
@@ -369,7 +373,11 @@ def conns(command):
                      "process per row, peak RSS is the process's VmHWM")
     noise = ("- **noise:** the machine is shared with engineers who compile at the same time: the "
              "memory figures (RSS) do not depend on it, the latencies do")
-    text = ("## Idle and active connections (conns)\n\n" + b.header(command, start_load, vers, mach, extra, noise=noise)
+    # An active-only run (IDLE=0) has a section of its own, so the idle table of the last
+    # full run stays in RESULTS.md beside it.
+    idle_run = b.env_int("IDLE", 1)
+    title = "Idle and active connections (conns)" if idle_run else "Active connections (conns, IDLE=0)"
+    text = (f"## {title}\n\n" + b.header(command, start_load, vers, mach, extra, noise=noise)
             + "\n\n" + "\n".join(table))
     print(text)
-    b.write_section("conns", text)
+    b.write_section("conns" if idle_run else "conns-active", text)
