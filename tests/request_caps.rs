@@ -130,11 +130,11 @@ name = "all"
 hosts = ["*"]
 gateways = ["gw"]
 [[virtualServices.http]]
-# Retries on 5xx: not for the fast codecs, which lend these to pingora's cycle.
+# A destination with `maxRequestsPerConnection`: not for the fast codecs, which lend
+# these to pingora's cycle.
 name = "lent"
 match = [{ uri = { prefix = "/lent/" } }]
-retries = { attempts = 1, retryOn = "5xx" }
-route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
+route = [{ destination = { host = "lent.internal", port = { number = 80 } } }]
 [[virtualServices.http]]
 name = "up"
 route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
@@ -146,6 +146,19 @@ location = "MESH_INTERNAL"
 resolution = "STATIC"
 ports = [{ number = 80, name = "http", protocol = "HTTP" }]
 endpoints = [{ address = "127.0.0.1", ports = { http = @UP@ } }]
+
+[[serviceEntries]]
+name = "lent"
+hosts = ["lent.internal"]
+location = "MESH_INTERNAL"
+resolution = "STATIC"
+ports = [{ number = 80, name = "http", protocol = "HTTP" }]
+endpoints = [{ address = "127.0.0.1", ports = { http = @UP@ } }]
+
+[[destinationRules]]
+name = "lent"
+host = "lent.internal"
+trafficPolicy = { connectionPool = { http = { maxRequestsPerConnection = 1000 } } }
 "#;
 
 struct Gw {
