@@ -369,6 +369,13 @@ fn each_client_address_has_its_own_cap() {
     assert_eq!(over.status, 503, "a's third: {}", over.text());
     // Another address is not held back by a's requests, and has as many of its own.
     assert_eq!(g.get("/x", "198.51.100.2").status, 200);
+    // Its place is given back when the gateway is done with it, just after the client has
+    // read the answer: wait for that before b fills its cap.
+    assert!(
+        wait_until(Duration::from_secs(10), || g.active() == PER as f64),
+        "in flight: {}",
+        g.active()
+    );
     let b = g.hold(PER, "/hold/b", "198.51.100.2");
     g.wait_held(2 * PER);
     assert_eq!(g.get("/x", "198.51.100.2").status, 503, "b's third");
