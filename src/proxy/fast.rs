@@ -1127,12 +1127,21 @@ impl Tries {
         if left.is_some_and(|l| l.is_zero()) {
             return false;
         }
+        self.start_retry(forward, cluster).await
+    }
+
+    /// Takes a place in the cluster's retry budget (`maxRetries`) and waits the backoff
+    /// (within the route's time); false when the budget is spent.
+    async fn start_retry(&mut self, forward: &Forward, cluster: &Arc<Cluster>) -> bool {
         let Some(p) = cluster.start_retry() else {
             return false;
         };
         self.permit = Some(p);
         self.retries += 1;
         let pause = forward.retries.backoff_for(self.retries);
+        let left = self
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
         tokio::time::sleep(left.map_or(pause, |l| l.min(pause))).await;
         true
     }
@@ -1150,25 +1159,17 @@ impl Tries {
         if fail.counts_against_endpoint() {
             cluster.record(i, None, None);
         }
-        match fail.again(&forward.retries.on, idempotent, self.resent) {
+        let retry = match fail.again(&forward.retries.on, idempotent, self.resent) {
             Again::Resend => {
                 self.resent = true;
                 self.resend_to = Some(i);
                 return None;
             }
-            Again::Retry if self.retries < forward.retries.attempts => {
-                if let Some(p) = cluster.start_retry() {
-                    self.permit = Some(p);
-                    self.retries += 1;
-                    let pause = forward.retries.backoff_for(self.retries);
-                    let left = self
-                        .deadline
-                        .map(|d| d.saturating_duration_since(Instant::now()));
-                    tokio::time::sleep(left.map_or(pause, |l| l.min(pause))).await;
-                    return None;
-                }
-            }
-            _ => {}
+            Again::Retry => self.retries < forward.retries.attempts,
+            _ => false,
+        };
+        if retry && self.start_retry(forward, cluster).await {
+            return None;
         }
         let (status, flag, what) = fail.answer(self.retries > 0);
         let addr = Some(cluster.endpoints[i].addr);
