@@ -104,6 +104,10 @@ match = [{ uri = { prefix = "/fail/" } }]
 retries = { attempts = 2, retryOn = "5xx" }
 route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
 [[virtualServices.http]]
+name = "once"
+match = [{ uri = { prefix = "/once/" } }]
+route = [{ destination = { host = "once.internal", port = { number = 80 } } }]
+[[virtualServices.http]]
 name = "default"
 match = [{ uri = { prefix = "/" } }]
 route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
@@ -136,6 +140,19 @@ location = "MESH_INTERNAL"
 resolution = "STATIC"
 ports = [{ number = 80, name = "http", protocol = "HTTP" }]
 endpoints = [{ address = "127.0.0.1", ports = { http = @DOWN@ } }]
+
+[[serviceEntries]]
+name = "once"
+hosts = ["once.internal"]
+location = "MESH_INTERNAL"
+resolution = "STATIC"
+ports = [{ number = 80, name = "http", protocol = "HTTP" }]
+endpoints = [{ address = "127.0.0.1", ports = { http = @UP@ } }]
+
+[[destinationRules]]
+name = "once"
+host = "once.internal"
+trafficPolicy = { connectionPool = { http = { maxRequestsPerConnection = 1 } } }
 "#;
 
 struct Side {
@@ -439,6 +456,15 @@ fn corpus() -> Vec<Case> {
             "/mirrored/m33".into(),
             vec![("content-type", "text/plain")],
             b"copy me",
+        ),
+        // One request per upstream connection (`maxRequestsPerConnection = 1`): the
+        // upstream is asked to close it.
+        (
+            "last request on a connection",
+            "GET",
+            "/once/m34".into(),
+            vec![],
+            b"",
         ),
     ]
 }

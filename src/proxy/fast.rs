@@ -11,8 +11,8 @@
 //! Anything else is lent to pingora's cycle for that one request, the bytes already read
 //! replayed first, before anything went upstream, and the connection comes back after it:
 //! a chunked or long body, an upgrade, `Expect`, HTTP/1.0, a head httparse rejects; a
-//! route with mirrors, consistent hashing or retries on status; an upstream with TLS, h2c,
-//! TCP keepalive or `maxRequestsPerConnection`; a full connection pool.
+//! destination with consistent hashing, TLS, h2c or TCP keepalive ([`lent_for`]); a full
+//! connection pool.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -86,13 +86,35 @@ struct Upstream {
     io: TcpStream,
     /// Taken from the pool, rather than connected for this try.
     pooled: bool,
+    /// The request sent on it is its last (`maxRequestsPerConnection`): it said
+    /// `connection: close` and is not pooled after.
+    last: bool,
 }
 
 impl Upstream {
+    /// Sends request `out` (head, then body); counted against the cluster's
+    /// `maxRequestsPerConnection` as pingora's path counts it, and the last request a
+    /// connection may carry asks the upstream to close it, as pingora's path does.
+    async fn send(&mut self, out: &[u8], cluster: &Cluster) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        self.last = cluster.last_on_connection(self.io.as_raw_fd(), self.pooled);
+        let head_end = out.windows(4).position(|w| w == b"\r\n\r\n");
+        match head_end.filter(|_| self.last) {
+            Some(p) => {
+                let mut head = Vec::with_capacity(out.len() + 19);
+                head.extend_from_slice(&out[..p + 2]);
+                head.extend_from_slice(b"connection: close\r\n");
+                head.extend_from_slice(&out[p + 2..]);
+                self.io.write_all(&head).await
+            }
+            None => self.io.write_all(out).await,
+        }
+    }
+
     /// Back to the thread's pool after a response that ended where its framing said,
     /// with nothing read past it (`extra` is false), unless either side said close.
     fn release(self, cluster: &Cluster, extra: bool, close: bool) {
-        if !extra && !close {
+        if !extra && !close && !self.last {
             upstream::pool::put(self.addr, self.io, Instant::now(), idle_limit(cluster));
         }
     }
@@ -681,13 +703,26 @@ fn eligible<'h>(
 /// destination it speaks to (plain HTTP/1.1, no keepalive probes, no per-connection
 /// request cap, no consistent hashing).
 fn plain(forward: &Forward) -> bool {
-    forward.destinations.iter().all(|d| {
+    lent_for(forward).is_none()
+}
+
+/// Why the fast codecs leave a forward to pingora's request cycle: a destination needs
+/// what only pingora's connector does. `None`: the fast codecs carry it (HTTP/1.1 and h2).
+/// Also what `portico routes` reports for a route.
+pub fn lent_for(forward: &Forward) -> Option<&'static str> {
+    forward.destinations.iter().find_map(|d| {
         let c = &d.cluster;
-        c.settings.tls.is_none()
-            && c.settings.tcp_keepalive.is_none()
-            && !c.settings.h2c
-            && c.settings.max_requests_per_connection.is_none()
-            && c.policy.hash_source().is_none()
+        if c.settings.tls.is_some() {
+            Some("TLS to the upstream")
+        } else if c.settings.h2c {
+            Some("HTTP/2 to the upstream")
+        } else if c.settings.tcp_keepalive.is_some() {
+            Some("connectionPool.tcp.tcpKeepalive")
+        } else if c.policy.hash_source().is_some() {
+            Some("loadBalancer.consistentHash")
+        } else {
+            None
+        }
     })
 }
 
@@ -1404,8 +1439,9 @@ async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
     c.ubuf.clear();
     let (out, ubuf, resp) = (&c.out, &mut c.ubuf, &mut c.resp);
     let (head_only, client_close, ops, added) = (ex.head_only, ex.client_close, ex.ops, ex.added);
+    let cluster = ex.cluster;
     let io = async {
-        up.io.write_all(out).await?;
+        up.send(out, cluster).await?;
         read_response(&mut up.io, ubuf, head_only, client_close, |r, _, close| {
             write_response_head(resp, r, close, ops, added)
         })
@@ -1430,6 +1466,7 @@ impl Upstream {
                     addr,
                     io,
                     pooled: true,
+                    last: false,
                 });
             }
         }
@@ -1440,6 +1477,7 @@ impl Upstream {
             addr,
             io,
             pooled: false,
+            last: false,
         })
     }
 }

@@ -696,7 +696,7 @@ async fn exchange_h2(
     ubuf.clear();
     let head_only = ex.head_only;
     let io = async {
-        up.io.write_all(out).await?;
+        up.send(out, ex.cluster).await?;
         read_response(&mut up.io, ubuf, head_only, false, &mut emit).await
     };
     let result = timed(wait, ex.wait, io).await;
