@@ -74,14 +74,15 @@ enum Command {
     },
     /// Explain which route would serve a request, and why; whether a RequestAuthentication
     /// checks it (a token in `--header authorization=...` is verified) and which
-    /// AuthorizationPolicies match, with the verdict.
+    /// AuthorizationPolicies match, with the verdict; and which codec carries it. Without
+    /// `--host`: every route of every listener, with the codec that carries it.
     Routes {
         #[arg(short, long)]
         config: Option<PathBuf>,
         #[arg(long, value_name = "FILE_OR_DIR")]
         istio: Vec<PathBuf>,
         #[arg(long)]
-        host: String,
+        host: Option<String>,
         #[arg(long, default_value = "/")]
         path: String,
         #[arg(long, default_value = "GET")]
@@ -208,17 +209,20 @@ fn main() -> ExitCode {
             port,
             headers,
             source_ip,
-        } => routes(
-            &sources(config, istio),
-            &RouteQuery {
-                host: &host,
-                path: &path,
-                method: &method,
-                port,
-                headers: &headers,
-                source_ip,
-            },
-        ),
+        } => match host {
+            None => list_routes(&sources(config, istio), port),
+            Some(host) => routes(
+                &sources(config, istio),
+                &RouteQuery {
+                    host: &host,
+                    path: &path,
+                    method: &method,
+                    port,
+                    headers: &headers,
+                    source_ip,
+                },
+            ),
+        },
     }
 }
 
@@ -425,6 +429,7 @@ fn routes(sources: &config::Sources, q: &RouteQuery<'_>) -> ExitCode {
                         println!("  direct response {} ({} bytes)", d.status, d.body.len())
                     }
                 }
+                println!("  codec: {}", Codec::of(l, route));
             }
         }
         explain_policies(&request::plan(l, &normalized, &view), &view, &rt);
@@ -435,6 +440,107 @@ fn routes(sources: &config::Sources, q: &RouteQuery<'_>) -> ExitCode {
         println!("no route");
         ExitCode::FAILURE
     }
+}
+
+/// Which codec carries a route's requests on a listener: the fast HTTP/1.1 and h2 codecs, or
+/// pingora's request cycle (and why). Per request, a body over 16 KiB or chunked, an
+/// upgrade, HTTP/1.0 and absolute-form targets go to pingora's cycle on any route.
+enum Codec {
+    Fast,
+    Pingora(&'static str),
+}
+
+impl Codec {
+    fn of(l: &portico::snapshot::Listener, route: &portico::routing::Route) -> Codec {
+        if l.forward_proxy {
+            return Codec::Pingora("a forward-proxy listener");
+        }
+        match &route.action {
+            Action::Forward(f) => match portico::proxy::fast::lent_for(f) {
+                Some(why) => Codec::Pingora(why),
+                None => Codec::Fast,
+            },
+            Action::Redirect(_) | Action::Direct(_) => Codec::Fast,
+        }
+    }
+}
+
+impl std::fmt::Display for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Codec::Fast => f.write_str("fast HTTP/1.1 and h2 codecs"),
+            Codec::Pingora(why) => write!(f, "pingora's request cycle ({why})"),
+        }
+    }
+}
+
+/// Every route of every HTTP listener (or of `--port`'s), with the codec that carries it,
+/// and the share of routes each codec carries.
+fn list_routes(sources: &config::Sources, port: Option<u16>) -> ExitCode {
+    let compiled = match config::build_sources(sources, &config::Options::default()) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{}", ConfigErrors(errors));
+            return ExitCode::from(2);
+        }
+    };
+    let (mut fast, mut lent) = (0usize, std::collections::BTreeMap::<&str, usize>::new());
+    for l in &compiled.snapshot.listeners {
+        if port.is_some_and(|p| p != l.addr.port()) || (l.l4.is_some() && !l.tls) {
+            continue;
+        }
+        println!("listener {}", l.shape());
+        let mut vhosts = l.table.vhosts.patterns();
+        vhosts.sort_by(|a, b| a.0.cmp(&b.0));
+        if vhosts.is_empty() {
+            if l.forward_proxy {
+                println!("  forward proxy: every request on pingora's request cycle");
+            } else {
+                println!("  no HTTP routes");
+            }
+        }
+        for (domain, vhost) in vhosts {
+            println!("  virtual host {domain}");
+            for route in vhost.routes.iter() {
+                let name = route
+                    .name
+                    .as_deref()
+                    .map(|n| format!(" {n:?}"))
+                    .unwrap_or_default();
+                let what = match &route.action {
+                    Action::Forward(f) => {
+                        let to: Vec<&str> = f
+                            .destinations
+                            .iter()
+                            .map(|d| d.cluster.name.as_str())
+                            .collect();
+                        format!("forward to {}", to.join(", "))
+                    }
+                    Action::Redirect(r) => format!("redirect {}", r.code),
+                    Action::Direct(d) => format!("direct response {}", d.status),
+                };
+                let codec = Codec::of(l, route);
+                match codec {
+                    Codec::Fast => fast += 1,
+                    Codec::Pingora(why) => *lent.entry(why).or_default() += 1,
+                }
+                println!("    {}{name}: {what}; codec: {codec}", route.origin);
+            }
+        }
+    }
+    let total = fast + lent.values().sum::<usize>();
+    if total == 0 {
+        println!("no HTTP routes");
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{fast} of {total} route(s) on the fast HTTP/1.1 and h2 codecs ({:.0} %)",
+        100.0 * fast as f64 / total as f64
+    );
+    for (why, n) in lent {
+        println!("{n} on pingora's request cycle: {why}");
+    }
+    ExitCode::SUCCESS
 }
 
 /// What the request core's policies make of the request: the RequestAuthentication that

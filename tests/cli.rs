@@ -156,6 +156,60 @@ fn routes_explains_the_match() {
     assert_explains(&out, "blog", 0, Some("blog-home"), "blog.example.com");
 }
 
+/// Without `--host`, every route with the codec that carries it, and the share: a route
+/// whose destination hashes to an endpoint (`consistentHash`) is lent to pingora's cycle.
+#[test]
+fn routes_lists_every_route_with_its_codec() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("portico.toml");
+    let sticky = ROUTES_CONFIG.replace(
+        r#"{ name = "v2", labels = { version = "v2" } }"#,
+        r#"{ name = "v2", labels = { version = "v2" }, trafficPolicy = { loadBalancer = { consistentHash = { httpHeaderName = "x-user" } } } }"#,
+    );
+    assert_ne!(sticky, ROUTES_CONFIG);
+    write_atomic(&config, &sticky);
+    let (code, out) = run_cli(&["routes", "-c", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let line = |needle: &str| {
+        out.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?}:\n{out}"))
+    };
+    assert!(line("default/shop.http[0] \"api-blue\"")
+        .ends_with("codec: pingora's request cycle (loadBalancer.consistentHash)"));
+    assert!(line("default/shop.http[2] \"api\"").ends_with("codec: fast HTTP/1.1 and h2 codecs"));
+    assert!(
+        line("default/shop.http[3]: direct response 200").ends_with("fast HTTP/1.1 and h2 codecs")
+    );
+    assert!(line("default/blog.http[0]").contains("direct response 200"));
+    // Each virtual host's routes once: shop.example.com and *.shop.example.com, and blog.
+    assert!(
+        out.contains("5 of 9 route(s) on the fast HTTP/1.1 and h2 codecs (56 %)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("4 on pingora's request cycle: loadBalancer.consistentHash"),
+        "{out}"
+    );
+    // One request's explanation says it too.
+    let (code, out) = routes(
+        &config,
+        &[
+            "--host",
+            "shop.example.com",
+            "--path",
+            "/api/x",
+            "--method",
+            "POST",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("  codec: pingora's request cycle (loadBalancer.consistentHash)"),
+        "{out}"
+    );
+}
+
 #[test]
 fn routes_reports_no_route() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -246,18 +246,6 @@ fn large_answer(path: &str) -> Option<Vec<u8>> {
 
 const CHUNKED: &[(&str, &str)] = &[("Transfer-Encoding", "chunked")];
 
-/// Whether the gateways these tests start run the fast path: `PORTICO_NO_FAST_PATH` in the
-/// environment of `cargo test` (read as clap reads the flag's variable) turns it off in
-/// every gateway they spawn, and the fast path's own counts are then all 0.
-fn fast_path_on() -> bool {
-    match std::env::var("PORTICO_NO_FAST_PATH") {
-        Ok(v) => {
-            ["", "0", "false", "f", "no", "n", "off"].contains(&v.to_ascii_lowercase().as_str())
-        }
-        Err(_) => true,
-    }
-}
-
 /// Once all `logged` requests so far have their access log line (written after the request
 /// was counted, so no count for them is still to come), the fast path served exactly `n`.
 fn expect_fast(p: &Portico, n: f64, logged: usize) {

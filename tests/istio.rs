@@ -51,6 +51,57 @@ fn get(port: u16, host: &str, path: &str, headers: &[(&str, &str)]) -> Response 
     http_request(port, "GET", host, path, headers, b"")
 }
 
+/// The codec-share report for one task: of the task's `requests`, how many the fast codecs
+/// served and how many they lent to pingora's request cycle, by reason (each of these
+/// requests comes on its own connection or after the one before on the same one, so one
+/// hand-over is one request). Waits until every request is counted (the fast codecs count
+/// a request when its answer is finished), prints the share (`--nocapture` shows it) and
+/// returns the hand-overs by reason. With the fast path off, nothing is counted at all, nor
+/// on a listener the fast codecs do not serve (`requests` = 0: checks that).
+fn codec_share(task: &str, p: &Portico, requests: usize) -> Vec<(String, u64)> {
+    let counts = || {
+        let metrics = p.metrics();
+        let fast = metric_sum(&metrics, "portico_fast_path_requests_total", "").unwrap_or(0.0);
+        let lent: Vec<(String, u64)> = metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("portico_fast_path_handoffs_total{reason=\""))
+            .filter_map(|l| {
+                let (reason, value) = l.split_once("\"}")?;
+                let n = value.trim().parse::<f64>().ok()? as u64;
+                (n > 0).then(|| (reason.to_string(), n))
+            })
+            .collect();
+        (fast as u64, lent)
+    };
+    if !fast_path_on() || requests == 0 {
+        let (fast, lent) = counts();
+        assert_eq!((fast, lent.len()), (0, 0), "{task}: not on the fast codecs");
+        eprintln!("codec share {task}: all on pingora's request cycle");
+        return lent;
+    }
+    let counted =
+        |(fast, lent): &(u64, Vec<(String, u64)>)| *fast + lent.iter().map(|(_, n)| n).sum::<u64>();
+    let mut last = counts();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            last = counts();
+            counted(&last) >= requests as u64
+        }),
+        "{task}: {requests} requests, counted {last:?}"
+    );
+    let (fast, lent) = last;
+    assert_eq!(
+        counted(&(fast, lent.clone())),
+        requests as u64,
+        "{task}: each request counted once: fast {fast}, lent {lent:?}"
+    );
+    eprintln!(
+        "codec share {task}: {fast} of {requests} on the fast codecs ({:.0} %), lent {lent:?}",
+        100.0 * fast as f64 / requests as f64
+    );
+    lent
+}
+
 #[test]
 fn bookinfo_routing_by_header_with_run_istio() {
     let v1 = Echo::start("v1");
@@ -98,6 +149,8 @@ fn bookinfo_routing_by_header_with_run_istio() {
         "the skipped manifest is noted:\n{}",
         gw.log()
     );
+    let lent = codec_share("bookinfo header routing", &gw, 15);
+    assert_eq!(lent, [], "every request on the fast codecs");
 }
 
 #[test]
@@ -121,6 +174,8 @@ fn traffic_shifting_sends_half_to_v3() {
     let (a, b) = (v1.count(), v3.count());
     assert_eq!(a + b, n);
     assert_binomial(a, n, 0.5, &format!("v1 (v3 {b})"));
+    let lent = codec_share("traffic shifting", &gw.portico, n);
+    assert_eq!(lent, [], "every request on the fast codecs");
 }
 
 #[test]
@@ -170,6 +225,8 @@ fn fault_injection_delays_jason_and_aborts() {
         before,
         "aborted requests never reach the upstream"
     );
+    let lent = codec_share("fault injection", &gw.portico, 8);
+    assert_eq!(lent, [], "delays and aborts on the fast codecs");
 }
 
 #[test]
@@ -192,6 +249,8 @@ fn request_timeout_gives_504() {
     let t = Instant::now();
     assert_eq!(get(gw.port, "ratings.example.com", "/", &[]).status, 200);
     assert!(t.elapsed() >= Duration::from_secs(2));
+    let lent = codec_share("request timeouts", &gw.portico, 3);
+    assert_eq!(lent, [], "timeouts on the fast codecs");
 }
 
 #[test]
@@ -227,6 +286,14 @@ fn circuit_breaking_overflows_with_uo() {
         "503s are logged with UO:\n{}",
         gw.portico.stdout()
     );
+    // A request that finds the connection pool full waits (or overflows) on pingora's
+    // cycle: the fast codecs do not wait for a connection. (`maxRequestsPerConnection: 1`
+    // is the fast codecs' too.)
+    let lent = codec_share("circuit breaking", &gw.portico, 20);
+    assert!(
+        lent.iter().all(|(reason, _)| reason == "admission"),
+        "only a full pool lends: {lent:?}"
+    );
 }
 
 #[test]
@@ -254,6 +321,8 @@ fn mirroring_copies_to_v2() {
         .requests()
         .iter()
         .all(|(m, p, _)| m == "GET" && p == "/headers"));
+    let lent = codec_share("mirroring", &gw.portico, 5);
+    assert_eq!(lent, [], "mirrored routes on the fast codecs");
 }
 
 #[test]
@@ -288,6 +357,8 @@ fn secure_ingress_serves_each_host_its_certificate() {
     assert_eq!((r.status, r.upstream()), (200, Some("helloworld")));
     let r = c.get("helloworld.example.com", "/other").unwrap();
     assert_eq!(r.status, 404, "only /hello is routed");
+    let lent = codec_share("secure ingress", &gw.portico, 3);
+    assert_eq!(lent, [], "TLS-terminated requests on the fast codecs");
 }
 
 #[test]
@@ -305,6 +376,10 @@ fn egress_gateway_routes_to_the_service_entry() {
         404,
         "other hosts"
     );
+    // An egress gateway's listener is a forward proxy (absolute-form requests, CONNECT):
+    // pingora's cycle serves all of it, the fast codecs are not in front of it.
+    let lent = codec_share("egress gateway", &gw.portico, 0);
+    assert_eq!(lent, []);
 }
 
 #[test]
@@ -318,6 +393,8 @@ fn wildcard_egress_sends_every_subdomain_to_one_endpoint() {
     assert_eq!(www.count(), 2);
     assert_eq!(get(gw.port, "wikipedia.org", "/", &[]).status, 404);
     assert_eq!(get(gw.port, "en.wikipedia.com", "/", &[]).status, 404);
+    let lent = codec_share("wildcard egress", &gw.portico, 4);
+    assert_eq!(lent, [], "every request on the fast codecs");
 }
 
 #[test]
@@ -341,6 +418,12 @@ fn tls_origination_from_a_destination_rule() {
     let r = get(gw.port, "edition.cnn.com", "/politics", &[]);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.text(), "from the TLS origin");
+    // TLS to the upstream is pingora's connector's: the route is lent (`portico routes`
+    // says why).
+    let lent = codec_share("TLS origination", &gw.portico, 1);
+    if fast_path_on() {
+        assert_eq!(lent, [("route".to_string(), 1)]);
+    }
 }
 
 /// A bad edit to a watched YAML manifest keeps the old config serving; a good one applies.

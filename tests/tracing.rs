@@ -174,12 +174,7 @@ fn w3c_context_is_continued_and_exported() {
     let metrics = portico.metrics();
     let fast = metric_sum(&metrics, "portico_fast_path_requests_total", "").unwrap_or(0.0);
     let lent = metric_sum(&metrics, "portico_fast_path_handoffs_total", "").unwrap_or(0.0);
-    let fast_path_on = std::env::var("PORTICO_NO_FAST_PATH")
-        .map(|v| {
-            ["", "0", "false", "f", "no", "n", "off"].contains(&v.to_ascii_lowercase().as_str())
-        })
-        .unwrap_or(true);
-    let want = if fast_path_on { 2.0 } else { 0.0 };
+    let want = if fast_path_on() { 2.0 } else { 0.0 };
     assert_eq!((fast, lent), (want, 0.0), "fast path requests, hand-overs");
 }
 

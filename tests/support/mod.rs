@@ -179,6 +179,18 @@ endpoints = [
     )
 }
 
+/// Whether the gateways these tests start run the fast path: `PORTICO_NO_FAST_PATH` in the
+/// environment of `cargo test` (read as clap reads the flag's variable) turns it off in
+/// every gateway they spawn, and the fast path's own counts are then all 0.
+pub fn fast_path_on() -> bool {
+    match std::env::var("PORTICO_NO_FAST_PATH") {
+        Ok(v) => {
+            ["", "0", "false", "f", "no", "n", "off"].contains(&v.to_ascii_lowercase().as_str())
+        }
+        Err(_) => true,
+    }
+}
+
 /// Sum of the values of every sample of metric `name` whose label set contains `label`
 /// (e.g. `result="failure"`; pass "" for any). None if no such sample exists.
 pub fn metric_sum(metrics_text: &str, name: &str, label: &str) -> Option<f64> {
