@@ -130,8 +130,8 @@ name = "all"
 hosts = ["*"]
 gateways = ["gw"]
 [[virtualServices.http]]
-# A destination with TCP keepalive: not for the fast codecs, which lend these to
-# pingora's cycle.
+# A destination that hashes to an endpoint: not for the fast codecs, which lend these
+# to pingora's cycle.
 name = "lent"
 match = [{ uri = { prefix = "/lent/" } }]
 route = [{ destination = { host = "lent.internal", port = { number = 80 } } }]
@@ -158,7 +158,7 @@ endpoints = [{ address = "127.0.0.1", ports = { http = @UP@ } }]
 [[destinationRules]]
 name = "lent"
 host = "lent.internal"
-trafficPolicy = { connectionPool = { tcp = { tcpKeepalive = { time = "600s" } } } }
+trafficPolicy = { loadBalancer = { consistentHash = { httpHeaderName = "x-user" } } }
 "#;
 
 struct Gw {

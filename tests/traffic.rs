@@ -789,6 +789,65 @@ fn source_ip_matches_the_client_address() {
     assert_eq!(echo.count(), 1);
 }
 
+/// The keep-alive timer of each established IPv4 socket connected to `port` (the kernel's
+/// `/proc/net/tcp`: timer kind 2 is keep-alive, its expiry in clock ticks of 1/100 s), or
+/// `None` for one with no keep-alive timer running.
+fn keepalive_timers_to(port: u16) -> Vec<Option<Duration>> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = u16::from_str_radix(f.get(2)?.rsplit(':').next()?, 16).ok()?;
+            // State 01: established.
+            if remote_port != port || *f.get(3)? != "01" {
+                return None;
+            }
+            let (kind, when) = f.get(5)?.split_once(':')?;
+            let ticks = u64::from_str_radix(when, 16).ok()?;
+            Some((kind == "02").then(|| Duration::from_millis(ticks * 10)))
+        })
+        .collect()
+}
+
+/// `connectionPool.tcp.tcpKeepalive`: the gateway's upstream connection has TCP
+/// keep-alive with the configured idle time (the kernel's default is 2 hours), on either
+/// codec.
+#[test]
+fn tcp_keepalive_is_set_on_upstream_connections() {
+    let echo = Echo::start("e");
+    let s = start(
+        &format!("[[virtualServices.http]]\n{TO_BACKEND}\n"),
+        &backend(
+            &[echo.port()],
+            r#"trafficPolicy = { connectionPool = { tcp = { tcpKeepalive = { time = "600s", interval = "30s", probes = 3 } } } }"#,
+        ),
+    );
+    assert_eq!(s.get("/").status, 200);
+    // The connection stays pooled; the gateway's end is the one whose remote port is the
+    // upstream's (the upstream's own end has no keep-alive).
+    let timers = keepalive_timers_to(echo.port());
+    assert!(!timers.is_empty(), "a pooled upstream connection is open");
+    for t in timers {
+        let t = t.expect("a keep-alive timer runs on the upstream connection");
+        assert!(
+            t > Duration::from_secs(500) && t <= Duration::from_secs(600),
+            "the first probe is due after the configured 600 s idle time: {t:?}"
+        );
+    }
+    // Without it, no timer.
+    let plain = Echo::start("p");
+    let s = start(
+        &format!("[[virtualServices.http]]\n{TO_BACKEND}\n"),
+        &backend(&[plain.port()], ""),
+    );
+    assert_eq!(s.get("/").status, 200);
+    let timers = keepalive_timers_to(plain.port());
+    assert!(!timers.is_empty(), "a pooled upstream connection is open");
+    assert!(timers.iter().all(Option::is_none), "{timers:?}");
+}
+
 #[test]
 fn max_requests_per_connection_recycles_upstream_connections() {
     let echo = Echo::start("e");

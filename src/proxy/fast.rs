@@ -11,8 +11,7 @@
 //! Anything else is lent to pingora's cycle for that one request, the bytes already read
 //! replayed first, before anything went upstream, and the connection comes back after it:
 //! a chunked or long body, an upgrade, `Expect`, HTTP/1.0, a head httparse rejects; a
-//! destination with consistent hashing, TLS, h2c or TCP keepalive ([`lent_for`]); a full
-//! connection pool.
+//! destination with consistent hashing, TLS or h2c ([`lent_for`]); a full connection pool.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -50,7 +49,7 @@ use crate::telemetry::outcome::Flag;
 use crate::telemetry::trace::{self, SpanContext};
 use crate::telemetry::{access_log, Metrics};
 use crate::upstream::retry::{self, Again, TryFailure};
-use crate::upstream::{self, Cluster, InFlight, RetryPermit};
+use crate::upstream::{self, Cluster, ClusterSettings, InFlight, RetryPermit};
 
 mod http2;
 
@@ -716,8 +715,6 @@ pub fn lent_for(forward: &Forward) -> Option<&'static str> {
             Some("TLS to the upstream")
         } else if c.settings.h2c {
             Some("HTTP/2 to the upstream")
-        } else if c.settings.tcp_keepalive.is_some() {
-            Some("connectionPool.tcp.tcpKeepalive")
         } else if c.policy.hash_source().is_some() {
             Some("loadBalancer.consistentHash")
         } else {
@@ -1403,10 +1400,18 @@ struct Exchange<'a> {
 }
 
 /// A new connection to `addr` within `timeout`.
-async fn connect(addr: SocketAddr, timeout: Duration) -> Option<TcpStream> {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+async fn connect(addr: SocketAddr, settings: &ClusterSettings) -> Option<TcpStream> {
+    match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
         Ok(Ok(io)) => {
             let _ = io.set_nodelay(true);
+            if let Some(k) = &settings.tcp_keepalive {
+                // `connectionPool.tcp.tcpKeepalive`, as pingora's connector sets it.
+                let probes = socket2::TcpKeepalive::new()
+                    .with_time(k.idle)
+                    .with_interval(k.interval)
+                    .with_retries(u32::try_from(k.count).unwrap_or(u32::MAX));
+                let _ = socket2::SockRef::from(&io).set_tcp_keepalive(&probes);
+            }
             Some(io)
         }
         _ => None,
@@ -1470,7 +1475,7 @@ impl Upstream {
                 });
             }
         }
-        let io = connect(addr, ex.cluster.settings.connect_timeout)
+        let io = connect(addr, &ex.cluster.settings)
             .await
             .ok_or(TryFailure::Connect)?;
         Ok(Upstream {
