@@ -536,10 +536,7 @@ mod heap_profile {
     }
 
     extern "C" fn write_profile() {
-        let profiler = PROFILER
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let profiler = PROFILER.lock().unwrap_or_else(|p| p.into_inner()).take();
         // Dropping the profiler writes the file.
         drop(profiler);
     }

@@ -19,7 +19,8 @@ NOISE = re.compile(
     r"(dhat::|alloc::alloc::|alloc::raw_vec::|__rust_alloc|__rust_realloc|__rdl_|"
     r"core::alloc::|std::alloc::|<alloc::alloc::Global|alloc::boxed::Box<T>::new|"
     r"alloc::sync::Arc<T>::new|alloc::vec::Vec<T,A>::with_capacity|RawVec|"
-    r"alloc::alloc::exchange_malloc|\[root\])"
+    r"alloc::alloc::exchange_malloc|\[root\]|\(dhat-[0-9.]+/|\(alloc/src/alloc\.rs|"
+    r"stable/alloc/|^alloc_impl|^box_new_uninit|^allocate \(|^alloc \()"
 )
 
 
