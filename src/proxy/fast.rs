@@ -135,6 +135,7 @@ struct Spare {
     ubuf: BytesMut,
     out: Vec<u8>,
     resp: Vec<u8>,
+    tried: Vec<usize>,
 }
 
 /// Spare buffers at most kept per thread, and the largest buffer kept.
@@ -259,6 +260,7 @@ impl Conn {
             ubuf: std::mem::take(&mut self.ubuf),
             out: std::mem::take(&mut self.out),
             resp: std::mem::take(&mut self.resp),
+            tried: std::mem::take(&mut self.tried),
         };
         if spare.out.capacity().max(spare.resp.capacity()) > MAX_SPARE_BYTES {
             return;
@@ -283,6 +285,7 @@ impl Conn {
             self.ubuf = s.ubuf;
             self.out = s.out;
             self.resp = s.resp;
+            self.tried = s.tried;
         }
     }
 }
