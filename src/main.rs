@@ -8,8 +8,15 @@ use clap::{Parser, Subcommand};
 // mimalloc instead of glibc malloc: the proxy allocates and frees many small objects per
 // request (headers, buffers, futures); with glibc this was ~13 % of the proxy's CPU under
 // load and mimalloc cut CPU per request by 30-40 % in bench/ (see bench/RESULTS.md).
+#[cfg(not(feature = "dhat-heap"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+// The heap-profiling build (feature `dhat-heap`): dhat is the allocator and records each
+// allocation's call stack; see `heap_profile`.
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static GLOBAL: dhat::Alloc = dhat::Alloc;
 
 use portico::config::{self, ConfigErrors};
 use portico::proxy::request;
@@ -161,6 +168,8 @@ extern "C" fn tune_allocator() {
 }
 
 fn main() -> ExitCode {
+    #[cfg(feature = "dhat-heap")]
+    heap_profile::start();
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
     match cli.command {
@@ -612,5 +621,39 @@ fn explain_policies(
     } else {
         println!("  authorization: denied");
         println!("  answer: 403 ({})", verdict.details);
+    }
+}
+
+/// The heap profile of a `dhat-heap` build: recorded from the start of `main`, written
+/// (`DHAT_FILE`, default `dhat-heap.json` in the working directory) when the process
+/// exits. `server::run` ends with `std::process::exit` once pingora has stopped (after
+/// SIGTERM's grace period, or at once on SIGINT), which runs no destructor, so the profile
+/// is written by a C `atexit` handler, which `exit` runs, as does a return from `main`.
+/// dhat's JSON reads in its viewer (dh_view.html), or summarised by site with
+/// bench/lib/dhat_sites.py; "at t-gmax" is the heap's peak.
+#[cfg(feature = "dhat-heap")]
+mod heap_profile {
+    use std::sync::Mutex;
+
+    static PROFILER: Mutex<Option<dhat::Profiler>> = Mutex::new(None);
+
+    extern "C" {
+        fn atexit(f: extern "C" fn()) -> std::ffi::c_int;
+    }
+
+    extern "C" fn write_profile() {
+        let profiler = PROFILER.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // Dropping the profiler writes the file.
+        drop(profiler);
+    }
+
+    pub fn start() {
+        let file = std::env::var_os("DHAT_FILE").unwrap_or_else(|| "dhat-heap.json".into());
+        let profiler = dhat::Profiler::builder().file_name(file).build();
+        *PROFILER.lock().unwrap_or_else(|p| p.into_inner()) = Some(profiler);
+        // SAFETY: registers a function without arguments that libc calls at exit.
+        if unsafe { atexit(write_profile) } != 0 {
+            eprintln!("portico: dhat: atexit failed, the heap profile will not be written");
+        }
     }
 }

@@ -247,10 +247,10 @@ pub fn run(
             let mut svc = Service::new(name, app);
             // No L4 read buffer: rustls reads records into its own buffer, so pingora's
             // 64 KiB one (allocated zeroed per accepted connection, and held while the
-            // connection idles) only copied every record once more.
-            svc.add_listener(
-                ListenerConfig::tcp(&addr).l4_buffer(L4BufferSettings::default().read(0)),
-            );
+            // connection idles) only copied every record once more. No write buffer
+            // either: rustls hands each write's records over in one vectored write, and
+            // the 1 460 bytes stayed with every idle connection (#28).
+            svc.add_listener(ListenerConfig::tcp(&addr).l4_buffer(L4BufferSettings::unbuffered()));
             tracing::info!(listener = %l.shape(), "listening");
             server.add_service(svc);
             continue;
@@ -259,10 +259,12 @@ pub fn run(
         let app = front(i, l, &reloader, http, fast_path);
         let mut svc = Service::new(name, app);
         // No L4 read buffer: the front reads into its own buffer, so pingora's 64 KiB one
-        // would only copy every request once more (and hold 64 KiB per connection). The
-        // 1 460-byte write buffer stays: it puts the head and body of a small response
-        // pingora answers (after a handover) into one send.
-        svc.add_listener(ListenerConfig::tcp(&addr).l4_buffer(L4BufferSettings::default().read(0)));
+        // would only copy every request once more (and hold 64 KiB per connection). No
+        // write buffer either: the fast path writes a response head with the first body
+        // bytes in one write; the 1 460 bytes, held by every idle connection, only put
+        // the head and body of a response pingora answers (after a handover) into one
+        // send, where now they are two (#28).
+        svc.add_listener(ListenerConfig::tcp(&addr).l4_buffer(L4BufferSettings::unbuffered()));
         let how = if fast_path {
             " (HTTP/1.1 fast path)"
         } else {

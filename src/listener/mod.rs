@@ -75,6 +75,24 @@ pub async fn accept(
         .then_some((slot, io))
 }
 
+/// Serves a connection in a task of its own, on the thread that accepted it, so that
+/// pingora's per-connection task ends at once. That task is a future sized for pingora's
+/// accept-side TLS handshake (~8.6 KiB in a release build, on plain listeners too, as
+/// pingora uses one future type for both) and it would otherwise stay with the connection
+/// for its whole life, idle keep-alive ones included (bench/RESULTS.md, "Idle connection
+/// memory by allocation site"). Pingora never waits for its connection tasks either: at
+/// shutdown they end with the runtime, as this one does, and the connection closes itself
+/// on the shutdown signal while it idles.
+pub fn own_task<F>(serve: F)
+where
+    F: std::future::Future<Output = Option<pingora::protocols::Stream>> + Send + 'static,
+{
+    // Spawned as it is: an async block awaiting `serve` would hold it twice (the captured
+    // future and the one being awaited). Its output, a stream handed back, is always
+    // `None` here: `serve` calls the app's `process_new` for one, as pingora's loop would.
+    drop(tokio::spawn(serve));
+}
+
 /// Connections (or requests in flight, for [`RequestCaps`]) per client address, in shards
 /// of their own lock. Only addresses that hold one are in it, so it is never larger than
 /// what is held: bounded by the connection caps, not by how many addresses come and go.
@@ -579,8 +597,8 @@ impl IdleConnections {
 }
 
 /// Memory a client connection is budgeted when the cap comes from a memory limit: more
-/// than the costliest idle kind measured (an h2 connection, ~57 KiB, whose `h2` buffers
-/// stay; TLS ~32 KiB, plain HTTP/1.1 ~14 KiB: `bench/run.sh conns`, bench/RESULTS.md), and
+/// than the costliest idle kind measured (an h2 connection, ~40 KiB, whose `h2` buffers
+/// stay; TLS ~14 KiB, plain HTTP/1.1 ~2.5 KiB: `bench/run.sh conns`, bench/RESULTS.md), and
 /// than a busy HTTP/1.1 exchange, so the cap holds whatever mix of them is open.
 pub const CONNECTION_BUDGET: u64 = 64 * 1024;
 /// Memory kept out of the connection budget: the process itself, its config and caches.

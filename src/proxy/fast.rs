@@ -156,6 +156,7 @@ struct Spare {
     ubuf: BytesMut,
     out: Vec<u8>,
     resp: Vec<u8>,
+    tried: Vec<usize>,
 }
 
 /// Spare buffers at most kept per thread, and the largest buffer kept.
@@ -280,6 +281,7 @@ impl Conn {
             ubuf: std::mem::take(&mut self.ubuf),
             out: std::mem::take(&mut self.out),
             resp: std::mem::take(&mut self.resp),
+            tried: std::mem::take(&mut self.tried),
         };
         if spare.out.capacity().max(spare.resp.capacity()) > MAX_SPARE_BYTES {
             return;
@@ -304,6 +306,7 @@ impl Conn {
             self.ubuf = s.ubuf;
             self.out = s.out;
             self.resp = s.resp;
+            self.tried = s.tried;
         }
     }
 }
@@ -369,9 +372,16 @@ impl Conn {
 #[async_trait]
 impl ServerApp for FastH1 {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let (_slot, io) =
-            crate::listener::accept(&self.connections, &self.snapshots, self.listener, io).await?;
-        self.serve_connection(io, shutdown).await
+        let app = self.clone();
+        let shutdown = shutdown.clone();
+        crate::listener::own_task(async move {
+            let (_slot, io) =
+                crate::listener::accept(&app.connections, &app.snapshots, app.listener, io).await?;
+            let reused = app.serve_connection(io, &shutdown).await?;
+            // What pingora's connection loop would do with a stream handed back.
+            ServerApp::process_new(&app, reused, &shutdown).await
+        });
+        None
     }
 
     async fn cleanup(&self) {
@@ -437,46 +447,71 @@ impl FastH1 {
                     .inc();
             }
             c.release();
-            let Conn { io, buf, .. } = c;
-            let Lending { mut head, rest } = lending;
-            let head_len = head.len() as u64;
-            head.unsplit(buf);
-            let lent = Lent {
-                inner: io,
-                buf: head,
-                left: match rest {
-                    Rest::Length(n) => Left::Bytes(head_len + n),
-                    Rest::Chunked(scan) => Left::Chunked {
-                        head: head_len as usize,
-                        scan,
-                    },
-                    Rest::All => Left::All,
-                },
-                spoiled: false,
-                close_after: limits
-                    .max_connection_duration
-                    .is_some_and(|m| born.elapsed() >= m),
-            };
-            if matches!(lent.left, Left::All) {
-                // An h2c connection or an upgrade: pingora keeps it to the end.
-                return self.http.process_new(Box::new(lent), shutdown).await;
+            // Boxed: pingora's session and the lent stream are large, and only a handed-over
+            // request needs them; inline, every idle keep-alive connection would hold their
+            // place too (#28).
+            match Box::pin(self.lend(c, lending, &limits, born, shutdown)).await {
+                Ok(back) => c = back,
+                Err(end) => return end,
             }
-            let old = lent.close_after;
-            let mut session = ServerSession::new_http1(Box::new(lent));
-            session.set_keepalive((!old).then(|| whole_seconds(limits.idle_timeout)));
-            session.set_read_timeout(Some(limits.request_body_timeout));
-            session.set_write_timeout(Some(limits.stream_idle_timeout));
-            let reused = self.http.process_new_http(session, shutdown).await?;
-            let (stream, _) = reused.consume();
-            // Back from pingora: the front reads the next request, if pingora read exactly
-            // this one.
-            let lent = stream.into_any().downcast::<Lent>().ok()?;
-            if lent.spoiled || !matches!(lent.left, Left::Bytes(0)) {
-                return None;
-            }
-            c = Conn::new(lent.inner, limits.idle_timeout);
-            c.buf = lent.buf;
         }
+    }
+
+    /// Serves one request with pingora's request cycle (`lending`: its head, and what may
+    /// follow it). `Ok`: the connection is back for its next request; `Err`: it is done
+    /// here (pingora may hand back a stream it served, as `process_new` may).
+    async fn lend(
+        self: &Arc<Self>,
+        c: Conn,
+        lending: Lending,
+        limits: &crate::snapshot::Downstream,
+        born: Instant,
+        shutdown: &ShutdownWatch,
+    ) -> Result<Conn, Option<Stream>> {
+        let Conn { io, buf, .. } = c;
+        let Lending { mut head, rest } = lending;
+        let head_len = head.len() as u64;
+        head.unsplit(buf);
+        let lent = Lent {
+            inner: io,
+            buf: head,
+            left: match rest {
+                Rest::Length(n) => Left::Bytes(head_len + n),
+                Rest::Chunked(scan) => Left::Chunked {
+                    head: head_len as usize,
+                    scan,
+                },
+                Rest::All => Left::All,
+            },
+            spoiled: false,
+            close_after: limits
+                .max_connection_duration
+                .is_some_and(|m| born.elapsed() >= m),
+        };
+        if matches!(lent.left, Left::All) {
+            // An h2c connection or an upgrade: pingora keeps it to the end.
+            return Err(self.http.process_new(Box::new(lent), shutdown).await);
+        }
+        let old = lent.close_after;
+        let mut session = ServerSession::new_http1(Box::new(lent));
+        session.set_keepalive((!old).then(|| whole_seconds(limits.idle_timeout)));
+        session.set_read_timeout(Some(limits.request_body_timeout));
+        session.set_write_timeout(Some(limits.stream_idle_timeout));
+        let reused = self
+            .http
+            .process_new_http(session, shutdown)
+            .await
+            .ok_or(None)?;
+        let (stream, _) = reused.consume();
+        // Back from pingora: the front reads the next request, if pingora read exactly
+        // this one.
+        let lent = stream.into_any().downcast::<Lent>().map_err(|_| None)?;
+        if lent.spoiled || !matches!(lent.left, Left::Bytes(0)) {
+            return Err(None);
+        }
+        let mut c = Conn::new(lent.inner, limits.idle_timeout);
+        c.buf = lent.buf;
+        Ok(c)
     }
 }
 
