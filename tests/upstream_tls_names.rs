@@ -168,7 +168,7 @@ fn get(port: u16, host: &str) -> Response {
 fn subject_alt_names_name_the_upstream_instead_of_the_sni() {
     let ca = Ca::new("Origin CA");
     let origin_dir = tempfile::tempdir().unwrap();
-    let (_origin, origin_port) = origin(
+    let (origin, origin_port) = origin(
         origin_dir.path(),
         &ca.issue(&["api.internal", "*.svc.internal"], &[], 10),
     );
@@ -199,6 +199,11 @@ fn subject_alt_names_name_the_upstream_instead_of_the_sni() {
                 "sni",
                 r#"{ mode = "SIMPLE", caCertificates = "ca.crt", sni = "api.internal" }"#,
             ),
+            // h2 offered by ALPN (h2UpgradePolicy) over the verified connection.
+            (
+                "h2",
+                r#"{ mode = "SIMPLE", caCertificates = "ca.crt", subjectAltNames = ["api.internal"] }, connectionPool = { http = { h2UpgradePolicy = "UPGRADE" } }"#,
+            ),
         ],
         "",
     );
@@ -208,6 +213,27 @@ fn subject_alt_names_name_the_upstream_instead_of_the_sni() {
         assert_eq!(resp.status, 200, "{host}: {}", resp.text());
         assert_eq!(resp.text(), "from origin", "{host}");
     }
+    let resp = get(http, "h2.test");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    // The origin's access log (JSON lines, written shortly after each request).
+    let line_of = |authority: &str| {
+        let mut found = None;
+        wait_until(Duration::from_secs(5), || {
+            found = origin
+                .stdout()
+                .lines()
+                .find(|l| l.contains(&format!("\"authority\":\"{authority}\"")))
+                .map(str::to_string);
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("no origin log line for {authority}:\n{}", origin.log()))
+    };
+    assert!(
+        line_of("h2.test").contains("\"protocol\":\"HTTP/2\""),
+        "the origin was reached over h2: {}",
+        line_of("h2.test")
+    );
+    assert!(line_of("exact.test").contains("\"protocol\":\"HTTP/1.1\""));
     let resp = get(http, "nosans.test");
     assert_eq!(
         resp.status, 503,
