@@ -160,6 +160,22 @@ fn refusal_line(gw: &Portico, name: &str) -> String {
         .to_string()
 }
 
+/// The access log line (JSON, the gateway's stdout) of the first request for `authority`.
+fn access_line(gw: &Portico, authority: &str) -> serde_json::Value {
+    let needle = format!("\"authority\":\"{authority}\"");
+    let mut found = None;
+    wait_until(Duration::from_secs(5), || {
+        found = gw
+            .stdout()
+            .lines()
+            .find(|l| l.contains(&needle))
+            .map(str::to_string);
+        found.is_some()
+    });
+    let line = found.unwrap_or_else(|| panic!("no access log line for {authority}:\n{}", gw.log()));
+    serde_json::from_str(&line).expect(&line)
+}
+
 fn get(port: u16, host: &str) -> Response {
     http_get(port, host, "/")
 }
@@ -249,6 +265,21 @@ fn subject_alt_names_name_the_upstream_instead_of_the_sni() {
     assert!(
         line.contains("certificate SAN mismatch") && line.contains("nope.internal"),
         "the log says why: {line}"
+    );
+    let logged = access_line(&gw, "wrong.test");
+    assert_eq!(logged["response_flags"], "UF", "{logged}");
+    let reason = logged["upstream_transport_failure_reason"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{logged}"));
+    assert!(
+        reason.starts_with("TLS_error: ") && reason.contains("certificate SAN mismatch"),
+        "{reason}"
+    );
+    assert!(
+        access_line(&gw, "exact.test")
+            .get("upstream_transport_failure_reason")
+            .is_none(),
+        "only failed handshakes have a reason"
     );
     // The same again: a refused handshake leaves nothing in the pool to reuse.
     assert_eq!(get(http, "wrong.test").status, 503);
@@ -403,6 +434,10 @@ fn ca_crl_refuses_a_revoked_upstream_and_rotates_without_restart() {
         "{line}"
     );
     assert_eq!(get(http, "unknown.test").status, 503);
+    assert_eq!(
+        access_line(&gw, "revoked.test")["upstream_transport_failure_reason"],
+        "TLS_error: invalid peer certificate: Revoked"
+    );
 
     // Not a CRL: the reload fails naming the field and the file; the last config serves.
     let g0 = gw.generation();
