@@ -3463,7 +3463,10 @@ impl Cx {
             match self.upstream_tls(&r.origin, t, &host, port, subset) {
                 Ok(tls) => settings.tls = tls.map(Arc::new),
                 Err(e) => {
-                    self.err(&r.origin, ".trafficPolicy.tls", e);
+                    match e.strip_prefix("caCrl: ") {
+                        Some(why) => self.err(&r.origin, ".trafficPolicy.tls.caCrl", why),
+                        None => self.err(&r.origin, ".trafficPolicy.tls", e),
+                    }
                     return None;
                 }
             }
@@ -3549,19 +3552,13 @@ impl Cx {
             None | Some("DISABLE") => return Ok(None),
             Some("SIMPLE") => false,
             Some("MUTUAL") => true,
-            Some("ISTIO_MUTUAL") => return self.istio_mutual_upstream(t, host, port, subset),
+            Some("ISTIO_MUTUAL") => return self.istio_mutual_upstream(o, t, host, port, subset),
             Some(other) => {
                 return Err(format!(
                     "unknown mode {other:?} (DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL)"
                 ))
             }
         };
-        if !t.subject_alt_names.is_empty() {
-            return Err("subjectAltNames is not supported yet: the upstream certificate is verified against `sni`".into());
-        }
-        if t.ca_crl.is_some() {
-            return Err("caCrl is not supported yet".into());
-        }
         let cred_dir = t
             .credential_name
             .as_ref()
@@ -3571,15 +3568,13 @@ impl Cx {
             (None, Some(dir)) if dir.join("ca.crt").exists() => Some(dir.join("ca.crt")),
             _ => None,
         };
-        let mut files = Vec::new();
-        let ca = match &ca_path {
-            Some(p) => {
-                files.push(p.clone());
-                self.watched.push(p.clone());
-                Some(tls::load_ca(p)?)
-            }
-            None => None,
+        // `caCrl`, else the credential's `ca.crl` (Istio's `ca.crl` secret key).
+        let crl_path = match (&t.ca_crl, &cred_dir) {
+            (Some(crl), _) => Some(o.file.resolve(crl)),
+            (None, Some(dir)) if dir.join("ca.crl").exists() => Some(dir.join("ca.crl")),
+            _ => None,
         };
+        let mut files = Vec::new();
         let client = if mutual {
             let (cert, key) = match (&t.client_certificate, &t.private_key, &cred_dir) {
                 (Some(c), Some(k), _) => (o.file.resolve(c), o.file.resolve(k)),
@@ -3599,33 +3594,110 @@ impl Cx {
         };
         let sni = t.sni.clone().unwrap_or_else(|| host.to_string());
         let verify = !t.insecure_skip_verify.unwrap_or(false);
+        if !verify {
+            for (field, on) in [
+                ("subjectAltNames", !t.subject_alt_names.is_empty()),
+                ("caCrl", t.ca_crl.is_some()),
+            ] {
+                if on {
+                    self.warn(
+                        o,
+                        &format!(".trafficPolicy.tls.{field}"),
+                        "ignored: insecureSkipVerify = true verifies nothing",
+                    );
+                }
+            }
+        }
+        let checked = self.upstream_verifier(
+            ca_path.as_deref(),
+            crl_path.as_deref(),
+            &t.subject_alt_names,
+            verify,
+            true,
+            &mut files,
+        )?;
         let group_key = crate::upstream::balancer::hash_bytes(
             format!(
-                "{ca_path:?}|{verify}|{sni}|{}",
+                "{}|{sni}|{}",
+                checked.key,
                 t.client_certificate.as_deref().unwrap_or("")
             )
             .as_bytes(),
         );
         Ok(Some(crate::upstream::UpstreamTls {
             sni,
-            verify,
-            verify_name: verify,
-            ca,
+            verifier: checked.verifier,
             client,
             group_key,
             files,
         }))
     }
 
+    /// The verifier of a TLS cluster's upstream certificates from its CA (the system's
+    /// roots when `None`), CRL and names (`verify` false: none, `insecureSkipVerify`), and
+    /// what tells it apart from another cluster's (its part of the pool key: the files'
+    /// contents, so a rotated CA or CRL starts new connections). Read files are watched.
+    fn upstream_verifier(
+        &mut self,
+        ca_path: Option<&Path>,
+        crl_path: Option<&Path>,
+        sans: &[String],
+        verify: bool,
+        check_sni: bool,
+        files: &mut Vec<PathBuf>,
+    ) -> Result<CheckedUpstream, String> {
+        let mut key = format!("verify={verify}|sni={check_sni}|sans={sans:?}");
+        let ca = match ca_path {
+            Some(p) => {
+                files.push(p.to_path_buf());
+                self.watched.push(p.to_path_buf());
+                let certs = tls::pem_certs(p)?;
+                key.push_str(&format!(
+                    "|ca={}",
+                    digest_ders(certs.iter().map(|c| c.as_ref()))
+                ));
+                Some(certs)
+            }
+            None => None,
+        };
+        let crls = match crl_path {
+            Some(p) => {
+                files.push(p.to_path_buf());
+                self.watched.push(p.to_path_buf());
+                let crls = crate::tls::client_auth::crls(p).map_err(|e| format!("caCrl: {e}"))?;
+                key.push_str(&format!(
+                    "|crl={}",
+                    digest_ders(crls.iter().map(|c| c.as_ref()))
+                ));
+                crls
+            }
+            None => Vec::new(),
+        };
+        let verifier = if verify {
+            Some(
+                crate::tls::upstream::verifier(ca.as_deref(), crls, sans.to_vec(), check_sni)
+                    .map_err(|e| match ca_path {
+                        Some(p) => format!("caCertificates {}: {e}", p.display()),
+                        None => e,
+                    })?,
+            )
+        } else {
+            None
+        };
+        Ok(CheckedUpstream { verifier, key })
+    }
+
     /// DestinationRule `ISTIO_MUTUAL`: mutual TLS with the mesh identity
     /// (`mesh.workloadCertificates`), the SNI Istio sends between sidecars
     /// (`outbound_.<port>_.<subset>_.<host>`, unless `sni` is set), and the upstream's chain
-    /// verified against the mesh root. Its name is not checked against the SNI: a workload
-    /// certificate names a SPIFFE identity, not a host, and without istiod there is no
-    /// list of the identities that may serve a host (Istio checks the chain alone too when
-    /// it knows none).
+    /// verified against the mesh root, and against `caCrl` when set. Its name is not
+    /// checked against the SNI: a workload certificate names a SPIFFE identity, not a host.
+    /// `subjectAltNames` lists the identities that may serve the host (Istio takes them
+    /// from the service's accounts too; without istiod, only these): the certificate must
+    /// carry one; without them the chain alone is checked.
     fn istio_mutual_upstream(
         &mut self,
+        o: &Origin,
         t: &schema::ClientTlsSettings,
         host: &str,
         port: u16,
@@ -3636,8 +3708,6 @@ impl Cx {
             ("privateKey", t.private_key.is_some()),
             ("caCertificates", t.ca_certificates.is_some()),
             ("credentialName", t.credential_name.is_some()),
-            ("caCrl", t.ca_crl.is_some()),
-            ("subjectAltNames", !t.subject_alt_names.is_empty()),
             ("insecureSkipVerify", t.insecure_skip_verify.is_some()),
         ];
         if let Some((field, _)) = set.iter().find(|(_, on)| *on) {
@@ -3653,22 +3723,28 @@ impl Cx {
             self.workload.key.clone(),
             self.workload.root.clone(),
         );
-        let files = vec![chain.clone(), key.clone(), root.clone()];
+        let mut files = vec![chain.clone(), key.clone()];
         self.watched.extend(files.iter().cloned());
-        let ca = tls::load_ca(&root)?;
         let client = tls::load_client_cert(&chain, &key)?;
+        let crl = t.ca_crl.as_ref().map(|c| o.file.resolve(c));
+        let checked = self.upstream_verifier(
+            Some(&root),
+            crl.as_deref(),
+            &t.subject_alt_names,
+            true,
+            false,
+            &mut files,
+        )?;
         let sni = t
             .sni
             .clone()
             .unwrap_or_else(|| format!("outbound_.{port}_.{}_.{host}", subset.unwrap_or("")));
         let group_key = crate::upstream::balancer::hash_bytes(
-            format!("istio-mutual|{}|{sni}", chain.display()).as_bytes(),
+            format!("istio-mutual|{}|{sni}|{}", chain.display(), checked.key).as_bytes(),
         );
         Ok(Some(crate::upstream::UpstreamTls {
             sni,
-            verify: true,
-            verify_name: false,
-            ca: Some(ca),
+            verifier: checked.verifier,
             client: Some(client),
             group_key,
             files,
@@ -3890,6 +3966,27 @@ fn load_balancer(
         Some("PEAK_EWMA") => Policy::PeakEwma,
         _ => Policy::LeastRequest,
     }
+}
+
+/// A TLS cluster's verifier and its part of the connection pool key.
+struct CheckedUpstream {
+    verifier: Option<Arc<crate::tls::upstream::UpstreamVerifier>>,
+    key: String,
+}
+
+/// A short digest of DER blobs (certificates, CRLs), for pool keys.
+fn digest_ders<'a>(ders: impl Iterator<Item = &'a [u8]>) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for d in ders {
+        ctx.update(&(d.len() as u64).to_be_bytes());
+        ctx.update(d);
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]

@@ -300,6 +300,7 @@ impl ForwardProxy {
                 sni: None,
                 peer: None,
                 request_principal: None,
+                upstream_transport_failure: None,
                 route_name: None,
                 attempts: u32::from(out.upstream.is_some()),
             },

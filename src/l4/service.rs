@@ -455,6 +455,7 @@ fn finish(snapshot: &Snapshot, rec: &Record, flag: Flag, details: &'static str) 
         route_name: None,
         attempts: u32::from(rec.upstream.is_some()),
         request_principal: None,
+        upstream_transport_failure: None,
     };
     sink.log(&al.format, &entry);
 }

@@ -1414,6 +1414,8 @@ impl Log<'_> {
             route_name: self.route.and_then(|r| r.name.as_deref()),
             attempts: done.attempts,
             request_principal: self.principal,
+            // TLS upstreams are lent to pingora's cycle: no handshake with one here.
+            upstream_transport_failure: None,
         };
         sink.log(&al.format, &entry);
     }

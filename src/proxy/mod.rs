@@ -55,6 +55,8 @@ impl Gateway {
 
 /// Per-request state. The Snapshot is loaded once, in the first phase, and kept to the end.
 pub struct RequestCtx {
+    /// Why the last try's TLS handshake with the upstream failed, for the log.
+    transport_failure: Option<Box<str>>,
     started: Instant,
     started_at: std::time::SystemTime,
     /// Envoy's RESPONSE_CODE_DETAILS for the log.
@@ -107,6 +109,7 @@ pub struct RequestCtx {
 impl Default for RequestCtx {
     fn default() -> Self {
         RequestCtx {
+            transport_failure: None,
             started: Instant::now(),
             started_at: std::time::SystemTime::now(),
             details: "",
@@ -763,6 +766,8 @@ impl ProxyHttp for Gateway {
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        // This try connected: an earlier try's handshake failure is not the request's.
+        ctx.transport_failure = None;
         if let Some(f) = ctx.forward() {
             ctx.close_upstream = f.destinations[ctx.destination]
                 .cluster
@@ -848,6 +853,8 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        ctx.transport_failure = (e.etype() == &ErrorType::TLSHandshakeFailure)
+            .then(|| transport_failure_reason(&e).into());
         let truncated = session.as_ref().retry_buffer_truncated();
         let method = session.req_header().method.clone();
         if self.after_failure(ctx, TryFailure::Connect, &method, truncated) {
@@ -1049,6 +1056,7 @@ impl ProxyHttp for Gateway {
             peer: conn.and_then(|c| c.peer.as_deref()),
             route_name: ctx.route.as_ref().and_then(|r| r.name.as_deref()),
             request_principal: ctx.principal.as_deref(),
+            upstream_transport_failure: ctx.transport_failure.as_deref(),
             attempts: if ctx.upstream_host.is_some() {
                 ctx.retries + 1
             } else {
@@ -1057,6 +1065,18 @@ impl ProxyHttp for Gateway {
         };
         sink.log(&al.format, &entry);
     }
+}
+
+/// Envoy's UPSTREAM_TRANSPORT_FAILURE_REASON for a failed TLS handshake: rustls's reason,
+/// from the innermost cause in pingora's error (`invalid peer certificate: Revoked`).
+fn transport_failure_reason(e: &Error) -> String {
+    let text = match &e.context {
+        Some(c) => c.to_string(),
+        None => e.to_string(),
+    };
+    let text = text.split(", SNI: ").next().unwrap_or(&text);
+    let why = text.rsplit("cause: ").next().unwrap_or(text).trim();
+    format!("TLS_error: {why}")
 }
 
 impl Gateway {

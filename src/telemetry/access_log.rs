@@ -51,6 +51,9 @@ pub struct Entry<'a> {
     pub attempts: u32,
     /// The verified JWT's principal (`iss/sub`).
     pub request_principal: Option<&'a str>,
+    /// Why the last try's TLS handshake with the upstream failed (Envoy's
+    /// UPSTREAM_TRANSPORT_FAILURE_REASON).
+    pub upstream_transport_failure: Option<&'a str>,
 }
 
 /// One piece of a compiled format string.
@@ -87,6 +90,7 @@ pub enum Piece {
     UpstreamRequestAttemptCount,
     /// `%DYNAMIC_METADATA(istio_authn:request.auth.principal)%`: the JWT's `iss/sub`.
     RequestPrincipal,
+    UpstreamTransportFailureReason,
     /// Operators Portico knows but has no value for (written `-`).
     Dash,
 }
@@ -212,9 +216,8 @@ fn operator(op: &str) -> Result<Piece, String> {
         "ROUTE_NAME" => Piece::RouteName,
         "UPSTREAM_REQUEST_ATTEMPT_COUNT" => Piece::UpstreamRequestAttemptCount,
         "DYNAMIC_METADATA(istio_authn:request.auth.principal)" => Piece::RequestPrincipal,
-        "CONNECTION_TERMINATION_DETAILS"
-        | "UPSTREAM_TRANSPORT_FAILURE_REASON"
-        | "UPSTREAM_LOCAL_ADDRESS" => Piece::Dash,
+        "UPSTREAM_TRANSPORT_FAILURE_REASON" => Piece::UpstreamTransportFailureReason,
+        "CONNECTION_TERMINATION_DETAILS" | "UPSTREAM_LOCAL_ADDRESS" => Piece::Dash,
         other => return Err(format!("unknown access log operator %{other}%")),
     })
 }
@@ -449,6 +452,7 @@ fn render_piece(out: &mut Vec<u8>, p: &Piece, e: &Entry<'_>) {
         Piece::RouteName => text(or_dash(e.route_name)),
         Piece::UpstreamRequestAttemptCount => push_num(out, e.attempts),
         Piece::RequestPrincipal => text(or_dash(e.request_principal)),
+        Piece::UpstreamTransportFailureReason => text(or_dash(e.upstream_transport_failure)),
         Piece::Dash => text("-"),
     }
 }
@@ -510,6 +514,10 @@ fn render_json(e: &Entry<'_>, out: &mut Vec<u8>) {
     j.string_with(|o| push_rfc3339(o, e.start));
     j.opt_str(key!("upstream_cluster"), e.upstream_cluster);
     j.addr(key!("upstream_host"), e.upstream_host);
+    // Only when a TLS handshake with the upstream failed (so other lines keep their keys).
+    if let Some(r) = e.upstream_transport_failure {
+        j.str(key!("upstream_transport_failure_reason"), r);
+    }
     j.num(
         key!("upstream_request_attempt_count"),
         u64::from(e.attempts),
@@ -1081,6 +1089,7 @@ mod tests {
             route_name: Some("r1"),
             attempts: 3,
             request_principal: None,
+            upstream_transport_failure: None,
         }
     }
 
@@ -1231,6 +1240,9 @@ mod tests {
                     write!(out, "{}", or_dash(e.peer.map(|p| &*p.serial)))
                 }
                 Piece::RequestPrincipal => write!(out, "{}", or_dash(e.request_principal)),
+                Piece::UpstreamTransportFailureReason => {
+                    write!(out, "{}", or_dash(e.upstream_transport_failure))
+                }
                 Piece::UpstreamHost => match e.upstream_host {
                     Some(a) => write!(out, "{a}"),
                     None => write!(out, "-"),
@@ -1344,6 +1356,7 @@ mod tests {
             peer: None,
             route_name: Some(s),
             request_principal: None,
+            upstream_transport_failure: None,
             attempts: u32::MAX,
         }
     }

@@ -401,7 +401,9 @@ fn roots(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
 }
 
 /// The CRLs at `path`: PEM (`X509 CRL` blocks), or one DER CRL.
-fn crls(path: &std::path::Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+pub(crate) fn crls(
+    path: &std::path::Path,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
     let bytes =
         std::fs::read(path).map_err(|e| format!("cannot read CRL {}: {e}", path.display()))?;
     let pem: Vec<_> = CertificateRevocationListDer::pem_slice_iter(&bytes)

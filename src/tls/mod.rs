@@ -18,6 +18,7 @@ use crate::routing::HostMatcher;
 pub mod acme;
 pub mod client_auth;
 pub mod https;
+pub mod upstream;
 use crate::snapshot::Snapshot;
 
 /// A loaded server certificate with what the handshake needs to know about it.
@@ -203,16 +204,6 @@ pub(crate) fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Str
             .map_err(|e| format!("cannot parse certificate {}: {e}", path.display()))?;
     }
     Ok(certs)
-}
-
-/// A CA bundle for verifying an upstream (`caCertificates`).
-pub fn load_ca(path: &Path) -> Result<Arc<pingora::protocols::tls::CaType>, String> {
-    let certs = pem_certs(path)?;
-    let wrapped: Vec<pingora::utils::tls::WrappedX509> = certs
-        .into_iter()
-        .map(|c| pingora::utils::tls::WrappedX509::new(c.to_vec(), pingora::utils::tls::parse_x509))
-        .collect();
-    Ok(Arc::from(wrapped.into_boxed_slice()))
 }
 
 /// A client certificate and key for `MUTUAL` TLS to an upstream.

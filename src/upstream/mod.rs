@@ -137,21 +137,20 @@ pub struct Cluster {
     uses: std::sync::Mutex<std::collections::HashMap<i32, u32>>,
 }
 
-/// TLS origination settings, parsed once: certificates are DER already.
+/// TLS origination settings, parsed once: certificates are DER already, the verifier is
+/// built.
 pub struct UpstreamTls {
-    /// Server name sent and verified (the destination host unless `sni` is set).
+    /// Server name sent (the destination host unless `sni` is set), and the name checked
+    /// when `subjectAltNames` is empty (not for `ISTIO_MUTUAL`).
     pub sni: String,
-    /// `insecureSkipVerify = false` (the default): verify the chain and the name.
-    pub verify: bool,
-    /// Verify the certificate's name against `sni` too (`false` for `ISTIO_MUTUAL`: a
-    /// workload certificate names a SPIFFE identity, not the SNI it is reached by).
-    pub verify_name: bool,
-    /// `caCertificates`; system roots when `None`.
-    pub ca: Option<Arc<pingora::protocols::tls::CaType>>,
+    /// The verifier of the upstream's certificate (chain, CRL, names); `None` with
+    /// `insecureSkipVerify`.
+    pub verifier: Option<Arc<crate::tls::upstream::UpstreamVerifier>>,
     /// `MUTUAL`: the client certificate and key.
     pub client: Option<Arc<pingora::utils::tls::CertKey>>,
-    /// Separates the connection pools of clusters that trust different CAs, since the CA is
-    /// not part of pingora's pool key.
+    /// Separates the connection pools of clusters that verify differently (CA, CRL, names
+    /// and the files' contents), since the verifier is not part of pingora's pool key: a
+    /// connection verified under an old CRL is not reused once a new one is loaded.
     pub group_key: u64,
     /// The files it was read from: a compile that reuses the cluster watches them still.
     pub files: Vec<std::path::PathBuf>,
@@ -161,9 +160,7 @@ impl std::fmt::Debug for UpstreamTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamTls")
             .field("sni", &self.sni)
-            .field("verify", &self.verify)
-            .field("verify_name", &self.verify_name)
-            .field("custom_ca", &self.ca.is_some())
+            .field("verifier", &self.verifier)
             .field("client_cert", &self.client.is_some())
             .finish()
     }
@@ -408,9 +405,14 @@ impl Cluster {
                 let mut p = HttpPeer::new(endpoint.addr, true, tls.sni.clone());
                 p.client_cert_key = tls.client.clone();
                 p.group_key = tls.group_key;
-                p.options.ca = tls.ca.clone();
-                p.options.verify_cert = tls.verify;
-                p.options.verify_hostname = tls.verify && tls.verify_name;
+                // Our verifier replaces pingora's (vendor/README.md). Both flags on keep
+                // pingora from building a verifier of its own per connection first.
+                let verify = tls.verifier.is_some();
+                p.options.verify_cert = verify;
+                p.options.verify_hostname = verify;
+                p.options.server_cert_verifier = tls.verifier.clone().map(|v| {
+                    v as Arc<dyn rustls::client::danger::ServerCertVerifier + Send + Sync>
+                });
                 p
             }
         };
