@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{policy, BoundState, Cx, GatewayInfo, ListenerBuild, Options};
+use super::gateways::{GatewayInfo, ListenerBuild};
+use super::{policy, BoundState, Cx, Options};
 use crate::config::load::{settled, Document, FileStamp, Stamps};
 use crate::config::schema;
 use crate::routing::Route;
