@@ -9,8 +9,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::binding::BoundState;
 use super::gateways::{GatewayInfo, ListenerBuild};
-use super::{policy, BoundState, Cx, Options};
+use super::{policy, Cx, Options};
 use crate::config::load::{settled, Document, FileStamp, Stamps};
 use crate::config::schema;
 use crate::routing::Route;

@@ -9,8 +9,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::binding::ServerHostIndex;
 use super::cache::{pair_digest, CachedCert, ClientFile};
-use super::{key, Cx, ServerHostIndex};
+use super::{key, Cx};
 use crate::config::load::{Document, Origin};
 use crate::config::schema;
 use crate::l4::{L4Kind, L4Route, SniRoute};
