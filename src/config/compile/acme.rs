@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use base64::Engine;
 
-use super::{Cx, ListenerBuild};
+use super::gateways::ListenerBuild;
+use super::Cx;
 use crate::config::load::{Document, Origin};
 use crate::config::schema;
 use crate::tls::acme::{

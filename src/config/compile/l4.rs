@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::{gateway_ref, Cx, GatewayInfo, ListenerBuild, ServerInfo};
+use super::gateways::{GatewayInfo, ListenerBuild, ServerInfo};
+use super::{gateway_ref, Cx};
 use crate::config::load::Origin;
 use crate::config::schema;
 use crate::l4::{L4Destination, L4Kind, L4Route, SniRoute};
