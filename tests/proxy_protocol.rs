@@ -515,3 +515,40 @@ fn allow_requests_without_proxy_protocol() {
     s.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"late");
 }
+
+/// A connection pingora's cycle served a request on and hands back for the next one
+/// (here: an upgrade request the upstream does not upgrade, which the fast codec lends for
+/// the connection's rest) is the same connection: its PROXY header is not expected again,
+/// and the next request keeps the header's client address.
+#[test]
+fn a_connection_handed_back_keeps_its_header() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = start(tmp.path(), "");
+    let s = connect_from(TRUSTED, g.http);
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    w.write_all(&v1("192.0.2.77", 1)).unwrap();
+    let upgrade = [("Upgrade", "websocket"), ("Connection", "Upgrade")];
+    w.write_all(&build_request(
+        "GET",
+        "shop.test",
+        "/up",
+        &upgrade,
+        b"",
+        false,
+    ))
+    .unwrap();
+    let first = read_response(&mut r, "GET").unwrap();
+    assert_eq!(first.status, 200, "not upgraded: an ordinary answer");
+    for path in ["/next", "/again"] {
+        w.write_all(&build_request("GET", "shop.test", path, &[], b"", false))
+            .unwrap();
+        let next = read_response(&mut r, "GET").unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(next.status, 200, "{path}");
+        assert_eq!(
+            next.echoed_header("x-forwarded-for").as_deref(),
+            Some("192.0.2.77"),
+            "{path}: the header's client still"
+        );
+    }
+}

@@ -88,8 +88,8 @@ where
     F: std::future::Future<Output = Option<pingora::protocols::Stream>> + Send + 'static,
 {
     // Spawned as it is: an async block awaiting `serve` would hold it twice (the captured
-    // future and the one being awaited). Its output, a stream handed back, is always
-    // `None` here: `serve` calls the app's `process_new` for one, as pingora's loop would.
+    // future and the one being awaited). Its output is always `None`: `serve` serves a
+    // stream handed back itself, as the same connection (not admitted again).
     drop(tokio::spawn(serve));
 }
 

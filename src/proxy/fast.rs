@@ -375,11 +375,14 @@ impl ServerApp for FastH1 {
         let app = self.clone();
         let shutdown = shutdown.clone();
         crate::listener::own_task(async move {
-            let (_slot, io) =
+            let (_slot, mut io) =
                 crate::listener::accept(&app.connections, &app.snapshots, app.listener, io).await?;
-            let reused = app.serve_connection(io, &shutdown).await?;
-            // What pingora's connection loop would do with a stream handed back.
-            ServerApp::process_new(&app, reused, &shutdown).await
+            // A stream handed back (pingora's HTTP/1 cycle keeps a connection it was lent
+            // to the end, so none is today) is this connection still: served again, not
+            // admitted again (its place is held, its PROXY header was read).
+            loop {
+                io = app.serve_connection(io, &shutdown).await?;
+            }
         });
         None
     }

@@ -211,9 +211,12 @@ impl ServerApp for Https {
             )
             .await?;
             let timeout = app.snapshots.load().settings.tls_handshake_timeout;
-            let reused = app.serve(io, timeout, &shutdown).await?;
-            // What pingora's connection loop would do with a stream handed back.
-            ServerApp::process_new(&app, reused, &shutdown).await
+            let mut io = app.serve(io, timeout, &shutdown).await?;
+            // A stream handed back is this connection, past its handshake: its next
+            // requests are the HTTP/1.1 front's (not admitted or handshaken again).
+            loop {
+                io = app.front.serve_connection(io, &shutdown).await?;
+            }
         });
         None
     }
