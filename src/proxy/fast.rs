@@ -97,8 +97,12 @@ impl Upstream {
     async fn send(&mut self, out: &[u8], cluster: &Cluster) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         self.last = cluster.last_on_connection(self.io.as_raw_fd(), self.pooled);
-        let head_end = out.windows(4).position(|w| w == b"\r\n\r\n");
-        match head_end.filter(|_| self.last) {
+        // The head's end is looked for only on a last request: the others go out as they are.
+        let head_end = self
+            .last
+            .then(|| out.windows(4).position(|w| w == b"\r\n\r\n"))
+            .flatten();
+        match head_end {
             Some(p) => {
                 let mut head = Vec::with_capacity(out.len() + 19);
                 head.extend_from_slice(&out[..p + 2]);

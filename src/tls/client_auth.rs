@@ -241,36 +241,13 @@ impl Checks {
             }
         }
         if !self.sans.is_empty() {
-            let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+            let Some(names) = crate::tls::upstream::sans(der) else {
                 return Some("the client certificate cannot be parsed");
             };
-            let names: Vec<String> = match cert.subject_alternative_name() {
-                Ok(Some(san)) => san
-                    .value
-                    .general_names
-                    .iter()
-                    .filter_map(|n| {
-                        use x509_parser::extensions::GeneralName::*;
-                        match n {
-                            DNSName(s) | URI(s) | RFC822Name(s) => Some(s.to_string()),
-                            IPAddress(b) => match b.len() {
-                                4 => Some(
-                                    std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).ok()?)
-                                        .to_string(),
-                                ),
-                                16 => Some(
-                                    std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).ok()?)
-                                        .to_string(),
-                                ),
-                                _ => None,
-                            },
-                            _ => None,
-                        }
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
-            if !names.iter().any(|n| self.sans.iter().any(|s| s == n)) {
+            if !names
+                .iter()
+                .any(|n| self.sans.iter().any(|s| s == n.text()))
+            {
                 return Some("the client certificate has none of the subjectAltNames allowed");
             }
         }

@@ -41,48 +41,50 @@ impl fmt::Display for SanMismatch {
 
 impl std::error::Error for SanMismatch {}
 
-/// A certificate's subject alternative names, as strings: DNS names, URIs, e-mail
-/// addresses and IP addresses.
+/// A certificate's subject alternative name, as a string: a DNS name, or a URI, e-mail
+/// address or IP address.
 #[derive(Debug, PartialEq, Eq)]
-enum San {
+pub(crate) enum San {
     Dns(String),
     Other(String),
 }
 
 impl San {
-    fn text(&self) -> &str {
+    pub(crate) fn text(&self) -> &str {
         match self {
             San::Dns(s) | San::Other(s) => s,
         }
     }
 }
 
-fn sans(der: &[u8]) -> Vec<San> {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return Vec::new();
-    };
+/// The subject alternative names of certificate `der` (also the client certificate's
+/// `subjectAltNames` check); `None`: the certificate does not parse.
+pub(crate) fn sans(der: &[u8]) -> Option<Vec<San>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let Ok(Some(ext)) = cert.subject_alternative_name() else {
-        return Vec::new();
+        return Some(Vec::new());
     };
     use x509_parser::extensions::GeneralName::*;
-    ext.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            DNSName(s) => Some(San::Dns(s.to_string())),
-            URI(s) | RFC822Name(s) => Some(San::Other(s.to_string())),
-            IPAddress(b) => match b.len() {
-                4 => <[u8; 4]>::try_from(*b)
-                    .ok()
-                    .map(|a| San::Other(std::net::Ipv4Addr::from(a).to_string())),
-                16 => <[u8; 16]>::try_from(*b)
-                    .ok()
-                    .map(|a| San::Other(std::net::Ipv6Addr::from(a).to_string())),
+    Some(
+        ext.value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                DNSName(s) => Some(San::Dns(s.to_string())),
+                URI(s) | RFC822Name(s) => Some(San::Other(s.to_string())),
+                IPAddress(b) => match b.len() {
+                    4 => <[u8; 4]>::try_from(*b)
+                        .ok()
+                        .map(|a| San::Other(std::net::Ipv4Addr::from(a).to_string())),
+                    16 => <[u8; 16]>::try_from(*b)
+                        .ok()
+                        .map(|a| San::Other(std::net::Ipv6Addr::from(a).to_string())),
+                    _ => None,
+                },
                 _ => None,
-            },
-            _ => None,
-        })
-        .collect()
+            })
+            .collect(),
+    )
 }
 
 /// Whether a configured name is one of the certificate's: a DNS SAN equal to it (ASCII
@@ -149,7 +151,7 @@ impl ServerCertVerifier for UpstreamVerifier {
             Err(e) => return Err(e),
         }
         if !self.sans.is_empty() {
-            let presented = sans(end_entity);
+            let presented = sans(end_entity).unwrap_or_default();
             let ok = self
                 .sans
                 .iter()
