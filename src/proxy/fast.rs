@@ -41,13 +41,11 @@ use crate::protocol::h1::{
 };
 use crate::protocol::lend::{Left, Lent};
 use crate::routing::{normalize_host, Forward, HeaderOps, Headers, RequestView, Route};
-use crate::snapshot::AccessLogSettings;
 use crate::snapshot::Snapshot;
-use crate::telemetry::access_log::Sink;
-use crate::telemetry::istio::Observation;
 use crate::telemetry::outcome::Flag;
+use crate::telemetry::record::{self, Codec, Outcome};
 use crate::telemetry::trace::{self, SpanContext};
-use crate::telemetry::{access_log, Metrics};
+use crate::telemetry::Metrics;
 use crate::upstream::retry::{self, Again, TryFailure};
 use crate::upstream::{self, Cluster, ClusterSettings, InFlight, RetryPermit};
 
@@ -315,7 +313,8 @@ impl Conn {
     }
 }
 
-enum Outcome {
+/// What the connection does after a request.
+enum Next {
     KeepAlive,
     Close,
     /// Not for the fast path: lend the connection to pingora's request cycle for this one
@@ -418,7 +417,7 @@ impl FastH1 {
                 }
                 Head::H2c => {
                     let rest = Rest::All;
-                    Outcome::Lend(
+                    Next::Lend(
                         Lending {
                             head: BytesMut::new(),
                             rest,
@@ -440,12 +439,12 @@ impl FastH1 {
                 }
             };
             let (lending, reason) = match outcome {
-                Outcome::KeepAlive => continue,
-                Outcome::Close => {
+                Next::KeepAlive => continue,
+                Next::Close => {
                     Shutdown::shutdown(&mut *c.io).await;
                     return None;
                 }
-                Outcome::Lend(lending, reason) => (lending, reason),
+                Next::Lend(lending, reason) => (lending, reason),
             };
             if self.forward {
                 Metrics::global()
@@ -781,7 +780,7 @@ impl FastH1 {
         head_len: usize,
         shutdown: &ShutdownWatch,
         old: bool,
-    ) -> Outcome {
+    ) -> Next {
         let started = Instant::now();
         let head = c.buf.split_to(head_len);
         let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -790,11 +789,11 @@ impl FastH1 {
             Ok(httparse::Status::Complete(n)) if n == head_len => {}
             Err(httparse::Error::TooManyHeaders) => {
                 refuse(c, check::HEAD_TOO_LARGE, None, &self.snapshots.load()).await;
-                return Outcome::Close;
+                return Next::Close;
             }
             _ => {
                 refuse(c, check::BAD_HEAD, None, &self.snapshots.load()).await;
-                return Outcome::Close;
+                return Next::Close;
             }
         }
         let snapshot = self.snapshots.load_full();
@@ -802,7 +801,7 @@ impl FastH1 {
             (parsed.method, parsed.path, parsed.version)
         else {
             refuse(c, check::BAD_HEAD, None, &snapshot).await;
-            return Outcome::Close;
+            return Next::Close;
         };
         let settings = &snapshot.settings;
         let refused = RefusedRequest {
@@ -812,14 +811,14 @@ impl FastH1 {
         };
         if target.len() > settings.downstream.max_uri_length {
             refuse(c, check::URI_TOO_LONG, Some(&refused), &snapshot).await;
-            return Outcome::Close;
+            return Next::Close;
         }
         let absolute_form = !target.starts_with('/') && target != "*";
         let checked = match check::check_h1(minor, absolute_form, raw(parsed.headers)) {
             Ok(checked) => checked,
             Err(r) => {
                 refuse(c, r, Some(&refused), &snapshot).await;
-                return Outcome::Close;
+                return Next::Close;
             }
         };
         let rest = match checked.body {
@@ -829,7 +828,7 @@ impl FastH1 {
         };
         if !target.starts_with('/') {
             // Absolute-form or `*`: pingora's cycle reads it (and normalizes its path).
-            return Outcome::Lend(Lending { head, rest }, "request");
+            return Next::Lend(Lending { head, rest }, "request");
         }
         let (raw_path, query) = match target.split_once('?') {
             Some((p, q)) => (p, Some(q)),
@@ -840,7 +839,7 @@ impl FastH1 {
             Err(e) => {
                 let r = Refusal::new(400, e.details(), "bad request path");
                 refuse(c, r, Some(&refused), &snapshot).await;
-                return Outcome::Close;
+                return Next::Close;
             }
         };
         let upgrade = parsed
@@ -849,7 +848,7 @@ impl FastH1 {
             .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
         if upgrade || method == "CONNECT" {
             // Pingora's (an upgrade turns the connection into a tunnel, never given back).
-            return Outcome::Lend(
+            return Next::Lend(
                 Lending {
                     head,
                     rest: Rest::All,
@@ -859,10 +858,10 @@ impl FastH1 {
         }
         let Some(req) = eligible(&parsed, checked, path.as_ref(), query).filter(|_| self.forward)
         else {
-            return Outcome::Lend(Lending { head, rest }, "request");
+            return Next::Lend(Lending { head, rest }, "request");
         };
         let Some(listener) = snapshot.listeners.get(self.listener) else {
-            return Outcome::Lend(Lending { head, rest }, "route");
+            return Next::Lend(Lending { head, rest }, "route");
         };
         // The request id before routing: a route may match on it, on every codec.
         let id = (!req.has_request_id).then(request_id);
@@ -921,7 +920,7 @@ impl FastH1 {
                         c,
                         &Done::local(0, Flag::DownstreamConnectionTermination, None, 0),
                     );
-                    return Outcome::Close;
+                    return Next::Close;
                 }
                 None => {
                     let done = Done::local(408, Flag::None, None, 0);
@@ -937,14 +936,14 @@ impl FastH1 {
         // (pingora's cycle polices it then, once).
         let _admission = match planned.plan() {
             request::Plan::Forward(f) if !plain(f.forward) => {
-                return Outcome::Lend(Lending { head, rest }, "route")
+                return Next::Lend(Lending { head, rest }, "route")
             }
             // No waiting here (and no pending slot taken): pingora's path waits for a full
             // pool, as long as the route allows.
             request::Plan::Forward(f) => {
                 match f.forward.destinations[f.destination].cluster.try_admit() {
                     Some(a) => Some(a),
-                    None => return Outcome::Lend(Lending { head, rest }, "admission"),
+                    None => return Next::Lend(Lending { head, rest }, "admission"),
                 }
             }
             request::Plan::Answer(_) => None,
@@ -1130,16 +1129,16 @@ impl FastH1 {
                 }
                 done.flags = tries.flag(&side);
                 log.finish(c, &done);
-                return Outcome::Close;
+                return Next::Close;
             }
         }
         // A body framed by the close: the connection is done (released above otherwise).
         c.up = None;
         log.finish(c, &done);
         if resp.close {
-            Outcome::Close
+            Next::Close
         } else {
-            Outcome::KeepAlive
+            Next::KeepAlive
         }
     }
 }
@@ -1312,119 +1311,64 @@ struct Log<'r> {
 
 impl Log<'_> {
     fn finish(&self, c: &Conn, done: &Done) {
-        self.export_span(done, "HTTP/1.1");
-        let Some((al, sink)) = self.observe(done) else {
-            return;
-        };
         // The JSON format (the default) names no response header: no need to parse it.
         let mut rh = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut r = httparse::Response::new(&mut rh);
-        let response_headers = (al.format.reads_response_headers() && r.parse(&c.resp).is_ok())
-            .then_some(Headers::Raw(r.headers, &[]));
-        self.write(
-            al,
-            sink,
+        let response_headers = (record::wants_response_headers(self.snapshot)
+            && r.parse(&c.resp).is_ok())
+        .then_some(Headers::Raw(r.headers, &[]));
+        let socket = c.io.get_socket_digest();
+        let ssl = c.io.get_ssl_digest();
+        self.outcome(
             done,
             "HTTP/1.1",
-            c.io.get_socket_digest().as_deref(),
-            c.io.get_ssl_digest().as_deref(),
+            socket.as_deref(),
+            ssl.as_deref(),
             response_headers,
-        );
+        )
+        .finish(Some(self.snapshot));
     }
 
-    /// The request's server span, when it is sampled (as pingora's path exports it).
-    fn export_span(&self, done: &Done, protocol: &str) {
-        let Some(span) = self.span.filter(|s| s.sampled) else {
-            return;
-        };
-        let field = |name| self.headers.get(name);
-        let request_id = match self.request_id {
-            Some(id) => std::str::from_utf8(id).ok(),
-            None => field("x-request-id"),
-        };
-        trace::ServerSpan {
-            scheme: if self.tls { "https" } else { "http" },
-            authority: self.req.host,
-            path: self.req.path,
-            query: self.req.query,
-            method: self.req.method,
-            protocol,
-            user_agent: field("user-agent"),
-            request_id,
-            request_size: self.req.body,
-            response_size: done.sent,
-            flag: done.flags,
-            cluster: self.cluster.map(|c| (&*c.host, c.port, c.name.as_str())),
-            upstream: done.upstream_host,
-            client_ip: self.client_ip,
-            start: std::time::SystemTime::now() - self.started.elapsed(),
-            status: done.status,
-        }
-        .export(span.clone());
-    }
-
-    /// Counts the request in the metrics; the access log's settings and sink when a line
-    /// is to be written.
-    fn observe(&self, done: &Done) -> Option<(&AccessLogSettings, &'static Sink)> {
-        let metrics = Metrics::global();
-        metrics.fast_path_requests.inc();
-        metrics.request(done.status);
-        metrics.istio.observe(&Observation {
-            dest: self.cluster.map(|c| &c.metrics_dest),
-            status: done.status,
-            flags: done.flags,
-            grpc: false,
-            duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
-            request_bytes: self.req.body,
-            response_bytes: done.sent,
-        });
-        let al = self.snapshot.settings.access_log.as_ref()?;
-        Some((al, access_log::Sink::get()?))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn write(
-        &self,
-        al: &AccessLogSettings,
-        sink: &Sink,
-        done: &Done,
+    /// The request's outcome, for the one record both codecs (and pingora's cycle) make.
+    fn outcome<'a>(
+        &'a self,
+        done: &'a Done,
         protocol: &'static str,
-        socket: Option<&SocketDigest>,
-        ssl: Option<&SslDigest>,
-        response_headers: Option<Headers<'_>>,
-    ) {
-        let duration = self.started.elapsed();
-        let (downstream_local, downstream_remote) = access_log::addresses(socket);
-        let conn = crate::tls::client_auth::TlsConn::of(ssl);
-        let entry = access_log::Entry {
-            start: std::time::SystemTime::now() - duration,
+        socket: Option<&'a SocketDigest>,
+        ssl: Option<&'a SslDigest>,
+        response_headers: Option<Headers<'a>>,
+    ) -> Outcome<'a> {
+        Outcome {
+            codec: Codec::Fast,
+            protocol,
+            tls: self.tls,
             method: self.req.method,
             path: self.req.path,
             query: self.req.query,
-            protocol,
-            status: done.status,
-            flags: done.flags.as_str(),
-            details: done.details,
-            bytes_received: self.req.body,
-            bytes_sent: done.sent,
-            duration,
-            upstream_time: done.upstream_time,
+            authority: self.req.host,
             request_headers: self.headers,
             response_headers,
-            authority: self.req.host,
+            request_id: self.request_id.and_then(|id| std::str::from_utf8(id).ok()),
+            started: self.started,
+            status: done.status,
+            flag: done.flags,
+            details: done.details,
+            request_bytes: self.req.body,
+            response_bytes: done.sent,
+            upstream_time: done.upstream_time,
             upstream_host: done.upstream_host,
-            upstream_cluster: self.cluster.map(|c| c.name.as_str()),
-            downstream_local,
-            downstream_remote,
-            sni: conn.and_then(|c| c.sni.as_deref()),
-            peer: conn.and_then(|c| c.peer.as_deref()),
-            route_name: self.route.and_then(|r| r.name.as_deref()),
             attempts: done.attempts,
-            request_principal: self.principal,
+            route: self.route,
+            cluster: self.cluster,
+            other_cluster: None,
+            socket,
+            ssl,
+            client_ip: self.client_ip,
+            principal: self.principal,
             // TLS upstreams are lent to pingora's cycle: no handshake with one here.
-            upstream_transport_failure: None,
-        };
-        sink.log(&al.format, &entry);
+            transport_failure: None,
+            span: self.span,
+        }
     }
 }
 
@@ -1758,7 +1702,7 @@ async fn forward_body(
 
 /// Writes the request core's answer `a` (a direct response, a redirect, no route, a CORS
 /// preflight, a fault abort) and logs it; the connection goes on unless `close`.
-async fn answer(c: &mut Conn, log: &Log<'_>, a: &request::Answer<'_>, close: bool) -> Outcome {
+async fn answer(c: &mut Conn, log: &Log<'_>, a: &request::Answer<'_>, close: bool) -> Next {
     if let Some(d) = a.delay {
         tokio::time::sleep(d).await;
     }
@@ -1790,8 +1734,8 @@ async fn answer(c: &mut Conn, log: &Log<'_>, a: &request::Answer<'_>, close: boo
     };
     log.finish(c, &done);
     match written {
-        Some(Ok(())) if !close => Outcome::KeepAlive,
-        _ => Outcome::Close,
+        Some(Ok(())) if !close => Next::KeepAlive,
+        _ => Next::Close,
     }
 }
 
@@ -1817,7 +1761,7 @@ fn status_line(out: &mut Vec<u8>, status: u16, reason: Option<&str>) {
 
 /// A local reply after failed tries: status, body, log line, metrics and access log as
 /// pingora's path makes them; the connection is closed after it, as there.
-async fn local(c: &mut Conn, log: &Log<'_>, mut done: Done, what: &str) -> Outcome {
+async fn local(c: &mut Conn, log: &Log<'_>, mut done: Done, what: &str) -> Next {
     tracing::warn!(
         status = done.status,
         flag = %done.flags,
@@ -1841,5 +1785,5 @@ async fn local(c: &mut Conn, log: &Log<'_>, mut done: Done, what: &str) -> Outco
     let _ = c.io.flush().await;
     done.sent = body_len;
     log.finish(c, &done);
-    Outcome::Close
+    Next::Close
 }

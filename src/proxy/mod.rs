@@ -25,6 +25,7 @@ use crate::protocol::h1;
 use crate::routing::{normalize_host, Action, Forward, HeaderOps, RequestView, Route};
 use crate::snapshot::Snapshot;
 use crate::telemetry::outcome::Flag;
+use crate::telemetry::record::{Codec, Outcome};
 use crate::telemetry::{access_log, trace, Metrics};
 use crate::upstream::balancer::hash_bytes;
 use crate::upstream::retry::{self, Again, TryFailure};
@@ -58,7 +59,6 @@ pub struct RequestCtx {
     /// Why the last try's TLS handshake with the upstream failed, for the log.
     transport_failure: Option<Box<str>>,
     started: Instant,
-    started_at: std::time::SystemTime,
     /// Envoy's RESPONSE_CODE_DETAILS for the log.
     details: &'static str,
     upstream_time: Option<Duration>,
@@ -111,7 +111,6 @@ impl Default for RequestCtx {
         RequestCtx {
             transport_failure: None,
             started: Instant::now(),
-            started_at: std::time::SystemTime::now(),
             details: "",
             upstream_time: None,
             upstream_host: None,
@@ -985,85 +984,51 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         let response = session.response_written();
-        let status = response.map(|r| r.status.as_u16()).unwrap_or(0);
-        let metrics = Metrics::global();
-        metrics.request(status);
-        let req = session.req_header();
-        let grpc = req
-            .headers
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        metrics
-            .istio
-            .observe(&crate::telemetry::istio::Observation {
-                dest: ctx
-                    .forward()
-                    .map(|f| &f.destinations[ctx.destination].cluster.metrics_dest),
-                status,
-                flags: ctx.flag,
-                grpc,
-                duration_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
-                request_bytes: session.body_bytes_read(),
-                response_bytes: session.body_bytes_sent(),
-            });
-        if let Some(span) = ctx.span.take().filter(|s| s.sampled) {
-            self.export_span(session, ctx, span, status);
-        }
-        let Some(snapshot) = ctx.snapshot.as_ref() else {
-            return;
-        };
-        let Some(al) = snapshot.settings.access_log.as_ref() else {
-            return;
-        };
-        let Some(sink) = access_log::Sink::get() else {
-            return;
-        };
         let req = session.req_header();
         let digest = session.digest();
-        let conn =
-            crate::tls::client_auth::TlsConn::of(digest.and_then(|d| d.ssl_digest.as_deref()));
-        let (downstream_local, downstream_remote) =
-            access_log::addresses(digest.and_then(|d| d.socket_digest.as_deref()));
-        let authority = authority(req);
-        let entry = access_log::Entry {
-            start: ctx.started_at,
-            method: req.method.as_str(),
-            path: req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
-            query: None,
+        let span = ctx.span.take();
+        Outcome {
+            codec: Codec::Cycle,
             protocol: if session.is_http2() {
                 "HTTP/2"
             } else {
                 "HTTP/1.1"
             },
-            status,
-            flags: ctx.flag.as_str(),
-            details: ctx.details,
-            bytes_received: session.body_bytes_read(),
-            bytes_sent: session.body_bytes_sent(),
-            duration: ctx.started.elapsed(),
-            upstream_time: ctx.upstream_time,
+            tls: self.tls,
+            method: req.method.as_str(),
+            path: req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+            query: None,
+            authority: authority(req),
             request_headers: access_log::Headers::Map(&req.headers),
             response_headers: response.map(|r| access_log::Headers::Map(&r.headers)),
-            authority,
+            // The request core put a made id into the request's headers.
+            request_id: None,
+            started: ctx.started,
+            status: response.map(|r| r.status.as_u16()).unwrap_or(0),
+            flag: ctx.flag,
+            details: ctx.details,
+            request_bytes: session.body_bytes_read(),
+            response_bytes: session.body_bytes_sent(),
+            upstream_time: ctx.upstream_time,
             upstream_host: ctx.upstream_host,
-            upstream_cluster: ctx
-                .forward()
-                .map(|f| f.destinations[ctx.destination].cluster.name.as_str())
-                .or_else(|| ctx.egress.as_ref().map(|t| t.cluster())),
-            downstream_local,
-            downstream_remote,
-            sni: conn.and_then(|c| c.sni.as_deref()),
-            peer: conn.and_then(|c| c.peer.as_deref()),
-            route_name: ctx.route.as_ref().and_then(|r| r.name.as_deref()),
-            request_principal: ctx.principal.as_deref(),
-            upstream_transport_failure: ctx.transport_failure.as_deref(),
             attempts: if ctx.upstream_host.is_some() {
                 ctx.retries + 1
             } else {
                 0
             },
-        };
-        sink.log(&al.format, &entry);
+            route: ctx.route.as_deref(),
+            cluster: ctx
+                .forward()
+                .map(|f| &*f.destinations[ctx.destination].cluster),
+            other_cluster: ctx.egress.as_ref().map(|t| t.cluster()),
+            socket: digest.and_then(|d| d.socket_digest.as_deref()),
+            ssl: digest.and_then(|d| d.ssl_digest.as_deref()),
+            client_ip: client_ip(session),
+            principal: ctx.principal.as_deref(),
+            transport_failure: ctx.transport_failure.as_deref(),
+            span: span.as_ref(),
+        }
+        .finish(ctx.snapshot.as_deref());
     }
 }
 
@@ -1149,43 +1114,6 @@ impl Gateway {
         o.total_connection_timeout = Some(snapshot.settings.connect_timeout);
         o.idle_timeout = Some(Duration::from_secs(60));
         Ok(Box::new(peer))
-    }
-
-    fn export_span(
-        &self,
-        session: &Session,
-        ctx: &RequestCtx,
-        span: trace::SpanContext,
-        status: u16,
-    ) {
-        let req = session.req_header();
-        let h = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
-        let cluster = ctx
-            .forward()
-            .map(|f| &*f.destinations[ctx.destination].cluster);
-        trace::ServerSpan {
-            scheme: if self.tls { "https" } else { "http" },
-            authority: authority(req),
-            path: req.uri.path(),
-            query: req.uri.query(),
-            method: req.method.as_str(),
-            protocol: if session.is_http2() {
-                "HTTP/2"
-            } else {
-                "HTTP/1.1"
-            },
-            user_agent: h("user-agent"),
-            request_id: h("x-request-id"),
-            request_size: session.body_bytes_read(),
-            response_size: session.body_bytes_sent(),
-            flag: ctx.flag,
-            cluster: cluster.map(|c| (&*c.host, c.port, c.name.as_str())),
-            upstream: ctx.upstream_host,
-            client_ip: client_ip(session),
-            start: ctx.started_at,
-            status,
-        }
-        .export(span);
     }
 }
 

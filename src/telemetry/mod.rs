@@ -4,6 +4,7 @@
 pub mod access_log;
 pub mod istio;
 pub mod outcome;
+pub mod record;
 pub mod trace;
 
 use std::sync::OnceLock;

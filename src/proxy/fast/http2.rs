@@ -864,18 +864,13 @@ fn log_h2(
         client_ip: sl.client_ip,
         principal: sl.principal,
     };
-    log.export_span(done, "HTTP/2");
-    let Some((al, sink)) = log.observe(done) else {
-        return;
-    };
     let digest = s.digest();
-    log.write(
-        al,
-        sink,
+    log.outcome(
         done,
         "HTTP/2",
         digest.and_then(|d| d.socket_digest.as_deref()),
         digest.and_then(|d| d.ssl_digest.as_deref()),
         s.response_written().map(|r| Headers::Map(&r.headers)),
-    );
+    )
+    .finish(Some(sl.snapshot));
 }
