@@ -129,6 +129,22 @@ pub struct ForwardProxy {
 #[async_trait]
 impl ServerApp for ForwardProxy {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        // In a task of its own, not pingora's per-connection one (see `listener::own_task`):
+        // a tunnel can live for hours.
+        let app = self.clone();
+        let shutdown = shutdown.clone();
+        crate::listener::own_task(async move { app.serve(io, &shutdown).await });
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.http.cleanup().await;
+    }
+}
+
+impl ForwardProxy {
+    /// Serves a connection to its end.
+    async fn serve(&self, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let (_slot, mut io) = crate::listener::accept(
             &self.front.connections,
             &self.snapshots,
@@ -145,14 +161,15 @@ impl ServerApp for ForwardProxy {
                 self.connect(io).await;
                 None
             }
-            Ok(Ok(_)) => self.front.serve_connection(io, shutdown).await,
+            Ok(Ok(_)) => {
+                // A stream handed back is this connection still (not admitted again).
+                loop {
+                    io = self.front.serve_connection(io, shutdown).await?;
+                }
+            }
             // Idle too long, or closed before a request.
             _ => None,
         }
-    }
-
-    async fn cleanup(&self) {
-        self.http.cleanup().await;
     }
 }
 

@@ -92,6 +92,25 @@ struct Record {
 #[async_trait]
 impl ServerApp for L4Service {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        // In a task of its own, not pingora's per-connection one (see `listener::own_task`):
+        // a spliced connection can live for hours.
+        let app = self.clone();
+        let shutdown = shutdown.clone();
+        crate::listener::own_task(async move { app.serve(io, &shutdown).await });
+        None
+    }
+
+    /// Open keep-alive connections on the HTTPS side stop at shutdown, as on an HTTPS port.
+    async fn cleanup(&self) {
+        if let Some(t) = &self.terminate {
+            t.cleanup().await;
+        }
+    }
+}
+
+impl L4Service {
+    /// Serves a connection to its end.
+    async fn serve(&self, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         // Open connections are not cut on shutdown: pingora stops accepting, waits
         // `drainDuration`, then stops the runtime, which closes whatever is still open.
         let (_slot, mut io) =
@@ -136,15 +155,6 @@ impl ServerApp for L4Service {
         None
     }
 
-    /// Open keep-alive connections on the HTTPS side stop at shutdown, as on an HTTPS port.
-    async fn cleanup(&self) {
-        if let Some(t) = &self.terminate {
-            t.cleanup().await;
-        }
-    }
-}
-
-impl L4Service {
     /// Routes by the port's `tcp` route, or by the SNI peeked from the ClientHello.
     async fn decide(
         &self,
@@ -201,7 +211,7 @@ impl L4Service {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let t = self.terminate.as_ref()?;
-        t.serve(io, snapshot.settings.tls_handshake_timeout, shutdown)
+        t.serve_to_end(io, snapshot.settings.tls_handshake_timeout, shutdown)
             .await
     }
 

@@ -197,6 +197,23 @@ impl Https {
     }
 }
 
+impl Https {
+    /// Serves an admitted connection to its end: the handshake, then its requests.
+    pub async fn serve_to_end(
+        &self,
+        io: Stream,
+        handshake_timeout: std::time::Duration,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let mut io = self.serve(io, handshake_timeout, shutdown).await?;
+        // A stream handed back is this connection, past its handshake: its next requests
+        // are the HTTP/1.1 front's (not admitted or handshaken again).
+        loop {
+            io = self.front.serve_connection(io, shutdown).await?;
+        }
+    }
+}
+
 #[async_trait]
 impl ServerApp for Https {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
@@ -211,12 +228,7 @@ impl ServerApp for Https {
             )
             .await?;
             let timeout = app.snapshots.load().settings.tls_handshake_timeout;
-            let mut io = app.serve(io, timeout, &shutdown).await?;
-            // A stream handed back is this connection, past its handshake: its next
-            // requests are the HTTP/1.1 front's (not admitted or handshaken again).
-            loop {
-                io = app.front.serve_connection(io, &shutdown).await?;
-            }
+            app.serve_to_end(io, timeout, &shutdown).await
         });
         None
     }
