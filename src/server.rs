@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use pingora::apps::http_app::HttpServer;
-use pingora::apps::HttpServerOptions;
+use pingora::apps::{HttpServerOptions, ServerApp};
 use pingora::listeners::tls::Acceptor;
 use pingora::listeners::{L4BufferSettings, ListenerConfig, TlsAccept};
 use pingora::server::configuration::ServerConf;
@@ -14,6 +14,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::Admin;
 use crate::config::ConfigErrors;
+use crate::listener::Kind;
 use crate::proxy::Gateway;
 use crate::reload::{Reloader, Watcher};
 
@@ -89,11 +90,11 @@ fn https_app(
     server_conf: &Arc<ServerConf>,
     gateway: Gateway,
     fast_path: bool,
-) -> Result<crate::tls::https::Https, RunError> {
+) -> Result<crate::listener::https::Https, RunError> {
     let name = format!("listener {}", l.shape());
     let idle = reloader.snapshots.load().settings.downstream.idle_timeout;
     let proxy = pingora_cycle(server_conf, gateway, false, idle);
-    Ok(crate::tls::https::Https {
+    Ok(crate::listener::https::Https {
         acceptor: tls_acceptor(i, reloader, &name)?,
         front: Arc::new(front(i, l, reloader, proxy.clone(), fast_path)),
         proxy,
@@ -119,10 +120,22 @@ impl std::fmt::Display for RunError {
 }
 
 /// TLS for listener `i`: certificates chosen by SNI from the current Snapshot, h2 by ALPN,
-/// session resumption by stateless tickets (see `tls::https`).
+/// session resumption by stateless tickets (see `listener::https`).
 fn tls_acceptor(i: usize, reloader: &Arc<Reloader>, name: &str) -> Result<Acceptor, RunError> {
-    crate::tls::https::acceptor(i, &reloader.snapshots, None)
+    crate::listener::https::acceptor(i, &reloader.snapshots, None)
         .map_err(|e| RunError::Tls(format!("{name}: {e}")))
+}
+
+/// One pingora service: `app` on `socket`.
+fn listen<A: ServerApp + Send + Sync + 'static>(
+    server: &mut Server,
+    name: String,
+    app: A,
+    socket: ListenerConfig,
+) {
+    let mut svc = Service::new(name, app);
+    svc.add_listener(socket);
+    server.add_service(svc);
 }
 
 /// Loads the config and serves it. Returns only on a start-up error; after start the
@@ -197,81 +210,59 @@ pub fn run(
     for (i, l) in snapshot.listeners.iter().enumerate() {
         let name = format!("listener {}", l.shape());
         let gateway = Gateway::new(i, l.tls, reloader.snapshots.clone());
-        if l.l4.is_some() {
-            // A passthrough port shared with HTTPS servers terminates the names they claim.
-            let terminate = if l.tls {
-                Some(https_app(
-                    i,
-                    l,
-                    &reloader,
-                    &server_conf,
-                    gateway,
-                    fast_path,
-                )?)
-            } else {
-                None
-            };
-            let app = crate::l4::L4Service {
-                listener: i,
-                snapshots: reloader.snapshots.clone(),
-                terminate,
-                connections: crate::listener::ConnectionLimit::new(l.shape().to_string()),
-            };
-            let mut svc = Service::new(name, app);
-            svc.add_tcp(&l.addr.to_string());
-            tracing::info!(listener = %l.shape(), "listening");
-            server.add_service(svc);
-            continue;
+        let kind = Kind::of(l);
+        let mut socket = ListenerConfig::tcp(l.addr.to_string());
+        if kind.reads_itself() {
+            socket = socket.l4_buffer(L4BufferSettings::unbuffered());
         }
-        let addr = l.addr.to_string();
-        if l.forward_proxy {
-            let mut gateway = gateway;
-            gateway.forward_proxy = true;
-            // CONNECT needs its own accept path (see egress::forward); other requests go
-            // through the HTTP/1.1 front to pingora's cycle.
-            let http = pingora_cycle(&server_conf, gateway, false, h2_idle);
-            let app = crate::egress::forward::ForwardProxy {
-                front: Arc::new(front(i, l, &reloader, http.clone(), false)),
-                http,
-                snapshots: reloader.snapshots.clone(),
-            };
-            let mut svc = Service::new(name, app);
-            svc.add_tcp(&addr);
-            tracing::info!(listener = %l.shape(), "listening");
-            server.add_service(svc);
-            continue;
+        match kind {
+            Kind::Tcp { terminates_https } => {
+                let terminate = if terminates_https {
+                    Some(https_app(
+                        i,
+                        l,
+                        &reloader,
+                        &server_conf,
+                        gateway,
+                        fast_path,
+                    )?)
+                } else {
+                    None
+                };
+                let app = crate::l4::L4Service {
+                    listener: i,
+                    snapshots: reloader.snapshots.clone(),
+                    terminate,
+                    connections: crate::listener::ConnectionLimit::new(l.shape().to_string()),
+                };
+                listen(&mut server, name, app, socket);
+            }
+            Kind::ForwardProxy => {
+                let mut gateway = gateway;
+                gateway.forward_proxy = true;
+                // CONNECT needs its own accept path (see egress::forward); other requests
+                // go through the HTTP/1.1 front to pingora's cycle.
+                let http = pingora_cycle(&server_conf, gateway, false, h2_idle);
+                let app = crate::egress::forward::ForwardProxy {
+                    front: Arc::new(front(i, l, &reloader, http.clone(), false)),
+                    http,
+                    snapshots: reloader.snapshots.clone(),
+                };
+                listen(&mut server, name, app, socket);
+            }
+            Kind::Https => {
+                // A plain TCP listener: the app does the handshake with Portico's own TLS
+                // config.
+                let app = https_app(i, l, &reloader, &server_conf, gateway, fast_path)?;
+                listen(&mut server, name, app, socket);
+            }
+            Kind::Http => {
+                let http = pingora_cycle(&server_conf, gateway, l.h2c, h2_idle);
+                let app = front(i, l, &reloader, http, fast_path);
+                listen(&mut server, name, app, socket);
+            }
         }
-        if l.tls {
-            // A plain TCP listener: the app does the handshake with Portico's own TLS config.
-            let app = https_app(i, l, &reloader, &server_conf, gateway, fast_path)?;
-            let mut svc = Service::new(name, app);
-            // No L4 read buffer: rustls reads records into its own buffer, so pingora's
-            // 64 KiB one (allocated zeroed per accepted connection, and held while the
-            // connection idles) only copied every record once more. No write buffer
-            // either: rustls hands each write's records over in one vectored write, and
-            // the 1 460 bytes stayed with every idle connection (#28).
-            svc.add_listener(ListenerConfig::tcp(&addr).l4_buffer(L4BufferSettings::unbuffered()));
-            tracing::info!(listener = %l.shape(), "listening");
-            server.add_service(svc);
-            continue;
-        }
-        let http = pingora_cycle(&server_conf, gateway, l.h2c, h2_idle);
-        let app = front(i, l, &reloader, http, fast_path);
-        let mut svc = Service::new(name, app);
-        // No L4 read buffer: the front reads into its own buffer, so pingora's 64 KiB one
-        // would only copy every request once more (and hold 64 KiB per connection). No
-        // write buffer either: the fast path writes a response head with the first body
-        // bytes in one write; the 1 460 bytes, held by every idle connection, only put
-        // the head and body of a response pingora answers (after a handover) into one
-        // send, where now they are two (#28).
-        svc.add_listener(ListenerConfig::tcp(&addr).l4_buffer(L4BufferSettings::unbuffered()));
-        let how = if fast_path {
-            " (HTTP/1.1 fast path)"
-        } else {
-            ""
-        };
-        tracing::info!(listener = %l.shape(), "listening{how}");
-        server.add_service(svc);
+        tracing::info!(listener = %l.shape(), kind = ?kind, fast_path, "listening");
     }
 
     let mut admin = Service::new(

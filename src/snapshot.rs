@@ -49,7 +49,7 @@ pub struct Listener {
     /// certificates change.
     pub certs: Option<Arc<CertStore>>,
     /// Client-certificate policies by SNI, when a server here is MUTUAL or
-    /// OPTIONAL_MUTUAL (`tls::https` then picks each connection's by its ClientHello).
+    /// OPTIONAL_MUTUAL (`listener::https` then picks each connection's by its ClientHello).
     pub client_auth: Option<Arc<crate::tls::client_auth::ClientAuthStore>>,
     /// TLS passthrough routes by SNI (with `tls`, the names its HTTPS servers claim are
     /// terminated and served by `table`), or the port's TCP route.

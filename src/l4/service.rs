@@ -50,7 +50,7 @@ pub struct L4Service {
 
 /// TLS termination for the HTTPS servers of a passthrough port: the same app as on any
 /// HTTPS port (certificates from the Snapshot, the HTTP proxy it feeds).
-pub type Terminate = crate::tls::https::Https;
+pub type Terminate = crate::listener::https::Https;
 
 /// Where a connection goes.
 enum Decision {

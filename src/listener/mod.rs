@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::telemetry::Metrics;
 
+pub mod https;
 pub mod proxy_protocol;
 
 /// The connections one listener holds, and its cap (`mesh.downstream.maxConnections`,
@@ -73,6 +74,46 @@ pub async fn accept(
     limit
         .enter_client(&mut slot, limits, peer_ip(&io))
         .then_some((slot, io))
+}
+
+/// What a listener serves, read from its config; `server::run` builds one app per kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// TCP: a `tcp` route or TLS passthrough by SNI (`l4`); the HTTPS hosts that share a
+    /// passthrough port are terminated here too.
+    Tcp { terminates_https: bool },
+    /// A forward proxy (egress): CONNECT tunnels and absolute-form HTTP requests.
+    ForwardProxy,
+    /// HTTPS: Portico's TLS accept (`https`), then HTTP/1.1 or h2 as ALPN chose.
+    Https,
+    /// Plain HTTP/1.1, and h2c where the listener allows it.
+    Http,
+}
+
+impl Kind {
+    pub fn of(l: &crate::snapshot::Listener) -> Kind {
+        if l.l4.is_some() {
+            Kind::Tcp {
+                terminates_https: l.tls,
+            }
+        } else if l.forward_proxy {
+            Kind::ForwardProxy
+        } else if l.tls {
+            Kind::Https
+        } else {
+            Kind::Http
+        }
+    }
+
+    /// Whether Portico reads and writes the accepted socket itself (with its own buffers),
+    /// so pingora's L4 buffers would only copy every byte once more. Pingora's read
+    /// buffer is 64 KiB allocated zeroed per accepted connection and held while it idles;
+    /// its write buffer (1 460 bytes) only merged the head and body of a response pingora
+    /// answers after a handover, and rustls hands each write's records over in one
+    /// vectored write anyway (#28).
+    pub fn reads_itself(self) -> bool {
+        matches!(self, Kind::Https | Kind::Http)
+    }
 }
 
 /// Serves a connection in a task of its own, on the thread that accepted it, so that

@@ -5,7 +5,7 @@
 //! rustls has one client verifier per `ServerConfig` and asks it without the SNI, so each
 //! mutual-TLS server gets its own `ServerConfig` (the same certificate resolver, ALPN and
 //! ticket settings as the listener's, its own verifier and ticket key), built on its first
-//! handshake; `tls::https` peeks the ClientHello's SNI to pick it. A ticket key per server
+//! handshake; `listener::https` peeks the ClientHello's SNI to pick it. A ticket key per server
 //! keeps a session resumed only where it was verified, and a new CA or CRL (a new
 //! `ClientAuth`, from the reload the file change causes) starts with no resumable session.
 
@@ -331,7 +331,7 @@ pub struct ClientAuth {
     pub by: Arc<[String]>,
     /// The files it came from, for messages.
     pub ca_path: std::path::PathBuf,
-    /// The server's acceptor, built on its first handshake (`tls::https`).
+    /// The server's acceptor, built on its first handshake (`listener::https`).
     pub acceptor: OnceLock<pingora::listeners::tls::Acceptor>,
 }
 

@@ -17,7 +17,6 @@ use crate::routing::HostMatcher;
 
 pub mod acme;
 pub mod client_auth;
-pub mod https;
 pub mod upstream;
 use crate::snapshot::Snapshot;
 
