@@ -6,6 +6,8 @@
 #   bench/run.sh idle       only Portico's idle RSS on conf/portico.toml
 #   bench/run.sh instructions  h1-1k with each proxy (and bench/floor) under callgrind: instructions per request
 #   bench/run.sh policy     Portico alone: CPU per request of a plain route, a local limit, a Redis limit
+#   bench/run.sh features   Portico alone: CPU per request of each route kind (rewrite, redirect, direct
+#                           response, fault, timeout, traced at 10 %) against the plain forward route
 #   bench/run.sh conns      memory per idle connection (plain, TLS, h2) for each proxy, and a fresh
 #                           request's latency while they are held (CONNS_PLAIN, CONNS_TLS, CONNS_H2, PROBES)
 #                           then ACTIVE_CONNS (10 000) busy connections per proxy: req/s, p99 (ACTIVE_SECS; ACTIVE=0 or IDLE=0 skips a part)
@@ -25,9 +27,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
 what="${1:-compare}"
 case "$what" in
-  compare|scale|idle|instructions|policy|conns|all) ;;
-  -h|--help|help) sed -n '2,19p' "$0"; exit 0 ;;
-  *) echo "usage: bench/run.sh [compare|scale|idle|instructions|policy|conns|all]" >&2; exit 2 ;;
+  compare|scale|idle|instructions|policy|features|conns|all) ;;
+  -h|--help|help) sed -n '2,21p' "$0"; exit 0 ;;
+  *) echo "usage: bench/run.sh [compare|scale|idle|instructions|policy|features|conns|all]" >&2; exit 2 ;;
 esac
 
 need=()
