@@ -189,7 +189,7 @@ impl Record<'_> {
         metrics.request(self.observation.status);
         metrics.istio.observe(&self.observation);
         if let Some((span, ctx)) = self.span {
-            span.export(ctx.clone());
+            span.export(ctx);
         }
         if let Some((al, sink)) = snapshot.and_then(log_settings) {
             sink.log(&al.format, &self.entry);

@@ -195,98 +195,142 @@ pub struct ServerSpan<'a> {
 
 impl ServerSpan<'_> {
     /// Exports the span of a sampled request (Envoy's name and Istio's attributes).
-    pub fn export(self, ctx: SpanContext) {
+    pub fn export(self, ctx: &SpanContext) {
+        if EXPORTER.get().is_none() {
+            return;
+        }
+        Exporter::send(self.to_json(ctx, SystemTime::now()));
+    }
+
+    /// The span as one OTLP/HTTP JSON span object, written straight into one buffer: the
+    /// only allocation of a sampled request's export (the exporter thread joins them).
+    fn to_json(&self, ctx: &SpanContext, end: SystemTime) -> Vec<u8> {
+        use std::io::Write as _;
+        let nanos = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+        };
         let authority = if self.authority.is_empty() {
             "-"
         } else {
             self.authority
         };
-        let name = match self.cluster {
-            Some((host, port, _)) => format!("{host}:{port}/*"),
-            None => format!("{authority}/*"),
+        let mut j = Vec::with_capacity(1024);
+        let _ = write!(
+            j,
+            r#"{{"traceId":"{:032x}","spanId":"{:016x}","parentSpanId":""#,
+            ctx.trace_id, ctx.span_id
+        );
+        if let Some(p) = ctx.parent_id {
+            let _ = write!(j, "{p:016x}");
+        }
+        j.extend_from_slice(br#"","name":""#);
+        match self.cluster {
+            Some((host, port, _)) => {
+                escaped(&mut j, host);
+                let _ = write!(j, ":{port}/*");
+            }
+            None => {
+                escaped(&mut j, authority);
+                j.extend_from_slice(b"/*");
+            }
+        }
+        let _ = write!(
+            j,
+            r#"","kind":2,"startTimeUnixNano":"{}","endTimeUnixNano":"{}","attributes":["#,
+            nanos(self.start),
+            nanos(end)
+        );
+        let attribute = |j: &mut Vec<u8>, key: &str, parts: &[&str]| {
+            j.extend_from_slice(br#"{"key":""#);
+            j.extend_from_slice(key.as_bytes());
+            j.extend_from_slice(br#"","value":{"stringValue":""#);
+            for p in parts {
+                escaped(j, p);
+            }
+            j.extend_from_slice(br#""}},"#);
         };
-        let url = match self.query {
-            Some(q) => format!("{}://{authority}{}?{q}", self.scheme, self.path),
-            None => format!("{}://{authority}{}", self.scheme, self.path),
+        let mut url = [self.scheme, "://", authority, self.path, "", ""];
+        if let Some(q) = self.query {
+            url[4] = "?";
+            url[5] = q;
+        }
+        attribute(&mut j, "http.url", &url);
+        attribute(&mut j, "http.method", &[self.method]);
+        attribute(&mut j, "http.protocol", &[self.protocol]);
+        attribute(&mut j, "user_agent", &[self.user_agent.unwrap_or("-")]);
+        attribute(
+            &mut j,
+            "guid:x-request-id",
+            &[self.request_id.unwrap_or("-")],
+        );
+        let mut n = itoa::Buffer::new();
+        attribute(&mut j, "request_size", &[n.format(self.request_size)]);
+        attribute(&mut j, "response_size", &[n.format(self.response_size)]);
+        let flag = if self.flag.is_none() {
+            "-"
+        } else {
+            self.flag.as_str()
         };
-        let mut attributes = vec![
-            ("http.url", url),
-            ("http.method", self.method.to_string()),
-            ("http.protocol", self.protocol.to_string()),
-            ("user_agent", self.user_agent.unwrap_or("-").to_string()),
-            (
-                "guid:x-request-id",
-                self.request_id.unwrap_or("-").to_string(),
-            ),
-            ("request_size", self.request_size.to_string()),
-            ("response_size", self.response_size.to_string()),
-            ("response_flags", self.flag.to_string()),
-            ("node_id", "portico".to_string()),
-            ("component", "proxy".to_string()),
-            ("istio.canonical_service", "portico".to_string()),
-        ];
+        attribute(&mut j, "response_flags", &[flag]);
+        attribute(&mut j, "node_id", &["portico"]);
+        attribute(&mut j, "component", &["proxy"]);
+        attribute(&mut j, "istio.canonical_service", &["portico"]);
         if let Some((_, _, cluster)) = self.cluster {
-            attributes.push(("upstream_cluster", cluster.to_string()));
-            attributes.push(("upstream_cluster.name", cluster.to_string()));
+            attribute(&mut j, "upstream_cluster", &[cluster]);
+            attribute(&mut j, "upstream_cluster.name", &[cluster]);
         }
         if let Some(a) = self.upstream {
-            attributes.push(("upstream_address", a.to_string()));
+            j.extend_from_slice(br#"{"key":"upstream_address","value":{"stringValue":""#);
+            let _ = write!(j, "{a}");
+            j.extend_from_slice(br#""}},"#);
         }
         if let Some(ip) = self.client_ip {
-            attributes.push(("peer.address", ip.to_string()));
+            j.extend_from_slice(br#"{"key":"peer.address","value":{"stringValue":""#);
+            let _ = write!(j, "{ip}");
+            j.extend_from_slice(br#""}},"#);
         }
-        Exporter::send(Span {
-            ctx,
-            name,
-            start: self.start,
-            end: SystemTime::now(),
-            status: self.status,
-            attributes,
-        });
-    }
-}
-
-/// A finished server span.
-pub struct Span {
-    pub ctx: SpanContext,
-    pub name: String,
-    pub start: SystemTime,
-    pub end: SystemTime,
-    pub status: u16,
-    pub attributes: Vec<(&'static str, String)>,
-}
-
-impl Span {
-    fn to_json(&self) -> serde_json::Value {
-        let nanos = |t: SystemTime| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos()
-                .to_string()
+        // Envoy marks 5xx as errors.
+        let code = if self.status >= 500 || self.status == 0 {
+            2
+        } else {
+            0
         };
-        let mut attrs: Vec<serde_json::Value> = self
-            .attributes
-            .iter()
-            .map(|(k, v)| serde_json::json!({ "key": k, "value": { "stringValue": v } }))
-            .collect();
-        attrs.push(serde_json::json!({ "key": "http.status_code", "value": { "intValue": self.status.to_string() } }));
-        serde_json::json!({
-            "traceId": format!("{:032x}", self.ctx.trace_id),
-            "spanId": format!("{:016x}", self.ctx.span_id),
-            "parentSpanId": self.ctx.parent_id.map(|p| format!("{p:016x}")).unwrap_or_default(),
-            "name": self.name,
-            "kind": 2,
-            "startTimeUnixNano": nanos(self.start),
-            "endTimeUnixNano": nanos(self.end),
-            "attributes": attrs,
-            // Envoy marks 5xx as errors.
-            "status": { "code": if self.status >= 500 || self.status == 0 { 2 } else { 0 } },
-        })
+        let _ = write!(
+            j,
+            r#"{{"key":"http.status_code","value":{{"intValue":"{}"}}}}],"status":{{"code":{code}}}}}"#,
+            self.status
+        );
+        j
     }
+}
+
+/// `s` as the inside of a JSON string: quote, backslash and control characters escaped
+/// (the request's own fields — path, user agent, request id — are the client's bytes).
+fn escaped(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    let mut from = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if !matches!(b, b'"' | b'\\' | 0x00..=0x1f | 0x7f) {
+            continue;
+        }
+        out.extend_from_slice(&bytes[from..i]);
+        match b {
+            b'"' => out.extend_from_slice(br#"\""#),
+            b'\\' => out.extend_from_slice(br"\\"),
+            _ => {
+                let _ = std::io::Write::write_fmt(out, format_args!("\\u{b:04x}"));
+            }
+        }
+        from = i + 1;
+    }
+    out.extend_from_slice(&bytes[from..]);
 }
 
 pub struct Exporter {
-    tx: SyncSender<Span>,
+    /// Each span as its OTLP JSON object (`ServerSpan::to_json`).
+    tx: SyncSender<Vec<u8>>,
 }
 
 static EXPORTER: OnceLock<Exporter> = OnceLock::new();
@@ -312,7 +356,7 @@ impl Exporter {
         }
     }
 
-    pub fn send(span: Span) {
+    pub fn send(span: Vec<u8>) {
         if let Some(e) = EXPORTER.get() {
             if e.tx.try_send(span).is_err() {
                 super::Metrics::global().spans_dropped.inc();
@@ -321,8 +365,8 @@ impl Exporter {
     }
 }
 
-fn export_loop(rx: Receiver<Span>) {
-    let mut batch: Vec<Span> = Vec::with_capacity(BATCH);
+fn export_loop(rx: Receiver<Vec<u8>>) {
+    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH);
     let mut last = Instant::now();
     loop {
         match rx.recv_timeout(FLUSH_EVERY) {
@@ -346,19 +390,25 @@ fn export_loop(rx: Receiver<Span>) {
     }
 }
 
-fn post(s: &TraceSettings, spans: &[Span]) -> std::io::Result<()> {
-    let body = serde_json::to_vec(&serde_json::json!({
-        "resourceSpans": [{
-            "resource": { "attributes": [
-                { "key": "service.name", "value": { "stringValue": "portico" } },
-                { "key": "service.version", "value": { "stringValue": env!("CARGO_PKG_VERSION") } },
-            ]},
-            "scopeSpans": [{
-                "scope": { "name": "portico" },
-                "spans": spans.iter().map(Span::to_json).collect::<Vec<_>>(),
-            }],
-        }],
-    }))?;
+fn post(s: &TraceSettings, spans: &[Vec<u8>]) -> std::io::Result<()> {
+    let mut body = Vec::with_capacity(256 + spans.iter().map(|j| j.len() + 1).sum::<usize>());
+    body.extend_from_slice(
+        concat!(
+            r#"{"resourceSpans":[{"resource":{"attributes":["#,
+            r#"{"key":"service.name","value":{"stringValue":"portico"}},"#,
+            r#"{"key":"service.version","value":{"stringValue":""#,
+            env!("CARGO_PKG_VERSION"),
+            r#""}}]},"scopeSpans":[{"scope":{"name":"portico"},"spans":["#
+        )
+        .as_bytes(),
+    );
+    for (i, span) in spans.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(span);
+    }
+    body.extend_from_slice(b"]}]}]}");
     let mut conn = TcpStream::connect_timeout(&s.collector, Duration::from_secs(2))?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     conn.set_write_timeout(Some(Duration::from_secs(5)))?;
@@ -394,6 +444,80 @@ mod tests {
             parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none()
         );
         assert!(parse_traceparent("garbage").is_none());
+    }
+
+    #[test]
+    fn a_span_is_one_json_object_with_the_clients_bytes_escaped() {
+        let ctx = SpanContext {
+            trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+            span_id: 0x00f067aa0ba902b7,
+            parent_id: Some(0xabc),
+            sampled: true,
+            tracestate: None,
+            b3: false,
+        };
+        let span = ServerSpan {
+            scheme: "https",
+            authority: "shop.example.com",
+            path: "/a\"b\\c",
+            query: Some("q=1"),
+            method: "GET",
+            protocol: "HTTP/1.1",
+            user_agent: Some("evil\"}],\u{1}\u{7f}ü"),
+            request_id: None,
+            request_size: 12,
+            response_size: 1024,
+            flag: crate::telemetry::outcome::Flag::UpstreamConnectFailure,
+            cluster: Some(("reviews.default.svc", 9080, "outbound|9080||reviews")),
+            upstream: Some("127.0.0.1:9080".parse().unwrap()),
+            client_ip: Some("10.0.0.1".parse().unwrap()),
+            start: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
+            status: 503,
+        };
+        let end = SystemTime::UNIX_EPOCH + Duration::from_secs(2);
+        let v: serde_json::Value = serde_json::from_slice(&span.to_json(&ctx, end)).unwrap();
+        assert_eq!(v["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(v["spanId"], "00f067aa0ba902b7");
+        assert_eq!(v["parentSpanId"], "0000000000000abc");
+        assert_eq!(v["name"], "reviews.default.svc:9080/*");
+        assert_eq!(v["startTimeUnixNano"], "1000000000");
+        assert_eq!(v["endTimeUnixNano"], "2000000000");
+        assert_eq!(v["status"]["code"], 2, "a 5xx is an error");
+        let attr = |k: &str| {
+            v["attributes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["key"] == k)
+                .map(|a| a["value"].clone())
+                .unwrap_or_else(|| panic!("no attribute {k}"))
+        };
+        assert_eq!(
+            attr("http.url")["stringValue"],
+            "https://shop.example.com/a\"b\\c?q=1"
+        );
+        assert_eq!(attr("user_agent")["stringValue"], "evil\"}],\u{1}\u{7f}ü");
+        assert_eq!(attr("guid:x-request-id")["stringValue"], "-");
+        assert_eq!(attr("response_flags")["stringValue"], "UF");
+        assert_eq!(attr("response_size")["stringValue"], "1024");
+        assert_eq!(
+            attr("upstream_cluster")["stringValue"],
+            "outbound|9080||reviews"
+        );
+        assert_eq!(attr("upstream_address")["stringValue"], "127.0.0.1:9080");
+        assert_eq!(attr("peer.address")["stringValue"], "10.0.0.1");
+        assert_eq!(attr("http.status_code")["intValue"], "503");
+        let batch = [span.to_json(&ctx, end), span.to_json(&ctx, end)];
+        let mut body = Vec::new();
+        for (i, s) in batch.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(s);
+        }
+        let spans: serde_json::Value =
+            serde_json::from_slice(&[b"[", &body[..], b"]"].concat()).unwrap();
+        assert_eq!(spans.as_array().unwrap().len(), 2);
     }
 
     #[test]
