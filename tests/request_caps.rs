@@ -248,8 +248,7 @@ impl Gw {
             .map(|_| {
                 let (port, path, xff) = (self.http, path.to_string(), xff.to_string());
                 thread::spawn(move || {
-                    http_request(port, "GET", "caps.test", &path, &fields(&path, &xff), b"")
-                        .status
+                    http_request(port, "GET", "caps.test", &path, &fields(&path, &xff), b"").status
                 })
             })
             .collect()

@@ -1071,7 +1071,8 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
         }
     }
     let destination = forward.pick();
-    let (hash, set_cookie) = match forward.destinations[destination].cluster.policy.hash_source() {
+    let cluster = &forward.destinations[destination].cluster;
+    let (hash, set_cookie) = match cluster.policy.hash_source() {
         Some(source) => hash_key(source, view),
         None => (None, None),
     };
