@@ -157,16 +157,22 @@ fn routes_explains_the_match() {
 }
 
 /// Without `--host`, every route with the codec that carries it, and the share: a route
-/// whose destination hashes to an endpoint (`consistentHash`) is lent to pingora's cycle.
+/// whose destination speaks HTTP/2 (h2c) is lent to pingora's cycle; one whose destination
+/// hashes to an endpoint (`consistentHash`) stays on the fast codecs.
 #[test]
 fn routes_lists_every_route_with_its_codec() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = tmp.path().join("portico.toml");
-    let sticky = ROUTES_CONFIG.replace(
+    let lent = ROUTES_CONFIG.replace(
         r#"{ name = "v2", labels = { version = "v2" } }"#,
-        r#"{ name = "v2", labels = { version = "v2" }, trafficPolicy = { loadBalancer = { consistentHash = { httpHeaderName = "x-user" } } } }"#,
+        r#"{ name = "v2", labels = { version = "v2" }, trafficPolicy = { connectionPool = { http = { h2UpgradePolicy = "UPGRADE" } } } }"#,
     );
-    assert_ne!(sticky, ROUTES_CONFIG);
+    let sticky = lent.replace(
+        r#"{ name = "v1", labels = { version = "v1" } }"#,
+        r#"{ name = "v1", labels = { version = "v1" }, trafficPolicy = { loadBalancer = { consistentHash = { httpHeaderName = "x-user" } } } }"#,
+    );
+    assert_ne!(lent, ROUTES_CONFIG);
+    assert_ne!(sticky, lent);
     write_atomic(&config, &sticky);
     let (code, out) = run_cli(&["routes", "-c", config.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
@@ -176,7 +182,7 @@ fn routes_lists_every_route_with_its_codec() {
             .unwrap_or_else(|| panic!("no line with {needle:?}:\n{out}"))
     };
     assert!(line("default/shop.http[0] \"api-blue\"")
-        .ends_with("codec: pingora's request cycle (loadBalancer.consistentHash)"));
+        .ends_with("codec: pingora's request cycle (HTTP/2 to the upstream)"));
     assert!(line("default/shop.http[2] \"api\"").ends_with("codec: fast HTTP/1.1 and h2 codecs"));
     assert!(
         line("default/shop.http[3]: direct response 200").ends_with("fast HTTP/1.1 and h2 codecs")
@@ -188,7 +194,7 @@ fn routes_lists_every_route_with_its_codec() {
         "{out}"
     );
     assert!(
-        out.contains("4 on pingora's request cycle: loadBalancer.consistentHash"),
+        out.contains("4 on pingora's request cycle: HTTP/2 to the upstream"),
         "{out}"
     );
     // One request's explanation says it too.
@@ -205,7 +211,14 @@ fn routes_lists_every_route_with_its_codec() {
     );
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("  codec: pingora's request cycle (loadBalancer.consistentHash)"),
+        out.contains("  codec: pingora's request cycle (HTTP/2 to the upstream)"),
+        "{out}"
+    );
+    // The hashing destination's route, on the fast codecs.
+    let (code, out) = routes(&config, &["--host", "shop.example.com", "--path", "/api/x"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("  codec: fast HTTP/1.1 and h2 codecs"),
         "{out}"
     );
 }

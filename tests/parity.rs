@@ -108,6 +108,14 @@ name = "once"
 match = [{ uri = { prefix = "/once/" } }]
 route = [{ destination = { host = "once.internal", port = { number = 80 } } }]
 [[virtualServices.http]]
+name = "hash-header"
+match = [{ uri = { prefix = "/ok/" }, headers = { x-user = {} } }]
+route = [{ destination = { host = "hashed.internal", port = { number = 80 } } }]
+[[virtualServices.http]]
+name = "hash-cookie"
+match = [{ uri = { prefix = "/cookie/" } }]
+route = [{ destination = { host = "cookied.internal", port = { number = 80 } } }]
+[[virtualServices.http]]
 name = "default"
 match = [{ uri = { prefix = "/" } }]
 route = [{ destination = { host = "up.internal", port = { number = 80 } } }]
@@ -153,6 +161,24 @@ endpoints = [{ address = "127.0.0.1", ports = { http = @UP@ } }]
 name = "once"
 host = "once.internal"
 trafficPolicy = { connectionPool = { http = { maxRequestsPerConnection = 1 } } }
+
+[[serviceEntries]]
+name = "hashed"
+hosts = ["hashed.internal", "cookied.internal"]
+location = "MESH_INTERNAL"
+resolution = "STATIC"
+ports = [{ number = 80, name = "http", protocol = "HTTP" }]
+endpoints = [{ address = "127.0.0.1", ports = { http = @UP@ } }]
+
+[[destinationRules]]
+name = "hashed"
+host = "hashed.internal"
+trafficPolicy = { loadBalancer = { consistentHash = { httpHeaderName = "x-user" } } }
+
+[[destinationRules]]
+name = "cookied"
+host = "cookied.internal"
+trafficPolicy = { loadBalancer = { consistentHash = { httpCookie = { name = "sticky", ttl = "60s" } } } }
 "#;
 
 struct Side {
@@ -164,16 +190,21 @@ struct Side {
 }
 
 fn start(no_fast_path: bool) -> Side {
+    start_with(no_fast_path, "")
+}
+
+/// A gateway on [`CONFIG`] followed by `extra`.
+fn start_with(no_fast_path: bool, extra: &str) -> Side {
     let tmp = tempfile::tempdir().expect("tempdir");
     let up = Scripted::start();
     let admin = free_port();
     let http = free_port();
     let https = free_port();
-    write_cert(tmp.path(), "p", &["parity.test"]);
+    write_cert(tmp.path(), "p", &["parity.test", "sticky.test"]);
     // A port nothing listens on.
     let down = free_port();
     let config = render(
-        CONFIG,
+        &format!("{CONFIG}\n{extra}"),
         &[
             ("MESH", mesh_config(admin)),
             ("HTTP", http.to_string()),
@@ -230,12 +261,24 @@ fn response_of(side: &Side, request: &str, method: &str) -> Seen {
             if n == "x-request-id" {
                 (n, "<id>".to_string())
             } else {
-                (n, v)
+                generated_cookie(n, v)
             }
         })
         .collect();
     headers.sort();
     (resp.status, headers, resp.body)
+}
+
+/// A `Set-Cookie` the gateway made for a consistent-hash cookie (`sticky`), with its random
+/// value as `<generated>`; any other field as it is.
+fn generated_cookie(name: String, value: String) -> (String, String) {
+    if name == "set-cookie" {
+        if let Some(rest) = value.strip_prefix("sticky=") {
+            let attributes = rest.find(';').map_or("", |i| &rest[i..]);
+            return (name, format!("sticky=<generated>{attributes}"));
+        }
+    }
+    (name, value)
 }
 
 /// What the upstream received for `path_prefix`, as compared: the request line, the
@@ -466,7 +509,46 @@ fn corpus() -> Vec<Case> {
             vec![],
             b"",
         ),
+        // A destination that hashes on a header (`consistentHash.httpHeaderName`).
+        (
+            "consistent hash by header",
+            "GET",
+            "/ok/hash-m35".into(),
+            vec![("x-user", "alice")],
+            b"",
+        ),
+        // By a cookie with a ttl, which the request does not have: the gateway makes
+        // one and appends its Set-Cookie after the upstream's own.
+        ("hash cookie made", "GET", "/cookie/m36".into(), vec![], b""),
+        // The cookie sent: no new one.
+        (
+            "hash cookie sent",
+            "GET",
+            "/cookie/m37".into(),
+            vec![("cookie", "a=1; sticky=0123456789abcdef")],
+            b"",
+        ),
     ]
+}
+
+/// The `Set-Cookie` fields a case's response must have (cases of a consistent-hash
+/// cookie), so that parity is not two codecs agreeing on a missing cookie.
+fn expected_cookies(name: &str, seen: &Seen) {
+    let want: &[&str] = match name {
+        "hash cookie made" => &[
+            "sticky=<generated>; Path=/; Max-Age=60; HttpOnly",
+            "upstream=1; Path=/",
+        ],
+        "hash cookie sent" => &["upstream=1; Path=/"],
+        _ => return,
+    };
+    let got: Vec<&str> = seen
+        .1
+        .iter()
+        .filter(|(n, _)| n == "set-cookie")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(got, want, "{name}: {seen:?}");
 }
 
 /// Cases whose status is known, so that parity is not two codecs agreeing on nothing
@@ -521,6 +603,7 @@ fn both_codecs_send_the_same_upstream_and_answer_the_same() {
         }
         let b = response_of(&pingora, &req, method);
         expected_status(name, a.0);
+        expected_cookies(name, &a);
         if a != b {
             differences.push(format!(
                 "{name}: client gets\n  fast:    {a:?}\n  pingora: {b:?}"
@@ -613,7 +696,7 @@ fn seen_h2(r: Response) -> Seen {
     let mut headers: Vec<(String, String)> = r
         .headers
         .iter()
-        .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+        .map(|(n, v)| generated_cookie(n.to_ascii_lowercase(), v.clone()))
         .filter(|(n, _)| n != "date")
         .collect();
     headers.sort();
@@ -651,6 +734,7 @@ fn both_codecs_answer_h2_streams_the_same() {
             (Ok(ra), Ok(rb)) => {
                 let (sa, sb) = (seen_h2(ra), seen_h2(rb));
                 expected_status(name, sa.0);
+                expected_cookies(name, &sa);
                 if sa != sb {
                     differences.push(format!(
                         "{name}: client gets\n  fast:    {sa:?}\n  pingora: {sb:?}"
@@ -678,4 +762,144 @@ fn both_codecs_answer_h2_streams_the_same() {
         differences.len(),
         differences.join("\n\n")
     );
+}
+
+/// Destinations that hash to an endpoint, over three upstreams both gateways share (so
+/// that both build the same ring and table from the same addresses).
+const STICKY: &str = r#"
+[[virtualServices]]
+name = "sticky"
+hosts = ["sticky.test"]
+gateways = ["gw"]
+[[virtualServices.http]]
+name = "by-user"
+match = [{ uri = { prefix = "/user/" } }]
+route = [{ destination = { host = "by-user.internal", port = { number = 80 } } }]
+[[virtualServices.http]]
+name = "by-query"
+match = [{ uri = { prefix = "/q/" } }]
+route = [{ destination = { host = "by-query.internal", port = { number = 80 } } }]
+[[virtualServices.http]]
+name = "by-session"
+match = [{ uri = { prefix = "/session/" } }]
+route = [{ destination = { host = "by-session.internal", port = { number = 80 } } }]
+
+[[serviceEntries]]
+name = "sticky"
+hosts = ["by-user.internal", "by-query.internal", "by-session.internal"]
+location = "MESH_INTERNAL"
+resolution = "STATIC"
+ports = [{ number = 80, name = "http", protocol = "HTTP" }]
+endpoints = [
+  { address = "127.0.0.1", ports = { http = @E1@ } },
+  { address = "127.0.0.1", ports = { http = @E2@ } },
+  { address = "127.0.0.1", ports = { http = @E3@ } },
+]
+
+[[destinationRules]]
+name = "by-user"
+host = "by-user.internal"
+trafficPolicy = { loadBalancer = { consistentHash = { httpHeaderName = "x-user", ringHash = { minimumRingSize = 1024 } } } }
+
+[[destinationRules]]
+name = "by-query"
+host = "by-query.internal"
+trafficPolicy = { loadBalancer = { consistentHash = { httpQueryParameterName = "u" } } }
+
+[[destinationRules]]
+name = "by-session"
+host = "by-session.internal"
+trafficPolicy = { loadBalancer = { consistentHash = { httpCookie = { name = "sid", ttl = "60s" }, maglev = { tableSize = 65537 } } } }
+"#;
+
+/// The same key picks the same endpoint on every codec (HTTP/1.1 and h2, fast and
+/// pingora's cycle): a header, a query parameter, a cookie the gateway made (set once,
+/// with its attributes, then followed without a new one). The fast gateway lends none of
+/// these requests to pingora's cycle.
+#[test]
+fn both_codecs_hash_a_key_to_the_same_endpoint() {
+    let echoes = [Echo::start("a"), Echo::start("b"), Echo::start("c")];
+    let extra = render(
+        STICKY,
+        &[
+            ("E1", echoes[0].port().to_string()),
+            ("E2", echoes[1].port().to_string()),
+            ("E3", echoes[2].port().to_string()),
+        ],
+    );
+    let fast = start_with(false, &extra);
+    let pingora = start_with(true, &extra);
+    let mut h2 = [
+        H2Client::connect(fast.https, "sticky.test").expect("h2 to the fast path"),
+        H2Client::connect(pingora.https, "sticky.test").expect("h2 to pingora"),
+    ];
+    // Each request on the four codecs: fast and pingora's, HTTP/1.1 then h2.
+    let mut on_each = |path: &str, headers: &[(&str, &str)]| -> Vec<Response> {
+        let mut all = Vec::new();
+        for side in [&fast, &pingora] {
+            all.push(http_request(
+                side.http,
+                "GET",
+                "sticky.test",
+                path,
+                headers,
+                b"",
+            ));
+        }
+        for c in h2.iter_mut() {
+            let req = [("GET", "sticky.test", path, headers.to_vec(), &b""[..])];
+            all.push(c.send_all(&req).pop().unwrap().expect("an h2 answer"));
+        }
+        all
+    };
+    let endpoints = |rs: &[Response]| -> Vec<Option<String>> {
+        rs.iter()
+            .map(|r| r.upstream().map(str::to_string))
+            .collect()
+    };
+
+    let mut used = std::collections::HashSet::new();
+    for u in 0..24 {
+        let user = format!("user-{u}");
+        for _ in 0..2 {
+            let by_header = endpoints(&on_each("/user/x", &[("x-user", &user)]));
+            assert!(by_header[0].is_some(), "{by_header:?}");
+            assert!(
+                by_header.iter().all(|e| *e == by_header[0]),
+                "{user}: {by_header:?} (fast h1, pingora h1, fast h2, pingora h2)"
+            );
+            used.insert(by_header[0].clone());
+            let by_query = endpoints(&on_each(&format!("/q/x?v=1&u={user}"), &[]));
+            assert!(by_query[0].is_some(), "{by_query:?}");
+            assert!(
+                by_query.iter().all(|e| *e == by_query[0]),
+                "{user}: {by_query:?}"
+            );
+        }
+    }
+    assert!(used.len() >= 2, "keys spread over the endpoints: {used:?}");
+
+    // No cookie: each gateway makes one (a value of its own) and picks by it.
+    let made = on_each("/session/x", &[]);
+    let mut cookie = None;
+    for r in &made {
+        let set = r.header_all("set-cookie");
+        assert_eq!(set.len(), 1, "{:?}", r.headers);
+        let (pair, attributes) = set[0].split_once(';').unwrap();
+        assert!(pair.starts_with("sid=") && pair.len() == 20, "{}", set[0]);
+        assert_eq!(attributes, " Path=/; Max-Age=60; HttpOnly", "{}", set[0]);
+        cookie.get_or_insert((pair.to_string(), r.upstream().map(str::to_string)));
+    }
+    // The fast path's cookie sent back, on every codec (over h2 among other cookie
+    // fields): the endpoint it picked, and no new cookie.
+    let (pair, endpoint) = cookie.unwrap();
+    assert!(endpoint.is_some());
+    for _ in 0..3 {
+        let sent = on_each("/session/x", &[("cookie", "a=1"), ("cookie", &pair)]);
+        assert_eq!(endpoints(&sent), vec![endpoint.clone(); 4], "{pair}");
+        for r in &sent {
+            assert!(r.header("set-cookie").is_none(), "{:?}", r.headers);
+        }
+    }
+    assert_eq!(handed_over(&fast), 0.0, "{}", fast.portico.metrics());
 }

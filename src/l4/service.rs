@@ -25,7 +25,7 @@ use super::{L4Route, L4Table, SniRoute};
 use crate::snapshot::Snapshot;
 use crate::telemetry::outcome::Flag;
 use crate::telemetry::{access_log, Metrics};
-use crate::upstream::balancer::hash_bytes;
+use crate::upstream::balancer::hash_ip;
 use crate::upstream::{Cluster, HashSource, InFlight};
 
 /// At most this many endpoints are tried before a connection is given up (Envoy's TCP
@@ -372,7 +372,7 @@ async fn connect(
     client: Option<SocketAddr>,
 ) -> Result<(usize, TcpStream), Refusal> {
     let hash = match cluster.policy.hash_source() {
-        Some(HashSource::SourceIp) => client.map(|c| hash_bytes(c.ip().to_string().as_bytes())),
+        Some(HashSource::SourceIp) => client.map(|c| hash_ip(c.ip())),
         _ => None,
     };
     let attempts = cluster.endpoints.len().min(CONNECT_ATTEMPTS);

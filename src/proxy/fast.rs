@@ -11,7 +11,9 @@
 //! Anything else is lent to pingora's cycle for that one request, the bytes already read
 //! replayed first, before anything went upstream, and the connection comes back after it:
 //! a chunked or long body, an upgrade, `Expect`, HTTP/1.0, a head httparse rejects; a
-//! destination with consistent hashing, TLS or h2c ([`lent_for`]); a full connection pool.
+//! destination with TLS or h2c ([`lent_for`]); a full connection pool. A destination that
+//! hashes to an endpoint is carried: the plan holds the request's hash (and the cookie to
+//! set), and the tries pick by it as pingora's do (`Cluster::select`).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -738,10 +740,9 @@ fn eligible<'h>(
     Some(r)
 }
 
-/// A forward the fast path can carry (the request core's plan decided faults, CORS and
-/// the rewrite already): no mirror, no retry on a response status, a
-/// destination it speaks to (plain HTTP/1.1, no keepalive probes, no per-connection
-/// request cap, no consistent hashing).
+/// A forward the fast path can carry (the request core's plan decided faults, CORS, the
+/// rewrite and a consistent-hash key already): a destination it speaks to (plain
+/// HTTP/1.1).
 fn plain(forward: &Forward) -> bool {
     lent_for(forward).is_none()
 }
@@ -756,8 +757,6 @@ pub fn lent_for(forward: &Forward) -> Option<&'static str> {
             Some("TLS to the upstream")
         } else if c.settings.h2c {
             Some("HTTP/2 to the upstream")
-        } else if c.policy.hash_source().is_some() {
-            Some("loadBalancer.consistentHash")
         } else {
             None
         }
@@ -1056,7 +1055,7 @@ impl FastH1 {
             wait = w;
             let (i, pooled) = match tries.resend_to.take() {
                 Some(i) => (i, false),
-                None => match cluster.select(None, &c.tried) {
+                None => match cluster.select(f.hash, &c.tried) {
                     Some(i) => (i, true),
                     None => {
                         let done = Done::local(503, Flag::NoHealthyUpstream, None, tries.made);

@@ -27,9 +27,8 @@ use crate::snapshot::Snapshot;
 use crate::telemetry::outcome::Flag;
 use crate::telemetry::record::{Codec, Outcome};
 use crate::telemetry::{access_log, trace, Metrics};
-use crate::upstream::balancer::hash_bytes;
 use crate::upstream::retry::{self, Again, TryFailure};
-use crate::upstream::{Admission, HashSource, InFlight, RetryPermit};
+use crate::upstream::{Admission, InFlight, RetryPermit};
 use mirror::{MirrorClient, MAX_MIRROR_BODY};
 
 /// The proxy for one listener.
@@ -75,8 +74,8 @@ pub struct RequestCtx {
     admission: Option<Admission>,
     retry_permit: Option<RetryPermit>,
     deadline: Option<Instant>,
+    /// The request core's consistent-hash key (`request::Forwarded::hash`).
     hash: Option<u64>,
-    set_cookie: Option<String>,
     /// CORS and policy fields for the response (`request::Forwarded::response_additions`).
     response_additions: Option<request::ResponseAdditions>,
     /// Request authentication's edits of the upstream request (`request::Forwarding::auth`).
@@ -125,7 +124,6 @@ impl Default for RequestCtx {
             retry_permit: None,
             deadline: None,
             hash: None,
-            set_cookie: None,
             response_additions: None,
             auth: None,
             principal: None,
@@ -354,13 +352,19 @@ impl request::HeaderSink for ResponseFields {
     fn forwarded_for(&mut self, _: &mut dyn Iterator<Item = &[u8]>, _: IpAddr) {}
 }
 
-/// A response head whose fields the request core's replace (`insert`, not `append`).
+/// A response head whose fields the request core's replace (`insert`, not `append`); an
+/// `appended` one is added after the upstream's of its name.
 struct ReplaceFields<'a>(&'a mut ResponseHeader);
 
 impl request::HeaderSink for ReplaceFields<'_> {
     fn field(&mut self, name: &[u8], value: &[u8]) {
         if let Ok(v) = HeaderValue::from_bytes(value) {
             let _ = self.0.insert_header(Bytes::copy_from_slice(name), v);
+        }
+    }
+    fn appended(&mut self, name: &[u8], value: &[u8]) {
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            let _ = self.0.append_header(Bytes::copy_from_slice(name), v);
         }
     }
     fn forwarded_for(&mut self, _: &mut dyn Iterator<Item = &[u8]>, _: IpAddr) {}
@@ -390,47 +394,6 @@ fn request_has_body(req: &RequestHeader) -> bool {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .is_some_and(|n| n > 0)
-}
-
-fn cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
-    req.headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find_map(|(k, v)| (k == name).then_some(v))
-}
-
-/// The consistent-hash key of a request; a missing cookie with a ttl is created.
-fn hash_key(
-    source: &HashSource,
-    req: &RequestHeader,
-    ip: Option<IpAddr>,
-    ctx: &mut RequestCtx,
-) -> Option<u64> {
-    match source {
-        HashSource::Header(name) => req.headers.get(name).map(|v| hash_bytes(v.as_bytes())),
-        HashSource::SourceIp => ip.map(|ip| hash_bytes(ip.to_string().as_bytes())),
-        HashSource::Query(name) => req.uri.query().and_then(|q| {
-            q.split('&')
-                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-                .find_map(|(k, v)| (k == name).then(|| hash_bytes(v.as_bytes())))
-        }),
-        HashSource::Cookie { name, path, ttl } => match cookie(req, name) {
-            Some(v) => Some(hash_bytes(v.as_bytes())),
-            None => {
-                let ttl = (*ttl)?;
-                let value = format!("{:016x}", fastrand::u64(..));
-                ctx.set_cookie = Some(format!(
-                    "{name}={value}; Path={}; Max-Age={}; HttpOnly",
-                    path.as_deref().unwrap_or("/"),
-                    ttl.as_secs()
-                ));
-                Some(hash_bytes(value.as_bytes()))
-            }
-        },
-    }
 }
 
 #[async_trait]
@@ -550,6 +513,7 @@ impl ProxyHttp for Gateway {
                 }
                 let added = f.response_additions();
                 ctx.response_additions = (!added.is_empty()).then_some(added);
+                ctx.hash = f.hash;
                 ctx.auth = f.auth.take();
                 ctx.principal = f.principal.take();
                 ctx.request_slot = f.slot.take();
@@ -611,7 +575,7 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
         if ctx.egress.is_some() {
@@ -642,9 +606,6 @@ impl ProxyHttp for Gateway {
                         ),
                     ));
                 }
-            }
-            if let Some(source) = cluster.policy.hash_source() {
-                ctx.hash = hash_key(source, session.req_header(), client_ip(session), ctx);
             }
         } else if std::mem::take(&mut ctx.resend) {
             // The same endpoint again, at once, on a new connection (pingora discarded the
@@ -836,11 +797,9 @@ impl ProxyHttp for Gateway {
             }
         }
         if let Some(added) = ctx.response_additions.take() {
-            // Over the upstream's fields of the same names, as every codec writes them.
+            // Over the upstream's fields of the same names, as every codec writes them (a
+            // consistent-hash cookie after the upstream's own).
             added.write(&mut ReplaceFields(upstream_response));
-        }
-        if let Some(c) = ctx.set_cookie.take() {
-            upstream_response.append_header(header::SET_COOKIE, c)?;
         }
         Ok(())
     }

@@ -47,6 +47,11 @@ pub fn hop_by_hop_request(name: &str, upgrade: bool) -> bool {
 /// Where the upstream head's fields go: a codec's buffer or header map.
 pub trait HeaderSink {
     fn field(&mut self, name: &[u8], value: &[u8]);
+    /// A field added after any of the same name (a sink whose `field` replaces one
+    /// overrides this).
+    fn appended(&mut self, name: &[u8], value: &[u8]) {
+        self.field(name, value);
+    }
     /// `X-Forwarded-For`: the values `prev` (each a list), then `ip`, as one field.
     fn forwarded_for(&mut self, prev: &mut dyn Iterator<Item = &[u8]>, ip: IpAddr);
 }
@@ -277,6 +282,9 @@ pub fn remote_address(
 }
 
 /// What the request core decided for a request: answer it here, or forward it.
+// The forward plan stays inline (it is the hot one; ~250 bytes, moved a couple of times
+// per request), the answer is boxed.
+#[allow(clippy::large_enum_variant)]
 pub enum Plan<'s> {
     /// Boxed: an answer carries its CORS fields, and the forward plan is the hot one.
     Answer(Box<Answer<'s>>),
@@ -652,6 +660,63 @@ pub struct Forwarded<'s> {
     pub slot: Option<crate::listener::RequestSlot>,
     /// The external authorizer's `headersToDownstreamOnAllow` fields for the response.
     pub authz_fields: Vec<(HeaderName, HeaderValue)>,
+    /// The request's key when the destination hashes to an endpoint
+    /// (`loadBalancer.consistentHash`), hashed: every codec's tries pick by it
+    /// (`Cluster::select`). `None`: balanced as the cluster's policy says (a hashing
+    /// cluster picks at random for a request without the key).
+    pub hash: Option<u64>,
+    /// The cookie the gateway sets (`httpCookie` with a ttl, and the request had none):
+    /// appended to the response, after the upstream's own `Set-Cookie` fields.
+    pub set_cookie: Option<HeaderValue>,
+}
+
+/// The consistent-hash key of a request for a destination hashing by `source`, and the
+/// cookie to set when the key is a cookie the request does not have (and the rule has a
+/// ttl): a new random value, which the request is hashed by too. The key's bytes are
+/// hashed where they lie (no copy), as the balancer's ring and table were built.
+fn hash_key(
+    source: &crate::upstream::HashSource,
+    view: &RequestView<'_>,
+) -> (Option<u64>, Option<HeaderValue>) {
+    use crate::upstream::balancer::{hash_bytes, hash_ip};
+    use crate::upstream::HashSource;
+    match source {
+        HashSource::Header(name) => (view.headers.first_raw(name.as_str()).map(hash_bytes), None),
+        HashSource::SourceIp => (view.client_ip.map(hash_ip), None),
+        HashSource::Query(name) => {
+            let value = view.query.and_then(|q| {
+                q.split('&')
+                    .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+                    .find_map(|(k, v)| (k == name).then_some(v))
+            });
+            (value.map(|v| hash_bytes(v.as_bytes())), None)
+        }
+        HashSource::Cookie {
+            name,
+            set_attributes,
+            ..
+        } => {
+            // Every `Cookie` field (an h2 client may send several), each a `;` list.
+            let sent = view
+                .headers
+                .values("cookie")
+                .flatten()
+                .flat_map(|v| v.split(';'))
+                .filter_map(|kv| kv.trim().split_once('='))
+                .find_map(|(k, v)| (k == name).then_some(v));
+            if let Some(v) = sent {
+                return (Some(hash_bytes(v.as_bytes())), None);
+            }
+            let Some(attributes) = set_attributes else {
+                return (None, None);
+            };
+            let value = format!("{:016x}", fastrand::u64(..));
+            let cookie = format!("{name}={value}{attributes}");
+            // The name and attributes were checked at load; the value is hex.
+            let cookie = HeaderValue::try_from(cookie).ok();
+            (Some(hash_bytes(value.as_bytes())), cookie)
+        }
+    }
 }
 
 impl Forwarded<'_> {
@@ -690,18 +755,21 @@ impl Forwarded<'_> {
             cors,
             policy: self.policy,
             authz: self.authz_fields.clone(),
+            set_cookie: self.set_cookie.clone(),
         }
     }
 }
 
 /// The fields the core adds to a forwarded request's response, replacing the upstream's
 /// of the same names: CORS, then the policies' (RateLimit), then the external
-/// authorizer's (`headersToDownstreamOnAllow`).
+/// authorizer's (`headersToDownstreamOnAllow`); and, appended (the upstream's own stay),
+/// the `Set-Cookie` of a consistent-hash cookie the gateway made.
 #[derive(Default)]
 pub struct ResponseAdditions {
     pub cors: CorsFields,
     pub policy: policy::Fields,
     pub authz: Vec<(HeaderName, HeaderValue)>,
+    pub set_cookie: Option<HeaderValue>,
 }
 
 impl ResponseAdditions {
@@ -726,10 +794,16 @@ impl ResponseAdditions {
         for (n, v) in &self.authz {
             out.field(n.as_str().as_bytes(), v.as_bytes());
         }
+        if let Some(c) = &self.set_cookie {
+            out.appended(b"set-cookie", c.as_bytes());
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cors.iter().next().is_none() && self.policy.is_empty() && self.authz.is_empty()
+        self.cors.iter().next().is_none()
+            && self.policy.is_empty()
+            && self.authz.is_empty()
+            && self.set_cookie.is_none()
     }
 }
 
@@ -831,7 +905,7 @@ pub fn not_found<'s>() -> Answer<'s> {
 /// Decides what becomes of a request on `listener` for (normalized) host `host`: the
 /// route table's choice, then the route's policies in Envoy's order (CORS preflight,
 /// fault delay, fault abort; access lists and rate limits in [`Planned::police`]). Random
-/// draws (weights, fault percentages) happen here, once. Counts nothing.
+/// draws (weights, fault percentages, a new consistent-hash cookie) happen here, once. Counts nothing.
 pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> Planned<'s> {
     let authz = listener.authz.as_deref();
     let caps = listener.requests.as_ref();
@@ -999,11 +1073,19 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
             }
         }
     }
+    let destination = forward.pick();
+    let cluster = &forward.destinations[destination].cluster;
+    let (hash, set_cookie) = match cluster.policy.hash_source() {
+        Some(source) => hash_key(source, view),
+        None => (None, None),
+    };
     policed(Plan::Forward(Forwarded {
         route,
         forward,
         match_index,
-        destination: forward.pick(),
+        destination,
+        hash,
+        set_cookie,
         delay,
         cors_origin,
         policy: policy::Fields::NONE,

@@ -78,6 +78,19 @@ impl<'a> Headers<'a> {
         self.values(name).next().flatten()
     }
 
+    /// The first value of `name`, as sent (text or not).
+    pub fn first_raw(self, name: &'a str) -> Option<&'a [u8]> {
+        match self {
+            Headers::Map(m) => m.get(name).map(|v| v.as_bytes()),
+            Headers::Raw(head, added) => head
+                .iter()
+                .map(|h| (h.name, h.value))
+                .chain(added.iter().copied())
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v),
+        }
+    }
+
     /// Calls `f` with each field's name and raw value, in order.
     pub fn each(self, mut f: impl FnMut(&'a str, &'a [u8])) {
         match self {

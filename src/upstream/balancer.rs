@@ -33,6 +33,10 @@ pub enum HashSource {
         path: Option<String>,
         /// When set and the request has no cookie, one is generated and set on the response.
         ttl: Option<Duration>,
+        /// What follows `name=value` in the cookie the gateway sets on a response to a
+        /// request without one (`; Path=/; Max-Age=60; HttpOnly`), written at load; `None`
+        /// without a ttl (no cookie is set).
+        set_attributes: Option<Box<str>>,
     },
     SourceIp,
     Query(String),
@@ -50,6 +54,15 @@ pub fn hash_bytes(data: &[u8]) -> u64 {
     let mut h = DefaultHasher::new();
     data.hash(&mut h);
     h.finish()
+}
+
+/// The consistent-hash key of a client address (`useSourceIp`): its octets, an
+/// IPv4-mapped IPv6 address as the IPv4 one (every listener and L4 route hash alike).
+pub fn hash_ip(ip: std::net::IpAddr) -> u64 {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => hash_bytes(&v4.octets()),
+        std::net::IpAddr::V6(v6) => hash_bytes(&v6.octets()),
+    }
 }
 
 fn hash_point(addr: &str, i: u64) -> u64 {

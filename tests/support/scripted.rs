@@ -20,6 +20,7 @@
 //! | `/fail/...` | 503 |
 //! | `/slow/<ms>/...` | waits, then 200 |
 //! | `/never/...` | reads the request and never answers |
+//! | `/cookie/...` | 200 with a `set-cookie: upstream=1; Path=/` of its own, body = the path |
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -270,6 +271,16 @@ fn serve(conn: TcpStream, n: usize, st: &State) {
                     .unwrap_or(100);
                 thread::sleep(Duration::from_millis(ms));
                 ok(&mut w, path.as_bytes());
+            }
+            "cookie" => {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nset-cookie: upstream=1; Path=/\r\ncontent-length: {}\r\n\r\n",
+                    path.len()
+                );
+                let _ = w.write_all(head.as_bytes());
+                if method != "HEAD" {
+                    let _ = w.write_all(path.as_bytes());
+                }
             }
             "never" => {
                 thread::sleep(Duration::from_secs(30));

@@ -78,6 +78,18 @@ impl Effective {
     }
 }
 
+/// The attributes of the cookie the gateway sets for `httpCookie` with a ttl: `Path` (`/`
+/// unless set), `Max-Age` (none for a ttl of 0: a session cookie, as Envoy makes it), and
+/// `HttpOnly`.
+fn cookie_attributes(path: Option<&str>, ttl: std::time::Duration) -> Box<str> {
+    let mut a = format!("; Path={}", path.unwrap_or("/"));
+    if !ttl.is_zero() {
+        a.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+    }
+    a.push_str("; HttpOnly");
+    a.into()
+}
+
 /// The balancer for a cluster; Istio's default is LEAST_REQUEST. Settings were validated
 /// with the DestinationRule.
 fn load_balancer(
@@ -98,6 +110,7 @@ fn load_balancer(
                 name: c.name.clone(),
                 path: c.path.clone(),
                 ttl: c.ttl.map(|d| d.get()),
+                set_attributes: c.ttl.map(|d| cookie_attributes(c.path.as_deref(), d.get())),
             }
         } else if ch.use_source_ip == Some(true) {
             HashSource::SourceIp

@@ -174,6 +174,18 @@ impl Cx {
                             self.err(o, &format!("{here}.httpHeaderName"), format!("{h:?} is not a header name"));
                         }
                     }
+                    if let Some(c) = &ch.http_cookie {
+                        // The gateway writes them into a Set-Cookie field (RFC 6265 4.1.1).
+                        let token = |b: u8| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b);
+                        if c.name.is_empty() || !c.name.bytes().all(token) {
+                            self.err(o, &format!("{here}.httpCookie.name"), format!("{:?} is not a cookie name", c.name));
+                        }
+                        if let Some(p) = &c.path {
+                            if !p.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b';') {
+                                self.err(o, &format!("{here}.httpCookie.path"), format!("{p:?} is not a cookie path (visible ASCII, no ';')"));
+                            }
+                        }
+                    }
                     if ch.ring_hash.is_some() && ch.maglev.is_some() {
                         self.err(o, &here, "ringHash and maglev are mutually exclusive");
                     }

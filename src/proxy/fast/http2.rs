@@ -371,7 +371,7 @@ impl FastH1 {
             wait_for = w;
             let (i, pooled) = match tries.resend_to.take() {
                 Some(i) => (i, false),
-                None => match cluster.select(None, &tried) {
+                None => match cluster.select(f.hash, &tried) {
                     Some(i) => (i, true),
                     None => {
                         let done = Done::local(503, Flag::NoHealthyUpstream, None, tries.made);
