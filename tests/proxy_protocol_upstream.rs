@@ -41,7 +41,8 @@ impl Upstream {
                 let (seen, tls) = (seen2.clone(), tls.clone());
                 thread::spawn(move || {
                     sock.set_read_timeout(Some(Duration::from_secs(10))).ok();
-                    let header = read_proxy_header(&mut sock).unwrap_or_else(|e| format!("bad {e}"));
+                    let header =
+                        read_proxy_header(&mut sock).unwrap_or_else(|e| format!("bad {e}"));
                     seen.lock().unwrap().push(header.clone());
                     let body = format!("{header} conn={n}");
                     match tls {
@@ -323,13 +324,20 @@ fn each_client_is_named_and_never_shares_an_upstream_connection() {
     // The subset's own setting (V2), and no header at all for a cluster without one, on
     // the same endpoint: none of those connections is the other's.
     let body = a.get("/two");
-    assert_eq!(split(&body).0, format!("V2 127.0.0.1:{} 127.0.0.1:{}", a.port, gw.http));
+    assert_eq!(
+        split(&body).0,
+        format!("V2 127.0.0.1:{} 127.0.0.1:{}", a.port, gw.http)
+    );
     let body = a.get("/none");
     let (h, n) = split(&body);
     assert_eq!(h, "none");
     assert!(!conns_a.contains(&n) && !conns_b.contains(&n));
     let body = b.get("/none");
-    assert_eq!(split(&body).0, "none", "a header-less connection serves any client");
+    assert_eq!(
+        split(&body).0,
+        "none",
+        "a header-less connection serves any client"
+    );
 
     // Another client connection later: its own address, never an earlier connection.
     let mut c = Client::connect(gw.http, b"");
@@ -355,7 +363,11 @@ fn v2_goes_before_the_tls_client_hello() {
             );
         }
     }
-    assert!(gw.tls_up.seen().iter().all(|h| h.starts_with("V2 127.0.0.1:")));
+    assert!(gw
+        .tls_up
+        .seen()
+        .iter()
+        .all(|h| h.starts_with("V2 127.0.0.1:")));
 }
 
 #[test]
@@ -378,14 +390,20 @@ fn the_address_a_listener_header_gave_is_the_one_sent_on() {
     let gw = start(dir.path(), true);
     let mut c = Client::connect(gw.http, b"PROXY TCP4 203.0.113.9 192.0.2.1 5555 8443\r\n");
     assert_eq!(split(&c.get("/")).0, "V1 203.0.113.9:5555 192.0.2.1:8443");
-    assert_eq!(split(&c.get("/two")).0, "V2 203.0.113.9:5555 192.0.2.1:8443");
-    assert_eq!(split(&c.get("/tls")).0, "V2 203.0.113.9:5555 192.0.2.1:8443");
-    // IPv6 in the client's header, and another client claiming another address.
-    let mut d = Client::connect(
-        gw.http,
-        b"PROXY TCP6 2001:db8::9 2001:db8::1 6000 443\r\n",
+    assert_eq!(
+        split(&c.get("/two")).0,
+        "V2 203.0.113.9:5555 192.0.2.1:8443"
     );
-    assert_eq!(split(&d.get("/")).0, "V1 [2001:db8::9]:6000 [2001:db8::1]:443");
+    assert_eq!(
+        split(&c.get("/tls")).0,
+        "V2 203.0.113.9:5555 192.0.2.1:8443"
+    );
+    // IPv6 in the client's header, and another client claiming another address.
+    let mut d = Client::connect(gw.http, b"PROXY TCP6 2001:db8::9 2001:db8::1 6000 443\r\n");
+    assert_eq!(
+        split(&d.get("/")).0,
+        "V1 [2001:db8::9]:6000 [2001:db8::1]:443"
+    );
     assert_eq!(split(&c.get("/")).0, "V1 203.0.113.9:5555 192.0.2.1:8443");
     // The L4 route.
     let mut t = Client::connect(gw.tcp, b"PROXY TCP4 198.51.100.7 192.0.2.1 7777 9000\r\n");

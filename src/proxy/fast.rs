@@ -48,8 +48,8 @@ use crate::telemetry::istio::Observation;
 use crate::telemetry::outcome::Flag;
 use crate::telemetry::trace::{self, SpanContext};
 use crate::telemetry::{access_log, Metrics};
-use crate::upstream::retry::{self, Again, TryFailure};
 use crate::upstream::proxy_protocol::{ConnAddrs, Header as ProxyHeader};
+use crate::upstream::retry::{self, Again, TryFailure};
 use crate::upstream::{self, Cluster, ClusterSettings, InFlight, RetryPermit};
 
 mod http2;
@@ -975,8 +975,8 @@ impl FastH1 {
             if let Some(head) = mirror::request_head(method, target, fields) {
                 let body = (req.body > 0).then(|| Bytes::copy_from_slice(&c.buf[..req.body]));
                 for cluster in mirrors {
-                    let proxy = cluster
-                        .proxy_header(|| ConnAddrs::of(c.io.get_socket_digest().as_deref()));
+                    let proxy =
+                        cluster.proxy_header(|| ConnAddrs::of(c.io.get_socket_digest().as_deref()));
                     MirrorClient::global().send(cluster.clone(), head.clone(), body.clone(), proxy);
                 }
             }

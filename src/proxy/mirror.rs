@@ -95,7 +95,9 @@ impl MirrorClient {
         let this = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match tokio::time::timeout(MIRROR_TIMEOUT, this.forward(&cluster, req, body, proxy)).await {
+            match tokio::time::timeout(MIRROR_TIMEOUT, this.forward(&cluster, req, body, proxy))
+                .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(cluster = %cluster.name, error = %e, "mirror failed"),
                 Err(_) => tracing::debug!(cluster = %cluster.name, "mirror timed out"),

@@ -612,7 +612,8 @@ impl ProxyHttp for Gateway {
                     let body = buf.freeze();
                     for cluster in clusters {
                         let proxy = cluster.proxy_header(|| conn_addrs(session));
-                        self.mirror.send(cluster, req.clone(), Some(body.clone()), proxy);
+                        self.mirror
+                            .send(cluster, req.clone(), Some(body.clone()), proxy);
                     }
                 }
             }

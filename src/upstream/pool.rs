@@ -143,7 +143,10 @@ mod tests {
 
         let addr = quiet.peer_addr().unwrap();
         put(addr, None, quiet, now, long);
-        assert!(take(addr, None, now).is_some(), "a quiet connection is reused");
+        assert!(
+            take(addr, None, now).is_some(),
+            "a quiet connection is reused"
+        );
 
         // Stray bytes after the response: never reused.
         s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nSTRAY")
@@ -162,6 +165,41 @@ mod tests {
         put(addr, None, c, now, long);
         assert!(take(addr, None, now).is_none(), "a closed one is dropped");
         assert_eq!(idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_opened_with_a_proxy_header_goes_only_to_that_header() {
+        use crate::upstream::proxy_protocol::{ConnAddrs, Version};
+        let now = Instant::now();
+        let long = Duration::from_secs(60);
+        let header = |port: u16, version| Header {
+            version,
+            addrs: Some(ConnAddrs::new(
+                SocketAddr::from(([192, 0, 2, 7], port)),
+                SocketAddr::from(([198, 51, 100, 1], 443)),
+            )),
+        };
+        let (c, _s) = pair().await;
+        let addr = c.peer_addr().unwrap();
+        put(addr, Some(header(4000, Version::V1)), c, now, long);
+        assert!(
+            take(addr, None, now).is_none(),
+            "not for a request without one"
+        );
+        assert!(
+            take(addr, Some(&header(4001, Version::V1)), now).is_none(),
+            "nor another client"
+        );
+        assert!(
+            take(addr, Some(&header(4000, Version::V2)), now).is_none(),
+            "nor v2"
+        );
+        assert!(take(addr, Some(&header(4000, Version::V1)), now).is_some());
+        let (c, _s) = pair().await;
+        let addr = c.peer_addr().unwrap();
+        put(addr, None, c, now, long);
+        assert!(take(addr, Some(&header(4000, Version::V1)), now).is_none());
+        assert!(take(addr, None, now).is_some());
     }
 
     #[tokio::test]

@@ -120,12 +120,18 @@ mod tests {
             version: Version::V1,
             addrs: addrs("192.0.2.7:4000", "198.51.100.1:443"),
         };
-        assert_eq!(h.encode(), b"PROXY TCP4 192.0.2.7 198.51.100.1 4000 443\r\n");
+        assert_eq!(
+            h.encode(),
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 4000 443\r\n"
+        );
         let h = Header {
             version: Version::V1,
             addrs: addrs("[2001:db8::7]:4000", "[2001:db8::1]:443"),
         };
-        assert_eq!(h.encode(), b"PROXY TCP6 2001:db8::7 2001:db8::1 4000 443\r\n");
+        assert_eq!(
+            h.encode(),
+            b"PROXY TCP6 2001:db8::7 2001:db8::1 4000 443\r\n"
+        );
         let h = Header {
             version: Version::V1,
             addrs: None,
@@ -179,6 +185,8 @@ mod tests {
             version: Version::V1,
             addrs: Some(a),
         };
-        assert!(h.encode().starts_with(b"PROXY TCP6 ::ffff:192.0.2.7 2001:db8::1 "));
+        assert!(h
+            .encode()
+            .starts_with(b"PROXY TCP6 ::ffff:192.0.2.7 2001:db8::1 "));
     }
 }

@@ -326,12 +326,13 @@ impl Cx {
             }
         }
         // Validated with the DestinationRule (`check_policy`); Istio's default is V1.
-        settings.proxy_protocol = eff.proxy_protocol.as_ref().map(|pp| {
-            match pp.version.as_deref() {
-                Some("V2") => crate::upstream::proxy_protocol::Version::V2,
-                _ => crate::upstream::proxy_protocol::Version::V1,
-            }
-        });
+        settings.proxy_protocol =
+            eff.proxy_protocol
+                .as_ref()
+                .map(|pp| match pp.version.as_deref() {
+                    Some("V2") => crate::upstream::proxy_protocol::Version::V2,
+                    _ => crate::upstream::proxy_protocol::Version::V1,
+                });
         let (mut max_conn, mut max_pending, mut max_req, mut max_retries) =
             (None, None, None, None);
         if let Some(cp) = &eff.connection_pool {
