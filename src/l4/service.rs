@@ -388,6 +388,8 @@ async fn connect(
         let started = Instant::now();
         let connect = async {
             let mut stream = TcpStream::connect(addr).await?;
+            // Before the header: the client's bytes must not wait for its ACK.
+            let _ = stream.set_nodelay(true);
             if let Some(h) = &header {
                 stream.write_all(h).await?;
             }
@@ -396,7 +398,6 @@ async fn connect(
         let result = tokio::time::timeout(cluster.settings.connect_timeout, connect).await;
         match result {
             Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
                 // A connection made counts as a success for outlier detection, and its
                 // connect time feeds the latency-aware balancers.
                 cluster.record(i, Some(200), Some(started.elapsed()));

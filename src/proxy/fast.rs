@@ -1461,6 +1461,8 @@ async fn connect(
 ) -> Option<TcpStream> {
     let connect = async {
         let mut io = TcpStream::connect(addr).await?;
+        // Before the header: the request that follows it must not wait for its ACK.
+        let _ = io.set_nodelay(true);
         if let Some(h) = proxy {
             io.write_all(&h.encode()).await?;
         }
@@ -1468,7 +1470,6 @@ async fn connect(
     };
     match tokio::time::timeout(settings.connect_timeout, connect).await {
         Ok(Ok(io)) => {
-            let _ = io.set_nodelay(true);
             if let Some(k) = &settings.tcp_keepalive {
                 // `connectionPool.tcp.tcpKeepalive`, as pingora's connector sets it.
                 let probes = socket2::TcpKeepalive::new()
