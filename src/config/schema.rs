@@ -708,6 +708,17 @@ pub struct TrafficPolicy {
     pub tls: Option<ClientTlsSettings>,
     #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicy>,
+    /// Send a PROXY protocol header on each new upstream connection. Istio has no
+    /// port-level form of it.
+    pub proxy_protocol: Option<UpstreamProxyProtocol>,
+}
+
+/// `trafficPolicy.proxyProtocol`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamProxyProtocol {
+    /// `V1` (Istio's default) or `V2`.
+    pub version: Option<String>,
 }
 
 /// `portLevelSettings[]`: the same settings for one port.

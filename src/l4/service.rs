@@ -17,7 +17,7 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::client_hello::{self, Parsed};
@@ -26,6 +26,7 @@ use crate::snapshot::Snapshot;
 use crate::telemetry::outcome::Flag;
 use crate::telemetry::{access_log, Metrics};
 use crate::upstream::balancer::hash_ip;
+use crate::upstream::proxy_protocol::{ConnAddrs, Header as ProxyHeader};
 use crate::upstream::{Cluster, HashSource, InFlight};
 
 /// At most this many endpoints are tried before a connection is given up (Envoy's TCP
@@ -235,7 +236,11 @@ async fn forward(route: Arc<L4Route>, io: Stream, rec: &mut Record) -> Result<()
         .admit(Duration::ZERO)
         .await
         .ok_or_else(|| Refusal::new(Flag::UpstreamOverflow, "overflow", "connection pool full"))?;
-    let (index, upstream) = connect(&cluster, rec.downstream_remote).await?;
+    let proxy = cluster.proxy_header(|| match (rec.downstream_remote, rec.downstream_local) {
+        (Some(source), Some(destination)) => Some(ConnAddrs::new(source, destination)),
+        _ => None,
+    });
+    let (index, upstream) = connect(&cluster, rec.downstream_remote, proxy).await?;
     rec.upstream = Some(cluster.endpoints[index].addr);
     let _in_flight = InFlight::new(cluster.clone(), index);
 
@@ -366,11 +371,14 @@ where
     })
 }
 
-/// Connects to an endpoint the cluster's balancer picks, trying others when one fails.
+/// Connects to an endpoint the cluster's balancer picks, trying others when one fails;
+/// a new connection opens with the PROXY header `proxy`, within the connect timeout.
 async fn connect(
     cluster: &Cluster,
     client: Option<SocketAddr>,
+    proxy: Option<ProxyHeader>,
 ) -> Result<(usize, TcpStream), Refusal> {
+    let header = proxy.map(|h| h.encode());
     let hash = match cluster.policy.hash_source() {
         Some(HashSource::SourceIp) => client.map(|c| hash_ip(c.ip())),
         _ => None,
@@ -388,11 +396,18 @@ async fn connect(
         tried.push(i);
         let addr = cluster.endpoints[i].addr;
         let started = Instant::now();
-        let result =
-            tokio::time::timeout(cluster.settings.connect_timeout, TcpStream::connect(addr)).await;
+        let connect = async {
+            let mut stream = TcpStream::connect(addr).await?;
+            // Before the header: the client's bytes must not wait for its ACK.
+            let _ = stream.set_nodelay(true);
+            if let Some(h) = &header {
+                stream.write_all(h).await?;
+            }
+            Ok::<_, std::io::Error>(stream)
+        };
+        let result = tokio::time::timeout(cluster.settings.connect_timeout, connect).await;
         match result {
             Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
                 // A connection made counts as a success for outlier detection, and its
                 // connect time feeds the latency-aware balancers.
                 cluster.record(i, Some(200), Some(started.elapsed()));

@@ -48,6 +48,7 @@ use crate::telemetry::outcome::Flag;
 use crate::telemetry::record::{self, Codec, Outcome};
 use crate::telemetry::trace::{self, SpanContext};
 use crate::telemetry::Metrics;
+use crate::upstream::proxy_protocol::{ConnAddrs, Header as ProxyHeader};
 use crate::upstream::retry::{self, Again, TryFailure};
 use crate::upstream::{self, Cluster, ClusterSettings, InFlight, RetryPermit};
 
@@ -82,6 +83,8 @@ pub struct FastH1 {
 /// The upstream connection of a request.
 struct Upstream {
     addr: SocketAddr,
+    /// The PROXY header it opened with (it is pooled under it).
+    proxy: Option<ProxyHeader>,
     io: TcpStream,
     /// Taken from the pool, rather than connected for this try.
     pooled: bool,
@@ -118,7 +121,8 @@ impl Upstream {
     /// with nothing read past it (`extra` is false), unless either side said close.
     fn release(self, cluster: &Cluster, extra: bool, close: bool) {
         if !extra && !close && !self.last {
-            upstream::pool::put(self.addr, self.io, Instant::now(), idle_limit(cluster));
+            let now = Instant::now();
+            upstream::pool::put(self.addr, self.proxy, self.io, now, idle_limit(cluster));
         }
     }
 }
@@ -969,7 +973,9 @@ impl FastH1 {
             if let Some(head) = mirror::request_head(method, target, fields) {
                 let body = (req.body > 0).then(|| Bytes::copy_from_slice(&c.buf[..req.body]));
                 for cluster in mirrors {
-                    MirrorClient::global().send(cluster.clone(), head.clone(), body.clone());
+                    let proxy =
+                        cluster.proxy_header(|| ConnAddrs::of(c.io.get_socket_digest().as_deref()));
+                    MirrorClient::global().send(cluster.clone(), head.clone(), body.clone(), proxy);
                 }
             }
         }
@@ -1069,6 +1075,7 @@ impl FastH1 {
             let ex = Exchange {
                 cluster,
                 i,
+                proxy: cluster.proxy_header(|| ConnAddrs::of(c.io.get_socket_digest().as_deref())),
                 pooled,
                 head_only,
                 ops: response_ops,
@@ -1375,6 +1382,8 @@ impl Log<'_> {
 struct Exchange<'a> {
     cluster: &'a Cluster,
     i: usize,
+    /// The PROXY header a new connection opens with (`Cluster::proxy_header`).
+    proxy: Option<ProxyHeader>,
     /// A pooled connection may carry it (not when resending after a stale one).
     pooled: bool,
     head_only: bool,
@@ -1386,11 +1395,24 @@ struct Exchange<'a> {
     wait: Duration,
 }
 
-/// A new connection to `addr` within `timeout`.
-async fn connect(addr: SocketAddr, settings: &ClusterSettings) -> Option<TcpStream> {
-    match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
+/// A new connection to `addr` within the cluster's connect timeout, its PROXY header
+/// (`proxy`) sent first.
+async fn connect(
+    addr: SocketAddr,
+    settings: &ClusterSettings,
+    proxy: Option<&ProxyHeader>,
+) -> Option<TcpStream> {
+    let connect = async {
+        let mut io = TcpStream::connect(addr).await?;
+        // Before the header: the request that follows it must not wait for its ACK.
+        let _ = io.set_nodelay(true);
+        if let Some(h) = proxy {
+            io.write_all(&h.encode()).await?;
+        }
+        Ok::<_, io::Error>(io)
+    };
+    match tokio::time::timeout(settings.connect_timeout, connect).await {
         Ok(Ok(io)) => {
-            let _ = io.set_nodelay(true);
             if let Some(k) = &settings.tcp_keepalive {
                 // `connectionPool.tcp.tcpKeepalive`, as pingora's connector sets it.
                 let probes = socket2::TcpKeepalive::new()
@@ -1453,20 +1475,22 @@ impl Upstream {
     /// take one, else a new one within the cluster's connect timeout.
     async fn open(addr: SocketAddr, ex: &Exchange<'_>) -> Result<Upstream, TryFailure> {
         if ex.pooled {
-            if let Some(io) = upstream::pool::take(addr, Instant::now()) {
+            if let Some(io) = upstream::pool::take(addr, ex.proxy.as_ref(), Instant::now()) {
                 return Ok(Upstream {
                     addr,
+                    proxy: ex.proxy,
                     io,
                     pooled: true,
                     last: false,
                 });
             }
         }
-        let io = connect(addr, &ex.cluster.settings)
+        let io = connect(addr, &ex.cluster.settings, ex.proxy.as_ref())
             .await
             .ok_or(TryFailure::Connect)?;
         Ok(Upstream {
             addr,
+            proxy: ex.proxy,
             io,
             pooled: false,
             last: false,

@@ -11,6 +11,7 @@ use pingora_error::Result;
 use pingora_http::RequestHeader;
 use tokio::sync::Semaphore;
 
+use crate::upstream::proxy_protocol::Header;
 use crate::upstream::Cluster;
 
 /// Largest request body that is mirrored; larger bodies are not mirrored at all.
@@ -69,11 +70,15 @@ pub fn shadow_host(host: &str) -> String {
 }
 
 impl MirrorClient {
+    /// Sends a copy of a request; `proxy` is the mirror cluster's PROXY header for the
+    /// request's downstream connection (`Cluster::proxy_header`): the copy is that
+    /// client's request too.
     pub fn send(
         self: &Arc<Self>,
         cluster: Arc<Cluster>,
         mut req: RequestHeader,
         body: Option<Bytes>,
+        proxy: Option<Header>,
     ) {
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             tracing::debug!(cluster = %cluster.name, "mirror dropped: too many copies in flight");
@@ -90,7 +95,9 @@ impl MirrorClient {
         let this = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match tokio::time::timeout(MIRROR_TIMEOUT, this.forward(&cluster, req, body)).await {
+            match tokio::time::timeout(MIRROR_TIMEOUT, this.forward(&cluster, req, body, proxy))
+                .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(cluster = %cluster.name, error = %e, "mirror failed"),
                 Err(_) => tracing::debug!(cluster = %cluster.name, "mirror timed out"),
@@ -103,11 +110,12 @@ impl MirrorClient {
         cluster: &Cluster,
         req: RequestHeader,
         body: Option<Bytes>,
+        proxy: Option<Header>,
     ) -> Result<()> {
         let Some(i) = cluster.select(None, &[]) else {
             return Ok(());
         };
-        let peer = cluster.peer(i, Some(MIRROR_TIMEOUT));
+        let peer = cluster.peer(i, Some(MIRROR_TIMEOUT), proxy);
         let (mut session, _reused) = self.connector.get_http_session(&peer).await?;
         session.write_request_header(Box::new(req)).await?;
         if let Some(body) = body {

@@ -158,6 +158,13 @@ fn peer_cert(session: &Session) -> Option<&crate::tls::client_auth::PeerCert> {
     crate::tls::client_auth::TlsConn::of(ssl)?.peer.as_deref()
 }
 
+/// The downstream connection's client and local address (after a listener's PROXY
+/// header), for a PROXY header to the upstream.
+fn conn_addrs(session: &Session) -> Option<crate::upstream::proxy_protocol::ConnAddrs> {
+    let digest = session.digest().and_then(|d| d.socket_digest.as_deref());
+    crate::upstream::proxy_protocol::ConnAddrs::of(digest)
+}
+
 fn client_ip(session: &Session) -> Option<IpAddr> {
     session
         .client_addr()
@@ -175,6 +182,7 @@ impl Gateway {
         cluster: &Arc<crate::upstream::Cluster>,
         forward: &Forward,
         i: usize,
+        proxy: Option<crate::upstream::proxy_protocol::Header>,
     ) -> Result<Box<HttpPeer>> {
         ctx.upstream_host = Some(cluster.endpoints[i].addr);
         ctx.in_flight = Some(InFlight::new(cluster.clone(), i));
@@ -184,7 +192,7 @@ impl Gateway {
         // Checked before the endpoint was chosen; a deadline passed since gets the least.
         let wait = retry::try_wait(forward.retries.per_try_timeout, ctx.deadline, idle)
             .unwrap_or(Duration::from_millis(1));
-        Ok(Box::new(cluster.peer(i, Some(wait))))
+        Ok(Box::new(cluster.peer(i, Some(wait), proxy)))
     }
 
     /// The checks every request passes before routing (`proxy::check`; an HTTP/1.1 head
@@ -530,7 +538,8 @@ impl ProxyHttp for Gateway {
                 ctx.mirror_pending = Some((mirrors, req, BytesMut::new()));
             } else {
                 for cluster in mirrors {
-                    self.mirror.send(cluster, req.clone(), None);
+                    let proxy = cluster.proxy_header(|| conn_addrs(session));
+                    self.mirror.send(cluster, req.clone(), None, proxy);
                 }
             }
         }
@@ -548,7 +557,7 @@ impl ProxyHttp for Gateway {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut Self::CTX,
@@ -565,7 +574,9 @@ impl ProxyHttp for Gateway {
                 if let Some((clusters, req, buf)) = ctx.mirror_pending.take() {
                     let body = buf.freeze();
                     for cluster in clusters {
-                        self.mirror.send(cluster, req.clone(), Some(body.clone()));
+                        let proxy = cluster.proxy_header(|| conn_addrs(session));
+                        self.mirror
+                            .send(cluster, req.clone(), Some(body.clone()), proxy);
                     }
                 }
             }
@@ -575,7 +586,7 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
         if ctx.egress.is_some() {
@@ -611,7 +622,8 @@ impl ProxyHttp for Gateway {
             // The same endpoint again, at once, on a new connection (pingora discarded the
             // one that had been closed).
             if let Some(&i) = ctx.tried.last() {
-                return self.peer_for(ctx, &cluster, forward, i);
+                let proxy = cluster.proxy_header(|| conn_addrs(session));
+                return self.peer_for(ctx, &cluster, forward, i, proxy);
             }
         } else if ctx.retries > 0 {
             let pause = forward.retries.backoff_for(ctx.retries);
@@ -632,7 +644,8 @@ impl ProxyHttp for Gateway {
             ));
         };
         ctx.tried.push(i);
-        self.peer_for(ctx, &cluster, forward, i)
+        let proxy = cluster.proxy_header(|| conn_addrs(session));
+        self.peer_for(ctx, &cluster, forward, i, proxy)
     }
 
     async fn upstream_request_filter(

@@ -4,6 +4,7 @@
 
 pub mod balancer;
 pub mod pool;
+pub mod proxy_protocol;
 pub mod retry;
 
 use std::net::SocketAddr;
@@ -181,6 +182,9 @@ pub struct ClusterSettings {
     /// `tcp.idleTimeout`: a TCP or passthrough connection with no bytes either way for this
     /// long is closed. Istio's default is 1h; `None` (written `0s`) never closes.
     pub tcp_idle_timeout: Option<Duration>,
+    /// `trafficPolicy.proxyProtocol`: each new connection opens with a PROXY header of
+    /// this version ([`Cluster::proxy_header`]).
+    pub proxy_protocol: Option<proxy_protocol::Version>,
 }
 
 impl Default for ClusterSettings {
@@ -193,6 +197,7 @@ impl Default for ClusterSettings {
             tls: None,
             max_requests_per_connection: None,
             tcp_idle_timeout: Some(Duration::from_secs(3600)),
+            proxy_protocol: None,
         }
     }
 }
@@ -397,7 +402,29 @@ impl Cluster {
 
     /// The pingora peer for endpoint `i`. The address is already an IP: `HttpPeer::new`
     /// must never resolve names on the request path.
-    pub fn peer(&self, i: usize, read_timeout: Option<Duration>) -> HttpPeer {
+    /// The PROXY header a new connection of this cluster opens with, for a request or
+    /// connection of the downstream connection whose addresses `conn` gives (asked only
+    /// when the cluster sends one); `None` when it sends none. Every connector asks here
+    /// (pingora's, the fast codecs', L4, the mirror): the one place the setting is read.
+    pub fn proxy_header(
+        &self,
+        conn: impl FnOnce() -> Option<proxy_protocol::ConnAddrs>,
+    ) -> Option<proxy_protocol::Header> {
+        let version = self.settings.proxy_protocol?;
+        Some(proxy_protocol::Header {
+            version,
+            addrs: conn(),
+        })
+    }
+
+    /// Pingora's peer for endpoint `i`; `proxy` is [`Cluster::proxy_header`]'s answer for
+    /// the request's downstream connection.
+    pub fn peer(
+        &self,
+        i: usize,
+        read_timeout: Option<Duration>,
+        proxy: Option<proxy_protocol::Header>,
+    ) -> HttpPeer {
         let endpoint = &self.endpoints[i];
         let mut peer = match &self.settings.tls {
             None => HttpPeer::new(endpoint.addr, false, String::new()),
@@ -432,6 +459,8 @@ impl Cluster {
             }
             o.max_h2_streams = 100;
         }
+        // Written by pingora's connector before TLS, and part of the pool key (vendor/README.md).
+        o.proxy_protocol_header = proxy.map(|h| bytes::Bytes::from(h.encode()));
         peer
     }
 }

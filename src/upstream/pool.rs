@@ -12,6 +12,11 @@
 //! module do with a task or a read handler per idle connection): a connection with no
 //! read event since its last empty read costs no syscall to check; one with an event is
 //! read once, and anything but "would block" retires it.
+//!
+//! A connection that opened with a PROXY protocol header (DestinationRule
+//! `proxyProtocol`) names one downstream client: it is kept under that header too, and
+//! handed out only for a request that would open a connection with the same header (the
+//! same client connection, cluster setting and version), never to another client.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -21,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
+use super::proxy_protocol::Header;
+
 /// Idle connections kept per thread (the least recently used goes first). An h2 client
 /// has many streams in flight at once, each needing its own HTTP/1.1 upstream connection,
 /// and HTTP/1.1 clients on the thread share them too.
@@ -29,6 +36,8 @@ pub const MAX_IDLE_PER_THREAD: usize = 256;
 /// An idle connection to an endpoint.
 struct Idle {
     addr: SocketAddr,
+    /// The PROXY header it opened with.
+    proxy: Option<Header>,
     io: TcpStream,
     /// When it is too old to be used: it went idle this long ago (the cluster's
     /// `idleTimeout`).
@@ -46,11 +55,14 @@ pub fn is_clean(io: &TcpStream) -> bool {
     matches!(io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
-/// The most recently used idle connection to `addr` that is neither too old nor spoiled.
-/// Those met on the way that are, are closed.
-pub fn take(addr: SocketAddr, now: Instant) -> Option<TcpStream> {
+/// The most recently used idle connection to `addr` that opened with PROXY header `proxy`
+/// and is neither too old nor spoiled. Those met on the way that are, are closed.
+pub fn take(addr: SocketAddr, proxy: Option<&Header>, now: Instant) -> Option<TcpStream> {
     IDLE.with_borrow_mut(|idle| {
-        while let Some(k) = idle.iter().rposition(|u| u.addr == addr) {
+        while let Some(k) = idle
+            .iter()
+            .rposition(|u| u.addr == addr && u.proxy.as_ref() == proxy)
+        {
             let up = idle.remove(k)?;
             if now < up.expires && is_clean(&up.io) {
                 return Some(up.io);
@@ -60,9 +72,16 @@ pub fn take(addr: SocketAddr, now: Instant) -> Option<TcpStream> {
     })
 }
 
-/// Keeps `io`, connected to `addr`, for a later request for at most `max_idle`. Call only
-/// after a response that ended exactly where its framing said, with nothing read past it.
-pub fn put(addr: SocketAddr, io: TcpStream, now: Instant, max_idle: Duration) {
+/// Keeps `io`, connected to `addr` (and opened with PROXY header `proxy`), for a later
+/// request for at most `max_idle`. Call only after a response that ended exactly where
+/// its framing said, with nothing read past it.
+pub fn put(
+    addr: SocketAddr,
+    proxy: Option<Header>,
+    io: TcpStream,
+    now: Instant,
+    max_idle: Duration,
+) {
     IDLE.with_borrow_mut(|idle| {
         // Oldest first: drop those past their time (a quiet thread's pool otherwise keeps
         // connections the upstream has closed until they are asked for).
@@ -74,6 +93,7 @@ pub fn put(addr: SocketAddr, io: TcpStream, now: Instant, max_idle: Duration) {
         }
         idle.push_back(Idle {
             addr,
+            proxy,
             io,
             expires: now + max_idle,
         });
@@ -122,8 +142,11 @@ mod tests {
         assert!(is_clean(&c), "nothing arrived after the response");
 
         let addr = quiet.peer_addr().unwrap();
-        put(addr, quiet, now, long);
-        assert!(take(addr, now).is_some(), "a quiet connection is reused");
+        put(addr, None, quiet, now, long);
+        assert!(
+            take(addr, None, now).is_some(),
+            "a quiet connection is reused"
+        );
 
         // Stray bytes after the response: never reused.
         s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nSTRAY")
@@ -131,17 +154,52 @@ mod tests {
             .unwrap();
         readable(&c).await;
         let addr = c.peer_addr().unwrap();
-        put(addr, c, now, long);
-        assert!(take(addr, now).is_none(), "stray bytes spoil it");
+        put(addr, None, c, now, long);
+        assert!(take(addr, None, now).is_none(), "stray bytes spoil it");
 
         // Closed by the upstream while idle: never reused.
         let (c, s) = pair().await;
         drop(s);
         readable(&c).await;
         let addr = c.peer_addr().unwrap();
-        put(addr, c, now, long);
-        assert!(take(addr, now).is_none(), "a closed one is dropped");
+        put(addr, None, c, now, long);
+        assert!(take(addr, None, now).is_none(), "a closed one is dropped");
         assert_eq!(idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_opened_with_a_proxy_header_goes_only_to_that_header() {
+        use crate::upstream::proxy_protocol::{ConnAddrs, Version};
+        let now = Instant::now();
+        let long = Duration::from_secs(60);
+        let header = |port: u16, version| Header {
+            version,
+            addrs: Some(ConnAddrs::new(
+                SocketAddr::from(([192, 0, 2, 7], port)),
+                SocketAddr::from(([198, 51, 100, 1], 443)),
+            )),
+        };
+        let (c, _s) = pair().await;
+        let addr = c.peer_addr().unwrap();
+        put(addr, Some(header(4000, Version::V1)), c, now, long);
+        assert!(
+            take(addr, None, now).is_none(),
+            "not for a request without one"
+        );
+        assert!(
+            take(addr, Some(&header(4001, Version::V1)), now).is_none(),
+            "nor another client"
+        );
+        assert!(
+            take(addr, Some(&header(4000, Version::V2)), now).is_none(),
+            "nor v2"
+        );
+        assert!(take(addr, Some(&header(4000, Version::V1)), now).is_some());
+        let (c, _s) = pair().await;
+        let addr = c.peer_addr().unwrap();
+        put(addr, None, c, now, long);
+        assert!(take(addr, Some(&header(4000, Version::V1)), now).is_none());
+        assert!(take(addr, None, now).is_some());
     }
 
     #[tokio::test]
@@ -152,17 +210,17 @@ mod tests {
         let (b, _pb) = pair().await;
         let addr_a = a.peer_addr().unwrap();
         let addr_b = b.peer_addr().unwrap();
-        put(addr_a, a, start, limit);
-        assert!(take(addr_a, start + limit).is_none(), "too old");
+        put(addr_a, None, a, start, limit);
+        assert!(take(addr_a, None, start + limit).is_none(), "too old");
         let (a, _pa2) = pair().await;
         let addr_a = a.peer_addr().unwrap();
-        put(addr_a, a, start, limit);
-        put(addr_b, b, start + limit, limit);
+        put(addr_a, None, a, start, limit);
+        put(addr_b, None, b, start + limit, limit);
         assert_eq!(
             idle_count(),
             1,
             "the expired one went when the new one came"
         );
-        assert!(take(addr_b, start + limit).is_some());
+        assert!(take(addr_b, None, start + limit).is_some());
     }
 }

@@ -30,6 +30,8 @@ struct Effective {
     outlier_detection: Option<schema::OutlierDetection>,
     /// With the file the setting came from, to resolve its relative paths.
     tls: Option<schema::ClientTlsSettings>,
+    /// DestinationRule level, then the subset's (Istio has no port-level form).
+    proxy_protocol: Option<schema::UpstreamProxyProtocol>,
 }
 
 impl Effective {
@@ -43,6 +45,9 @@ impl Effective {
             );
             if let Some(t) = &tp.tls {
                 e.tls = Some(t.clone());
+            }
+            if let Some(pp) = &tp.proxy_protocol {
+                e.proxy_protocol = Some(pp.clone());
             }
             for pl in &tp.port_level_settings {
                 if pl.port.as_ref().map(|p| p.number) == Some(u32::from(port)) {
@@ -333,6 +338,14 @@ impl Cx {
                 }
             }
         }
+        // Validated with the DestinationRule (`check_policy`); Istio's default is V1.
+        settings.proxy_protocol =
+            eff.proxy_protocol
+                .as_ref()
+                .map(|pp| match pp.version.as_deref() {
+                    Some("V2") => crate::upstream::proxy_protocol::Version::V2,
+                    _ => crate::upstream::proxy_protocol::Version::V1,
+                });
         let (mut max_conn, mut max_pending, mut max_req, mut max_retries) =
             (None, None, None, None);
         if let Some(cp) = &eff.connection_pool {

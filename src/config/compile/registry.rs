@@ -122,6 +122,16 @@ impl Cx {
             tp.connection_pool.as_ref(),
             tp.outlier_detection.as_ref(),
         );
+        if let Some(pp) = &tp.proxy_protocol {
+            match pp.version.as_deref() {
+                None | Some("V1") | Some("V2") => {}
+                Some(other) => self.err(
+                    o,
+                    &format!("{at}.proxyProtocol.version"),
+                    format!("{other:?} is not V1 or V2"),
+                ),
+            }
+        }
         for (i, pl) in tp.port_level_settings.iter().enumerate() {
             let here = format!("{at}.portLevelSettings[{i}]");
             if pl.port.is_none() {

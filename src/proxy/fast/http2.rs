@@ -17,6 +17,11 @@ use pingora_http::{RequestHeader, ResponseHeader};
 
 use super::*;
 
+/// The stream's connection's client and local address, for a PROXY header upstream.
+fn conn_addrs(s: &HttpSession) -> Option<ConnAddrs> {
+    ConnAddrs::of(s.digest().and_then(|d| d.socket_digest.as_deref()))
+}
+
 /// Rejected (malformed) streams after which a connection is closed, as pingora's own
 /// accept loop does.
 const MAX_MALFORMED_STREAMS: usize = 32;
@@ -346,9 +351,12 @@ impl FastH1 {
             // pingora's cycle), its whole body (read above).
             let body = (body_len > 0).then(|| Bytes::copy_from_slice(&out[out.len() - body_len..]));
             for cluster in mirrors {
-                MirrorClient::global().send(cluster.clone(), head.clone(), body.clone());
+                let proxy = cluster.proxy_header(|| conn_addrs(s));
+                MirrorClient::global().send(cluster.clone(), head.clone(), body.clone(), proxy);
             }
         }
+        // The PROXY header of the destination's new connections (and its pool key).
+        let proxy = cluster.proxy_header(|| conn_addrs(s));
 
         // Tries: as the route's retries and the shared resend rule allow.
         let mut tried = Vec::new();
@@ -397,6 +405,7 @@ impl FastH1 {
             let ex = Exchange {
                 cluster,
                 i,
+                proxy,
                 pooled,
                 head_only,
                 ops,

@@ -573,6 +573,11 @@ pub struct PeerOptions {
     #[cfg(feature = "rustls")]
     pub server_cert_verifier:
         Option<Arc<dyn pingora_rustls::ServerCertVerifier + Send + Sync + 'static>>,
+    /// PORTICO PATCH (see vendor/README.md): bytes written on every new TCP connection to
+    /// the peer right after it is connected, before TLS or anything else: a PROXY
+    /// protocol header naming the downstream client. Part of `HttpPeer`'s reuse hash, so a
+    /// pooled connection is only reused by a peer that would have sent the same bytes.
+    pub proxy_protocol_header: Option<bytes::Bytes>,
 }
 
 impl PeerOptions {
@@ -619,6 +624,7 @@ impl PeerOptions {
             upstream_tls_handshake_complete_hook: None,
             #[cfg(feature = "rustls")]
             server_cert_verifier: None,
+            proxy_protocol_header: None,
         }
     }
 
@@ -805,6 +811,9 @@ impl Hash for HttpPeer {
         // adjusted over the lifetime of a connection.
         self.options.curves.hash(state);
         self.options.second_keyshare.hash(state);
+        // PORTICO PATCH (see vendor/README.md): a connection that opened with a PROXY
+        // header belongs to the client it names.
+        self.options.proxy_protocol_header.hash(state);
     }
 }
 
