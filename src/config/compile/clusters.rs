@@ -296,7 +296,15 @@ impl Cx {
             ..ClusterSettings::default()
         };
         if let (Some(t), Some(r)) = (&eff.tls, &rule) {
-            match self.upstream_tls(&r.origin, t, &host, port, subset) {
+            // The ServiceEntry's subjectAltNames when the DestinationRule names none (and
+            // verifies at all).
+            let mut t = t.clone();
+            if t.subject_alt_names.is_empty() && t.insecure_skip_verify != Some(true) {
+                if let Some(se) = &service {
+                    t.subject_alt_names = se.subject_alt_names.clone();
+                }
+            }
+            match self.upstream_tls(&r.origin, &t, &host, port, subset) {
                 Ok(tls) => settings.tls = tls.map(Arc::new),
                 Err(e) => {
                     match e.strip_prefix("caCrl: ") {
@@ -528,9 +536,10 @@ impl Cx {
     /// (`outbound_.<port>_.<subset>_.<host>`, unless `sni` is set), and the upstream's chain
     /// verified against the mesh root, and against `caCrl` when set. Its name is not
     /// checked against the SNI: a workload certificate names a SPIFFE identity, not a host.
-    /// `subjectAltNames` lists the identities that may serve the host (Istio takes them
-    /// from the service's accounts too; without istiod, only these): the certificate must
-    /// carry one; without them the chain alone is checked.
+    /// `subjectAltNames` lists the identities that may serve the host (the
+    /// DestinationRule's, else the ServiceEntry's, as Istio takes a service's accounts;
+    /// without istiod, only these): the certificate must carry one; without them the
+    /// chain alone is checked.
     fn istio_mutual_upstream(
         &mut self,
         o: &Origin,

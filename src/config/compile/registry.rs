@@ -54,6 +54,9 @@ pub(super) struct Service {
     pub(super) ports: Vec<ServicePort>,
     /// unix:// endpoints left out (an error).
     pub(super) endpoints: Vec<ServiceEndpoint>,
+    /// The names an upstream certificate must carry one of, when a DestinationRule
+    /// originating TLS to a host of this entry names none itself.
+    pub(super) subject_alt_names: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -298,6 +301,11 @@ impl Cx {
                 labels: ep.labels.clone(),
             });
         }
+        for (j, n) in s.subject_alt_names.iter().enumerate() {
+            if n.is_empty() {
+                self.err(o, &format!(".subjectAltNames[{j}]"), "an empty name");
+            }
+        }
         Service {
             name: s.name.clone(),
             qualified: format!("{}/{}", s.namespace.as_deref().unwrap_or("default"), s.name),
@@ -307,6 +315,7 @@ impl Cx {
             resolution,
             ports,
             endpoints,
+            subject_alt_names: s.subject_alt_names.clone(),
         }
     }
 
