@@ -737,6 +737,13 @@ dnsServers = ["not-an-address"]
 name = "x"
 hosts = ["x.test"]
 ports = [{ number = 80, name = "http", protocol = "SMTP" }]
+
+[[serviceEntries]]
+name = "y"
+hosts = ["y.test"]
+resolution = "STATIC"
+ports = [{ number = 80, name = "http" }]
+endpoints = [{ address = "127.0.0.1", ports = { http = 70000 } }]
 "#,
     )
     .unwrap();
@@ -748,6 +755,12 @@ ports = [{ number = 80, name = "http", protocol = "SMTP" }]
     );
     assert!(
         out.contains("serviceEntries[0].ports[0].protocol") && out.contains("SMTP"),
+        "{out}"
+    );
+    // An endpoint's named port is checked once, for the clusters and the forward proxy.
+    assert!(
+        out.contains("serviceEntries[1].endpoints[0].ports.http")
+            && out.contains("port must be 1-65535"),
         "{out}"
     );
 }

@@ -109,9 +109,22 @@ directResponse = {{ status = 200, body = {{ string = "from origin" }} }}
 /// `(name, tls)` per case; `extra` is added to the config (e.g. the mesh's workload
 /// certificates). Returns (it, its HTTP port).
 fn edge(dir: &Path, origin_port: u16, cases: &[(&str, &str)], extra: &str) -> (Portico, u16) {
+    let cases: Vec<(&str, &str, &str)> = cases.iter().map(|(n, t)| (*n, "", *t)).collect();
+    edge_with_entries(dir, origin_port, &cases, "", extra)
+}
+
+/// `edge`, with fields added to each case's ServiceEntry (`(name, entry fields, tls)`)
+/// and top-level keys `top` (e.g. `include`).
+fn edge_with_entries(
+    dir: &Path,
+    origin_port: u16,
+    cases: &[(&str, &str, &str)],
+    top: &str,
+    extra: &str,
+) -> (Portico, u16) {
     let http = free_port();
     let mut config = format!(
-        r#"{mesh}{extra}
+        r#"{top}{mesh}{extra}
 [[gateways]]
 name = "edge"
 [[gateways.servers]]
@@ -121,7 +134,7 @@ hosts = ["*"]
 "#,
         mesh = mesh_config(free_port()),
     );
-    for (name, tls) in cases {
+    for (name, entry, tls) in cases {
         config.push_str(&format!(
             r#"
 [[virtualServices]]
@@ -139,7 +152,7 @@ location = "MESH_EXTERNAL"
 resolution = "STATIC"
 ports = [{{ number = 80, name = "http", protocol = "HTTP", targetPort = {origin_port} }}]
 endpoints = [{{ address = "127.0.0.1" }}]
-
+{entry}
 [[destinationRules]]
 name = "{name}"
 host = "{name}.origin"
@@ -284,6 +297,134 @@ fn subject_alt_names_name_the_upstream_instead_of_the_sni() {
     // The same again: a refused handshake leaves nothing in the pool to reuse.
     assert_eq!(get(http, "wrong.test").status, 503);
     assert_eq!(get(http, "exact.test").status, 200);
+}
+
+/// ServiceEntry `subjectAltNames`: with a DestinationRule originating TLS (SIMPLE) that
+/// names none, the upstream's certificate must carry one of the entry's names (refused
+/// with the reason logged otherwise); the DestinationRule's own list replaces the entry's.
+/// The entry may come from Istio YAML too.
+#[test]
+fn service_entry_subject_alt_names_apply_unless_the_destination_rule_names_its_own() {
+    let ca = Ca::new("Origin CA");
+    let origin_dir = tempfile::tempdir().unwrap();
+    let (_origin, origin_port) = origin(origin_dir.path(), &ca.issue(&["api.internal"], &[], 40));
+    let dir = tempfile::tempdir().unwrap();
+    write_atomic(&dir.path().join("ca.crt"), ca.cert.pem());
+    let simple = |sans: &str| format!(r#"{{ mode = "SIMPLE", caCertificates = "ca.crt"{sans} }}"#);
+    let entry = |sans: &str| format!("subjectAltNames = {sans}\n");
+    // The same entry and rule in Istio YAML, in an included folder.
+    write_atomic(
+        &dir.path().join("manifests/yaml.yaml"),
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: yaml
+spec:
+  hosts: [yaml.internal]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports:
+  - {number: 80, name: http, protocol: HTTP, targetPort: @PORT@}
+  endpoints:
+  - address: 127.0.0.1
+  subjectAltNames: [nope.internal]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: yaml
+spec:
+  host: yaml.internal
+  trafficPolicy:
+    tls: {mode: SIMPLE, caCertificates: ../ca.crt}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: yaml
+spec:
+  hosts: [yaml.test]
+  gateways: [edge]
+  http:
+  - route:
+    - destination: {host: yaml.internal, port: {number: 80}}
+    retries: {attempts: 0}
+"#
+        .replace("@PORT@", &origin_port.to_string()),
+    );
+    let (gw, http) = edge_with_entries(
+        dir.path(),
+        origin_port,
+        &[
+            // The SNI (`<name>.origin`) is not in the certificate: the entry's name is.
+            (
+                "matches",
+                &entry(r#"["other.internal", "api.internal"]"#),
+                &simple(""),
+            ),
+            ("mismatch", &entry(r#"["nope.internal"]"#), &simple("")),
+            // The rule's list wins, whichever way.
+            (
+                "rulepasses",
+                &entry(r#"["nope.internal"]"#),
+                &simple(r#", subjectAltNames = ["api.internal"]"#),
+            ),
+            (
+                "rulerefuses",
+                &entry(r#"["api.internal"]"#),
+                &simple(r#", subjectAltNames = ["rule.internal"]"#),
+            ),
+            // Without the entry's names, the SNI is checked: refused.
+            ("none", "", &simple("")),
+        ],
+        "include = [\"manifests\"]\n",
+        "",
+    );
+    for host in ["matches.test", "rulepasses.test"] {
+        let resp = get(http, host);
+        assert_eq!(resp.status, 200, "{host}: {}", resp.text());
+        assert_eq!(resp.text(), "from origin", "{host}");
+    }
+    let resp = get(http, "mismatch.test");
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    let line = refusal_line(&gw, "mismatch");
+    assert!(line.contains("flag=UF"), "{line}");
+    assert!(
+        line.contains("certificate SAN mismatch")
+            && line.contains("nope.internal")
+            && line.contains("api.internal"),
+        "the log says why: {line}"
+    );
+    let logged = access_line(&gw, "mismatch.test");
+    assert_eq!(logged["response_flags"], "UF", "{logged}");
+    let reason = logged["upstream_transport_failure_reason"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{logged}"));
+    assert!(
+        reason.starts_with("TLS_error: ") && reason.contains("nope.internal"),
+        "{reason}"
+    );
+
+    assert_eq!(get(http, "rulerefuses.test").status, 503);
+    let line = refusal_line(&gw, "rulerefuses");
+    assert!(
+        line.contains("certificate SAN mismatch") && line.contains("rule.internal"),
+        "the rule's names, not the entry's: {line}"
+    );
+    assert_eq!(get(http, "none.test").status, 503);
+
+    // From YAML: the entry's name is checked (it is not the certificate's).
+    assert_eq!(get(http, "yaml.test").status, 503);
+    let line = refusal_line(&gw, "yaml");
+    assert!(
+        line.contains("certificate SAN mismatch") && line.contains("nope.internal"),
+        "{line}"
+    );
+    assert!(
+        !gw.log().contains("subjectAltNames is not supported"),
+        "subjectAltNames is a known field: {}",
+        gw.log()
+    );
 }
 
 /// A mesh root and a workload certificate from it naming only `spiffe`, written where

@@ -29,6 +29,9 @@ mod clusters;
 /// ServiceEntries and DestinationRules, where destinations are looked up.
 mod registry;
 
+/// The egress registry (the forward proxy's) from the ServiceEntries.
+mod egress;
+
 /// TLS and TCP routes.
 mod l4;
 
@@ -151,12 +154,13 @@ pub fn compile_cached(
         acme: Vec::new(),
         acme_http01_servers: Vec::new(),
     };
-    // `mesh.dnsServers` first: the mesh settings resolve the tracing collector's name.
-    let egress = super::egress::registry(doc, &mut cx.errors);
+    // ServiceEntries and DestinationRules, checked once; then `mesh.dnsServers` (with the
+    // egress registry) before the mesh settings, which resolve the tracing collector's name.
+    cx.registry = cx.build_registry(doc);
+    let egress = cx.egress(doc);
     cx.dns_servers = egress.resolver.servers().to_vec();
     let settings = cx.mesh(doc);
     cx.settings = Some(settings.clone());
-    cx.registry = cx.build_registry(doc);
     cx.acme_named = cx.acme_issuers(doc);
     let started = std::time::Instant::now();
     let cached_gateways = cache.gateways.take().filter(|g| g.holds(doc, &cx));

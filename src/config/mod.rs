@@ -5,7 +5,6 @@
 pub mod compile;
 pub mod convert;
 pub mod duration;
-mod egress;
 pub mod error;
 pub mod istio;
 pub mod load;

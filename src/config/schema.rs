@@ -869,6 +869,11 @@ pub struct ServiceEntry {
     pub endpoints: Vec<WorkloadEntry>,
     #[serde(default)]
     pub export_to: Vec<String>,
+    /// The names (DNS, with `*.` wildcards, or URIs such as SPIFFE ids) one of which an
+    /// upstream certificate must carry when a DestinationRule originating TLS to a host of
+    /// this entry sets no `subjectAltNames` of its own (its list wins when set).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

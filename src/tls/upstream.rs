@@ -1,7 +1,8 @@
 //! The verifier of an upstream's certificate (DestinationRule `trafficPolicy.tls`): the
 //! chain against the cluster's CA (or the system's roots), the leaf against the CRLs
-//! (`caCrl`), then the name: one of `subjectAltNames` when they are set (Istio and Envoy:
-//! any one of them suffices, the SNI is then not checked), else the SNI (not for
+//! (`caCrl`), then the name: one of `subjectAltNames` when they are set (the
+//! DestinationRule's, else those of the host's ServiceEntry; Istio and Envoy: any one of
+//! them suffices, the SNI is then not checked), else the SNI (not for
 //! `ISTIO_MUTUAL`, whose workload certificates name a SPIFFE identity, not a host).
 //!
 //! Built once per cluster at compile time and given to pingora with each peer

@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+use super::registry::EndpointAddress;
 use super::Cx;
 use crate::config::load::Origin;
 use crate::config::schema;
+use crate::egress::Resolution;
 use crate::tls;
 use crate::upstream::{
     cluster_name, Cluster, ClusterSettings, HashSource, HashTable, Limits, OutlierPolicy, Policy,
@@ -195,26 +197,19 @@ impl Cx {
                 return None;
             }
         };
-        let entry_idx = self
-            .registry
-            .entries_exact
-            .get(&host)
-            .or_else(|| self.registry.entries_wild.lookup(&host))
-            .copied();
-        let (port, h2c_port, endpoints) = match entry_idx {
-            Some(i) => {
-                let se = self.registry.entries[i].clone();
-                let s = &se.spec;
+        let service = self.registry.service(&host).cloned();
+        let (port, h2c_port, endpoints) = match &service {
+            Some(se) => {
                 let sp = match requested_port {
-                    Some(p) => s.ports.iter().find(|sp| sp.number == u32::from(p)),
-                    None if s.ports.len() == 1 => s.ports.first(),
+                    Some(p) => se.ports.iter().find(|sp| sp.number == p),
+                    None if se.ports.len() == 1 => se.ports.first(),
                     None => {
                         self.err(
                             o,
                             &format!("{at}.port"),
                             format!(
                                 "host {host} has several ports in ServiceEntry {}; name one",
-                                s.name
+                                se.name
                             ),
                         );
                         return None;
@@ -227,40 +222,32 @@ impl Cx {
                         format!(
                             "port {} is not a port of ServiceEntry {} for host {host}",
                             requested_port.unwrap_or(0),
-                            s.name
+                            se.name
                         ),
                     );
                     return None;
                 };
-                let port = sp.number as u16;
-                let target = sp.target_port.map(|t| t as u16).unwrap_or(port);
-                let h2c = matches!(
-                    sp.protocol
-                        .as_deref()
-                        .map(str::to_ascii_uppercase)
-                        .as_deref(),
-                    Some("HTTP2" | "GRPC")
-                );
                 let mut eps = Vec::new();
-                match s.resolution.as_deref() {
-                    Some("STATIC") | Some("DNS") | Some("DNS_ROUND_ROBIN")
-                        if !s.endpoints.is_empty() =>
+                match se.resolution {
+                    Resolution::Static | Resolution::Dns | Resolution::DnsRoundRobin
+                        if !se.endpoints.is_empty() =>
                     {
-                        for ep in &s.endpoints {
+                        for ep in &se.endpoints {
                             if !labels.iter().all(|(k, v)| ep.labels.get(k) == Some(v)) {
                                 continue;
                             }
-                            let ep_port = sp
-                                .name
-                                .as_ref()
-                                .and_then(|n| ep.ports.get(n))
-                                .map(|p| *p as u16)
-                                .unwrap_or(target);
-                            eps.extend(self.resolve(o, at, &ep.address, ep_port));
+                            match &ep.address {
+                                EndpointAddress::Ip(ip) => {
+                                    eps.push(SocketAddr::new(*ip, sp.of(ep)))
+                                }
+                                EndpointAddress::Name(n) => {
+                                    eps.extend(self.resolve(o, at, n, sp.of(ep)))
+                                }
+                            }
                         }
                     }
-                    Some("STATIC") => {}
-                    _ => {
+                    Resolution::Static => {}
+                    Resolution::None | Resolution::Dns | Resolution::DnsRoundRobin => {
                         if host.starts_with('*') {
                             self.warn(
                                 o,
@@ -270,11 +257,11 @@ impl Cx {
                                 ),
                             );
                         } else if labels.is_empty() {
-                            eps.extend(self.resolve(o, at, &host, target));
+                            eps.extend(self.resolve(o, at, &host, sp.target));
                         }
                     }
                 }
-                (port, h2c, eps)
+                (sp.number, sp.h2c, eps)
             }
             None => {
                 let Some(port) = requested_port else {
@@ -327,7 +314,15 @@ impl Cx {
             ..ClusterSettings::default()
         };
         if let (Some(t), Some(r)) = (&eff.tls, &rule) {
-            match self.upstream_tls(&r.origin, t, &host, port, subset) {
+            // The ServiceEntry's subjectAltNames when the DestinationRule names none (and
+            // verifies at all).
+            let mut t = t.clone();
+            if t.subject_alt_names.is_empty() && t.insecure_skip_verify != Some(true) {
+                if let Some(se) = &service {
+                    t.subject_alt_names = se.subject_alt_names.clone();
+                }
+            }
+            match self.upstream_tls(&r.origin, &t, &host, port, subset) {
                 Ok(tls) => settings.tls = tls.map(Arc::new),
                 Err(e) => {
                     match e.strip_prefix("caCrl: ") {
@@ -567,9 +562,10 @@ impl Cx {
     /// (`outbound_.<port>_.<subset>_.<host>`, unless `sni` is set), and the upstream's chain
     /// verified against the mesh root, and against `caCrl` when set. Its name is not
     /// checked against the SNI: a workload certificate names a SPIFFE identity, not a host.
-    /// `subjectAltNames` lists the identities that may serve the host (Istio takes them
-    /// from the service's accounts too; without istiod, only these): the certificate must
-    /// carry one; without them the chain alone is checked.
+    /// `subjectAltNames` lists the identities that may serve the host (the
+    /// DestinationRule's, else the ServiceEntry's, as Istio takes a service's accounts;
+    /// without istiod, only these): the certificate must carry one; without them the
+    /// chain alone is checked.
     fn istio_mutual_upstream(
         &mut self,
         o: &Origin,

@@ -108,21 +108,22 @@ impl Cx {
         };
         servers.sort_by(|a, b| a.1.path.cmp(&b.1.path));
         let mut known: Vec<(String, u32, Option<String>)> = Vec::new();
-        for se in &self.registry.entries {
-            for h in se.spec.hosts.iter().map(|h| h.to_ascii_lowercase()) {
+        for se in &self.registry.services {
+            for h in &se.hosts {
                 if h.starts_with('*') {
                     continue;
                 }
                 let subsets: Vec<String> = self
                     .registry
                     .rules
-                    .get(&h)
+                    .get(h)
                     .map(|r| r.spec.subsets.iter().map(|s| s.name.clone()).collect())
                     .unwrap_or_default();
-                for p in &se.spec.ports {
-                    known.push((h.clone(), p.number, None));
+                for p in &se.ports {
+                    let number = u32::from(p.number);
+                    known.push((h.clone(), number, None));
                     for s in &subsets {
-                        known.push((h.clone(), p.number, Some(s.clone())));
+                        known.push((h.clone(), number, Some(s.clone())));
                     }
                 }
             }

@@ -1,72 +1,114 @@
 //! The registry route destinations are looked up in: ServiceEntries by host (exact and
 //! wildcard) and DestinationRules by host, each checked here once (hosts, resolution,
-//! location, ports, STATIC addresses; subsets and traffic policies). Builds no cluster
-//! (`clusters` does, from what this finds) and resolves no name.
+//! location, addresses, ports and their protocols, endpoints; subsets and traffic
+//! policies). ServiceEntries are compiled here into `Service`s, which the egress registry
+//! (`egress`), the clusters (`clusters`) and AUTO_PASSTHROUGH (`l4`) read: none of them
+//! reads the ServiceEntry schema again. Builds no cluster and resolves no name.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::HeaderName;
 
 use super::Cx;
 use crate::config::load::{Document, Item, Origin};
 use crate::config::schema;
+use crate::egress::{Location, Protocol, Resolution};
 use crate::routing::HostMatcher;
 
+/// ServiceEntries (compiled) and DestinationRules, by host.
 #[derive(Default)]
 pub(super) struct Registry {
-    pub(super) entries_exact: HashMap<String, usize>,
-    pub(super) entries_wild: HostMatcher<usize>,
-    pub(super) entries: Vec<Item<schema::ServiceEntry>>,
+    /// In the order of the config; a host registered twice is the later one's.
+    pub(super) services: Vec<Arc<Service>>,
+    exact: HashMap<String, usize>,
+    wild: HostMatcher<usize>,
     pub(super) rules: HashMap<String, Item<schema::DestinationRule>>,
+}
+
+impl Registry {
+    /// The ServiceEntry that registers `host` (lower case): exact names first, then the
+    /// longest wildcard.
+    pub(super) fn service(&self, host: &str) -> Option<&Arc<Service>> {
+        self.exact
+            .get(host)
+            .or_else(|| self.wild.lookup(host))
+            .map(|i| &self.services[*i])
+    }
+}
+
+/// One ServiceEntry, checked: only valid parts are kept (an invalid one is an error, so
+/// a config holding one never serves).
+#[derive(Debug)]
+pub(super) struct Service {
+    /// `name`, as error messages name the entry.
+    pub(super) name: String,
+    /// `<namespace>/<name>`, as the egress log names it.
+    pub(super) qualified: String,
+    /// Lower case, `*` left out (an error).
+    pub(super) hosts: Vec<String>,
+    pub(super) addresses: Vec<ipnet::IpNet>,
+    pub(super) location: Location,
+    pub(super) resolution: Resolution,
+    pub(super) ports: Vec<ServicePort>,
+    /// unix:// endpoints left out (an error).
+    pub(super) endpoints: Vec<ServiceEndpoint>,
+    /// The names an upstream certificate must carry one of, when a DestinationRule
+    /// originating TLS to a host of this entry names none itself.
+    pub(super) subject_alt_names: Vec<String>,
+}
+
+#[derive(Debug)]
+pub(super) struct ServicePort {
+    pub(super) number: u16,
+    pub(super) name: Option<String>,
+    /// As declared, else inferred from a `proto-suffix` port name (Istio), else HTTP.
+    pub(super) protocol: Protocol,
+    /// Declared HTTP2 or GRPC: clusters speak h2c to it.
+    pub(super) h2c: bool,
+    /// `targetPort`, else `number`.
+    pub(super) target: u16,
+}
+
+impl ServicePort {
+    /// The port of `ep` for this port: the endpoint's port of the same name, else the
+    /// target port.
+    pub(super) fn of(&self, ep: &ServiceEndpoint) -> u16 {
+        self.name
+            .as_ref()
+            .and_then(|n| ep.ports.get(n))
+            .copied()
+            .unwrap_or(self.target)
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct ServiceEndpoint {
+    pub(super) address: EndpointAddress,
+    pub(super) ports: BTreeMap<String, u16>,
+    pub(super) labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug)]
+pub(super) enum EndpointAddress {
+    Ip(IpAddr),
+    /// Lower case, without a trailing dot (resolution DNS or DNS_ROUND_ROBIN).
+    Name(String),
 }
 
 impl Cx {
     pub(super) fn build_registry(&mut self, doc: &Document) -> Registry {
         let mut r = Registry::default();
-        for (i, se) in doc.service_entries.iter().enumerate() {
+        for se in &doc.service_entries {
             let (s, o) = (&se.spec, &se.origin);
-            if s.hosts.is_empty() {
-                self.err(o, ".hosts", "a ServiceEntry needs at least one host");
-            }
-            match s.resolution.as_deref() {
-                None | Some("NONE") | Some("STATIC") | Some("DNS") | Some("DNS_ROUND_ROBIN") => {}
-                Some(other) => self.err(
-                    o,
-                    ".resolution",
-                    format!("{other:?} is not NONE, STATIC, DNS or DNS_ROUND_ROBIN"),
-                ),
-            }
-            match s.location.as_deref() {
-                None | Some("MESH_EXTERNAL") | Some("MESH_INTERNAL") => {}
-                Some(other) => self.err(
-                    o,
-                    ".location",
-                    format!("{other:?} is not MESH_EXTERNAL or MESH_INTERNAL"),
-                ),
-            }
-            for (j, p) in s.ports.iter().enumerate() {
-                if p.number == 0 || p.number > 65535 {
-                    self.err(o, &format!(".ports[{j}].number"), "port must be 1-65535");
-                }
-            }
-            if s.resolution.as_deref() == Some("STATIC") {
-                for (j, ep) in s.endpoints.iter().enumerate() {
-                    if ep.address.parse::<IpAddr>().is_err() {
-                        self.err(
-                            o,
-                            &format!(".endpoints[{j}].address"),
-                            format!("{:?} is not an IP address (resolution STATIC)", ep.address),
-                        );
-                    }
-                }
-            }
-            for (j, h) in s.hosts.iter().enumerate() {
-                let h = h.to_ascii_lowercase();
+            let service = self.service(s, o);
+            let i = r.services.len();
+            for (j, h) in service.hosts.iter().enumerate() {
                 let dup = if h.starts_with('*') {
-                    r.entries_wild.insert(&h, i).is_some()
+                    r.wild.insert(h, i).is_some()
                 } else {
-                    r.entries_exact.insert(h.clone(), i).is_some()
+                    r.exact.insert(h.clone(), i).is_some()
                 };
                 if dup {
                     self.warn(
@@ -76,7 +118,7 @@ impl Cx {
                     );
                 }
             }
-            r.entries.push(se.clone());
+            r.services.push(Arc::new(service));
         }
         for dr in &doc.destination_rules {
             let (s, o) = (&dr.spec, &dr.origin);
@@ -112,6 +154,169 @@ impl Cx {
             }
         }
         r
+    }
+
+    /// One ServiceEntry, checked and compiled.
+    fn service(&mut self, s: &schema::ServiceEntry, o: &Origin) -> Service {
+        if s.hosts.is_empty() {
+            self.err(o, ".hosts", "a ServiceEntry needs at least one host");
+        }
+        let resolution = match s.resolution.as_deref() {
+            None | Some("NONE") => Resolution::None,
+            Some("STATIC") => Resolution::Static,
+            Some("DNS") => Resolution::Dns,
+            Some("DNS_ROUND_ROBIN") => Resolution::DnsRoundRobin,
+            Some(other) => {
+                self.err(
+                    o,
+                    ".resolution",
+                    format!("{other:?} is not NONE, STATIC, DNS or DNS_ROUND_ROBIN"),
+                );
+                Resolution::None
+            }
+        };
+        let location = match s.location.as_deref() {
+            None | Some("MESH_EXTERNAL") => Location::MeshExternal,
+            Some("MESH_INTERNAL") => Location::MeshInternal,
+            Some(other) => {
+                self.err(
+                    o,
+                    ".location",
+                    format!("{other:?} is not MESH_EXTERNAL or MESH_INTERNAL"),
+                );
+                Location::MeshExternal
+            }
+        };
+        let mut hosts = Vec::new();
+        for (j, h) in s.hosts.iter().enumerate() {
+            let h = h.to_ascii_lowercase();
+            if h == "*" {
+                self.err(
+                    o,
+                    &format!(".hosts[{j}]"),
+                    "`*` is not a host: register names or *.suffix wildcards",
+                );
+                continue;
+            }
+            hosts.push(h);
+        }
+        let mut addresses = Vec::new();
+        for (j, a) in s.addresses.iter().enumerate() {
+            match a
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| a.parse::<IpAddr>().map(ipnet::IpNet::from))
+            {
+                Ok(net) => addresses.push(net),
+                Err(_) => self.err(
+                    o,
+                    &format!(".addresses[{j}]"),
+                    format!("{a:?} is not an IP address or CIDR"),
+                ),
+            }
+        }
+        let mut ports = Vec::new();
+        for (k, sp) in s.ports.iter().enumerate() {
+            let number = match u16::try_from(sp.number) {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    self.err(o, &format!(".ports[{k}].number"), "port must be 1-65535");
+                    continue;
+                }
+            };
+            let declared = match sp.protocol.as_deref() {
+                Some(p) => match Protocol::parse(p) {
+                    Some(p) => Some(p),
+                    None => {
+                        self.err(
+                            o,
+                            &format!(".ports[{k}].protocol"),
+                            format!("{p:?} is not HTTP, HTTPS, GRPC, HTTP2, MONGO, TCP or TLS"),
+                        );
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            // Istio infers the protocol from a `proto-suffix` port name.
+            let protocol = declared.unwrap_or_else(|| {
+                sp.name
+                    .as_deref()
+                    .and_then(|n| Protocol::parse(n.split('-').next().unwrap_or(n)))
+                    .unwrap_or(Protocol::Http)
+            });
+            let target = match sp.target_port.map(u16::try_from) {
+                None => number,
+                Some(Ok(t)) if t > 0 => t,
+                Some(_) => {
+                    self.err(
+                        o,
+                        &format!(".ports[{k}].targetPort"),
+                        "port must be 1-65535",
+                    );
+                    continue;
+                }
+            };
+            ports.push(ServicePort {
+                number,
+                name: sp.name.clone(),
+                protocol,
+                h2c: matches!(declared, Some(Protocol::Http2 | Protocol::Grpc)),
+                target,
+            });
+        }
+        let mut endpoints = Vec::new();
+        for (j, ep) in s.endpoints.iter().enumerate() {
+            let at = format!(".endpoints[{j}]");
+            let address = if ep.address.starts_with("unix://") {
+                self.err(
+                    o,
+                    &format!("{at}.address"),
+                    "unix:// endpoints are not supported",
+                );
+                continue;
+            } else if let Ok(ip) = ep.address.parse::<IpAddr>() {
+                EndpointAddress::Ip(ip)
+            } else if resolution == Resolution::Static {
+                self.err(
+                    o,
+                    &format!("{at}.address"),
+                    format!("{:?} is not an IP address (resolution STATIC)", ep.address),
+                );
+                continue;
+            } else {
+                EndpointAddress::Name(ep.address.trim_end_matches('.').to_ascii_lowercase())
+            };
+            let mut ports = BTreeMap::new();
+            for (name, p) in &ep.ports {
+                match u16::try_from(*p) {
+                    Ok(p) if p > 0 => {
+                        ports.insert(name.clone(), p);
+                    }
+                    _ => self.err(o, &format!("{at}.ports.{name}"), "port must be 1-65535"),
+                }
+            }
+            endpoints.push(ServiceEndpoint {
+                address,
+                ports,
+                labels: ep.labels.clone(),
+            });
+        }
+        for (j, n) in s.subject_alt_names.iter().enumerate() {
+            if n.is_empty() {
+                self.err(o, &format!(".subjectAltNames[{j}]"), "an empty name");
+            }
+        }
+        Service {
+            name: s.name.clone(),
+            qualified: format!("{}/{}", s.namespace.as_deref().unwrap_or("default"), s.name),
+            hosts,
+            addresses,
+            location,
+            resolution,
+            ports,
+            endpoints,
+            subject_alt_names: s.subject_alt_names.clone(),
+        }
     }
 
     fn check_policy(&mut self, o: &Origin, at: &str, tp: &schema::TrafficPolicy) {
