@@ -15,7 +15,7 @@ use pingora::services::listening::Service;
 use crate::admin::Admin;
 use crate::config::ConfigErrors;
 use crate::listener::Kind;
-use crate::proxy::Gateway;
+use crate::proxy::RequestCycle;
 use crate::reload::{Reloader, Watcher};
 
 /// Keeps the SNI of each TLS connection (for the request's log line) and, on a
@@ -50,11 +50,11 @@ impl TlsAccept for KeepTls {
 /// connections' h2 idle timeout.
 fn pingora_cycle(
     server_conf: &Arc<ServerConf>,
-    gateway: Gateway,
+    cycle: RequestCycle,
     h2c: bool,
     h2_idle: std::time::Duration,
-) -> Arc<pingora_proxy::HttpProxy<Gateway>> {
-    let mut proxy = pingora_proxy::http_proxy(server_conf, gateway);
+) -> Arc<pingora_proxy::HttpProxy<RequestCycle>> {
+    let mut proxy = pingora_proxy::http_proxy(server_conf, cycle);
     let mut opts = HttpServerOptions::default();
     opts.h2c = h2c;
     opts.h2_idle_timeout = Some(h2_idle);
@@ -67,10 +67,10 @@ fn front(
     i: usize,
     l: &crate::snapshot::Listener,
     reloader: &Arc<Reloader>,
-    http: Arc<pingora_proxy::HttpProxy<Gateway>>,
+    http: Arc<pingora_proxy::HttpProxy<RequestCycle>>,
     fast_path: bool,
-) -> crate::proxy::fast::FastH1 {
-    crate::proxy::fast::FastH1 {
+) -> crate::proxy::fast::HttpFront {
+    crate::proxy::fast::HttpFront {
         listener: i,
         tls: l.tls,
         h2c: l.h2c,
@@ -88,12 +88,12 @@ fn https_app(
     l: &crate::snapshot::Listener,
     reloader: &Arc<Reloader>,
     server_conf: &Arc<ServerConf>,
-    gateway: Gateway,
+    cycle: RequestCycle,
     fast_path: bool,
 ) -> Result<crate::listener::https::Https, RunError> {
     let name = format!("listener {}", l.shape());
     let idle = reloader.snapshots.load().settings.downstream.idle_timeout;
-    let proxy = pingora_cycle(server_conf, gateway, false, idle);
+    let proxy = pingora_cycle(server_conf, cycle, false, idle);
     Ok(crate::listener::https::Https {
         acceptor: tls_acceptor(i, reloader, &name)?,
         front: Arc::new(front(i, l, reloader, proxy.clone(), fast_path)),
@@ -209,7 +209,7 @@ pub fn run(
     let h2_idle = snapshot.settings.downstream.idle_timeout;
     for (i, l) in snapshot.listeners.iter().enumerate() {
         let name = format!("listener {}", l.shape());
-        let gateway = Gateway::new(i, l.tls, reloader.snapshots.clone());
+        let cycle = RequestCycle::new(i, l.tls, reloader.snapshots.clone());
         let kind = Kind::of(l);
         let mut socket = ListenerConfig::tcp(l.addr.to_string());
         if kind.reads_itself() {
@@ -218,14 +218,7 @@ pub fn run(
         match kind {
             Kind::Tcp { terminates_https } => {
                 let terminate = if terminates_https {
-                    Some(https_app(
-                        i,
-                        l,
-                        &reloader,
-                        &server_conf,
-                        gateway,
-                        fast_path,
-                    )?)
+                    Some(https_app(i, l, &reloader, &server_conf, cycle, fast_path)?)
                 } else {
                     None
                 };
@@ -238,11 +231,11 @@ pub fn run(
                 listen(&mut server, name, app, socket);
             }
             Kind::ForwardProxy => {
-                let mut gateway = gateway;
-                gateway.forward_proxy = true;
+                let mut cycle = cycle;
+                cycle.forward_proxy = true;
                 // CONNECT needs its own accept path (see egress::forward); other requests
                 // go through the HTTP/1.1 front to pingora's cycle.
-                let http = pingora_cycle(&server_conf, gateway, false, h2_idle);
+                let http = pingora_cycle(&server_conf, cycle, false, h2_idle);
                 let app = crate::egress::forward::ForwardProxy {
                     front: Arc::new(front(i, l, &reloader, http.clone(), false)),
                     http,
@@ -253,11 +246,11 @@ pub fn run(
             Kind::Https => {
                 // A plain TCP listener: the app does the handshake with Portico's own TLS
                 // config.
-                let app = https_app(i, l, &reloader, &server_conf, gateway, fast_path)?;
+                let app = https_app(i, l, &reloader, &server_conf, cycle, fast_path)?;
                 listen(&mut server, name, app, socket);
             }
             Kind::Http => {
-                let http = pingora_cycle(&server_conf, gateway, l.h2c, h2_idle);
+                let http = pingora_cycle(&server_conf, cycle, l.h2c, h2_idle);
                 let app = front(i, l, &reloader, http, fast_path);
                 listen(&mut server, name, app, socket);
             }

@@ -26,7 +26,7 @@ use pingora_proxy::HttpProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Kind;
-use crate::proxy::Gateway;
+use crate::proxy::RequestCycle;
 use crate::snapshot::Snapshot;
 use crate::telemetry::access_log;
 use crate::telemetry::outcome::Flag;
@@ -121,8 +121,8 @@ pub fn denied_body(host: &str, port: u16, rule: &str) -> String {
 /// HTTP/1.1 front to pingora's cycle (`http`), which decides absolute-form requests by the
 /// egress registry.
 pub struct ForwardProxy {
-    pub front: Arc<crate::proxy::fast::FastH1>,
-    pub http: Arc<HttpProxy<Gateway>>,
+    pub front: Arc<crate::proxy::fast::HttpFront>,
+    pub http: Arc<HttpProxy<RequestCycle>>,
     pub snapshots: Arc<ArcSwap<Snapshot>>,
 }
 

@@ -33,8 +33,8 @@ use pingora::protocols::{Ssl, Stream};
 use pingora::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
 
-use crate::proxy::fast::FastH1;
-use crate::proxy::Gateway;
+use crate::proxy::fast::HttpFront;
+use crate::proxy::RequestCycle;
 use crate::snapshot::Snapshot;
 
 /// TLS 1.3 tickets sent after a handshake (rustls' default, and OpenSSL's after a full
@@ -83,10 +83,10 @@ pub fn tune(acceptor: &mut Acceptor) -> Result<(), String> {
 /// Terminates TLS and serves HTTP: the app of an HTTPS listener.
 pub struct Https {
     pub acceptor: Acceptor,
-    pub proxy: Arc<HttpProxy<Gateway>>,
+    pub proxy: Arc<HttpProxy<RequestCycle>>,
     /// Portico's HTTP/1.1 front, for connections that did not choose h2 (it holds the
     /// listener's connection cap too).
-    pub front: Arc<FastH1>,
+    pub front: Arc<HttpFront>,
     /// h2 streams go through the fast path (else pingora's cycle serves h2 connections).
     pub fast_h2: bool,
     pub snapshots: Arc<ArcSwap<Snapshot>>,

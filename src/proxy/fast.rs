@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 use super::check::{self, Refusal};
 use super::mirror::{self, MirrorClient};
 use super::request;
-use super::{request_id, Gateway};
+use super::{request_id, RequestCycle};
 use crate::protocol::h1::{
     self, dropped_response_header, dropped_response_header_or_length, has_two_framings, head_end,
     raw, uri_char, write_headers, ChunkScan, Framing, MAX_HEADERS, MAX_RESPONSE_HEAD,
@@ -60,11 +60,12 @@ const MAX_BODY: usize = 16 * 1024;
 /// Free space for each read of an upstream response head.
 const HEAD_READ: usize = 8192;
 
-/// Portico's HTTP/1.1 front: reads and checks every request head of a listener's
+/// Portico's HTTP front (the fast HTTP/1.1 codec, and the fast h2 codec for HTTPS
+/// connections that chose h2, see `http2`; an h2c connection is pingora's): reads and checks every request head of a listener's
 /// HTTP/1.1 connections (plain, and HTTPS ones that did not choose h2), then forwards the
 /// request itself (the fast path) or lends the connection to pingora's request cycle for
 /// that one request.
-pub struct FastH1 {
+pub struct HttpFront {
     pub listener: usize,
     /// Requests arrive over TLS (an HTTPS listener hands over each handshaken stream).
     pub tls: bool,
@@ -74,7 +75,7 @@ pub struct FastH1 {
     /// through pingora's cycle.
     pub forward: bool,
     pub snapshots: Arc<ArcSwap<Snapshot>>,
-    pub http: Arc<HttpProxy<Gateway>>,
+    pub http: Arc<HttpProxy<RequestCycle>>,
     /// The listener's connection cap (the outermost app admits: an HTTPS listener before
     /// its handshake).
     pub connections: Arc<crate::listener::ConnectionLimit>,
@@ -379,7 +380,7 @@ impl Conn {
 }
 
 #[async_trait]
-impl ServerApp for FastH1 {
+impl ServerApp for HttpFront {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let app = self.clone();
         let shutdown = shutdown.clone();
@@ -401,7 +402,7 @@ impl ServerApp for FastH1 {
     }
 }
 
-impl FastH1 {
+impl HttpFront {
     /// Serves an HTTP/1.1 connection (already admitted) until it closes.
     pub async fn serve_connection(
         self: &Arc<Self>,
@@ -776,7 +777,7 @@ struct Resp {
     close: bool,
 }
 
-impl FastH1 {
+impl HttpFront {
     async fn serve(
         &self,
         c: &mut Conn,

@@ -31,8 +31,11 @@ use crate::upstream::retry::{self, Again, TryFailure};
 use crate::upstream::{Admission, InFlight, RetryPermit};
 use mirror::{MirrorClient, MAX_MIRROR_BODY};
 
-/// The proxy for one listener.
-pub struct Gateway {
+/// Pingora's request cycle (`ProxyHttp`) for one listener: the codec for what the fast
+/// codecs lend it (streamed bodies, upgrades, TLS and h2c upstreams, HTTP/1.0) and, with
+/// `--no-fast-path`, for everything. Like the fast codecs it asks the request core
+/// (`request::plan`) and only carries the decision.
+pub struct RequestCycle {
     pub listener: usize,
     pub tls: bool,
     pub snapshots: Arc<ArcSwap<Snapshot>>,
@@ -41,9 +44,9 @@ pub struct Gateway {
     pub forward_proxy: bool,
 }
 
-impl Gateway {
+impl RequestCycle {
     pub fn new(listener: usize, tls: bool, snapshots: Arc<ArcSwap<Snapshot>>) -> Self {
-        Gateway {
+        RequestCycle {
             listener,
             tls,
             snapshots,
@@ -172,7 +175,7 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
-impl Gateway {
+impl RequestCycle {
     /// The peer for endpoint `i` of `cluster`, with the time this try may take: the
     /// per-try timeout, what is left of the route's, else the stream idle timeout (no wait
     /// on an upstream is unbounded).
@@ -405,7 +408,7 @@ fn request_has_body(req: &RequestHeader) -> bool {
 }
 
 #[async_trait]
-impl ProxyHttp for Gateway {
+impl ProxyHttp for RequestCycle {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> Self::CTX {
@@ -1016,7 +1019,7 @@ fn transport_failure_reason(e: &Error) -> String {
     format!("TLS_error: {why}")
 }
 
-impl Gateway {
+impl RequestCycle {
     /// An absolute-form request on a forward-proxy listener: allowed by the egress registry
     /// (then forwarded by `egress_peer`), or refused with 502, a body and a log line.
     async fn egress_request(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {

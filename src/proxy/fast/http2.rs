@@ -71,7 +71,7 @@ impl Drop for StreamOpen {
     }
 }
 
-impl FastH1 {
+impl HttpFront {
     /// Serves an h2 connection until the client is done with it.
     pub(crate) async fn serve_h2(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) {
         let client_ip = crate::listener::peer_ip(&io);
