@@ -180,6 +180,39 @@ fn bytes_round_trip_and_match_the_istio_tcp_metrics() {
     );
 }
 
+/// `connectionPool.tcp.tcpKeepalive` on a TCP route's upstream connection, as on HTTP
+/// routes' (one connector, `upstream::connect`).
+#[test]
+fn tcp_keepalive_is_set_on_the_upstream_connection() {
+    let up = EchoTcp::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let rule = r#"
+[[destinationRules]]
+name = "echo0"
+host = "echo0.internal"
+trafficPolicy = { connectionPool = { tcp = { tcpKeepalive = { time = "600s", interval = "30s", probes = 3 } } } }
+"#;
+    let gw = Portico::start(
+        dir.path(),
+        &(config(free_port(), port, &[(&up, 1)], true) + rule),
+    );
+    let mut s = connect(port);
+    s.write_all(b"ping").unwrap();
+    assert_eq!(read_n(&mut s, 4), b"ping");
+    // The gateway's end of its upstream connection is the socket whose remote port is the
+    // upstream's (the upstream's own end has no keep-alive).
+    let timers = keepalive_timers_to(up.port);
+    assert_eq!(timers.len(), 1, "one upstream connection: {timers:?}");
+    let t = timers[0].expect("a keep-alive timer runs on the upstream connection");
+    assert!(
+        t > Duration::from_secs(500) && t <= Duration::from_secs(600),
+        "the first probe is due after the configured 600 s idle time: {t:?}"
+    );
+    drop(s);
+    drop(gw);
+}
+
 #[test]
 fn weights_split_connections() {
     let a = EchoTcp::start("A\n");

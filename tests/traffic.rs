@@ -789,28 +789,6 @@ fn source_ip_matches_the_client_address() {
     assert_eq!(echo.count(), 1);
 }
 
-/// The keep-alive timer of each established IPv4 socket connected to `port` (the kernel's
-/// `/proc/net/tcp`: timer kind 2 is keep-alive, its expiry in clock ticks of 1/100 s), or
-/// `None` for one with no keep-alive timer running.
-fn keepalive_timers_to(port: u16) -> Vec<Option<Duration>> {
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let remote_port = u16::from_str_radix(f.get(2)?.rsplit(':').next()?, 16).ok()?;
-            // State 01: established.
-            if remote_port != port || *f.get(3)? != "01" {
-                return None;
-            }
-            let (kind, when) = f.get(5)?.split_once(':')?;
-            let ticks = u64::from_str_radix(when, 16).ok()?;
-            Some((kind == "02").then(|| Duration::from_millis(ticks * 10)))
-        })
-        .collect()
-}
-
 /// `connectionPool.tcp.tcpKeepalive`: the gateway's upstream connection has TCP
 /// keep-alive with the configured idle time (the kernel's default is 2 hours), on either
 /// codec.

@@ -17,7 +17,7 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::client_hello::{self, Parsed};
@@ -396,30 +396,14 @@ async fn connect(
         tried.push(i);
         let addr = cluster.endpoints[i].addr;
         let started = Instant::now();
-        let connect = async {
-            let mut stream = TcpStream::connect(addr).await?;
-            // Before the header: the client's bytes must not wait for its ACK.
-            let _ = stream.set_nodelay(true);
-            if let Some(h) = &header {
-                stream.write_all(h).await?;
-            }
-            Ok::<_, std::io::Error>(stream)
-        };
-        let result = tokio::time::timeout(cluster.settings.connect_timeout, connect).await;
-        match result {
-            Ok(Ok(stream)) => {
+        match crate::upstream::connect::connect(addr, &cluster.settings, header.as_deref()).await {
+            Ok(stream) => {
                 // A connection made counts as a success for outlier detection, and its
                 // connect time feeds the latency-aware balancers.
                 cluster.record(i, Some(200), Some(started.elapsed()));
                 return Ok((i, stream));
             }
-            Ok(Err(e)) => last_error = format!("{addr}: {e}"),
-            Err(_) => {
-                last_error = format!(
-                    "{addr}: connect timed out after {:?}",
-                    cluster.settings.connect_timeout
-                )
-            }
+            Err(e) => last_error = format!("{addr}: {e}"),
         }
         cluster.record(i, None, None);
         tracing::debug!(cluster = %cluster.name, error = %last_error, "upstream connect failed");

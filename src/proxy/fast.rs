@@ -1396,36 +1396,17 @@ struct Exchange<'a> {
     wait: Duration,
 }
 
-/// A new connection to `addr` within the cluster's connect timeout, its PROXY header
+/// A new connection to `addr` for a try (`upstream::connect`), its PROXY header
 /// (`proxy`) sent first.
 async fn connect(
     addr: SocketAddr,
     settings: &ClusterSettings,
     proxy: Option<&ProxyHeader>,
 ) -> Option<TcpStream> {
-    let connect = async {
-        let mut io = TcpStream::connect(addr).await?;
-        // Before the header: the request that follows it must not wait for its ACK.
-        let _ = io.set_nodelay(true);
-        if let Some(h) = proxy {
-            io.write_all(&h.encode()).await?;
-        }
-        Ok::<_, io::Error>(io)
-    };
-    match tokio::time::timeout(settings.connect_timeout, connect).await {
-        Ok(Ok(io)) => {
-            if let Some(k) = &settings.tcp_keepalive {
-                // `connectionPool.tcp.tcpKeepalive`, as pingora's connector sets it.
-                let probes = socket2::TcpKeepalive::new()
-                    .with_time(k.idle)
-                    .with_interval(k.interval)
-                    .with_retries(u32::try_from(k.count).unwrap_or(u32::MAX));
-                let _ = socket2::SockRef::from(&io).set_tcp_keepalive(&probes);
-            }
-            Some(io)
-        }
-        _ => None,
-    }
+    let header = proxy.map(ProxyHeader::encode);
+    upstream::connect::connect(addr, settings, header.as_deref())
+        .await
+        .ok()
 }
 
 /// `f`, unless `wait`, moved to `idle` from now, fires first. One timer per connection,

@@ -3,6 +3,7 @@
 //! pool limits keep their state in atomics here. Never parses config.
 
 pub mod balancer;
+pub mod connect;
 pub mod pool;
 pub mod proxy_protocol;
 pub mod retry;
