@@ -378,7 +378,6 @@ async fn connect(
     client: Option<SocketAddr>,
     proxy: Option<ProxyHeader>,
 ) -> Result<(usize, TcpStream), Refusal> {
-    let header = proxy.map(|h| h.encode());
     let hash = match cluster.policy.hash_source() {
         Some(HashSource::SourceIp) => client.map(|c| hash_ip(c.ip())),
         _ => None,
@@ -396,7 +395,7 @@ async fn connect(
         tried.push(i);
         let addr = cluster.endpoints[i].addr;
         let started = Instant::now();
-        match crate::upstream::connect::connect(addr, &cluster.settings, header.as_deref()).await {
+        match crate::upstream::connect::connect(addr, &cluster.settings, proxy.as_ref()).await {
             Ok(stream) => {
                 // A connection made counts as a success for outlier detection, and its
                 // connect time feeds the latency-aware balancers.

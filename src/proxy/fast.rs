@@ -50,7 +50,7 @@ use crate::telemetry::trace::{self, SpanContext};
 use crate::telemetry::Metrics;
 use crate::upstream::proxy_protocol::{ConnAddrs, Header as ProxyHeader};
 use crate::upstream::retry::{self, Again, TryFailure};
-use crate::upstream::{self, Cluster, ClusterSettings, InFlight, RetryPermit};
+use crate::upstream::{self, Cluster, InFlight, RetryPermit};
 
 mod http2;
 
@@ -1396,19 +1396,6 @@ struct Exchange<'a> {
     wait: Duration,
 }
 
-/// A new connection to `addr` for a try (`upstream::connect`), its PROXY header
-/// (`proxy`) sent first.
-async fn connect(
-    addr: SocketAddr,
-    settings: &ClusterSettings,
-    proxy: Option<&ProxyHeader>,
-) -> Option<TcpStream> {
-    let header = proxy.map(ProxyHeader::encode);
-    upstream::connect::connect(addr, settings, header.as_deref())
-        .await
-        .ok()
-}
-
 /// `f`, unless `wait`, moved to `idle` from now, fires first. One timer per connection,
 /// moved on for each wait: moving a registered timer later is an atomic store, where a
 /// `timeout` per wait would add and remove a timer-wheel entry, a lock each way.
@@ -1467,9 +1454,9 @@ impl Upstream {
                 });
             }
         }
-        let io = connect(addr, &ex.cluster.settings, ex.proxy.as_ref())
+        let io = upstream::connect::connect(addr, &ex.cluster.settings, ex.proxy.as_ref())
             .await
-            .ok_or(TryFailure::Connect)?;
+            .map_err(|_| TryFailure::Connect)?;
         Ok(Upstream {
             addr,
             proxy: ex.proxy,

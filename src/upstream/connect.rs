@@ -10,21 +10,23 @@ use std::net::SocketAddr;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::proxy_protocol::Header;
 use super::ClusterSettings;
 
-/// Connects to `addr` as the cluster's settings say, writing `proxy_header` (an encoded
-/// PROXY protocol header) before anything else. A timeout is an `io::ErrorKind::TimedOut`.
+/// Connects to `addr` as the cluster's settings say, writing `proxy` (the cluster's PROXY
+/// protocol header, `Cluster::proxy_header`) before anything else. A timeout is an
+/// `io::ErrorKind::TimedOut`.
 pub async fn connect(
     addr: SocketAddr,
     settings: &ClusterSettings,
-    proxy_header: Option<&[u8]>,
+    proxy: Option<&Header>,
 ) -> io::Result<TcpStream> {
     let connect = async {
         let mut io = TcpStream::connect(addr).await?;
         // Before the header: what follows it must not wait for its ACK.
         let _ = io.set_nodelay(true);
-        if let Some(h) = proxy_header {
-            io.write_all(h).await?;
+        if let Some(h) = proxy {
+            io.write_all(&h.encode()).await?;
         }
         Ok::<_, io::Error>(io)
     };
