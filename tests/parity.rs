@@ -658,6 +658,19 @@ fn both_codecs_send_the_same_upstream_and_answer_the_same() {
     assert_eq!(retried["upstream_request_attempt_count"], 3, "{retried}");
     let delayed = &la[r#""GET" "/delayed/m32""#];
     assert_eq!(delayed["response_flags"], "DI", "{delayed}");
+    // The gateway's own replies after failed tries take their details from the flag.
+    let timed_out = &la[r#""GET" "/slow/1000/m29""#];
+    assert_eq!(
+        timed_out["response_code_details"], "response_timeout",
+        "{timed_out}"
+    );
+    let reset = &la[r#""POST" "/reset/m22""#];
+    assert!(
+        reset["response_code_details"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("upstream_reset_before_response_started{")),
+        "{reset}"
+    );
     assert!(
         differences.is_empty(),
         "{} differences between the codecs:\n\n{}",

@@ -29,7 +29,7 @@ use super::Kind;
 use crate::proxy::RequestCycle;
 use crate::snapshot::Snapshot;
 use crate::telemetry::access_log;
-use crate::telemetry::outcome::Flag;
+use crate::telemetry::outcome::{Details, Flag};
 
 /// How long a kept-alive connection may sit idle before its next request.
 const IDLE: Duration = Duration::from_secs(60);
@@ -262,7 +262,7 @@ fn parse_connect(buf: Vec<u8>) -> Result<ConnectHead, &'static str> {
 struct TunnelOutcome {
     authority: String,
     status: u16,
-    details: &'static str,
+    details: Details,
     flags: Flag,
     upstream: Option<SocketAddr>,
     cluster: Option<String>,
@@ -302,7 +302,7 @@ impl ForwardProxy {
                 protocol: "HTTP/1.1",
                 status: out.status,
                 flags: out.flags.as_str(),
-                details: out.details,
+                details: out.details.as_str(),
                 bytes_received: out.bytes.0 as usize,
                 bytes_sent: out.bytes.1 as usize,
                 duration: started.elapsed(),
@@ -339,7 +339,7 @@ impl ForwardProxy {
                     "bad CONNECT request"
                 );
                 (out.status, out.flags, out.details) =
-                    (400, Flag::DownstreamProtocolError, "bad_request");
+                    (400, Flag::DownstreamProtocolError, Details::BadRequest);
                 reply(io, "400 Bad Request", &format!("{e}\n")).await;
                 return;
             }
@@ -351,7 +351,7 @@ impl ForwardProxy {
             Ok(t) => t,
             Err(d) => {
                 log_denied(host, port, Kind::Connect, &d.rule, client);
-                (out.status, out.details) = (403, "egress_denied");
+                (out.status, out.details) = (403, Details::EgressDenied);
                 reply(io, "403 Forbidden", &denied_body(host, port, &d.rule)).await;
                 return;
             }
@@ -362,7 +362,7 @@ impl ForwardProxy {
             Err(e) => {
                 tracing::warn!(host, port, kind = "connect", cluster = target.cluster(), error = %e, "egress upstream unresolved");
                 (out.status, out.flags, out.details) =
-                    (503, Flag::NoHealthyUpstream, "no_healthy_upstream");
+                    (503, Flag::NoHealthyUpstream, Details::NoHealthyUpstream);
                 reply(io, "503 Service Unavailable", &format!("{e}\n")).await;
                 return;
             }
@@ -385,7 +385,7 @@ impl ForwardProxy {
                 (out.status, out.flags, out.details) = (
                     503,
                     Flag::UpstreamConnectFailure,
-                    "upstream_connect_failure",
+                    Details::UpstreamConnectFailure,
                 );
                 reply(io, "503 Service Unavailable", "upstream connect error\n").await;
                 return;
@@ -393,7 +393,7 @@ impl ForwardProxy {
         };
         let _ = upstream.set_nodelay(true);
         out.status = 200;
-        out.details = "tunnel";
+        out.details = Details::Tunnel;
         if io
             .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
             .await

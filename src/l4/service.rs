@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use super::client_hello::{self, Parsed};
 use super::{L4Route, L4Table, SniRoute};
 use crate::snapshot::Snapshot;
-use crate::telemetry::outcome::Flag;
+use crate::telemetry::outcome::{Details, Flag};
 use crate::telemetry::{access_log, Metrics};
 use crate::upstream::balancer::hash_ip;
 use crate::upstream::proxy_protocol::{ConnAddrs, Header as ProxyHeader};
@@ -62,12 +62,12 @@ enum Decision {
 /// Why a connection was closed without being forwarded.
 struct Refusal {
     flag: Flag,
-    details: &'static str,
+    details: Details,
     reason: String,
 }
 
 impl Refusal {
-    fn new(flag: Flag, details: &'static str, reason: impl Into<String>) -> Self {
+    fn new(flag: Flag, details: Details, reason: impl Into<String>) -> Self {
         Refusal {
             flag,
             details,
@@ -138,7 +138,7 @@ impl L4Service {
             Err(r) => Err(r),
         };
         match result {
-            Ok(()) => finish(&snapshot, &rec, Flag::None, ""),
+            Ok(()) => finish(&snapshot, &rec, Flag::None, Details::None),
             Err(r) => {
                 tracing::warn!(
                     listener = self.listener_name(&snapshot),
@@ -168,12 +168,16 @@ impl L4Service {
             .get(self.listener)
             .and_then(|l| l.l4.as_ref())
             .ok_or_else(|| {
-                Refusal::new(Flag::NoRoute, "filter_chain_not_found", "no L4 routes here")
+                Refusal::new(
+                    Flag::NoRoute,
+                    Details::FilterChainNotFound,
+                    "no L4 routes here",
+                )
             })?;
         let routes = match table {
             L4Table::Tcp(route) => {
                 return route.clone().map(Decision::Forward).ok_or_else(|| {
-                    Refusal::new(Flag::NoRoute, "filter_chain_not_found", "no tcp route")
+                    Refusal::new(Flag::NoRoute, Details::FilterChainNotFound, "no tcp route")
                 })
             }
             L4Table::Passthrough(routes) => routes,
@@ -185,7 +189,7 @@ impl L4Service {
             (Some(SniRoute::Pass(route)), _) => Ok(Decision::Forward(route.clone())),
             (Some(SniRoute::AutoUnknown), _) => Err(Refusal::new(
                 Flag::NoClusterFound,
-                "cluster_not_found",
+                Details::ClusterNotFound,
                 "AUTO_PASSTHROUGH: the SNI names no known cluster (outbound_.<port>_.<subset>_.<host> of a registered service, one of its ports and a DestinationRule subset)",
             )),
             // A name no passthrough route claims, or no name, goes to the HTTPS servers
@@ -193,12 +197,12 @@ impl L4Service {
             (Some(SniRoute::Terminate), Some(_)) | (None, Some(_)) => Ok(Decision::Terminate),
             (_, None) if rec.sni.is_none() => Err(Refusal::new(
                 Flag::NoRoute,
-                "filter_chain_not_found",
+                Details::FilterChainNotFound,
                 "the ClientHello has no SNI",
             )),
             (_, None) => Err(Refusal::new(
                 Flag::NoRoute,
-                "filter_chain_not_found",
+                Details::FilterChainNotFound,
                 "no tls route for this SNI",
             )),
         }
@@ -232,10 +236,13 @@ async fn forward(route: Arc<L4Route>, io: Stream, rec: &mut Record) -> Result<()
     rec.cluster = Some(cluster.clone());
     // `tcp.maxConnections` (and the other pool limits) bound open connections; a full pool
     // refuses at once rather than holding the client.
-    let _admission = cluster
-        .admit(Duration::ZERO)
-        .await
-        .ok_or_else(|| Refusal::new(Flag::UpstreamOverflow, "overflow", "connection pool full"))?;
+    let _admission = cluster.admit(Duration::ZERO).await.ok_or_else(|| {
+        Refusal::new(
+            Flag::UpstreamOverflow,
+            Details::UpstreamOverflow,
+            "connection pool full",
+        )
+    })?;
     let proxy = cluster.proxy_header(|| match (rec.downstream_remote, rec.downstream_local) {
         (Some(source), Some(destination)) => Some(ConnAddrs::new(source, destination)),
         _ => None,
@@ -301,17 +308,17 @@ async fn read_sni(io: &mut Stream, timeout: Duration) -> Result<Option<String>, 
         peek_hello(io.as_mut()).await.map_err(|e| match e {
             PeekError::Invalid(why) => Refusal::new(
                 Flag::NoRoute,
-                "invalid_client_hello",
+                Details::InvalidClientHello,
                 format!("not a usable ClientHello: {why}"),
             ),
             PeekError::CannotPeek => Refusal::new(
                 Flag::NoRoute,
-                "invalid_client_hello",
+                Details::InvalidClientHello,
                 "this stream cannot be peeked",
             ),
             PeekError::Closed(e) => Refusal::new(
                 Flag::DownstreamConnectionTermination,
-                "downstream_closed",
+                Details::DownstreamRemoteDisconnect,
                 format!("client closed before its ClientHello was complete: {e}"),
             ),
         })
@@ -321,7 +328,7 @@ async fn read_sni(io: &mut Stream, timeout: Duration) -> Result<Option<String>, 
         .unwrap_or_else(|_| {
             Err(Refusal::new(
                 Flag::DownstreamConnectionTermination,
-                "client_hello_timeout",
+                Details::ClientHelloTimeout,
                 format!("no complete ClientHello within {timeout:?}"),
             ))
         })
@@ -410,20 +417,20 @@ async fn connect(
     if tried.is_empty() {
         return Err(Refusal::new(
             Flag::NoHealthyUpstream,
-            "no_healthy_upstream",
+            Details::NoHealthyUpstream,
             "the destination has no healthy endpoints",
         ));
     }
     Err(Refusal::new(
         Flag::UpstreamConnectFailure,
-        "upstream_connect_failure",
+        Details::UpstreamConnectFailure,
         format!("could not connect to the destination ({last_error})"),
     ))
 }
 
 /// Metrics for refused connections (forwarded ones counted as they went) and the access
 /// log line for every connection.
-fn finish(snapshot: &Snapshot, rec: &Record, flag: Flag, details: &'static str) {
+fn finish(snapshot: &Snapshot, rec: &Record, flag: Flag, details: Details) {
     if !flag.is_none() {
         let series = Metrics::global()
             .istio
@@ -446,7 +453,7 @@ fn finish(snapshot: &Snapshot, rec: &Record, flag: Flag, details: &'static str) 
         protocol: "-",
         status: 0,
         flags: flag.as_str(),
-        details,
+        details: details.as_str(),
         bytes_received: rec.received as usize,
         bytes_sent: rec.sent as usize,
         duration: rec.started.elapsed(),

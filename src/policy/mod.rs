@@ -30,7 +30,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::routing::{Headers, Route, VirtualHost};
-use crate::telemetry::outcome::Flag;
+use crate::telemetry::outcome::{Details, Flag};
 
 pub use access::AccessList;
 pub use global::{GlobalLimits, GlobalRule, RedisLimiter};
@@ -131,13 +131,13 @@ impl Outcome {
     }
 
     /// Envoy's `response_code_details` for a refusal.
-    pub fn details(self) -> Option<&'static str> {
+    pub fn details(self) -> Details {
         match self {
-            Outcome::LocalLimited => Some("local_rate_limited"),
-            Outcome::GlobalLimited => Some("request_rate_limited"),
-            Outcome::FailedClosed => Some("rate_limiter_error"),
-            Outcome::Denied => Some("access_list_denied"),
-            _ => None,
+            Outcome::LocalLimited => Details::LocalRateLimited,
+            Outcome::GlobalLimited => Details::RequestRateLimited,
+            Outcome::FailedClosed => Details::RateLimiterError,
+            Outcome::Denied => Details::AccessListDenied,
+            _ => Details::None,
         }
     }
 }

@@ -8,18 +8,20 @@
 //! of one message); transfer codings other than `chunked` are not implemented (501), and
 //! an HTTP/1.0 request has none.
 
+use crate::telemetry::outcome::Details;
+
 /// A request refused before routing: the local reply it gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refusal {
     pub status: u16,
     /// Envoy's `response_code_details`.
-    pub details: &'static str,
+    pub details: Details,
     /// The reply body (one line) and the log line's message.
     pub what: &'static str,
 }
 
 impl Refusal {
-    pub const fn new(status: u16, details: &'static str, what: &'static str) -> Refusal {
+    pub const fn new(status: u16, details: Details, what: &'static str) -> Refusal {
         Refusal {
             status,
             details,
@@ -28,25 +30,28 @@ impl Refusal {
     }
 }
 
-pub const NO_HOST: Refusal = Refusal::new(400, "missing_host_header", "missing Host header");
-pub const BAD_HOST: Refusal = Refusal::new(400, "invalid_authority", "invalid Host header");
-pub const TWO_HOSTS: Refusal =
-    Refusal::new(400, "duplicate_host_header", "more than one Host header");
+pub const NO_HOST: Refusal = Refusal::new(400, Details::MissingHostHeader, "missing Host header");
+pub const BAD_HOST: Refusal = Refusal::new(400, Details::InvalidAuthority, "invalid Host header");
+pub const TWO_HOSTS: Refusal = Refusal::new(
+    400,
+    Details::DuplicateHostHeader,
+    "more than one Host header",
+);
 pub const BAD_LENGTH: Refusal =
-    Refusal::new(400, "invalid_content_length", "invalid Content-Length");
+    Refusal::new(400, Details::InvalidContentLength, "invalid Content-Length");
 pub const TWO_LENGTHS: Refusal = Refusal::new(
     400,
-    "duplicate_content_length",
+    Details::DuplicateContentLength,
     "more than one Content-Length",
 );
 pub const LENGTH_AND_CHUNKED: Refusal = Refusal::new(
     400,
-    "content_length_and_chunked",
+    Details::ContentLengthAndChunked,
     "both Content-Length and Transfer-Encoding",
 );
 pub const CODING: Refusal = Refusal::new(
     501,
-    "unsupported_transfer_encoding",
+    Details::UnsupportedTransferEncoding,
     "transfer coding not implemented",
 );
 /// `Transfer-Encoding` in an HTTP/1.0 request: RFC 9112 section 6.1 has the framing of such
@@ -54,24 +59,24 @@ pub const CODING: Refusal = Refusal::new(
 /// `Content-Length` or no body at all); 400, as NGINX answers it.
 pub const CODING_IN_HTTP_1_0: Refusal = Refusal::new(
     400,
-    "http1.invalid_transfer_encoding",
+    Details::TransferEncodingInHttp10,
     "Transfer-Encoding in an HTTP/1.0 request",
 );
 pub const HEAD_TOO_LARGE: Refusal = Refusal::new(
     431,
-    "request_headers_too_large",
+    Details::RequestHeadersTooLarge,
     "request header fields too large",
 );
-pub const URI_TOO_LONG: Refusal = Refusal::new(414, "uri_too_long", "request target too long");
-pub const BAD_HEAD: Refusal = Refusal::new(400, "http1.codec_error", "bad request");
+pub const URI_TOO_LONG: Refusal = Refusal::new(414, Details::UriTooLong, "request target too long");
+pub const BAD_HEAD: Refusal = Refusal::new(400, Details::CodecError, "bad request");
 pub const HEAD_TIMEOUT: Refusal = Refusal::new(
     408,
-    "request_header_timeout",
+    Details::RequestHeaderTimeout,
     "request headers not received in time",
 );
 pub const BODY_TIMEOUT: Refusal = Refusal::new(
     408,
-    "request_body_timeout",
+    Details::RequestBodyTimeout,
     "request body not received in time",
 );
 

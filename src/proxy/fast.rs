@@ -44,7 +44,7 @@ use crate::protocol::h1::{
 use crate::protocol::lend::{Left, Lent};
 use crate::routing::{normalize_host, Forward, HeaderOps, Headers, RequestView, Route};
 use crate::snapshot::Snapshot;
-use crate::telemetry::outcome::Flag;
+use crate::telemetry::outcome::{Details, Flag};
 use crate::telemetry::record::{self, Codec, Outcome};
 use crate::telemetry::trace::{self, SpanContext};
 use crate::telemetry::Metrics;
@@ -633,7 +633,7 @@ async fn refuse(c: &mut Conn, r: Refusal, req: Option<&RefusedRequest<'_>>, snap
     Shutdown::shutdown(&mut *c.io).await;
     tracing::debug!(
         status = r.status,
-        details = r.details,
+        details = r.details.as_str(),
         "request refused: {}",
         r.what
     );
@@ -841,7 +841,7 @@ impl HttpFront {
         let path = match settings.path_normalization.apply(raw_path) {
             Ok(p) => p,
             Err(e) => {
-                let r = Refusal::new(400, e.details(), "bad request path");
+                let r = Refusal::new(400, Details::Path(e), "bad request path");
                 refuse(c, r, Some(&refused), &snapshot).await;
                 return Next::Close;
             }
@@ -1261,7 +1261,7 @@ impl Tries {
 struct Done {
     status: u16,
     flags: Flag,
-    details: &'static str,
+    details: Details,
     sent: usize,
     upstream_time: Option<Duration>,
     upstream_host: Option<SocketAddr>,
@@ -1274,7 +1274,7 @@ impl Done {
         Done {
             status,
             flags: Flag::None,
-            details: "via_upstream",
+            details: Details::ViaUpstream,
             sent: 0,
             upstream_time: Some(upstream_time),
             upstream_host: Some(addr),
@@ -1282,13 +1282,13 @@ impl Done {
         }
     }
 
-    /// A reply the gateway makes after failed tries; as on pingora's path, its details
-    /// are left empty.
+    /// A reply the gateway makes after failed tries; its details come from the flag when
+    /// the request is recorded, as on every codec.
     fn local(status: u16, flags: Flag, upstream_host: Option<SocketAddr>, tries: u32) -> Done {
         Done {
             status,
             flags,
-            details: "",
+            details: Details::None,
             sent: 0,
             upstream_time: None,
             upstream_host,

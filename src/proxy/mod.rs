@@ -24,7 +24,7 @@ use crate::egress::{self, forward as egress_forward};
 use crate::protocol::h1;
 use crate::routing::{normalize_host, Action, Forward, HeaderOps, RequestView, Route};
 use crate::snapshot::Snapshot;
-use crate::telemetry::outcome::Flag;
+use crate::telemetry::outcome::{Details, Flag};
 use crate::telemetry::record::{Codec, Outcome};
 use crate::telemetry::{access_log, trace, Metrics};
 use crate::upstream::retry::{self, Again, TryFailure};
@@ -62,7 +62,7 @@ pub struct RequestCtx {
     transport_failure: Option<Box<str>>,
     started: Instant,
     /// Envoy's RESPONSE_CODE_DETAILS for the log.
-    details: &'static str,
+    details: Details,
     upstream_time: Option<Duration>,
     upstream_host: Option<std::net::SocketAddr>,
     snapshot: Option<Arc<Snapshot>>,
@@ -113,7 +113,7 @@ impl Default for RequestCtx {
         RequestCtx {
             transport_failure: None,
             started: Instant::now(),
-            details: "",
+            details: Details::None,
             upstream_time: None,
             upstream_host: None,
             snapshot: None,
@@ -219,7 +219,13 @@ impl RequestCycle {
             Ok(std::borrow::Cow::Owned(p)) => p,
             // `*` (OPTIONS) and absolute-form targets route by their path as it is.
             Err(crate::routing::path::PathError::NotAbsolute) => return Ok(()),
-            Err(e) => return Err(check::Refusal::new(400, e.details(), "bad request path")),
+            Err(e) => {
+                return Err(check::Refusal::new(
+                    400,
+                    Details::Path(e),
+                    "bad request path",
+                ))
+            }
         };
         let target = match req.uri.query() {
             Some(q) => format!("{normalized}?{q}"),
@@ -238,7 +244,7 @@ impl RequestCycle {
             }
             None => Err(check::Refusal::new(
                 400,
-                "path_normalization_failed",
+                Details::Path(crate::routing::path::PathError::BadEscape),
                 "bad request path",
             )),
         }
@@ -462,7 +468,7 @@ impl ProxyHttp for RequestCycle {
             ctx.details = r.details;
             tracing::debug!(
                 status = r.status,
-                details = r.details,
+                details = r.details.as_str(),
                 "request refused: {}",
                 r.what
             );
@@ -777,7 +783,7 @@ impl ProxyHttp for RequestCycle {
 
         self.record(ctx, Some(status));
         ctx.upstream_time = ctx.in_flight.as_ref().map(|i| i.started.elapsed());
-        ctx.details = "via_upstream";
+        ctx.details = Details::ViaUpstream;
         let retry_status = ctx.forward().is_some_and(|f| f.retries.on.status(status));
         if retry_status && !session.as_ref().retry_buffer_truncated() && self.may_retry(ctx) {
             ctx.retry_on_status = true;
@@ -1056,9 +1062,9 @@ impl RequestCycle {
             }
             Err((status, body)) => {
                 ctx.details = if status == 502 {
-                    "egress_denied"
+                    Details::EgressDenied
                 } else {
-                    "bad_request"
+                    Details::BadRequest
                 };
                 respond(session, status, body, None, None, &[]).await?;
                 Ok(true)

@@ -15,7 +15,7 @@ use crate::policy::jwt::{Authn, UpstreamEdits};
 use crate::policy::{self, Claims, RequestKeys, RoutePolicy};
 use crate::routing::{chance, Action, Cors, Decision, Forward, HeaderOps, RequestView, Route};
 use crate::snapshot::Listener;
-use crate::telemetry::outcome::Flag;
+use crate::telemetry::outcome::{Details, Flag};
 use crate::telemetry::trace::SpanContext;
 use crate::tls::client_auth::{ForwardClientCert, PeerCert};
 
@@ -468,7 +468,7 @@ fn overloaded<'s>(route: Option<&'s Arc<Route>>) -> Answer<'s> {
         ops: route.map(|r| &r.headers.response),
         delay: None,
         flag: Flag::OverloadManager,
-        details: "overload",
+        details: Details::Overload,
         route,
         policy: policy::Fields::NONE,
         www_authenticate: None,
@@ -489,7 +489,7 @@ fn jwt_refusal<'s>(r: policy::jwt::Refused, route: Option<&'s Arc<Route>>) -> An
         ops: route.map(|r| &r.headers.response),
         delay: None,
         flag: Flag::None,
-        details: r.failure.details(),
+        details: Details::Jwt(r.failure),
         route,
         policy: policy::Fields::NONE,
         www_authenticate: HeaderValue::try_from(r.challenge).ok(),
@@ -526,8 +526,8 @@ fn apply_authz_edits(e: &mut UpstreamEdits, a: &crate::policy::ext_authz::Allowe
 /// when the check failed; flag `UAEX` either way, as Envoy's ext_authz filter answers.
 fn ext_authz_refusal<'s>(r: CustomRefusal, route: Option<&'s Arc<Route>>) -> Answer<'s> {
     let (status, body, fields, details) = match r {
-        CustomRefusal::Denied(d) => (d.status, d.body, d.fields, "ext_authz_denied"),
-        CustomRefusal::Failed(status) => (status, Bytes::new(), Vec::new(), "ext_authz_error"),
+        CustomRefusal::Denied(d) => (d.status, d.body, d.fields, Details::ExtAuthzDenied),
+        CustomRefusal::Failed(status) => (status, Bytes::new(), Vec::new(), Details::ExtAuthzError),
     };
     Answer {
         status,
@@ -557,7 +557,7 @@ fn rbac_denied<'s>(details: &'static str, route: Option<&'s Arc<Route>>) -> Answ
         ops: route.map(|r| &r.headers.response),
         delay: None,
         flag: Flag::None,
-        details,
+        details: Details::Rbac(details),
         route,
         policy: policy::Fields::NONE,
         www_authenticate: None,
@@ -569,7 +569,7 @@ fn rbac_denied<'s>(details: &'static str, route: Option<&'s Arc<Route>>) -> Answ
 
 /// The answer to a request the policies refused.
 fn refusal<'s>(d: &policy::Decision<'_>, route: Option<&'s Arc<Route>>) -> Answer<'s> {
-    let details = d.outcome.details().unwrap_or("");
+    let details = d.outcome.details();
     let body = match d.outcome {
         policy::Outcome::Denied => Bytes::copy_from_slice(d.body.as_bytes()),
         policy::Outcome::LocalLimited => Bytes::from_static(b"local_rate_limited\n"),
@@ -608,7 +608,7 @@ pub struct Answer<'s> {
     pub delay: Option<Duration>,
     /// Envoy's response flag and details for the log.
     pub flag: Flag,
-    pub details: &'static str,
+    pub details: Details,
     pub route: Option<&'s Arc<Route>>,
     /// The policies' fields (`x-envoy-ratelimited`, RateLimit).
     pub policy: policy::Fields,
@@ -892,7 +892,7 @@ pub fn not_found<'s>() -> Answer<'s> {
         ops: None,
         delay: None,
         flag: Flag::NoRoute,
-        details: "route_not_found",
+        details: Details::RouteNotFound,
         route: None,
         policy: policy::Fields::NONE,
         www_authenticate: None,
@@ -935,7 +935,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                     ops: None,
                     delay: None,
                     flag: Flag::None,
-                    details: "acme_http01_challenge",
+                    details: Details::AcmeHttp01Challenge,
                     route: None,
                     policy: policy::Fields::NONE,
                     www_authenticate: None,
@@ -968,7 +968,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 ops: None,
                 delay: None,
                 flag: Flag::None,
-                details: "direct_response",
+                details: Details::DirectResponse,
                 route: None,
                 policy: policy::Fields::NONE,
                 www_authenticate: None,
@@ -996,7 +996,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 ops: None,
                 delay: None,
                 flag: Flag::None,
-                details: "cors_response",
+                details: Details::CorsResponse,
                 route: Some(route),
                 policy: policy::Fields::NONE,
                 www_authenticate: None,
@@ -1028,7 +1028,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
             ops: Some(&route.headers.response),
             delay: None,
             flag: Flag::None,
-            details: "direct_response",
+            details: Details::DirectResponse,
             route: Some(route),
             policy: policy::Fields::NONE,
             www_authenticate: None,
@@ -1062,7 +1062,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                     ops: Some(&route.headers.response),
                     delay,
                     flag: Flag::FaultInjected,
-                    details: "fault_filter_abort",
+                    details: Details::FaultFilterAbort,
                     route: Some(route),
                     policy: policy::Fields::NONE,
                     www_authenticate: None,

@@ -69,7 +69,7 @@ pub enum PathError {
 
 impl PathError {
     /// The `response_code_details` of the 400 it gets (Envoy's where it has one).
-    pub fn details(self) -> &'static str {
+    pub const fn details(self) -> &'static str {
         match self {
             PathError::NotAbsolute => "absolute_path_rejected",
             PathError::BadEscape => "path_normalization_failed",

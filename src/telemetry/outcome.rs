@@ -114,9 +114,191 @@ impl fmt::Display for Flag {
     }
 }
 
+/// Envoy's `response_code_details` (`%RESPONSE_CODE_DETAILS%`): why a request got the
+/// answer it got, one value for every codec. `None` is written `-` in logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Details {
+    #[default]
+    None,
+    /// The upstream's response was passed on.
+    ViaUpstream,
+    RouteNotFound,
+    DirectResponse,
+    CorsResponse,
+    FaultFilterAbort,
+    /// An ACME HTTP-01 challenge answered by the gateway.
+    AcmeHttp01Challenge,
+    /// A request cap (`maxRequests`, `maxRequestsPerClient`) was reached.
+    Overload,
+    ExtAuthzDenied,
+    ExtAuthzError,
+    LocalRateLimited,
+    RequestRateLimited,
+    RateLimiterError,
+    AccessListDenied,
+    /// An AuthorizationPolicy refused the request:
+    /// `rbac_access_denied_matched_policy[ns[NS]-policy[NAME]-rule[I]]` (or `[none]`),
+    /// made once when the policy is compiled.
+    Rbac(&'static str),
+    /// A JWT was refused (`jwt_authn_access_denied{...}`).
+    Jwt(crate::policy::jwt::Failure),
+    /// The request path could not be normalized.
+    Path(crate::routing::path::PathError),
+    // Request hygiene (`proxy::check`).
+    MissingHostHeader,
+    InvalidAuthority,
+    DuplicateHostHeader,
+    InvalidContentLength,
+    DuplicateContentLength,
+    ContentLengthAndChunked,
+    UnsupportedTransferEncoding,
+    TransferEncodingInHttp10,
+    RequestHeadersTooLarge,
+    UriTooLong,
+    CodecError,
+    RequestHeaderTimeout,
+    RequestBodyTimeout,
+    // The forward proxy.
+    EgressDenied,
+    BadRequest,
+    /// A CONNECT tunnel was opened.
+    Tunnel,
+    // Failures, after any retries (also the L4 proxy's).
+    NoHealthyUpstream,
+    UpstreamConnectFailure,
+    UpstreamConnectionTermination,
+    UpstreamOverflow,
+    UpstreamProtocolError,
+    ResponseTimeout,
+    DownstreamRemoteDisconnect,
+    // The L4 proxy's.
+    FilterChainNotFound,
+    ClusterNotFound,
+    InvalidClientHello,
+    ClientHelloTimeout,
+}
+
+impl Details {
+    /// Envoy's text; empty for `None`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Details::None => "",
+            Details::ViaUpstream => "via_upstream",
+            Details::RouteNotFound => "route_not_found",
+            Details::DirectResponse => "direct_response",
+            Details::CorsResponse => "cors_response",
+            Details::FaultFilterAbort => "fault_filter_abort",
+            Details::AcmeHttp01Challenge => "acme_http01_challenge",
+            Details::Overload => "overload",
+            Details::ExtAuthzDenied => "ext_authz_denied",
+            Details::ExtAuthzError => "ext_authz_error",
+            Details::LocalRateLimited => "local_rate_limited",
+            Details::RequestRateLimited => "request_rate_limited",
+            Details::RateLimiterError => "rate_limiter_error",
+            Details::AccessListDenied => "access_list_denied",
+            Details::Rbac(text) => text,
+            Details::Jwt(f) => f.details(),
+            Details::Path(e) => e.details(),
+            Details::MissingHostHeader => "missing_host_header",
+            Details::InvalidAuthority => "invalid_authority",
+            Details::DuplicateHostHeader => "duplicate_host_header",
+            Details::InvalidContentLength => "invalid_content_length",
+            Details::DuplicateContentLength => "duplicate_content_length",
+            Details::ContentLengthAndChunked => "content_length_and_chunked",
+            Details::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
+            Details::TransferEncodingInHttp10 => "http1.invalid_transfer_encoding",
+            Details::RequestHeadersTooLarge => "request_headers_too_large",
+            Details::UriTooLong => "uri_too_long",
+            Details::CodecError => "http1.codec_error",
+            Details::RequestHeaderTimeout => "request_header_timeout",
+            Details::RequestBodyTimeout => "request_body_timeout",
+            Details::EgressDenied => "egress_denied",
+            Details::BadRequest => "bad_request",
+            Details::Tunnel => "tunnel",
+            Details::NoHealthyUpstream => "no_healthy_upstream",
+            Details::UpstreamConnectFailure => {
+                "upstream_reset_before_response_started{connection_failure}"
+            }
+            Details::UpstreamConnectionTermination => {
+                "upstream_reset_before_response_started{connection_termination}"
+            }
+            Details::UpstreamOverflow => "upstream_reset_before_response_started{overflow}",
+            Details::UpstreamProtocolError => {
+                "upstream_reset_before_response_started{protocol_error}"
+            }
+            Details::ResponseTimeout => "response_timeout",
+            Details::DownstreamRemoteDisconnect => "downstream_remote_disconnect",
+            Details::FilterChainNotFound => "filter_chain_not_found",
+            Details::ClusterNotFound => "cluster_not_found",
+            Details::InvalidClientHello => "invalid_client_hello",
+            Details::ClientHelloTimeout => "client_hello_timeout",
+        }
+    }
+
+    pub const fn is_none(self) -> bool {
+        matches!(self, Details::None)
+    }
+
+    /// The details of a request that ended with `flag` and no details of its own: the
+    /// gateway's reply after failed tries, or a client gone mid-request. Every codec's
+    /// record takes them from here (Envoy's words for the same ends).
+    pub const fn of_flag(flag: Flag) -> Details {
+        match flag {
+            Flag::NoHealthyUpstream => Details::NoHealthyUpstream,
+            Flag::UpstreamConnectFailure | Flag::UpstreamRetryLimitExceeded => {
+                Details::UpstreamConnectFailure
+            }
+            Flag::UpstreamConnectionTermination => Details::UpstreamConnectionTermination,
+            Flag::UpstreamOverflow => Details::UpstreamOverflow,
+            Flag::UpstreamProtocolError => Details::UpstreamProtocolError,
+            Flag::UpstreamRequestTimeout => Details::ResponseTimeout,
+            Flag::DownstreamConnectionTermination => Details::DownstreamRemoteDisconnect,
+            _ => Details::None,
+        }
+    }
+
+    /// These details, or when there are none, those of `flag`.
+    pub const fn or_flag(self, flag: Flag) -> Details {
+        match self {
+            Details::None => Details::of_flag(flag),
+            d => d,
+        }
+    }
+}
+
+impl fmt::Display for Details {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.is_none() { "-" } else { self.as_str() })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn details_without_their_own_come_from_the_flag() {
+        assert_eq!(Details::None.to_string(), "-");
+        assert_eq!(
+            Details::None.or_flag(Flag::NoHealthyUpstream).as_str(),
+            "no_healthy_upstream"
+        );
+        assert_eq!(
+            Details::None
+                .or_flag(Flag::UpstreamRetryLimitExceeded)
+                .as_str(),
+            "upstream_reset_before_response_started{connection_failure}"
+        );
+        assert_eq!(
+            Details::DirectResponse.or_flag(Flag::FaultInjected),
+            Details::DirectResponse
+        );
+        assert_eq!(Details::None.or_flag(Flag::FaultInjected), Details::None);
+        assert_eq!(
+            Details::Path(crate::routing::path::PathError::EscapedSlash).as_str(),
+            "escaped_slashes_rejected"
+        );
+    }
 
     #[test]
     fn names_are_envoys() {

@@ -13,7 +13,7 @@ use pingora::protocols::SocketDigest;
 
 use super::access_log::{self, Entry, Headers, Sink};
 use super::istio::Observation;
-use super::outcome::Flag;
+use super::outcome::{Details, Flag};
 use super::trace::{ServerSpan, SpanContext};
 use super::Metrics;
 use crate::routing::Route;
@@ -51,7 +51,8 @@ pub struct Outcome<'a> {
     pub started: Instant,
     pub status: u16,
     pub flag: Flag,
-    pub details: &'a str,
+    /// The request's own details; without them, the flag's ([`Details::or_flag`]).
+    pub details: Details,
     pub request_bytes: usize,
     pub response_bytes: usize,
     pub upstream_time: Option<Duration>,
@@ -148,7 +149,7 @@ impl<'a> Outcome<'a> {
                 protocol: self.protocol,
                 status: self.status,
                 flags: self.flag.as_str(),
-                details: self.details,
+                details: self.details.or_flag(self.flag).as_str(),
                 bytes_received: self.request_bytes,
                 bytes_sent: self.response_bytes,
                 duration,
@@ -216,7 +217,7 @@ mod tests {
             started: Instant::now(),
             status: 503,
             flag: Flag::UpstreamConnectFailure,
-            details: "",
+            details: Details::None,
             request_bytes: 12,
             response_bytes: 20,
             upstream_time: None,
@@ -242,6 +243,10 @@ mod tests {
         let r = outcome(&headers, Codec::Cycle).record();
         assert_eq!((r.entry.status, r.observation.status), (503, 503));
         assert_eq!(r.entry.flags, "UF");
+        assert_eq!(
+            r.entry.details, "upstream_reset_before_response_started{connection_failure}",
+            "a reply after failed tries takes its details from the flag"
+        );
         assert_eq!(r.observation.flags, Flag::UpstreamConnectFailure);
         assert!(
             r.observation.grpc,
