@@ -679,6 +679,47 @@ fn consistent_hash_is_sticky_and_moves_only_the_removed_endpoints_keys() {
     );
 }
 
+/// A key whose endpoint is down: its connect failure is retried (Istio's default retry
+/// policy) on another endpoint, the client gets the answer, and the key keeps going to
+/// that same endpoint while its own is down.
+#[test]
+fn a_hashed_key_whose_endpoint_is_down_is_retried_on_another() {
+    let echoes = [Echo::start("a"), Echo::start("b")];
+    let dead = free_port();
+    let ports = [echoes[0].port(), echoes[1].port(), dead];
+    let routes = format!("[[virtualServices.http]]\n{TO_BACKEND}\n");
+    let s = start(&routes, &hash_config(&ports));
+    let mut client = HttpClient::new(s.http);
+    let users = 60;
+    for user in 0..users {
+        let u = format!("user-{user}");
+        let first = client
+            .request("GET", "app.test", "/", &[("x-user", &u)], b"")
+            .unwrap();
+        assert_eq!(first.status, 200, "{u}: {}", first.text());
+        let again = client
+            .request("GET", "app.test", "/", &[("x-user", &u)], b"")
+            .unwrap();
+        assert_eq!(again.status, 200, "{u}: {}", again.text());
+        assert_eq!(again.upstream(), first.upstream(), "{u} stays put");
+    }
+    let lines = s.log_lines(2 * users);
+    let dead_addr = format!("127.0.0.1:{dead}");
+    let retried: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["upstream_request_attempt_count"] == 2)
+        .collect();
+    assert!(
+        !retried.is_empty(),
+        "some keys hash to the dead endpoint (a third of the ring) and are retried"
+    );
+    for l in &lines {
+        assert_eq!(l["response_code"], 200, "{l}");
+        assert_eq!(l["response_flags"], "-", "{l}");
+        assert_ne!(l["upstream_host"], dead_addr.as_str(), "{l}");
+    }
+}
+
 #[test]
 fn cookie_hash_sets_a_cookie_and_follows_it() {
     let echoes = [Echo::start("a"), Echo::start("b"), Echo::start("c")];

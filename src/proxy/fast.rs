@@ -1101,17 +1101,8 @@ impl HttpFront {
                 },
             }
         };
-        let upstream_time = inflight.started.elapsed();
-        cluster.record(i, Some(resp.status), Some(upstream_time));
-
         // The response head is in `c.resp`; the body follows as it comes.
-        let mut done = Done::via_upstream(
-            resp.status,
-            cluster.endpoints[i].addr,
-            upstream_time,
-            tries.made,
-        );
-        done.flags = f.upstream_flag(resp.status, tries.retries);
+        let mut done = tries.answered(&f, cluster, i, resp.status, &inflight);
         let result = forward_body(c, resp.framing, wait, (cluster, resp.upstream_close)).await;
         drop(inflight);
         match result {
@@ -1175,6 +1166,25 @@ impl Tries {
             per_try: forward.retries.per_try_timeout,
             ..Tries::default()
         }
+    }
+
+    /// Try `inflight` was answered with `status` and the answer goes to the client: the
+    /// endpoint's record, and the request's record as passed on (`URX` when a retryable
+    /// status ran out of retries, `DI` after a fault's delay).
+    fn answered(
+        &self,
+        f: &request::Forwarded<'_>,
+        cluster: &Cluster,
+        i: usize,
+        status: u16,
+        inflight: &InFlight,
+    ) -> Done {
+        let upstream_time = inflight.started.elapsed();
+        cluster.record(i, Some(status), Some(upstream_time));
+        let mut done =
+            Done::via_upstream(status, cluster.endpoints[i].addr, upstream_time, self.made);
+        done.flags = f.upstream_flag(status, self.retries);
+        done
     }
 
     /// The time the next try may take (`retry::try_wait`); `None` once the route's time

@@ -433,15 +433,7 @@ impl HttpFront {
                 },
             }
         };
-        let upstream_time = inflight.started.elapsed();
-        cluster.record(i, Some(resp.status), Some(upstream_time));
-        let mut done = Done::via_upstream(
-            resp.status,
-            cluster.endpoints[i].addr,
-            upstream_time,
-            tries.made,
-        );
-        done.flags = f.upstream_flag(resp.status, tries.retries);
+        let mut done = tries.answered(&f, cluster, i, resp.status, &inflight);
         let Some(head) = head else {
             // A 101, or a field HTTP/2 cannot carry: nothing went to the client yet.
             let done = Done::local(
