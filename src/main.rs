@@ -465,7 +465,7 @@ impl Codec {
             return Codec::Pingora("a forward-proxy listener");
         }
         match &route.action {
-            Action::Forward(f) => match portico::proxy::fast::lent_for(f) {
+            Action::Forward(f) => match portico::protocol::fast::lent_for(f) {
                 Some(why) => Codec::Pingora(why),
                 None => Codec::Fast,
             },

@@ -62,15 +62,15 @@ fn pingora_cycle(
     Arc::new(proxy)
 }
 
-/// Portico's HTTP/1.1 front of listener `i` (see `proxy::fast`), lending requests to `http`.
+/// Portico's HTTP/1.1 front of listener `i` (see `protocol::fast`), lending requests to `http`.
 fn front(
     i: usize,
     l: &crate::snapshot::Listener,
     reloader: &Arc<Reloader>,
     http: Arc<pingora_proxy::HttpProxy<RequestCycle>>,
     fast_path: bool,
-) -> crate::proxy::fast::HttpFront {
-    crate::proxy::fast::HttpFront {
+) -> crate::protocol::fast::HttpFront {
+    crate::protocol::fast::HttpFront {
         listener: i,
         tls: l.tls,
         h2c: l.h2c,

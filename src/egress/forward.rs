@@ -121,7 +121,7 @@ pub fn denied_body(host: &str, port: u16, rule: &str) -> String {
 /// HTTP/1.1 front to pingora's cycle (`http`), which decides absolute-form requests by the
 /// egress registry.
 pub struct ForwardProxy {
-    pub front: Arc<crate::proxy::fast::HttpFront>,
+    pub front: Arc<crate::protocol::fast::HttpFront>,
     pub http: Arc<HttpProxy<RequestCycle>>,
     pub snapshots: Arc<ArcSwap<Snapshot>>,
 }

@@ -33,7 +33,7 @@ use pingora::protocols::{Ssl, Stream};
 use pingora::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
 
-use crate::proxy::fast::HttpFront;
+use crate::protocol::fast::HttpFront;
 use crate::proxy::RequestCycle;
 use crate::snapshot::Snapshot;
 

@@ -1,9 +1,11 @@
-//! The pingora `ProxyHttp` implementation: one request's life. It orchestrates and holds
-//! no policy of its own: routing decides the route, the route's compiled policy says what
-//! to retry, upstream picks endpoints and keeps their health.
+//! The request's phases: the request core (`request`: what a request gets, decided once
+//! for every codec), request hygiene (`check`), mirroring, and the pingora `ProxyHttp`
+//! implementation that runs them on pingora's request cycle (`RequestCycle`). Portico's own
+//! codecs, which call the same core, are in `protocol::fast`. None holds policy of its own:
+//! routing decides the route, the route's compiled policy says what to retry, upstream
+//! picks endpoints and keeps their health.
 
 pub mod check;
-pub mod fast;
 pub mod mirror;
 pub mod request;
 
@@ -310,7 +312,7 @@ impl RequestCycle {
 }
 
 /// The Host header, or the `:authority` of an HTTP/2 request; empty when neither is sent.
-fn authority(req: &RequestHeader) -> &str {
+pub(crate) fn authority(req: &RequestHeader) -> &str {
     req.headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
@@ -371,7 +373,7 @@ impl request::HeaderSink for ResponseFields {
 
 /// A response head whose fields the request core's replace (`insert`, not `append`); an
 /// `appended` one is added after the upstream's of its name.
-struct ReplaceFields<'a>(&'a mut ResponseHeader);
+pub(crate) struct ReplaceFields<'a>(pub &'a mut ResponseHeader);
 
 impl request::HeaderSink for ReplaceFields<'_> {
     fn field(&mut self, name: &[u8], value: &[u8]) {
@@ -1193,7 +1195,7 @@ fn write_forwarded_for<'a>(
 /// A random version-4 UUID for `x-request-id`, in lower-case hex with dashes. Written
 /// into a stack buffer: it is made for every request that comes without one, and two
 /// `format!`s were two allocations and the formatting machinery each time.
-fn request_id() -> [u8; 36] {
+pub(crate) fn request_id() -> [u8; 36] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     // Where each byte's two digits go in the 8-4-4-4-12 form: a fixed table unrolls into
     // 32 stores, where shifting a u128 per digit cost ~4x the instructions.

@@ -33,15 +33,15 @@ use pingora_proxy::HttpProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::check::{self, Refusal};
-use super::mirror::{self, MirrorClient};
-use super::request;
-use super::{request_id, RequestCycle};
 use crate::protocol::h1::{
     self, dropped_response_header, dropped_response_header_or_length, has_two_framings, head_end,
     raw, uri_char, write_headers, ChunkScan, Framing, MAX_HEADERS, MAX_RESPONSE_HEAD,
 };
 use crate::protocol::lend::{Left, Lent};
+use crate::proxy::check::{self, Refusal};
+use crate::proxy::mirror::{self, MirrorClient};
+use crate::proxy::request;
+use crate::proxy::{request_id, RequestCycle};
 use crate::routing::{normalize_host, Forward, HeaderOps, Headers, RequestView, Route};
 use crate::snapshot::Snapshot;
 use crate::telemetry::outcome::{Details, Flag};

@@ -545,7 +545,7 @@ async fn answer_h2(s: &mut HttpSession, sl: &StreamLog<'_>, a: &request::Answer<
     let Ok(head) = ResponseHeader::build_no_case(a.status, Some(6)) else {
         return;
     };
-    let mut head = super::super::ResponseFields(head);
+    let mut head = crate::proxy::ResponseFields(head);
     request::answer_fields(a, &mut head);
     let head_only = a.body.is_empty() || s.req_header().method == http::Method::HEAD;
     let mut sent = 0;
@@ -678,7 +678,7 @@ fn response_head(
         o.apply_response(&mut h);
     }
     if !added.is_empty() {
-        added.write(&mut super::super::ReplaceFields(&mut h));
+        added.write(&mut crate::proxy::ReplaceFields(&mut h));
     }
     Some(h)
 }
