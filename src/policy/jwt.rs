@@ -551,7 +551,7 @@ impl Authn {
             Jwks::Remote(remote) => match remote.current() {
                 Some(set) if set.candidates(kid, t.alg).next().is_some() => set,
                 // A key the set lacks (a rotation), or no set yet: fetch again, once.
-                current => match remote.refetch().await {
+                current => match Box::pin(remote.refetch()).await {
                     Some(set) => set,
                     None if current.is_none() => return Err(Failure::JwksFetchFail),
                     None => return Err(Failure::KidAlgMismatch),

@@ -332,7 +332,9 @@ impl RoutePolicy {
             return d;
         }
         match &self.global {
-            Some(g) => d.and(g.check(keys).await),
+            // Boxed: the Redis round trip's state is KiBs that every request's future
+            // would otherwise carry (and copy) whether or not its route has global rules.
+            Some(g) => d.and(Box::pin(g.check(keys)).await),
             None => d,
         }
     }

@@ -363,6 +363,28 @@ impl<'s> Planned<'s> {
     /// Waits for Redis only when the route has global rules; nothing is locked while it
     /// waits.
     pub async fn police(self, view: &RequestView<'_>) -> Plan<'s> {
+        match self.unpoliced() {
+            Ok(plan) => plan,
+            Err(planned) => planned.admit(view).await,
+        }
+    }
+
+    /// The plan when no cap and no policy applies to it (there is nothing to ask or wait
+    /// for), else this back for [`Planned::police`]. A codec that keeps a request's state
+    /// in one future can box the policies' (KiBs: token checks, authorizer calls, Redis)
+    /// only for the requests that have them.
+    pub fn unpoliced(self) -> Result<Plan<'s>, Planned<'s>> {
+        if self.caps.is_none()
+            && self.policy.is_none()
+            && self.authz.is_none()
+            && self.authn.is_none()
+        {
+            return Ok(self.plan);
+        }
+        Err(self)
+    }
+
+    async fn admit(self, view: &RequestView<'_>) -> Plan<'s> {
         let Some(caps) = self.caps else {
             return self.decide(view).await;
         };
@@ -398,6 +420,9 @@ impl<'s> Planned<'s> {
         // rate limits): a bad token is refused; a good one is who the request is.
         let mut verified = None;
         let mut edits = None;
+        // A JWKS fetch, an external authorizer's call and a Redis round trip are KiBs of
+        // state each: they are boxed where they are awaited, so that every request's
+        // future (the fast codecs box one per request) does not carry and copy them.
         if let Some(authn) = self.authn {
             match authn.authenticate(view).await {
                 Err(refused) => return Plan::Answer(Box::new(jwt_refusal(refused, route))),
@@ -411,7 +436,7 @@ impl<'s> Planned<'s> {
         let mut custom = None;
         if let Some(authz) = self.authz {
             if authz.has_custom() {
-                match authz.custom(&keys, view).await {
+                match Box::pin(authz.custom(&keys, view)).await {
                     Ok(allowed) => custom = allowed,
                     Err(refused) => {
                         return Plan::Answer(Box::new(ext_authz_refusal(refused, route)))

@@ -258,7 +258,13 @@ impl HttpFront {
                 }
             }
         };
-        let f = match planned.police(&view).await {
+        // Boxed only for a route with policies: their state is KiBs that every request's
+        // future would carry otherwise.
+        let policed = match planned.unpoliced() {
+            Ok(plan) => plan,
+            Err(planned) => Box::pin(planned.police(&view)).await,
+        };
+        let f = match policed {
             request::Plan::Answer(a) => {
                 // (A refused forward with a body unread: the answer ends the stream, and
                 // the client stops sending it, RFC 9113 8.1.)
