@@ -291,6 +291,14 @@ pub enum Plan<'s> {
     Forward(Forwarded<'s>),
 }
 
+/// Whether a planned request has policies to ask ([`Planned::policies`]).
+pub enum Policies<'s> {
+    /// None applies: the plan stands.
+    None(Plan<'s>),
+    /// Some do: [`Planned::police`].
+    Apply(Planned<'s>),
+}
+
 /// A plan whose route's policies (access lists, rate limits) have not been asked yet.
 /// A codec looks at [`Planned::plan`] to see whether it can serve the request itself; if
 /// it can, [`Planned::police`] counts the request and gives the plan to carry out (a
@@ -363,9 +371,9 @@ impl<'s> Planned<'s> {
     /// Waits for Redis only when the route has global rules; nothing is locked while it
     /// waits.
     pub async fn police(self, view: &RequestView<'_>) -> Plan<'s> {
-        match self.unpoliced() {
-            Ok(plan) => plan,
-            Err(planned) => planned.admit(view).await,
+        match self.policies() {
+            Policies::None(plan) => plan,
+            Policies::Apply(planned) => planned.admit(view).await,
         }
     }
 
@@ -373,15 +381,15 @@ impl<'s> Planned<'s> {
     /// for), else this back for [`Planned::police`]. A codec that keeps a request's state
     /// in one future can box the policies' (KiBs: token checks, authorizer calls, Redis)
     /// only for the requests that have them.
-    pub fn unpoliced(self) -> Result<Plan<'s>, Planned<'s>> {
+    pub fn policies(self) -> Policies<'s> {
         if self.caps.is_none()
             && self.policy.is_none()
             && self.authz.is_none()
             && self.authn.is_none()
         {
-            return Ok(self.plan);
+            return Policies::None(self.plan);
         }
-        Err(self)
+        Policies::Apply(self)
     }
 
     async fn admit(self, view: &RequestView<'_>) -> Plan<'s> {

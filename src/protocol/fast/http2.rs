@@ -260,9 +260,9 @@ impl HttpFront {
         };
         // Boxed only for a route with policies: their state is KiBs that every request's
         // future would carry otherwise.
-        let policed = match planned.unpoliced() {
-            Ok(plan) => plan,
-            Err(planned) => Box::pin(planned.police(&view)).await,
+        let policed = match planned.policies() {
+            request::Policies::None(plan) => plan,
+            request::Policies::Apply(planned) => Box::pin(planned.police(&view)).await,
         };
         let f = match policed {
             request::Plan::Answer(a) => {
