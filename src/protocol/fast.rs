@@ -1002,15 +1002,8 @@ impl HttpFront {
             tokio::time::sleep(d).await;
         }
         // A rewrite: the path (with the query) and the authority the upstream sees.
-        let rewrite = forward.rewrite.as_ref();
-        let rewritten = rewrite.and_then(|rw| {
-            let prefix = route
-                .matches
-                .get(f.match_index)
-                .and_then(|m| m.matched_prefix());
-            rw.path(req.path, query, prefix)
-        });
-        let authority = rewrite.and_then(|rw| rw.authority.as_ref());
+        let rewritten = f.rewritten_target(req.path, query);
+        let authority = request::rewritten_authority(forward);
 
         // The upstream request head.
         let out = &mut c.out;

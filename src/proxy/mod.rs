@@ -697,17 +697,14 @@ impl ProxyHttp for RequestCycle {
             upstream.insert_header(header::COOKIE, joined)?;
         }
         if let Some(forward) = forward_of(route) {
-            if let Some(rw) = &forward.rewrite {
-                let prefix = route
-                    .matches
-                    .get(ctx.match_index)
-                    .and_then(|m| m.matched_prefix());
-                if let Some(path) = rw.path(upstream.uri.path(), upstream.uri.query(), prefix) {
-                    let uri = path.parse().map_err(|_| {
-                        Error::explain(ErrorType::InternalError, "rewritten URI is invalid")
-                    })?;
-                    upstream.set_uri(uri);
-                }
+            let (path, query) = (upstream.uri.path(), upstream.uri.query());
+            if let Some(target) =
+                request::rewritten_target(route, forward, ctx.match_index, path, query)
+            {
+                let uri = target.parse().map_err(|_| {
+                    Error::explain(ErrorType::InternalError, "rewritten URI is invalid")
+                })?;
+                upstream.set_uri(uri);
             }
             let dest = &forward.destinations[ctx.destination];
             let forwarding = request::Forwarding {
@@ -715,11 +712,7 @@ impl ProxyHttp for RequestCycle {
                 client_ip: client_ip(session),
                 // Made before routing, among the fields already.
                 request_id: None,
-                host: forward
-                    .rewrite
-                    .as_ref()
-                    .and_then(|rw| rw.authority.as_ref())
-                    .map(HeaderValue::as_bytes),
+                host: request::rewritten_authority(forward).map(HeaderValue::as_bytes),
                 ops: [&route.headers.request, &dest.headers.request],
                 upgrade: session.is_upgrade_req(),
                 span: ctx.span.as_ref(),

@@ -752,7 +752,39 @@ fn hash_key(
     }
 }
 
+/// The target (path with the query) the upstream sees after `forward`'s rewrite, for a
+/// request `path`/`query` that matched `route`'s match `match_index` (a prefix match has
+/// the prefix replaced, any other the whole path); `None` without a URI rewrite. Every
+/// codec asks this.
+pub fn rewritten_target(
+    route: &Route,
+    forward: &Forward,
+    match_index: usize,
+    path: &str,
+    query: Option<&str>,
+) -> Option<String> {
+    let rw = forward.rewrite.as_ref()?;
+    let prefix = route
+        .matches
+        .get(match_index)
+        .and_then(|m| m.matched_prefix());
+    rw.path(path, query, prefix)
+}
+
+/// The authority the upstream sees after `forward`'s rewrite, if it rewrites one.
+pub fn rewritten_authority(forward: &Forward) -> Option<&http::HeaderValue> {
+    forward
+        .rewrite
+        .as_ref()
+        .and_then(|rw| rw.authority.as_ref())
+}
+
 impl Forwarded<'_> {
+    /// [`rewritten_target`] for this plan's route and match.
+    pub fn rewritten_target(&self, path: &str, query: Option<&str>) -> Option<String> {
+        rewritten_target(self.route, self.forward, self.match_index, path, query)
+    }
+
     /// What the response gets besides the upstream's fields and the route's operations:
     /// the CORS fields for an allowed origin, and the policies' fields. Every codec writes
     /// these over the upstream's fields of the same names.

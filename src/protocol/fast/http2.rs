@@ -259,10 +259,13 @@ impl HttpFront {
             }
         };
         // Boxed only for a route with policies: their state is KiBs that every request's
-        // future would carry otherwise.
-        let policed = match planned.policies() {
-            request::Policies::None(plan) => plan,
-            request::Policies::Apply(planned) => Box::pin(planned.police(&view)).await,
+        // future would carry otherwise. (In a block, so the plan's places in this future
+        // end with it.)
+        let policed = {
+            match planned.policies() {
+                request::Policies::None(plan) => plan,
+                request::Policies::Apply(planned) => Box::pin(planned.police(&view)).await,
+            }
         };
         let f = match policed {
             request::Plan::Answer(a) => {
@@ -284,15 +287,8 @@ impl HttpFront {
         if let Some(d) = f.delay {
             tokio::time::sleep(d).await;
         }
-        let rewrite = forward.rewrite.as_ref();
-        let rewritten = rewrite.and_then(|rw| {
-            let prefix = route
-                .matches
-                .get(f.match_index)
-                .and_then(|m| m.matched_prefix());
-            rw.path(q.path, q.query, prefix)
-        });
-        let authority = rewrite.and_then(|rw| rw.authority.as_ref());
+        let rewritten = f.rewritten_target(q.path, q.query);
+        let authority = request::rewritten_authority(forward);
         let head_only = req.method == http::Method::HEAD;
         let idempotent = retry::idempotent(q.method);
         let body_len = q.body;
@@ -331,7 +327,11 @@ impl HttpFront {
         }
         let body_timeout = settings.downstream.request_body_timeout;
         let mut mirrors = f.mirrors().peekable();
-        let mirror_head = mirrors.peek().is_some().then(|| s.req_header().clone());
+        // Boxed: a head is ~350 bytes that a request without mirrors would carry too.
+        let mirror_head = mirrors
+            .peek()
+            .is_some()
+            .then(|| Box::new(s.req_header().clone()));
         if body_len > 0 {
             // Read whole (the h2 crate holds the stream to its content-length), then sent
             // after the head and replayed on a retry, as on HTTP/1.1.
@@ -358,7 +358,8 @@ impl HttpFront {
             let body = (body_len > 0).then(|| Bytes::copy_from_slice(&out[out.len() - body_len..]));
             for cluster in mirrors {
                 let proxy = cluster.proxy_header(|| conn_addrs(s));
-                MirrorClient::global().send(cluster.clone(), head.clone(), body.clone(), proxy);
+                let head = (*head).clone();
+                MirrorClient::global().send(cluster.clone(), head, body.clone(), proxy);
             }
         }
         // The PROXY header of the destination's new connections (and its pool key).
@@ -379,7 +380,7 @@ impl HttpFront {
             let Some(w) = tries.wait(stream_idle) else {
                 let done = Done::local(504, Flag::UpstreamRequestTimeout, None, tries.made);
                 let what = Flag::UpstreamRequestTimeout.reply_text();
-                local_h2(s, &sl, route, cluster, done, what).await;
+                Box::pin(local_h2(s, &sl, route, cluster, done, what)).await;
                 return None;
             };
             wait_for = w;
@@ -389,15 +390,8 @@ impl HttpFront {
                     Some(i) => (i, true),
                     None => {
                         let done = Done::local(503, Flag::NoHealthyUpstream, None, tries.made);
-                        local_h2(
-                            s,
-                            &sl,
-                            route,
-                            cluster,
-                            done,
-                            Flag::NoHealthyUpstream.reply_text(),
-                        )
-                        .await;
+                        let what = Flag::NoHealthyUpstream.reply_text();
+                        Box::pin(local_h2(s, &sl, route, cluster, done, what)).await;
                         return None;
                     }
                 },
@@ -433,7 +427,7 @@ impl HttpFront {
                 Err(fail) => match tries.after(fail, forward, cluster, i, idempotent).await {
                     None => continue,
                     Some((done, what)) => {
-                        local_h2(s, &sl, route, cluster, done, what).await;
+                        Box::pin(local_h2(s, &sl, route, cluster, done, what)).await;
                         return None;
                     }
                 },
@@ -449,7 +443,7 @@ impl HttpFront {
                 tries.made,
             );
             let what = "upstream sent a response HTTP/2 cannot carry";
-            local_h2(s, &sl, route, cluster, done, what).await;
+            Box::pin(local_h2(s, &sl, route, cluster, done, what)).await;
             return None;
         };
         let end = resp.framing == Framing::Empty;
