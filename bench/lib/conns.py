@@ -49,6 +49,10 @@ def fd_room():
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 200
 
 
+# Linux's IP_BIND_ADDRESS_NO_PORT (not in Python's socket module).
+IP_BIND_ADDRESS_NO_PORT = 24
+
+
 def source(i):
     return f"127.0.0.{1 + i // CONNS_PER_SOURCE}"
 
@@ -145,6 +149,10 @@ def tls_context(alpn):
 def open_one(kind, port, i, ctx):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # The source port is chosen at connect(), for this destination: bound at bind() time
+    # it must be free for every destination, and the previous rows' connections, in
+    # TIME_WAIT for a minute, used up the ephemeral range ("Address already in use").
+    s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
     s.bind((source(i), 0))
     s.settimeout(10)
     s.connect(("127.0.0.1", port))
@@ -268,6 +276,28 @@ def active(name, proc, kind, n, tmp):
     return r
 
 
+def first_line(err):
+    return str(err).strip().splitlines()[0][:200] if str(err).strip() else "?"
+
+
+def time_wait_sockets():
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                words = line.split()
+                return int(words[words.index("tw") + 1])
+    return 0
+
+
+def settle_time_wait(most=2000, limit=75):
+    """Waits (at most `limit` s) until the previous row's connections have left TIME_WAIT:
+    tens of thousands of them hold loopback's ephemeral ports for a minute, and the next
+    row's clients (and a proxy's upstream connections) then fail to connect."""
+    deadline = time.time() + limit
+    while time_wait_sockets() > most and time.time() < deadline:
+        time.sleep(2)
+
+
 def conns(command):
     start_load = b.loadavg()
     mach = b.machine()
@@ -287,6 +317,7 @@ def conns(command):
             for kind in KINDS:
                 # A fresh process per kind: what an allocator keeps from the previous kind
                 # (and gives back at its own pace) would blur the next one's figure.
+                settle_time_wait()
                 proc = b.start_proxy(env, name)
                 b.sanity(name, b.PORTS[name])
                 n = min(wanted(kind), room if name != "haproxy" else b.haproxy_maxconn() - 100)
@@ -310,6 +341,7 @@ def conns(command):
                 if name == "floor":
                     continue
                 for kind in ("plain", "tls", "h2"):
+                    settle_time_wait()
                     proc = b.start_proxy(env, name)
                     b.sanity(name, b.PORTS[name])
                     n = min(n_active, b.haproxy_maxconn() - 100) if name == "haproxy" else n_active
@@ -335,7 +367,7 @@ def conns(command):
     what = {"plain": "HTTP/1.1", "tls": "HTTP/1.1, TLS 1.3", "h2": "h2, TLS 1.3"}
     for name, kind, r, err in rows:
         if r is None:
-            table.append(f"| {b.LABEL[name]} | {what[kind]} | failed: {err} | | | | | | |")
+            table.append(f"| {b.LABEL[name]} | {what[kind]} | failed: {first_line(err)} | | | | | | |")
             continue
         table.append(
             f"| {b.LABEL[name]} | {what[kind]} | {r['conns']:,} | {r['before_kib'] / 1024:.1f} MiB | "
@@ -363,7 +395,7 @@ def conns(command):
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         for name, kind, r, err in active_rows:
             if r is None:
-                table.append(f"| {b.LABEL[name]} | {what[kind]} | failed: {err} | | | | | |")
+                table.append(f"| {b.LABEL[name]} | {what[kind]} | failed: {first_line(err)} | | | | | |")
                 continue
             table.append(
                 f"| {b.LABEL[name]} | {what[kind]} | {r['conns']:,} | {r['rps']:,.0f} | "
