@@ -255,6 +255,16 @@ impl TransportConnector {
                 {
                     let _ = s.lock().await;
                 } // wait for the idle poll to release it
+                // PORTICO PATCH: the idle poll task unlocks before it drops its clone of the Arc;
+                // until it has run to its end `try_unwrap` fails and a good pooled
+                // connection was dropped (a new one opened instead), often on a busy
+                // thread. Give that task a few turns to finish first.
+                for _ in 0..64 {
+                    if Arc::strong_count(&s) == 1 {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
                 match Arc::try_unwrap(s) {
                     Ok(l) => {
                         let mut stream = l.into_inner();
