@@ -259,13 +259,10 @@ impl HttpFront {
             }
         };
         // Boxed only for a route with policies: their state is KiBs that every request's
-        // future would carry otherwise. (In a block, so the plan's places in this future
-        // end with it.)
-        let policed = {
-            match planned.policies() {
-                request::Policies::None(plan) => plan,
-                request::Policies::Apply(planned) => Box::pin(planned.police(&view)).await,
-            }
+        // future would carry otherwise.
+        let policed = match planned.policies() {
+            request::Policies::None(plan) => plan,
+            request::Policies::Apply(planned) => Box::pin(planned.police(&view)).await,
         };
         let f = match policed {
             request::Plan::Answer(a) => {
