@@ -266,6 +266,11 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                         }
                     }
+                    // PORTICO PATCH: an accept error never blocks, so without a yield this
+                    // task never returns Pending. When the runtime shuts down (SIGINT, fast
+                    // shutdown) every accept fails with "context is being shutdown" and the
+                    // loop spun, logging, instead of being dropped at its next await.
+                    tokio::task::yield_now().await;
                 }
             }
         }
