@@ -856,3 +856,98 @@ fn an_upstream_that_says_too_little_or_too_much_spoils_only_its_own_exchange() {
         assert_eq!(resp.text(), "/ok/after", "{codec:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. Upgrades (WebSocket)
+// ---------------------------------------------------------------------------------------------
+
+/// A response head read a byte at a time: whatever follows it (the tunnel's first bytes)
+/// stays in the stream.
+fn read_head_only(s: &mut impl Read) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!(
+                "head cut short ({other:?}): {}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+        assert!(head.len() < 16 * 1024, "head too long");
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Upgrades `s` to a WebSocket tunnel to the echo upstream, then sends bytes both ways
+/// (a frame's worth and 256 KiB), then half-closes: the tunnel closes behind it.
+fn websocket_round_trip(s: &mut (impl Read + Write), what: &str) {
+    s.write_all(
+        b"GET /upgrade/chat HTTP/1.1\r\nHost: gw.test\r\nUpgrade: websocket\r\n\
+          Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    let head = read_head_only(s);
+    assert!(head.starts_with("HTTP/1.1 101"), "{what}: {head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        lower.contains("\r\nupgrade: websocket\r\n"),
+        "{what}: {head}"
+    );
+    assert!(
+        lower.contains("\r\nconnection: upgrade\r\n"),
+        "{what}: {head}"
+    );
+    let big: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 253) as u8).collect();
+    for msg in [&b"\x81\x04ping"[..], &big[..]] {
+        s.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("{what}: echo of {} bytes: {e}", msg.len()));
+        assert!(back == msg, "{what}: the echo differs");
+    }
+}
+
+#[test]
+fn a_websocket_upgrade_becomes_a_tunnel_both_ways_on_http_and_https() {
+    for codec in BOTH {
+        let gw = start(codec);
+        let mut s = raw(gw.http);
+        websocket_round_trip(&mut s, &format!("{codec:?} http"));
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(
+            closed_within(&mut s, Duration::from_secs(5)),
+            "{codec:?}: the tunnel closes after the client's close"
+        );
+        let tls = tls_connect(gw.https, Some("gw.test")).expect("TLS");
+        let mut s = tls.into_stream();
+        websocket_round_trip(&mut s, &format!("{codec:?} https"));
+        // The upstream saw an upgrade: `Upgrade` kept, `Connection` saying only that.
+        let got = gw.up.received_for("/upgrade/");
+        assert_eq!(got.len(), 2, "{codec:?}");
+        for r in &got {
+            assert_eq!(r.header_all("upgrade"), ["websocket"], "{codec:?}");
+            assert_eq!(r.header_all("connection"), ["upgrade"], "{codec:?}");
+        }
+        let line = log_for(&gw, "/upgrade/chat");
+        assert_eq!(line["response_code"], 101, "{codec:?}: {line}");
+    }
+}
+
+#[test]
+fn an_upgrade_the_upstream_declines_is_an_ordinary_exchange_and_the_connection_goes_on() {
+    for codec in BOTH {
+        let gw = start(codec);
+        let mut s = raw(gw.http);
+        let req = "GET /ok/no-upgrade HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        let resp = exchange(&mut s, req, "GET").expect("answer");
+        assert_eq!(
+            (resp.status, resp.text().as_str()),
+            (200, "/ok/no-upgrade"),
+            "{codec:?}"
+        );
+        let resp = exchange(&mut s, &get("t", "/ok/next"), "GET").expect("next on the same");
+        assert_eq!(resp.text(), "/ok/next", "{codec:?}");
+    }
+}

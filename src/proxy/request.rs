@@ -144,12 +144,22 @@ pub fn upstream_request_headers<'h, I>(
 {
     let has_connection = client().any(|(n, _)| n.eq_ignore_ascii_case("connection"));
     let mut host_written = f.host.is_none();
+    let mut upgrade_written = false;
     for (name, value) in client() {
         if let (Some(host), true) = (f.host, name.eq_ignore_ascii_case("host")) {
             if !host_written && !f.replaced_in(0, b"host") {
                 out.field(name.as_bytes(), host);
             }
             host_written = true;
+            continue;
+        }
+        if f.upgrade && name.eq_ignore_ascii_case("connection") {
+            // The upgrade is all the upstream hop's `Connection` says (as Envoy sends it):
+            // the other options were about the client's hop.
+            if !upgrade_written {
+                out.field(b"connection", b"upgrade");
+                upgrade_written = true;
+            }
             continue;
         }
         if hop_by_hop_request(name, f.upgrade)
@@ -159,7 +169,10 @@ pub fn upstream_request_headers<'h, I>(
             || f.replaced_in(0, name.as_bytes())
             || f.traced(name.as_bytes())
             || f.auth.is_some_and(|a| a.removes(name.as_bytes()))
-            || (has_connection && named_by_connection(client(), name))
+            || (has_connection
+                // An upgrade's `Connection: Upgrade` names the field that goes on.
+                && !(f.upgrade && name.eq_ignore_ascii_case("upgrade"))
+                && named_by_connection(client(), name))
         {
             continue;
         }
@@ -1301,13 +1314,23 @@ mod tests {
         dest: &HeaderOps,
         id: Option<&str>,
     ) -> String {
+        run_upgrade(client, route, dest, id, false)
+    }
+
+    fn run_upgrade(
+        client: &[(&str, &str)],
+        route: &HeaderOps,
+        dest: &HeaderOps,
+        id: Option<&str>,
+        upgrade: bool,
+    ) -> String {
         let f = Forwarding {
             scheme: b"https",
             client_ip: Some("10.0.0.1".parse().unwrap()),
             request_id: id.map(str::as_bytes),
             host: None,
             ops: [route, dest],
-            upgrade: false,
+            upgrade,
             span: None,
             client_cert: ClientCert::default(),
             auth: None,
@@ -1368,6 +1391,28 @@ mod tests {
         assert_eq!(
             got,
             "Host: h\r\nx-kept: 1\r\nx-forwarded-proto: https\r\nx-forwarded-for: 10.0.0.1\r\n"
+        );
+    }
+
+    #[test]
+    fn an_upgrade_keeps_upgrade_and_connection_and_drops_the_rest_of_the_hop() {
+        let none = HeaderOps::default();
+        let client = [
+            ("Host", "h"),
+            ("Connection", "keep-alive, Upgrade, x-private"),
+            ("Upgrade", "websocket"),
+            ("x-private", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("Sec-WebSocket-Key", "k"),
+        ];
+        assert_eq!(
+            run_upgrade(&client, &none, &none, None, true),
+            "Host: h\r\nconnection: upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\nx-forwarded-proto: https\r\nx-forwarded-for: 10.0.0.1\r\n"
+        );
+        assert_eq!(
+            run_upgrade(&client, &none, &none, None, false),
+            "Host: h\r\nSec-WebSocket-Key: k\r\nx-forwarded-proto: https\r\nx-forwarded-for: 10.0.0.1\r\n",
+            "no upgrade asked for: the hop's fields stay behind"
         );
     }
 

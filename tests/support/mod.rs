@@ -1092,6 +1092,13 @@ impl TlsConn {
     pub fn get(&mut self, host: &str, path: &str) -> io::Result<Response> {
         self.request("GET", host, path, &[], b"")
     }
+
+    /// The TLS stream itself, for a test that reads it byte by byte (an upgrade's head,
+    /// then the tunnel). Nothing is lost: only `request` reads through the buffer.
+    pub fn into_stream(self) -> StreamOwned<ClientConnection, TcpStream> {
+        assert!(self.stream.buffer().is_empty(), "bytes left in the reader");
+        self.stream.into_inner()
+    }
 }
 
 /// TLS handshake with 127.0.0.1:`port`, offering ALPN `http/1.1`. `sni: None` sends no SNI

@@ -21,6 +21,7 @@
 //! | `/slow/<ms>/...` | waits, then 200 |
 //! | `/never/...` | reads the request and never answers |
 //! | `/cookie/...` | 200 with a `set-cookie: upstream=1; Path=/` of its own, body = the path |
+//! | `/upgrade/...` | to a request with `Upgrade`: 101, then echoes every byte until the close |
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -197,6 +198,10 @@ fn serve(conn: TcpStream, n: usize, st: &State) {
     let mut r = BufReader::new(conn);
     while let Some(received) = read_request(&mut r, n) {
         st.requests.lock().unwrap().push(received.clone());
+        let upgrade = received
+            .headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("upgrade"));
         let Received {
             method, path, raw, ..
         } = received;
@@ -284,6 +289,26 @@ fn serve(conn: TcpStream, n: usize, st: &State) {
             }
             "never" => {
                 thread::sleep(Duration::from_secs(30));
+                return;
+            }
+            "upgrade" if upgrade => {
+                let _ = w.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                );
+                // The tunnel: bytes back as they come (what the reader holds first), until
+                // the other side closes; then this side closes too.
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    match r.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if w.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = w.shutdown(std::net::Shutdown::Both);
                 return;
             }
             _ => ok(&mut w, path.as_bytes()),
