@@ -59,6 +59,7 @@ fn pingora_cycle(
     opts.h2c = h2c;
     opts.h2_idle_timeout = Some(h2_idle);
     proxy.server_options = Some(opts);
+    proxy.h2_options = Some(crate::protocol::fast::http2::options());
     Arc::new(proxy)
 }
 

@@ -53,7 +53,7 @@ use crate::upstream::proxy_protocol::{ConnAddrs, Header as ProxyHeader};
 use crate::upstream::retry::{self, Again, TryFailure};
 use crate::upstream::{self, Cluster, InFlight, RetryPermit};
 
-mod http2;
+pub(crate) mod http2;
 
 /// Request bodies up to this are read whole and forwarded with the head (and replayed on a
 /// retry); longer ones, and chunked ones, go to pingora, which streams them.
@@ -185,11 +185,24 @@ const MAX_READ: usize = 128 * 1024;
 /// The sizes of one body's upstream reads (see `MIN_READ`).
 struct BodyReads {
     size: usize,
+    max: usize,
 }
 
 impl BodyReads {
     fn new() -> Self {
-        BodyReads { size: MIN_READ }
+        BodyReads {
+            size: MIN_READ,
+            max: MAX_READ,
+        }
+    }
+
+    /// Reads of at most `MIN_READ`: for an h2 stream, whose frames are 16 KiB and whose
+    /// connection carries many bodies at once, each held only until its frames are queued.
+    fn small() -> Self {
+        BodyReads {
+            size: MIN_READ,
+            max: MIN_READ,
+        }
     }
 
     /// Reads more of a body framed by `framing`, `remaining` bytes of it still to come.
@@ -201,14 +214,14 @@ impl BodyReads {
         remaining: u64,
     ) -> io::Result<usize> {
         let want = match framing {
-            Framing::Length(_) if remaining > MIN_READ as u64 => MAX_READ,
+            Framing::Length(_) if remaining > MIN_READ as u64 => self.max,
             _ => self.size,
         };
         buf.reserve(want);
         let n = io.read_buf(buf).await?;
         if n >= self.size {
             // The read filled the buffer: more is queued, take it in larger reads.
-            self.size = MAX_READ;
+            self.size = self.max;
         }
         Ok(n)
     }
