@@ -713,11 +713,15 @@ fn replicas_sharing_the_credentials_directory_order_once() {
         leaf,
         "A serves what B ordered"
     );
-    assert_eq!(orders(&b, "success"), 1.0);
+    // One order between them. B, started as the test lets the lock go, takes it first
+    // unless A's retry (10-15 s after it found the lock held) comes before B is up, as
+    // on a loaded machine; then A orders and B takes A's certificate. Either way, once.
+    let (a_ok, b_ok) = (orders(&a, "success"), orders(&b, "success"));
+    assert_eq!(a_ok + b_ok, 1.0, "one order: A {a_ok}, B {b_ok}");
     assert_eq!(
-        orders(&a, "success") + orders(&a, "failure"),
+        orders(&a, "failure") + orders(&b, "failure"),
         0.0,
-        "A never ordered"
+        "no failed order"
     );
     assert!(
         a.log().contains("another replica holds the order lock"),
