@@ -923,6 +923,7 @@ fn a_websocket_upgrade_becomes_a_tunnel_both_ways_on_http_and_https() {
         let tls = tls_connect(gw.https, Some("gw.test")).expect("TLS");
         let mut s = tls.into_stream();
         websocket_round_trip(&mut s, &format!("{codec:?} https"));
+        drop(s);
         // The upstream saw an upgrade: `Upgrade` kept, `Connection` saying only that.
         let got = gw.up.received_for("/upgrade/");
         assert_eq!(got.len(), 2, "{codec:?}");
@@ -930,8 +931,33 @@ fn a_websocket_upgrade_becomes_a_tunnel_both_ways_on_http_and_https() {
             assert_eq!(r.header_all("upgrade"), ["websocket"], "{codec:?}");
             assert_eq!(r.header_all("connection"), ["upgrade"], "{codec:?}");
         }
-        let line = log_for(&gw, "/upgrade/chat");
-        assert_eq!(line["response_code"], 101, "{codec:?}: {line}");
+        // Each tunnel is logged when it ends (both have).
+        let tunnels = || {
+            log_lines(&gw)
+                .into_iter()
+                .filter(|l| l["path"].as_str() == Some("/upgrade/chat"))
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            wait_until(Duration::from_secs(5), || tunnels().len() == 2),
+            "{codec:?}: {}",
+            gw.portico.stdout()
+        );
+        for line in tunnels() {
+            assert_eq!(line["response_code"], 101, "{codec:?}: {line}");
+        }
+        // Who carried the tunnels: Portico's codec (none handed over), or pingora's.
+        let fast = metric_sum(
+            &gw.portico.metrics(),
+            "portico_fast_path_requests_total",
+            "",
+        )
+        .unwrap_or(0.0);
+        assert_eq!(
+            fast,
+            if codec == Codec::Fast { 2.0 } else { 0.0 },
+            "{codec:?}"
+        );
     }
 }
 

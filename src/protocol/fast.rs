@@ -54,6 +54,7 @@ use crate::upstream::retry::{self, Again, TryFailure};
 use crate::upstream::{self, Cluster, InFlight, RetryPermit};
 
 pub(crate) mod http2;
+mod tunnel;
 
 /// Request bodies up to this are read whole and forwarded with the head (and replayed on a
 /// retry); longer ones, and chunked ones, go to pingora, which streams them.
@@ -663,6 +664,7 @@ async fn refuse(c: &mut Conn, r: Refusal, req: Option<&RefusedRequest<'_>>, snap
         close: true,
         has_request_id: false,
         body: 0,
+        upgrade: false,
     };
     let log = Log {
         snapshot,
@@ -694,6 +696,9 @@ struct Req<'h> {
     has_request_id: bool,
     /// The length of the request body (`Content-Length`), at most `MAX_BODY`.
     body: usize,
+    /// An upgrade (`Upgrade`, and `Connection: upgrade`): a `101` makes the connection a
+    /// tunnel (`tunnel`).
+    upgrade: bool,
 }
 
 /// The request, when the fast path can serve it: its head passed the checks (`checked`),
@@ -733,7 +738,9 @@ fn eligible<'h>(
         close: false,
         has_request_id: false,
         body,
+        upgrade: false,
     };
+    let mut upgrade_field = false;
     for h in req.headers.iter() {
         let n = h.name;
         if n.eq_ignore_ascii_case("expect") {
@@ -744,17 +751,24 @@ fn eligible<'h>(
                 if t.eq_ignore_ascii_case(b"close") {
                     r.close = true;
                 } else if t.eq_ignore_ascii_case(b"upgrade") {
-                    // The connection would become a tunnel: pingora's to carry.
-                    return None;
+                    r.upgrade = true;
                 }
                 // Other tokens name fields that stay behind (the request core drops them).
             }
+        } else if n.eq_ignore_ascii_case("upgrade") {
+            upgrade_field = true;
         } else if n.eq_ignore_ascii_case("x-request-id") {
             r.has_request_id = true;
         } else if n.eq_ignore_ascii_case("content-type") && h.value.starts_with(b"application/grpc")
         {
             return None;
         }
+    }
+    // An upgrade asked for in one field and not the other is none (the fields stay
+    // behind); a GET without a body, whose 101 is a tunnel from the next byte on.
+    r.upgrade &= upgrade_field;
+    if r.upgrade && (method != "GET" || body != 0) {
+        return None;
     }
     Some(r)
 }
@@ -841,7 +855,14 @@ impl HttpFront {
                 return Next::Close;
             }
         };
+        // A request with an upgrade lent to pingora is lent with the rest of the
+        // connection: after a 101 it is pingora's tunnel.
+        let upgrade = parsed
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
         let rest = match checked.body {
+            _ if upgrade => Rest::All,
             check::BodyFraming::None => Rest::Length(0),
             check::BodyFraming::Length(n) => Rest::Length(n),
             check::BodyFraming::Chunked => Rest::Chunked(ChunkScan::default()),
@@ -862,12 +883,15 @@ impl HttpFront {
                 return Next::Close;
             }
         };
-        let upgrade = parsed
-            .headers
-            .iter()
-            .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
-        if upgrade || method == "CONNECT" {
-            // Pingora's (an upgrade turns the connection into a tunnel, never given back).
+        let h2c = upgrade
+            && parsed.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("upgrade")
+                    && h.value
+                        .split(|&b| b == b',')
+                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+            });
+        if h2c || method == "CONNECT" {
+            // Pingora's (the connection never comes back).
             return Next::Lend(
                 Lending {
                     head,
@@ -1045,7 +1069,7 @@ impl HttpFront {
             request_id: id.as_ref().map(|id| &id[..]),
             host: authority.map(|a| a.as_bytes()),
             ops: [&route.headers.request, &destination.headers.request],
-            upgrade: false,
+            upgrade: req.upgrade,
             span: span.as_ref(),
             client_cert: request::ClientCert {
                 mode: settings.forward_client_cert,
@@ -1078,7 +1102,8 @@ impl HttpFront {
             let (i, pooled) = match tries.resend_to.take() {
                 Some(i) => (i, false),
                 None => match cluster.select(f.hash, &c.tried) {
-                    Some(i) => (i, true),
+                    // An upgrade's connection becomes its tunnel: a new one.
+                    Some(i) => (i, !req.upgrade),
                     None => {
                         let done = Done::local(503, Flag::NoHealthyUpstream, None, tries.made);
                         return local(c, &log, done, Flag::NoHealthyUpstream.reply_text()).await;
@@ -1094,6 +1119,7 @@ impl HttpFront {
                 proxy: cluster.proxy_header(|| ConnAddrs::of(c.io.get_socket_digest().as_deref())),
                 pooled,
                 head_only,
+                upgrade: req.upgrade,
                 ops: response_ops,
                 added: &added,
                 client_close,
@@ -1118,7 +1144,35 @@ impl HttpFront {
         };
         // The response head is in `c.resp`; the body follows as it comes.
         let mut done = tries.answered(&f, cluster, i, resp.status, &inflight);
-        let result = forward_body(c, resp.framing, wait, (cluster, resp.upstream_close)).await;
+        if resp.status == 101 {
+            // Held to the tunnel's end, as Envoy counts an upgraded stream active.
+            let _held = (inflight, _admission);
+            let Some(mut up) = c.up.take() else {
+                return Next::Close;
+            };
+            let first = {
+                let mut b = BytesMut::with_capacity(c.resp.len() + c.ubuf.len());
+                b.extend_from_slice(&c.resp);
+                b.extend_from_slice(&c.ubuf);
+                (b, std::mem::take(&mut c.buf))
+            };
+            // The head stays for the log; the request's other buffers go back to the
+            // thread's spares for the tunnel's life.
+            let head = std::mem::take(&mut c.resp);
+            c.release();
+            let t = tunnel::run(&mut c.io, &mut up.io, first, &mut c.wait, stream_idle).await;
+            c.resp = head;
+            done.sent = t.to_client.saturating_sub(c.resp.len() as u64) as usize;
+            done.tunneled = t.to_upstream as usize;
+            if let Err(side) = t.end {
+                done.flags = side.flag();
+            }
+            log.finish(c, &done);
+            return Next::Close;
+        }
+        // An upgrade the upstream declined: its connection was asked to change, not kept.
+        let upstream_close = resp.upstream_close || req.upgrade;
+        let result = forward_body(c, resp.framing, wait, (cluster, upstream_close)).await;
         drop(inflight);
         match result {
             Ok(n) => done.sent = n,
@@ -1288,6 +1342,8 @@ struct Done {
     flags: Flag,
     details: Details,
     sent: usize,
+    /// Bytes from the client past the request's body: an upgraded connection's.
+    tunneled: usize,
     upstream_time: Option<Duration>,
     upstream_host: Option<SocketAddr>,
     attempts: u32,
@@ -1301,6 +1357,7 @@ impl Done {
             flags: Flag::None,
             details: Details::ViaUpstream,
             sent: 0,
+            tunneled: 0,
             upstream_time: Some(upstream_time),
             upstream_host: Some(addr),
             attempts: tries,
@@ -1315,6 +1372,7 @@ impl Done {
             flags,
             details: Details::None,
             sent: 0,
+            tunneled: 0,
             upstream_time: None,
             upstream_host,
             attempts: if upstream_host.is_some() { tries } else { 0 },
@@ -1385,7 +1443,7 @@ impl Log<'_> {
             status: done.status,
             flag: done.flags,
             details: done.details,
-            request_bytes: self.req.body,
+            request_bytes: self.req.body + done.tunneled,
             response_bytes: done.sent,
             upstream_time: done.upstream_time,
             upstream_host: done.upstream_host,
@@ -1413,6 +1471,8 @@ struct Exchange<'a> {
     /// A pooled connection may carry it (not when resending after a stale one).
     pooled: bool,
     head_only: bool,
+    /// The request asked for an upgrade: a `101` answers it (and nothing else may).
+    upgrade: bool,
     ops: [&'a HeaderOps; 2],
     /// CORS and policy fields for the response.
     added: &'a request::ResponseAdditions,
@@ -1448,11 +1508,16 @@ async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
     let (out, ubuf, resp) = (&c.out, &mut c.ubuf, &mut c.resp);
     let (head_only, client_close, ops, added) = (ex.head_only, ex.client_close, ex.ops, ex.added);
     let cluster = ex.cluster;
+    let upgrade = ex.upgrade;
     let io = async {
         up.send(out, cluster).await?;
-        read_response(&mut up.io, ubuf, head_only, client_close, |r, _, close| {
-            write_response_head(resp, r, close, ops, added)
-        })
+        read_response(
+            &mut up.io,
+            ubuf,
+            (head_only, upgrade),
+            client_close,
+            |r, _, close| write_response_head(resp, r, close, ops, added),
+        )
         .await
     };
     let result = timed(&mut c.wait, ex.wait, io).await;
@@ -1511,7 +1576,7 @@ fn exchanged<T>(result: Option<io::Result<Option<T>>>, stale: bool) -> Result<T,
 async fn read_response(
     io: &mut TcpStream,
     ubuf: &mut BytesMut,
-    head_only: bool,
+    (head_only, upgrade): (bool, bool),
     client_close: bool,
     mut emit: impl FnMut(&httparse::Response<'_, '_>, &[u8], bool),
 ) -> io::Result<Option<Resp>> {
@@ -1527,7 +1592,22 @@ async fn read_response(
                 _ => return Ok(None),
             }
             let status = r.code.unwrap_or(0);
-            if (100..200).contains(&status) && status != 101 {
+            if status == 101 {
+                // The upgrade (a 101 nobody asked for is not a valid answer): what follows
+                // the head is the tunnel's.
+                if !upgrade {
+                    return Ok(None);
+                }
+                emit(&r, &ubuf[..head_len], false);
+                ubuf.advance(head_len);
+                return Ok(Some(Resp {
+                    status,
+                    framing: Framing::Close,
+                    upstream_close: true,
+                    close: true,
+                }));
+            }
+            if (100..200).contains(&status) {
                 // Informational: dropped; the final response follows (pingora passes them on).
                 ubuf.advance(head_len);
                 continue;
@@ -1576,7 +1656,17 @@ fn write_response_head(
     let upstream = raw(r.headers).filter(|(n, _)| !added.replaces(n.as_bytes()));
     write_headers(out, upstream, ops, drop);
     added.write(out);
-    if close {
+    if r.code == Some(101) {
+        // The upgrade goes on to the client: `Upgrade` as the upstream chose it, and a
+        // `Connection` that says only that.
+        for (name, value) in raw(r.headers).filter(|(n, _)| n.eq_ignore_ascii_case("upgrade")) {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    } else if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -1584,6 +1674,7 @@ fn write_response_head(
 
 /// Which end failed while a body was passed on; `idle` when it went quiet for the
 /// stream idle timeout rather than closing.
+#[derive(Clone, Copy)]
 enum Side {
     Upstream {
         idle: bool,
@@ -1745,6 +1836,7 @@ async fn answer(c: &mut Conn, log: &Log<'_>, a: &request::Answer<'_>, close: boo
         flags: a.flag,
         details: a.details,
         sent: if head { 0 } else { a.body.len() },
+        tunneled: 0,
         upstream_time: None,
         upstream_host: None,
         attempts: 0,

@@ -425,6 +425,7 @@ impl HttpFront {
                 proxy,
                 pooled,
                 head_only,
+                upgrade: false,
                 ops,
                 added: &added,
                 client_close: false,
@@ -525,6 +526,7 @@ fn eligible_h2<'r>(req: &'r RequestHeader, path: &'r str) -> Option<Req<'r>> {
         close: false,
         has_request_id: true,
         body: 0,
+        upgrade: false,
     };
     for (name, value) in req.headers.iter() {
         if *name == header::CONTENT_LENGTH {
@@ -577,6 +579,7 @@ async fn answer_h2(s: &mut HttpSession, sl: &StreamLog<'_>, a: &request::Answer<
         flags: a.flag,
         details: a.details,
         sent,
+        tunneled: 0,
         upstream_time: None,
         upstream_host: None,
         attempts: 0,
@@ -715,7 +718,7 @@ async fn exchange_h2(
     let head_only = ex.head_only;
     let io = async {
         up.send(out, ex.cluster).await?;
-        read_response(&mut up.io, ubuf, head_only, false, &mut emit).await
+        read_response(&mut up.io, ubuf, (head_only, false), false, &mut emit).await
     };
     let result = timed(wait, ex.wait, io).await;
     let stale = up.pooled && ubuf.is_empty();
@@ -868,6 +871,7 @@ fn log_h2(
         close: false,
         has_request_id: true,
         body: s.body_bytes_read(),
+        upgrade: false,
     };
     let log = Log {
         snapshot: sl.snapshot,
