@@ -945,6 +945,13 @@ fn a_websocket_upgrade_becomes_a_tunnel_both_ways_on_http_and_https() {
         );
         for line in tunnels() {
             assert_eq!(line["response_code"], 101, "{codec:?}: {line}");
+            assert_eq!(line["method"], "GET", "{codec:?}: {line}");
+            assert_eq!(line["authority"], "gw.test", "{codec:?}: {line}");
+            // What went through the tunnel, each way (the frame and the 256 KiB).
+            for field in ["bytes_sent", "bytes_received"] {
+                let n = line[field].as_u64().unwrap_or(0);
+                assert!(n >= 256 * 1024 + 6, "{codec:?}: {field} {n}: {line}");
+            }
         }
         // Who carried the tunnels: Portico's codec (none handed over), or pingora's.
         let fast = metric_sum(

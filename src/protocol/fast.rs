@@ -342,6 +342,8 @@ enum Next {
     /// Not for the fast path: lend the connection to pingora's request cycle for this one
     /// request (its head first); why.
     Lend(Lending, &'static str),
+    /// Upgraded: the connection is a tunnel from here on (`tunnel`).
+    Tunnel(Box<Tunnel>),
 }
 
 /// A request lent to pingora: its head, and how far pingora may read after it.
@@ -464,6 +466,10 @@ impl HttpFront {
                 Next::KeepAlive => continue,
                 Next::Close => {
                     Shutdown::shutdown(&mut *c.io).await;
+                    return None;
+                }
+                Next::Tunnel(t) => {
+                    t.run(&mut c).await;
                     return None;
                 }
                 Next::Lend(lending, reason) => (lending, reason),
@@ -1145,9 +1151,8 @@ impl HttpFront {
         // The response head is in `c.resp`; the body follows as it comes.
         let mut done = tries.answered(&f, cluster, i, resp.status, &inflight);
         if resp.status == 101 {
-            // Held to the tunnel's end, as Envoy counts an upgraded stream active.
             let _held = (inflight, _admission);
-            let Some(mut up) = c.up.take() else {
+            let Some(up) = c.up.take() else {
                 return Next::Close;
             };
             let first = {
@@ -1156,19 +1161,34 @@ impl HttpFront {
                 b.extend_from_slice(&c.ubuf);
                 (b, std::mem::take(&mut c.buf))
             };
-            // The head stays for the log; the request's other buffers go back to the
-            // thread's spares for the tunnel's life.
-            let head = std::mem::take(&mut c.resp);
+            // The tunnel runs once this request's state is gone (the parse: its head's
+            // read buffer and header slots; the request's other buffers; this future):
+            // a tunnel mostly waits, and there may be many. What its log needs at the end
+            // goes with it, owned and in exactly its size.
+            let mut response_head = std::mem::take(&mut c.resp);
+            response_head.shrink_to_fit();
             c.release();
-            let t = tunnel::run(&mut c.io, &mut up.io, first, &mut c.wait, stream_idle).await;
-            c.resp = head;
-            done.sent = t.to_client.saturating_sub(c.resp.len() as u64) as usize;
-            done.tunneled = t.to_upstream as usize;
-            if let Err(side) = t.end {
-                done.flags = side.flag();
-            }
-            log.finish(c, &done);
-            return Next::Close;
+            return Next::Tunnel(Box::new(Tunnel {
+                up,
+                first,
+                idle: stream_idle,
+                done,
+                _held,
+                response_head,
+                snapshot: snapshot.clone(),
+                route: route.clone(),
+                cluster: cluster.clone(),
+                started,
+                span,
+                request_id: id,
+                tls: self.tls,
+                head: Bytes::copy_from_slice(&head),
+                path: req.path.into(),
+                query: query.map(Into::into),
+                host: req.host.into(),
+                has_request_id: req.has_request_id,
+                principal: f.principal.clone(),
+            }));
         }
         // An upgrade the upstream declined: its connection was asked to change, not kept.
         let upstream_close = resp.upstream_close || req.upgrade;
@@ -1377,6 +1397,90 @@ impl Done {
             upstream_host,
             attempts: if upstream_host.is_some() { tries } else { 0 },
         }
+    }
+}
+
+/// A request id as `request_id` makes it.
+type RequestId = [u8; 36];
+
+/// An upgraded request once its `101` is read: the upstream connection, the bytes each
+/// way that go first (the client's `101` head and what the upstream sent after it; what
+/// the client sent after its request), and what the request's log needs at the tunnel's
+/// end, owned.
+struct Tunnel {
+    up: Upstream,
+    first: (BytesMut, BytesMut),
+    idle: Duration,
+    done: Done,
+    /// The endpoint's request in flight and the cluster's admission, held to the end, as
+    /// Envoy counts an upgraded stream active.
+    _held: (InFlight, Option<upstream::Admission>),
+    response_head: Vec<u8>,
+    snapshot: Arc<Snapshot>,
+    route: Arc<Route>,
+    cluster: Arc<Cluster>,
+    started: Instant,
+    span: Option<SpanContext>,
+    request_id: Option<RequestId>,
+    tls: bool,
+    /// The request head as received (parsed again for the log), its normalized path and
+    /// its authority.
+    head: Bytes,
+    path: Box<str>,
+    query: Option<Box<str>>,
+    host: Box<str>,
+    has_request_id: bool,
+    principal: Option<Box<str>>,
+}
+
+impl Tunnel {
+    /// Carries the tunnel to its end, then records the request (as `Log::finish` does).
+    async fn run(self: Box<Self>, c: &mut Conn) {
+        let Tunnel {
+            mut up,
+            first,
+            idle,
+            mut done,
+            ..
+        } = *self;
+        let t = tunnel::run(&mut c.io, &mut up.io, first, &mut c.wait, idle).await;
+        c.resp = self.response_head;
+        done.sent = t.to_client.saturating_sub(c.resp.len() as u64) as usize;
+        done.tunneled = t.to_upstream as usize;
+        if let Err(side) = t.end {
+            done.flags = side.flag();
+        }
+        let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut hs);
+        // It parsed before; a failure here could only leave fields out of the line.
+        let _ = parsed.parse(&self.head);
+        let req = Req {
+            method: "GET",
+            path: &self.path,
+            query: self.query.as_deref(),
+            host: &self.host,
+            close: false,
+            has_request_id: self.has_request_id,
+            body: 0,
+            upgrade: true,
+        };
+        let request_id = self.request_id.as_ref().map(|id| &id[..]);
+        let added = [("x-request-id", request_id.unwrap_or_default())];
+        let added: &[(&str, &[u8])] = if request_id.is_some() { &added } else { &[] };
+        Log {
+            snapshot: &self.snapshot,
+            req: &req,
+            headers: Headers::Raw(parsed.headers, added),
+            route: Some(&self.route),
+            cluster: Some(&self.cluster),
+            started: self.started,
+            span: self.span.as_ref(),
+            request_id,
+            tls: self.tls,
+            client_ip: c.client_ip,
+            principal: self.principal.as_deref(),
+        }
+        .finish(c, &done);
     }
 }
 
