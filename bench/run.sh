@@ -8,8 +8,9 @@
 #   bench/run.sh policy     Portico alone: CPU per request of a plain route, a local limit, a Redis limit
 #   bench/run.sh features   Portico alone: CPU per request of each route kind (rewrite, redirect, direct
 #                           response, fault, timeout, traced at 10 %) against the plain forward route
-#   bench/run.sh conns      memory per idle connection (plain, TLS, h2) for each proxy, and a fresh
-#                           request's latency while they are held (CONNS_PLAIN, CONNS_TLS, CONNS_H2, PROBES)
+#   bench/run.sh conns      memory per idle connection (plain, TLS, h2, WebSocket tunnel) for each proxy, and
+#                           a fresh request's latency while they are held (CONNS_PLAIN, CONNS_TLS, CONNS_H2,
+#                           CONNS_WS, PROBES; CONN_KINDS picks kinds: plain,tls,h2,ws)
 #                           then ACTIVE_CONNS (10 000) busy connections per proxy: req/s, p99 (ACTIVE_SECS; ACTIVE=0 or IDLE=0 skips a part)
 #   bench/run.sh all        compare, then scale
 #
@@ -80,7 +81,7 @@ fi
 export PORTICO_BIN="$bin"
 
 cmd="bench/run.sh $*"
-for v in ROUNDS DURATION SCENARIOS PROXIES SCALE_HOSTS CONNS_PLAIN CONNS_TLS CONNS_H2 PROBES; do
+for v in ROUNDS DURATION SCENARIOS PROXIES SCALE_HOSTS CONNS_PLAIN CONNS_TLS CONNS_H2 CONNS_WS CONN_KINDS PROBES IDLE ACTIVE; do
   [ -n "${!v:-}" ] && cmd="$v=\"${!v}\" $cmd"
 done
 export BENCH_COMMAND="${cmd% }"

@@ -71,6 +71,8 @@ SNIS = ["bench1.example.com", "bench2.example.com", "bench3.example.com"]
 
 PORTS = {
     "upstream": PORT_BASE,
+    # The WebSocket echo of the conns benchmark's tunnel rows (ws_upstream.py).
+    "ws_upstream": PORT_BASE + 5,
     "nginx": (PORT_BASE + 10, PORT_BASE + 11),
     "haproxy": (PORT_BASE + 20, PORT_BASE + 21),
     "portico": (PORT_BASE + 30, PORT_BASE + 31),
@@ -654,6 +656,14 @@ def start_nginx(env, logged=False):
     location /api/ {{
       {proxy}
     }}
+    # Tunnels (conns' WebSocket rows): the upgrade passed on, held as long as it is open.
+    location /ws/ {{
+      proxy_pass http://127.0.0.1:{PORTS['ws_upstream']};
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection "upgrade";
+      proxy_read_timeout 1h;
+    }}
     location / {{ return 404; }}
   }}
 {cert_servers}}}
@@ -701,13 +711,19 @@ frontend bench
   bind 127.0.0.1:{https_port} backlog 4096 ssl {crts} alpn h2,http/1.1 ssl-min-ver TLSv1.3
   acl bench_host req.hdr(host),field(1,:) -i {HOST}
   acl api path_beg /api/
+  acl ws path_beg /ws/
   use_backend upstream if bench_host api
+  use_backend ws if bench_host ws
   default_backend notfound
 
 backend upstream
   http-reuse always
   http-request set-header x-bench 1
   server up1 127.0.0.1:{PORTS['upstream']}
+
+backend ws
+  timeout tunnel 1h
+  server ws1 127.0.0.1:{PORTS['ws_upstream']}
 
 backend notfound
   http-request return status 404
@@ -726,6 +742,7 @@ def portico_bench_config(env, logged=False):
     admin = PORTS[key_of("portico", logged) + "_admin"]
     access_log = env.path(key_of("portico", logged), "access.log") if logged else ""
     up = PORTS["upstream"]
+    ws = PORTS["ws_upstream"]
     c = env.certs
     servers = ""
     for i, sni in enumerate(SNIS):
@@ -759,6 +776,10 @@ name = "api"
 match = [{{ uri = {{ prefix = "/api/" }} }}]
 route = [{{ destination = {{ host = "upstream.bench", port = {{ number = {up} }} }} }}]
 headers = {{ request = {{ set = {{ x-bench = "1" }} }} }}
+[[virtualServices.http]]
+name = "ws"
+match = [{{ uri = {{ prefix = "/ws/" }} }}]
+route = [{{ destination = {{ host = "ws.bench", port = {{ number = {ws} }} }} }}]
 
 [[serviceEntries]]
 name = "upstream"
@@ -766,6 +787,14 @@ hosts = ["upstream.bench"]
 location = "MESH_INTERNAL"
 resolution = "STATIC"
 ports = [{{ number = {up}, name = "http", protocol = "HTTP" }}]
+endpoints = [{{ address = "127.0.0.1" }}]
+
+[[serviceEntries]]
+name = "ws"
+hosts = ["ws.bench"]
+location = "MESH_INTERNAL"
+resolution = "STATIC"
+ports = [{{ number = {ws}, name = "http", protocol = "HTTP" }}]
 endpoints = [{{ address = "127.0.0.1" }}]
 """
 

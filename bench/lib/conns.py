@@ -30,12 +30,13 @@ import sys
 # processes started) are that module's, not a second copy's.
 b = sys.modules["__main__"]
 
-KINDS = ["plain", "tls", "h2"]
+ALL_KINDS = ["plain", "tls", "h2", "ws"]
+KINDS = [k for k in os.environ.get("CONN_KINDS", ",".join(ALL_KINDS)).split(",") if k]
 CONNS_PER_SOURCE = 20000
 
 
 def wanted(kind):
-    default = {"plain": 10000, "tls": 5000, "h2": 5000}[kind]
+    default = {"plain": 10000, "tls": 5000, "h2": 5000, "ws": 5000}[kind]
     return b.env_int(f"CONNS_{kind.upper()}", default)
 
 
@@ -61,17 +62,48 @@ def request(host):
     return (f"GET /api/1k HTTP/1.1\r\nHost: {host}\r\nUser-Agent: bench-conns\r\n\r\n").encode()
 
 
-def read_h1(s):
-    """Reads one HTTP/1.1 answer with a Content-Length body; returns its status."""
+def upgrade(host):
+    return (f"GET /ws/echo HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+
+
+# One masked WebSocket text frame, "ping" (the echo upstream sends the bytes back as they
+# came: the proxies do not read frames).
+WS_FRAME = bytes([0x81, 0x84, 1, 2, 3, 4]) + bytes(c ^ m for c, m in zip(b"ping", b"\x01\x02\x03\x04"))
+
+
+def open_tunnel(s):
+    """Upgrades a fresh connection and sends one frame through the tunnel, both ways."""
+    s.sendall(upgrade(b.HOST))
+    status, _, rest = read_head(s)
+    if status != 101:
+        raise RuntimeError(f"status {status}, not 101")
+    s.sendall(WS_FRAME)
+    while len(rest) < len(WS_FRAME):
+        chunk = s.recv(4096)
+        if not chunk:
+            raise RuntimeError("tunnel closed before the echo")
+        rest += chunk
+    if rest != WS_FRAME:
+        raise RuntimeError(f"echo {rest!r}")
+
+
+def read_head(s):
+    """Reads an HTTP/1.1 response head: its status, its lines, and what came after it."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = s.recv(65536)
         if not chunk:
             raise RuntimeError(f"closed before the head: {data[:200]!r}")
         data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
+    head, _, rest = data.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
-    status = int(lines[0].split()[1])
+    return int(lines[0].split()[1]), lines, rest
+
+
+def read_h1(s):
+    """Reads one HTTP/1.1 answer with a Content-Length body; returns its status."""
+    status, lines, body = read_head(s)
     length = 0
     for line in lines[1:]:
         k, _, v = line.partition(b":")
@@ -157,6 +189,9 @@ def open_one(kind, port, i, ctx):
     s.settimeout(10)
     s.connect(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if kind == "ws":
+        open_tunnel(s)
+        return s
     if kind == "plain":
         s.sendall(request(b.HOST))
         status = read_h1(s)
@@ -207,7 +242,7 @@ def probe(kind, port, ctx, n):
 
 
 def measure(name, proc, kind, n):
-    port = b.PORTS[name][0 if kind == "plain" else 1]
+    port = b.PORTS[name][0 if kind in ("plain", "ws") else 1]
     ctx = tls_context(["h2"] if kind == "h2" else ["http/1.1"])
     pid = b.worker_pid(name, proc)
     # Warm the process (first handshakes, pools, buffers) so `before` is a serving process.
@@ -311,6 +346,10 @@ def conns(command):
         import subprocess
         subprocess.run([sys.executable, os.path.join(b.LIB, "certs.py"), env.certs, *b.SNIS], check=True)
         b.start_upstream(env)
+        ws_upstream = b.start([sys.executable, os.path.join(b.LIB, "ws_upstream.py"),
+                               str(b.PORTS["ws_upstream"])],
+                              env.path("ws-upstream.log"), cpu=b.OTHER_CPU)
+        b.wait_port(b.PORTS["ws_upstream"], proc=ws_upstream)
         for name in b.PROXIES if b.env_int("IDLE", 1) else ():
             if name == "floor":
                 continue
@@ -321,6 +360,9 @@ def conns(command):
                 proc = b.start_proxy(env, name)
                 b.sanity(name, b.PORTS[name])
                 n = min(wanted(kind), room if name != "haproxy" else b.haproxy_maxconn() - 100)
+                if kind == "ws":
+                    # A tunnel holds two descriptors in the proxy (client and upstream).
+                    n = min(n, room // 2 - 500)
                 b.log(f"{name} {kind}: {n} idle connections")
                 try:
                     r = measure(name, proc, kind, n)
@@ -364,7 +406,8 @@ def conns(command):
     table = ["| proxy | connections | held | RSS before | RSS with them | per connection | "
              "RSS after they close | fresh request p50 / p99 | still open at the end (sampled) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    what = {"plain": "HTTP/1.1", "tls": "HTTP/1.1, TLS 1.3", "h2": "h2, TLS 1.3"}
+    what = {"plain": "HTTP/1.1", "tls": "HTTP/1.1, TLS 1.3", "h2": "h2, TLS 1.3",
+            "ws": "WebSocket tunnel"}
     for name, kind, r, err in rows:
         if r is None:
             table.append(f"| {b.LABEL[name]} | {what[kind]} | failed: {first_line(err)} | | | | | | |")
@@ -376,11 +419,14 @@ def conns(command):
             f"{r['alive']} |")
     extra = [
         "- each connection: one request (`GET /api/1k`, 1 KiB answer from the nginx upstream) "
-        "answered in full, then held idle; RSS of the serving process (NGINX: its worker), "
+        "answered in full, then held idle (WebSocket: an upgrade to `/ws/echo`, 101 from a "
+        "Python echo upstream, one frame each way through the tunnel, then held idle); "
+        "RSS of the serving process (NGINX: its worker), "
         "settled, before and after; one worker / thread each, a fresh process for each row",
         f"- descriptors: RLIMIT_NOFILE here is {room + 200} per process, so at most {room:,} "
         f"connections per kind ({b.haproxy_maxconn() - 100:,} for HAProxy, whose maxconn counts two "
-        "descriptors per connection); CONNS_PLAIN / CONNS_TLS / CONNS_H2 set fewer",
+        "descriptors per connection; a tunnel holds two in every proxy); CONNS_PLAIN / CONNS_TLS / "
+        "CONNS_H2 / CONNS_WS set fewer",
         "- fresh request: a new connection (and handshake) and one request while the others are "
         f"held, {b.env_int('PROBES', 200)} times",
     ]
@@ -410,7 +456,12 @@ def conns(command):
     # full run stays in RESULTS.md beside it.
     idle_run = b.env_int("IDLE", 1)
     title = "Idle and active connections (conns)" if idle_run else "Active connections (conns, IDLE=0)"
+    section = "conns" if idle_run else "conns-active"
+    if idle_run and KINDS != ALL_KINDS:
+        # Some kinds only (CONN_KINDS): a section of their own beside the full run's.
+        title = f"Idle connections: {', '.join(what[k] for k in KINDS)} (conns, CONN_KINDS={','.join(KINDS)})"
+        section = "conns-" + "-".join(KINDS)
     text = (f"## {title}\n\n" + b.header(command, start_load, vers, mach, extra, noise=noise)
             + "\n\n" + "\n".join(table))
     print(text)
-    b.write_section("conns" if idle_run else "conns-active", text)
+    b.write_section(section, text)
