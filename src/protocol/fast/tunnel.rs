@@ -99,7 +99,12 @@ impl Pump {
             }
             self.buf.reserve(HEAD_BUF);
             match tokio_util::io::poll_read_buf(Pin::new(&mut *from), cx, &mut self.buf) {
-                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(0)) => {
+                    // Back to the pool now: a half-closed tunnel may wait long for the
+                    // other side's close.
+                    park_head_buf(std::mem::take(&mut self.buf));
+                    self.eof = true;
+                }
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(_)) => return Poll::Ready(Err(self.from)),
                 Poll::Pending => {
