@@ -484,3 +484,116 @@ trafficPolicy = {{ tls = {{ mode = "ISTIO_MUTUAL" }} }}
     );
     gw.wait_generation_above(g1, Duration::from_secs(10));
 }
+
+/// A request the front plans but cannot carry out (its destination needs TLS) goes to
+/// pingora's cycle with the plan made for it, on HTTP/1.1 and h2 alike: the policies are
+/// asked once, by the front, which answers a refusal itself (no hand-over); a forwarded
+/// request leaves with the request id the front made, which both gateways log.
+#[test]
+fn a_planned_request_is_handed_over_with_its_plan() {
+    let origin_dir = tempfile::tempdir().unwrap();
+    let (origin, origin_port) = origin(origin_dir.path());
+    let edge_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        origin_dir.path().join("origin.crt"),
+        edge_dir.path().join("ca.crt"),
+    )
+    .unwrap();
+    write_cert(edge_dir.path(), "edge", &["client.test"]);
+    let (http, https) = (free_port(), free_port());
+    let config = format!(
+        r#"{mesh}
+[[gateways]]
+name = "edge"
+[[gateways.servers]]
+port = {{ number = {http}, name = "http", protocol = "HTTP" }}
+bind = "127.0.0.1"
+hosts = ["*"]
+[[gateways.servers]]
+port = {{ number = {https}, name = "https", protocol = "HTTPS" }}
+bind = "127.0.0.1"
+hosts = ["*"]
+tls = {{ mode = "SIMPLE", serverCertificate = "edge.crt", privateKey = "edge.key" }}
+
+[[virtualServices]]
+name = "out"
+hosts = ["*"]
+gateways = ["edge"]
+[[virtualServices.http]]
+route = [{{ destination = {{ host = "origin.test", port = {{ number = 80 }} }} }}]
+
+[[authorizationPolicies]]
+name = "deny"
+action = "DENY"
+rules = [{{ to = [{{ operation = {{ paths = ["/denied"] }} }}] }}]
+
+[[serviceEntries]]
+name = "origin"
+hosts = ["origin.test"]
+location = "MESH_EXTERNAL"
+resolution = "STATIC"
+ports = [{{ number = 80, name = "http", protocol = "HTTP", targetPort = {origin_port} }}]
+endpoints = [{{ address = "127.0.0.1" }}]
+
+[[destinationRules]]
+name = "origin"
+host = "origin.test"
+trafficPolicy = {{ tls = {{ mode = "SIMPLE", caCertificates = "ca.crt" }} }}
+"#,
+        mesh = mesh_config(free_port()),
+    );
+    let edge = Portico::start(edge_dir.path(), &config);
+
+    let ok = http_get(http, "client.test", "/ok");
+    assert_eq!((ok.status, ok.text().as_str()), (200, "from origin"));
+    let denied = http_get(http, "client.test", "/denied");
+    assert_eq!(denied.status, 403, "{}", denied.text());
+    let mut h2 = H2Client::connect(https, "client.test").expect("h2 connection");
+    let ok = h2.get("client.test", "/ok").expect("h2 GET");
+    assert_eq!((ok.status, ok.text().as_str()), (200, "from origin"));
+    let denied = h2.get("client.test", "/denied").expect("h2 GET");
+    assert_eq!(denied.status, 403, "{}", denied.text());
+
+    // Both refusals were the front's; only the two forwards were handed over.
+    let metrics = edge.metrics();
+    let count = |name: &str, label: &str| metric_sum(&metrics, name, label).unwrap_or(0.0);
+    let want = if fast_path_on() { 2.0 } else { 0.0 };
+    assert_eq!(
+        count("portico_fast_path_handoffs_total", "reason=\"route\""),
+        want,
+        "{metrics}"
+    );
+    assert_eq!(
+        count("portico_fast_path_requests_total", ""),
+        want,
+        "{metrics}"
+    );
+
+    // One line per request; each forward's id is the one the origin received.
+    let lines = |p: &Portico| -> Vec<serde_json::Value> {
+        p.stdout()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).expect("JSON log line"))
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || lines(&edge).len() == 4
+            && lines(&origin).len() == 2),
+        "edge:\n{}\norigin:\n{}",
+        edge.stdout(),
+        origin.stdout()
+    );
+    let ids = |p: &Portico, status: u64| -> Vec<String> {
+        lines(p)
+            .iter()
+            .filter(|l| l["response_code"] == status)
+            .map(|l| l["request_id"].as_str().expect("request_id").to_string())
+            .collect()
+    };
+    let forwarded = ids(&edge, 200);
+    assert_eq!(forwarded.len(), 2, "{}", edge.stdout());
+    assert!(forwarded.iter().all(|id| id.len() == 36), "{forwarded:?}");
+    assert_eq!(ids(&origin, 200), forwarded, "{}", origin.stdout());
+    assert_eq!(ids(&edge, 403).len(), 2, "{}", edge.stdout());
+}

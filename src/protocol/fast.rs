@@ -38,7 +38,7 @@ use crate::protocol::h1::{
     self, dropped_response_header, dropped_response_header_or_length, has_two_framings, head_end,
     raw, uri_char, write_headers, ChunkScan, Framing, MAX_HEADERS, MAX_RESPONSE_HEAD,
 };
-use crate::protocol::lend::{Left, Lent};
+use crate::protocol::lend::{Handover, Left, Lent};
 use crate::proxy::check::{self, Refusal};
 use crate::proxy::mirror::{self, MirrorClient};
 use crate::proxy::request;
@@ -350,6 +350,19 @@ enum Next {
 struct Lending {
     head: BytesMut,
     rest: Rest,
+    /// The plan, when this codec made one (pingora's cycle carries it out).
+    handover: Option<Box<Handover>>,
+}
+
+impl Lending {
+    /// A request lent before it was planned: pingora's cycle plans it.
+    fn unplanned(head: BytesMut, rest: Rest) -> Lending {
+        Lending {
+            head,
+            rest,
+            handover: None,
+        }
+    }
 }
 
 /// What follows a lent request's head, which pingora may read.
@@ -441,13 +454,7 @@ impl HttpFront {
                 }
                 Head::H2c => {
                     let rest = Rest::All;
-                    Next::Lend(
-                        Lending {
-                            head: BytesMut::new(),
-                            rest,
-                        },
-                        "h2c",
-                    )
+                    Next::Lend(Lending::unplanned(BytesMut::new(), rest), "h2c")
                 }
                 Head::Complete(n) => {
                     c.reuse();
@@ -503,7 +510,11 @@ impl HttpFront {
         shutdown: &ShutdownWatch,
     ) -> Result<Conn, Option<Stream>> {
         let Conn { io, buf, .. } = c;
-        let Lending { mut head, rest } = lending;
+        let Lending {
+            mut head,
+            rest,
+            handover,
+        } = lending;
         let head_len = head.len() as u64;
         head.unsplit(buf);
         let lent = Lent {
@@ -524,16 +535,16 @@ impl HttpFront {
         };
         if matches!(lent.left, Left::All) {
             // An h2c connection or an upgrade: pingora keeps it to the end.
-            return Err(self.http.process_new(Box::new(lent), shutdown).await);
+            let cycle = self.http.process_new(Box::new(lent), shutdown);
+            return Err(crate::protocol::lend::with_handover(handover, cycle).await);
         }
         let old = lent.close_after;
         let mut session = ServerSession::new_http1(Box::new(lent));
         session.set_keepalive((!old).then(|| whole_seconds(limits.idle_timeout)));
         session.set_read_timeout(Some(limits.request_body_timeout));
         session.set_write_timeout(Some(limits.stream_idle_timeout));
-        let reused = self
-            .http
-            .process_new_http(session, shutdown)
+        let cycle = self.http.process_new_http(session, shutdown);
+        let reused = crate::protocol::lend::with_handover(handover, cycle)
             .await
             .ok_or(None)?;
         let (stream, _) = reused.consume();
@@ -875,7 +886,7 @@ impl HttpFront {
         };
         if !target.starts_with('/') {
             // Absolute-form or `*`: pingora's cycle reads it (and normalizes its path).
-            return Next::Lend(Lending { head, rest }, "request");
+            return Next::Lend(Lending::unplanned(head, rest), "request");
         }
         let (raw_path, query) = match target.split_once('?') {
             Some((p, q)) => (p, Some(q)),
@@ -898,20 +909,14 @@ impl HttpFront {
             });
         if h2c || method == "CONNECT" {
             // Pingora's (the connection never comes back).
-            return Next::Lend(
-                Lending {
-                    head,
-                    rest: Rest::All,
-                },
-                "request",
-            );
+            return Next::Lend(Lending::unplanned(head, Rest::All), "request");
         }
         let Some(req) = eligible(&parsed, checked, path.as_ref(), query).filter(|_| self.forward)
         else {
-            return Next::Lend(Lending { head, rest }, "request");
+            return Next::Lend(Lending::unplanned(head, rest), "request");
         };
         let Some(listener) = snapshot.listeners.get(self.listener) else {
-            return Next::Lend(Lending { head, rest }, "route");
+            return Next::Lend(Lending::unplanned(head, rest), "route");
         };
         // The request id before routing: a route may match on it, on every codec.
         let id = (!req.has_request_id).then(request_id);
@@ -982,19 +987,22 @@ impl HttpFront {
         let host = normalize_host(req.host);
         let client_close = req.close || old || *shutdown.borrow();
         let planned = request::plan(listener, &host, &view);
-        // What this codec cannot carry goes to pingora before the policies count it
-        // (pingora's cycle polices it then, once).
+        // A forward this codec cannot carry (a destination with TLS origination or h2c)
+        // or not now (a full pool: pingora's cycle waits for a place, as long as the route
+        // allows; no waiting here) is handed to pingora's cycle with its plan, once the
+        // policies have counted it.
+        let mut lend = None;
         let _admission = match planned.plan() {
             request::Plan::Forward(f) if !plain(f.forward) => {
-                return Next::Lend(Lending { head, rest }, "route")
+                lend = Some("route");
+                None
             }
-            // No waiting here (and no pending slot taken): pingora's path waits for a full
-            // pool, as long as the route allows.
             request::Plan::Forward(f) => {
-                match f.forward.destinations[f.destination].cluster.try_admit() {
-                    Some(a) => Some(a),
-                    None => return Next::Lend(Lending { head, rest }, "admission"),
+                let admitted = f.forward.destinations[f.destination].cluster.try_admit();
+                if admitted.is_none() {
+                    lend = Some("admission");
                 }
+                admitted
             }
             request::Plan::Answer(_) => None,
         };
@@ -1008,14 +1016,31 @@ impl HttpFront {
             request::Plan::Answer(a) => {
                 c.buf.advance(req.body);
                 let log = Log {
-                    route: a.route.map(|r| &**r),
+                    route: a.route.as_deref(),
                     cluster: a.cluster(),
                     principal: a.principal.as_deref(),
                     ..unrouted()
                 };
                 return answer(c, &log, &a, client_close).await;
             }
-            request::Plan::Forward(f) => f,
+            request::Plan::Forward(f) => match lend {
+                Some(reason) => {
+                    let handover = Handover {
+                        snapshot: snapshot.clone(),
+                        started,
+                        request_id: id,
+                        span,
+                        plan: request::OwnedPlan::Forward(Box::new(f.into_owned())),
+                    };
+                    let lending = Lending {
+                        head,
+                        rest,
+                        handover: Some(Box::new(handover)),
+                    };
+                    return Next::Lend(lending, reason);
+                }
+                None => f,
+            },
         };
         let (route, forward) = (f.route, f.forward);
         let mut mirrors = f.mirrors().peekable();
@@ -1914,7 +1939,7 @@ async fn forward_body(
 
 /// Writes the request core's answer `a` (a direct response, a redirect, no route, a CORS
 /// preflight, a fault abort) and logs it; the connection goes on unless `close`.
-async fn answer(c: &mut Conn, log: &Log<'_>, a: &request::Answer<'_>, close: bool) -> Next {
+async fn answer(c: &mut Conn, log: &Log<'_>, a: &request::Answer, close: bool) -> Next {
     if let Some(d) = a.delay {
         tokio::time::sleep(d).await;
     }

@@ -1,6 +1,6 @@
 //! A client connection lent to pingora's request cycle for one request. Never decides
 //! anything about the request: it gives out exactly the bytes of the request the front
-//! framed.
+//! framed, and the plan the front made for it, if it made one ([`Handover`]).
 
 use std::io;
 use std::pin::Pin;
@@ -16,6 +16,54 @@ use pingora::protocols::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::h1::ChunkScan;
+use crate::proxy::request::OwnedPlan;
+use crate::snapshot::Snapshot;
+use crate::telemetry::trace::SpanContext;
+
+/// A request a fast codec planned and policed but cannot carry out (a destination with
+/// TLS origination or h2c, a full connection pool, an h2 answer with a request body to
+/// read), handed to pingora's request cycle with what was decided: the cycle carries out
+/// this plan, under the snapshot it was made with, and neither plans nor counts the
+/// request again (its random draws, its request id and its span are the front's).
+pub struct Handover {
+    pub snapshot: Arc<Snapshot>,
+    /// When the front started the request (its log line's `start_time` and `duration`).
+    pub started: std::time::Instant,
+    /// The `x-request-id` the front made for a request that had none, when the head
+    /// pingora reads does not carry it yet (HTTP/1.1: pingora parses the client's bytes).
+    pub request_id: Option<[u8; 36]>,
+    pub span: Option<SpanContext>,
+    pub plan: OwnedPlan,
+}
+
+tokio::task_local! {
+    /// The hand-over of the request pingora's cycle is serving on this task. Pingora's
+    /// `process_new_http` makes the request's context itself (`ProxyHttp::new_ctx`, no
+    /// argument), so the plan rides with the task that awaits the cycle, and
+    /// `request_filter` takes it.
+    static HANDOVER: std::cell::RefCell<Option<Box<Handover>>>;
+}
+
+/// Runs pingora's cycle (`cycle`, serving one lent request) with `handover` for its
+/// `request_filter` to take ([`take_handover`]).
+pub async fn with_handover<F: std::future::Future>(
+    handover: Option<Box<Handover>>,
+    cycle: F,
+) -> F::Output {
+    match handover {
+        None => cycle.await,
+        Some(h) => {
+            HANDOVER
+                .scope(std::cell::RefCell::new(Some(h)), cycle)
+                .await
+        }
+    }
+}
+
+/// The plan a fast codec handed over with the request being served, once.
+pub fn take_handover() -> Option<Box<Handover>> {
+    HANDOVER.try_with(|h| h.borrow_mut().take()).ok().flatten()
+}
 
 /// The client connection lent to pingora's request cycle for one request: the bytes the
 /// front read come first, and reads stop at the end of that request, so pingora never

@@ -390,7 +390,7 @@ impl request::HeaderSink for ReplaceFields<'_> {
 }
 
 /// Writes answer `a` (the request core's, `request::answer_fields`).
-async fn answer(session: &mut Session, a: &request::Answer<'_>) -> Result<()> {
+async fn answer(session: &mut Session, a: &request::Answer) -> Result<()> {
     let mut head = ResponseFields(ResponseHeader::build(a.status, Some(6))?);
     request::answer_fields(a, &mut head);
     let head_only = a.body.is_empty() || session.req_header().method == http::Method::HEAD;
@@ -447,23 +447,44 @@ impl ProxyHttp for RequestCycle {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        if !session.req_header().headers.contains_key(&X_REQUEST_ID) {
-            let id = request_id();
-            session
-                .req_header_mut()
-                .insert_header("x-request-id", &id[..])?;
-        }
-        let snapshot = self.snapshots.load_full();
-        if let Some(t) = &snapshot.settings.tracing {
-            ctx.span = Some(trace::start(&session.req_header().headers, t.sampling));
-        }
+        // A request a fast codec planned comes with its plan: carried out as decided
+        // there, under that snapshot, with the id and span made there.
+        let handover = crate::protocol::lend::take_handover().map(|h| *h);
+        let (snapshot, carried) = match handover {
+            Some(h) => {
+                if let Some(id) = h.request_id {
+                    session
+                        .req_header_mut()
+                        .insert_header("x-request-id", &id[..])?;
+                }
+                ctx.started = h.started;
+                ctx.span = h.span;
+                (h.snapshot, Some(h.plan))
+            }
+            None => {
+                if !session.req_header().headers.contains_key(&X_REQUEST_ID) {
+                    let id = request_id();
+                    session
+                        .req_header_mut()
+                        .insert_header("x-request-id", &id[..])?;
+                }
+                let snapshot = self.snapshots.load_full();
+                if let Some(t) = &snapshot.settings.tracing {
+                    ctx.span = Some(trace::start(&session.req_header().headers, t.sampling));
+                }
+                (snapshot, None)
+            }
+        };
         if self.forward_proxy
+            && carried.is_none()
             && !session.is_http2()
             && egress_forward::is_absolute_form(session.req_header())
         {
             ctx.snapshot = Some(snapshot);
             return self.egress_request(session, ctx).await;
         }
+        // Run for a carried plan too: the path pingora parsed is normalized here, as the
+        // front normalized it to plan.
         if let Err(r) = self.check(&snapshot, session) {
             ctx.snapshot = Some(snapshot);
             ctx.flag = Flag::DownstreamProtocolError;
@@ -478,70 +499,73 @@ impl ProxyHttp for RequestCycle {
             respond(session, r.status, body, None, None, &[]).await?;
             return Ok(true);
         }
-        let listener = snapshot.listeners.get(self.listener);
-        let plan = match listener {
-            Some(listener) => {
-                let req = session.req_header();
-                let authority = authority(req);
-                let host = normalize_host(authority);
-                let headers = crate::routing::Headers::Map(&req.headers);
-                let peer = client_ip(session);
-                let view = RequestView {
-                    method: req.method.as_str(),
-                    path: req.uri.path(),
-                    query: req.uri.query(),
-                    authority,
-                    scheme: if self.tls { "https" } else { "http" },
-                    headers,
-                    port: listener.addr.port(),
-                    client_ip: request::remote_address(
-                        snapshot.settings.num_trusted_proxies,
-                        peer,
+        let plan = match carried {
+            Some(plan) => plan,
+            None => match snapshot.listeners.get(self.listener) {
+                Some(listener) => {
+                    let req = session.req_header();
+                    let authority = authority(req);
+                    let host = normalize_host(authority);
+                    let headers = crate::routing::Headers::Map(&req.headers);
+                    let peer = client_ip(session);
+                    let view = RequestView {
+                        method: req.method.as_str(),
+                        path: req.uri.path(),
+                        query: req.uri.query(),
+                        authority,
+                        scheme: if self.tls { "https" } else { "http" },
                         headers,
-                    ),
-                    peer_ip: peer,
-                    sni: crate::tls::client_auth::TlsConn::of(
-                        session.digest().and_then(|d| d.ssl_digest.as_deref()),
-                    )
-                    .and_then(|t| t.sni.as_deref()),
-                    peer_principal: peer_cert(session).and_then(|p| p.principal()),
-                    peer: peer_cert(session),
-                };
-                request::plan(listener, &host, &view).police(&view).await
-            }
-            None => request::Plan::Answer(Box::new(request::not_found())),
+                        port: listener.addr.port(),
+                        client_ip: request::remote_address(
+                            snapshot.settings.num_trusted_proxies,
+                            peer,
+                            headers,
+                        ),
+                        peer_ip: peer,
+                        sni: crate::tls::client_auth::TlsConn::of(
+                            session.digest().and_then(|d| d.ssl_digest.as_deref()),
+                        )
+                        .and_then(|t| t.sni.as_deref()),
+                        peer_principal: peer_cert(session).and_then(|p| p.principal()),
+                        peer: peer_cert(session),
+                    };
+                    request::plan(listener, &host, &view)
+                        .police(&view)
+                        .await
+                        .into()
+                }
+                None => request::OwnedPlan::Answer(Box::new(request::not_found())),
+            },
         };
-        let forwarded = match plan {
-            request::Plan::Answer(mut a) => {
+        let f = match plan {
+            request::OwnedPlan::Answer(mut a) => {
                 if let Some(d) = a.delay {
                     tokio::time::sleep(d).await;
                 }
                 ctx.flag = a.flag;
                 ctx.details = a.details;
-                ctx.route = a.route.cloned();
+                ctx.route = a.route.clone();
                 ctx.principal = a.principal.clone();
                 ctx.request_slot = a.slot.take();
                 answer(session, &a).await?;
                 ctx.snapshot = Some(snapshot);
                 return Ok(true);
             }
-            request::Plan::Forward(mut f) => {
-                if let Some(d) = f.delay {
-                    ctx.flag = Flag::DelayInjected;
-                    tokio::time::sleep(d).await;
-                }
-                let added = f.response_additions();
-                ctx.response_additions = (!added.is_empty()).then_some(added);
-                ctx.hash = f.hash;
-                ctx.auth = f.auth.take();
-                ctx.principal = f.principal.take();
-                ctx.request_slot = f.slot.take();
-                let mirrors: Vec<_> = f.mirrors().cloned().collect();
-                (f.route.clone(), f.destination, f.match_index, mirrors)
-            }
+            request::OwnedPlan::Forward(f) => *f,
         };
+        if let Some(d) = f.delay {
+            ctx.flag = Flag::DelayInjected;
+            tokio::time::sleep(d).await;
+        }
+        let added = f.additions;
+        ctx.response_additions = (!added.is_empty()).then_some(added);
+        ctx.hash = f.hash;
+        ctx.auth = f.auth;
+        ctx.principal = f.principal;
+        ctx.request_slot = f.slot;
         ctx.snapshot = Some(snapshot);
-        let (route, destination, match_index, mirrors) = forwarded;
+        let (route, destination, match_index, mirrors) =
+            (f.route, f.destination, f.match_index, f.mirrors);
         let forward = forward_of(&route).expect("a forwarded plan's route forwards");
         if !mirrors.is_empty() {
             let req = session.req_header().clone();

@@ -300,8 +300,18 @@ pub fn remote_address(
 #[allow(clippy::large_enum_variant)]
 pub enum Plan<'s> {
     /// Boxed: an answer carries its CORS fields, and the forward plan is the hot one.
-    Answer(Box<Answer<'s>>),
+    Answer(Box<Answer>),
     Forward(Forwarded<'s>),
+}
+
+impl Plan<'_> {
+    /// The route the plan is on, if any.
+    fn route(&self) -> Option<&Arc<Route>> {
+        match self {
+            Plan::Answer(a) => a.route.as_ref(),
+            Plan::Forward(f) => Some(f.route),
+        }
+    }
 }
 
 /// Whether a planned request has policies to ask ([`Planned::policies`]).
@@ -313,12 +323,12 @@ pub enum Policies<'s> {
 }
 
 /// A plan whose route's policies (access lists, rate limits) have not been asked yet.
-/// A codec looks at [`Planned::plan`] to see whether it can serve the request itself; if
-/// it can, [`Planned::police`] counts the request and gives the plan to carry out (a
-/// refusal turns it into an answer). A codec that hands the request to pingora's cycle
-/// drops it uncounted (and not admitted by the request caps): pingora's `request_filter`
-/// plans and polices it again, so every request is counted, and holds a place under the
-/// caps, once, by whichever codec serves it.
+/// A codec looks at [`Planned::plan`] to see whether it can serve the request itself;
+/// [`Planned::police`] counts the request and gives the plan to carry out (a refusal turns
+/// it into an answer). A codec that cannot carry out the policed plan hands it to
+/// pingora's cycle with the request ([`OwnedPlan`], `protocol::lend::Handover`), which
+/// carries it out without planning or counting again: every request is planned, counted,
+/// and holds a place under the caps, once.
 pub struct Planned<'s> {
     plan: Plan<'s>,
     /// The route's policies, when the plan is one they apply to (a direct response, a
@@ -418,13 +428,7 @@ impl<'s> Planned<'s> {
                 }
                 plan
             }
-            Err(_) => {
-                let route = match &self.plan {
-                    Plan::Answer(a) => a.route,
-                    Plan::Forward(f) => Some(f.route),
-                };
-                Plan::Answer(Box::new(overloaded(route)))
-            }
+            Err(_) => Plan::Answer(Box::new(overloaded(self.plan.route()))),
         }
     }
 
@@ -433,10 +437,6 @@ impl<'s> Planned<'s> {
         if self.policy.is_none() && self.authz.is_none() && self.authn.is_none() {
             return self.plan;
         }
-        let route = match &self.plan {
-            Plan::Answer(a) => a.route,
-            Plan::Forward(f) => Some(f.route),
-        };
         // Request authentication first (Envoy's jwt_authn filter runs before RBAC and
         // rate limits): a bad token is refused; a good one is who the request is.
         let mut verified = None;
@@ -446,7 +446,9 @@ impl<'s> Planned<'s> {
         // future (the fast codecs box one per request) does not carry and copy them.
         if let Some(authn) = self.authn {
             match authn.authenticate(view).await {
-                Err(refused) => return Plan::Answer(Box::new(jwt_refusal(refused, route))),
+                Err(refused) => {
+                    return Plan::Answer(Box::new(jwt_refusal(refused, self.plan.route())))
+                }
                 Ok(Some(v)) => verified = Some(v),
                 Ok(None) => edits = authn.anonymous_edits(),
             }
@@ -460,13 +462,16 @@ impl<'s> Planned<'s> {
                 match Box::pin(authz.custom(&keys, view)).await {
                     Ok(allowed) => custom = allowed,
                     Err(refused) => {
-                        return Plan::Answer(Box::new(ext_authz_refusal(refused, route)))
+                        return Plan::Answer(Box::new(ext_authz_refusal(
+                            refused,
+                            self.plan.route(),
+                        )))
                     }
                 }
             }
             let verdict = authz.check(&keys);
             if !verdict.allowed {
-                return Plan::Answer(Box::new(rbac_denied(verdict.details, route)));
+                return Plan::Answer(Box::new(rbac_denied(verdict.details, self.plan.route())));
             }
         }
         let mut plan = self.plan;
@@ -499,23 +504,23 @@ impl<'s> Planned<'s> {
             }
             return plan;
         }
-        Plan::Answer(Box::new(refusal(&d, route)))
+        Plan::Answer(Box::new(refusal(&d, plan.route())))
     }
 }
 
 /// The answer to a request over a request cap: 503 with Envoy's overload manager's flag
 /// `OM` and details `overload` (NGINX's `limit_conn_status 503`).
-fn overloaded<'s>(route: Option<&'s Arc<Route>>) -> Answer<'s> {
+fn overloaded(route: Option<&Arc<Route>>) -> Answer {
     Answer {
         status: 503,
         body: Bytes::from_static(b"too many requests in flight\n"),
         location: None,
         cors: CorsFields::default(),
-        ops: route.map(|r| &r.headers.response),
+        response_ops: true,
         delay: None,
         flag: Flag::OverloadManager,
         details: Details::Overload,
-        route,
+        route: route.cloned(),
         policy: policy::Fields::NONE,
         www_authenticate: None,
         principal: None,
@@ -526,17 +531,17 @@ fn overloaded<'s>(route: Option<&'s Arc<Route>>) -> Answer<'s> {
 
 /// The answer to a request whose token was refused: Envoy's status, words and
 /// `WWW-Authenticate`.
-fn jwt_refusal<'s>(r: policy::jwt::Refused, route: Option<&'s Arc<Route>>) -> Answer<'s> {
+fn jwt_refusal(r: policy::jwt::Refused, route: Option<&Arc<Route>>) -> Answer {
     Answer {
         status: r.failure.status(),
         body: Bytes::from_static(r.failure.text().as_bytes()),
         location: None,
         cors: CorsFields::default(),
-        ops: route.map(|r| &r.headers.response),
+        response_ops: true,
         delay: None,
         flag: Flag::None,
         details: Details::Jwt(r.failure),
-        route,
+        route: route.cloned(),
         policy: policy::Fields::NONE,
         www_authenticate: HeaderValue::try_from(r.challenge).ok(),
         authz_fields: Vec::new(),
@@ -570,7 +575,7 @@ fn apply_authz_edits(e: &mut UpstreamEdits, a: &crate::policy::ext_authz::Allowe
 /// The answer to a request a CUSTOM AuthorizationPolicy refused: the external
 /// authorizer's denial (its status, body and fields), or `statusOnError` with no body
 /// when the check failed; flag `UAEX` either way, as Envoy's ext_authz filter answers.
-fn ext_authz_refusal<'s>(r: CustomRefusal, route: Option<&'s Arc<Route>>) -> Answer<'s> {
+fn ext_authz_refusal(r: CustomRefusal, route: Option<&Arc<Route>>) -> Answer {
     let (status, body, fields, details) = match r {
         CustomRefusal::Denied(d) => (d.status, d.body, d.fields, Details::ExtAuthzDenied),
         CustomRefusal::Failed(status) => (status, Bytes::new(), Vec::new(), Details::ExtAuthzError),
@@ -580,11 +585,11 @@ fn ext_authz_refusal<'s>(r: CustomRefusal, route: Option<&'s Arc<Route>>) -> Ans
         body,
         location: None,
         cors: CorsFields::default(),
-        ops: route.map(|r| &r.headers.response),
+        response_ops: true,
         delay: None,
         flag: Flag::UnauthorizedExternalService,
         details,
-        route,
+        route: route.cloned(),
         policy: policy::Fields::NONE,
         www_authenticate: None,
         authz_fields: fields,
@@ -594,17 +599,17 @@ fn ext_authz_refusal<'s>(r: CustomRefusal, route: Option<&'s Arc<Route>>) -> Ans
 }
 
 /// The answer to a request an AuthorizationPolicy refused: Envoy's RBAC filter's 403.
-fn rbac_denied<'s>(details: &'static str, route: Option<&'s Arc<Route>>) -> Answer<'s> {
+fn rbac_denied(details: &'static str, route: Option<&Arc<Route>>) -> Answer {
     Answer {
         status: 403,
         body: Bytes::from_static(b"RBAC: access denied"),
         location: None,
         cors: CorsFields::default(),
-        ops: route.map(|r| &r.headers.response),
+        response_ops: true,
         delay: None,
         flag: Flag::None,
         details: Details::Rbac(details),
-        route,
+        route: route.cloned(),
         policy: policy::Fields::NONE,
         www_authenticate: None,
         authz_fields: Vec::new(),
@@ -614,7 +619,7 @@ fn rbac_denied<'s>(details: &'static str, route: Option<&'s Arc<Route>>) -> Answ
 }
 
 /// The answer to a request the policies refused.
-fn refusal<'s>(d: &policy::Decision<'_>, route: Option<&'s Arc<Route>>) -> Answer<'s> {
+fn refusal(d: &policy::Decision<'_>, route: Option<&Arc<Route>>) -> Answer {
     let details = d.outcome.details();
     let body = match d.outcome {
         policy::Outcome::Denied => Bytes::copy_from_slice(d.body.as_bytes()),
@@ -627,11 +632,11 @@ fn refusal<'s>(d: &policy::Decision<'_>, route: Option<&'s Arc<Route>>) -> Answe
         body,
         location: None,
         cors: CorsFields::default(),
-        ops: route.map(|r| &r.headers.response),
+        response_ops: true,
         delay: None,
         flag: d.outcome.response_flag(),
         details,
-        route,
+        route: route.cloned(),
         policy: d.fields(),
         www_authenticate: None,
         authz_fields: Vec::new(),
@@ -642,20 +647,23 @@ fn refusal<'s>(d: &policy::Decision<'_>, route: Option<&'s Arc<Route>>) -> Answe
 
 /// An answer the gateway makes without an upstream: a direct response, a redirect, no
 /// route (404), a CORS preflight, a fault abort.
-pub struct Answer<'s> {
+///
+/// Owned (the route is an `Arc`, not a borrow of the snapshot): a codec that cannot write
+/// an answer hands it over whole (`protocol::lend::Handover`).
+pub struct Answer {
     pub status: u16,
     pub body: Bytes,
     pub location: Option<String>,
     /// CORS fields (an allowed preflight's, or `access-control-allow-origin`).
     pub cors: CorsFields,
-    /// The route's response operations (none for a preflight).
-    pub ops: Option<&'s HeaderOps>,
+    /// Whether the route's response operations apply (not to a preflight): [`Answer::ops`].
+    pub response_ops: bool,
     /// Wait this long first (a fault delay).
     pub delay: Option<Duration>,
     /// Envoy's response flag and details for the log.
     pub flag: Flag,
     pub details: Details,
-    pub route: Option<&'s Arc<Route>>,
+    pub route: Option<Arc<Route>>,
     /// The policies' fields (`x-envoy-ratelimited`, RateLimit).
     pub policy: policy::Fields,
     /// A refused token's `WWW-Authenticate`.
@@ -670,14 +678,22 @@ pub struct Answer<'s> {
     pub slot: Option<crate::listener::RequestSlot>,
 }
 
-impl<'s> Answer<'s> {
+impl Answer {
     /// The cluster an answer on a forwarding route (a fault abort, a preflight) is counted
     /// for: the route's first destination, as Istio reports such requests.
-    pub fn cluster(&self) -> Option<&'s crate::upstream::Cluster> {
-        match &self.route?.action {
+    pub fn cluster(&self) -> Option<&crate::upstream::Cluster> {
+        match &self.route.as_ref()?.action {
             Action::Forward(f) => f.destinations.first().map(|d| &*d.cluster),
             _ => None,
         }
+    }
+
+    /// The route's response operations, when they apply to this answer.
+    pub fn ops(&self) -> Option<&HeaderOps> {
+        self.route
+            .as_ref()
+            .filter(|_| self.response_ops)
+            .map(|r| &r.headers.response)
     }
 }
 
@@ -838,6 +854,56 @@ impl Forwarded<'_> {
     }
 }
 
+/// A forward plan the codec that carries it out owns: pingora's request cycle keeps
+/// these in its context, and the fast codecs hand them over with a request they planned
+/// and cannot carry (`protocol::lend::Handover`).
+pub struct OwnedForward {
+    pub route: Arc<Route>,
+    pub match_index: usize,
+    pub destination: usize,
+    pub delay: Option<Duration>,
+    pub additions: ResponseAdditions,
+    pub hash: Option<u64>,
+    pub auth: Option<Box<UpstreamEdits>>,
+    pub principal: Option<Box<str>>,
+    pub slot: Option<crate::listener::RequestSlot>,
+    /// The mirrors drawn for this request ([`Forwarded::mirrors`]).
+    pub mirrors: Vec<Arc<crate::upstream::Cluster>>,
+}
+
+impl Forwarded<'_> {
+    /// The plan, owned; the mirrors are drawn here.
+    pub fn into_owned(mut self) -> OwnedForward {
+        OwnedForward {
+            additions: self.response_additions(),
+            mirrors: self.mirrors().cloned().collect(),
+            route: self.route.clone(),
+            match_index: self.match_index,
+            destination: self.destination,
+            delay: self.delay,
+            hash: self.hash,
+            auth: self.auth.take(),
+            principal: self.principal.take(),
+            slot: self.slot.take(),
+        }
+    }
+}
+
+/// A policed plan, owned ([`Answer`], [`OwnedForward`]).
+pub enum OwnedPlan {
+    Answer(Box<Answer>),
+    Forward(Box<OwnedForward>),
+}
+
+impl From<Plan<'_>> for OwnedPlan {
+    fn from(plan: Plan<'_>) -> OwnedPlan {
+        match plan {
+            Plan::Answer(a) => OwnedPlan::Answer(a),
+            Plan::Forward(f) => OwnedPlan::Forward(Box::new(f.into_owned())),
+        }
+    }
+}
+
 /// The fields the core adds to a forwarded request's response, replacing the upstream's
 /// of the same names: CORS, then the policies' (RateLimit), then the external
 /// authorizer's (`headersToDownstreamOnAllow`); and, appended (the upstream's own stay),
@@ -961,13 +1027,13 @@ fn allowed_origin(cors: &Cors, view: &RequestView<'_>) -> Option<HeaderValue> {
 }
 
 /// The answer to a request no route takes: 404, `NR`.
-pub fn not_found<'s>() -> Answer<'s> {
+pub fn not_found() -> Answer {
     Answer {
         status: 404,
         body: Bytes::new(),
         location: None,
         cors: CorsFields::default(),
-        ops: None,
+        response_ops: false,
         delay: None,
         flag: Flag::NoRoute,
         details: Details::RouteNotFound,
@@ -1010,7 +1076,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                     body,
                     location: None,
                     cors: CorsFields::default(),
-                    ops: None,
+                    response_ops: false,
                     delay: None,
                     flag: Flag::None,
                     details: Details::AcmeHttp01Challenge,
@@ -1043,7 +1109,7 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 body: Bytes::new(),
                 location: Some(location),
                 cors: CorsFields::default(),
-                ops: None,
+                response_ops: false,
                 delay: None,
                 flag: Flag::None,
                 details: Details::DirectResponse,
@@ -1071,11 +1137,11 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                 body: Bytes::new(),
                 location: None,
                 cors: fields,
-                ops: None,
+                response_ops: false,
                 delay: None,
                 flag: Flag::None,
                 details: Details::CorsResponse,
-                route: Some(route),
+                route: Some(route.clone()),
                 policy: policy::Fields::NONE,
                 www_authenticate: None,
                 authz_fields: Vec::new(),
@@ -1103,11 +1169,11 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
             body,
             location,
             cors,
-            ops: Some(&route.headers.response),
+            response_ops: true,
             delay: None,
             flag: Flag::None,
             details: Details::DirectResponse,
-            route: Some(route),
+            route: Some(route.clone()),
             policy: policy::Fields::NONE,
             www_authenticate: None,
             authz_fields: Vec::new(),
@@ -1137,11 +1203,11 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
                     body: Bytes::from_static(b"fault filter abort"),
                     location: None,
                     cors: CorsFields::default(),
-                    ops: Some(&route.headers.response),
+                    response_ops: true,
                     delay,
                     flag: Flag::FaultInjected,
                     details: Details::FaultFilterAbort,
-                    route: Some(route),
+                    route: Some(route.clone()),
                     policy: policy::Fields::NONE,
                     www_authenticate: None,
                     authz_fields: Vec::new(),
@@ -1178,9 +1244,9 @@ pub fn plan<'s>(listener: &'s Listener, host: &str, view: &RequestView<'_>) -> P
 /// (the body's, for HEAD too), `location`, the CORS fields, the policies' fields
 /// (`x-envoy-ratelimited`, RateLimit), then the route's response operations (which may
 /// replace any of them).
-pub fn answer_fields(a: &Answer<'_>, out: &mut impl HeaderSink) {
+pub fn answer_fields(a: &Answer, out: &mut impl HeaderSink) {
     let none = HeaderOps::default();
-    let ops = a.ops.unwrap_or(&none);
+    let ops = a.ops().unwrap_or(&none);
     let by_ops = |name: &[u8]| {
         ops.set.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
             || ops

@@ -190,14 +190,15 @@ impl HttpFront {
         client_ip: Option<IpAddr>,
         shutdown: ShutdownWatch,
     ) {
-        if let Some(reason) = self.forward_h2(&mut s, client_ip).await {
+        if let Some((reason, handover)) = self.forward_h2(&mut s, client_ip).await {
             Metrics::global()
                 .fast_path_handoffs
                 .with_label_values(&[reason])
                 .inc();
-            self.http
-                .process_new_http(ServerSession::new_http2(s), &shutdown)
-                .await;
+            let cycle = self
+                .http
+                .process_new_http(ServerSession::new_http2(s), &shutdown);
+            crate::protocol::lend::with_handover(handover, cycle).await;
         }
     }
 
@@ -206,11 +207,11 @@ impl HttpFront {
         &self,
         s: &mut HttpSession,
         client_ip: Option<IpAddr>,
-    ) -> Option<&'static str> {
+    ) -> Option<(&'static str, Option<Box<Handover>>)> {
         let started = Instant::now();
         let snapshot = self.snapshots.load_full();
         let Some(listener) = snapshot.listeners.get(self.listener) else {
-            return Some("route");
+            return Some(("route", None));
         };
         // The request id first: a route may match on it, on every codec.
         if !s.req_header().headers.contains_key("x-request-id") {
@@ -236,14 +237,14 @@ impl HttpFront {
         // A path that does not normalize gets pingora's reply (the same check there).
         // (`?` would be wrong in here: `None` means served.)
         let Ok(path) = settings.path_normalization.apply(req.uri.path()) else {
-            return Some("request");
+            return Some(("request", None));
         };
         let Some(q) = eligible_h2(req, &path) else {
-            return Some("request");
+            return Some(("request", None));
         };
         if q.body == 0 && !s.is_body_empty() {
             // A body without a length.
-            return Some("request");
+            return Some(("request", None));
         }
         let digest = s.digest();
         let headers = Headers::Map(&req.headers);
@@ -264,18 +265,28 @@ impl HttpFront {
         };
         let host = normalize_host(q.host);
         let planned = request::plan(listener, &host, &view);
-        // What this codec cannot carry goes to pingora before the policies count it
-        // (pingora's cycle polices it then, once).
+        // What this codec cannot carry (an answer with a body to read first, a
+        // destination with TLS origination or h2c) or not now (a full pool: pingora's cycle
+        // waits for a place) is handed to pingora's cycle with its plan, once the policies
+        // have counted it.
+        let mut lend = None;
+        let mut lend_answer = false;
         let _admission = match planned.plan() {
-            // A body to read first: pingora's cycle answers it.
-            request::Plan::Answer(_) if q.body > 0 || !s.is_body_empty() => return Some("route"),
+            request::Plan::Answer(_) if q.body > 0 || !s.is_body_empty() => {
+                (lend, lend_answer) = (Some("route"), true);
+                None
+            }
             request::Plan::Answer(_) => None,
-            request::Plan::Forward(f) if !plain(f.forward) => return Some("route"),
+            request::Plan::Forward(f) if !plain(f.forward) => {
+                lend = Some("route");
+                None
+            }
             request::Plan::Forward(f) => {
-                match f.forward.destinations[f.destination].cluster.try_admit() {
-                    Some(a) => Some(a),
-                    None => return Some("admission"),
+                let admitted = f.forward.destinations[f.destination].cluster.try_admit();
+                if admitted.is_none() {
+                    lend = Some("admission");
                 }
+                admitted
             }
         };
         // Boxed only for a route with policies: their state is KiBs that every request's
@@ -284,6 +295,22 @@ impl HttpFront {
             request::Policies::None(plan) => plan,
             request::Policies::Apply(planned) => Box::pin(planned.police(&view)).await,
         };
+        // A forward the policies refused is answered here whatever was to be lent.
+        let lent = match &policed {
+            request::Plan::Answer(_) => lend.filter(|_| lend_answer),
+            request::Plan::Forward(_) => lend,
+        };
+        if let Some(reason) = lent {
+            let handover = Handover {
+                snapshot: snapshot.clone(),
+                started,
+                // Already among the fields (made before routing).
+                request_id: None,
+                span,
+                plan: policed.into(),
+            };
+            return Some((reason, Some(Box::new(handover))));
+        }
         let f = match policed {
             request::Plan::Answer(a) => {
                 // (A refused forward with a body unread: the answer ends the stream, and
@@ -557,7 +584,7 @@ enum Target<'a> {
 }
 
 /// Answers the stream with the request core's answer `a` and logs it.
-async fn answer_h2(s: &mut HttpSession, sl: &StreamLog<'_>, a: &request::Answer<'_>) {
+async fn answer_h2(s: &mut HttpSession, sl: &StreamLog<'_>, a: &request::Answer) {
     if let Some(d) = a.delay {
         tokio::time::sleep(d).await;
     }
@@ -588,7 +615,7 @@ async fn answer_h2(s: &mut HttpSession, sl: &StreamLog<'_>, a: &request::Answer<
         principal: a.principal.as_deref(),
         ..*sl
     };
-    log_h2(s, &sl, a.route.map(|r| &**r), a.cluster(), &done);
+    log_h2(s, &sl, a.route.as_deref(), a.cluster(), &done);
 }
 
 /// The HTTP/1.1 request head for the upstream, as pingora's path would write it: `Host`
