@@ -648,6 +648,61 @@ fn h2_streams_take_the_fast_path_and_share_upstream_connections() {
     );
 }
 
+/// An h2 connection with no stream in progress gives its codec's buffers back (vendored h2
+/// patch, vendor/README.md) and takes new ones for its next frames: heads and bodies
+/// larger than those buffers (a 20 KiB field that HPACK Huffman-codes, a 12 KiB body,
+/// answers of ~40 KiB) cross whole, one stream after another and then many at once.
+#[test]
+fn an_h2_connection_that_went_idle_carries_large_heads_and_bodies_again() {
+    let s = start(&[]);
+    let mut h2 = H2Client::connect(s.https, "fast.test").expect("h2 connection");
+    let big = "abcdefghij".repeat(2048);
+    let body = vec![b'b'; 12 * 1024];
+    let length = body.len().to_string();
+    let request = |i: usize| {
+        let path = format!("/idle/{i}");
+        (
+            path,
+            vec![("x-big", big.as_str()), ("content-length", length.as_str())],
+        )
+    };
+    let check = |r: &Response, path: &str| {
+        assert_eq!(r.status, 200, "{path}: {}", s.portico.log());
+        let j = r.json();
+        assert_eq!(j["path"], path);
+        assert_eq!(j["headers"]["x-big"].as_str(), Some(big.as_str()), "{path}");
+        assert_eq!(j["body"].as_str().map(str::len), Some(body.len()), "{path}");
+    };
+    // One at a time: between two, the connection has no stream.
+    for i in 0..4 {
+        let (path, headers) = request(i);
+        let answer = h2.send_all(&[("POST", "fast.test", path.as_str(), headers, &body)]);
+        let r = answer[0].as_ref().unwrap_or_else(|e| panic!("{path}: {e}"));
+        check(r, &path);
+    }
+    // Then a burst.
+    let burst: Vec<_> = (4..12).map(request).collect();
+    let requests: Vec<H2Request<'_>> = burst
+        .iter()
+        .map(|(path, headers)| {
+            (
+                "POST",
+                "fast.test",
+                path.as_str(),
+                headers.clone(),
+                &body[..],
+            )
+        })
+        .collect();
+    for ((path, _), answer) in burst.iter().zip(h2.send_all(&requests)) {
+        check(
+            answer.as_ref().unwrap_or_else(|e| panic!("{path}: {e}")),
+            path,
+        );
+    }
+    expect_fast(&s.portico, 12.0, 12);
+}
+
 #[test]
 fn an_h2_stream_with_a_body_goes_to_pingora_and_its_siblings_stay() {
     let s = start(&[]);

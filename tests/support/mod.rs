@@ -1252,10 +1252,17 @@ impl H2Client {
                         });
                 pending.push(sent.map_err(|e| format!("send: {e}")));
             }
+            // Each answer is read as it comes, as a browser reads them: read one after
+            // another, the unread ones would hold the connection's flow-control window
+            // and the one being read could wait behind them.
+            let reading: Vec<_> = pending
+                .into_iter()
+                .map(|p| p.map(|resp| tokio::spawn(read_h2(resp))))
+                .collect();
             let mut answers = Vec::new();
-            for p in pending {
-                answers.push(match p {
-                    Ok(resp) => read_h2(resp).await,
+            for r in reading {
+                answers.push(match r {
+                    Ok(task) => task.await.unwrap_or_else(|e| Err(format!("reader: {e}"))),
                     Err(e) => Err(e),
                 });
             }
@@ -1335,11 +1342,17 @@ async fn read_h2(resp: h2::client::ResponseFuture) -> Result<Response, String> {
         .collect();
     let mut body = resp.into_body();
     let mut data = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(|e| format!("body: {e}"))?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-        data.extend_from_slice(&chunk);
-    }
+    let read = async {
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(|e| format!("body: {e}"))?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        Ok::<(), String>(())
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .map_err(|_| "body not whole in 30 s".to_string())??;
     Ok(Response {
         status,
         headers,
