@@ -334,11 +334,14 @@ where
 
                             // PORTICO PATCH: everything is flushed and the connection waits
                             // for its peer; with no stream left it is idle: its codec's
-                            // buffers (read 8 KiB, write 16 KiB, HPACK strings 4 KiB) go back
-                            // to the allocator until its next frame. A connection with
-                            // streams in progress keeps them, so a busy one allocates nothing.
+                            // buffers (read 8 KiB, write 16 KiB, HPACK strings 4 KiB) and its
+                            // stream store and frame buffers (kept at the high-water mark of
+                            // its busiest moment) go back to the allocator until its next
+                            // frame. A connection with streams in progress keeps them, so a
+                            // busy one allocates nothing.
                             if !self.inner.streams.has_streams() {
                                 self.codec.release_buffers();
+                                self.inner.streams.release_idle_memory();
                             }
 
                             return Poll::Pending;

@@ -1044,6 +1044,11 @@ impl Recv {
         }
     }
 
+    /// PORTICO PATCH: the buffer of received frames gives its slab back when empty.
+    pub fn release_buffer(&mut self) {
+        self.buffer.release_if_empty();
+    }
+
     pub fn clear_expired_reset_streams(&mut self, store: &mut Store, counts: &mut Counts) {
         if !self.pending_reset_expired.is_empty() {
             let now = Instant::now();

@@ -86,6 +86,19 @@ impl Store {
         }
     }
 
+    /// PORTICO PATCH: a store that holds no stream gives its slab and index back (both
+    /// keep their high-water mark: every stream of the connection's busiest moment). No
+    /// key can point into an empty store, so none is left dangling.
+    pub fn release_if_empty(&mut self) {
+        if self.slab.is_empty()
+            && self.ids.is_empty()
+            && (self.slab.capacity() > 0 || self.ids.capacity() > 0)
+        {
+            self.slab = slab::Slab::new();
+            self.ids = IndexMap::new();
+        }
+    }
+
     pub fn find_mut(&mut self, id: &StreamId) -> Option<Ptr<'_>> {
         let index = {
             let key = self.ids.get(id)?;
