@@ -10,7 +10,8 @@
 #                           response, fault, timeout, traced at 10 %) against the plain forward route
 #   bench/run.sh conns      memory per idle connection (plain, TLS, h2, WebSocket tunnel) for each proxy, and
 #                           a fresh request's latency while they are held (CONNS_PLAIN, CONNS_TLS, CONNS_H2,
-#                           CONNS_WS, PROBES; CONN_KINDS picks kinds: plain,tls,h2,ws)
+#                           CONNS_WS, PROBES; CONN_KINDS picks kinds: plain,tls,h2,ws; H2_STREAMS: streams
+#                           each h2 connection opens at once before it rests, 1)
 #                           then ACTIVE_CONNS (10 000) busy connections per proxy: req/s, p99 (ACTIVE_SECS; ACTIVE=0 or IDLE=0 skips a part)
 #   bench/run.sh all        compare, then scale
 #
@@ -81,7 +82,7 @@ fi
 export PORTICO_BIN="$bin"
 
 cmd="bench/run.sh $*"
-for v in ROUNDS DURATION SCENARIOS PROXIES SCALE_HOSTS CONNS_PLAIN CONNS_TLS CONNS_H2 CONNS_WS CONN_KINDS PROBES IDLE ACTIVE; do
+for v in ROUNDS DURATION SCENARIOS PROXIES SCALE_HOSTS CONNS_PLAIN CONNS_TLS CONNS_H2 CONNS_WS CONN_KINDS H2_STREAMS PROBES IDLE ACTIVE; do
   [ -n "${!v:-}" ] && cmd="$v=\"${!v}\" $cmd"
 done
 export BENCH_COMMAND="${cmd% }"
