@@ -724,6 +724,57 @@ endpoints = [{{ address = "127.0.0.1" }}]
     );
 }
 
+/// A CONNECT tunnel is a stream: one quiet both ways for the stream idle timeout is closed
+/// and logged with `SI`, as Envoy does; one that keeps moving bytes outlives that time.
+#[test]
+fn a_quiet_connect_tunnel_is_closed_after_the_stream_idle_timeout() {
+    let echo = Echo::start("external");
+    let ep = echo.port();
+    let dns = DnsServer::start(30);
+    dns.set("tunnel.test", &[LOCAL]);
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, proxy) = (free_port(), free_port());
+    let extra = format!(
+        r#"
+[[serviceEntries]]
+name = "tunnel"
+hosts = ["tunnel.test"]
+resolution = "STATIC"
+ports = [{{ number = {ep}, name = "tcp", protocol = "TCP" }}]
+endpoints = [{{ address = "127.0.0.1" }}]
+
+[mesh.downstream]
+streamIdleTimeout = "1s"
+"#
+    );
+    let gw = Portico::start(
+        dir.path(),
+        &egress_config(admin, proxy, &dns, "REGISTRY_ONLY", &extra),
+    );
+    let target = format!("tunnel.test:{ep}");
+    let mut quiet = tunnel(proxy, &target).expect("tunnel");
+    assert_eq!(request_in_tunnel(&mut quiet).status, 200);
+    let mut busy = tunnel(proxy, &target).expect("tunnel");
+    // Twice the idle time, a request every 0.4 s.
+    for _ in 0..5 {
+        assert_eq!(request_in_tunnel(&mut busy).status, 200, "{}", gw.log());
+        thread::sleep(Duration::from_millis(400));
+    }
+    assert_eq!(request_in_tunnel(&mut busy).status, 200, "busy: still open");
+    // The quiet one was closed (its read ends, before the client's 10 s read timeout).
+    let mut rest = Vec::new();
+    quiet.read_to_end(&mut rest).expect("closed");
+    assert!(
+        wait_until(Duration::from_secs(5), || gw.stdout().lines().any(|l| {
+            l.contains(r#""method":"CONNECT""#)
+                && l.contains(r#""response_code":200"#)
+                && l.contains(r#""response_flags":"SI""#)
+        })),
+        "access log:\n{}",
+        gw.stdout()
+    );
+}
+
 #[test]
 fn egress_config_errors_name_the_field() {
     let dir = tempfile::tempdir().unwrap();

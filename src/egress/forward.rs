@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use bytes::BytesMut;
 use http::header;
 use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
@@ -26,6 +27,7 @@ use pingora_proxy::HttpProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Kind;
+use crate::protocol::fast::tunnel;
 use crate::proxy::RequestCycle;
 use crate::snapshot::Snapshot;
 use crate::telemetry::access_log;
@@ -369,6 +371,8 @@ impl ForwardProxy {
         };
         out.upstream = Some(addr);
         let connect_timeout = snapshot.settings.connect_timeout;
+        // A tunnel is a stream: Envoy's stream idle timeout holds for it too.
+        let idle = snapshot.settings.downstream.stream_idle_timeout;
         // The tunnel may outlive many reloads; it must not keep an old Snapshot alive.
         drop(target);
         drop(snapshot);
@@ -403,17 +407,22 @@ impl ForwardProxy {
             out.flags = Flag::DownstreamConnectionTermination;
             return;
         }
-        if !head.rest.is_empty() && upstream.write_all(&head.rest).await.is_err() {
-            out.flags = Flag::UpstreamConnectionTermination;
-            return;
-        }
-        let early = head.rest.len() as u64;
-        match tokio::io::copy_bidirectional(io, &mut upstream).await {
-            Ok((up, down)) => out.bytes = (up + early, down),
-            Err(e) => {
-                tracing::debug!(host, port, error = %e, "egress tunnel ended with an error");
-                out.bytes.0 = early;
-            }
+        // The relay of the fast path's WebSocket tunnels: each direction holds a buffer
+        // only while bytes move (copy_bidirectional kept 8 KiB each way for the tunnel's
+        // life), and a tunnel quiet both ways for the idle time ends (`SI`). What the
+        // client sent after its CONNECT head goes first.
+        let early = BytesMut::from(&head.rest[..]);
+        let mut wait = Box::pin(tokio::time::sleep(idle));
+        let t = tunnel::run(io, &mut upstream, (BytesMut::new(), early), &mut wait, idle).await;
+        out.bytes = (t.to_upstream, t.to_client);
+        if let Err(side) = t.end {
+            out.flags = side.flag();
+            tracing::debug!(
+                host,
+                port,
+                flags = out.flags.as_str(),
+                "egress tunnel ended early"
+            );
         }
     }
 }

@@ -54,7 +54,7 @@ use crate::upstream::retry::{self, Again, TryFailure};
 use crate::upstream::{self, Cluster, InFlight, RetryPermit};
 
 pub(crate) mod http2;
-mod tunnel;
+pub(crate) mod tunnel;
 
 /// Request bodies up to this are read whole and forwarded with the head (and replayed on a
 /// retry); longer ones, and chunked ones, go to pingora, which streams them.
@@ -1804,7 +1804,7 @@ fn write_response_head(
 /// Which end failed while a body was passed on; `idle` when it went quiet for the
 /// stream idle timeout rather than closing.
 #[derive(Clone, Copy)]
-enum Side {
+pub(crate) enum Side {
     Upstream {
         idle: bool,
     },
@@ -1817,7 +1817,7 @@ enum Side {
 
 impl Side {
     /// Envoy's response flag: `SI` for a stream idle timeout, else who closed.
-    fn flag(&self) -> Flag {
+    pub(crate) fn flag(&self) -> Flag {
         match self {
             Side::Upstream { idle: true } | Side::Downstream { idle: true } => {
                 Flag::StreamIdleTimeout

@@ -1,5 +1,6 @@
-//! An upgraded HTTP/1.1 connection (a WebSocket after its `101`) on the fast path: bytes
-//! both ways, as they come, until both sides have closed.
+//! An upgraded HTTP/1.1 connection (a WebSocket after its `101`) on the fast path, and a
+//! forward proxy's `CONNECT` tunnel (`egress::forward`): bytes both ways, as they come,
+//! until both sides have closed.
 //!
 //! A tunnel mostly waits (a chat, a feed, a long-lived socket of a browser tab), so what
 //! it holds at rest is what counts: each direction reads into a buffer from the thread's
@@ -123,7 +124,7 @@ impl Pump {
 
 /// How a tunnel went: bytes to the client and to the upstream, and how it ended (`Err`:
 /// the side that failed, or went quiet for the idle time).
-pub(super) struct Tunneled {
+pub(crate) struct Tunneled {
     pub to_client: u64,
     pub to_upstream: u64,
     pub end: Result<(), Side>,
@@ -132,7 +133,7 @@ pub(super) struct Tunneled {
 /// Carries bytes between `client` and `up` until both have closed (see the module doc).
 /// `to_client` (the `101` head and whatever the upstream sent after it) and `to_up` (what
 /// the client sent after its request) go first.
-pub(super) async fn run(
+pub(crate) async fn run(
     client: &mut Stream,
     up: &mut TcpStream,
     (to_client, to_up): (BytesMut, BytesMut),
