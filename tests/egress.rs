@@ -562,6 +562,20 @@ ports = [{{ number = {port}, name = "http", protocol = "HTTP" }}]
     assert_eq!(http_get(http, "app.test", "/").upstream(), Some("b"));
 }
 
+/// A STATIC ServiceEntry for `tunnel.test` on `ep` (protocol TCP: reachable by CONNECT).
+fn tunnel_entry(ep: u16) -> String {
+    format!(
+        r#"
+[[serviceEntries]]
+name = "tunnel"
+hosts = ["tunnel.test"]
+resolution = "STATIC"
+ports = [{{ number = {ep}, name = "tcp", protocol = "TCP" }}]
+endpoints = [{{ address = "127.0.0.1" }}]
+"#
+    )
+}
+
 /// Opens a CONNECT tunnel through `proxy` to `target`; the stream after the 200.
 fn tunnel(proxy: u16, target: &str) -> Result<BufReader<TcpStream>, String> {
     let mut s = TcpStream::connect(("127.0.0.1", proxy)).map_err(|e| e.to_string())?;
@@ -603,16 +617,7 @@ fn outbound_policy_switches_by_reload_under_traffic_and_removed_entries_stop_new
     dns.set("tunnel.test", &[LOCAL]);
     let dir = tempfile::tempdir().unwrap();
     let (admin, proxy) = (free_port(), free_port());
-    let tunnel_entry = format!(
-        r#"
-[[serviceEntries]]
-name = "tunnel"
-hosts = ["tunnel.test"]
-resolution = "STATIC"
-ports = [{{ number = {ep}, name = "tcp", protocol = "TCP" }}]
-endpoints = [{{ address = "127.0.0.1" }}]
-"#
-    );
+    let tunnel_entry = tunnel_entry(ep);
     let gw = Portico::start(
         dir.path(),
         &egress_config(admin, proxy, &dns, "REGISTRY_ONLY", &tunnel_entry),
@@ -735,17 +740,8 @@ fn a_quiet_connect_tunnel_is_closed_after_the_stream_idle_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let (admin, proxy) = (free_port(), free_port());
     let extra = format!(
-        r#"
-[[serviceEntries]]
-name = "tunnel"
-hosts = ["tunnel.test"]
-resolution = "STATIC"
-ports = [{{ number = {ep}, name = "tcp", protocol = "TCP" }}]
-endpoints = [{{ address = "127.0.0.1" }}]
-
-[mesh.downstream]
-streamIdleTimeout = "1s"
-"#
+        "{}\n[mesh.downstream]\nstreamIdleTimeout = \"1s\"\n",
+        tunnel_entry(ep)
     );
     let gw = Portico::start(
         dir.path(),
