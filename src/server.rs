@@ -212,10 +212,15 @@ pub fn run(
         let name = format!("listener {}", l.shape());
         let cycle = RequestCycle::new(i, l.tls, reloader.snapshots.clone());
         let kind = Kind::of(l);
-        let mut socket = ListenerConfig::tcp(l.addr.to_string());
-        if kind.reads_itself() {
-            socket = socket.l4_buffer(L4BufferSettings::unbuffered());
-        }
+        // No pingora L4 buffers, on any kind: Portico reads and writes every accepted
+        // socket itself, with its own buffers (the fast path's, rustls', the tunnel
+        // relay's), so they would only copy every byte once more. Pingora's read buffer is
+        // 64 KiB per connection, its pages touched as far as the reads went and held
+        // while the connection idles; its write buffer (1 460 bytes) only merged the head
+        // and body of a response pingora answers after a handover, and rustls hands each
+        // write's records over in one vectored write anyway (#28).
+        let socket =
+            ListenerConfig::tcp(l.addr.to_string()).l4_buffer(L4BufferSettings::unbuffered());
         match kind {
             Kind::Tcp { terminates_https } => {
                 let terminate = if terminates_https {

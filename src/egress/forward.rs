@@ -165,8 +165,10 @@ impl ForwardProxy {
             }
             Ok(Ok(_)) => {
                 // A stream handed back is this connection still (not admitted again).
+                // Boxed: the HTTP front's connection future is KiBs that every tunnel's
+                // task would carry for its whole life otherwise.
                 loop {
-                    io = self.front.serve_connection(io, shutdown).await?;
+                    io = Box::pin(self.front.serve_connection(io, shutdown)).await?;
                 }
             }
             // Idle too long, or closed before a request.
@@ -413,7 +415,14 @@ impl ForwardProxy {
         // client sent after its CONNECT head goes first.
         let early = BytesMut::from(&head.rest[..]);
         let mut wait = Box::pin(tokio::time::sleep(idle));
-        let t = tunnel::run(io, &mut upstream, (BytesMut::new(), early), &mut wait, idle).await;
+        let t = tunnel::run(
+            io,
+            &mut upstream,
+            (BytesMut::new(), early),
+            &mut wait,
+            Some(idle),
+        )
+        .await;
         out.bytes = (t.to_upstream, t.to_client);
         if let Err(side) = t.end {
             out.flags = side.flag();

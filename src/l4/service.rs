@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -22,6 +21,7 @@ use tokio::net::TcpStream;
 
 use super::client_hello::{self, Parsed};
 use super::{L4Route, L4Table, SniRoute};
+use crate::protocol::fast::{tunnel, Side};
 use crate::snapshot::Snapshot;
 use crate::telemetry::outcome::{Details, Flag};
 use crate::telemetry::{access_log, Metrics};
@@ -33,12 +33,6 @@ use crate::upstream::{Cluster, HashSource, InFlight};
 /// proxy default `max_connect_attempts` is 1; a gateway that skips a dead endpoint serves
 /// better, and the client is still waiting).
 const CONNECT_ATTEMPTS: usize = 3;
-
-/// Bytes each direction of a connection buffers while splicing: one TLS record. Measured on
-/// loopback with the debug build pushing 1 GiB through a TCP route: 8 KiB (tokio's default)
-/// about 400 MB/s, 16 KiB about 450-650, 64 KiB about 700-1000; 16 KiB keeps a connection at
-/// 32 KiB of buffers, which matters at tens of thousands of open tunnels.
-const COPY_BUFFER: usize = 16 * 1024;
 
 pub struct L4Service {
     pub listener: usize,
@@ -133,7 +127,11 @@ impl L4Service {
         };
         let decided = self.decide(&snapshot, &mut io, &mut rec).await;
         let result = match decided {
-            Ok(Decision::Terminate) => return self.terminate(&snapshot, io, shutdown).await,
+            // Boxed: an HTTPS connection's future is KiBs that every spliced connection's
+            // task would carry for its whole life otherwise.
+            Ok(Decision::Terminate) => {
+                return Box::pin(self.terminate(&snapshot, io, shutdown)).await
+            }
             Ok(Decision::Forward(route)) => forward(route, io, &mut rec).await,
             Err(r) => Err(r),
         };
@@ -255,48 +253,36 @@ async fn forward(route: Arc<L4Route>, io: Stream, rec: &mut Record) -> Result<()
         .istio
         .tcp(Some(&cluster.metrics_dest), Flag::None);
     series.opened.inc();
-    let base = Instant::now();
-    let activity = AtomicU64::new(0);
     let mut down = Counted {
         inner: io,
         read: 0,
         written: 0,
         received: &series.received,
         sent: &series.sent,
-        base,
-        activity: &activity,
     };
     let mut up = upstream;
-    // The peeked ClientHello was rewound into the stream, so the upstream sees it first.
-    let copy =
-        tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, COPY_BUFFER, COPY_BUFFER);
-    let result = match cluster.settings.tcp_idle_timeout {
-        None => copy.await,
-        Some(idle) => {
-            tokio::pin!(copy);
-            let mut deadline = base + idle;
-            loop {
-                tokio::select! {
-                    r = &mut copy => break r,
-                    _ = tokio::time::sleep_until(deadline.into()) => {
-                        let last = base + Duration::from_millis(activity.load(Ordering::Relaxed));
-                        if last + idle <= Instant::now() {
-                            break Err(std::io::Error::new(
-                                std::io::ErrorKind::TimedOut,
-                                format!("no bytes either way for {idle:?} (tcp.idleTimeout)"),
-                            ));
-                        }
-                        deadline = last + idle;
-                    }
-                }
-            }
-        }
-    };
+    // The fast path's tunnel relay: each direction holds a buffer only while bytes move
+    // (copy_bidirectional kept 16 KiB each way for the connection's life), and a connection
+    // quiet both ways for `tcp.idleTimeout` ends. The peeked ClientHello was rewound into
+    // the stream, so the upstream sees it first.
+    let idle = cluster.settings.tcp_idle_timeout;
+    let mut wait = Box::pin(tokio::time::sleep(idle.unwrap_or_default()));
+    let t = tunnel::run(&mut down, &mut up, Default::default(), &mut wait, idle).await;
     rec.received = down.read;
     rec.sent = down.written;
     series.closed.inc();
-    if let Err(e) = result {
-        tracing::debug!(cluster = %cluster.name, error = %e, "connection ended with an error");
+    match t.end {
+        Err(Side::Downstream { idle: true }) => tracing::debug!(
+            cluster = %cluster.name,
+            "no bytes either way for {:?} (tcp.idleTimeout): connection closed",
+            idle.unwrap_or_default()
+        ),
+        Err(side) => tracing::debug!(
+            cluster = %cluster.name,
+            flags = side.flag().as_str(),
+            "connection ended with an error"
+        ),
+        Ok(()) => {}
     }
     Ok(())
 }
@@ -484,16 +470,6 @@ struct Counted<'a, S> {
     written: u64,
     received: &'a IntCounter,
     sent: &'a IntCounter,
-    base: Instant,
-    /// Milliseconds after `base` of the last read or write, for the idle timeout.
-    activity: &'a AtomicU64,
-}
-
-impl<S> Counted<'_, S> {
-    fn touch(&self) {
-        self.activity
-            .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
@@ -507,7 +483,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
         let n = (buf.filled().len() - before) as u64;
         self.read += n;
         self.received.inc_by(n);
-        self.touch();
         Poll::Ready(Ok(()))
     }
 }
@@ -521,7 +496,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
         let n = ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
         self.written += n as u64;
         self.sent.inc_by(n as u64);
-        self.touch();
         Poll::Ready(Ok(n))
     }
 

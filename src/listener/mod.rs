@@ -104,16 +104,6 @@ impl Kind {
             Kind::Http
         }
     }
-
-    /// Whether Portico reads and writes the accepted socket itself (with its own buffers),
-    /// so pingora's L4 buffers would only copy every byte once more. Pingora's read
-    /// buffer is 64 KiB allocated zeroed per accepted connection and held while it idles;
-    /// its write buffer (1 460 bytes) only merged the head and body of a response pingora
-    /// answers after a handover, and rustls hands each write's records over in one
-    /// vectored write anyway (#28).
-    pub fn reads_itself(self) -> bool {
-        matches!(self, Kind::Https | Kind::Http)
-    }
 }
 
 /// Serves a connection in a task of its own, on the thread that accepted it, so that

@@ -1468,7 +1468,7 @@ impl Tunnel {
             mut done,
             ..
         } = *self;
-        let t = tunnel::run(&mut c.io, &mut up.io, first, &mut c.wait, idle).await;
+        let t = tunnel::run(&mut c.io, &mut up.io, first, &mut c.wait, Some(idle)).await;
         c.resp = self.response_head;
         done.sent = t.to_client.saturating_sub(c.resp.len() as u64) as usize;
         done.tunneled = t.to_upstream as usize;
