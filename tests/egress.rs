@@ -771,6 +771,86 @@ fn a_quiet_connect_tunnel_is_closed_after_the_stream_idle_timeout() {
     );
 }
 
+/// A DestinationRule for a registered host applies to forward-proxied traffic as to a
+/// route's: `tcp.maxConnections` bounds the host's open tunnels (a tunnel over it gets 503
+/// and `UO`), and its TCP keep-alive is set on the upstream connection of a tunnel and of a
+/// plain request.
+#[test]
+fn a_destination_rule_bounds_the_tunnels_of_its_host_and_sets_their_keepalive() {
+    let echo = Echo::start("external");
+    let plain = Echo::start("plain");
+    let (ep, plain_ep) = (echo.port(), plain.port());
+    let dns = DnsServer::start(30);
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, proxy) = (free_port(), free_port());
+    let keepalive = r#"tcpKeepalive = { time = "600s", interval = "30s", probes = 3 }"#;
+    let extra = format!(
+        r#"{entry}
+[[destinationRules]]
+name = "tunnel"
+host = "tunnel.test"
+trafficPolicy = {{ connectionPool = {{ tcp = {{ maxConnections = 1, {keepalive} }} }} }}
+
+[[serviceEntries]]
+name = "plain"
+hosts = ["plain.test"]
+resolution = "STATIC"
+ports = [{{ number = 80, name = "http", protocol = "HTTP", targetPort = {plain_ep} }}]
+endpoints = [{{ address = "127.0.0.1" }}]
+
+[[destinationRules]]
+name = "plain"
+host = "plain.test"
+trafficPolicy = {{ connectionPool = {{ tcp = {{ {keepalive} }} }} }}
+"#,
+        entry = tunnel_entry(ep)
+    );
+    let gw = Portico::start(
+        dir.path(),
+        &egress_config(admin, proxy, &dns, "REGISTRY_ONLY", &extra),
+    );
+    let first_probe_in_600s = |timers: Vec<Option<Duration>>| {
+        assert_eq!(timers.len(), 1, "one upstream connection: {timers:?}");
+        let t = timers[0].expect("a keep-alive timer runs on the upstream connection");
+        assert!(
+            t > Duration::from_secs(500) && t <= Duration::from_secs(600),
+            "the first probe is due after the configured 600 s idle time: {t:?}"
+        );
+    };
+
+    let target = format!("tunnel.test:{ep}");
+    let mut first = tunnel(proxy, &target).expect("the first tunnel");
+    assert_eq!(request_in_tunnel(&mut first).status, 200);
+    // The gateway's end is the socket whose remote port is the upstream's.
+    first_probe_in_600s(keepalive_timers_to(ep));
+
+    let refused = tunnel(proxy, &target).expect_err("a second tunnel is over maxConnections");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(
+        wait_until(Duration::from_secs(5), || gw.stdout().lines().any(|l| {
+            l.contains(r#""method":"CONNECT""#)
+                && l.contains(r#""response_code":503"#)
+                && l.contains(r#""response_flags":"UO""#)
+        })),
+        "access log:\n{}",
+        gw.stdout()
+    );
+    // The first still works; once it is closed, its place is free.
+    assert_eq!(request_in_tunnel(&mut first).status, 200);
+    drop(first);
+    assert!(
+        wait_until(Duration::from_secs(5), || tunnel(proxy, &target).is_ok()),
+        "a tunnel after the first closed:\n{}",
+        gw.log()
+    );
+
+    let env = [("http_proxy", format!("http://127.0.0.1:{proxy}"))];
+    let ok = curl(&env, &["http://plain.test/k"]);
+    assert_eq!(ok.codes().0, "200", "{} {}", ok.stdout, ok.stderr);
+    // The upstream connection waits in the pool, with its keep-alive.
+    first_probe_in_600s(keepalive_timers_to(plain_ep));
+}
+
 #[test]
 fn egress_config_errors_name_the_field() {
     let dir = tempfile::tempdir().unwrap();

@@ -372,21 +372,41 @@ impl ForwardProxy {
             }
         };
         out.upstream = Some(addr);
-        let connect_timeout = snapshot.settings.connect_timeout;
+        // The host's DestinationRule: `tcp.maxConnections` bounds its open tunnels (a full
+        // pool refuses at once, as on a TCP route), and its connect timeout and TCP
+        // keep-alive apply to the upstream connection (the connector of every route).
+        let _admission = match target.port().map(|p| p.limits.try_admit()) {
+            Some(None) => {
+                tracing::warn!(
+                    host,
+                    port,
+                    cluster = target.cluster(),
+                    "egress tunnel: connection pool full"
+                );
+                (out.status, out.flags, out.details) =
+                    (503, Flag::UpstreamOverflow, Details::UpstreamOverflow);
+                reply(
+                    io,
+                    "503 Service Unavailable",
+                    "upstream connection pool full\n",
+                )
+                .await;
+                return;
+            }
+            admitted => admitted.flatten(),
+        };
+        let settings = target.settings(snapshot.settings.connect_timeout);
         // A tunnel is a stream: Envoy's stream idle timeout holds for it too.
         let idle = snapshot.settings.downstream.stream_idle_timeout;
         // The tunnel may outlive many reloads; it must not keep an old Snapshot alive.
         drop(target);
         drop(snapshot);
-        let connected =
-            tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(addr)).await;
+        let connected = crate::upstream::connect::connect(addr, &settings, None).await;
+        drop(settings);
         let mut upstream = match connected {
-            Ok(Ok(s)) => s,
-            failed => {
-                let error = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "connect timeout".to_string(),
-                };
+            Ok(s) => s,
+            Err(e) => {
+                let error = e.to_string();
                 tracing::warn!(host, port, upstream = %addr, error, "egress tunnel: upstream connect failed");
                 (out.status, out.flags, out.details) = (
                     503,
@@ -397,7 +417,6 @@ impl ForwardProxy {
                 return;
             }
         };
-        let _ = upstream.set_nodelay(true);
         out.status = 200;
         out.details = Details::Tunnel;
         if io

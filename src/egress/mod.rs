@@ -14,6 +14,7 @@ use prometheus::IntCounter;
 
 use crate::routing::HostMatcher;
 use crate::telemetry::Metrics;
+use crate::upstream::{ClusterSettings, Limits};
 
 /// `mesh.outboundTrafficPolicy.mode`, as it applies to the forward proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +109,10 @@ pub struct RegisteredPort {
     pub upstream: Upstream,
     /// Istio's cluster name, for the access log: `outbound|443||api.example.com`.
     pub cluster: String,
+    /// The host's DestinationRule, as it applies to forward-proxied traffic: connect
+    /// timeout, TCP keep-alive, HTTP idle timeout, and `tcp.maxConnections` for tunnels.
+    pub settings: ClusterSettings,
+    pub limits: Limits,
     next: AtomicUsize,
 }
 
@@ -118,7 +123,18 @@ impl RegisteredPort {
             protocol,
             upstream,
             cluster: crate::upstream::cluster_name(host, number, None),
+            settings: ClusterSettings::default(),
+            limits: Limits::new(None, None, None),
             next: AtomicUsize::new(0),
+        }
+    }
+
+    /// With the connection settings and limits of the host's DestinationRule.
+    pub fn with_pool(self, (settings, limits): (ClusterSettings, Limits)) -> Self {
+        RegisteredPort {
+            settings,
+            limits,
+            ..self
         }
     }
 }
@@ -258,6 +274,24 @@ impl Target {
         match &self.entry {
             Some((h, i)) => h.ports[*i].cluster.as_str(),
             None => "PassthroughCluster",
+        }
+    }
+
+    /// The registered port (its connection settings and limits); `None` for a destination
+    /// passed through under ALLOW_ANY, which gets the mesh's.
+    pub fn port(&self) -> Option<&RegisteredPort> {
+        self.entry.as_ref().map(|(h, i)| &h.ports[*i])
+    }
+
+    /// The connection settings of this destination: its DestinationRule's, or the mesh's
+    /// connect timeout (`connect_timeout`) alone.
+    pub fn settings(&self, connect_timeout: std::time::Duration) -> ClusterSettings {
+        match self.port() {
+            Some(p) => p.settings.clone(),
+            None => ClusterSettings {
+                connect_timeout,
+                ..ClusterSettings::default()
+            },
         }
     }
 

@@ -1108,11 +1108,19 @@ impl RequestCycle {
             }
         };
         ctx.upstream_host = Some(addr);
+        // The host's DestinationRule: connect timeout, TCP keep-alive, and how long a
+        // pooled connection may idle (60 s when it sets none). Its `tls` is not applied to
+        // forward-proxied requests (README, "Egress").
+        let settings = match ctx.egress.as_ref() {
+            Some(t) => t.settings(snapshot.settings.connect_timeout),
+            None => Default::default(),
+        };
         let mut peer = HttpPeer::new(addr, false, String::new());
         let o = &mut peer.options;
-        o.connection_timeout = Some(snapshot.settings.connect_timeout);
-        o.total_connection_timeout = Some(snapshot.settings.connect_timeout);
-        o.idle_timeout = Some(Duration::from_secs(60));
+        o.connection_timeout = Some(settings.connect_timeout);
+        o.total_connection_timeout = Some(settings.connect_timeout);
+        o.idle_timeout = Some(settings.idle_timeout.unwrap_or(Duration::from_secs(60)));
+        o.tcp_keepalive = settings.tcp_keepalive;
         Ok(Box::new(peer))
     }
 }

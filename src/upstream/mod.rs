@@ -79,6 +79,15 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// A place under the concurrency limit now, or `None` (no waiting).
+    pub fn try_admit(&self) -> Option<Admission> {
+        let Some(sem) = &self.concurrency else {
+            return Some(Admission { _permit: None });
+        };
+        let p = sem.clone().try_acquire_owned().ok()?;
+        Some(Admission { _permit: Some(p) })
+    }
+
     pub fn new(
         max_concurrency: Option<u32>,
         max_pending: Option<u32>,
@@ -292,11 +301,7 @@ impl Cluster {
     /// A permit if one is free now, without joining the pending queue (whose slots count
     /// against `http1MaxPendingRequests` for everyone else).
     pub fn try_admit(&self) -> Option<Admission> {
-        let Some(sem) = &self.limits.concurrency else {
-            return Some(Admission { _permit: None });
-        };
-        let p = sem.clone().try_acquire_owned().ok()?;
-        Some(Admission { _permit: Some(p) })
+        self.limits.try_admit()
     }
 
     /// Admission under the connection pool limits: a permit, a bounded wait for one, or

@@ -85,6 +85,66 @@ impl Effective {
     }
 }
 
+/// The connection settings and pool limits of a traffic policy: the connect timeout
+/// (`base`, the mesh's, unless the policy sets one), TCP keep-alive and idle timeout, HTTP
+/// idle timeout and h2c, requests per connection, and the concurrency, pending and retry
+/// limits. TLS and the PROXY header are the caller's (`Cx::cluster`).
+fn pool(eff: &Effective, base: Duration, h2c_port: bool) -> (ClusterSettings, Limits) {
+    let mut settings = ClusterSettings {
+        connect_timeout: base,
+        h2c: h2c_port,
+        ..ClusterSettings::default()
+    };
+    let (mut max_conn, mut max_pending, mut max_req, mut max_retries) = (None, None, None, None);
+    if let Some(cp) = &eff.connection_pool {
+        if let Some(t) = &cp.tcp {
+            if let Some(ct) = t.connect_timeout {
+                settings.connect_timeout = ct.get();
+            }
+            max_conn = t.max_connections.filter(|n| *n > 0);
+            if let Some(idle) = t.idle_timeout {
+                // Istio: 0s turns the idle timeout off.
+                settings.tcp_idle_timeout = Some(idle.get()).filter(|d| !d.is_zero());
+            }
+            if let Some(k) = &t.tcp_keepalive {
+                settings.tcp_keepalive = Some(pingora::protocols::TcpKeepalive {
+                    idle: k.time.map(|d| d.get()).unwrap_or(Duration::from_secs(7200)),
+                    interval: k
+                        .interval
+                        .map(|d| d.get())
+                        .unwrap_or(Duration::from_secs(75)),
+                    count: k.probes.unwrap_or(9) as usize,
+                    #[cfg(target_os = "linux")]
+                    user_timeout: Duration::ZERO,
+                });
+            }
+        }
+        if let Some(h) = &cp.http {
+            if let Some(t) = h.idle_timeout {
+                settings.idle_timeout = Some(t.get());
+            }
+            match h.h2_upgrade_policy.as_deref() {
+                Some("UPGRADE") => settings.h2c = true,
+                Some("DO_NOT_UPGRADE") => settings.h2c = false,
+                _ => {}
+            }
+            max_pending = h.http1_max_pending_requests.filter(|n| *n > 0);
+            max_req = h.http2_max_requests.filter(|n| *n > 0);
+            max_retries = h.max_retries.filter(|n| *n > 0);
+            settings.max_requests_per_connection = h.max_requests_per_connection.filter(|n| *n > 0);
+        }
+    }
+    let concurrency = if settings.h2c {
+        max_req
+    } else {
+        match (max_conn, max_req) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    };
+    (settings, Limits::new(concurrency, max_pending, max_retries))
+}
+
 /// The attributes of the cookie the gateway sets for `httpCookie` with a ttl: `Path` (`/`
 /// unless set), `Max-Age` (none for a ttl of 0: a session cookie, as Envoy makes it), and
 /// `HttpOnly`.
@@ -302,17 +362,13 @@ impl Cx {
             self.clusters.insert(name, c.clone());
             return Some(c);
         }
+        let eff = Effective::merge(&policies, port);
         let base = self
             .settings
             .as_ref()
             .map(|s| s.connect_timeout)
             .unwrap_or(Duration::from_secs(10));
-        let eff = Effective::merge(&policies, port);
-        let mut settings = ClusterSettings {
-            connect_timeout: base,
-            h2c: h2c_port,
-            ..ClusterSettings::default()
-        };
+        let (mut settings, limits) = pool(&eff, base, h2c_port);
         if let (Some(t), Some(r)) = (&eff.tls, &rule) {
             // The ServiceEntry's subjectAltNames when the DestinationRule names none (and
             // verifies at all).
@@ -341,55 +397,6 @@ impl Cx {
                     Some("V2") => crate::upstream::proxy_protocol::Version::V2,
                     _ => crate::upstream::proxy_protocol::Version::V1,
                 });
-        let (mut max_conn, mut max_pending, mut max_req, mut max_retries) =
-            (None, None, None, None);
-        if let Some(cp) = &eff.connection_pool {
-            if let Some(t) = &cp.tcp {
-                if let Some(ct) = t.connect_timeout {
-                    settings.connect_timeout = ct.get();
-                }
-                max_conn = t.max_connections.filter(|n| *n > 0);
-                if let Some(idle) = t.idle_timeout {
-                    // Istio: 0s turns the idle timeout off.
-                    settings.tcp_idle_timeout = Some(idle.get()).filter(|d| !d.is_zero());
-                }
-                if let Some(k) = &t.tcp_keepalive {
-                    settings.tcp_keepalive = Some(pingora::protocols::TcpKeepalive {
-                        idle: k.time.map(|d| d.get()).unwrap_or(Duration::from_secs(7200)),
-                        interval: k
-                            .interval
-                            .map(|d| d.get())
-                            .unwrap_or(Duration::from_secs(75)),
-                        count: k.probes.unwrap_or(9) as usize,
-                        #[cfg(target_os = "linux")]
-                        user_timeout: Duration::ZERO,
-                    });
-                }
-            }
-            if let Some(h) = &cp.http {
-                if let Some(t) = h.idle_timeout {
-                    settings.idle_timeout = Some(t.get());
-                }
-                match h.h2_upgrade_policy.as_deref() {
-                    Some("UPGRADE") => settings.h2c = true,
-                    Some("DO_NOT_UPGRADE") => settings.h2c = false,
-                    _ => {}
-                }
-                max_pending = h.http1_max_pending_requests.filter(|n| *n > 0);
-                max_req = h.http2_max_requests.filter(|n| *n > 0);
-                max_retries = h.max_retries.filter(|n| *n > 0);
-                settings.max_requests_per_connection =
-                    h.max_requests_per_connection.filter(|n| *n > 0);
-            }
-        }
-        let concurrency = if settings.h2c {
-            max_req
-        } else {
-            match (max_conn, max_req) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
-        };
         let outlier = eff.outlier_detection.as_ref().map(|od| OutlierPolicy {
             consecutive_5xx: od.consecutive_5xx_errors.unwrap_or(5),
             consecutive_gateway: od.consecutive_gateway_errors.unwrap_or(0),
@@ -402,11 +409,30 @@ impl Cx {
         });
         let mut cluster = Cluster::new(&host, port, subset, endpoints, settings);
         cluster.policy = load_balancer(eff.load_balancer.as_ref(), &cluster.endpoints);
-        cluster.limits = Limits::new(concurrency, max_pending, max_retries);
+        cluster.limits = limits;
         cluster.outlier = outlier;
         let cluster = Arc::new(cluster);
         self.clusters.insert(name, cluster.clone());
         Some(cluster)
+    }
+
+    /// What the DestinationRule of `host` (if any) sets for forward-proxied traffic to its
+    /// `port` (`egress::forward`): the connection settings and limits of [`pool`], with
+    /// `base` (the mesh's) as the connect timeout unless the rule sets one.
+    pub(super) fn egress_pool(
+        &self,
+        host: &str,
+        port: u16,
+        base: Duration,
+    ) -> (ClusterSettings, Limits) {
+        let policies: Vec<_> = self
+            .registry
+            .rules
+            .get(host)
+            .and_then(|r| r.spec.traffic_policy.clone())
+            .into_iter()
+            .collect();
+        pool(&Effective::merge(&policies, port), base, false)
     }
 
     /// DestinationRule `tls` → the settings pingora's connector needs; files are read here.

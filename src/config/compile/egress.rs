@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::registry::{EndpointAddress, Service};
 use super::Cx;
@@ -13,6 +14,7 @@ use crate::egress::{
     Upstream,
 };
 use crate::routing::HostMatcher;
+use crate::upstream::{ClusterSettings, Limits};
 
 impl Cx {
     /// The egress registry of the ServiceEntries compiled in `self.registry`.
@@ -43,12 +45,19 @@ impl Cx {
             }
         }
 
+        // The mesh's connect timeout (`mesh()` compiles the settings after this), for the
+        // ports whose DestinationRule sets none.
+        let connect_timeout = mesh
+            .connect_timeout
+            .map(|d| d.get())
+            .unwrap_or(Duration::from_secs(10));
         let mut hosts = HostMatcher::default();
         let mut addresses = Vec::new();
         for service in &self.registry.services {
             let mut first = None;
             for pattern in &service.hosts {
-                let entry = Arc::new(registered(service, pattern));
+                let pool = |port| self.egress_pool(pattern, port, connect_timeout);
+                let entry = Arc::new(registered(service, pattern, pool));
                 first.get_or_insert_with(|| entry.clone());
                 // A host registered twice: the later ServiceEntry wins (warned by
                 // build_registry).
@@ -65,8 +74,13 @@ impl Cx {
     }
 }
 
-/// One host of `service` as the forward proxy finds it.
-fn registered(service: &Service, pattern: &str) -> RegisteredHost {
+/// One host of `service` as the forward proxy finds it; `pool` gives a port's connection
+/// settings and limits.
+fn registered(
+    service: &Service,
+    pattern: &str,
+    pool: impl Fn(u16) -> (ClusterSettings, Limits),
+) -> RegisteredHost {
     let endpoint = |ep: &super::registry::ServiceEndpoint, port: u16| match &ep.address {
         EndpointAddress::Ip(ip) => Endpoint::Addr(SocketAddr::new(*ip, port)),
         EndpointAddress::Name(n) => Endpoint::Name(dns::name(n), port),
@@ -96,6 +110,7 @@ fn registered(service: &Service, pattern: &str) -> RegisteredHost {
                 }
             };
             RegisteredPort::new(sp.number, sp.protocol, upstream, pattern)
+                .with_pool(pool(sp.number))
         })
         .collect();
     RegisteredHost::new(
