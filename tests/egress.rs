@@ -600,6 +600,19 @@ fn tunnel(proxy: u16, target: &str) -> Result<BufReader<TcpStream>, String> {
     }
 }
 
+/// Waits (up to 5 s) for the access log line of a CONNECT with this status and flag.
+fn assert_connect_logged(gw: &Portico, code: u16, flags: &str) {
+    let code = format!(r#""response_code":{code}"#);
+    let flags = format!(r#""response_flags":"{flags}""#);
+    assert!(
+        wait_until(Duration::from_secs(5), || gw.stdout().lines().any(|l| {
+            l.contains(r#""method":"CONNECT""#) && l.contains(&code) && l.contains(&flags)
+        })),
+        "access log:\n{}",
+        gw.stdout()
+    );
+}
+
 /// One keep-alive request over an open tunnel to an [`Echo`].
 fn request_in_tunnel(r: &mut BufReader<TcpStream>) -> Response {
     r.get_mut()
@@ -760,15 +773,7 @@ fn a_quiet_connect_tunnel_is_closed_after_the_stream_idle_timeout() {
     // The quiet one was closed (its read ends, before the client's 10 s read timeout).
     let mut rest = Vec::new();
     quiet.read_to_end(&mut rest).expect("closed");
-    assert!(
-        wait_until(Duration::from_secs(5), || gw.stdout().lines().any(|l| {
-            l.contains(r#""method":"CONNECT""#)
-                && l.contains(r#""response_code":200"#)
-                && l.contains(r#""response_flags":"SI""#)
-        })),
-        "access log:\n{}",
-        gw.stdout()
-    );
+    assert_connect_logged(&gw, 200, "SI");
 }
 
 /// A DestinationRule for a registered host applies to forward-proxied traffic as to a
@@ -826,15 +831,7 @@ trafficPolicy = {{ connectionPool = {{ tcp = {{ {keepalive} }} }} }}
 
     let refused = tunnel(proxy, &target).expect_err("a second tunnel is over maxConnections");
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
-    assert!(
-        wait_until(Duration::from_secs(5), || gw.stdout().lines().any(|l| {
-            l.contains(r#""method":"CONNECT""#)
-                && l.contains(r#""response_code":503"#)
-                && l.contains(r#""response_flags":"UO""#)
-        })),
-        "access log:\n{}",
-        gw.stdout()
-    );
+    assert_connect_logged(&gw, 503, "UO");
     // The first still works; once it is closed, its place is free.
     assert_eq!(request_in_tunnel(&mut first).status, 200);
     drop(first);
