@@ -339,6 +339,13 @@ impl<'b> Iterator for HandshakeIter<'_, 'b> {
 impl Drop for HandshakeIter<'_, '_> {
     fn drop(&mut self) {
         self.deframer.spans.drain(..self.index);
+        // PORTICO PATCH: with no handshake message left (the handshake is over, or a
+        // post-handshake message was taken), give the spans' vector back: it kept the
+        // size of the handshake's largest flight for the connection's life. Once empty
+        // it has no allocation, so this costs nothing on the records that follow.
+        if self.deframer.spans.is_empty() {
+            self.deframer.spans = Vec::new();
+        }
     }
 }
 
