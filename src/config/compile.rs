@@ -479,6 +479,14 @@ fn key(namespace: &Option<String>, name: &str) -> String {
     format!("{}/{}", namespace.as_deref().unwrap_or("default"), name)
 }
 
+/// `mesh.connectTimeout`, Istio's 10 s when unset: the connect timeout of every cluster
+/// and egress destination whose DestinationRule sets none.
+fn connect_timeout(m: &super::schema::Mesh) -> Duration {
+    m.connect_timeout
+        .map(|d| d.get())
+        .unwrap_or(Duration::from_secs(10))
+}
+
 impl Cx {
     fn err(&mut self, origin: &Origin, sub: &str, msg: impl Into<String>) {
         self.errors.push(origin.error(sub, msg));
@@ -583,10 +591,7 @@ impl Cx {
             tracing,
             admin,
             admin_token,
-            connect_timeout: m
-                .connect_timeout
-                .map(|d| d.get())
-                .unwrap_or(Duration::from_secs(10)),
+            connect_timeout: connect_timeout(m),
             tls_handshake_timeout: m
                 .tls_handshake_timeout
                 .map(|d| d.get())

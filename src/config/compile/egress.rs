@@ -4,7 +4,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::registry::{EndpointAddress, Service};
 use super::Cx;
@@ -45,12 +44,8 @@ impl Cx {
             }
         }
 
-        // The mesh's connect timeout (`mesh()` compiles the settings after this), for the
-        // ports whose DestinationRule sets none.
-        let connect_timeout = mesh
-            .connect_timeout
-            .map(|d| d.get())
-            .unwrap_or(Duration::from_secs(10));
+        // Read here: `mesh()` compiles the settings after this.
+        let connect_timeout = super::connect_timeout(mesh);
         let mut hosts = HostMatcher::default();
         let mut addresses = Vec::new();
         for service in &self.registry.services {
