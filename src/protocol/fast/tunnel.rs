@@ -29,6 +29,20 @@ use super::*;
 /// copies, ~2.4 GB/s with reads growing to 64 KiB (bench/RESULTS.md).
 const MAX_READ: usize = 64 * 1024;
 
+/// Gives a drained buffer back: one of the pool's size to the thread's pool, a larger one
+/// (grown by a bulk transfer) to the allocator, so that the pool keeps small buffers only.
+fn rest(mut buf: BytesMut) {
+    if buf.capacity() == 0 {
+        return;
+    }
+    buf.clear();
+    // Takes back the part of the allocation that writes advanced past.
+    buf.reserve(HEAD_BUF);
+    if buf.capacity() <= 2 * HEAD_BUF {
+        park_head_buf(buf);
+    }
+}
+
 /// One direction of a tunnel.
 struct Pump {
     /// Read and not yet written; no memory while the direction waits for bytes.
@@ -60,7 +74,7 @@ impl Pump {
             to,
         };
         if pump.buf.is_empty() {
-            park_head_buf(std::mem::take(&mut pump.buf));
+            rest(std::mem::take(&mut pump.buf));
         }
         pump
     }
@@ -117,7 +131,7 @@ impl Pump {
                 Poll::Ready(Ok(0)) => {
                     // Back to the pool now: a half-closed tunnel may wait long for the
                     // other side's close.
-                    self.park();
+                    rest(std::mem::take(&mut self.buf));
                     self.eof = true;
                 }
                 Poll::Ready(Ok(n)) => {
@@ -127,21 +141,11 @@ impl Pump {
                 }
                 Poll::Ready(Err(_)) => return Poll::Ready(Err(self.from)),
                 Poll::Pending => {
-                    self.park();
+                    rest(std::mem::take(&mut self.buf));
                     self.want = HEAD_BUF;
                     return Poll::Pending;
                 }
             }
-        }
-    }
-
-    /// Gives the drained buffer back: to the thread's pool of head buffers while reads are
-    /// head-sized, to the allocator once a bulk transfer has grown them (the pool keeps
-    /// small buffers only).
-    fn park(&mut self) {
-        let buf = std::mem::take(&mut self.buf);
-        if self.want == HEAD_BUF {
-            park_head_buf(buf);
         }
     }
 
