@@ -194,6 +194,51 @@ impl DeframerVecBuffer {
 }
 
 #[cfg(feature = "std")]
+const READ_SIZE: usize = 4096;
+
+/// PORTICO PATCH: record buffers that idle connections gave back, kept per thread (at most
+/// `KEEP`, 128 KiB) for the next connection that reads. Without them each read after one
+/// that found nothing allocates a new buffer and zeroes its 4 KiB (`Vec::resize`): on a busy
+/// keep-alive or h2 connection that is every request. A spare one is handed out with the
+/// bytes of its last connection still in it, as an allocator's memory is: only the `used`
+/// prefix of a buffer is ever read, and every byte of it was written by this connection.
+#[cfg(feature = "std")]
+mod spare {
+    use alloc::vec::Vec;
+    use core::cell::RefCell;
+
+    use super::READ_SIZE;
+
+    const KEEP: usize = 32;
+
+    std::thread_local! {
+        static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A buffer of `READ_SIZE` bytes, if this thread has one.
+    pub(super) fn take() -> Option<Vec<u8>> {
+        SPARE
+            .try_with(|s| s.try_borrow_mut().ok()?.pop())
+            .ok()
+            .flatten()
+    }
+
+    /// Keeps `buf` when it is of `READ_SIZE` bytes and there is room; frees it otherwise.
+    pub(super) fn give(buf: Vec<u8>) {
+        if buf.len() != READ_SIZE || buf.capacity() != READ_SIZE {
+            return;
+        }
+        let _ = SPARE.try_with(|s| {
+            if let Ok(mut s) = s.try_borrow_mut() {
+                if s.len() < KEEP {
+                    s.push(buf);
+                }
+            }
+        });
+    }
+}
+
+#[cfg(feature = "std")]
 impl DeframerVecBuffer {
     /// Read some bytes from `rd`, and add them to the buffer.
     pub(crate) fn read(&mut self, rd: &mut dyn io::Read, in_handshake: bool) -> io::Result<usize> {
@@ -212,8 +257,10 @@ impl DeframerVecBuffer {
                 // has gone idle, `WouldBlock`): give the buffer back, as OpenSSL's
                 // SSL_MODE_RELEASE_BUFFERS does. An idle connection otherwise keeps
                 // `READ_SIZE` (4 KiB) for its whole life; the next read takes a new one.
+                // The buffer goes to this thread's spares (see `spare`), so that the next
+                // read, here or on another connection, need not allocate and zero a new one.
                 if self.used == 0 {
-                    self.buf = Vec::new();
+                    spare::give(mem::take(&mut self.buf));
                 }
                 return Err(e);
             }
@@ -228,8 +275,6 @@ impl DeframerVecBuffer {
         /// restrict that to 64KB to limit potential for denial-of-
         /// service.
         const MAX_HANDSHAKE_SIZE: u32 = 0xffff;
-
-        const READ_SIZE: usize = 4096;
 
         // We allow a maximum of 64k of buffered data for handshake messages only. Enforce this
         // by varying the maximum allowed buffer size here based on whether a prefix of a
@@ -253,6 +298,12 @@ impl DeframerVecBuffer {
         // Also, reduce the buffer size if there are neither full nor partial messages in it,
         // which usually means that the other side suspended sending data.
         let need_capacity = Ord::min(allow_max, self.used + READ_SIZE);
+        // PORTICO PATCH: a connection that gave its buffer back takes a spare one.
+        if self.buf.capacity() == 0 && need_capacity == READ_SIZE {
+            if let Some(buf) = spare::take() {
+                self.buf = buf;
+            }
+        }
         if need_capacity > self.buf.len() {
             self.buf.resize(need_capacity, 0);
         } else if self.used == 0 || self.buf.len() > allow_max {
