@@ -347,6 +347,9 @@ impl BackgroundService for Watcher {
                 }
                 _ = shutdown.changed() => {
                     lifecycle::stopping();
+                    // Connections waiting for a request close now; those in a request
+                    // close after it.
+                    crate::listener::IdleConnections::shut_down();
                     tracing::info!("shutting down: draining in-flight requests");
                     break;
                 }

@@ -156,6 +156,53 @@ fn sigterm_refuses_new_connections_finishes_requests_in_flight_and_cuts_off_at_t
     }
 }
 
+/// A keep-alive connection waiting for its next request is closed when the drain begins
+/// (as NGINX closes its idle keep-alive connections on a graceful stop), not kept open
+/// until the process exits; one busy with a request gets its answer first.
+#[test]
+fn sigterm_closes_idle_keep_alive_connections_when_the_drain_begins() {
+    use std::io::{BufReader, Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let echo = Echo::start("v1");
+    let (admin, http) = (free_port(), free_port());
+    let mut portico = Portico::start(tmp.path(), &config(admin, http, echo.port(), "6s"));
+
+    let request = build_request("GET", "x.test", "/", &[], b"", false);
+    let mut idle = BufReader::new(std::net::TcpStream::connect(("127.0.0.1", http)).unwrap());
+    idle.get_mut().write_all(&request).unwrap();
+    let first = read_response(&mut idle, "GET").expect("the first request is answered");
+    assert_eq!(first.status, 200, "{}", first.text());
+    let busy = slow_request(http, 1500);
+    assert!(
+        wait_until(Duration::from_secs(5), || echo.count() >= 2),
+        "the slow request reached the upstream"
+    );
+
+    let sent_term = Instant::now();
+    portico.send_signal("TERM");
+    idle.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(4)))
+        .unwrap();
+    let mut rest = Vec::new();
+    match idle.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty(), "nothing but the close: {rest:?}"),
+        Err(e) => assert!(
+            closed_by_the_server(&e),
+            "closed by the gateway, not left open: {e}"
+        ),
+    }
+    assert!(
+        portico.is_running() && sent_term.elapsed() < Duration::from_secs(4),
+        "closed when the drain began ({:?} after SIGTERM), not when the process exited",
+        sent_term.elapsed()
+    );
+    let resp = busy
+        .join()
+        .unwrap()
+        .expect("the request in flight is answered");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+}
+
 /// pingora's grace period counts whole seconds: a sub-second drainDuration rounds up to 1 s
 /// (it was truncated to none, which cut every request in flight).
 #[test]

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::telemetry::Metrics;
@@ -62,7 +62,9 @@ pub async fn accept(
         None => io,
         Some(pp) => {
             let peer = peer_ip(&io);
-            match proxy_protocol::read(io, pp).await {
+            // Boxed: inline, its state would be part of every connection's task for the
+            // connection's life.
+            match Box::pin(proxy_protocol::read(io, pp)).await {
                 Ok(io) => io,
                 Err(refused) => {
                     limit.proxy_refused(peer, &refused);
@@ -584,11 +586,23 @@ pub struct IdleConnections {
 thread_local! {
     // Leaked once per thread (worker threads live as long as the process), so a
     // connection can hold a `&'static` to it in a `Send` future.
-    static IDLE: &'static IdleConnections = Box::leak(Box::new(IdleConnections {
-        idle: AtomicUsize::new(0),
-        close: tokio::sync::Notify::new(),
-    }));
+    static IDLE: &'static IdleConnections = {
+        let here: &'static IdleConnections = Box::leak(Box::new(IdleConnections {
+            idle: AtomicUsize::new(0),
+            close: tokio::sync::Notify::new(),
+        }));
+        EVERY_THREAD
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(here);
+        here
+    };
 }
+
+/// Every thread's idle connections, for the shutdown to close them all.
+static EVERY_THREAD: Mutex<Vec<&'static IdleConnections>> = Mutex::new(Vec::new());
+/// Set when the server begins to shut down.
+static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
 
 /// A connection counted as idle; dropping it (a request came) uncounts it.
 pub struct Idle(&'static IdleConnections);
@@ -611,10 +625,29 @@ impl IdleConnections {
         Idle(self)
     }
 
-    /// Completes when this idle connection is the one to close (waiters are woken
-    /// longest-waiting first).
+    /// Completes when this idle connection is to close: it is the one the process-wide
+    /// cap closes (waiters are woken longest-waiting first), or the server is shutting
+    /// down (every waiter, and every wait made before [`Self::shutting_down`] is read).
     pub fn closing(&self) -> tokio::sync::futures::Notified<'_> {
         self.close.notified()
+    }
+
+    /// Whether the server is shutting down: a connection about to wait for a request
+    /// closes instead.
+    pub fn shutting_down() -> bool {
+        SHUTTING_DOWN.load(Ordering::Acquire)
+    }
+
+    /// Closes every connection that waits for a request, on every thread, and those that
+    /// come to wait from now on.
+    pub fn shut_down() {
+        SHUTTING_DOWN.store(true, Ordering::Release);
+        let every = EVERY_THREAD
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for idle in every.iter() {
+            idle.close.notify_waiters();
+        }
     }
 
     /// Asks the longest-idle connection to close; false when none is idle.

@@ -143,6 +143,24 @@ struct Conn {
     io: Stream,
     /// Bytes read from the client and not yet used.
     buf: BytesMut,
+    /// The request's state while one is served (`work`); none between requests.
+    work: Option<Box<Work>>,
+    client_ip: Option<IpAddr>,
+    /// The verified client certificate (mutual TLS).
+    peer: Option<Arc<crate::tls::client_auth::PeerCert>>,
+    /// The wait for a request head: one timer for the connection, moved on at every read.
+    /// Moving a registered timer later is an atomic store; a `timeout` around each read
+    /// would add and remove a timer-wheel entry per request, a lock each way.
+    wait: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// What a request being served works with: its upstream connection and buffers. A
+/// connection holds one only while it serves a request; between requests the box waits
+/// among the thread's spares (`SPARE`) for whichever connection gets a request next, so
+/// an idle keep-alive connection holds a pointer instead of ~230 bytes (#28), and a busy
+/// thread allocates none of it per request.
+#[derive(Default)]
+struct Work {
     /// The upstream connection of the request being served (between requests, idle
     /// connections wait in the thread's pool, `upstream::pool`).
     up: Option<Upstream>,
@@ -153,21 +171,11 @@ struct Conn {
     resp: Vec<u8>,
     /// Endpoints tried for the request being served (kept to reuse its allocation).
     tried: Vec<usize>,
-    client_ip: Option<IpAddr>,
-    /// The verified client certificate (mutual TLS).
-    peer: Option<Arc<crate::tls::client_auth::PeerCert>>,
-    /// The wait for a request head: one timer for the connection, moved on at every read.
-    /// Moving a registered timer later is an atomic store; a `timeout` around each read
-    /// would add and remove a timer-wheel entry per request, a lock each way.
-    wait: Pin<Box<tokio::time::Sleep>>,
 }
 
-/// A connection's per-request buffers while it waits for its next request.
-struct Spare {
-    ubuf: BytesMut,
-    out: Vec<u8>,
-    resp: Vec<u8>,
-    tried: Vec<usize>,
+/// The connection's `Work`, taken from the thread's spares (or made) if it has none.
+fn work(slot: &mut Option<Box<Work>>) -> &mut Work {
+    slot.get_or_insert_with(|| SPARE.with_borrow_mut(Vec::pop).unwrap_or_default())
 }
 
 /// Spare buffers at most kept per thread, and the largest buffer kept.
@@ -231,7 +239,9 @@ impl BodyReads {
 thread_local! {
     // Per thread: each worker runs its own connections (no work stealing by default), so
     // no lock, and a connection that moved threads just uses the other thread's spares.
-    static SPARE: std::cell::RefCell<Vec<Spare>> = const { std::cell::RefCell::new(Vec::new()) };
+    // Boxes, not values: a connection holds its `Work` by the box it takes from here.
+    #[allow(clippy::vec_box)]
+    static SPARE: std::cell::RefCell<Vec<Box<Work>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The read buffer of a request head: what one read asks for.
@@ -298,15 +308,15 @@ impl Conn {
     /// for whichever connection gets a request next, so a busy thread does not allocate
     /// them per request and an idle one holds at most `MAX_SPARE`.
     fn release(&mut self) {
-        if self.out.capacity() == 0 {
+        let Some(mut spare) = self.work.take() else {
+            return;
+        };
+        if spare.up.is_some() {
+            // (None is: an upstream connection is pooled or closed when its response
+            // ends. Should one be held, it stays with its connection.)
+            self.work = Some(spare);
             return;
         }
-        let mut spare = Spare {
-            ubuf: std::mem::take(&mut self.ubuf),
-            out: std::mem::take(&mut self.out),
-            resp: std::mem::take(&mut self.resp),
-            tried: std::mem::take(&mut self.tried),
-        };
         if spare.out.capacity().max(spare.resp.capacity()) > MAX_SPARE_BYTES {
             return;
         }
@@ -320,18 +330,6 @@ impl Conn {
                 v.push(spare);
             }
         });
-    }
-
-    fn reuse(&mut self) {
-        if self.out.capacity() != 0 {
-            return;
-        }
-        if let Some(s) = SPARE.with_borrow_mut(Vec::pop) {
-            self.ubuf = s.ubuf;
-            self.out = s.out;
-            self.resp = s.resp;
-            self.tried = s.tried;
-        }
     }
 }
 
@@ -398,11 +396,7 @@ impl Conn {
             io,
             peer,
             buf: BytesMut::new(),
-            up: None,
-            ubuf: BytesMut::new(),
-            out: Vec::new(),
-            resp: Vec::new(),
-            tried: Vec::new(),
+            work: None,
             client_ip,
             wait: Box::pin(tokio::time::sleep(wait_for)),
         }
@@ -439,17 +433,18 @@ impl HttpFront {
         io: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let limits = self.snapshots.load().settings.downstream.clone();
         let born = Instant::now();
-        let mut c = Conn::new(io, limits.idle_timeout);
-        // Watched while the connection is idle: a shutting-down server closes it then.
-        let mut watch = shutdown.clone();
+        let idle_timeout = self.snapshots.load().settings.downstream.idle_timeout;
+        let mut c = Conn::new(io, idle_timeout);
         loop {
-            let limits = self.snapshots.load().settings.downstream.clone();
-            let outcome = match read_head(&mut c, &mut watch, &limits, self.h2c).await {
+            let limits = HeadLimits::of(&self.snapshots.load().settings.downstream);
+            let outcome = match read_head(&mut c, &limits, self.h2c).await {
                 Head::Closed => return None,
                 Head::Refused(r) => {
-                    refuse(&mut c, r, None, &self.snapshots.load()).await;
+                    // Boxed, as the rare paths below: a future awaited in place makes this
+                    // one, which every idle connection holds, as large as itself.
+                    let snapshot = self.snapshots.load_full();
+                    Box::pin(refuse(&mut c, r, None, &snapshot)).await;
                     return None;
                 }
                 Head::H2c => {
@@ -457,12 +452,9 @@ impl HttpFront {
                     Next::Lend(Lending::unplanned(BytesMut::new(), rest), "h2c")
                 }
                 Head::Complete(n) => {
-                    c.reuse();
                     // Past its maximum age a connection closes after the request in
                     // progress (`connection: close` on the response).
-                    let old = limits
-                        .max_connection_duration
-                        .is_some_and(|m| born.elapsed() >= m);
+                    let old = limits.max_age.is_some_and(|m| born.elapsed() >= m);
                     // Boxed: the request's state (its parsed head, the upstream exchange,
                     // the log record) is several KiB that only a request in progress
                     // needs; inline, every idle keep-alive connection would hold it too.
@@ -476,7 +468,7 @@ impl HttpFront {
                     return None;
                 }
                 Next::Tunnel(t) => {
-                    t.run(&mut c).await;
+                    Box::pin(t.run(&mut c)).await;
                     return None;
                 }
                 Next::Lend(lending, reason) => (lending, reason),
@@ -491,7 +483,7 @@ impl HttpFront {
             // Boxed: pingora's session and the lent stream are large, and only a handed-over
             // request needs them; inline, every idle keep-alive connection would hold their
             // place too (#28).
-            match Box::pin(self.lend(c, lending, &limits, born, shutdown)).await {
+            match Box::pin(self.lend(c, lending, born, shutdown)).await {
                 Ok(back) => c = back,
                 Err(end) => return end,
             }
@@ -505,10 +497,10 @@ impl HttpFront {
         self: &Arc<Self>,
         c: Conn,
         lending: Lending,
-        limits: &crate::snapshot::Downstream,
         born: Instant,
         shutdown: &ShutdownWatch,
     ) -> Result<Conn, Option<Stream>> {
+        let limits = &self.snapshots.load().settings.downstream.clone();
         let Conn { io, buf, .. } = c;
         let Lending {
             mut head,
@@ -565,16 +557,33 @@ fn whole_seconds(d: Duration) -> u64 {
     d.as_secs().max(1)
 }
 
+/// What the wait for a request head needs of the listener's limits. An idle connection's
+/// task holds it while it waits: the whole `Downstream` is ~180 bytes, this ~50.
+#[derive(Clone, Copy)]
+struct HeadLimits {
+    idle_timeout: Duration,
+    request_headers_timeout: Duration,
+    max_request_headers: usize,
+    /// `maxConnectionDuration`.
+    max_age: Option<Duration>,
+}
+
+impl HeadLimits {
+    fn of(d: &crate::snapshot::Downstream) -> HeadLimits {
+        HeadLimits {
+            idle_timeout: d.idle_timeout,
+            request_headers_timeout: d.request_headers_timeout,
+            max_request_headers: d.max_request_headers,
+            max_age: d.max_connection_duration,
+        }
+    }
+}
+
 /// Reads a request head into `c.buf`: the connection may idle for `idleTimeout` before
 /// its first byte, and then the whole head must come within `requestHeadersTimeout` and
 /// `maxRequestHeadersKb` (with a request line within `maxUriLength`), whatever pace the
 /// bytes come at.
-async fn read_head(
-    c: &mut Conn,
-    watch: &mut ShutdownWatch,
-    limits: &crate::snapshot::Downstream,
-    h2c: bool,
-) -> Head {
+async fn read_head(c: &mut Conn, limits: &HeadLimits, h2c: bool) -> Head {
     let mut searched: usize = 0;
     let mut started: Option<tokio::time::Instant> = None;
     loop {
@@ -609,8 +618,15 @@ async fn read_head(
         let read = pooled_read(&mut c.io, &mut c.buf);
         let timer = c.wait.as_mut();
         // Waiting for a request, the connection is one the process-wide cap may close to
-        // make room for a new one (`listener::Overload`).
+        // make room for a new one (`listener::Overload`), and one a shutting-down server
+        // closes. (One signal for both: a shutdown watch's wait would add ~130 bytes to
+        // every idle connection.) The wait is made before the shutdown flag is read, so a
+        // shutdown that begins between the two still wakes it.
         let idle_here = crate::listener::IdleConnections::here();
+        let closing = idle_here.closing();
+        if idle && crate::listener::IdleConnections::shutting_down() {
+            return Head::Closed;
+        }
         let _idle = idle.then(|| idle_here.enter());
         // Bytes already sent win over shutdown, the timer and the cap (biased, as in
         // pingora): a request the client sent is answered rather than dropped.
@@ -618,8 +634,7 @@ async fn read_head(
             biased;
             r = read => Some(r),
             _ = timer => None,
-            _ = watch.changed(), if idle => return Head::Closed,
-            _ = idle_here.closing(), if idle => return Head::Closed,
+            _ = closing, if idle => return Head::Closed,
         };
         match result {
             Some(Ok(0)) | Some(Err(_)) => return Head::Closed,
@@ -655,10 +670,11 @@ async fn refuse(c: &mut Conn, r: Refusal, req: Option<&RefusedRequest<'_>>, snap
     };
     let head = req.is_some_and(|q| q.method == "HEAD");
     let body_len = if head { 0 } else { reply.body_len() };
-    c.resp.clear();
-    reply.write_h1(&mut c.resp, head);
+    let resp = &mut work(&mut c.work).resp;
+    resp.clear();
+    reply.write_h1(resp, head);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = c.io.write_all(&c.resp).await;
+        let _ = c.io.write_all(resp).await;
         let _ = c.io.flush().await;
     })
     .await;
@@ -1074,7 +1090,7 @@ impl HttpFront {
         let authority = request::rewritten_authority(forward);
 
         // The upstream request head.
-        let out = &mut c.out;
+        let out = &mut work(&mut c.work).out;
         out.clear();
         out.reserve(head_len + 256 + req.body);
         out.extend_from_slice(req.method.as_bytes());
@@ -1118,7 +1134,7 @@ impl HttpFront {
 
         // Tries: as the route's retries and the shared resend rule allow, within its
         // timeouts.
-        c.tried.clear();
+        work(&mut c.work).tried.clear();
         let mut tries = Tries::new(forward);
         let idempotent = retry::idempotent(req.method);
         let stream_idle = snapshot.settings.downstream.stream_idle_timeout;
@@ -1132,7 +1148,7 @@ impl HttpFront {
             wait = w;
             let (i, pooled) = match tries.resend_to.take() {
                 Some(i) => (i, false),
-                None => match cluster.select(f.hash, &c.tried) {
+                None => match cluster.select(f.hash, &work(&mut c.work).tried) {
                     // An upgrade's connection becomes its tunnel: a new one.
                     Some(i) => (i, !req.upgrade),
                     None => {
@@ -1141,7 +1157,7 @@ impl HttpFront {
                     }
                 },
             };
-            c.tried.push(i);
+            work(&mut c.work).tried.push(i);
             tries.made += 1;
             let inflight = InFlight::new(cluster.clone(), i);
             let ex = Exchange {
@@ -1161,7 +1177,7 @@ impl HttpFront {
                     if tries.again_on(resp.status, forward, cluster).await {
                         // Not a byte of this answer went to the client: its connection
                         // (with the body unread) is closed, and the next try begins.
-                        c.up = None;
+                        work(&mut c.work).up = None;
                         cluster.record(i, Some(resp.status), Some(inflight.started.elapsed()));
                         continue;
                     }
@@ -1173,24 +1189,25 @@ impl HttpFront {
                 },
             }
         };
-        // The response head is in `c.resp`; the body follows as it comes.
+        // The response head is in the work's `resp`; the body follows as it comes.
         let mut done = tries.answered(&f, cluster, i, resp.status, &inflight);
         if resp.status == 101 {
             let _held = (inflight, _admission);
-            let Some(up) = c.up.take() else {
+            let w = work(&mut c.work);
+            let Some(up) = w.up.take() else {
                 return Next::Close;
             };
             let first = {
-                let mut b = BytesMut::with_capacity(c.resp.len() + c.ubuf.len());
-                b.extend_from_slice(&c.resp);
-                b.extend_from_slice(&c.ubuf);
+                let mut b = BytesMut::with_capacity(w.resp.len() + w.ubuf.len());
+                b.extend_from_slice(&w.resp);
+                b.extend_from_slice(&w.ubuf);
                 (b, std::mem::take(&mut c.buf))
             };
             // The tunnel runs once this request's state is gone (the parse: its head's
             // read buffer and header slots; the request's other buffers; this future):
             // a tunnel mostly waits, and there may be many. What its log needs at the end
             // goes with it, owned and in exactly its size.
-            let mut response_head = std::mem::take(&mut c.resp);
+            let mut response_head = std::mem::take(&mut work(&mut c.work).resp);
             response_head.shrink_to_fit();
             c.release();
             return Next::Tunnel(Box::new(Tunnel {
@@ -1222,7 +1239,7 @@ impl HttpFront {
         match result {
             Ok(n) => done.sent = n,
             Err(Side::Unsent) => {
-                c.up = None;
+                work(&mut c.work).up = None;
                 cluster.record(i, None, None);
                 let done = Done::local(
                     502,
@@ -1234,7 +1251,7 @@ impl HttpFront {
             }
             Err(side) => {
                 // Part of a response went out: all that is left is to close both ends.
-                c.up = None;
+                work(&mut c.work).up = None;
                 if let Side::Upstream { .. } = side {
                     // The endpoint failed mid-response: never tried again, but counted.
                     cluster.record(i, None, None);
@@ -1245,7 +1262,7 @@ impl HttpFront {
             }
         }
         // A body framed by the close: the connection is done (released above otherwise).
-        c.up = None;
+        work(&mut c.work).up = None;
         log.finish(c, &done);
         if resp.close {
             Next::Close
@@ -1469,8 +1486,9 @@ impl Tunnel {
             ..
         } = *self;
         let t = tunnel::run(&mut c.io, &mut up.io, first, &mut c.wait, Some(idle)).await;
-        c.resp = self.response_head;
-        done.sent = t.to_client.saturating_sub(c.resp.len() as u64) as usize;
+        let response_head = &mut work(&mut c.work).resp;
+        *response_head = self.response_head;
+        done.sent = t.to_client.saturating_sub(response_head.len() as u64) as usize;
         done.tunneled = t.to_upstream as usize;
         if let Err(side) = t.end {
             done.flags = side.flag();
@@ -1534,7 +1552,7 @@ impl Log<'_> {
         let mut rh = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut r = httparse::Response::new(&mut rh);
         let response_headers = (record::wants_response_headers(self.snapshot)
-            && r.parse(&c.resp).is_ok())
+            && c.work.as_ref().is_some_and(|w| r.parse(&w.resp).is_ok()))
         .then_some(Headers::Raw(r.headers, &[]));
         let socket = c.io.get_socket_digest();
         let ssl = c.io.get_ssl_digest();
@@ -1626,15 +1644,16 @@ async fn timed<F: std::future::Future>(
     }
 }
 
-/// Sends the request head in `c.out` to endpoint `ex.i` (on a clean pooled connection when
-/// there is one) and reads the response head into `c.ubuf`, with the client's head for it
-/// in `c.resp`. On success the connection is in `c.up`.
+/// Sends the request head in `Work::out` to endpoint `ex.i` (on a clean pooled connection when
+/// there is one) and reads the response head into `Work::ubuf`, with the client's head for it
+/// in `Work::resp`. On success the connection is in `Work::up`.
 async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
     let addr = ex.cluster.endpoints[ex.i].addr;
-    c.up = None;
-    let up = c.up.insert(Upstream::open(addr, &ex).await?);
-    c.ubuf.clear();
-    let (out, ubuf, resp) = (&c.out, &mut c.ubuf, &mut c.resp);
+    let w = work(&mut c.work);
+    w.up = None;
+    let up = w.up.insert(Upstream::open(addr, &ex).await?);
+    w.ubuf.clear();
+    let (out, ubuf, resp) = (&w.out, &mut w.ubuf, &mut w.resp);
     let (head_only, client_close, ops, added) = (ex.head_only, ex.client_close, ex.ops, ex.added);
     let cluster = ex.cluster;
     let upgrade = ex.upgrade;
@@ -1650,10 +1669,10 @@ async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
         .await
     };
     let result = timed(&mut c.wait, ex.wait, io).await;
-    let stale = up.pooled && c.ubuf.is_empty();
+    let stale = up.pooled && w.ubuf.is_empty();
     let result = exchanged(result, stale);
     if result.is_err() {
-        c.up = None;
+        w.up = None;
     }
     result
 }
@@ -1829,7 +1848,7 @@ impl Side {
     }
 }
 
-/// Writes the response head in `c.resp` and the body from `c.ubuf` and the upstream to the
+/// Writes the response head in `Work::resp` and the body from `Work::ubuf` and the upstream to the
 /// client, each read and write within `idle`. Returns the body bytes sent.
 /// The upstream connection goes back to `cluster`'s pool as soon as its body has been
 /// read whole (before the last bytes go to the client, who may send its next request the
@@ -1851,17 +1870,18 @@ async fn forward_body(
     };
     let mut first = true;
     let mut reads = BodyReads::new();
+    let w = work(&mut c.work);
     loop {
         // What of ubuf belongs to this body, and how much of it is body data (the log's
         // bytes_sent: a chunked body's data, without its framing).
         let mut data = 0usize;
         let take = match framing {
             Framing::Empty => 0,
-            Framing::Length(_) => (c.ubuf.len() as u64).min(remaining) as usize,
+            Framing::Length(_) => (w.ubuf.len() as u64).min(remaining) as usize,
             Framing::Chunked => chunks
-                .decode(&c.ubuf, |r| data += r.len())
-                .unwrap_or(c.ubuf.len()),
-            Framing::Close => c.ubuf.len(),
+                .decode(&w.ubuf, |r| data += r.len())
+                .unwrap_or(w.ubuf.len()),
+            Framing::Close => w.ubuf.len(),
         };
         if framing != Framing::Chunked {
             data = take;
@@ -1881,30 +1901,30 @@ async fn forward_body(
             if first {
                 return Err(Side::Unsent);
             }
-            c.io.write_all(&c.ubuf[..take]).await.map_err(|_| DOWN)?;
+            c.io.write_all(&w.ubuf[..take]).await.map_err(|_| DOWN)?;
             return Err(Side::Upstream { idle: false });
         }
         if done {
-            if let Some(up) = c.up.take() {
-                let extra = c.ubuf.len() > take;
+            if let Some(up) = w.up.take() {
+                let extra = w.ubuf.len() > take;
                 up.release(cluster, extra, upstream_close || framing == Framing::Close);
             }
         }
         if first {
-            c.resp.extend_from_slice(&c.ubuf[..take]);
-            timed(&mut c.wait, idle, c.io.write_all(&c.resp))
+            w.resp.extend_from_slice(&w.ubuf[..take]);
+            timed(&mut c.wait, idle, c.io.write_all(&w.resp))
                 .await
                 .ok_or(DOWN_IDLE)?
                 .map_err(|_| DOWN)?;
             first = false;
         } else if take > 0 {
-            timed(&mut c.wait, idle, c.io.write_all(&c.ubuf[..take]))
+            timed(&mut c.wait, idle, c.io.write_all(&w.ubuf[..take]))
                 .await
                 .ok_or(DOWN_IDLE)?
                 .map_err(|_| DOWN)?;
         }
         sent += data;
-        c.ubuf.advance(take);
+        w.ubuf.advance(take);
         if done {
             timed(&mut c.wait, idle, c.io.flush())
                 .await
@@ -1912,14 +1932,14 @@ async fn forward_body(
                 .map_err(|_| DOWN)?;
             return Ok(sent);
         }
-        let Some(up) = c.up.as_mut() else {
+        let Some(up) = w.up.as_mut() else {
             return Err(Side::Upstream { idle: false });
         };
-        c.ubuf.clear();
+        w.ubuf.clear();
         let n = timed(
             &mut c.wait,
             idle,
-            reads.read(&mut up.io, &mut c.ubuf, framing, remaining),
+            reads.read(&mut up.io, &mut w.ubuf, framing, remaining),
         )
         .await
         .ok_or(Side::Upstream { idle: true })?
@@ -1944,19 +1964,20 @@ async fn answer(c: &mut Conn, log: &Log<'_>, a: &request::Answer, close: bool) -
         tokio::time::sleep(d).await;
     }
     let head = log.req.method == "HEAD";
-    c.resp.clear();
-    status_line(&mut c.resp, a.status, None);
-    request::answer_fields(a, &mut c.resp);
+    let resp = &mut work(&mut c.work).resp;
+    resp.clear();
+    status_line(resp, a.status, None);
+    request::answer_fields(a, resp);
     if close {
-        c.resp.extend_from_slice(b"connection: close\r\n");
+        resp.extend_from_slice(b"connection: close\r\n");
     }
-    c.resp.extend_from_slice(b"\r\n");
+    resp.extend_from_slice(b"\r\n");
     if !head {
-        c.resp.extend_from_slice(&a.body);
+        resp.extend_from_slice(&a.body);
     }
     let idle = log.snapshot.settings.downstream.stream_idle_timeout;
     let written = timed(&mut c.wait, idle, async {
-        c.io.write_all(&c.resp).await?;
+        c.io.write_all(resp).await?;
         c.io.flush().await
     })
     .await;
@@ -2017,9 +2038,10 @@ async fn local(c: &mut Conn, log: &Log<'_>, mut done: Done, what: &str) -> Next 
     };
     let head = log.req.method == "HEAD";
     let body_len = if head { 0 } else { reply.body_len() };
-    c.resp.clear();
-    reply.write_h1(&mut c.resp, head);
-    let _ = c.io.write_all(&c.resp).await;
+    let resp = &mut work(&mut c.work).resp;
+    resp.clear();
+    reply.write_h1(resp, head);
+    let _ = c.io.write_all(resp).await;
     let _ = c.io.flush().await;
     done.sent = body_len;
     log.finish(c, &done);
