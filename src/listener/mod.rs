@@ -661,9 +661,10 @@ impl IdleConnections {
 }
 
 /// Memory a client connection is budgeted when the cap comes from a memory limit: more
-/// than the costliest idle kind measured (an h2 connection, ~40 KiB, whose `h2` buffers
-/// stay; TLS ~14 KiB, plain HTTP/1.1 ~2.5 KiB: `bench/run.sh conns`, bench/RESULTS.md), and
-/// than a busy HTTP/1.1 exchange, so the cap holds whatever mix of them is open.
+/// than the costliest idle kind measured (an h2 connection ~11 KiB, TLS ~5 KiB, plain
+/// HTTP/1.1 ~2 KiB, a tunnel 3-5 KiB: `bench/run.sh conns`, bench/RESULTS.md) and than a
+/// busy HTTP/1.1 exchange (its buffers grow with a large body's reads), so the cap
+/// holds whatever mix of them is open.
 pub const CONNECTION_BUDGET: u64 = 64 * 1024;
 /// Memory kept out of the connection budget: the process itself, its config and caches.
 pub const MEMORY_RESERVE: u64 = 64 * 1024 * 1024;
