@@ -500,7 +500,7 @@ impl HttpFront {
         born: Instant,
         shutdown: &ShutdownWatch,
     ) -> Result<Conn, Option<Stream>> {
-        let limits = &self.snapshots.load().settings.downstream.clone();
+        let limits = self.snapshots.load().settings.downstream.clone();
         let Conn { io, buf, .. } = c;
         let Lending {
             mut head,
@@ -558,7 +558,7 @@ fn whole_seconds(d: Duration) -> u64 {
 }
 
 /// What the wait for a request head needs of the listener's limits. An idle connection's
-/// task holds it while it waits: the whole `Downstream` is ~180 bytes, this ~50.
+/// task holds it while it waits: the whole `Downstream` is ~180 bytes, this 56.
 #[derive(Clone, Copy)]
 struct HeadLimits {
     idle_timeout: Duration,

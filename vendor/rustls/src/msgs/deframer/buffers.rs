@@ -256,9 +256,9 @@ impl DeframerVecBuffer {
                 // PORTICO PATCH: nothing buffered and nothing to read (a connection that
                 // has gone idle, `WouldBlock`): give the buffer back, as OpenSSL's
                 // SSL_MODE_RELEASE_BUFFERS does. An idle connection otherwise keeps
-                // `READ_SIZE` (4 KiB) for its whole life; the next read takes a new one.
-                // The buffer goes to this thread's spares (see `spare`), so that the next
-                // read, here or on another connection, need not allocate and zero a new one.
+                // `READ_SIZE` (4 KiB) for its whole life. It goes to this thread's spares
+                // (`spare`), where the next read, here or on another connection, takes it
+                // without allocating and zeroing a new one.
                 if self.used == 0 {
                     spare::give(mem::take(&mut self.buf));
                 }
