@@ -1108,8 +1108,8 @@ impl RequestCycle {
             }
         };
         ctx.upstream_host = Some(addr);
-        // The host's DestinationRule: connect timeout, TCP keep-alive, and how long a
-        // pooled connection may idle (60 s when it sets none). Its `tls` is not applied to
+        // The host's DestinationRule: connect timeout and TCP keep-alive (by the connect
+        // step below), and how long a pooled connection may idle (60 s when it sets none). Its `tls` is not applied to
         // forward-proxied requests (README, "Egress").
         let settings = match ctx.egress.as_ref() {
             Some(t) => t.settings(snapshot.settings.connect_timeout),
@@ -1120,7 +1120,10 @@ impl RequestCycle {
         o.connection_timeout = Some(settings.connect_timeout);
         o.total_connection_timeout = Some(settings.connect_timeout);
         o.idle_timeout = Some(settings.idle_timeout.unwrap_or(Duration::from_secs(60)));
-        o.tcp_keepalive = settings.tcp_keepalive;
+        // Connected as every upstream connection is (`upstream::connect`).
+        o.custom_l4 = Some(Arc::new(crate::upstream::connect::PingoraTcp::new(
+            &settings, None,
+        )));
         Ok(Box::new(peer))
     }
 }

@@ -1,12 +1,18 @@
-//! A new upstream TCP connection, made one way by every connector of Portico's own (the
-//! fast codecs and the L4 proxy): within the cluster's connect timeout, `TCP_NODELAY`, the
-//! cluster's PROXY header first (`proxyProtocol`), then its `tcpKeepalive`. Pingora's
-//! connector does the same for pingora's request cycle and the mirror (the PROXY header by
-//! the vendored `PeerOptions::proxy_protocol_header` patch, keep-alive from `PeerOptions`).
+//! A new upstream TCP connection, made one way for every upstream connection Portico
+//! opens: within the cluster's connect timeout, `TCP_NODELAY`, the cluster's PROXY header
+//! first (`proxyProtocol`), then its `tcpKeepalive`. The fast codecs, the L4 proxy and the
+//! forward proxy's tunnels call [`connect`]; pingora's connector (pingora's request cycle
+//! and the mirror) calls it through [`PingoraTcp`], its `custom_l4` step, and then does
+//! only what comes after TCP (TLS, h2).
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
+use pingora::protocols::l4::stream::Stream;
+use pingora::protocols::TcpKeepalive;
+use pingora_error::{Error, ErrorType};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -21,6 +27,21 @@ pub async fn connect(
     settings: &ClusterSettings,
     proxy: Option<&Header>,
 ) -> io::Result<TcpStream> {
+    open(
+        addr,
+        settings.connect_timeout,
+        settings.tcp_keepalive.as_ref(),
+        proxy,
+    )
+    .await
+}
+
+async fn open(
+    addr: SocketAddr,
+    timeout: Duration,
+    keepalive: Option<&TcpKeepalive>,
+    proxy: Option<&Header>,
+) -> io::Result<TcpStream> {
     let connect = async {
         let mut io = TcpStream::connect(addr).await?;
         // Before the header: what follows it must not wait for its ACK.
@@ -30,17 +51,17 @@ pub async fn connect(
         }
         Ok::<_, io::Error>(io)
     };
-    let io = match tokio::time::timeout(settings.connect_timeout, connect).await {
+    let io = match tokio::time::timeout(timeout, connect).await {
         Ok(result) => result?,
         Err(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("connect timed out after {:?}", settings.connect_timeout),
+                format!("connect timed out after {timeout:?}"),
             ))
         }
     };
-    if let Some(k) = &settings.tcp_keepalive {
-        // `connectionPool.tcp.tcpKeepalive`, as pingora's connector sets it.
+    if let Some(k) = keepalive {
+        // `connectionPool.tcp.tcpKeepalive`.
         let probes = socket2::TcpKeepalive::new()
             .with_time(k.idle)
             .with_interval(k.interval)
@@ -48,4 +69,56 @@ pub async fn connect(
         let _ = socket2::SockRef::from(&io).set_tcp_keepalive(&probes);
     }
     Ok(io)
+}
+
+/// [`connect`] as pingora's connector's TCP step (`PeerOptions::custom_l4`): pingora's
+/// request cycle and the mirror open their upstream connections through it, so a connect
+/// timeout, keep-alive and a PROXY header mean the same on every path. The PROXY header
+/// stays in the peer's pool key too (`PeerOptions::proxy_protocol_header`, vendor/README.md):
+/// a connection that named one client is reused only for that client.
+#[derive(Debug)]
+pub struct PingoraTcp {
+    timeout: Duration,
+    keepalive: Option<TcpKeepalive>,
+    proxy: Option<Header>,
+}
+
+impl PingoraTcp {
+    pub fn new(settings: &ClusterSettings, proxy: Option<Header>) -> PingoraTcp {
+        PingoraTcp {
+            timeout: settings.connect_timeout,
+            keepalive: settings.tcp_keepalive.clone(),
+            proxy,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::connectors::L4Connect for PingoraTcp {
+    async fn connect(&self, addr: &PingoraAddr) -> pingora_error::Result<Stream> {
+        let Some(&inet) = addr.as_inet() else {
+            return Error::e_explain(ErrorType::ConnectError, "not an IP address");
+        };
+        open(
+            inet,
+            self.timeout,
+            self.keepalive.as_ref(),
+            self.proxy.as_ref(),
+        )
+        .await
+        .map(Stream::from)
+        .map_err(|e| {
+            // The error types pingora's own TCP connect gives, which its retry rules
+            // and `RequestCycle::fail_to_proxy` read.
+            let etype = match e.kind() {
+                io::ErrorKind::ConnectionRefused => ErrorType::ConnectRefused,
+                io::ErrorKind::TimedOut => ErrorType::ConnectTimedout,
+                io::ErrorKind::NetworkUnreachable | io::ErrorKind::HostUnreachable => {
+                    ErrorType::ConnectNoRoute
+                }
+                _ => ErrorType::ConnectError,
+            };
+            Error::because(etype, format!("Fail to connect to {inet}"), e)
+        })
+    }
 }

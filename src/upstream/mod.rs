@@ -146,6 +146,8 @@ pub struct Cluster {
     /// Requests served per upstream connection (by file descriptor), kept only when
     /// `maxRequestsPerConnection` is above 1.
     uses: std::sync::Mutex<std::collections::HashMap<i32, u32>>,
+    /// Pingora's TCP step for connections without a PROXY header, made on first use.
+    tcp: OnceLock<Arc<connect::PingoraTcp>>,
 }
 
 /// TLS origination settings, parsed once: certificates are DER already, the verifier is
@@ -235,6 +237,7 @@ impl Cluster {
                 version: subset.map(Into::into),
             },
             uses: Default::default(),
+            tcp: OnceLock::new(),
         }
     }
 
@@ -455,7 +458,6 @@ impl Cluster {
         o.idle_timeout = self.settings.idle_timeout.or(Some(Duration::from_secs(60)));
         o.read_timeout = read_timeout;
         o.write_timeout = read_timeout;
-        o.tcp_keepalive = self.settings.tcp_keepalive.clone();
         if self.settings.h2c {
             // Prior-knowledge h2c in plain text; over TLS, h2 offered by ALPN.
             if self.settings.tls.is_some() {
@@ -465,8 +467,17 @@ impl Cluster {
             }
             o.max_h2_streams = 100;
         }
-        // Written by pingora's connector before TLS, and part of the pool key (vendor/README.md).
+        // The TCP connect (timeout, keep-alive, the PROXY header before TLS) is ours, as
+        // on every other path; the header is part of pingora's pool key (vendor/README.md).
         o.proxy_protocol_header = proxy.map(|h| bytes::Bytes::from(h.encode()));
+        let tcp: Arc<dyn pingora::connectors::L4Connect + Send + Sync> = match proxy {
+            None => self
+                .tcp
+                .get_or_init(|| Arc::new(connect::PingoraTcp::new(&self.settings, None)))
+                .clone(),
+            Some(h) => Arc::new(connect::PingoraTcp::new(&self.settings, Some(h))),
+        };
+        o.custom_l4 = Some(tcp);
         peer
     }
 }

@@ -246,28 +246,6 @@ where
     }
     stream.set_socket_digest(digest);
 
-    // PORTICO PATCH (see vendor/README.md): the peer's PROXY protocol header, first on the
-    // connection (before a TLS ClientHello).
-    if let Some(header) = peer
-        .get_peer_options()
-        .and_then(|o| o.proxy_protocol_header.as_ref())
-    {
-        use tokio::io::AsyncWriteExt;
-        let write = async {
-            stream.write_all(header).await?;
-            stream.flush().await
-        };
-        let written = match peer.connection_timeout() {
-            Some(t) => pingora_timeout::timeout(t, write)
-                .await
-                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
-            None => write.await,
-        };
-        written.or_err_with(ConnectError, || {
-            format!("Fail to send the PROXY protocol header to {peer}")
-        })?;
-    }
-
     Ok(stream)
 }
 
