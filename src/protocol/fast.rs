@@ -813,6 +813,25 @@ fn plain(forward: &Forward) -> bool {
     lent_for(forward).is_none()
 }
 
+/// Whether the fast codecs (HTTP/1.1 and h2) carry a plan now: a forward's place under
+/// its cluster's concurrency limit (an answer needs none), or why pingora's cycle carries
+/// it instead, with the plan: a destination only pingora's connector speaks to (`route`),
+/// or a full pool (`admission`: pingora's cycle waits for a place as long as the route
+/// allows; the fast codecs never wait).
+pub(crate) fn carried(
+    plan: &request::Plan<'_>,
+) -> Result<Option<upstream::Admission>, &'static str> {
+    match plan {
+        request::Plan::Answer(_) => Ok(None),
+        request::Plan::Forward(f) if !plain(f.forward) => Err("route"),
+        request::Plan::Forward(f) => f.forward.destinations[f.destination]
+            .cluster
+            .try_admit()
+            .map(Some)
+            .ok_or("admission"),
+    }
+}
+
 /// Why the fast codecs leave a forward to pingora's request cycle: a destination needs
 /// what only pingora's connector does. `None`: the fast codecs carry it (HTTP/1.1 and h2).
 /// Also what `portico routes` reports for a route.
@@ -1003,24 +1022,11 @@ impl HttpFront {
         let host = normalize_host(req.host);
         let client_close = req.close || old || *shutdown.borrow();
         let planned = request::plan(listener, &host, &view);
-        // A forward this codec cannot carry (a destination with TLS origination or h2c)
-        // or not now (a full pool: pingora's cycle waits for a place, as long as the route
-        // allows; no waiting here) is handed to pingora's cycle with its plan, once the
-        // policies have counted it.
-        let mut lend = None;
-        let _admission = match planned.plan() {
-            request::Plan::Forward(f) if !plain(f.forward) => {
-                lend = Some("route");
-                None
-            }
-            request::Plan::Forward(f) => {
-                let admitted = f.forward.destinations[f.destination].cluster.try_admit();
-                if admitted.is_none() {
-                    lend = Some("admission");
-                }
-                admitted
-            }
-            request::Plan::Answer(_) => None,
+        // What this codec cannot carry is handed to pingora's cycle with its plan, once
+        // the policies have counted it.
+        let (lend, _admission) = match carried(planned.plan()) {
+            Ok(admission) => (None, admission),
+            Err(why) => (Some(why), None),
         };
         // Boxed only for a route with policies: their state is KiBs that every request's
         // future would carry otherwise.

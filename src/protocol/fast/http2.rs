@@ -265,29 +265,19 @@ impl HttpFront {
         };
         let host = normalize_host(q.host);
         let planned = request::plan(listener, &host, &view);
-        // What this codec cannot carry (an answer with a body to read first, a
-        // destination with TLS origination or h2c) or not now (a full pool: pingora's cycle
-        // waits for a place) is handed to pingora's cycle with its plan, once the policies
-        // have counted it.
-        let mut lend = None;
-        let mut lend_answer = false;
+        // What this codec cannot carry (as on HTTP/1.1, and an answer with a body to read
+        // first) is handed to pingora's cycle with its plan, once the policies have
+        // counted it.
+        let (mut lend, mut lend_answer) = (None, false);
         let _admission = match planned.plan() {
             request::Plan::Answer(_) if q.body > 0 || !s.is_body_empty() => {
                 (lend, lend_answer) = (Some("route"), true);
                 None
             }
-            request::Plan::Answer(_) => None,
-            request::Plan::Forward(f) if !plain(f.forward) => {
-                lend = Some("route");
+            plan => carried(plan).unwrap_or_else(|why| {
+                lend = Some(why);
                 None
-            }
-            request::Plan::Forward(f) => {
-                let admitted = f.forward.destinations[f.destination].cluster.try_admit();
-                if admitted.is_none() {
-                    lend = Some("admission");
-                }
-                admitted
-            }
+            }),
         };
         // Boxed only for a route with policies: their state is KiBs that every request's
         // future would carry otherwise.
