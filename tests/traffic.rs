@@ -43,6 +43,11 @@ const TO_BACKEND: &str =
     r#"route = [{ destination = { host = "backend.internal", port = { number = 80 } } }]"#;
 
 fn start(routes: &str, backend: &str) -> Setup {
+    start_with(routes, backend, &[])
+}
+
+/// As [`start`], with `portico run` arguments.
+fn start_with(routes: &str, backend: &str, args: &[&str]) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let http = free_port();
     let config = format!(
@@ -63,7 +68,7 @@ gateways = ["edge"]
 "#,
         mesh = mesh_config(free_port()),
     );
-    let portico = Portico::start(tmp.path(), &config);
+    let portico = Portico::start_with_args(tmp.path(), &config, args);
     Setup {
         portico,
         http,
@@ -616,6 +621,91 @@ endpoints = [{{ address = "127.0.0.1", ports = {{ http = {hole} }} }}]
         hole_accepted.load(std::sync::atomic::Ordering::SeqCst) > 0,
         "copies were sent to it"
     );
+}
+
+/// A mirror's copies travel as the requests themselves do: a chunked body arrives whole
+/// with its length, the mirror's answers are read to their end so its connections are
+/// used again, and a connection its upstream spoiled (a response nobody asked for after a
+/// 204) is never used again.
+#[test]
+fn mirror_copies_arrive_whole_on_reused_connections_and_never_on_a_spoiled_one() {
+    let primary = Echo::start("primary");
+    let shadow = support::scripted::Scripted::start();
+    let routes = r#"
+[[virtualServices.http]]
+route = [{ destination = { host = "backend.internal", port = { number = 80 } } }]
+mirror = { host = "shadow.internal", port = { number = 80 } }
+mirrorPercentage = { value = 100.0 }
+"#;
+    let extra = format!(
+        r#"
+[[serviceEntries]]
+name = "shadow"
+hosts = ["shadow.internal"]
+resolution = "STATIC"
+ports = [{{ number = 80, name = "http", protocol = "HTTP" }}]
+endpoints = [{{ address = "127.0.0.1", ports = {{ http = {} }} }}]
+"#,
+        shadow.port()
+    );
+    // One worker thread: one pool of idle upstream connections, so which connection a
+    // copy takes is not left to which thread serves it.
+    let s = start_with(
+        routes,
+        &(backend(&[primary.port()], "") + &extra),
+        &["--threads", "1"],
+    );
+    let copies = |prefix: &str, n: usize| {
+        assert!(
+            wait_until(Duration::from_secs(5), || shadow.received_for(prefix).len()
+                == n),
+            "{n} copies of {prefix}: {:?}",
+            shadow.received_for(prefix)
+        );
+        shadow.received_for(prefix)
+    };
+
+    // One at a time, with time for each copy's answer to be read before the next copy.
+    for i in 0..6 {
+        assert_eq!(s.get(&format!("/ok/{i}")).status, 200);
+        copies(&format!("/ok/{i}"), 1);
+        thread::sleep(Duration::from_millis(150));
+    }
+    let used: std::collections::BTreeSet<usize> =
+        copies("/ok/", 6).iter().map(|r| r.connection).collect();
+    assert!(
+        used.len() < 6,
+        "copies go on pooled connections, not a new one each: {used:?}"
+    );
+
+    // A chunked body: the copy carries it whole, with its length.
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", s.http)).unwrap();
+    std::io::Write::write_all(
+        &mut conn,
+        b"POST /ok/chunked HTTP/1.1\r\nHost: app.test\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut conn, &mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let post = &copies("/ok/chunked", 1)[0];
+    assert_eq!(post.body, b"hello world");
+    assert_eq!(post.header_all("content-length"), ["11"]);
+    assert!(post.header_all("transfer-encoding").is_empty(), "{post:?}");
+    assert_eq!(post.header_all("host"), ["app.test-shadow"]);
+
+    // A 204 and then, 100 ms later, a stray response: that connection is spoiled.
+    assert_eq!(s.get("/stray204/x").status, 200);
+    let spoiled = copies("/stray204/", 1)[0].connection;
+    thread::sleep(Duration::from_millis(400));
+    for i in 0..4 {
+        assert_eq!(s.get(&format!("/ok/after/{i}")).status, 200);
+        let copy = &copies(&format!("/ok/after/{i}"), 1)[0];
+        assert_ne!(
+            copy.connection, spoiled,
+            "a copy went on the connection the stray response spoiled"
+        );
+    }
 }
 
 fn hash_config(ports: &[u16]) -> String {

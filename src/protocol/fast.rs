@@ -836,16 +836,10 @@ pub(crate) fn carried(
 /// what only pingora's connector does. `None`: the fast codecs carry it (HTTP/1.1 and h2).
 /// Also what `portico routes` reports for a route.
 pub fn lent_for(forward: &Forward) -> Option<&'static str> {
-    forward.destinations.iter().find_map(|d| {
-        let c = &d.cluster;
-        if c.settings.tls.is_some() {
-            Some("TLS to the upstream")
-        } else if c.settings.h2c {
-            Some("HTTP/2 to the upstream")
-        } else {
-            None
-        }
-    })
+    forward
+        .destinations
+        .iter()
+        .find_map(|d| d.cluster.pingora_only())
 }
 
 /// An upstream response head, owned (the upstream buffer is reused for the body).
@@ -1657,7 +1651,8 @@ async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
     let addr = ex.cluster.endpoints[ex.i].addr;
     let w = work(&mut c.work);
     w.up = None;
-    let up = w.up.insert(Upstream::open(addr, &ex).await?);
+    let opened = Upstream::open(addr, ex.cluster, ex.proxy, ex.pooled).await;
+    let up = w.up.insert(opened.map_err(|_| TryFailure::Connect)?);
     w.ubuf.clear();
     let (out, ubuf, resp) = (&w.out, &mut w.ubuf, &mut w.resp);
     let (head_only, client_close, ops, added) = (ex.head_only, ex.client_close, ex.ops, ex.added);
@@ -1684,28 +1679,30 @@ async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
 }
 
 impl Upstream {
-    /// A connection to endpoint `addr` for a try: a clean pooled one when the try may
-    /// take one, else a new one within the cluster's connect timeout.
-    async fn open(addr: SocketAddr, ex: &Exchange<'_>) -> Result<Upstream, TryFailure> {
-        if ex.pooled {
-            if let Some(io) = upstream::pool::take(addr, ex.proxy.as_ref(), Instant::now()) {
-                return Ok(Upstream {
-                    addr,
-                    proxy: ex.proxy,
-                    io,
-                    pooled: true,
-                    last: false,
-                });
+    /// A connection to endpoint `addr` of `cluster` for a try: a clean pooled one when
+    /// the try may take one (`pooled`), else a new one within the cluster's connect
+    /// timeout, opening with PROXY header `proxy`.
+    async fn open(
+        addr: SocketAddr,
+        cluster: &Cluster,
+        proxy: Option<ProxyHeader>,
+        pooled: bool,
+    ) -> io::Result<Upstream> {
+        let taken = pooled
+            .then(|| upstream::pool::take(addr, proxy.as_ref(), Instant::now()))
+            .flatten();
+        let (io, pooled) = match taken {
+            Some(io) => (io, true),
+            None => {
+                let io = upstream::connect::connect(addr, &cluster.settings, proxy.as_ref());
+                (io.await?, false)
             }
-        }
-        let io = upstream::connect::connect(addr, &ex.cluster.settings, ex.proxy.as_ref())
-            .await
-            .map_err(|_| TryFailure::Connect)?;
+        };
         Ok(Upstream {
             addr,
-            proxy: ex.proxy,
+            proxy,
             io,
-            pooled: false,
+            pooled,
             last: false,
         })
     }
@@ -1721,6 +1718,78 @@ fn exchanged<T>(result: Option<io::Result<Option<T>>>, stale: bool) -> Result<T,
         Some(Ok(None)) => Err(TryFailure::BadResponse),
         Some(Err(_)) if stale => Err(TryFailure::StaleConnection),
         Some(Err(_)) => Err(TryFailure::Reset),
+    }
+}
+
+/// A mirror's copy (`out`, the request's whole bytes) to endpoint `i` of `cluster`, its
+/// answer read to its end and dropped: on the upstream connections of the fast codecs,
+/// by their rules (a clean pooled connection or a new one, `maxRequestsPerConnection`,
+/// back to the thread's pool only after a response that ended where its framing said).
+/// The answer's status. The caller bounds its time (the mirror's timeout).
+pub(crate) async fn exchange_unread(
+    cluster: &Cluster,
+    i: usize,
+    proxy: Option<ProxyHeader>,
+    out: &[u8],
+) -> io::Result<u16> {
+    let addr = cluster.endpoints[i].addr;
+    let head_only = out.starts_with(b"HEAD ");
+    let mut up = Upstream::open(addr, cluster, proxy, true).await?;
+    up.send(out, cluster).await?;
+    let mut ubuf = BytesMut::with_capacity(HEAD_READ);
+    let resp = read_response(
+        &mut up.io,
+        &mut ubuf,
+        (head_only, false),
+        false,
+        |_, _, _| {},
+    )
+    .await?
+    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "invalid response head"))?;
+    let extra = discard_body(&mut up.io, &mut ubuf, resp.framing).await?;
+    up.release(cluster, extra, resp.upstream_close);
+    Ok(resp.status)
+}
+
+/// Reads and drops a response body framed by `framing`, of which `ubuf` holds what came
+/// with the head. `Ok(true)` when bytes came past its end (the connection is spoiled).
+async fn discard_body(
+    io: &mut TcpStream,
+    ubuf: &mut BytesMut,
+    framing: Framing,
+) -> io::Result<bool> {
+    let mut chunks = ChunkScan::default();
+    let mut remaining = match framing {
+        Framing::Empty => 0,
+        Framing::Length(n) => n,
+        Framing::Chunked | Framing::Close => u64::MAX,
+    };
+    loop {
+        let (take, done) = match framing {
+            Framing::Empty => (0, true),
+            Framing::Length(_) => {
+                let take = (ubuf.len() as u64).min(remaining);
+                remaining -= take;
+                (take as usize, remaining == 0)
+            }
+            Framing::Chunked => match chunks.scan(ubuf) {
+                Some(end) if !chunks.bad => (end, true),
+                Some(_) => return Err(io::ErrorKind::InvalidData.into()),
+                None => (ubuf.len(), false),
+            },
+            Framing::Close => (ubuf.len(), false),
+        };
+        if done {
+            return Ok(ubuf.len() > take);
+        }
+        ubuf.clear();
+        ubuf.reserve(HEAD_READ);
+        if io.read_buf(ubuf).await? == 0 {
+            return match framing {
+                Framing::Close => Ok(true),
+                _ => Err(io::ErrorKind::UnexpectedEof.into()),
+            };
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! Traffic mirroring: a copy of the request goes to the mirror cluster, fire and forget.
 //! The copy runs in its own task with its own timeout; the client never waits for it and
-//! never sees its answer. Copies beyond a fixed number in flight are dropped.
+//! never sees its answer. Copies beyond a fixed number in flight are dropped. A copy goes
+//! on the fast codecs' upstream connections (their pool, their reuse rules), or, to a
+//! cluster only pingora's connector speaks to (TLS origination, h2c), through pingora's.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,10 +113,32 @@ impl MirrorClient {
         req: RequestHeader,
         body: Option<Bytes>,
         proxy: Option<Header>,
-    ) -> Result<()> {
+    ) -> std::result::Result<(), String> {
         let Some(i) = cluster.select(None, &[]) else {
             return Ok(());
         };
+        if cluster.pingora_only().is_some() {
+            return self
+                .forward_by_pingora(cluster, i, req, body, proxy)
+                .await
+                .map_err(|e| e.to_string());
+        }
+        let out = wire(req, body.as_deref());
+        crate::protocol::fast::exchange_unread(cluster, i, proxy, &out)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    /// A copy to a cluster only pingora's connector speaks to (TLS origination, h2c).
+    async fn forward_by_pingora(
+        &self,
+        cluster: &Cluster,
+        i: usize,
+        req: RequestHeader,
+        body: Option<Bytes>,
+        proxy: Option<Header>,
+    ) -> Result<()> {
         let peer = cluster.peer(i, Some(MIRROR_TIMEOUT), proxy);
         let (mut session, _reused) = self.connector.get_http_session(&peer).await?;
         session.write_request_header(Box::new(req)).await?;
@@ -129,6 +153,25 @@ impl MirrorClient {
             .await;
         Ok(())
     }
+}
+
+/// A copy's bytes as they go upstream on HTTP/1.1: its head as pingora writes one (the
+/// fields' case kept), its body whole with its length (whatever framing the client's had).
+fn wire(mut req: RequestHeader, body: Option<&[u8]>) -> Vec<u8> {
+    req.remove_header(&http::header::CONTENT_LENGTH);
+    req.remove_header(&http::header::TRANSFER_ENCODING);
+    if let Some(b) = body {
+        let _ = req.insert_header(http::header::CONTENT_LENGTH, b.len());
+    }
+    let mut out = Vec::with_capacity(1024 + body.map_or(0, <[u8]>::len));
+    out.extend_from_slice(req.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(req.raw_path());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    req.header_to_h1_wire(&mut out);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.unwrap_or_default());
+    out
 }
 
 #[cfg(test)]

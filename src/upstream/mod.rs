@@ -426,6 +426,19 @@ impl Cluster {
         })
     }
 
+    /// Why only pingora's connector speaks to this cluster (TLS origination, h2c), or
+    /// `None`: Portico's own HTTP/1.1 upstream connections (the fast codecs', the mirror's)
+    /// carry its requests.
+    pub fn pingora_only(&self) -> Option<&'static str> {
+        if self.settings.tls.is_some() {
+            Some("TLS to the upstream")
+        } else if self.settings.h2c {
+            Some("HTTP/2 to the upstream")
+        } else {
+            None
+        }
+    }
+
     /// Pingora's peer for endpoint `i`; `proxy` is [`Cluster::proxy_header`]'s answer for
     /// the request's downstream connection.
     pub fn peer(
