@@ -1109,8 +1109,8 @@ impl RequestCycle {
         };
         ctx.upstream_host = Some(addr);
         // The host's DestinationRule: connect timeout and TCP keep-alive (by the connect
-        // step below), and how long a pooled connection may idle (60 s when it sets none). Its `tls` is not applied to
-        // forward-proxied requests (README, "Egress").
+        // step below), and how long a pooled connection may idle (60 s when it sets
+        // none). Its `tls` is not applied to forward-proxied requests (README, "Egress").
         let settings = match ctx.egress.as_ref() {
             Some(t) => t.settings(snapshot.settings.connect_timeout),
             None => Default::default(),

@@ -1,9 +1,10 @@
 //! A new upstream TCP connection, made one way for every upstream connection Portico
 //! opens: within the cluster's connect timeout, `TCP_NODELAY`, the cluster's PROXY header
 //! first (`proxyProtocol`), then its `tcpKeepalive`. The fast codecs, the L4 proxy and the
-//! forward proxy's tunnels call [`connect`]; pingora's connector (pingora's request cycle
-//! and the mirror) calls it through [`PingoraTcp`], its `custom_l4` step, and then does
-//! only what comes after TCP (TLS, h2).
+//! forward proxy's tunnels call [`connect`]; pingora's connector (for pingora's request
+//! cycle, and the mirror's copies to clusters with TLS origination or h2c) calls it
+//! through [`PingoraTcp`], its `custom_l4` step, and then does only what comes after TCP
+//! (TLS, h2).
 
 use std::io;
 use std::net::SocketAddr;
@@ -71,10 +72,10 @@ async fn open(
     Ok(io)
 }
 
-/// [`connect`] as pingora's connector's TCP step (`PeerOptions::custom_l4`): pingora's
-/// request cycle and the mirror open their upstream connections through it, so a connect
-/// timeout, keep-alive and a PROXY header mean the same on every path. The PROXY header
-/// stays in the peer's pool key too (`PeerOptions::proxy_protocol_header`, vendor/README.md):
+/// [`connect`] as pingora's connector's TCP step (`PeerOptions::custom_l4`): every
+/// connection pingora's connector opens goes through it, so a connect timeout,
+/// keep-alive and a PROXY header mean the same on every path. The PROXY header stays in
+/// the peer's pool key too (`PeerOptions::proxy_protocol_header`, vendor/README.md):
 /// a connection that named one client is reused only for that client.
 #[derive(Debug)]
 pub struct PingoraTcp {
