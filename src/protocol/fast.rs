@@ -1651,8 +1651,18 @@ async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
     let addr = ex.cluster.endpoints[ex.i].addr;
     let w = work(&mut c.work);
     w.up = None;
-    let opened = Upstream::open(addr, ex.cluster, ex.proxy, ex.pooled).await;
-    let up = w.up.insert(opened.map_err(|_| TryFailure::Connect)?);
+    // No pooled connection is held in a local across the connect's await: the request's
+    // future would carry its place.
+    let up = w.up.insert('open: {
+        if ex.pooled {
+            if let Some(up) = Upstream::pooled(addr, ex.proxy) {
+                break 'open up;
+            }
+        }
+        Upstream::connect(addr, ex.cluster, ex.proxy)
+            .await
+            .map_err(|_| TryFailure::Connect)?
+    });
     w.ubuf.clear();
     let (out, ubuf, resp) = (&w.out, &mut w.ubuf, &mut w.resp);
     let (head_only, client_close, ops, added) = (ex.head_only, ex.client_close, ex.ops, ex.added);
@@ -1679,30 +1689,33 @@ async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
 }
 
 impl Upstream {
-    /// A connection to endpoint `addr` of `cluster` for a try: a clean pooled one when
-    /// the try may take one (`pooled`), else a new one within the cluster's connect
-    /// timeout, opening with PROXY header `proxy`.
-    async fn open(
+    /// A clean connection to `addr` that opened with PROXY header `proxy`, from the
+    /// thread's pool. Not a future: a request on a kept-alive upstream connection (the
+    /// common case) builds and moves no connect state.
+    fn pooled(addr: SocketAddr, proxy: Option<ProxyHeader>) -> Option<Upstream> {
+        let io = upstream::pool::take(addr, proxy.as_ref(), Instant::now())?;
+        Some(Upstream {
+            addr,
+            proxy,
+            io,
+            pooled: true,
+            last: false,
+        })
+    }
+
+    /// A new connection to endpoint `addr` of `cluster` (`upstream::connect`: the
+    /// cluster's connect timeout, PROXY header `proxy` first).
+    async fn connect(
         addr: SocketAddr,
         cluster: &Cluster,
         proxy: Option<ProxyHeader>,
-        pooled: bool,
     ) -> io::Result<Upstream> {
-        let taken = pooled
-            .then(|| upstream::pool::take(addr, proxy.as_ref(), Instant::now()))
-            .flatten();
-        let (io, pooled) = match taken {
-            Some(io) => (io, true),
-            None => {
-                let io = upstream::connect::connect(addr, &cluster.settings, proxy.as_ref());
-                (io.await?, false)
-            }
-        };
+        let io = upstream::connect::connect(addr, &cluster.settings, proxy.as_ref()).await?;
         Ok(Upstream {
             addr,
             proxy,
             io,
-            pooled,
+            pooled: false,
             last: false,
         })
     }
@@ -1734,7 +1747,10 @@ pub(crate) async fn exchange_unread(
 ) -> io::Result<u16> {
     let addr = cluster.endpoints[i].addr;
     let head_only = out.starts_with(b"HEAD ");
-    let mut up = Upstream::open(addr, cluster, proxy, true).await?;
+    let mut up = match Upstream::pooled(addr, proxy) {
+        Some(up) => up,
+        None => Upstream::connect(addr, cluster, proxy).await?,
+    };
     up.send(out, cluster).await?;
     let mut ubuf = BytesMut::with_capacity(HEAD_READ);
     let resp = read_response(

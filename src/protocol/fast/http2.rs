@@ -730,9 +730,16 @@ async fn exchange_h2(
     mut emit: impl FnMut(&httparse::Response<'_, '_>, &[u8], bool),
 ) -> Result<(Upstream, Resp), TryFailure> {
     let addr = ex.cluster.endpoints[ex.i].addr;
-    let mut up = Upstream::open(addr, ex.cluster, ex.proxy, ex.pooled)
-        .await
-        .map_err(|_| TryFailure::Connect)?;
+    let mut up = 'open: {
+        if ex.pooled {
+            if let Some(up) = Upstream::pooled(addr, ex.proxy) {
+                break 'open up;
+            }
+        }
+        Upstream::connect(addr, ex.cluster, ex.proxy)
+            .await
+            .map_err(|_| TryFailure::Connect)?
+    };
     ubuf.clear();
     let head_only = ex.head_only;
     let io = async {
