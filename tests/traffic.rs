@@ -39,6 +39,20 @@ host = "backend.internal"
     )
 }
 
+/// A STATIC ServiceEntry `NAME.internal` (port 80, HTTP) with one endpoint on 127.0.0.1.
+fn entry(name: &str, port: u16) -> String {
+    format!(
+        r#"
+[[serviceEntries]]
+name = "{name}"
+hosts = ["{name}.internal"]
+resolution = "STATIC"
+ports = [{{ number = 80, name = "http", protocol = "HTTP" }}]
+endpoints = [{{ address = "127.0.0.1", ports = {{ http = {port} }} }}]
+"#
+    )
+}
+
 const TO_BACKEND: &str =
     r#"route = [{ destination = { host = "backend.internal", port = { number = 80 } } }]"#;
 
@@ -556,24 +570,7 @@ route = [{ destination = { host = "backend.internal", port = { number = 80 } } }
 mirror = { host = "hole.internal", port = { number = 80 } }
 mirrorPercentage = { value = 100.0 }
 "#;
-    let extra = format!(
-        r#"
-[[serviceEntries]]
-name = "shadow"
-hosts = ["shadow.internal"]
-resolution = "STATIC"
-ports = [{{ number = 80, name = "http", protocol = "HTTP" }}]
-endpoints = [{{ address = "127.0.0.1", ports = {{ http = {} }} }}]
-
-[[serviceEntries]]
-name = "hole"
-hosts = ["hole.internal"]
-resolution = "STATIC"
-ports = [{{ number = 80, name = "http", protocol = "HTTP" }}]
-endpoints = [{{ address = "127.0.0.1", ports = {{ http = {hole} }} }}]
-"#,
-        shadow.port()
-    );
+    let extra = entry("shadow", shadow.port()) + &entry("hole", hole);
     let s = start(routes, &(backend(&[primary.port()], "") + &extra));
     for i in 0..10 {
         let resp = s.get(&format!("/copy/{i}"));
@@ -637,17 +634,7 @@ route = [{ destination = { host = "backend.internal", port = { number = 80 } } }
 mirror = { host = "shadow.internal", port = { number = 80 } }
 mirrorPercentage = { value = 100.0 }
 "#;
-    let extra = format!(
-        r#"
-[[serviceEntries]]
-name = "shadow"
-hosts = ["shadow.internal"]
-resolution = "STATIC"
-ports = [{{ number = 80, name = "http", protocol = "HTTP" }}]
-endpoints = [{{ address = "127.0.0.1", ports = {{ http = {} }} }}]
-"#,
-        shadow.port()
-    );
+    let extra = entry("shadow", shadow.port());
     // One worker thread: one pool of idle upstream connections, so which connection a
     // copy takes is not left to which thread serves it.
     let s = start_with(

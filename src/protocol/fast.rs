@@ -1651,17 +1651,11 @@ async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
     let addr = ex.cluster.endpoints[ex.i].addr;
     let w = work(&mut c.work);
     w.up = None;
-    // No pooled connection is held in a local across the connect's await: the request's
-    // future would carry its place.
     let up = w.up.insert('open: {
-        if ex.pooled {
-            if let Some(up) = Upstream::pooled(addr, ex.proxy) {
-                break 'open up;
-            }
+        if let Some(up) = ex.pooled_upstream(addr) {
+            break 'open up;
         }
-        Upstream::connect(addr, ex.cluster, ex.proxy)
-            .await
-            .map_err(|_| TryFailure::Connect)?
+        ex.connect(addr).await?
     });
     w.ubuf.clear();
     let (out, ubuf, resp) = (&w.out, &mut w.ubuf, &mut w.resp);
@@ -1686,6 +1680,26 @@ async fn exchange(c: &mut Conn, ex: Exchange<'_>) -> Result<Resp, TryFailure> {
         w.up = None;
     }
     result
+}
+
+impl Exchange<'_> {
+    /// A clean pooled connection to `addr` for this try, when it may take one. Callers
+    /// hold it in no local across the await of [`Exchange::connect`] (the request's
+    /// future would carry its place): `'open: { if let .. { break 'open up } .. }`.
+    fn pooled_upstream(&self, addr: SocketAddr) -> Option<Upstream> {
+        if self.pooled {
+            Upstream::pooled(addr, self.proxy)
+        } else {
+            None
+        }
+    }
+
+    /// A new connection to `addr` for this try.
+    async fn connect(&self, addr: SocketAddr) -> Result<Upstream, TryFailure> {
+        Upstream::connect(addr, self.cluster, self.proxy)
+            .await
+            .map_err(|_| TryFailure::Connect)
+    }
 }
 
 impl Upstream {

@@ -731,14 +731,10 @@ async fn exchange_h2(
 ) -> Result<(Upstream, Resp), TryFailure> {
     let addr = ex.cluster.endpoints[ex.i].addr;
     let mut up = 'open: {
-        if ex.pooled {
-            if let Some(up) = Upstream::pooled(addr, ex.proxy) {
-                break 'open up;
-            }
+        if let Some(up) = ex.pooled_upstream(addr) {
+            break 'open up;
         }
-        Upstream::connect(addr, ex.cluster, ex.proxy)
-            .await
-            .map_err(|_| TryFailure::Connect)?
+        ex.connect(addr).await?
     };
     ubuf.clear();
     let head_only = ex.head_only;
