@@ -1663,8 +1663,12 @@ impl Portico {
 
     /// The gateway's stdout and stderr so far.
     /// What the gateway wrote to stdout (the access log, by default).
+    /// Stdout so far, up to its last complete line: a read can meet a line (an access-log
+    /// buffer) the process is still writing, which the next call returns whole.
     pub fn stdout(&self) -> String {
-        fs::read_to_string(&self.stdout_path).unwrap_or_default()
+        let mut out = fs::read_to_string(&self.stdout_path).unwrap_or_default();
+        out.truncate(out.rfind('\n').map_or(0, |i| i + 1));
+        out
     }
 
     pub fn log(&self) -> String {
