@@ -734,7 +734,9 @@ async fn exchange_h2(
         if let Some(up) = ex.pooled_upstream(addr) {
             break 'open up;
         }
-        ex.connect(addr).await?
+        Upstream::connect(addr, ex.cluster, ex.proxy)
+            .await
+            .map_err(|_| TryFailure::Connect)?
     };
     ubuf.clear();
     let head_only = ex.head_only;
