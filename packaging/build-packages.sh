@@ -5,6 +5,10 @@
 #
 #   packaging/build-packages.sh            # from anywhere in the repository
 #
+# PORTICO_PACKAGE_PROFILE=dev packages the debug binary instead (no release build). .ci/run
+# does this: its tests have just built that binary, and what the package test checks (files,
+# owners, the unit, the scripts, the capabilities) does not depend on the optimizer.
+#
 # Installs what it needs when missing: cmake (apt; pingora's zlib-ng build) and the two
 # cargo subcommands (cargo install --locked). Prints the paths of the two packages last.
 set -euo pipefail
@@ -15,12 +19,6 @@ die() { printf 'build-packages: %s\n' "$*" >&2; exit 1; }
 
 export DEBIAN_FRONTEND=noninteractive
 export CARGO_TERM_COLOR=never
-# Package builds are clamped to the last commit's time (reproducible file dates).
-if [ -z "${SOURCE_DATE_EPOCH:-}" ] && git rev-parse --git-dir >/dev/null 2>&1; then
-    SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || true)
-    [ -n "$SOURCE_DATE_EPOCH" ] && export SOURCE_DATE_EPOCH
-fi
-
 # ---------------------------------------------------------------- prerequisites
 need_apt=()
 command -v cmake >/dev/null || need_apt+=(cmake)
@@ -47,8 +45,13 @@ changelog_version=$(sed -n '1s/^portico (\([^)]*\)).*/\1/p' packaging/debian/cha
     die "packaging/debian/changelog starts with $changelog_version, Cargo.toml says $version: add a changelog entry for $version-1"
 
 # ---------------------------------------------------------------- build
-log "cargo build --release --locked (portico $version)"
-cargo build --release --locked --bin portico
+profile=${PORTICO_PACKAGE_PROFILE:-release}
+case $profile in
+    dev) profile_dir=debug ;;
+    *) profile_dir=$profile ;;
+esac
+log "cargo build --profile $profile --locked (portico $version)"
+cargo build --profile "$profile" --locked --bin portico
 
 # The packages and the rpm's staged files go to ./target (Cargo.toml's rpm assets name
 # target/package-stage); the binary is wherever cargo put it.
@@ -57,13 +60,19 @@ stage=target/package-stage
 out=target/packages
 rm -rf "$stage" "$out"
 mkdir -p "$stage" "$out"
-# cargo-deb strips its own copy; cargo-generate-rpm packages files as they are, so it
-# gets a copy stripped the same way (target/release/portico itself is left alone).
-objcopy --strip-unneeded "$target_dir/release/portico" "$stage/portico"
+# Both packages take this stripped copy (the built binary itself is left alone).
+objcopy --strip-unneeded "$target_dir/$profile_dir/portico" "$stage/portico"
 gzip -9n <packaging/portico.1 >"$stage/portico.1.gz"
 
+# The packages' file dates are clamped to the last commit's time (reproducible). Set only
+# now: cargo rebuilds a binary when SOURCE_DATE_EPOCH differs from its last build.
+if [ -z "${SOURCE_DATE_EPOCH:-}" ] && git rev-parse --git-dir >/dev/null 2>&1; then
+    SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || true)
+    [ -n "$SOURCE_DATE_EPOCH" ] && export SOURCE_DATE_EPOCH
+fi
+
 log "cargo deb"
-cargo deb --no-build --strip --output "$out/" >&2
+cargo deb --no-build --output "$out/" >&2
 log "cargo generate-rpm"
 cargo generate-rpm --output "$out/" >&2
 
