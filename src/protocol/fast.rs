@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 
 use crate::protocol::h1::{
     self, dropped_response_header, dropped_response_header_or_length, has_two_framings, head_end,
-    raw, uri_char, write_headers, ChunkScan, Framing, MAX_HEADERS, MAX_RESPONSE_HEAD,
+    raw, uri_char, write_headers, BodyWalk, ChunkScan, Framing, MAX_HEADERS, MAX_RESPONSE_HEAD,
 };
 use crate::protocol::lend::{Handover, Left, Lent};
 use crate::proxy::check::{self, Refusal};
@@ -214,16 +214,15 @@ impl BodyReads {
         }
     }
 
-    /// Reads more of a body framed by `framing`, `remaining` bytes of it still to come.
+    /// Reads more of the body `walk` is at.
     async fn read(
         &mut self,
         io: &mut TcpStream,
         buf: &mut BytesMut,
-        framing: Framing,
-        remaining: u64,
+        walk: &BodyWalk,
     ) -> io::Result<usize> {
-        let want = match framing {
-            Framing::Length(_) if remaining > MIN_READ as u64 => self.max,
+        let want = match walk.framing() {
+            Framing::Length(_) if walk.remaining() > MIN_READ as u64 => self.max,
             _ => self.size,
         };
         buf.reserve(want);
@@ -284,15 +283,21 @@ where
 }
 
 /// Gives an empty read buffer back to the thread's pool (or frees it).
-fn park_head_buf(mut buf: BytesMut) {
-    if buf.capacity() == 0 || buf.capacity() > MAX_SPARE_BYTES {
+fn park_head_buf(buf: BytesMut) {
+    park_buf(buf, MAX_SPARE_BYTES);
+}
+
+/// Gives a drained buffer back to the thread's pool of read buffers when its allocation
+/// is at most `largest` bytes, or frees it.
+fn park_buf(mut buf: BytesMut, largest: usize) {
+    if buf.capacity() == 0 || buf.capacity() > largest {
         return;
     }
     buf.clear();
     // A request head split off this buffer shared its memory; with the head gone, this
     // takes the whole allocation back rather than making a new one.
     buf.reserve(HEAD_BUF);
-    if buf.capacity() > MAX_SPARE_BYTES {
+    if buf.capacity() > largest {
         return;
     }
     HEAD_BUFS.with_borrow_mut(|v| {
@@ -1784,27 +1789,12 @@ async fn discard_body(
     ubuf: &mut BytesMut,
     framing: Framing,
 ) -> io::Result<bool> {
-    let mut chunks = ChunkScan::default();
-    let mut remaining = match framing {
-        Framing::Empty => 0,
-        Framing::Length(n) => n,
-        Framing::Chunked | Framing::Close => u64::MAX,
-    };
+    let mut walk = BodyWalk::new(framing);
     loop {
-        let (take, done) = match framing {
-            Framing::Empty => (0, true),
-            Framing::Length(_) => {
-                let take = (ubuf.len() as u64).min(remaining);
-                remaining -= take;
-                (take as usize, remaining == 0)
-            }
-            Framing::Chunked => match chunks.scan(ubuf) {
-                Some(end) if !chunks.bad => (end, true),
-                Some(_) => return Err(io::ErrorKind::InvalidData.into()),
-                None => (ubuf.len(), false),
-            },
-            Framing::Close => (ubuf.len(), false),
-        };
+        let (take, done) = walk.step(ubuf, |_| {});
+        if walk.broken() {
+            return Err(io::ErrorKind::InvalidData.into());
+        }
         if done {
             return Ok(ubuf.len() > take);
         }
@@ -1962,13 +1952,8 @@ async fn forward_body(
 ) -> Result<usize, Side> {
     const DOWN: Side = Side::Downstream { idle: false };
     const DOWN_IDLE: Side = Side::Downstream { idle: true };
-    let mut chunks = ChunkScan::default();
+    let mut walk = BodyWalk::new(framing);
     let mut sent = 0usize;
-    let mut remaining = match framing {
-        Framing::Empty => 0,
-        Framing::Length(n) => n,
-        Framing::Chunked | Framing::Close => u64::MAX,
-    };
     let mut first = true;
     let mut reads = BodyReads::new();
     let w = work(&mut c.work);
@@ -1976,27 +1961,8 @@ async fn forward_body(
         // What of ubuf belongs to this body, and how much of it is body data (the log's
         // bytes_sent: a chunked body's data, without its framing).
         let mut data = 0usize;
-        let take = match framing {
-            Framing::Empty => 0,
-            Framing::Length(_) => (w.ubuf.len() as u64).min(remaining) as usize,
-            Framing::Chunked => chunks
-                .decode(&w.ubuf, |r| data += r.len())
-                .unwrap_or(w.ubuf.len()),
-            Framing::Close => w.ubuf.len(),
-        };
-        if framing != Framing::Chunked {
-            data = take;
-        }
-        let done = match framing {
-            Framing::Empty => true,
-            Framing::Length(_) => {
-                remaining -= take as u64;
-                remaining == 0
-            }
-            Framing::Chunked => chunks.done,
-            Framing::Close => false,
-        };
-        if chunks.bad {
+        let (take, done) = walk.step(&w.ubuf, |r| data += r.len());
+        if walk.broken() {
             // The upstream broke its chunked framing: the client must not take what it
             // got as a whole body, nor the connection as usable.
             if first {
@@ -2040,7 +2006,7 @@ async fn forward_body(
         let n = timed(
             &mut c.wait,
             idle,
-            reads.read(&mut up.io, &mut w.ubuf, framing, remaining),
+            reads.read(&mut up.io, &mut w.ubuf, &walk),
         )
         .await
         .ok_or(Side::Upstream { idle: true })?

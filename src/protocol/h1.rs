@@ -319,6 +319,83 @@ impl ChunkScan {
     }
 }
 
+/// Walks a response body framed by `framing` through the buffers read from the upstream:
+/// which bytes of each belong to the body, which of those are body data, and where the
+/// body ends. What every reader of an upstream body on the fast path (the HTTP/1.1 and h2
+/// codecs, the mirror) needs, so that they cannot disagree on where a body ends.
+#[derive(Debug)]
+pub struct BodyWalk {
+    framing: Framing,
+    /// Bytes still to come of a body with a length.
+    remaining: u64,
+    chunks: ChunkScan,
+}
+
+impl BodyWalk {
+    pub fn new(framing: Framing) -> BodyWalk {
+        let remaining = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        BodyWalk {
+            framing,
+            remaining,
+            chunks: ChunkScan::default(),
+        }
+    }
+
+    /// Takes `buf` (the bytes after those of the last step): how many of them belong to
+    /// the body, and whether the body ends with them. `data` gets each run of body data in
+    /// `buf` (a chunked body's without its framing). A `Close` body ends only with the
+    /// connection, which the reader sees. After a broken chunked framing ([`broken`]) the
+    /// walk says the body ended where the framing broke.
+    ///
+    /// [`broken`]: BodyWalk::broken
+    #[inline]
+    pub fn step(
+        &mut self,
+        buf: &[u8],
+        mut data: impl FnMut(std::ops::Range<usize>),
+    ) -> (usize, bool) {
+        match self.framing {
+            Framing::Empty => (0, true),
+            Framing::Length(_) => {
+                let take = (buf.len() as u64).min(self.remaining) as usize;
+                self.remaining -= take as u64;
+                if take > 0 {
+                    data(0..take);
+                }
+                (take, self.remaining == 0)
+            }
+            Framing::Chunked => {
+                let end = self.chunks.decode(buf, data);
+                (end.unwrap_or(buf.len()), self.chunks.done)
+            }
+            Framing::Close => {
+                if !buf.is_empty() {
+                    data(0..buf.len());
+                }
+                (buf.len(), false)
+            }
+        }
+    }
+
+    /// The upstream broke its chunked framing: the body cannot be told whole, and the
+    /// connection is not usable again.
+    pub fn broken(&self) -> bool {
+        self.chunks.bad
+    }
+
+    pub fn framing(&self) -> Framing {
+        self.framing
+    }
+
+    /// Bytes still to come of a body with a length (0 for any other framing).
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+}
+
 /// Where the first request in `buf` ends (head and body), as Portico's front frames it,
 /// within `max_head` bytes of head: `Ok(None)` when more bytes are needed, `Err` with the
 /// refusal the front answers. The framing the front lends pingora requests by; the
@@ -378,6 +455,51 @@ mod tests {
         }
         let mut s = ChunkScan::default();
         assert_eq!(s.scan(b"0\r\n\r\n"), Some(5));
+    }
+
+    /// Walks `bytes` split at every point: (bytes taken, the data, whether it ended, broken).
+    fn walk_split(framing: Framing, bytes: &[u8]) -> Vec<(usize, Vec<u8>, bool, bool)> {
+        (1..=bytes.len())
+            .map(|split| {
+                let mut walk = BodyWalk::new(framing);
+                let (mut taken, mut data, mut done) = (0, Vec::new(), false);
+                for part in [&bytes[..split], &bytes[split..]] {
+                    if done {
+                        break;
+                    }
+                    let (take, end) = walk.step(part, |r| data.extend_from_slice(&part[r]));
+                    assert!(take <= part.len());
+                    taken += take;
+                    done = end;
+                }
+                (taken, data, done, walk.broken())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn body_walk_finds_the_same_end_and_data_however_the_bytes_arrive() {
+        let chunked = b"4\r\nWiki\r\n5;x=y\r\npedia\r\n0\r\nT: a\r\n\r\nNEXT";
+        for got in walk_split(Framing::Chunked, chunked) {
+            assert_eq!(got, (chunked.len() - 4, b"Wikipedia".to_vec(), true, false));
+        }
+        for got in walk_split(Framing::Length(5), b"helloNEXT") {
+            assert_eq!(got, (5, b"hello".to_vec(), true, false));
+        }
+        // A body that ends with the connection takes everything and never ends by itself.
+        for got in walk_split(Framing::Close, b"all of it") {
+            assert_eq!(got, (9, b"all of it".to_vec(), false, false));
+        }
+        let mut empty = BodyWalk::new(Framing::Empty);
+        assert_eq!(empty.step(b"NEXT", |_| panic!("no data")), (0, true));
+        // Broken framing ends the walk where it broke, and says so.
+        for got in walk_split(Framing::Chunked, b"4\r\nWikiXX0\r\n\r\n") {
+            assert_eq!(got, (7, b"Wiki".to_vec(), true, true));
+        }
+        // Less than the length: not ended, what is left is known (read sizes use it).
+        let mut short = BodyWalk::new(Framing::Length(10));
+        assert_eq!(short.step(b"abc", |_| {}), (3, false));
+        assert_eq!(short.remaining(), 7);
     }
 
     #[test]

@@ -767,35 +767,32 @@ async fn body_h2(
             u.release(cluster, extra, upstream_close || framing == Framing::Close);
         }
     };
-    let mut remaining = match framing {
-        Framing::Empty => {
-            release(up, !ubuf.is_empty());
-            return Ok(0);
-        }
-        Framing::Length(n) => n,
-        Framing::Chunked | Framing::Close => u64::MAX,
-    };
-    let mut chunks = ChunkScan::default();
+    if framing == Framing::Empty {
+        // The head ended the stream.
+        release(up, !ubuf.is_empty());
+        return Ok(0);
+    }
+    let chunked = framing == Framing::Chunked;
+    let mut walk = BodyWalk::new(framing);
     let mut sent = 0;
     let mut reads = BodyReads::small();
     loop {
-        let (data, done) = match framing {
-            Framing::Length(_) => {
-                let take = (ubuf.len() as u64).min(remaining);
-                remaining -= take;
-                (ubuf.split_to(take as usize).freeze(), remaining == 0)
+        // A chunked body's data is copied out of its framing; any other is its bytes.
+        let mut decoded = BytesMut::new();
+        let (take, done) = walk.step(ubuf, |r| {
+            if chunked {
+                decoded.extend_from_slice(&ubuf[r]);
             }
-            Framing::Chunked => {
-                let mut data = BytesMut::new();
-                let end = chunks.decode(ubuf, |r| data.extend_from_slice(&ubuf[r]));
-                ubuf.advance(end.unwrap_or(ubuf.len()));
-                if chunks.bad {
-                    // Malformed chunked framing: the body cannot be told whole.
-                    return Err(Side::Upstream { idle: false });
-                }
-                (data.freeze(), chunks.done)
-            }
-            _ => (ubuf.split().freeze(), false),
+        });
+        if walk.broken() {
+            // Malformed chunked framing: the body cannot be told whole.
+            return Err(Side::Upstream { idle: false });
+        }
+        let data = if chunked {
+            ubuf.advance(take);
+            decoded.freeze()
+        } else {
+            ubuf.split_to(take).freeze()
         };
         if done {
             release(up, !ubuf.is_empty());
@@ -815,7 +812,7 @@ async fn body_h2(
         let Some(u) = up.as_mut() else {
             return Err(Side::Upstream { idle: false });
         };
-        let n = timed(wait, idle, reads.read(&mut u.io, ubuf, framing, remaining))
+        let n = timed(wait, idle, reads.read(&mut u.io, ubuf, &walk))
             .await
             .ok_or(Side::Upstream { idle: true })?
             .map_err(|_| Side::Upstream { idle: false })?;

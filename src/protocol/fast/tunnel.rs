@@ -31,16 +31,8 @@ const MAX_READ: usize = 64 * 1024;
 
 /// Gives a drained buffer back: one of the pool's size to the thread's pool, a larger one
 /// (grown by a bulk transfer) to the allocator, so that the pool keeps small buffers only.
-fn rest(mut buf: BytesMut) {
-    if buf.capacity() == 0 {
-        return;
-    }
-    buf.clear();
-    // Takes back the part of the allocation that writes advanced past.
-    buf.reserve(HEAD_BUF);
-    if buf.capacity() <= 2 * HEAD_BUF {
-        park_head_buf(buf);
-    }
+fn rest(buf: BytesMut) {
+    park_buf(buf, 2 * HEAD_BUF);
 }
 
 /// One direction of a tunnel.
