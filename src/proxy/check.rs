@@ -8,6 +8,7 @@
 //! of one message); transfer codings other than `chunked` are not implemented (501), and
 //! an HTTP/1.0 request has none.
 
+use crate::protocol::h1::ByteSet;
 use crate::telemetry::outcome::Details;
 
 /// A request refused before routing: the local reply it gets.
@@ -192,9 +193,8 @@ pub fn valid_authority(a: &str) -> bool {
     if host.is_empty() || host.len() > 255 {
         return false;
     }
-    let name_ok = host
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b));
+    static NAME: ByteSet = ByteSet::alphanumeric_and(b"-._~!$&'()*+,;=");
+    let name_ok = host.bytes().all(|b| NAME.has(b));
     let port_ok = port.is_none_or(|p| {
         (1..=5).contains(&p.len())
             && p.bytes().all(|b| b.is_ascii_digit())

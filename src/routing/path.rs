@@ -14,6 +14,7 @@
 //! through. `%00` and a fragment (`#`) get 400, as in Envoy. See
 //! notes in `tests/hostile.rs` and the README (Hardening) for the vectors this follows.
 
+use crate::protocol::h1::ByteSet;
 use std::borrow::Cow;
 
 /// Istio's `pathNormalization.normalization`.
@@ -109,8 +110,10 @@ impl PathNormalization {
 /// Bytes a path may carry as they are (RFC 3986 pchar and `/`, plus the `%` of escapes);
 /// anything else is escaped, or (NUL, `#`, `\`) handled on its own.
 fn plain_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%[]".contains(&b)
+    PLAIN.has(b)
 }
+
+static PLAIN: ByteSet = ByteSet::alphanumeric_and(b"-._~!$&'()*+,;=:@/%[]");
 
 /// True when nothing in `path` would change: no escape, no byte to escape or convert, no
 /// dot segment, no `//` to merge.
