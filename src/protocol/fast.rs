@@ -1893,8 +1893,7 @@ fn write_response_head(
     // The core's CORS and policy fields replace the upstream's (as pingora's path
     // inserts them). Most requests add none: then no field is compared against them.
     let replacing = !added.is_empty();
-    let upstream =
-        raw(r.headers).filter(|(n, _)| !(replacing && added.replaces(n.as_bytes())));
+    let upstream = raw(r.headers).filter(|(n, _)| !(replacing && added.replaces(n.as_bytes())));
     write_headers(out, upstream, ops, drop);
     added.write(out);
     if r.code == Some(101) {
