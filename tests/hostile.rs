@@ -477,6 +477,38 @@ fn idle_and_old_h2_connections_are_shut_down() {
 }
 
 #[test]
+fn an_h2_stream_whose_client_stops_reading_is_reset_after_the_stream_idle_timeout() {
+    for codec in BOTH {
+        let gw = start_with(codec, SHORT);
+        let mut h2 = H2Client::connect(gw.https, "gw.test").expect("h2");
+        // A 4 MiB answer to a client that takes 64 KiB (its window) and stops reading:
+        // the gateway waits for the window no longer than streamIdleTimeout (2 s).
+        let stalled = h2
+            .stop_reading("gw.test", "/large/stall", Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{codec:?}: {e}\n{}", gw.portico.log()));
+        assert_eq!(stalled.status, 200, "{codec:?}");
+        assert!(
+            stalled.end.is_err(),
+            "{codec:?}: the stream was reset, not ended as if whole: {stalled:?}"
+        );
+        assert!(
+            stalled.received <= 64 * 1024,
+            "{codec:?}: no more than the window was sent: {stalled:?}"
+        );
+        assert!(
+            stalled.after >= Duration::from_millis(1500),
+            "{codec:?}: reset before the timeout: {stalled:?}"
+        );
+        // The connection's next stream is served.
+        let next = h2.get("gw.test", "/ok/after-stall").expect("next stream");
+        assert_eq!(
+            (next.status, next.text().as_str()),
+            (200, "/ok/after-stall")
+        );
+    }
+}
+
+#[test]
 fn an_http1_connection_past_its_maximum_age_closes_after_its_request() {
     for codec in BOTH {
         let gw = start_with(codec, "[mesh.downstream]\nmaxConnectionDuration = \"1s\"\n");

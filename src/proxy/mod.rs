@@ -475,6 +475,12 @@ impl ProxyHttp for RequestCycle {
                 (snapshot, None)
             }
         };
+        // Every wait to write to the client has a limit, on each codec: a client that
+        // stops reading (an h2 stream's window never given back) holds the stream no
+        // longer than streamIdleTimeout. pingora's own sessions wait without one.
+        session
+            .as_downstream_mut()
+            .set_write_timeout(Some(snapshot.settings.downstream.stream_idle_timeout));
         if self.forward_proxy
             && carried.is_none()
             && !session.is_http2()

@@ -1167,6 +1167,23 @@ impl H2Client {
     /// [`H2Client::connect`] that writes `first` (a PROXY protocol header) on the TCP
     /// connection before the ClientHello.
     pub fn connect_after(port: u16, sni: &str, first: &[u8]) -> Result<H2Client, String> {
+        Self::connect_with(port, sni, first, h2::client::Builder::new())
+    }
+
+    /// [`H2Client::connect`] with a flow-control window of `window` bytes for each stream
+    /// (the connection's stays at 64 KiB), as a client short of memory sets it.
+    pub fn connect_with_window(port: u16, sni: &str, window: u32) -> Result<H2Client, String> {
+        let mut b = h2::client::Builder::new();
+        b.initial_window_size(window);
+        Self::connect_with(port, sni, b"", b)
+    }
+
+    fn connect_with(
+        port: u16,
+        sni: &str,
+        first: &[u8],
+        builder: h2::client::Builder,
+    ) -> Result<H2Client, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1188,7 +1205,8 @@ impl H2Client {
             if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
                 return Err("the server did not choose h2".to_string());
             }
-            let (send, conn) = h2::client::handshake(tls)
+            let (send, conn) = builder
+                .handshake(tls)
                 .await
                 .map_err(|e| format!("h2 handshake: {e}"))?;
             tokio::spawn(async move {
@@ -1271,7 +1289,62 @@ impl H2Client {
     }
 }
 
+/// How a stream whose reader stopped ended, for [`H2Client::stop_reading`].
+#[derive(Debug)]
+pub struct Stalled {
+    pub status: u16,
+    /// Body bytes that arrived (no more than the stream's window).
+    pub received: usize,
+    /// How the body ended: `Err` with the reason (the server reset the stream), or
+    /// `Ok(())` when it ended whole.
+    pub end: Result<(), String>,
+    /// From the response head to that end.
+    pub after: Duration,
+}
+
 impl H2Client {
+    /// GETs `path` and takes its body without ever giving the flow-control window back,
+    /// as a client that stopped reading: the server can send no more than the window, and
+    /// what then ends the stream (within `within`) is reported.
+    pub fn stop_reading(
+        &mut self,
+        host: &str,
+        path: &str,
+        within: Duration,
+    ) -> Result<Stalled, String> {
+        let send = self.send.clone();
+        let uri = format!("https://{host}{path}");
+        self.rt.block_on(async move {
+            let req = http::Request::get(uri).body(()).expect("request");
+            let mut send = send.ready().await.map_err(|e| format!("not ready: {e}"))?;
+            let (resp, _) = send
+                .send_request(req, true)
+                .map_err(|e| format!("send: {e}"))?;
+            let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+                .await
+                .map_err(|_| "no answer in 10 s".to_string())?
+                .map_err(|e| format!("response: {e}"))?;
+            let status = resp.status().as_u16();
+            let started = tokio::time::Instant::now();
+            let mut body = resp.into_body();
+            let mut received = 0;
+            let end = loop {
+                match tokio::time::timeout_at(started + within, body.data()).await {
+                    Err(_) => return Err(format!("the stream did not end in {within:?}")),
+                    Ok(None) => break Ok(()),
+                    Ok(Some(Ok(chunk))) => received += chunk.len(),
+                    Ok(Some(Err(e))) => break Err(e.to_string()),
+                }
+            };
+            Ok(Stalled {
+                status,
+                received,
+                end,
+                after: started.elapsed(),
+            })
+        })
+    }
+
     /// Opens a stream for each of `requests` and then gives them up: a request with a body
     /// sends only its first `partial` bytes of it (the stream stays open), then, once
     /// `until` holds (or 10 s passed), every stream is reset (`CANCEL`), as a client that

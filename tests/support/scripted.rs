@@ -17,6 +17,7 @@
 //! | `/info/...` | `100 Continue`, then 200 |
 //! | `/garbage/...` | a status line that is not HTTP |
 //! | `/hugehead/...` | a 200 whose head is 128 KiB |
+//! | `/large/...` | 200 with `content-length`, body = [`large_body`] (4 MiB) |
 //! | `/fail/...` | 503 |
 //! | `/slow/<ms>/...` | waits, then 200 |
 //! | `/never/...` | reads the request and never answers |
@@ -268,6 +269,12 @@ fn serve(conn: TcpStream, n: usize, st: &State) {
                     b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nfail",
                 );
             }
+            "large" => {
+                let body = large_body();
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                let _ = w.write_all(head.as_bytes());
+                let _ = w.write_all(&body);
+            }
             "slow" => {
                 let ms: u64 = path
                     .split('/')
@@ -315,4 +322,9 @@ fn serve(conn: TcpStream, n: usize, st: &State) {
         }
         let _ = w.flush();
     }
+}
+
+/// The body `/large/...` answers with: 4 MiB, byte `i` is `i % 251`.
+pub fn large_body() -> Vec<u8> {
+    (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect()
 }
