@@ -775,6 +775,29 @@ fn upstream_framings_become_h2_data() {
 }
 
 #[test]
+fn h2_clients_with_small_windows_get_large_bodies_whole() {
+    // A stream reads its upstream only as far as the stream has room to send: with a
+    // 1 000-byte window every read and every DATA frame is that small, and four such
+    // streams at once share the connection's window.
+    let s = start(&[]);
+    let mut h2 = H2Client::connect_with_window(s.https, "fast.test", 1000).expect("h2");
+    let requests: Vec<H2Request> = ["/large", "/large-chunked", "/large", "/large-chunked"]
+        .iter()
+        .map(|p| ("GET", "raw.test", *p, vec![], &b""[..]))
+        .collect();
+    for (r, path) in h2
+        .send_all(&requests)
+        .into_iter()
+        .zip(["/large", "/large-chunked"].iter().cycle())
+    {
+        let r = r.unwrap_or_else(|e| panic!("{path}: {e}\n{}", s.portico.log()));
+        assert_eq!(r.status, 200, "{path}");
+        assert!(r.body == large_body(), "{path}: {} bytes", r.body.len());
+    }
+    expect_fast(&s.portico, 4.0, 4);
+}
+
+#[test]
 fn an_h2_stream_to_a_refusing_upstream_gets_503_and_the_connection_goes_on() {
     let s = start(&[]);
     let mut h2 = H2Client::connect(s.https, "fast.test").expect("h2 connection");

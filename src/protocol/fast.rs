@@ -205,15 +205,6 @@ impl BodyReads {
         }
     }
 
-    /// Reads of at most `MIN_READ`: for an h2 stream, whose frames are 16 KiB and whose
-    /// connection carries many bodies at once, each held only until its frames are queued.
-    fn small() -> Self {
-        BodyReads {
-            size: MIN_READ,
-            max: MIN_READ,
-        }
-    }
-
     /// Reads more of the body `walk` is at.
     async fn read(
         &mut self,

@@ -10,6 +10,7 @@
 
 use std::net::IpAddr;
 
+use bytes::BufMut;
 use http::header;
 use pingora::protocols::http::v2::server::{
     default_h2_options, handshake, H2Accept, H2Options, HttpSession,
@@ -493,24 +494,21 @@ impl HttpFront {
                     resp.framing,
                     (&mut wait, wait_for),
                     release,
+                    &mut done.sent,
                 )
                 .await
             }
             Err(_) => Err(Side::Downstream { idle: false }),
         };
         drop(inflight);
-        match result {
-            Ok(n) => done.sent = n,
-            Err(side) => {
-                if let Side::Upstream { .. } = side {
-                    cluster.record(i, None, None);
-                }
-                // Part of a response may have gone out: the client must not take it as
-                // whole, so the stream is reset (an h2 stream has no other way to say it).
-                s.shutdown();
-                done.flags = tries.flag(&side);
-                done.sent = s.body_bytes_sent();
+        if let Err(side) = result {
+            if let Side::Upstream { .. } = side {
+                cluster.record(i, None, None);
             }
+            // Part of a response may have gone out: the client must not take it as
+            // whole, so the stream is reset (an h2 stream has no other way to say it).
+            s.shutdown();
+            done.flags = tries.flag(&side);
         }
         log_h2(s, &sl, Some(route), Some(cluster), &done);
         None
@@ -750,8 +748,14 @@ async fn exchange_h2(
 }
 
 /// Passes the body (what is in `ubuf`, then what the upstream sends) to the stream, as
-/// DATA frames, each read and write within `idle`; ends the stream after it. Returns the
-/// body bytes sent.
+/// DATA frames, each read and write within `idle`; ends the stream after it. `sent` counts
+/// the body bytes given to the stream, also when it fails part way.
+///
+/// The upstream is read only as far as the stream has room: the client's flow-control
+/// window and `H2_SEND_BUFFER` bound what the connection queues, and each read asks for no
+/// more than that, so a stream holds at most its queued frames, never a read waiting for
+/// room besides them (the rest waits in the upstream socket, as with NGINX's
+/// `proxy_buffers`). Reading first and waiting after held up to 16 KiB more per stream.
 async fn body_h2(
     s: &mut HttpSession,
     up: &mut Option<Upstream>,
@@ -759,7 +763,8 @@ async fn body_h2(
     framing: Framing,
     (wait, idle): (&mut Pin<Box<tokio::time::Sleep>>, Duration),
     (cluster, upstream_close): (&Cluster, bool),
-) -> Result<usize, Side> {
+    sent: &mut usize,
+) -> Result<(), Side> {
     // Back to the pool as soon as the body was read whole, before the last frame goes
     // out (the client may open its next stream the moment it arrives).
     let release = |up: &mut Option<Upstream>, extra: bool| {
@@ -770,12 +775,15 @@ async fn body_h2(
     if framing == Framing::Empty {
         // The head ended the stream.
         release(up, !ubuf.is_empty());
-        return Ok(0);
+        return Ok(());
     }
+    // The stream's DATA side, taken from the session (pingora's `write_body` reserves
+    // room for what it is given, and the room has to be known before the read).
+    let Some(mut w) = s.take_response_body_writer() else {
+        return Err(Side::Downstream { idle: false });
+    };
     let chunked = framing == Framing::Chunked;
     let mut walk = BodyWalk::new(framing);
-    let mut sent = 0;
-    let mut reads = BodyReads::small();
     loop {
         // A chunked body's data is copied out of its framing; any other is its bytes.
         let mut decoded = BytesMut::new();
@@ -798,32 +806,79 @@ async fn body_h2(
             release(up, !ubuf.is_empty());
         }
         if !data.is_empty() || done {
-            sent += data.len();
-            // Waits for the client's flow-control window: a client that stops reading
-            // holds the stream only this long.
-            timed(wait, idle, s.write_body(data, done))
-                .await
-                .ok_or(Side::Downstream { idle: true })?
-                .map_err(|_| Side::Downstream { idle: false })?;
+            let n = data.len();
+            send_data(&mut w, data, done, (wait, idle)).await?;
+            *sent += n;
         }
         if done {
-            return Ok(sent);
+            return Ok(());
         }
         let Some(u) = up.as_mut() else {
             return Err(Side::Upstream { idle: false });
         };
-        let n = timed(wait, idle, reads.read(&mut u.io, ubuf, &walk))
+        let room = timed(wait, idle, room(&mut w, MIN_READ))
+            .await
+            .ok_or(Side::Downstream { idle: true })?
+            .ok_or(Side::Downstream { idle: false })?;
+        ubuf.reserve(room);
+        let n = timed(wait, idle, u.io.read_buf(&mut (&mut *ubuf).limit(room)))
             .await
             .ok_or(Side::Upstream { idle: true })?
             .map_err(|_| Side::Upstream { idle: false })?;
         if n == 0 {
             if framing == Framing::Close {
-                s.finish().map_err(|_| Side::Downstream { idle: false })?;
-                return Ok(sent);
+                send_data(&mut w, Bytes::new(), true, (wait, idle)).await?;
+                return Ok(());
             }
             return Err(Side::Upstream { idle: false });
         }
     }
+}
+
+/// Room in stream `w`'s send buffer for up to `want` more bytes: waits until there is
+/// some (the client's window and `H2_SEND_BUFFER` allow it). `None`: the stream can take
+/// no more (the client reset it, or the connection failed).
+async fn room(w: &mut h2::SendStream<Bytes>, want: usize) -> Option<usize> {
+    w.reserve_capacity(want);
+    loop {
+        // `poll_capacity` answers only when the room grew since it last answered, so the
+        // room there is already is taken without it.
+        let room = w.capacity();
+        if room > 0 {
+            return Some(room);
+        }
+        std::future::poll_fn(|cx| w.poll_capacity(cx)).await?.ok()?;
+    }
+}
+
+/// Sends `data` on stream `w` as its room allows, each wait for room within `idle` (a
+/// client that stops reading holds the stream only this long); `end` ends the stream with
+/// the last piece.
+async fn send_data(
+    w: &mut h2::SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+    (wait, idle): (&mut Pin<Box<tokio::time::Sleep>>, Duration),
+) -> Result<(), Side> {
+    if data.is_empty() {
+        // An empty frame needs no room: it only ends the stream.
+        return match end {
+            true => w
+                .send_data(data, true)
+                .map_err(|_| Side::Downstream { idle: false }),
+            false => Ok(()),
+        };
+    }
+    while !data.is_empty() {
+        let room = timed(wait, idle, room(w, data.len()))
+            .await
+            .ok_or(Side::Downstream { idle: true })?
+            .ok_or(Side::Downstream { idle: false })?;
+        let piece = data.split_to(room.min(data.len()));
+        w.send_data(piece, end && data.is_empty())
+            .map_err(|_| Side::Downstream { idle: false })?;
+    }
+    Ok(())
 }
 
 /// A local reply after failed tries, as on HTTP/1.1 (the stream, not the connection, ends).
