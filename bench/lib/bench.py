@@ -883,6 +883,37 @@ def sanity(name, ports):
 # ------------------------------------------------------------------ measuring a run
 
 
+class AnonPeak:
+    """Samples the serving process's RssAnon and RssFile (/proc/PID/status) every 50 ms
+    while a run lasts: VmHWM is one number for both, and the two say different things.
+    Anonymous pages are what the proxy allocates (buffers, connection and stream state);
+    file pages are its code and libraries mapped from disk, shared with the page cache and
+    dropped by the kernel when memory is short."""
+
+    def __init__(self, pid):
+        import threading
+        self.pid, self.anon, self.file = pid, 0, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.is_set():
+            anon, file = status_kib(self.pid, "RssAnon"), status_kib(self.pid, "RssFile")
+            if anon is not None and anon > self.anon:
+                self.anon = anon
+            if file is not None and file > self.file:
+                self.file = file
+            self.stop.wait(0.05)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
 def measured(label, pids_fn, worker, fn, other_pids=()):
     reset_ok = reset_hwm(worker)
     pids = pids_fn()
@@ -890,7 +921,8 @@ def measured(label, pids_fn, worker, fn, other_pids=()):
     o0 = cpu_ticks(other_pids)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     w0 = time.time()
-    r = fn()
+    with AnonPeak(worker) as peaks:
+        r = fn()
     wall = time.time() - w0
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     u1, s1 = cpu_split(pids)
@@ -906,6 +938,8 @@ def measured(label, pids_fn, worker, fn, other_pids=()):
     r["client_cpu_pct"] = 100 * ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)) / wall
     hwm = status_kib(worker, "VmHWM")
     r["peak_rss_mib"] = hwm / 1024 if hwm else None
+    r["peak_anon_mib"] = peaks.anon / 1024 if peaks.anon else None
+    r["peak_file_mib"] = peaks.file / 1024 if peaks.file else None
     r["hwm_reset"] = reset_ok
     return r
 
@@ -1506,7 +1540,9 @@ def compare_report(command, start_load, vers, mach, results, idle, raw, failed):
            header(command, start_load, vers, mach, settings), ""]
     out.append("Medians over rounds. Latency in ms. CPU = proxy user+sys seconds per 100 000 requests "
                "(all its processes); proxy % = CPU of the proxy during the run (100 % = one core busy); "
-               "peak RSS = VmHWM of the serving process during the run; errors = non-2xx + socket errors, summed over rounds.")
+               "peak RSS = VmHWM of the serving process during the run; anon / file = the highest RssAnon "
+               "(what the proxy allocated) and RssFile (its code and libraries mapped from disk) sampled every "
+               "50 ms during the run; errors = non-2xx + socket errors, summed over rounds.")
     out.append("")
     for s in SCENARIO_NAMES:
         sc = SCENARIOS[s]
@@ -1519,8 +1555,8 @@ def compare_report(command, start_load, vers, mach, results, idle, raw, failed):
             + (f", {len(sc['snis'])} concurrent h2load processes, one per SNI name" if len(sc["snis"]) > 1 else ""))
         out.append(f"`{tool}`")
         out.append("")
-        out.append(f"| proxy | {unit} | spread (min–max) | p50 | p99 | p99.9 | CPU s/100k | proxy % | peak RSS MiB | errors |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append(f"| proxy | {unit} | spread (min–max) | p50 | p99 | p99.9 | CPU s/100k | proxy % | peak RSS MiB | anon / file MiB | errors |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name in PROXIES:
             runs = results[name][s]
             if not runs:
@@ -1530,7 +1566,8 @@ def compare_report(command, start_load, vers, mach, results, idle, raw, failed):
             out.append(f"| {LABEL[name]} | {fmt(med(runs, 'rps'))} | {fmt(min(rps))}–{fmt(max(rps))} | "
                        f"{fmt(med(runs, 'p50_ms'))} | {fmt(med(runs, 'p99_ms'))} | {fmt(med(runs, 'p999_ms'))} | "
                        f"{fmt(med(runs, 'cpu_per_100k'))} | {fmt(med(runs, 'proxy_cpu_pct'))} | "
-                       f"{fmt(med(runs, 'peak_rss_mib'))} | {errs} |")
+                       f"{fmt(med(runs, 'peak_rss_mib'))} | "
+                       f"{fmt(med(runs, 'peak_anon_mib'))} / {fmt(med(runs, 'peak_file_mib'))} | {errs} |")
         if sc.get("cap"):
             out.append("")
             out.append(f"Each proxy (all its processes) ran in a cgroup with a CFS quota of {CAP_CORES:g} "
@@ -1550,8 +1587,8 @@ def compare_report(command, start_load, vers, mach, results, idle, raw, failed):
         out.append("")
         out.append("req/s: above 1 is better for Portico; latency, CPU and RSS: below 1 is better for Portico.")
         out.append("")
-        cols = ["req/s", "p99", "p99.9", "CPU/100k", "peak RSS"]
-        keys = ["rps", "p99_ms", "p999_ms", "cpu_per_100k", "peak_rss_mib"]
+        cols = ["req/s", "p99", "p99.9", "CPU/100k", "peak RSS", "anon"]
+        keys = ["rps", "p99_ms", "p999_ms", "cpu_per_100k", "peak_rss_mib", "peak_anon_mib"]
         out.append("| scenario | " + " | ".join(f"{c} P/{LABEL[o][0]}" for c in cols for o in others) + " |")
         out.append("|---|" + "---:|" * (len(cols) * len(others)))
         for s in SCENARIO_NAMES:
