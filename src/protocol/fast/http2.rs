@@ -806,9 +806,7 @@ async fn body_h2(
             release(up, !ubuf.is_empty());
         }
         if !data.is_empty() || done {
-            let n = data.len();
-            send_data(&mut w, data, done, (wait, idle)).await?;
-            *sent += n;
+            send_data(&mut w, data, done, (wait, idle), sent).await?;
         }
         if done {
             return Ok(());
@@ -827,7 +825,7 @@ async fn body_h2(
             .map_err(|_| Side::Upstream { idle: false })?;
         if n == 0 {
             if framing == Framing::Close {
-                send_data(&mut w, Bytes::new(), true, (wait, idle)).await?;
+                send_data(&mut w, Bytes::new(), true, (wait, idle), sent).await?;
                 return Ok(());
             }
             return Err(Side::Upstream { idle: false });
@@ -841,8 +839,8 @@ async fn body_h2(
 async fn room(w: &mut h2::SendStream<Bytes>, want: usize) -> Option<usize> {
     w.reserve_capacity(want);
     loop {
-        // `poll_capacity` answers only when the room grew since it last answered, so the
-        // room there is already is taken without it.
+        // `poll_capacity` answers only when the room grew since it last answered: room
+        // that is there already is taken without asking it.
         let room = w.capacity();
         if room > 0 {
             return Some(room);
@@ -853,12 +851,13 @@ async fn room(w: &mut h2::SendStream<Bytes>, want: usize) -> Option<usize> {
 
 /// Sends `data` on stream `w` as its room allows, each wait for room within `idle` (a
 /// client that stops reading holds the stream only this long); `end` ends the stream with
-/// the last piece.
+/// the last piece. `sent` counts what was given to the stream.
 async fn send_data(
     w: &mut h2::SendStream<Bytes>,
     mut data: Bytes,
     end: bool,
     (wait, idle): (&mut Pin<Box<tokio::time::Sleep>>, Duration),
+    sent: &mut usize,
 ) -> Result<(), Side> {
     if data.is_empty() {
         // An empty frame needs no room: it only ends the stream.
@@ -875,8 +874,10 @@ async fn send_data(
             .ok_or(Side::Downstream { idle: true })?
             .ok_or(Side::Downstream { idle: false })?;
         let piece = data.split_to(room.min(data.len()));
+        let n = piece.len();
         w.send_data(piece, end && data.is_empty())
             .map_err(|_| Side::Downstream { idle: false })?;
+        *sent += n;
     }
     Ok(())
 }
