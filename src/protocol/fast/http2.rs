@@ -814,10 +814,7 @@ async fn body_h2(
         let Some(u) = up.as_mut() else {
             return Err(Side::Upstream { idle: false });
         };
-        let room = timed(wait, idle, room(&mut w, MIN_READ))
-            .await
-            .ok_or(Side::Downstream { idle: true })?
-            .ok_or(Side::Downstream { idle: false })?;
+        let room = room(&mut w, MIN_READ, (wait, idle)).await?;
         ubuf.reserve(room);
         let n = timed(wait, idle, u.io.read_buf(&mut (&mut *ubuf).limit(room)))
             .await
@@ -834,24 +831,34 @@ async fn body_h2(
 }
 
 /// Room in stream `w`'s send buffer for up to `want` more bytes: waits until there is
-/// some (the client's window and `H2_SEND_BUFFER` allow it). `None`: the stream can take
-/// no more (the client reset it, or the connection failed).
-async fn room(w: &mut h2::SendStream<Bytes>, want: usize) -> Option<usize> {
+/// some (the client's window and `H2_SEND_BUFFER` allow it), no longer than `idle` (a
+/// client that stops reading holds the stream only this long). An error when the stream
+/// can take no more (the client reset it, or the connection failed).
+async fn room(
+    w: &mut h2::SendStream<Bytes>,
+    want: usize,
+    (wait, idle): (&mut Pin<Box<tokio::time::Sleep>>, Duration),
+) -> Result<usize, Side> {
     w.reserve_capacity(want);
-    loop {
-        // `poll_capacity` answers only when the room grew since it last answered: room
-        // that is there already is taken without asking it.
-        let room = w.capacity();
-        if room > 0 {
-            return Some(room);
+    let wait_for_room = async {
+        loop {
+            // `poll_capacity` answers only when the room grew since it last answered:
+            // room that is there already is taken without asking it.
+            let room = w.capacity();
+            if room > 0 {
+                return Some(room);
+            }
+            std::future::poll_fn(|cx| w.poll_capacity(cx)).await?.ok()?;
         }
-        std::future::poll_fn(|cx| w.poll_capacity(cx)).await?.ok()?;
-    }
+    };
+    timed(wait, idle, wait_for_room)
+        .await
+        .ok_or(Side::Downstream { idle: true })?
+        .ok_or(Side::Downstream { idle: false })
 }
 
-/// Sends `data` on stream `w` as its room allows, each wait for room within `idle` (a
-/// client that stops reading holds the stream only this long); `end` ends the stream with
-/// the last piece. `sent` counts what was given to the stream.
+/// Sends `data` on stream `w` as its room allows (each wait for room within `idle`);
+/// `end` ends the stream with the last piece. `sent` counts what was given to the stream.
 async fn send_data(
     w: &mut h2::SendStream<Bytes>,
     mut data: Bytes,
@@ -861,18 +868,14 @@ async fn send_data(
 ) -> Result<(), Side> {
     if data.is_empty() {
         // An empty frame needs no room: it only ends the stream.
-        return match end {
-            true => w
-                .send_data(data, true)
-                .map_err(|_| Side::Downstream { idle: false }),
-            false => Ok(()),
-        };
+        if end {
+            w.send_data(data, true)
+                .map_err(|_| Side::Downstream { idle: false })?;
+        }
+        return Ok(());
     }
     while !data.is_empty() {
-        let room = timed(wait, idle, room(w, data.len()))
-            .await
-            .ok_or(Side::Downstream { idle: true })?
-            .ok_or(Side::Downstream { idle: false })?;
+        let room = room(w, data.len(), (&mut *wait, idle)).await?;
         let piece = data.split_to(room.min(data.len()));
         let n = piece.len();
         w.send_data(piece, end && data.is_empty())
