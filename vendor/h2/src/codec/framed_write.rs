@@ -76,6 +76,10 @@ const CHAIN_THRESHOLD: usize = 256;
 /// fragmented data being sent, and hereby improve the throughput.
 const CHAIN_THRESHOLD_WITHOUT_VECTORED_IO: usize = 1024;
 
+/// PORTICO PATCH: DATA payloads up to this size are copied into the write buffer while
+/// they fit in it (a quarter of the buffer's 16 KiB), whatever the chain threshold.
+const COPY_LIMIT: usize = 4 * 1_024;
+
 // TODO: Make generic
 impl<T, B> FramedWrite<T, B>
 where
@@ -241,7 +245,14 @@ where
                     return Err(PayloadTooBig);
                 }
 
-                if len >= self.chain_threshold {
+                // PORTICO PATCH: a payload of up to COPY_LIMIT that fits in what is left
+                // of the buffer is copied into it, so that the frames of many streams go
+                // out in one write. A chained payload has the buffer flushed behind it
+                // before the next frame is taken: one write (and one TLS record) per
+                // DATA frame, per response of 1 KiB.
+                let spare = self.buf.get_ref().capacity() - self.buf.get_ref().len();
+                let copy = len <= COPY_LIMIT && len + frame::HEADER_LEN <= spare;
+                if len >= self.chain_threshold && !copy {
                     let head = v.head();
 
                     // Encode the frame head to the buffer
