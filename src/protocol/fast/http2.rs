@@ -483,7 +483,14 @@ impl HttpFront {
             return None;
         };
         let end = resp.framing == Framing::Empty;
-        let result = match s.write_response_header(Box::new(head), end) {
+        // Only an access-log format that shows response fields reads the written head
+        // back: otherwise its fields move into the h2 response, not a copy of them.
+        let written = if record::wants_response_headers(sl.snapshot) {
+            s.write_response_header(Box::new(head), end)
+        } else {
+            s.write_response_header_fields_moved(Box::new(head), end)
+        };
+        let result = match written {
             Ok(()) => {
                 let release = (cluster.as_ref(), resp.upstream_close);
                 let mut up = Some(up);
@@ -683,7 +690,8 @@ fn response_head(
     }
     let mut h = ResponseHeader::build_no_case(status, Some(r.headers.len() + 2)).ok()?;
     // Names and values share one copy of the head: a value of its own each would be an
-    // allocation, and another when pingora clones the header to keep it for the log.
+    // allocation, and another when pingora keeps a copy of the header for a log line
+    // that shows response fields.
     // pingora parses a name given as bytes into a `HeaderName` once; given a `HeaderName`
     // it would look up its title case (copying a name it does not know) and parse again.
     let block = Bytes::copy_from_slice(raw);

@@ -616,10 +616,27 @@ impl HttpSession {
     /// # the `end` flag
     /// `end` marks the end of this session.
     /// If the `end` flag is set, no more header or body can be sent to the client.
-    pub fn write_response_header(
+    pub fn write_response_header(&mut self, header: Box<ResponseHeader>, end: bool) -> Result<()> {
+        self.write_response_header_keeping(header, end, true)
+    }
+
+    /// PORTICO PATCH: [`Self::write_response_header`] for a caller that does not read the
+    /// written head's fields back: they move into the h2 response instead of being cloned
+    /// (a `HeaderMap` copy and its drop per response), and [`Self::response_written`] then
+    /// holds the status alone.
+    pub fn write_response_header_fields_moved(
+        &mut self,
+        header: Box<ResponseHeader>,
+        end: bool,
+    ) -> Result<()> {
+        self.write_response_header_keeping(header, end, false)
+    }
+
+    fn write_response_header_keeping(
         &mut self,
         mut header: Box<ResponseHeader>,
         end: bool,
+        keep_fields: bool,
     ) -> Result<()> {
         if self.ended {
             // TODO: error or warn?
@@ -649,7 +666,14 @@ impl HttpSession {
         header.remove_header(&HeaderName::from_static("keep-alive"));
         header.remove_header(&HeaderName::from_static("proxy-connection"));
 
-        let resp = Response::from_parts(header.as_owned_parts(), ());
+        let (resp, header) = if keep_fields {
+            (Response::from_parts(header.as_owned_parts(), ()), header)
+        } else {
+            let status = header.status;
+            let status_only = ResponseHeader::build_no_case(status, Some(0))?;
+            let parts: http::response::Parts = (*header).into();
+            (Response::from_parts(parts, ()), Box::new(status_only))
+        };
 
         let body_writer = self.send_response.send_response(resp, end).or_err(
             ErrorType::WriteError,
