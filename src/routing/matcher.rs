@@ -78,6 +78,15 @@ impl<'a> Headers<'a> {
         self.values(name).next().flatten()
     }
 
+    /// [`Headers::get`] for a name known in advance: a map is searched without parsing
+    /// the name first.
+    pub fn get_known(self, name: &'a http::HeaderName) -> Option<&'a str> {
+        match self {
+            Headers::Map(m) => m.get(name).and_then(|v| v.to_str().ok()),
+            Headers::Raw(..) => self.get(name.as_str()),
+        }
+    }
+
     /// The first value of `name`, as sent (text or not).
     pub fn first_raw(self, name: &'a str) -> Option<&'a [u8]> {
         match self {

@@ -17,6 +17,8 @@ use super::outcome::{Details, Flag};
 use super::trace::{ServerSpan, SpanContext};
 use super::Metrics;
 use crate::routing::Route;
+
+static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 use crate::snapshot::{AccessLogSettings, Snapshot};
 use crate::upstream::Cluster;
 
@@ -101,12 +103,12 @@ impl<'a> Outcome<'a> {
         let start = SystemTime::now() - duration;
         let grpc = self
             .request_headers
-            .get("content-type")
+            .get_known(&http::header::CONTENT_TYPE)
             .is_some_and(|v| v.starts_with("application/grpc"));
         let upstream_cluster = self.cluster.map(|c| c.name.as_str()).or(self.other_cluster);
         let request_id = self
             .request_id
-            .or_else(|| self.request_headers.get("x-request-id"));
+            .or_else(|| self.request_headers.get_known(&X_REQUEST_ID));
         let span = self.span.filter(|s| s.sampled).map(|ctx| {
             let span = ServerSpan {
                 scheme: if self.tls { "https" } else { "http" },
@@ -115,7 +117,7 @@ impl<'a> Outcome<'a> {
                 query: self.query,
                 method: self.method,
                 protocol: self.protocol,
-                user_agent: self.request_headers.get("user-agent"),
+                user_agent: self.request_headers.get_known(&http::header::USER_AGENT),
                 request_id,
                 request_size: self.request_bytes,
                 response_size: self.response_bytes,
