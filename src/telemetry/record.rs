@@ -17,10 +17,10 @@ use super::outcome::{Details, Flag};
 use super::trace::{ServerSpan, SpanContext};
 use super::Metrics;
 use crate::routing::Route;
-
-static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 use crate::snapshot::{AccessLogSettings, Snapshot};
 use crate::upstream::Cluster;
+
+static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// Which codec carried a request (`portico_fast_path_requests_total` counts the first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

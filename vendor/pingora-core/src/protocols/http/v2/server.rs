@@ -669,10 +669,11 @@ impl HttpSession {
         let (resp, header) = if keep_fields {
             (Response::from_parts(header.as_owned_parts(), ()), header)
         } else {
-            let status = header.status;
-            let status_only = ResponseHeader::build_no_case(status, Some(0))?;
-            let parts: http::response::Parts = (*header).into();
-            (Response::from_parts(parts, ()), Box::new(status_only))
+            // The head's box is kept for `response_written`, holding the status alone.
+            let status_only = ResponseHeader::build_no_case(header.status, Some(0))?;
+            let parts: http::response::Parts =
+                std::mem::replace(&mut *header, status_only).into();
+            (Response::from_parts(parts, ()), header)
         };
 
         let body_writer = self.send_response.send_response(resp, end).or_err(
